@@ -1,0 +1,111 @@
+"""Errors and the one validation-message template used across the package.
+
+Every invalid argument is reported as::
+
+    Expected `<name>` to be <what is accepted>, got <value!r>.
+
+so users (and tests) can rely on the argument's name appearing in the message.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping
+
+__all__ = [
+    "OnlineLLCError",
+    "NonFiniteDrawError",
+    "MonitorError",
+    "check_positive_int",
+    "check_nonneg_int",
+    "check_positive_float",
+    "check_nonneg_float",
+    "check_choice",
+    "reject_unknown",
+]
+
+
+class OnlineLLCError(RuntimeError):
+    """Base class for runtime failures of the estimators (not for bad arguments)."""
+
+
+class NonFiniteDrawError(OnlineLLCError):
+    """A sampler produced a non-finite loss difference (the chain diverged).
+
+    Attributes:
+        chain: index of the chain that diverged.
+        draw: index of the draw (SGLD step, burn-in included) at which it happened.
+    """
+
+    def __init__(self, chain: int, draw: int, detail: str = "") -> None:
+        self.chain = chain
+        self.draw = draw
+        msg = (
+            f"Chain {chain} produced a non-finite draw at step {draw}"
+            + (f" ({detail})" if detail else "")
+            + ". The SGLD chain diverged: lower `step_size` or raise `localization`."
+        )
+        super().__init__(msg)
+
+
+class MonitorError(OnlineLLCError):
+    """The online monitor failed and was disabled (raised only in strict mode)."""
+
+
+def _fmt(name: str, accepted: str, value: Any) -> str:
+    return f"Expected `{name}` to be {accepted}, got {value!r}."
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """Return ``value`` if it is an int > 0 (bools rejected), else raise ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(_fmt(name, "a positive int", value))
+    return value
+
+
+def check_nonneg_int(name: str, value: Any) -> int:
+    """Return ``value`` if it is an int >= 0 (bools rejected), else raise ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(_fmt(name, "a non-negative int", value))
+    return value
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def check_positive_float(name: str, value: Any) -> float:
+    """Return ``float(value)`` if it is a finite number > 0, else raise ``ValueError``."""
+    f = _as_float(value)
+    if f is None or f <= 0:
+        raise ValueError(_fmt(name, "a finite float > 0", value))
+    return f
+
+
+def check_nonneg_float(name: str, value: Any) -> float:
+    """Return ``float(value)`` if it is a finite number >= 0, else raise ``ValueError``."""
+    f = _as_float(value)
+    if f is None or f < 0:
+        raise ValueError(_fmt(name, "a finite float >= 0", value))
+    return f
+
+
+def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise ``ValueError``."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(_fmt(name, "one of " + ", ".join(repr(c) for c in choices), value))
+    return value
+
+
+def reject_unknown(where: str, kwargs: Mapping[str, Any]) -> None:
+    """Raise ``TypeError`` naming every unknown keyword argument in ``kwargs``."""
+    if kwargs:
+        names = ", ".join(f"`{k}`" for k in sorted(kwargs))
+        raise TypeError(f"{where} got unexpected keyword argument(s): {names}.")
