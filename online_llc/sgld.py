@@ -1,0 +1,290 @@
+"""The localized, tempered SGLD kernel with paired per-sample losses.
+
+One step of the kernel, for an offset ``xi`` around centre weights ``w*`` (DESIGN.md section 2)::
+
+    d   = nbeta * mean_i( l_i(w* + xi) - l_i(w*) )                 (the draw)
+    v   = nbeta^2 * var_i( l_i(w* + xi) - l_i(w*) ) / |B|            (its within-batch noise variance)
+    xi <- xi - (epsilon / 2) * ( nbeta * grad_xi L_B(w* + xi) + gamma * xi ) + sqrt(epsilon) * N(0, I)
+
+with ``L_B`` the mean loss on the minibatch ``B``, ``nbeta = n * beta``, ``gamma`` the localization
+and ``epsilon`` the step size. The chain samples ``p(w) ∝ exp(-nbeta L_n(w) - gamma/2 ||w - w*||^2)``
+and ``lambda_hat = E[d]`` (Lau et al. 2024).
+
+Both losses are evaluated on the same samples (pairing): the batch-to-batch fluctuation of ``L_B``,
+which is tens of times larger than ``lambda`` after multiplying by ``nbeta``, cancels in ``d``.
+
+The model object is never modified: losses are computed through
+``torch.func.functional_call`` on cloned parameters and cloned buffers, gradients are taken with
+``torch.autograd.grad`` (``.grad`` fields untouched), and every random number comes from a private
+``torch.Generator``. Any draw a model makes from the global RNG (dropout) happens inside
+``torch.random.fork_rng`` with the state reseeded from the private generator, so the training run's
+random streams are left exactly as they were; both passes of one step see the same dropout mask,
+which keeps the pairing exact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Protocol, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .errors import check_nonneg_float, check_positive_float
+
+__all__ = [
+    "LossFn",
+    "SGLDConfig",
+    "SGLDInfo",
+    "LossEvaluator",
+    "sgld_step",
+    "default_nbeta",
+]
+
+
+class LossFn(Protocol):
+    """A per-sample loss: ``loss_fn(model, batch)`` returns a tensor of shape ``[B]``.
+
+    The model passed in is the user's model (its parameters temporarily substituted by the
+    sampler), so ``loss_fn`` must compute the loss by calling the model, not from captured
+    tensors. For the LLC to match theory the loss should be the per-sample negative log
+    likelihood (e.g. ``0.5 * ((y - model(x)) ** 2).sum(-1) / sigma**2`` for Gaussian noise,
+    ``F.cross_entropy(..., reduction="none")`` for classification).
+    """
+
+    def __call__(self, model: nn.Module, batch: Any) -> Tensor:  # pragma: no cover - protocol
+        ...
+
+
+def default_nbeta(num_samples: int) -> float:
+    """``n * beta`` with ``beta = 1 / log n`` (the WBIC inverse temperature): ``n / log n``."""
+    if num_samples < 2:
+        raise ValueError(f"Expected `num_samples` to be an int >= 2, got {num_samples!r}.")
+    return num_samples / math.log(num_samples)
+
+
+@dataclass(frozen=True)
+class SGLDConfig:
+    """Hyperparameters of the localized, tempered SGLD kernel.
+
+    Attributes:
+        nbeta: ``n * beta``, the inverse temperature times the sample size (> 0).
+        localization: ``gamma``, strength of the pull towards the centre (>= 0).
+        step_size: ``epsilon``, the SGLD step size (> 0).
+        noise_scale: multiplies the injected noise; 1 for SGLD, 0 gives a deterministic
+            gradient step (used by tests of the degenerate case).
+    """
+
+    nbeta: float
+    localization: float
+    step_size: float
+    noise_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "nbeta", check_positive_float("nbeta", self.nbeta))
+        object.__setattr__(self, "localization", check_nonneg_float("localization", self.localization))
+        object.__setattr__(self, "step_size", check_positive_float("step_size", self.step_size))
+        object.__setattr__(self, "noise_scale", check_nonneg_float("noise_scale", self.noise_scale))
+
+
+@dataclass(frozen=True)
+class SGLDInfo:
+    """What one kernel step observed (all at the offset *before* the update).
+
+    Attributes:
+        draw: ``d = nbeta * mean_i(l_i(w*+xi) - l_i(w*))``.
+        noise_var: ``v = nbeta^2 * var_i(l_i(w*+xi) - l_i(w*)) / |B|`` (0 for a batch of one).
+        loss_center: ``mean_i l_i(w*)`` on the batch.
+        loss_sample: ``mean_i l_i(w* + xi)`` on the batch.
+        offset_norm: ``||xi||`` before the update.
+        batch_size: ``|B|``.
+    """
+
+    draw: float
+    noise_var: float
+    loss_center: float
+    loss_sample: float
+    offset_norm: float
+    batch_size: int
+
+    @property
+    def finite(self) -> bool:
+        """Whether every number of the step is finite (a diverging chain is not)."""
+        return all(
+            math.isfinite(x)
+            for x in (self.draw, self.noise_var, self.loss_center, self.loss_sample, self.offset_norm)
+        )
+
+
+class _LossModule(nn.Module):
+    """Makes ``loss_fn(model, batch)`` a module forward so ``functional_call`` can substitute
+    the model's parameters and buffers by name (``model.<name>``) without touching the model."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        # Stored in __dict__ to keep it out of nn.Module's registries.
+        object.__setattr__(self, "_loss_fn", loss_fn)
+
+    def forward(self, batch: Any) -> Tensor:  # noqa: D102
+        return self._loss_fn(self.model, batch)
+
+
+class LossEvaluator:
+    """Evaluates per-sample losses of ``model`` at substituted weights, leaving ``model`` alone.
+
+    Holds the names of the trainable parameters (the ones the chain moves) and checks the loss
+    shape on every call.
+
+    Args:
+        model: the user's model.
+        loss_fn: per-sample loss, see :class:`LossFn`.
+        param_names: restrict the chain to these trainable parameters (default: all trainable).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, param_names: List[str] | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Expected `model` to be a torch.nn.Module, got {type(model).__name__}.")
+        if not callable(loss_fn):
+            raise TypeError(f"Expected `loss_fn` to be callable as loss_fn(model, batch), got {loss_fn!r}.")
+        trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError(
+                "Expected `model` to have at least one trainable parameter (requires_grad=True), got none."
+            )
+        if param_names is None:
+            param_names = trainable
+        else:
+            unknown = [n for n in param_names if n not in trainable]
+            if unknown or not param_names:
+                raise ValueError(
+                    f"Expected `param_names` to be a non-empty subset of the trainable parameters, got {param_names!r}."
+                )
+        self.model = model
+        self.loss_fn = loss_fn
+        self.param_names: List[str] = list(param_names)
+        self._module = _LossModule(model, loss_fn)
+
+    def center(self) -> Dict[str, Tensor]:
+        """The model's current trainable parameters, detached (no copy)."""
+        params = dict(self.model.named_parameters())
+        return {n: params[n].detach() for n in self.param_names}
+
+    def zeros_like_center(self) -> Dict[str, Tensor]:
+        """A zero offset for every sampled parameter (float32 or the parameter's float dtype)."""
+        return {n: torch.zeros_like(t) for n, t in self.center().items()}
+
+    def losses(self, params: Mapping[str, Tensor], batch: Any) -> Tensor:
+        """Per-sample losses with ``params`` substituted for the named parameters.
+
+        Buffers are cloned so that, e.g., BatchNorm in training mode updates the clones and not
+        the model's running statistics.
+        """
+        subst = {"model." + n: t for n, t in params.items()}
+        for n, b in self.model.named_buffers():
+            subst["model." + n] = b.detach().clone()
+        out = torch.func.functional_call(self._module, subst, (batch,), strict=False)
+        if not isinstance(out, Tensor) or out.dim() != 1 or out.numel() == 0:
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                "Expected `loss_fn` to return per-sample losses of shape [B] (one value per sample, "
+                f"reduction='none'), got {shape}."
+            )
+        return out
+
+
+def _devices(tensors: Mapping[str, Tensor]) -> List[int]:
+    return sorted({t.device.index or 0 for t in tensors.values() if t.device.type == "cuda"})
+
+
+def _reseed_global(devices: List[int], generator: torch.Generator) -> None:
+    """Seed the (forked) global CPU/CUDA generators from the private one, so any randomness the
+    model draws (dropout) is a function of the monitor's own seed."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
+    torch.default_generator.manual_seed(seed)
+    for d in devices:
+        torch.cuda.default_generators[d].manual_seed(seed)
+
+
+def _snapshot(devices: List[int]) -> Tuple[Tensor, List[Tensor]]:
+    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+
+
+def _restore(state: Tuple[Tensor, List[Tensor]], devices: List[int]) -> None:
+    torch.set_rng_state(state[0])
+    for d, s in zip(devices, state[1]):
+        torch.cuda.set_rng_state(s, d)
+
+
+def sgld_step(
+    evaluator: LossEvaluator,
+    center: Mapping[str, Tensor],
+    offset: Mapping[str, Tensor],
+    batch: Any,
+    *,
+    config: SGLDConfig,
+    generator: torch.Generator,
+) -> Tuple[Dict[str, Tensor], SGLDInfo]:
+    """One localized, tempered SGLD step on ``offset`` around ``center`` (see module docstring).
+
+    Args:
+        evaluator: wraps the model and the per-sample loss.
+        center: the centre weights ``w*`` by parameter name (not modified).
+        offset: the chain's offset ``xi`` by parameter name (not modified).
+        batch: passed to ``loss_fn`` unchanged.
+        config: ``nbeta``, ``localization``, ``step_size``.
+        generator: private generator for the Gaussian noise (and the reseeded dropout masks).
+
+    Returns:
+        ``(new_offset, info)``; ``info`` describes the offset before the update. When the losses
+        are not finite the offset is returned unchanged and ``info.finite`` is False, so the caller
+        decides how to report and recover.
+    """
+    devices = _devices(center)
+    eps = config.step_size
+    with torch.random.fork_rng(devices=devices):
+        _reseed_global(devices, generator)
+        rng_state = _snapshot(devices)
+        with torch.no_grad():
+            l_center = evaluator.losses(center, batch).detach()
+        # The same global RNG state for the second pass: identical dropout masks keep the pair exact.
+        _restore(rng_state, devices)
+        xi = {n: t.detach().requires_grad_(True) for n, t in offset.items()}
+        moved = {n: center[n] + xi[n] for n in xi}
+        l_sample = evaluator.losses(moved, batch)
+        if l_sample.shape != l_center.shape:
+            raise ValueError(
+                "Expected `loss_fn` to return the same number of per-sample losses at every weight, "
+                f"got {tuple(l_center.shape)} and {tuple(l_sample.shape)}."
+            )
+        grads = torch.autograd.grad(l_sample.mean(), list(xi.values()), allow_unused=True)
+
+    with torch.no_grad():
+        diff = (l_sample.detach() - l_center).double()
+        b = diff.numel()
+        draw = config.nbeta * float(diff.mean())
+        noise_var = config.nbeta**2 * float(diff.var(unbiased=True)) / b if b > 1 else 0.0
+        offset_norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in offset.values()))
+        info = SGLDInfo(
+            draw=draw,
+            noise_var=noise_var,
+            loss_center=float(l_center.double().mean()),
+            loss_sample=float(l_sample.detach().double().mean()),
+            offset_norm=offset_norm,
+            batch_size=b,
+        )
+        if not info.finite:
+            return dict(offset), info
+        new_offset: Dict[str, Tensor] = {}
+        noise_std = math.sqrt(eps) * config.noise_scale
+        for (name, x), g in zip(offset.items(), grads):
+            drift = config.localization * x
+            if g is not None:
+                drift = drift + config.nbeta * g
+            new = x - (eps / 2) * drift
+            if noise_std > 0:
+                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                new = new + noise_std * noise
+            new_offset[name] = new
+    return new_offset, info
