@@ -1,0 +1,35 @@
+"""online-llc: the local learning coefficient (LLC) as a live training metric.
+
+Public API:
+
+* :func:`estimate_llc` - offline reference estimator (C SGLD chains at fixed weights).
+* :class:`LLCResult` - its result record.
+* :mod:`online_llc.theory` - theoretical learning coefficients of known models.
+* :mod:`online_llc.toy` - models with a known learning coefficient, for validation.
+"""
+
+from __future__ import annotations
+
+from .config import DEFAULT_LOCALIZATION, DEFAULT_STEP_SCALE, resolve_hyperparameters
+from .errors import MonitorError, NonFiniteDrawError, OnlineLLCError
+from .offline import LLCResult, estimate_llc
+from .sgld import LossFn, SGLDConfig, SGLDInfo, default_nbeta, sgld_step
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "estimate_llc",
+    "LLCResult",
+    "LossFn",
+    "SGLDConfig",
+    "SGLDInfo",
+    "sgld_step",
+    "default_nbeta",
+    "resolve_hyperparameters",
+    "DEFAULT_LOCALIZATION",
+    "DEFAULT_STEP_SCALE",
+    "OnlineLLCError",
+    "NonFiniteDrawError",
+    "MonitorError",
+]

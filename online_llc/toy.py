@@ -1,0 +1,143 @@
+"""Models with a known learning coefficient, for validating estimators and choosing settings.
+
+A deep linear network ``f(x) = W_L ... W_1 x`` (no biases) with data ``y = f_{w0}(x) + N(0, s^2 I)``,
+``x ~ N(0, I)``, and the per-sample negative log likelihood ``l(w) = ||y - f_w(x)||^2 / (2 s^2)``.
+The true parameter ``w0`` is built as an *aligned minimal-rank factorisation*
+``W_j = U_{j+1} D_j U_j^T`` with ``U_j`` (``width_j x r``) orthonormal columns and ``D_j`` positive
+diagonal, so every layer has rank exactly ``r``. At such a point the local learning coefficient
+equals the global one of Aoyagi (2024); at a generic point on the set of true parameters it can be
+higher. Reduced-rank regression is the three-width case, and one layer is a regular model
+(``lambda = d / 2``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from . import theory
+from .errors import check_nonneg_int, check_positive_float, check_positive_int
+
+__all__ = ["KnownLambdaProblem", "GaussianNLL", "deep_linear_problem"]
+
+
+class GaussianNLL:
+    """Per-sample Gaussian negative log likelihood ``||y - model(x)||^2 / (2 s^2)`` (constant dropped).
+
+    Args:
+        noise_std: ``s``, the standard deviation of the data noise.
+    """
+
+    def __init__(self, noise_std: float = 1.0) -> None:
+        self.noise_std = check_positive_float("noise_std", noise_std)
+
+    def __call__(self, model: nn.Module, batch: Tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        return 0.5 * (y - model(x)).pow(2).sum(-1) / self.noise_std**2
+
+    def __repr__(self) -> str:
+        return f"GaussianNLL(noise_std={self.noise_std})"
+
+
+@dataclass
+class KnownLambdaProblem:
+    """A model at a true parameter, its data, its loss and its theoretical learning coefficient.
+
+    Attributes:
+        name: short description, e.g. ``"dln[5, 3, 4, 6, 2] r=1"``.
+        model: the network, its weights set to the true parameter.
+        loss_fn: per-sample loss (:class:`GaussianNLL`).
+        dataset: the ``n`` training samples ``(x, y)``.
+        batches: a shuffling ``DataLoader`` over ``dataset`` with its own generator.
+        num_samples: ``n``.
+        lam: theoretical learning coefficient.
+        multiplicity: its multiplicity.
+    """
+
+    name: str
+    model: nn.Module
+    loss_fn: GaussianNLL
+    dataset: TensorDataset
+    batches: DataLoader
+    num_samples: int
+    lam: float
+    multiplicity: int
+
+    def state(self) -> List[Tensor]:
+        """Copies of the model's parameters (for checking that an estimator left them alone)."""
+        return [p.detach().clone() for p in self.model.parameters()]
+
+
+def _orthonormal(rows: int, cols: int, gen: torch.Generator) -> Tensor:
+    q, _ = torch.linalg.qr(torch.randn(rows, max(cols, 1), generator=gen))
+    return q[:, :cols]
+
+
+def deep_linear_problem(
+    widths: Sequence[int],
+    r: int,
+    *,
+    num_samples: int = 10240,
+    batch_size: int = 256,
+    noise_std: float = 1.0,
+    singular_values: Tuple[float, float] = (0.7, 1.4),
+    seed: int = 0,
+) -> KnownLambdaProblem:
+    """A deep linear network at an aligned rank-``r`` true parameter, with data.
+
+    Args:
+        widths: ``[input, hidden..., output]``; two widths make one (regular) linear layer.
+        r: rank of every layer of the true parameter (``0 <= r <= min(widths)``).
+        num_samples: ``n``, the number of training samples.
+        batch_size: batch size of :attr:`KnownLambdaProblem.batches`.
+        noise_std: standard deviation of the Gaussian output noise.
+        singular_values: range of the diagonal entries of ``D_j`` (drawn uniformly).
+        seed: seeds the weights, the data and the loader's shuffling (never the global RNG).
+
+    Returns:
+        The problem; ``lam`` comes from :func:`online_llc.theory.deep_linear_network`
+        (:func:`~online_llc.theory.regular` for one layer).
+    """
+    widths = list(widths)
+    if len(widths) == 2:
+        check_positive_int("widths[0]", widths[0])
+        check_positive_int("widths[1]", widths[1])
+        if r != min(widths):
+            raise ValueError(f"Expected `r` to be min(widths)={min(widths)} for one layer, got {r!r}.")
+        lam, mult = theory.regular(widths[0] * widths[1])
+    else:
+        lam, mult = theory.deep_linear_network(widths, r)
+    check_nonneg_int("r", r)
+    check_positive_int("num_samples", num_samples)
+    check_positive_int("batch_size", batch_size)
+    gen = torch.Generator().manual_seed(seed)
+
+    layers = [nn.Linear(a, b, bias=False) for a, b in zip(widths[:-1], widths[1:])]
+    model = nn.Sequential(*layers)
+    us = [_orthonormal(w, r, gen) for w in widths]
+    lo, hi = singular_values
+    with torch.no_grad():
+        for j, layer in enumerate(layers):
+            d = lo + (hi - lo) * torch.rand(r, generator=gen)
+            layer.weight.copy_(us[j + 1] @ torch.diag(d) @ us[j].T if r > 0 else torch.zeros_like(layer.weight))
+        x = torch.randn(num_samples, widths[0], generator=gen)
+        y = model(x) + noise_std * torch.randn(num_samples, widths[-1], generator=gen)
+    dataset = TensorDataset(x, y)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(seed + 1)
+    )
+    kind = "linear regression" if len(widths) == 2 else f"dln{widths} r={r}"
+    return KnownLambdaProblem(
+        name=kind,
+        model=model,
+        loss_fn=GaussianNLL(noise_std),
+        dataset=dataset,
+        batches=loader,
+        num_samples=num_samples,
+        lam=float(lam),
+        multiplicity=int(mult),
+    )
