@@ -2,6 +2,7 @@
 
 Public API:
 
+* :class:`OnlineLLC` - the running estimate; :class:`LLCEstimate` - its records.
 * :func:`estimate_llc` - offline reference estimator (C SGLD chains at fixed weights).
 * :class:`LLCResult` - its result record.
 * :mod:`online_llc.theory` - theoretical learning coefficients of known models.
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 from .config import DEFAULT_LOCALIZATION, DEFAULT_STEP_SCALE, resolve_hyperparameters
 from .errors import MonitorError, NonFiniteDrawError, OnlineLLCError
+from .estimator import STATUSES, LLCEstimate, OnlineLLC
+from .filter import FilterInfo, LLCFilter
 from .offline import LLCResult, estimate_llc
 from .sgld import LossFn, SGLDConfig, SGLDInfo, default_nbeta, sgld_step
 
@@ -19,6 +22,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "OnlineLLC",
+    "LLCEstimate",
+    "STATUSES",
+    "LLCFilter",
+    "FilterInfo",
     "estimate_llc",
     "LLCResult",
     "LossFn",

@@ -151,8 +151,8 @@ def estimate_llc(
     Example:
         >>> from online_llc import estimate_llc
         >>> from online_llc.toy import deep_linear_problem
-        >>> p = deep_linear_problem([4, 2], r=2, num_samples=2048, seed=0)   # regular: lambda = 4
-        >>> res = estimate_llc(p.model, p.loss_fn, p.batches, num_samples=2048,
+        >>> p = deep_linear_problem([4, 2], r=2, seed=0)   # regular: lambda = 4, n = 10240
+        >>> res = estimate_llc(p.model, p.loss_fn, p.batches, num_samples=p.num_samples,
         ...                    num_chains=2, num_draws=200, burn_in=100)
         >>> abs(res.mean - p.lam) < 0.3 * p.lam
         True

@@ -1,0 +1,364 @@
+"""The online estimator: shadow chain -> window statistics -> filter -> ``LLCEstimate`` records.
+
+Data flows one way::
+
+    OnlineLLC.update(batch, step)
+      -> ShadowSampler.step(batch)            every `every_n_steps` training steps: draws d, v
+      -> WindowStats.update(d, v, step)       every `window` draws: a WindowSummary
+      -> LLCFilter.update(mean, se^2, step)   level, band, jump flag
+      -> LLCEstimate                          returned, kept in history()
+
+Statuses (``LLCEstimate.status``):
+
+* ``warming_up``: the window holds draws from a chain that has not yet equilibrated (the first
+  ``warmup`` shadow steps, or after a reset). The record shows the raw window mean; the filter is
+  not fed.
+* ``diverged``: a chain produced a non-finite draw or ran away during this window; it was reset
+  (counted in ``divergences``) and the window was not fed to the filter.
+* ``transition``: the window was a jump (a many-sigma surprise) or followed one: the LLC is moving
+  fast.
+* ``not_at_minimum``: the band lies entirely below zero: the sampler finds lower loss nearby, as
+  at saddles and plateaus; the LLC is not defined there in the usual sense.
+* ``tracking``: otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Mapping, Optional
+
+from scipy.stats import norm as _normal
+from torch import nn
+
+from .config import (
+    DEFAULT_EVERY_N_STEPS,
+    DEFAULT_LOCALIZATION,
+    DEFAULT_WARMUP,
+    DEFAULT_WINDOW,
+    resolve_hyperparameters,
+)
+from .errors import check_nonneg_int, check_positive_float, check_positive_int, reject_unknown
+from .filter import LLCFilter
+from .shadow import ShadowSampler
+from .sgld import LossEvaluator, LossFn
+from .window import WindowStats, WindowSummary
+
+__all__ = ["LLCEstimate", "OnlineLLC", "STATUSES"]
+
+#: Every status an estimate can have, in the order of their numeric codes (used by loggers).
+STATUSES = ("warming_up", "tracking", "transition", "not_at_minimum", "diverged")
+
+
+@dataclass(frozen=True)
+class LLCEstimate:
+    """The running LLC estimate after a window closed.
+
+    Attributes:
+        step: training step of the window's last draw.
+        mean: filtered LLC (the raw window mean while ``warming_up`` or ``diverged``).
+        std: its standard deviation.
+        lower: lower end of the band (``confidence`` level, default 90%).
+        upper: upper end of the band.
+        status: one of :data:`STATUSES`.
+        raw_mean: the window's mean draw.
+        raw_se: its autocorrelation-aware standard error.
+        slope: filtered change of the LLC per training step.
+        var_channel: ``var(d) - mean(v)`` of the window (batch noise removed).
+        ratio: ``raw_mean^2 / var_channel``, a temperature-free LLC estimate (NaN if undefined).
+        consistency: ``var_channel / raw_mean``, the effective temperature (about 1 when healthy).
+        ess: effective sample size of the window.
+        nis: normalized innovation squared of the filter update (NaN when not fed).
+        window_start: training step of the window's first draw.
+        shadow_steps: shadow steps run so far.
+        divergences: chain resets so far.
+    """
+
+    step: int
+    mean: float
+    std: float
+    lower: float
+    upper: float
+    status: str
+    raw_mean: float
+    raw_se: float
+    slope: float
+    var_channel: float
+    ratio: float
+    consistency: float
+    ess: float
+    nis: float
+    window_start: int
+    shadow_steps: int
+    divergences: int
+
+    @property
+    def status_code(self) -> int:
+        """``STATUSES.index(status)``: a number for loggers that only take floats."""
+        return STATUSES.index(self.status)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain Python values."""
+        return asdict(self)
+
+
+class OnlineLLC:
+    """A running estimate of the local learning coefficient of a model while it trains.
+
+    Call :meth:`update` after every optimizer step with that step's batch. Every
+    ``every_n_steps`` steps it runs one SGLD step of a shadow chain centred at the current weights
+    (see :mod:`online_llc.shadow`); every ``window`` shadow steps it summarizes the draws and
+    feeds the window mean to a local-linear-trend filter, returning an :class:`LLCEstimate`.
+    The estimated quantity is the same as :func:`online_llc.estimate_llc`'s at the same
+    ``nbeta``, ``localization`` and ``step_size``.
+
+    Cost: one forward+backward and one forward pass on one batch per shadow step, so about
+    ``1.33 / every_n_steps`` of training compute per chain. ``every_n_steps`` and ``window``
+    trade overhead against lag: a window spans ``every_n_steps * window`` training steps, and
+    the estimate follows a change within one or two windows.
+
+    The model, its ``.grad`` fields, its buffers, the optimizer and the global RNG streams are
+    never touched: training with the monitor is bit-identical to training without it.
+
+    Args:
+        model: the network being trained.
+        loss_fn: ``loss_fn(model, batch) -> Tensor[B]`` per-sample losses.
+        num_samples: ``n``, the size of the training set.
+        nbeta: ``n * beta``; ``None`` means ``n / log n``.
+        localization: ``gamma``.
+        step_size: SGLD ``epsilon``; ``None`` means ``DEFAULT_STEP_SCALE / nbeta``.
+        every_n_steps: training steps between shadow steps (>= 1).
+        window: draws per chain per window (>= 2).
+        num_chains: chains run at each shadow step.
+        seed: seeds the chains' private generators.
+        warmup: shadow steps after the start (or a chain reset) whose windows are reported as
+            ``warming_up`` and kept out of the filter. ``None``: ``DEFAULT_WARMUP``.
+        confidence: coverage of the ``lower``/``upper`` band, in (0, 1).
+        process_noise: see :class:`online_llc.filter.LLCFilter`.
+        jump_threshold: see :class:`online_llc.filter.LLCFilter`.
+        max_offset_norm: see :class:`online_llc.shadow.ShadowSampler`.
+
+    Example:
+        >>> import torch
+        >>> from online_llc import OnlineLLC
+        >>> from online_llc.toy import deep_linear_problem
+        >>> p = deep_linear_problem([6, 6, 6], r=2, num_samples=2048, seed=0)
+        >>> monitor = OnlineLLC(p.model, p.loss_fn, num_samples=2048, every_n_steps=1, window=50)
+        >>> batches = list(p.batches)
+        >>> for step in range(300):          # frozen weights (lr = 0): 300 shadow steps, 6 windows
+        ...     est = monitor.update(batches[step % len(batches)])
+        >>> monitor.estimate.status, len(monitor.history())
+        ('tracking', 6)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        *,
+        num_samples: int,
+        nbeta: Optional[float] = None,
+        localization: float = DEFAULT_LOCALIZATION,
+        step_size: Optional[float] = None,
+        every_n_steps: int = DEFAULT_EVERY_N_STEPS,
+        window: int = DEFAULT_WINDOW,
+        num_chains: int = 1,
+        seed: int = 0,
+        warmup: Optional[int] = None,
+        confidence: float = 0.9,
+        process_noise: float = 0.3,
+        jump_threshold: float = 16.0,
+        max_offset_norm: Optional[float] = None,
+        **kwargs: Any,
+    ) -> None:
+        reject_unknown("OnlineLLC()", kwargs)
+        self.config = resolve_hyperparameters(
+            num_samples=num_samples, nbeta=nbeta, localization=localization, step_size=step_size
+        )
+        self.num_samples = num_samples
+        self.every_n_steps = check_positive_int("every_n_steps", every_n_steps)
+        if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+            raise ValueError(f"Expected `window` to be an int >= 2, got {window!r}.")
+        self.window = window
+        self.num_chains = check_positive_int("num_chains", num_chains)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"Expected `seed` to be an int, got {seed!r}.")
+        self.seed = seed
+        self.warmup = DEFAULT_WARMUP if warmup is None else check_nonneg_int("warmup", warmup)
+        confidence = check_positive_float("confidence", confidence)
+        if confidence >= 1:
+            raise ValueError(f"Expected `confidence` to be a float in (0, 1), got {confidence!r}.")
+        self.confidence = confidence
+        self._z = float(_normal.ppf(0.5 + confidence / 2))
+
+        self.evaluator = LossEvaluator(model, loss_fn)
+        self.sampler = ShadowSampler(
+            self.evaluator, self.config, num_chains=num_chains, seed=seed, max_offset_norm=max_offset_norm
+        )
+        self.stats = WindowStats(window, num_chains)
+        self.filter = LLCFilter(process_noise=process_noise, jump_threshold=jump_threshold)
+        self._init_counters()
+
+    def _init_counters(self) -> None:
+        self.step = 0
+        self.shadow_steps = 0
+        self._warmup_left = [self.warmup] * self.num_chains
+        self._window_warm = False  # the open window holds warm-up draws
+        self._window_diverged = False  # a chain was reset during the open window
+        self._last_jump = False
+        self._history: List[LLCEstimate] = []
+
+    # ---- the public loop --------------------------------------------------------------------------
+    def update(self, batch: Any, step: Optional[int] = None) -> Optional[LLCEstimate]:
+        """Record that an optimizer step happened; run a shadow step when one is due.
+
+        Args:
+            batch: the batch of the optimizer step (what ``loss_fn`` takes).
+            step: the training step just completed (1 after the first optimizer step); ``None``
+                counts calls.
+
+        Returns:
+            An :class:`LLCEstimate` when a window closed at this step, else ``None``.
+        """
+        if step is None:
+            step = self.step + 1
+        elif isinstance(step, bool) or not isinstance(step, int) or step < self.step:
+            raise ValueError(f"Expected `step` to be an int >= the previous step {self.step}, got {step!r}.")
+        self.step = step
+        if step % self.every_n_steps != 0:
+            return None
+        return self._shadow_step(batch, step)
+
+    def _shadow_step(self, batch: Any, step: int) -> Optional[LLCEstimate]:
+        out = self.sampler.step(batch)
+        self.shadow_steps += 1
+        if out.any_diverged:
+            self._window_diverged = True
+            for c, bad in enumerate(out.diverged):
+                if bad:
+                    self._warmup_left[c] = self.warmup
+            # A reset chain's draw is meaningless and WindowStats takes one draw per chain:
+            # this step feeds nothing.
+            return None
+        if any(w > 0 for w in self._warmup_left):
+            self._window_warm = True
+        self._warmup_left = [max(w - 1, 0) for w in self._warmup_left]
+        summary = self.stats.update(out.draws, out.noise_vars, step)
+        if summary is None:
+            return None
+        return self._close_window(summary)
+
+    def _close_window(self, s: WindowSummary) -> LLCEstimate:
+        status: str
+        nis = math.nan
+        if self._window_diverged or self._window_warm:
+            status = "diverged" if self._window_diverged else "warming_up"
+            mean, std, slope = s.mean, s.se, math.nan
+        else:
+            r = max(s.se**2, 1e-300)
+            mean, std, info = self.filter.update(s.mean, r, s.end_step)
+            slope, nis = self.filter.slope, info.nis
+            if info.jump or self._last_jump:
+                status = "transition"
+            elif mean + self._z * std < 0:
+                status = "not_at_minimum"
+            else:
+                status = "tracking"
+            self._last_jump = info.jump
+        self._window_warm = False
+        self._window_diverged = False
+        est = LLCEstimate(
+            step=s.end_step,
+            mean=mean,
+            std=std,
+            lower=mean - self._z * std,
+            upper=mean + self._z * std,
+            status=status,
+            raw_mean=s.mean,
+            raw_se=s.se,
+            slope=slope,
+            var_channel=s.var_channel,
+            ratio=s.ratio,
+            consistency=s.consistency,
+            ess=s.ess,
+            nis=nis,
+            window_start=s.start_step,
+            shadow_steps=self.shadow_steps,
+            divergences=self.sampler.divergences,
+        )
+        self._history.append(est)
+        return est
+
+    # ---- results ----------------------------------------------------------------------------------
+    @property
+    def estimate(self) -> Optional[LLCEstimate]:
+        """The latest estimate (``None`` before the first window closes)."""
+        return self._history[-1] if self._history else None
+
+    def history(self) -> List[LLCEstimate]:
+        """All estimates so far, oldest first (one per window: memory grows by one record per
+        ``every_n_steps * window`` training steps)."""
+        return list(self._history)
+
+    @property
+    def divergences(self) -> int:
+        """Number of chain resets so far."""
+        return self.sampler.divergences
+
+    def reset(self) -> None:
+        """Start over: chains at zero offset, empty window, fresh filter, empty history."""
+        for c in range(self.num_chains):
+            self.sampler.reset_chain(c)
+        self.sampler.divergences = 0
+        self.stats.reset()
+        self.filter.reset()
+        self._init_counters()
+
+    # ---- checkpointing ----------------------------------------------------------------------------
+    def _settings(self) -> Dict[str, Any]:
+        return {
+            "nbeta": self.config.nbeta,
+            "localization": self.config.localization,
+            "step_size": self.config.step_size,
+            "every_n_steps": self.every_n_steps,
+            "window": self.window,
+            "num_chains": self.num_chains,
+            "warmup": self.warmup,
+        }
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to continue exactly: chains (offsets and generator states, as
+        tensors), window, filter, counters and history (plain Python values)."""
+        return {
+            "version": 1,
+            "settings": self._settings(),
+            "step": self.step,
+            "shadow_steps": self.shadow_steps,
+            "warmup_left": list(self._warmup_left),
+            "window_warm": self._window_warm,
+            "window_diverged": self._window_diverged,
+            "last_jump": self._last_jump,
+            "sampler": self.sampler.state_dict(),
+            "window_stats": self.stats.state_dict(),
+            "filter": self.filter.state_dict(),
+            "history": [e.to_dict() for e in self._history],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict` taken from a monitor with the same settings."""
+        if state.get("version") != 1:
+            raise ValueError(f"Expected an OnlineLLC state of version 1, got {state.get('version')!r}.")
+        mine = self._settings()
+        for k, v in state["settings"].items():
+            if k not in mine or (mine[k] != v and not (isinstance(v, float) and math.isclose(v, mine[k]))):
+                raise ValueError(f"Expected the state's `{k}` to be {mine.get(k)!r} like this monitor's, got {v!r}.")
+        self.sampler.load_state_dict(state["sampler"])
+        self.stats.load_state_dict(state["window_stats"])
+        self.filter.load_state_dict(state["filter"])
+        self.step = int(state["step"])
+        self.shadow_steps = int(state["shadow_steps"])
+        self._warmup_left = [int(w) for w in state["warmup_left"]]
+        self._window_warm = bool(state["window_warm"])
+        self._window_diverged = bool(state["window_diverged"])
+        self._last_jump = bool(state["last_jump"])
+        self._history = [LLCEstimate(**e) for e in state["history"]]

@@ -1,0 +1,213 @@
+"""State-space filter for the LLC trajectory: a local linear trend over training-step time.
+
+The hidden state is ``x = [level, slope]`` (LLC and its change per training step). Window means
+arrive at irregular training steps ``t_k`` with their own variance ``R_k = se_k^2``. Between two
+observations ``dt = t_k - t_{k-1}`` apart the state evolves as (continuous white-noise
+acceleration, Bar-Shalom et al. 2001, section 6.2)::
+
+    x_k = F x_{k-1} + w,   F = [[1, dt], [0, 1]],
+    w ~ N(0, Q),           Q = q [[dt^3 / 3, dt^2 / 2], [dt^2 / 2, dt]],
+    z_k = H x_k + v,       H = [1, 0],   v ~ N(0, R_k).
+
+so the band widens between observations and shrinks at each. ``q`` is scale-aware: it is set so
+that over a typical gap ``tau`` (a running mean of ``dt``) the level diffuses by
+``process_noise`` times the typical observation standard deviation (a running mean of
+``sqrt(R)``): ``q = (process_noise * scale)^2 / tau^3``. The same settings then work for an LLC
+of 0.1 or 1e5, positive or negative.
+
+Jumps: developmental transitions move the LLC by orders of magnitude within a window or two, far
+faster than any ``q`` that keeps plateaus smooth. When the normalized innovation squared
+``nis = y^2 / S`` of an observation exceeds ``jump_threshold`` the filter declares a jump and
+inflates the prior covariance by the size of the surprise (``P += diag(y^2, (y / tau)^2)``) before
+updating, so the estimate moves to the new level in that same window instead of lagging by many.
+
+The predict/update arithmetic is filterpy's ``KalmanFilter`` (per-call ``F``, ``Q``, ``R``); this
+module adds the irregular time grid, the scale-aware ``Q``, the jump rule and a checkpointable
+state, which filterpy does not have.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Tuple
+
+import numpy as np
+from filterpy.kalman import KalmanFilter
+
+from .errors import check_positive_float
+
+__all__ = ["FilterInfo", "LLCFilter", "transition_matrices"]
+
+_H = np.array([[1.0, 0.0]])
+# Weight of a new gap / observation scale in the running means that set q.
+_EMA = 0.2
+
+
+def transition_matrices(dt: float, q: float) -> Tuple[np.ndarray, np.ndarray]:
+    """``F`` and ``Q`` of the local linear trend over a gap of ``dt`` training steps."""
+    F = np.array([[1.0, dt], [0.0, 1.0]])
+    Q = q * np.array([[dt**3 / 3.0, dt**2 / 2.0], [dt**2 / 2.0, dt]])
+    return F, Q
+
+
+@dataclass(frozen=True)
+class FilterInfo:
+    """What one filter update saw.
+
+    Attributes:
+        innovation: ``y = z - H x_prior``.
+        innovation_var: ``S = H P_prior H^T + R``.
+        gain: the Kalman gain ``K`` (level, slope).
+        nis: normalized innovation squared ``y^2 / S`` (chi-square with 1 dof when the model fits).
+        jump: whether the update was treated as a jump.
+    """
+
+    innovation: float
+    innovation_var: float
+    gain: Tuple[float, float]
+    nis: float
+    jump: bool
+
+
+class LLCFilter:
+    """Local linear trend filter over irregular, sparse observations (see module docstring).
+
+    Args:
+        process_noise: level diffusion over a typical gap, in units of the typical observation
+            std (> 0). Smaller: smoother on plateaus, slower on ramps.
+        jump_threshold: ``nis`` above which an observation is treated as a jump (> 0; the default
+            16 is a 4-sigma surprise).
+    """
+
+    def __init__(self, *, process_noise: float = 0.3, jump_threshold: float = 16.0) -> None:
+        self.process_noise = check_positive_float("process_noise", process_noise)
+        self.jump_threshold = check_positive_float("jump_threshold", jump_threshold)
+        self._kf = KalmanFilter(dim_x=2, dim_z=1)
+        self.reset()
+
+    # ---- state ----------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget everything (the next observation initializes the level)."""
+        self._kf.x = np.zeros((2, 1))
+        self._kf.P = np.eye(2)
+        self.last_step: int | None = None
+        self.num_updates = 0
+        self._tau = 0.0  # running mean gap between observations (training steps)
+        self._scale = 0.0  # running mean observation std
+
+    @property
+    def initialized(self) -> bool:
+        """Whether at least one observation has been absorbed."""
+        return self.last_step is not None
+
+    @property
+    def q(self) -> float:
+        """Current spectral density of the slope's white noise."""
+        if self._tau <= 0 or self._scale <= 0:
+            return 0.0
+        return (self.process_noise * self._scale) ** 2 / self._tau**3
+
+    def _prior(self, step: int) -> Tuple[np.ndarray, np.ndarray]:
+        assert self.last_step is not None
+        dt = float(step - self.last_step)
+        if dt <= 0:
+            return self._kf.x.copy(), self._kf.P.copy()
+        F, Q = transition_matrices(dt, self.q)
+        return F @ self._kf.x, F @ self._kf.P @ F.T + Q
+
+    def predict(self, step: int) -> Tuple[float, float]:
+        """Prior mean and std of the level at ``step`` without changing the filter."""
+        if self.last_step is None:
+            raise RuntimeError("LLCFilter.predict() called before the first observation.")
+        x, P = self._prior(step)
+        return float(x[0, 0]), math.sqrt(max(P[0, 0], 0.0))
+
+    @property
+    def mean(self) -> float:
+        """Posterior level at the last observation."""
+        return float(self._kf.x[0, 0])
+
+    @property
+    def std(self) -> float:
+        """Posterior std of the level at the last observation."""
+        return math.sqrt(max(float(self._kf.P[0, 0]), 0.0))
+
+    @property
+    def slope(self) -> float:
+        """Posterior slope (LLC per training step)."""
+        return float(self._kf.x[1, 0])
+
+    # ---- update ---------------------------------------------------------------------------------
+    def update(self, z: float, r: float, step: int) -> Tuple[float, float, FilterInfo]:
+        """Absorb a window mean ``z`` with variance ``r`` observed at training step ``step``.
+
+        Args:
+            z: the observation (finite; a non-finite value would poison the state, so it is
+                rejected here).
+            r: its variance ``se^2`` (finite, > 0).
+            step: training step of the observation (not before the previous one).
+
+        Returns:
+            ``(mean, std, info)`` of the level after the update.
+        """
+        if not math.isfinite(z):
+            raise ValueError(f"Expected `z` to be finite, got {z!r}: a diverged window must not reach the filter.")
+        if not (math.isfinite(r) and r > 0):
+            raise ValueError(f"Expected `r` to be a finite float > 0, got {r!r}.")
+        if self.last_step is not None and step < self.last_step:
+            raise ValueError(f"Expected `step` to be >= the previous observation's step {self.last_step}, got {step}.")
+        kf = self._kf
+        sd = math.sqrt(r)
+        if self.last_step is None:
+            # First observation: level = z; slope unknown but bounded by the observation scale.
+            kf.x = np.array([[z], [0.0]])
+            kf.P = np.diag([r, r / max(step, 1) ** 2])
+            self.last_step, self._scale, self.num_updates = step, sd, 1
+            info = FilterInfo(0.0, r, (1.0, 0.0), 0.0, False)
+            return self.mean, self.std, info
+
+        dt = float(step - self.last_step)
+        if dt > 0:
+            self._tau = dt if self._tau == 0 else (1 - _EMA) * self._tau + _EMA * dt
+        x_prior, P_prior = self._prior(step)
+        y = z - float(x_prior[0, 0])
+        S = float(P_prior[0, 0]) + r
+        nis = y * y / S
+        jump = nis > self.jump_threshold
+        if jump:
+            tau = self._tau if self._tau > 0 else max(dt, 1.0)
+            P_prior = P_prior + np.diag([y * y, (y / tau) ** 2])
+        kf.x, kf.P = x_prior, P_prior
+        kf.update(np.array([[z]]), R=np.array([[r]]), H=_H)
+        self._scale = (1 - _EMA) * self._scale + _EMA * sd
+        self.last_step = step
+        self.num_updates += 1
+        gain = (float(kf.K[0, 0]), float(kf.K[1, 0]))
+        return self.mean, self.std, FilterInfo(y, S, gain, nis, jump)
+
+    # ---- checkpointing --------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """Plain Python values only (torch loads checkpoints with ``weights_only=True``)."""
+        return {
+            "x": [float(v) for v in self._kf.x.ravel()],
+            "P": [[float(v) for v in row] for row in self._kf.P],
+            "last_step": self.last_step,
+            "num_updates": self.num_updates,
+            "tau": self._tau,
+            "scale": self._scale,
+            "process_noise": self.process_noise,
+            "jump_threshold": self.jump_threshold,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; settings must match."""
+        for key in ("process_noise", "jump_threshold"):
+            if float(state[key]) != getattr(self, key):
+                raise ValueError(f"Expected `{key}` = {getattr(self, key)} in the state, got {state[key]!r}.")
+        self._kf.x = np.array(state["x"], dtype=float).reshape(2, 1)
+        self._kf.P = np.array(state["P"], dtype=float).reshape(2, 2)
+        self.last_step = None if state["last_step"] is None else int(state["last_step"])
+        self.num_updates = int(state["num_updates"])
+        self._tau = float(state["tau"])
+        self._scale = float(state["scale"])

@@ -1,0 +1,145 @@
+"""The shadow chain: SGLD offsets that ride along with the training weights (co-moving frame).
+
+Each chain keeps an offset ``xi`` (one tensor per sampled parameter), never a second copy of the
+weights. A shadow step at training step ``t`` runs one kernel step (:func:`online_llc.sgld.sgld_step`)
+centred at the *current* weights ``w_t``::
+
+    d_t = nbeta * mean_i( l_i(w_t + xi) - l_i(w_t) ),
+    xi <- xi - (epsilon / 2) * ( nbeta * grad L_B(w_t + xi) + gamma * xi ) + sqrt(epsilon) * N(0, I).
+
+Because ``xi`` is relative to ``w_t`` the chain stays near equilibrium as training moves slowly, so
+there is no burn-in per checkpoint. A chain whose draw is non-finite, or whose offset norm runs
+away (above ``max_offset_norm``), is reset to ``xi = 0`` and counted; its draw is never used.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+from torch import Tensor
+
+from .errors import check_positive_float
+from .sgld import LossEvaluator, SGLDConfig, SGLDInfo, sgld_step
+
+__all__ = ["ShadowStep", "ShadowSampler"]
+
+
+@dataclass(frozen=True)
+class ShadowStep:
+    """One shadow step of every chain.
+
+    Attributes:
+        infos: the kernel's record per chain (at the offset before the update).
+        diverged: per chain, whether it was reset at this step (its draw must not be used).
+    """
+
+    infos: List[SGLDInfo]
+    diverged: List[bool]
+
+    @property
+    def draws(self) -> List[float]:
+        """``d`` per chain."""
+        return [i.draw for i in self.infos]
+
+    @property
+    def noise_vars(self) -> List[float]:
+        """``v`` per chain."""
+        return [i.noise_var for i in self.infos]
+
+    @property
+    def any_diverged(self) -> bool:
+        """Whether any chain was reset."""
+        return any(self.diverged)
+
+
+class ShadowSampler:
+    """``num_chains`` co-moving SGLD chains with private generators.
+
+    Args:
+        evaluator: the model and per-sample loss.
+        config: ``nbeta``, ``localization``, ``step_size``.
+        num_chains: number of chains.
+        seed: chain ``c`` draws from a generator seeded with ``seed * 1000003 + c``.
+        max_offset_norm: reset a chain whose ``||xi||`` exceeds this. ``None``: ``20 * sqrt(d / gamma)``,
+            twenty times the offset norm of the localization prior alone (``d`` sampled
+            parameters), or no limit when ``gamma = 0``.
+    """
+
+    def __init__(
+        self,
+        evaluator: LossEvaluator,
+        config: SGLDConfig,
+        *,
+        num_chains: int,
+        seed: int,
+        max_offset_norm: Optional[float] = None,
+    ) -> None:
+        self.evaluator = evaluator
+        self.config = config
+        self.num_chains = num_chains
+        self.seed = seed
+        dim = sum(t.numel() for t in evaluator.center().values())
+        if max_offset_norm is None:
+            max_offset_norm = 20.0 * math.sqrt(dim / config.localization) if config.localization > 0 else math.inf
+        else:
+            max_offset_norm = check_positive_float("max_offset_norm", max_offset_norm)
+        self.max_offset_norm = max_offset_norm
+        self.device = next(iter(evaluator.center().values())).device
+        self.generators = [
+            torch.Generator(device=self.device).manual_seed(seed * 1000003 + c) for c in range(num_chains)
+        ]
+        self.offsets: List[Dict[str, Tensor]] = [evaluator.zeros_like_center() for _ in range(num_chains)]
+        self.divergences = 0
+
+    def reset_chain(self, c: int) -> None:
+        """Put chain ``c`` back at ``xi = 0``."""
+        self.offsets[c] = self.evaluator.zeros_like_center()
+
+    def step(self, batch: Any) -> ShadowStep:
+        """One kernel step of every chain, centred at the model's current weights."""
+        center = self.evaluator.center()
+        infos, diverged = [], []
+        for c in range(self.num_chains):
+            new, info = sgld_step(
+                self.evaluator, center, self.offsets[c], batch, config=self.config, generator=self.generators[c]
+            )
+            bad = not info.finite
+            if not bad:
+                norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in new.values()))
+                bad = not math.isfinite(norm) or norm > self.max_offset_norm
+            if bad:
+                self.reset_chain(c)
+                self.divergences += 1
+            else:
+                self.offsets[c] = new
+            infos.append(info)
+            diverged.append(bad)
+        return ShadowStep(infos, diverged)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Offsets (tensors), generator states (uint8 tensors) and the divergence count."""
+        return {
+            "offsets": [{n: t.detach().clone() for n, t in off.items()} for off in self.offsets],
+            "generators": [g.get_state() for g in self.generators],
+            "divergences": self.divergences,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (same number of chains and parameter names)."""
+        offsets, gens = state["offsets"], state["generators"]
+        if len(offsets) != self.num_chains or len(gens) != self.num_chains:
+            raise ValueError(f"Expected a state with {self.num_chains} chains, got {len(offsets)}.")
+        names = set(self.offsets[0])
+        for off in offsets:
+            if set(off) != names:
+                raise ValueError(f"Expected offsets for parameters {sorted(names)}, got {sorted(off)}.")
+        self.offsets = [
+            {n: t.detach().to(device=self.offsets[0][n].device, dtype=self.offsets[0][n].dtype).clone() for n, t in off.items()}
+            for off in offsets
+        ]
+        for g, s in zip(self.generators, gens):
+            g.set_state(s.cpu() if isinstance(s, Tensor) else torch.tensor(s, dtype=torch.uint8))
+        self.divergences = int(state["divergences"])
