@@ -45,6 +45,7 @@ __all__ = [
     "DEFAULT_EVERY_N_STEPS",
     "DEFAULT_WINDOW",
     "DEFAULT_WARMUP",
+    "DEFAULT_HORIZON",
     "resolve_hyperparameters",
 ]
 
@@ -55,6 +56,7 @@ DEFAULT_BURN_IN: int = 500
 DEFAULT_EVERY_N_STEPS: int = 10
 DEFAULT_WINDOW: int = 50
 DEFAULT_WARMUP: int = 100
+DEFAULT_HORIZON: int = 4
 
 
 def resolve_hyperparameters(

@@ -33,6 +33,7 @@ from torch import nn
 
 from .config import (
     DEFAULT_EVERY_N_STEPS,
+    DEFAULT_HORIZON,
     DEFAULT_LOCALIZATION,
     DEFAULT_WARMUP,
     DEFAULT_WINDOW,
@@ -195,7 +196,7 @@ class OnlineLLC:
         self.sampler = ShadowSampler(
             self.evaluator, self.config, num_chains=num_chains, seed=seed, max_offset_norm=max_offset_norm
         )
-        self.stats = WindowStats(window, num_chains)
+        self.stats = WindowStats(window, num_chains, horizon=DEFAULT_HORIZON)
         self.filter = LLCFilter(process_noise=process_noise, jump_threshold=jump_threshold)
         self._init_counters()
 
@@ -254,6 +255,8 @@ class OnlineLLC:
         if self._window_diverged or self._window_warm:
             status = "diverged" if self._window_diverged else "warming_up"
             mean, std, slope = s.mean, s.se, math.nan
+            # Unequilibrated draws must not inform later windows' autocorrelation estimates.
+            self.stats.clear_history()
         else:
             r = max(s.se**2, 1e-300)
             mean, std, info = self.filter.update(s.mean, r, s.end_step)
@@ -265,6 +268,9 @@ class OnlineLLC:
             else:
                 status = "tracking"
             self._last_jump = info.jump
+            if info.jump:
+                # The past windows describe the old level: they would read the jump as correlation.
+                self.stats.clear_history()
         self._window_warm = False
         self._window_diverged = False
         est = LLCEstimate(

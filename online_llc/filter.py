@@ -16,10 +16,12 @@ that over a typical gap ``tau`` (a running mean of ``dt``) the level diffuses by
 of 0.1 or 1e5, positive or negative.
 
 Jumps: developmental transitions move the LLC by orders of magnitude within a window or two, far
-faster than any ``q`` that keeps plateaus smooth. When the normalized innovation squared
-``nis = y^2 / S`` of an observation exceeds ``jump_threshold`` the filter declares a jump and
-inflates the prior covariance by the size of the surprise (``P += diag(y^2, (y / tau)^2)``) before
-updating, so the estimate moves to the new level in that same window instead of lagging by many.
+faster than any ``q`` that keeps plateaus smooth. The filter declares a jump when the normalized
+innovation squared ``nis = y^2 / S`` of an observation exceeds ``jump_threshold``, or when two
+consecutive observations both exceed ``confirm_threshold`` on the same side (a level shift that
+arrived spread over two windows, each looking only moderately surprising). It then inflates the
+prior covariance by the size of the surprise (``P += diag(y^2, (y / tau)^2)``) before updating, so
+the estimate moves to the new level in that window instead of lagging by many.
 
 The predict/update arithmetic is filterpy's ``KalmanFilter`` (per-call ``F``, ``Q``, ``R``); this
 module adds the irregular time grid, the scale-aware ``Q``, the jump rule and a checkpointable
@@ -78,11 +80,17 @@ class LLCFilter:
             std (> 0). Smaller: smoother on plateaus, slower on ramps.
         jump_threshold: ``nis`` above which an observation is treated as a jump (> 0; the default
             16 is a 4-sigma surprise).
+        confirm_threshold: ``nis`` that two consecutive same-sign innovations must both exceed to
+            be treated as a jump (> 0; the default 4 is two 2-sigma surprises in a row, which
+            happens by chance about once in 1000 windows).
     """
 
-    def __init__(self, *, process_noise: float = 0.3, jump_threshold: float = 16.0) -> None:
+    def __init__(
+        self, *, process_noise: float = 0.3, jump_threshold: float = 16.0, confirm_threshold: float = 4.0
+    ) -> None:
         self.process_noise = check_positive_float("process_noise", process_noise)
         self.jump_threshold = check_positive_float("jump_threshold", jump_threshold)
+        self.confirm_threshold = check_positive_float("confirm_threshold", confirm_threshold)
         self._kf = KalmanFilter(dim_x=2, dim_z=1)
         self.reset()
 
@@ -95,6 +103,7 @@ class LLCFilter:
         self.num_updates = 0
         self._tau = 0.0  # running mean gap between observations (training steps)
         self._scale = 0.0  # running mean observation std
+        self._last_nis = 0.0  # previous update's nis, signed by its innovation
 
     @property
     def initialized(self) -> bool:
@@ -174,7 +183,14 @@ class LLCFilter:
         y = z - float(x_prior[0, 0])
         S = float(P_prior[0, 0]) + r
         nis = y * y / S
-        jump = nis > self.jump_threshold
+        signed = math.copysign(nis, y)
+        jump = nis > self.jump_threshold or (
+            nis > self.confirm_threshold
+            and abs(self._last_nis) > self.confirm_threshold
+            and signed * self._last_nis > 0
+        )
+        # After a jump the next window starts a fresh comparison.
+        self._last_nis = 0.0 if jump else signed
         if jump:
             tau = self._tau if self._tau > 0 else max(dt, 1.0)
             P_prior = P_prior + np.diag([y * y, (y / tau) ** 2])
@@ -198,11 +214,13 @@ class LLCFilter:
             "scale": self._scale,
             "process_noise": self.process_noise,
             "jump_threshold": self.jump_threshold,
+            "confirm_threshold": self.confirm_threshold,
+            "last_nis": self._last_nis,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`; settings must match."""
-        for key in ("process_noise", "jump_threshold"):
+        for key in ("process_noise", "jump_threshold", "confirm_threshold"):
             if float(state[key]) != getattr(self, key):
                 raise ValueError(f"Expected `{key}` = {getattr(self, key)} in the state, got {state[key]!r}.")
         self._kf.x = np.array(state["x"], dtype=float).reshape(2, 1)
@@ -211,3 +229,4 @@ class LLCFilter:
         self.num_updates = int(state["num_updates"])
         self._tau = float(state["tau"])
         self._scale = float(state["scale"])
+        self._last_nis = float(state["last_nis"])

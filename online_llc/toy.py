@@ -22,7 +22,14 @@ from torch.utils.data import TensorDataset
 from . import theory
 from .errors import check_nonneg_int, check_positive_float, check_positive_int
 
-__all__ = ["KnownLambdaProblem", "GaussianNLL", "ShuffledBatches", "deep_linear_problem"]
+__all__ = [
+    "KnownLambdaProblem",
+    "GaussianNLL",
+    "ShuffledBatches",
+    "deep_linear_problem",
+    "StagewiseProblem",
+    "stagewise_dln_problem",
+]
 
 
 class ShuffledBatches:
@@ -172,4 +179,98 @@ def deep_linear_problem(
         num_samples=num_samples,
         lam=float(lam),
         multiplicity=int(mult),
+    )
+
+
+@dataclass
+class StagewiseProblem:
+    """A deep linear network trained from a small initialisation on a low-rank teacher.
+
+    Gradient descent from a small initialisation learns the teacher's singular modes one at a
+    time, largest first (saddle-to-saddle dynamics; Saxe et al. 2014, Jacot et al. 2021): the
+    loss shows a plateau per mode. Each plateau sits near a saddle (the student has rank ``k``
+    and the teacher rank ``r > k``), where the LLC estimate is negative; after the last mode the
+    student sits at a minimum of rank ``r``, where the learning coefficient is
+    ``theory.deep_linear_network(widths, r)``.
+
+    Attributes:
+        model: the student, at its small initialisation.
+        loss_fn: per-sample Gaussian NLL.
+        batches: shuffled minibatches of the training set.
+        inputs, targets: the training set.
+        num_samples: ``n``.
+        widths: the student's widths.
+        teacher_singular_values: the teacher's nonzero singular values (largest first).
+        lam_final: the learning coefficient at the final minimum.
+    """
+
+    model: nn.Module
+    loss_fn: GaussianNLL
+    batches: ShuffledBatches
+    inputs: Tensor
+    targets: Tensor
+    num_samples: int
+    widths: List[int]
+    teacher_singular_values: List[float]
+    lam_final: float
+
+    def full_loss(self) -> float:
+        """Mean training loss over all samples at the model's current weights."""
+        with torch.no_grad():
+            return float(self.loss_fn(self.model, (self.inputs, self.targets)).mean())
+
+    def learned_singular_values(self) -> List[float]:
+        """Singular values of the student's end-to-end map, largest first."""
+        with torch.no_grad():
+            prod = None
+            for layer in self.model:
+                prod = layer.weight if prod is None else layer.weight @ prod
+            return [float(s) for s in torch.linalg.svdvals(prod)]
+
+
+def stagewise_dln_problem(
+    widths: Sequence[int] = (6, 6, 6, 6),
+    singular_values: Sequence[float] = (2.0, 1.0, 0.5),
+    *,
+    num_samples: int = 10240,
+    init_scale: float = 0.02,
+    noise_std: float = 1.0,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> StagewiseProblem:
+    """A student deep linear network at a small random initialisation and a low-rank teacher.
+
+    Args:
+        widths: student widths ``[input, hidden..., output]`` (at least three).
+        singular_values: the teacher's nonzero singular values; its rank is their count.
+        num_samples: training set size ``n``.
+        init_scale: std of the student's initial weights.
+        noise_std: output noise of the data.
+        batch_size: minibatch size.
+        seed: seeds teacher, data, initialisation and shuffling (never the global RNG).
+    """
+    widths = list(widths)
+    r = len(singular_values)
+    lam, _ = theory.deep_linear_network(widths, r)
+    check_positive_float("init_scale", init_scale)
+    gen = torch.Generator().manual_seed(seed)
+    u = _orthonormal(widths[-1], r, gen)
+    v = _orthonormal(widths[0], r, gen)
+    teacher = u @ torch.diag(torch.tensor([float(s) for s in singular_values])) @ v.T
+    x = torch.randn(num_samples, widths[0], generator=gen)
+    y = x @ teacher.T + noise_std * torch.randn(num_samples, widths[-1], generator=gen)
+    model = nn.Sequential(*[nn.Linear(a, b, bias=False) for a, b in zip(widths[:-1], widths[1:])])
+    with torch.no_grad():
+        for layer in model:
+            layer.weight.copy_(init_scale * torch.randn(layer.weight.shape, generator=gen))
+    return StagewiseProblem(
+        model=model,
+        loss_fn=GaussianNLL(noise_std),
+        batches=ShuffledBatches(x, y, batch_size=batch_size, seed=seed + 1),
+        inputs=x,
+        targets=y,
+        num_samples=num_samples,
+        widths=widths,
+        teacher_singular_values=[float(s) for s in singular_values],
+        lam_final=float(lam),
     )

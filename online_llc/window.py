@@ -54,7 +54,9 @@ __all__ = [
 _MIN_DRAWS_FOR_ACF = 8
 
 _STATE_VERSION = 1
-_STATE_KEYS = frozenset({"version", "window", "num_chains", "count", "d", "v", "start_step", "last_step"})
+_STATE_KEYS = frozenset(
+    {"version", "window", "num_chains", "horizon", "count", "d", "v", "past", "start_step", "last_step"}
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -277,6 +279,7 @@ def summarize(
     *,
     start_step: int = 0,
     end_step: int | None = None,
+    var_of_mean_floor: ArrayLike | None = None,
 ) -> WindowSummary:
     """Summarise one window of draws.
 
@@ -285,6 +288,9 @@ def summarize(
         noise_vars: their within-batch noise variances ``v``, same shape, finite and ``>= 0``.
         start_step: training step of the first draw.
         end_step: training step of the last draw; defaults to ``start_step + W - 1``.
+        var_of_mean_floor: optional per-chain lower bound on the variance of each chain's
+            window mean, shape ``[C]`` (see :class:`WindowStats`'s ``horizon``: correlation
+            slower than a window is invisible inside it).
 
     Returns:
         The :class:`WindowSummary` (see its attributes for every formula).
@@ -314,6 +320,13 @@ def summarize(
         )
 
     moments = np.array([_chain_moments(row) for row in d])  # [C, 2]: s2_c, vm_c
+    if var_of_mean_floor is not None:
+        floor = np.asarray(var_of_mean_floor, dtype=np.float64).reshape(-1)
+        if floor.shape != (num_chains,) or not np.all(np.isfinite(floor)) or np.any(floor < 0):
+            raise ValueError(
+                f"Expected `var_of_mean_floor` to be {num_chains} finite floats >= 0, got {var_of_mean_floor!r}."
+            )
+        moments[:, 1] = np.maximum(moments[:, 1], floor)
     mean = float(d.mean())
     se = _standard_error_from(moments[:, 1], d)
 
@@ -368,21 +381,32 @@ def _plain_int(value: Any) -> Any:
 class WindowStats:
     """Collects one draw per chain per call and summarises every ``window`` draws.
 
-    Memory is constant: only the current window's draws are kept (two ``[num_chains, window]``
-    buffers), and they are discarded once summarised.
+    Memory is constant: the current window's draws (two ``[num_chains, window]`` buffers) and
+    the draws of the previous ``horizon - 1`` windows.
+
+    A chain can have modes slower than one window (a singular model's flat directions, confined
+    only by the localization): inside a window they look like a constant offset, so a
+    within-window ``se`` misses them and consecutive window means are correlated. With
+    ``horizon > 1`` the chain's asymptotic variance ``sigma^2 = n Var(mean)`` is also estimated
+    over the last ``horizon`` windows (``n = horizon * W`` draws), and each chain's variance of
+    its window mean is at least ``min(sigma^2 / W, Var(draw))``.
 
     Args:
         window: draws per chain in a window (``W``). Should be well above the chains'
             autocorrelation time (``ess`` in the summaries shows it) for a calibrated ``se``.
         num_chains: number of chains (``C``), one draw each per :meth:`update`.
+        horizon: number of windows (the current one included) over which slow correlation is
+            estimated; 1 uses the current window alone.
 
     Raises:
-        ValueError: if ``window`` or ``num_chains`` is not a positive int.
+        ValueError: if ``window``, ``num_chains`` or ``horizon`` is not a positive int.
     """
 
-    def __init__(self, window: int, num_chains: int = 1) -> None:
+    def __init__(self, window: int, num_chains: int = 1, horizon: int = 1) -> None:
         self.window = check_positive_int("window", window)
         self.num_chains = check_positive_int("num_chains", num_chains)
+        self.horizon = check_positive_int("horizon", horizon)
+        self._past: list[np.ndarray] = []  # previous windows' draws, oldest first, each [C, W]
         self._d = np.empty((self.num_chains, self.window), dtype=np.float64)
         self._v = np.empty((self.num_chains, self.window), dtype=np.float64)
         self._count = 0
@@ -395,10 +419,27 @@ class WindowStats:
         return self._count
 
     def reset(self) -> None:
-        """Drop the current window's draws and forget the last step."""
+        """Drop the current window's draws and the past windows, and forget the last step."""
         self._count = 0
         self._start_step = None
         self._last_step = None
+        self._past = []
+
+    def clear_history(self) -> None:
+        """Forget the past windows (after a jump or a chain reset they describe another state)."""
+        self._past = []
+
+    def _floor(self) -> np.ndarray | None:
+        if self.horizon <= 1 or not self._past:
+            return None
+        joined = np.concatenate(self._past + [self._d], axis=1)
+        n = joined.shape[1]
+        floor = np.zeros(self.num_chains)
+        for c in range(self.num_chains):
+            s2, vm = _chain_moments(joined[c])
+            if math.isfinite(vm) and vm > 0:
+                floor[c] = min(n * vm / self.window, s2)
+        return floor
 
     def _as_row(self, name: str, values: Sequence[float] | np.ndarray) -> np.ndarray:
         expected = f"a sequence of {self.num_chains} finite floats (one per chain)"
@@ -458,7 +499,11 @@ class WindowStats:
             return None
 
         assert self._start_step is not None
-        summary = summarize(self._d, self._v, start_step=self._start_step, end_step=step)
+        summary = summarize(
+            self._d, self._v, start_step=self._start_step, end_step=step, var_of_mean_floor=self._floor()
+        )
+        if self.horizon > 1:
+            self._past = (self._past + [self._d.copy()])[-(self.horizon - 1) :]
         self._count = 0
         self._start_step = None
         return summary
@@ -472,6 +517,8 @@ class WindowStats:
             "num_chains": int(self.num_chains),
             "count": int(self._count),
             "d": self._d[:, : self._count].tolist(),
+            "horizon": int(self.horizon),
+            "past": [p.tolist() for p in self._past],
             "v": self._v[:, : self._count].tolist(),
             "start_step": None if self._start_step is None else int(self._start_step),
             "last_step": None if self._last_step is None else int(self._last_step),
@@ -495,7 +542,7 @@ class WindowStats:
             raise ValueError(
                 f"Expected `state['version']` to be {_STATE_VERSION}, got {state['version']!r}."
             )
-        for key, own in (("window", self.window), ("num_chains", self.num_chains)):
+        for key, own in (("window", self.window), ("num_chains", self.num_chains), ("horizon", self.horizon)):
             if state[key] != own:
                 raise ValueError(
                     f"Expected `state['{key}']` to be {own} (this WindowStats' {key}), "
@@ -537,6 +584,18 @@ class WindowStats:
                 f"got start_step={steps['start_step']!r} with count={count}."
             )
 
+        past = []
+        for p in state["past"]:
+            arr = np.asarray(p, dtype=np.float64)
+            if arr.shape != (self.num_chains, self.window) or not np.all(np.isfinite(arr)):
+                raise ValueError(
+                    f"Expected `state['past']` to hold finite arrays of shape {(self.num_chains, self.window)}."
+                )
+            past.append(arr)
+        if len(past) > max(self.horizon - 1, 0):
+            raise ValueError(f"Expected `state['past']` to hold at most {self.horizon - 1} windows, got {len(past)}.")
+
+        self._past = past
         self._d[:, :count] = arrays["d"]
         self._v[:, :count] = arrays["v"]
         self._count = count

@@ -1,0 +1,106 @@
+"""Plots of LLC estimates (needs the ``demos`` extra: ``pip install online-llc[demos]``).
+
+matplotlib is imported when a function is called, never at ``import online_llc``.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from typing import Any, Dict, List, Optional, Sequence
+
+from .estimator import STATUSES, LLCEstimate
+
+__all__ = ["plot_llc", "write_csv", "CSV_FIELDS"]
+
+#: Columns of the CSV written by :func:`write_csv` (LLCEstimate fields, then extra columns).
+CSV_FIELDS = list(LLCEstimate.__dataclass_fields__)
+
+_STATUS_COLORS = {
+    "warming_up": "#bbbbbb",
+    "tracking": "#1f77b4",
+    "transition": "#ff7f0e",
+    "not_at_minimum": "#d62728",
+    "diverged": "#000000",
+}
+
+
+def write_csv(path: str, history: Sequence[LLCEstimate], extra: Optional[Sequence[Dict[str, Any]]] = None) -> None:
+    """Write estimates (and optional extra columns per row, e.g. the training loss) to ``path``."""
+    extra = list(extra) if extra is not None else [{} for _ in history]
+    if len(extra) != len(history):
+        raise ValueError(f"Expected `extra` to have one dict per estimate ({len(history)}), got {len(extra)}.")
+    extra_fields: List[str] = []
+    for row in extra:
+        extra_fields += [k for k in row if k not in extra_fields]
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS + extra_fields)
+        writer.writeheader()
+        for est, row in zip(history, extra):
+            writer.writerow({**est.to_dict(), **row})
+
+
+def plot_llc(
+    history: Sequence[LLCEstimate],
+    *,
+    ax: Any = None,
+    theory: Optional[float] = None,
+    theory_label: str = "theory",
+    show_raw: bool = True,
+    title: Optional[str] = None,
+) -> Any:
+    """Draw the LLC band over training steps.
+
+    The filtered mean is a line with its band (``lower``..``upper``); raw window means are dots
+    coloured by status; a horizontal line marks a theoretical value. When the values span more
+    than two decades or change sign, the y-axis is symmetric-log (linear within ``±linthresh``),
+    so negative LLCs at saddles stay visible next to small positive ones.
+
+    Args:
+        history: estimates, oldest first.
+        ax: a matplotlib Axes (a new figure when ``None``).
+        theory: a learning coefficient to draw as a dashed line.
+        theory_label: its legend label.
+        show_raw: draw the raw window means.
+        title: axes title.
+
+    Returns:
+        The Axes.
+    """
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9, 4.5))
+    if not history:
+        ax.text(0.5, 0.5, "no estimates yet", ha="center", va="center", transform=ax.transAxes)
+        return ax
+    steps = [e.step for e in history]
+    mean = [e.mean for e in history]
+    lower = [e.lower for e in history]
+    upper = [e.upper for e in history]
+    ax.fill_between(steps, lower, upper, color="#1f77b4", alpha=0.25, linewidth=0, label="90% band")
+    ax.plot(steps, mean, color="#1f77b4", linewidth=1.5, label="online LLC (filtered)")
+    if show_raw:
+        for status in STATUSES:
+            pts = [(e.step, e.raw_mean) for e in history if e.status == status]
+            if pts:
+                ax.scatter(*zip(*pts), s=9, color=_STATUS_COLORS[status], zorder=3, label=f"window mean: {status}")
+    if theory is not None:
+        ax.axhline(theory, color="k", linestyle="--", linewidth=1, label=f"{theory_label} = {theory:g}")
+    values = [v for v in lower + upper + [e.raw_mean for e in history] if math.isfinite(v)]
+    if theory is not None:
+        values.append(theory)
+    lo, hi = min(values), max(values)
+    positive = [abs(v) for v in values if v != 0]
+    if positive and (lo < 0 < hi or max(positive) / max(min(positive), 1e-12) > 100):
+        linthresh = max(1.0, 10 ** math.floor(math.log10(max(min(positive), 1e-12))))
+        if theory is not None and abs(theory) > 0:
+            linthresh = max(1.0, 10 ** math.floor(math.log10(abs(theory))))
+        ax.set_yscale("symlog", linthresh=linthresh)
+    ax.axhline(0, color="#888888", linewidth=0.5)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("LLC")
+    if title:
+        ax.set_title(title)
+    ax.legend(loc="best", fontsize=8)
+    return ax
