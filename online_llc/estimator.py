@@ -167,7 +167,7 @@ class OnlineLLC:
         seed: int = 0,
         warmup: Optional[int] = None,
         confidence: float = 0.9,
-        process_noise: float = 0.3,
+        process_noise: float = 0.1,
         jump_threshold: float = 16.0,
         max_offset_norm: Optional[float] = None,
         **kwargs: Any,
@@ -259,7 +259,8 @@ class OnlineLLC:
             self.stats.clear_history()
         else:
             r = max(s.se**2, 1e-300)
-            mean, std, info = self.filter.update(s.mean, r, s.end_step)
+            r_test = max(s.se_window**2, 1e-300)
+            mean, std, info = self.filter.update(s.mean, r, s.end_step, r_test=r_test)
             slope, nis = self.filter.slope, info.nis
             if info.jump or self._last_jump:
                 status = "transition"

@@ -61,7 +61,8 @@ class FilterInfo:
         innovation: ``y = z - H x_prior``.
         innovation_var: ``S = H P_prior H^T + R``.
         gain: the Kalman gain ``K`` (level, slope).
-        nis: normalized innovation squared ``y^2 / S`` (chi-square with 1 dof when the model fits).
+        nis: normalized innovation squared ``y^2 / (H P_prior H^T + r_test)`` (chi-square with
+            1 dof when the model fits; equal to ``y^2 / S`` unless a separate ``r_test`` is given).
         jump: whether the update was treated as a jump.
     """
 
@@ -86,7 +87,7 @@ class LLCFilter:
     """
 
     def __init__(
-        self, *, process_noise: float = 0.3, jump_threshold: float = 16.0, confirm_threshold: float = 4.0
+        self, *, process_noise: float = 0.1, jump_threshold: float = 16.0, confirm_threshold: float = 4.0
     ) -> None:
         self.process_noise = check_positive_float("process_noise", process_noise)
         self.jump_threshold = check_positive_float("jump_threshold", jump_threshold)
@@ -148,7 +149,7 @@ class LLCFilter:
         return float(self._kf.x[1, 0])
 
     # ---- update ---------------------------------------------------------------------------------
-    def update(self, z: float, r: float, step: int) -> Tuple[float, float, FilterInfo]:
+    def update(self, z: float, r: float, step: int, r_test: float | None = None) -> Tuple[float, float, FilterInfo]:
         """Absorb a window mean ``z`` with variance ``r`` observed at training step ``step``.
 
         Args:
@@ -156,6 +157,10 @@ class LLCFilter:
                 rejected here).
             r: its variance ``se^2`` (finite, > 0).
             step: training step of the observation (not before the previous one).
+            r_test: the variance used for the jump test (default ``r``). The online estimator
+                passes the window's own ``se^2`` here and a long-horizon ``se^2`` (which also
+                counts the chain's slow wandering) as ``r``: a level shift must stand out against
+                the window's own noise to be a jump, while the band must cover slow wandering.
 
         Returns:
             ``(mean, std, info)`` of the level after the update.
@@ -164,6 +169,10 @@ class LLCFilter:
             raise ValueError(f"Expected `z` to be finite, got {z!r}: a diverged window must not reach the filter.")
         if not (math.isfinite(r) and r > 0):
             raise ValueError(f"Expected `r` to be a finite float > 0, got {r!r}.")
+        if r_test is None:
+            r_test = r
+        elif not (math.isfinite(r_test) and r_test > 0):
+            raise ValueError(f"Expected `r_test` to be a finite float > 0, got {r_test!r}.")
         if self.last_step is not None and step < self.last_step:
             raise ValueError(f"Expected `step` to be >= the previous observation's step {self.last_step}, got {step}.")
         kf = self._kf
@@ -182,7 +191,7 @@ class LLCFilter:
         x_prior, P_prior = self._prior(step)
         y = z - float(x_prior[0, 0])
         S = float(P_prior[0, 0]) + r
-        nis = y * y / S
+        nis = y * y / (float(P_prior[0, 0]) + r_test)
         signed = math.copysign(nis, y)
         jump = nis > self.jump_threshold or (
             nis > self.confirm_threshold

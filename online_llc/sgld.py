@@ -241,9 +241,16 @@ def sgld_step(
         are not finite the offset is returned unchanged and ``info.finite`` is False, so the caller
         decides how to report and recover.
     """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "The SGLD step needs gradients and cannot run inside torch.inference_mode(); "
+            "call it outside (torch.no_grad() is fine: gradients are re-enabled locally)."
+        )
     devices = _devices(center)
     eps = config.step_size
-    with torch.random.fork_rng(devices=devices):
+    # enable_grad: the caller may be inside torch.no_grad() (e.g. a validation hook); the
+    # gradient w.r.t. the offset is local and never reaches the model's .grad.
+    with torch.random.fork_rng(devices=devices), torch.enable_grad():
         _reseed_global(devices, generator)
         rng_state = _snapshot(devices)
         with torch.no_grad():

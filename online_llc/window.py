@@ -236,7 +236,9 @@ class WindowSummary:
         end_step: training step of the window's last draw.
         n_draws: ``C * W``.
         mean: grand mean of ``d``, the window's LLC observation. Never NaN.
-        se: standard error of ``mean`` (autocorrelation-aware, see :func:`mean_standard_error`).
+        se: standard error of ``mean`` (autocorrelation-aware, see :func:`mean_standard_error`),
+            including the ``var_of_mean_floor`` when one was given.
+        se_window: the same from the window's own draws only (equal to ``se`` without a floor).
             Never NaN; ``inf`` only for a single draw.
         ess: total effective sample size, ``sum_c ess_c``.
         lag1: lag-1 autocorrelation pooled over chains (NaN if ``W < 2`` or the draws are
@@ -256,6 +258,7 @@ class WindowSummary:
     n_draws: int
     mean: float
     se: float
+    se_window: float
     ess: float
     lag1: float
     var_draw: float
@@ -320,6 +323,7 @@ def summarize(
         )
 
     moments = np.array([_chain_moments(row) for row in d])  # [C, 2]: s2_c, vm_c
+    se_window = _standard_error_from(moments[:, 1], d)
     if var_of_mean_floor is not None:
         floor = np.asarray(var_of_mean_floor, dtype=np.float64).reshape(-1)
         if floor.shape != (num_chains,) or not np.all(np.isfinite(floor)) or np.any(floor < 0):
@@ -356,6 +360,7 @@ def summarize(
         n_draws=int(d.size),
         mean=mean,
         se=float(se),
+        se_window=float(se_window),
         ess=ess,
         lag1=lag1,
         var_draw=float(var_draw),
