@@ -114,16 +114,26 @@ class LLCFilter:
     @property
     def q(self) -> float:
         """Current spectral density of the slope's white noise."""
-        if self._tau <= 0 or self._scale <= 0:
+        return self._q(self._tau)
+
+    def _q(self, tau: float) -> float:
+        if tau <= 0 or self._scale <= 0:
             return 0.0
-        return (self.process_noise * self._scale) ** 2 / self._tau**3
+        return (self.process_noise * self._scale) ** 2 / tau**3
+
+    def _tau_after(self, dt: float) -> float:
+        """The running mean gap once a gap of ``dt`` has been folded in (an update does that
+        before it predicts, so predict() uses the same value and reports the same prior)."""
+        if dt <= 0:
+            return self._tau
+        return dt if self._tau == 0 else (1 - _EMA) * self._tau + _EMA * dt
 
     def _prior(self, step: int) -> Tuple[np.ndarray, np.ndarray]:
         assert self.last_step is not None
         dt = float(step - self.last_step)
         if dt <= 0:
             return self._kf.x.copy(), self._kf.P.copy()
-        F, Q = transition_matrices(dt, self.q)
+        F, Q = transition_matrices(dt, self._q(self._tau_after(dt)))
         return F @ self._kf.x, F @ self._kf.P @ F.T + Q
 
     def predict(self, step: int) -> Tuple[float, float]:
@@ -181,14 +191,13 @@ class LLCFilter:
             # First observation: level = z; slope unknown but bounded by the observation scale.
             kf.x = np.array([[z], [0.0]])
             kf.P = np.diag([r, r / max(step, 1) ** 2])
-            self.last_step, self._scale, self.num_updates = step, sd, 1
+            self.last_step, self._scale, self.num_updates = int(step), sd, 1
             info = FilterInfo(0.0, r, (1.0, 0.0), 0.0, False)
             return self.mean, self.std, info
 
         dt = float(step - self.last_step)
-        if dt > 0:
-            self._tau = dt if self._tau == 0 else (1 - _EMA) * self._tau + _EMA * dt
         x_prior, P_prior = self._prior(step)
+        self._tau = self._tau_after(dt)
         y = z - float(x_prior[0, 0])
         S = float(P_prior[0, 0]) + r
         nis = y * y / (float(P_prior[0, 0]) + r_test)
@@ -206,7 +215,7 @@ class LLCFilter:
         kf.x, kf.P = x_prior, P_prior
         kf.update(np.array([[z]]), R=np.array([[r]]), H=_H)
         self._scale = (1 - _EMA) * self._scale + _EMA * sd
-        self.last_step = step
+        self.last_step = int(step)
         self.num_updates += 1
         gain = (float(kf.K[0, 0]), float(kf.K[1, 0]))
         return self.mean, self.std, FilterInfo(y, S, gain, nis, jump)
