@@ -113,8 +113,9 @@ class OnlineLLC:
     The estimated quantity is the same as :func:`online_llc.estimate_llc`'s at the same
     ``nbeta``, ``localization`` and ``step_size``.
 
-    Cost: one forward+backward and one forward pass on one batch per shadow step, so about
-    ``1.33 / every_n_steps`` of training compute per chain. ``every_n_steps`` and ``window``
+    Cost: one forward+backward and one forward pass on one batch per shadow step, plus Gaussian
+    noise for every parameter: 1.3-2x a training step, so the overhead is about
+    ``2 / every_n_steps`` per chain (8% at the default 25 on a small MLP). ``every_n_steps`` and ``window``
     trade overhead against lag: a window spans ``every_n_steps * window`` training steps, and
     the estimate follows a change within one or two windows.
 

@@ -270,28 +270,32 @@ def sgld_step(
     with torch.no_grad():
         diff = (l_sample.detach() - l_center).double()
         b = diff.numel()
-        draw = config.nbeta * float(diff.mean())
-        noise_var = config.nbeta**2 * float(diff.var(unbiased=True)) / b if b > 1 else 0.0
-        offset_norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in offset.values()))
+        # One host sync for all the scalars of the step.
+        norms = torch.stack([torch.linalg.vector_norm(t.detach(), dtype=torch.float64) for t in offset.values()])
+        stats = torch.stack(
+            [diff.mean(), diff.var(unbiased=True) if b > 1 else diff.new_zeros(()), l_center.double().mean(),
+             l_sample.detach().double().mean(), torch.linalg.vector_norm(norms)]
+        ).tolist()
         info = SGLDInfo(
-            draw=draw,
-            noise_var=noise_var,
-            loss_center=float(l_center.double().mean()),
-            loss_sample=float(l_sample.detach().double().mean()),
-            offset_norm=offset_norm,
+            draw=config.nbeta * stats[0],
+            noise_var=config.nbeta**2 * stats[1] / b,
+            loss_center=stats[2],
+            loss_sample=stats[3],
+            offset_norm=stats[4],
             batch_size=b,
         )
         if not info.finite:
             return dict(offset), info
         new_offset: Dict[str, Tensor] = {}
         noise_std = math.sqrt(eps) * config.noise_scale
+        shrink = 1.0 - eps * config.localization / 2
         for (name, x), g in zip(offset.items(), grads):
-            drift = config.localization * x
+            # xi <- (1 - eps*gamma/2) xi - (eps*nbeta/2) grad + sqrt(eps) z, in place on one new tensor.
+            new = x * shrink
             if g is not None:
-                drift = drift + config.nbeta * g
-            new = x - (eps / 2) * drift
+                new.add_(g, alpha=-eps * config.nbeta / 2)
             if noise_std > 0:
                 noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                new = new + noise_std * noise
+                new.add_(noise, alpha=noise_std)
             new_offset[name] = new
     return new_offset, info

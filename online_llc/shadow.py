@@ -106,10 +106,9 @@ class ShadowSampler:
             new, info = sgld_step(
                 self.evaluator, center, self.offsets[c], batch, config=self.config, generator=self.generators[c]
             )
-            bad = not info.finite
-            if not bad:
-                norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in new.values()))
-                bad = not math.isfinite(norm) or norm > self.max_offset_norm
+            # A runaway offset is caught through the norm the kernel reports (before its update),
+            # one step late: the kernel then sees a non-finite loss or a norm above the limit.
+            bad = not info.finite or info.offset_norm > self.max_offset_norm
             if bad:
                 self.reset_chain(c)
                 self.divergences += 1

@@ -449,3 +449,62 @@ def test_windowstats_load_state_dict_validation() -> None:
     assert target.num_pending == 0
     target.load_state_dict(state)
     assert target.state_dict() == state
+
+
+# ---- horizon: correlation slower than a window -----------------------------------------------------
+
+
+def _ar1(n: int, phi: float, rng: np.random.Generator) -> np.ndarray:
+    x = np.empty(n)
+    x[0] = rng.normal() / math.sqrt(1 - phi * phi)
+    eps = rng.normal(size=n)
+    for i in range(1, n):
+        x[i] = phi * x[i - 1] + eps[i]
+    return x
+
+
+def test_horizon_one_reports_window_se_only():
+    rng = np.random.default_rng(0)
+    ws = WindowStats(20, 1, horizon=1)
+    out = [ws.update([x], [0.0], i) for i, x in enumerate(_ar1(200, 0.5, rng))]
+    summaries = [s for s in out if s is not None]
+    assert len(summaries) == 10 and all(s.se == s.se_window for s in summaries)
+
+
+def test_horizon_captures_slow_correlation():
+    """An AR(1) chain with phi = 0.99 (integrated autocorrelation time 199) seen through windows
+    of 40 draws: inside one window the slow component looks like a constant, so the window's own
+    se is far too small. With a horizon of 4 windows the reported se must be closer to the true
+    sd of a window mean (exact AR(1) formula) and at least 1.5x the window-only se on average;
+    the true sd is ~6x the window-only se here, so both assertions have wide margins."""
+    phi, W = 0.99, 40
+    rng = np.random.default_rng(1)
+    x = _ar1(40 * 400, phi, rng)
+    ws = WindowStats(W, 1, horizon=4)
+    summaries = [s for i, v in enumerate(x) if (s := ws.update([v], [0.0], i)) is not None][4:]
+    k = np.arange(1, W)
+    var_x = 1 / (1 - phi**2)
+    true_var_mean = var_x / W * (1 + 2 * np.sum((1 - k / W) * phi**k))
+    se = np.sqrt(np.mean([s.se**2 for s in summaries]))
+    se_window = np.sqrt(np.mean([s.se_window**2 for s in summaries]))
+    assert se > 1.5 * se_window
+    assert abs(math.log(se**2 / true_var_mean)) < abs(math.log(se_window**2 / true_var_mean))
+
+
+def test_horizon_state_round_trip_and_clear_history():
+    rng = np.random.default_rng(2)
+    data = _ar1(300, 0.9, rng)
+    a = WindowStats(10, 1, horizon=3)
+    for i, v in enumerate(data[:155]):
+        a.update([v], [0.1], i)
+    state = a.state_dict()
+    assert len(state["past"]) == 2 and isinstance(state["past"][0][0][0], float)
+    b = WindowStats(10, 1, horizon=3)
+    b.load_state_dict(state)
+    rest_a = [a.update([v], [0.1], 155 + i) for i, v in enumerate(data[155:])]
+    rest_b = [b.update([v], [0.1], 155 + i) for i, v in enumerate(data[155:])]
+    assert [s.to_dict() if s else None for s in rest_a] == [s.to_dict() if s else None for s in rest_b]
+    a.clear_history()
+    assert a.state_dict()["past"] == []
+    with pytest.raises(ValueError, match=r"Expected `state\['horizon'\]` to be 4"):
+        WindowStats(10, 1, horizon=4).load_state_dict(state)
