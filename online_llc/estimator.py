@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
+
+import numpy as np
 
 from scipy.stats import norm as _normal
 from torch import nn
@@ -139,6 +141,10 @@ class OnlineLLC:
         process_noise: see :class:`online_llc.filter.LLCFilter`.
         jump_threshold: see :class:`online_llc.filter.LLCFilter`.
         max_offset_norm: see :class:`online_llc.shadow.ShadowSampler`.
+        gather: for distributed training, a collective that concatenates every rank's window
+            draws along the chain axis (see :class:`online_llc.window.WindowStats`); every rank
+            then holds the same window summaries and the same filter state. Give each rank its
+            own ``seed``.
 
     Example:
         >>> import torch
@@ -171,6 +177,7 @@ class OnlineLLC:
         process_noise: float = 0.1,
         jump_threshold: float = 16.0,
         max_offset_norm: Optional[float] = None,
+        gather: Optional[Callable[[np.ndarray], np.ndarray]] = None,
         **kwargs: Any,
     ) -> None:
         reject_unknown("OnlineLLC()", kwargs)
@@ -197,7 +204,7 @@ class OnlineLLC:
         self.sampler = ShadowSampler(
             self.evaluator, self.config, num_chains=num_chains, seed=seed, max_offset_norm=max_offset_norm
         )
-        self.stats = WindowStats(window, num_chains, horizon=DEFAULT_HORIZON)
+        self.stats = WindowStats(window, num_chains, horizon=DEFAULT_HORIZON, gather=gather)
         self.filter = LLCFilter(process_noise=process_noise, jump_threshold=jump_threshold)
         self._init_counters()
 

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from .estimator import STATUSES, LLCEstimate
 
-__all__ = ["plot_llc", "write_csv", "CSV_FIELDS"]
+__all__ = ["plot_llc", "write_csv", "read_run", "CSV_FIELDS"]
 
 #: Columns of the CSV written by :func:`write_csv` (LLCEstimate fields, then extra columns).
 CSV_FIELDS = list(LLCEstimate.__dataclass_fields__)
@@ -104,3 +104,58 @@ def plot_llc(
         ax.set_title(title)
     ax.legend(loc="best", fontsize=8)
     return ax
+
+
+def read_run(path: str) -> List[LLCEstimate]:
+    """Read estimates back from a CSV written by :func:`write_csv` or by Lightning's ``CSVLogger``
+    with :class:`online_llc.callbacks.OnlineLLCCallback` (columns ``llc/mean``, ``llc/std``,
+    ``llc/lower``, ``llc/upper``, ``llc/status``, ...). Rows without an LLC value (other metrics
+    a logger wrote) are skipped; fields the file lacks are NaN.
+
+    Raises:
+        ValueError: the file has no LLC columns, or a value is not a number.
+    """
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+        fieldnames = rows[0].keys() if rows else []
+    prefix = "llc/" if "llc/mean" in fieldnames else "" if "mean" in fieldnames else None
+    if prefix is None:
+        raise ValueError(f"{path}: no LLC columns (expected `mean` or `llc/mean`).")
+    out: List[LLCEstimate] = []
+    for i, row in enumerate(rows, start=2):
+        if not row.get(prefix + "mean"):
+            continue
+        try:
+            def num(key: str) -> float:
+                v = row.get(prefix + key, "")
+                return float(v) if v not in ("", None) else math.nan
+
+            status = row.get(prefix + "status", "tracking")
+            if prefix:
+                status = STATUSES[int(float(status))]
+            elif status not in STATUSES:
+                raise ValueError(f"unknown status {status!r}")
+            out.append(
+                LLCEstimate(
+                    step=int(float(row["step"])),
+                    mean=num("mean"),
+                    std=num("std"),
+                    lower=num("lower"),
+                    upper=num("upper"),
+                    status=status,
+                    raw_mean=num("raw_mean") if not prefix else num("mean"),
+                    raw_se=num("raw_se"),
+                    slope=num("slope"),
+                    var_channel=num("var_channel"),
+                    ratio=num("ratio"),
+                    consistency=num("consistency"),
+                    ess=num("ess"),
+                    nis=num("nis"),
+                    window_start=int(float(row.get("window_start") or row["step"])),
+                    shadow_steps=int(float(row.get("shadow_steps") or 0)),
+                    divergences=int(float(row.get("divergences") or 0)),
+                )
+            )
+        except (KeyError, ValueError, IndexError) as exc:
+            raise ValueError(f"{path}, line {i}: not a valid LLC row ({exc}).") from None
+    return out

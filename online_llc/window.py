@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, Sequence
+from typing import Callable, Any, Mapping, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -402,12 +402,24 @@ class WindowStats:
         num_chains: number of chains (``C``), one draw each per :meth:`update`.
         horizon: number of windows (the current one included) over which slow correlation is
             estimated; 1 uses the current window alone.
+        gather: for distributed training, a collective ``f(array[2, C, W]) -> array[2, C', W]``
+            that concatenates every rank's draws (row 0) and noise variances (row 1) along the
+            chain axis, identically on every rank. Windows are then summarised over all ranks'
+            chains, so every rank computes the same summary. It must be called on every rank at
+            the same window, which holds when all ranks update at the same steps.
 
     Raises:
         ValueError: if ``window``, ``num_chains`` or ``horizon`` is not a positive int.
     """
 
-    def __init__(self, window: int, num_chains: int = 1, horizon: int = 1) -> None:
+    def __init__(
+        self,
+        window: int,
+        num_chains: int = 1,
+        horizon: int = 1,
+        gather: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> None:
+        self.gather = gather
         self.window = check_positive_int("window", window)
         self.num_chains = check_positive_int("num_chains", num_chains)
         self.horizon = check_positive_int("horizon", horizon)
@@ -434,13 +446,18 @@ class WindowStats:
         """Forget the past windows (after a jump or a chain reset they describe another state)."""
         self._past = []
 
-    def _floor(self) -> np.ndarray | None:
-        if self.horizon <= 1 or not self._past:
+    def drop_pending(self) -> None:
+        """Discard the current, unfinished window (keeps the past windows and the last step)."""
+        self._count = 0
+        self._start_step = None
+
+    def _floor(self, current: np.ndarray) -> np.ndarray | None:
+        if self.horizon <= 1 or not self._past or self._past[-1].shape != current.shape:
             return None
-        joined = np.concatenate(self._past + [self._d], axis=1)
+        joined = np.concatenate(self._past + [current], axis=1)
         n = joined.shape[1]
-        floor = np.zeros(self.num_chains)
-        for c in range(self.num_chains):
+        floor = np.zeros(current.shape[0])
+        for c in range(current.shape[0]):
             s2, vm = _chain_moments(joined[c])
             if math.isfinite(vm) and vm > 0:
                 floor[c] = min(n * vm / self.window, s2)
@@ -504,11 +521,20 @@ class WindowStats:
             return None
 
         assert self._start_step is not None
+        d_all, v_all = self._d, self._v
+        if self.gather is not None:
+            # One collective for both arrays: every rank gets every rank's chains, in rank order.
+            both = np.asarray(self.gather(np.stack([self._d, self._v])), dtype=np.float64)
+            if both.ndim != 3 or both.shape[0] != 2 or both.shape[2] != self.window:
+                raise ValueError(
+                    f"Expected `gather` to return an array of shape [2, chains, {self.window}], got {both.shape}."
+                )
+            d_all, v_all = both[0], both[1]
         summary = summarize(
-            self._d, self._v, start_step=self._start_step, end_step=step, var_of_mean_floor=self._floor()
+            d_all, v_all, start_step=self._start_step, end_step=step, var_of_mean_floor=self._floor(d_all)
         )
         if self.horizon > 1:
-            self._past = (self._past + [self._d.copy()])[-(self.horizon - 1) :]
+            self._past = (self._past + [d_all.copy()])[-(self.horizon - 1) :]
         self._count = 0
         self._start_step = None
         return summary
@@ -592,9 +618,12 @@ class WindowStats:
         past = []
         for p in state["past"]:
             arr = np.asarray(p, dtype=np.float64)
-            if arr.shape != (self.num_chains, self.window) or not np.all(np.isfinite(arr)):
+            # With `gather` the past windows hold every rank's chains: any chain count >= ours.
+            if arr.ndim != 2 or arr.shape[1] != self.window or arr.shape[0] < self.num_chains or not np.all(
+                np.isfinite(arr)
+            ):
                 raise ValueError(
-                    f"Expected `state['past']` to hold finite arrays of shape {(self.num_chains, self.window)}."
+                    f"Expected `state['past']` to hold finite arrays of shape [chains >= {self.num_chains}, {self.window}]."
                 )
             past.append(arr)
         if len(past) > max(self.horizon - 1, 0):
