@@ -1,7 +1,7 @@
 """Online vs offline LLC on the stagewise demo: late on each plateau, the online estimate is
 compared with ``estimate_llc`` at the same weights and hyperparameters.
 
-Trains the main demo's deep linear network (``demos/stagewise_dln.py``) with the monitor
+Trains the main demo's deep linear network (:mod:`online_llc.demos.stagewise_dln`) with the monitor
 attached, saves the weights at a checkpoint late on each plateau, then runs the offline estimator
 (4 chains x 1000 draws after 500 burn-in) at each checkpoint.
 
@@ -10,34 +10,20 @@ Run:  python benchmarks/stagewise_tracking.py      (about 1 minute on 2 cores)
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-
 import torch
 
 from online_llc import OnlineLLC, estimate_llc
+from online_llc.demos.stagewise_dln import train
 from online_llc.toy import stagewise_dln_problem
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 CHECKPOINTS = [3000, 10000, 14000, 30000]  # late on the rank-0, 1, 2 plateaus, and the final minimum
-
-
-def load_demo():
-    path = os.path.join(HERE, "..", "demos", "stagewise_dln.py")
-    spec = importlib.util.spec_from_file_location("stagewise_dln", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["stagewise_dln"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def main() -> None:
     torch.set_num_threads(1)
-    demo = load_demo()
     problem = stagewise_dln_problem(seed=0)
     monitor = OnlineLLC(problem.model, problem.loss_fn, num_samples=problem.num_samples, every_n_steps=5, window=40)
-    estimates, _, snapshots = demo.train(problem, monitor, steps=30000, lr=0.003, verbose=False, checkpoints=CHECKPOINTS)
+    estimates, _, snapshots = train(problem, monitor, steps=30000, lr=0.003, verbose=False, checkpoints=CHECKPOINTS)
     by_step = {e.step: e for e in estimates}
     print(f"{'step':>6s} {'online mean ± std':>22s} {'90% band':>22s} {'status':>15s} {'offline ± std':>20s} "
           f"{'rel.diff':>9s} {'agrees':>7s}")

@@ -148,7 +148,10 @@ class OnlineLLCCallback(Callback):
     # ---- identity ------------------------------------------------------------------------------
     @property
     def state_key(self) -> str:
-        """Distinct for instances with different settings, so several can coexist."""
+        """Distinct for instances with different settings (or loss functions), so several can
+        coexist: Lightning refuses two stateful callbacks with the same key."""
+        loss = self.loss_fn
+        loss_name = None if loss is None else getattr(loss, "__qualname__", type(loss).__qualname__)
         return self._generate_state_key(
             every_n_steps=self._kwargs["every_n_steps"],
             window=self._kwargs["window"],
@@ -156,6 +159,14 @@ class OnlineLLCCallback(Callback):
             nbeta=self._kwargs["nbeta"],
             localization=self._kwargs["localization"],
             step_size=self._kwargs["step_size"],
+            num_chains=self._kwargs["num_chains"],
+            warmup=self._kwargs["warmup"],
+            num_samples=self.num_samples,
+            confidence=self._kwargs["confidence"],
+            process_noise=self._kwargs["process_noise"],
+            jump_threshold=self._kwargs["jump_threshold"],
+            max_offset_norm=self._kwargs["max_offset_norm"],
+            loss_fn=loss_name,
         )
 
     # ---- set-up ----------------------------------------------------------------------------------

@@ -87,7 +87,9 @@ def plot_llc(
                 ax.scatter(*zip(*pts), s=9, color=_STATUS_COLORS[status], zorder=3, label=f"window mean: {status}")
     if theory is not None:
         ax.axhline(theory, color="k", linestyle="--", linewidth=1, label=f"{theory_label} = {theory:g}")
-    values = [v for v in lower + upper + [e.raw_mean for e in history] if math.isfinite(v)]
+    # The scale follows the equilibrated windows: a wide warm-up band should not force symlog.
+    settled = [e for e in history if e.status != "warming_up"] or list(history)
+    values = [v for e in settled for v in (e.lower, e.upper, e.raw_mean) if math.isfinite(v)]
     if theory is not None:
         values.append(theory)
     lo, hi = min(values), max(values)

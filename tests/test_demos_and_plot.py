@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
-import os
 
 import pytest
 
@@ -13,20 +11,11 @@ from online_llc import OnlineLLC
 from online_llc.plot import read_run, write_csv
 from online_llc.toy import ShuffledBatches, deep_linear_problem, stagewise_dln_problem
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "demos", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_main_demo_runs_and_writes_csv_and_png(tmp_path):
     pytest.importorskip("matplotlib")
-    demo = load("stagewise_dln")
-    assert demo.main(["--out", str(tmp_path), "--steps", "4000", "--every-n-steps", "5", "--window", "20"]) == 0
+    from online_llc.demos.stagewise_dln import main
+
+    assert main(["--out", str(tmp_path), "--steps", "4000", "--every-n-steps", "5", "--window", "20"]) == 0
     rows = list(csv.DictReader(open(tmp_path / "stagewise_dln.csv")))
     assert len(rows) == 4000 // (5 * 20)
     assert {"step", "mean", "lower", "upper", "status", "train_loss", "sv1"} <= set(rows[0])

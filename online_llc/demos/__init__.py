@@ -1,0 +1,15 @@
+"""Runnable demos (``online-llc demo NAME`` or ``python demos/NAME.py``).
+
+* ``stagewise`` - :mod:`online_llc.demos.stagewise_dln`: a deep linear network learns in stages.
+* ``lightning`` - :mod:`online_llc.demos.lightning_mlp`: the Lightning callback with a CSV logger.
+* ``grokking`` - :mod:`online_llc.demos.grokking`: modular addition, memorised then grokked.
+"""
+
+from __future__ import annotations
+
+#: demo name -> module that has ``main(argv) -> int``
+DEMOS = {
+    "stagewise": "online_llc.demos.stagewise_dln",
+    "lightning": "online_llc.demos.lightning_mlp",
+    "grokking": "online_llc.demos.grokking",
+}

@@ -1,0 +1,607 @@
+"""The Lightning adapter, ``online_llc.callbacks.OnlineLLCCallback``: the product's acceptance
+criteria for it.
+
+Everything runs on CPU with tiny models (a 4-8-2 regression MLP, 64 samples, batch 8: 8 batches
+per epoch) and one thread. Comparisons with the core estimator are exact: the callback is a thin
+adapter, so the estimates it produces must be the very numbers a plain PyTorch loop calling
+``OnlineLLC.update`` produces for the same seeds.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import types
+import warnings
+from typing import Any, Dict, List, Optional
+
+import pytest
+
+pytest.importorskip("lightning")
+
+import lightning  # noqa: E402
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint  # noqa: E402
+from lightning.pytorch.loggers import CSVLogger, Logger  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset  # noqa: E402
+
+from online_llc import STATUSES, LLCEstimate, MonitorError, OnlineLLC  # noqa: E402
+from online_llc.callbacks import LOGGED_KEYS, OnlineLLCCallback  # noqa: E402
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec"),
+    pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`, callbacks used to create"),
+    pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning"),
+    pytest.mark.filterwarnings("ignore:.*number of training batches .* is smaller than the logging interval"),
+]
+
+NUM_SAMPLES = 64
+BATCH_SIZE = 8  # 8 batches per epoch
+# Every optimizer step runs a shadow step; a window closes every 5 steps; the first window warms up.
+FAST = dict(every_n_steps=1, window=5, warmup=5, seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+
+
+def dataset() -> TensorDataset:
+    """A fixed regression problem (private generator: the global RNG is not touched)."""
+    g = torch.Generator().manual_seed(1234)
+    x = torch.randn(NUM_SAMPLES, 4, generator=g)
+    w = torch.randn(4, 2, generator=g)
+    y = torch.tanh(x @ w) + 0.1 * torch.randn(NUM_SAMPLES, 2, generator=g)
+    return TensorDataset(x, y)
+
+
+def loader(shuffle: bool = False) -> DataLoader:
+    return DataLoader(dataset(), batch_size=BATCH_SIZE, shuffle=shuffle)
+
+
+def per_sample_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    x, y = batch
+    return ((model(x) - y) ** 2).sum(-1)
+
+
+class Regressor(pl.LightningModule):
+    """4-8-2 MLP; optionally with BatchNorm1d and Dropout; SGD (optionally with momentum)."""
+
+    def __init__(self, *, batchnorm: bool = False, dropout: float = 0.0, momentum: float = 0.0) -> None:
+        super().__init__()
+        layers: List[nn.Module] = [nn.Linear(4, 8)]
+        if batchnorm:
+            layers.append(nn.BatchNorm1d(8))
+        layers.append(nn.Tanh())
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        layers.append(nn.Linear(8, 2))
+        self.net = nn.Sequential(*layers)
+        self.momentum = momentum
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.mse_loss(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=self.momentum)
+
+
+class ZeroConfigRegressor(Regressor):
+    """Defines ``per_sample_loss(batch)``: the callback needs no ``loss_fn``."""
+
+    def per_sample_loss(self, batch: Any) -> torch.Tensor:
+        return per_sample_loss(self, batch)
+
+
+def make_module(cls: type = Regressor, **kwargs: Any) -> nn.Module:
+    """The same initial weights every time."""
+    torch.manual_seed(0)
+    return cls(**kwargs)
+
+
+def make_trainer(callbacks: List[Any], *, max_steps: int, **overrides: Any) -> pl.Trainer:
+    opts: Dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    opts.update(overrides)
+    return pl.Trainer(callbacks=callbacks, **opts)
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return type(a) is type(b) and a == b
+
+
+def assert_same_history(got: List[LLCEstimate], expected: List[LLCEstimate]) -> None:
+    """Exact, NaN-aware equality of two histories (field by field, types included)."""
+    assert len(got) == len(expected)
+    for i, (g, e) in enumerate(zip(got, expected)):
+        gd, ed = g.to_dict(), e.to_dict()
+        assert gd.keys() == ed.keys()
+        bad = {k: (gd[k], ed[k]) for k in gd if not _same_value(gd[k], ed[k])}
+        assert not bad, f"window {i} differs: {bad}"
+
+
+class ListLogger(Logger):
+    """Records every ``log_metrics`` call in memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: List[tuple] = []
+
+    @property
+    def name(self) -> str:
+        return "list"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: Dict[str, float], step: Optional[int] = None) -> None:
+        self.rows.append((step, dict(metrics)))
+
+    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+class BatchCounter(Callback):
+    def __init__(self) -> None:
+        self.batches = 0
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.batches += 1
+
+
+# ---- 1. logging: exactly the core's numbers ----------------------------------------------------------
+
+
+def test_csv_logger_rows_are_the_core_estimates(tmp_path):
+    cb = OnlineLLCCallback(per_sample_loss, **FAST)
+    logger = CSVLogger(tmp_path, name="csv", version=0)
+    trainer = make_trainer([cb], max_steps=40, logger=logger, log_every_n_steps=1)
+    trainer.fit(make_module(), loader())
+
+    history = cb.monitor.history()
+    assert len(history) == 8  # windows close at steps 5, 10, ..., 40
+    assert history[0].status == "warming_up" and history[-1].status != "warming_up"
+    with open(os.path.join(logger.log_dir, "metrics.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert set(rows[0]) - {"step", "epoch"} == set(LOGGED_KEYS)
+    assert len(rows) == len(history)
+    for row, est in zip(rows, history):
+        assert int(row["step"]) == est.step
+        expected = {
+            "llc/mean": est.mean,
+            "llc/std": est.std,
+            "llc/lower": est.lower,
+            "llc/upper": est.upper,
+            "llc/status": float(STATUSES.index(est.status)),
+            "llc/var_channel": est.var_channel,
+            "llc/ratio": est.ratio,
+            "llc/consistency": est.consistency,
+        }
+        assert list(expected) == list(LOGGED_KEYS)
+        for key, value in expected.items():
+            assert _same_value(float(row[key]), float(value)), (key, row[key], value)
+
+
+def test_estimates_equal_a_plain_pytorch_loop():
+    """Same init, same unshuffled batches, same SGD, same loss: Lightning's run and a hand-written
+    loop calling ``OnlineLLC.update(batch, step)`` after each optimizer step give equal histories."""
+    steps = 40
+    cb = OnlineLLCCallback(per_sample_loss, **FAST)
+    module = make_module()
+    make_trainer([cb], max_steps=steps).fit(module, loader())
+
+    model = make_module()
+    monitor = OnlineLLC(model, per_sample_loss, num_samples=NUM_SAMPLES, **FAST)
+    opt = model.configure_optimizers()
+    step = 0
+    while step < steps:
+        for batch in loader():
+            opt.zero_grad(set_to_none=True)
+            x, y = batch
+            F.mse_loss(model(x), y).backward()
+            opt.step()
+            step += 1
+            monitor.update(batch, step)
+            if step == steps:
+                break
+
+    for name, p in model.state_dict().items():
+        assert torch.equal(p, module.state_dict()[name]), name
+    assert cb.monitor.num_samples == monitor.num_samples == NUM_SAMPLES
+    assert_same_history(cb.monitor.history(), monitor.history())
+
+
+# ---- 2. non-interference ---------------------------------------------------------------------------
+
+
+def _fit_noisy(with_callback: bool) -> tuple:
+    lightning.seed_everything(0, verbose=False)
+    module = Regressor(batchnorm=True, dropout=0.3, momentum=0.9)
+    callbacks = [OnlineLLCCallback(per_sample_loss, **FAST)] if with_callback else []
+    trainer = make_trainer(callbacks, max_steps=24)
+    trainer.fit(module, loader(shuffle=True))
+    return module, trainer, callbacks, torch.get_rng_state()
+
+
+def test_training_is_bit_identical_with_and_without_the_callback():
+    ref_module, ref_trainer, _, ref_rng = _fit_noisy(False)
+    module, trainer, (cb,), rng = _fit_noisy(True)
+
+    assert len(cb.monitor.history()) == 4
+    ref_state, state = ref_module.state_dict(), module.state_dict()
+    assert ref_state.keys() == state.keys()
+    assert any("running_mean" in k for k in state)
+    for k in state:
+        assert torch.equal(ref_state[k], state[k]), k
+
+    ref_opt, opt = ref_trainer.optimizers[0].state_dict(), trainer.optimizers[0].state_dict()
+    assert ref_opt["param_groups"] == opt["param_groups"]
+    assert ref_opt["state"].keys() == opt["state"].keys() and opt["state"]
+    for i in opt["state"]:
+        for k, v in opt["state"][i].items():
+            assert torch.equal(ref_opt["state"][i][k], v), (i, k)
+    # The global RNG stream (shuffling, dropout) ended in the same state too.
+    assert torch.equal(ref_rng, rng)
+
+
+# ---- 3, 4. checkpoint and resume --------------------------------------------------------------------
+
+
+def _resume_run(tmp_path, make_callbacks, total: int = 48) -> tuple:
+    """An uninterrupted run of ``total`` steps, and a run resumed from its step-``total/2`` checkpoint."""
+    half = total // 2
+    full_cbs = make_callbacks()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=half, save_top_k=-1)
+    trainer = make_trainer([*full_cbs, ckpt], max_steps=total, enable_checkpointing=True)
+    trainer.fit(make_module(), loader())
+    path = tmp_path / "ckpt" / f"epoch={half // (NUM_SAMPLES // BATCH_SIZE) - 1}-step={half}.ckpt"
+    assert path.exists(), sorted(os.listdir(tmp_path / "ckpt"))
+
+    # The checkpoint is plain data: torch's safe loader reads it.
+    state = torch.load(path, weights_only=True)
+    for cb in full_cbs:
+        assert cb.state_key in state["callbacks"]
+        assert state["callbacks"][cb.state_key]["step"] == half
+
+    resumed_cbs = make_callbacks()
+    trainer2 = make_trainer(resumed_cbs, max_steps=total)
+    trainer2.fit(make_module(), loader(), ckpt_path=str(path))
+    assert trainer2.global_step == total
+    return full_cbs, resumed_cbs
+
+
+def test_resume_from_a_checkpoint_continues_the_history_exactly(tmp_path):
+    (full,), (resumed,) = _resume_run(tmp_path, lambda: [OnlineLLCCallback(per_sample_loss, **FAST)])
+    history = resumed.monitor.history()
+    assert len(history) == 48 // 5
+    assert_same_history(history, full.monitor.history())
+    assert resumed.monitor.shadow_steps == full.monitor.shadow_steps == 48
+
+
+def test_two_callbacks_keep_their_own_state(tmp_path):
+    def make() -> List[OnlineLLCCallback]:
+        return [
+            OnlineLLCCallback(per_sample_loss, **FAST),
+            OnlineLLCCallback(per_sample_loss, every_n_steps=2, window=4, warmup=2, seed=1, num_chains=2),
+        ]
+
+    a, b = make()
+    assert a.state_key != b.state_key
+    # Instances that differ only in settings outside the sampler's config get distinct keys too:
+    # a shared key would hand one instance the other's (incompatible) state on resume.
+    # (and so do instances with another loss function).
+    c = OnlineLLCCallback(per_sample_loss, **FAST, num_chains=2)
+    d = OnlineLLCCallback(per_sample_loss, **{**FAST, "warmup": 3})
+    e = OnlineLLCCallback(lambda m, b: per_sample_loss(m, b), **FAST)
+    assert len({a.state_key, c.state_key, d.state_key, e.state_key}) == 4
+    assert OnlineLLCCallback(per_sample_loss, **FAST).state_key == a.state_key  # stable across runs
+
+    full, resumed = _resume_run(tmp_path, make)
+    assert len(full[0].monitor.history()) == 48 // 5
+    assert len(full[1].monitor.history()) == 48 // 2 // 4
+    for f, r in zip(full, resumed):
+        assert_same_history(r.monitor.history(), f.monitor.history())
+    assert resumed[1].monitor.num_chains == 2
+
+
+# ---- 5. DDP on CPU --------------------------------------------------------------------------------
+
+
+class _RankReport(Callback):
+    """Writes what the rank's OnlineLLCCallback holds to tmp_path/rank<r>.json (the parent's
+    callback object is not updated under ddp_fork)."""
+
+    def __init__(self, llc: OnlineLLCCallback, out_dir: str) -> None:
+        self.llc = llc
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        m = self.llc.monitor
+        past = m.stats.state_dict()["past"]
+        report = {
+            "world_size": trainer.world_size,
+            "filter": json.dumps(m.filter.state_dict()),
+            "history": len(m.history()),
+            "statuses": [e.status for e in m.history()],
+            "means": [e.mean for e in m.history()],
+            "chains_in_last_window": len(past[-1]) if past else None,
+            "failure": self.llc.failure,
+            "seed0": int(m.sampler.generators[0].initial_seed()),
+        }
+        with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
+            json.dump(report, f)
+
+
+def test_ddp_fork_two_ranks_share_one_filter(tmp_path):
+    cb = OnlineLLCCallback(per_sample_loss, **FAST)
+    trainer = make_trainer(
+        [cb, _RankReport(cb, str(tmp_path))], max_steps=20, strategy="ddp_fork", devices=2
+    )
+    trainer.fit(make_module(), loader())
+
+    files = [tmp_path / f"rank{r}.json" for r in range(2)]
+    assert all(f.exists() for f in files), os.listdir(tmp_path)
+    r0, r1 = (json.loads(f.read_text()) for f in files)
+    assert r0["world_size"] == r1["world_size"] == 2
+    assert r0["failure"] is None and r1["failure"] is None
+    assert r0["history"] == r1["history"] == 4  # steps 5, 10, 15, 20 (4 batches per rank-epoch)
+    assert r0["filter"] == r1["filter"]
+    assert r0["means"] == r1["means"] and r0["statuses"] == r1["statuses"]
+    # Each rank ran its own chain (its own seed) and every window was summarized over both.
+    assert r0["seed0"] != r1["seed0"]
+    assert r0["chains_in_last_window"] == r1["chains_in_last_window"] == 2
+
+
+# ---- 6, 7. gradient accumulation, mixed precision --------------------------------------------------
+
+
+def test_gradient_accumulation_one_shadow_step_per_optimizer_step():
+    cb, counter = OnlineLLCCallback(per_sample_loss, **FAST), BatchCounter()
+    trainer = make_trainer([cb, counter], max_steps=10, accumulate_grad_batches=4)
+    trainer.fit(make_module(), DataLoader(dataset(), batch_size=2))  # 32 batches per epoch
+    assert trainer.global_step == 10
+    assert counter.batches == 40
+    assert cb.monitor.shadow_steps == trainer.global_step
+    assert cb.monitor.step == trainer.global_step
+    assert [e.step for e in cb.monitor.history()] == [5, 10]
+
+
+def test_bf16_mixed_precision():
+    cb, logger = OnlineLLCCallback(per_sample_loss, **FAST), ListLogger()
+    trainer = make_trainer([cb], max_steps=20, precision="bf16-mixed", logger=logger)
+    trainer.fit(make_module(), loader())
+    rows = [m for _, m in logger.rows if "llc/mean" in m]
+    assert len(rows) == len(cb.monitor.history()) == 4
+    assert all(math.isfinite(m["llc/mean"]) for m in rows)
+    offsets = cb.monitor.sampler.offsets[0]
+    assert offsets and all(t.dtype == torch.float32 for t in offsets.values())
+    name = next(iter(offsets))
+    assert cb.monitor.sampler.offsets[0][name].dtype == torch.float32
+    assert cb.failure is None
+
+
+# ---- 8. failures -----------------------------------------------------------------------------------
+
+
+def _raising_on_call(n: int):
+    calls = {"n": 0}
+
+    def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise RuntimeError("boom from loss_fn")
+        return per_sample_loss(model, batch)
+
+    return loss_fn, calls
+
+
+def test_a_failing_monitor_warns_once_and_training_continues():
+    loss_fn, calls = _raising_on_call(3)  # two calls per shadow step: fails at the 2nd one (step 2)
+    cb = OnlineLLCCallback(loss_fn, **FAST)
+    trainer = make_trainer([cb], max_steps=16)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        trainer.fit(make_module(), loader())
+    assert trainer.global_step == 16
+    ours = [w for w in rec if issubclass(w.category, RuntimeWarning) and "OnlineLLCCallback" in str(w.message)]
+    assert len(ours) == 1
+    assert "boom from loss_fn" in str(ours[0].message) and "strict=True" in str(ours[0].message)
+    assert cb.failure == "step 2: RuntimeError: boom from loss_fn"
+    assert calls["n"] == 3  # no further updates
+    assert cb.monitor.shadow_steps == 1 and cb.monitor.history() == []
+
+
+def test_a_failing_monitor_raises_when_strict():
+    loss_fn, _ = _raising_on_call(3)
+    cb = OnlineLLCCallback(loss_fn, strict=True, **FAST)
+    with pytest.raises(MonitorError, match=r"OnlineLLCCallback failed at step 2: RuntimeError\('boom from loss_fn'\)"):
+        make_trainer([cb], max_steps=16).fit(make_module(), loader())
+
+
+# ---- 9. set-up checks, zero-config -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["FSDPStrategy", "DeepSpeedStrategy"])
+def test_setup_rejects_sharded_strategies(strategy):
+    fake = types.SimpleNamespace(strategy=type(strategy, (), {})())
+    cb = OnlineLLCCallback(per_sample_loss)
+    with pytest.raises(ValueError) as err:
+        cb.setup(fake, make_module(), "fit")
+    assert str(err.value) == (
+        f"OnlineLLCCallback does not support the {strategy} strategy yet (sharded or partitioned "
+        "parameters); use a single device or DDP."
+    )
+
+
+def test_setup_needs_a_loss():
+    fake = types.SimpleNamespace(strategy=type("SingleDeviceStrategy", (), {})())
+    with pytest.raises(ValueError) as err:
+        OnlineLLCCallback().setup(fake, make_module(), "fit")
+    assert str(err.value) == (
+        "Expected `loss_fn` to be given, or the LightningModule to define per_sample_loss(batch) "
+        "returning per-sample losses of shape [B]; got neither."
+    )
+    # The same through a real Trainer: fails before any training step.
+    with pytest.raises(ValueError, match="Expected `loss_fn` to be given"):
+        make_trainer([OnlineLLCCallback(**FAST)], max_steps=4).fit(make_module(), loader())
+
+
+def test_zero_config_uses_the_modules_per_sample_loss():
+    cb = OnlineLLCCallback(**FAST)
+    make_trainer([cb], max_steps=10).fit(make_module(ZeroConfigRegressor), loader())
+    ref = OnlineLLCCallback(per_sample_loss, **FAST)
+    make_trainer([ref], max_steps=10).fit(make_module(ZeroConfigRegressor), loader())
+    assert len(cb.monitor.history()) == 2
+    assert_same_history(cb.monitor.history(), ref.monitor.history())
+
+
+# ---- 10, 11. arguments ------------------------------------------------------------------------------
+
+
+class _Stream(IterableDataset):
+    def __iter__(self):
+        ds = dataset()
+        for i in range(0, NUM_SAMPLES, BATCH_SIZE):
+            yield ds.tensors[0][i : i + BATCH_SIZE], ds.tensors[1][i : i + BATCH_SIZE]
+
+
+def test_num_samples_defaults_to_the_dataset_length():
+    cb = OnlineLLCCallback(per_sample_loss, **FAST)
+    make_trainer([cb], max_steps=2).fit(make_module(), loader())
+    assert cb.monitor.num_samples == NUM_SAMPLES
+    explicit = OnlineLLCCallback(per_sample_loss, num_samples=1000, **FAST)
+    make_trainer([explicit], max_steps=2).fit(make_module(), loader())
+    assert explicit.monitor.num_samples == 1000
+
+
+def test_num_samples_is_required_without_a_dataset_length():
+    cb = OnlineLLCCallback(per_sample_loss, **FAST)
+    with pytest.raises(ValueError) as err:
+        make_trainer([cb], max_steps=4).fit(make_module(), DataLoader(_Stream(), batch_size=None))
+    assert str(err.value) == (
+        "Expected `num_samples` to be given: the train dataloader's dataset has no length "
+        "(an IterableDataset or a combined loader), so n cannot be known."
+    )
+    ok = OnlineLLCCallback(per_sample_loss, num_samples=NUM_SAMPLES, **FAST)
+    make_trainer([ok], max_steps=10).fit(make_module(), DataLoader(_Stream(), batch_size=None))
+    assert len(ok.monitor.history()) == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, message",
+    [
+        (dict(every_n_steps=0), ValueError, "Expected `every_n_steps` to be a positive int, got 0."),
+        (dict(window=1), ValueError, "Expected `window` to be an int >= 2, got 1."),
+        (dict(num_samples=0), ValueError, "Expected `num_samples` to be a positive int, got 0."),
+        (dict(bogus=1), TypeError, "OnlineLLCCallback() got unexpected keyword argument(s): `bogus`."),
+        (
+            dict(loss_fn=3),
+            TypeError,
+            "Expected `loss_fn` to be callable as loss_fn(pl_module, batch), got 3.",
+        ),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, exc, message):
+    with pytest.raises(exc) as err:
+        OnlineLLCCallback(**kwargs)
+    assert str(err.value) == message
+
+
+def test_construction_draws_nothing_from_the_global_rng():
+    before = torch.get_rng_state()
+    OnlineLLCCallback(per_sample_loss, **FAST)
+    assert torch.equal(before, torch.get_rng_state())
+
+
+# ---- 12. the pytorch_lightning namespace ------------------------------------------------------------
+
+
+def test_pytorch_lightning_trainer_accepts_the_callback():
+    ptl = pytest.importorskip("pytorch_lightning")
+
+    class PTLRegressor(ptl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return F.mse_loss(self(x), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    cb = OnlineLLCCallback(per_sample_loss, **FAST)
+    trainer = ptl.Trainer(
+        callbacks=[cb],
+        max_steps=20,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    torch.manual_seed(0)
+    trainer.fit(PTLRegressor(), loader())
+    assert len(cb.monitor.history()) == 4
+    assert math.isfinite(float(trainer.callback_metrics["llc/mean"]))
+
+
+# ---- 13. other callbacks read the metrics -----------------------------------------------------------
+
+
+class _MetricReader(Callback):
+    def __init__(self, llc: OnlineLLCCallback) -> None:
+        self.llc = llc
+        self.seen: List[tuple] = []
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        est = self.llc.monitor.estimate
+        if est is not None and est.step == trainer.global_step:
+            self.seen.append((est.mean, trainer.callback_metrics["llc/mean"].item()))
+
+
+def test_callback_metrics_feed_other_callbacks():
+    cb = OnlineLLCCallback(per_sample_loss, **FAST)
+    reader = _MetricReader(cb)
+    # Stops at the end of the first epoch (step 8) because llc/mean (logged at step 5) is below
+    # the threshold; without the metric, EarlyStopping(strict=True) would raise instead.
+    stopper = EarlyStopping(monitor="llc/mean", mode="min", stopping_threshold=1e9, check_on_train_epoch_end=True)
+    trainer = make_trainer([cb, reader, stopper], max_steps=40)
+    trainer.fit(make_module(), loader())
+    assert trainer.global_step == 8 and trainer.should_stop
+    first = cb.monitor.history()[0].mean
+    # callback_metrics holds float32 tensors, like values logged with self.log; loggers get floats.
+    assert reader.seen == [(first, torch.tensor(first).item())]
+    assert set(LOGGED_KEYS) <= set(trainer.callback_metrics)
+    assert float(trainer.callback_metrics["llc/status"]) == STATUSES.index(cb.monitor.estimate.status)
