@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
         "Options after NAME go to the demo (online-llc demo NAME --help lists them).",
         add_help=True,
     )
-    demo.add_argument("name", metavar="NAME", help="one of: " + ", ".join(DEMOS))
+    demo.add_argument("name", metavar="NAME", nargs="?", help="one of: " + ", ".join(DEMOS))
     demo.add_argument("demo_args", nargs=argparse.REMAINDER, help="options for the demo, e.g. --out runs --steps 20000")
     plot = sub.add_parser(
         "plot",

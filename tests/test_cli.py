@@ -1,0 +1,71 @@
+"""The `online-llc` command line: help texts, demos, plotting, one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+import pytest
+
+from online_llc.cli import main
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "online_llc.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_entry_point_is_installed():
+    scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
+    assert scripts.get("online-llc") == "online_llc.cli:main"
+
+
+@pytest.mark.parametrize("args", [["--help"], ["demo", "--help"], ["plot", "--help"], ["demo", "stagewise", "--help"]])
+def test_help_texts(args):
+    res = run_cli(*args)
+    assert res.returncode == 0, res.stderr
+    assert "usage:" in res.stdout
+    if args == ["--help"]:
+        assert "demo" in res.stdout and "plot" in res.stdout and "local learning coefficient" in res.stdout
+    if args[:2] == ["demo", "stagewise"]:
+        assert "online-llc demo stagewise" in res.stdout and "--steps" in res.stdout
+
+
+def test_errors_are_one_line_with_exit_code_2(tmp_path):
+    missing = run_cli("plot", str(tmp_path / "nope.csv"))
+    assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0
+    assert "no such file" in missing.stderr
+    broken = tmp_path / "broken.csv"
+    broken.write_text("step,mean,status\n10,not-a-number,tracking\n")
+    res = run_cli("plot", str(broken))
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "line 2" in res.stderr
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    res = run_cli("plot", str(empty))
+    assert res.returncode == 2 and "no LLC columns" in res.stderr
+    assert main(["demo", "nope"]) == 2
+    assert main(["demo"]) == 2
+
+
+def test_demo_and_plot_end_to_end(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    assert main(["demo", "grokking", "--out", str(tmp_path), "--steps", "600"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "grokking.csv")))
+    assert len(rows) == 600 // (2 * 20) and {"train_acc", "test_acc", "mean", "status"} <= set(rows[0])
+    assert (tmp_path / "grokking.png").stat().st_size > 10_000
+    out_png = tmp_path / "replot.png"
+    assert main(["plot", str(tmp_path / "grokking.csv"), "-o", str(out_png), "--theory", "10"]) == 0
+    assert out_png.stat().st_size > 10_000
+    assert "Wrote" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_lightning_demo_csv_plots(tmp_path):
+    pytest.importorskip("lightning")
+    pytest.importorskip("matplotlib")
+    assert main(["demo", "lightning", "--out", str(tmp_path), "--epochs", "4"]) == 0
+    metrics = sorted(tmp_path.glob("lightning_logs/version_*/metrics.csv"))[-1]
+    out_png = tmp_path / "from_lightning.png"
+    assert main(["plot", str(metrics), "-o", str(out_png)]) == 0
+    assert out_png.stat().st_size > 10_000
