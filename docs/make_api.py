@@ -1,0 +1,56 @@
+"""Writes docs/api.md: the public API's signatures and docstrings (run: python docs/make_api.py)."""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+import online_llc
+from online_llc import plot, theory, toy
+from online_llc.callbacks import lightning as cb_lightning
+
+SECTIONS = [
+    ("online_llc", online_llc, ["OnlineLLC", "LLCEstimate", "estimate_llc", "LLCResult", "STATUSES",
+                                "LLCFilter", "FilterInfo", "SGLDConfig", "SGLDInfo", "sgld_step", "default_nbeta",
+                                "NonFiniteDrawError", "MonitorError"]),
+    ("online_llc.callbacks", cb_lightning, ["OnlineLLCCallback", "LOGGED_KEYS"]),
+    ("online_llc.theory", theory, theory.__all__),
+    ("online_llc.toy", toy, toy.__all__),
+    ("online_llc.plot", plot, plot.__all__),
+]
+
+
+def render(name: str, obj: object) -> str:
+    out = []
+    if inspect.isclass(obj) or inspect.isfunction(obj):
+        try:
+            sig = str(inspect.signature(obj))
+        except (TypeError, ValueError):
+            sig = ""
+        kind = "class" if inspect.isclass(obj) else "def"
+        out.append(f"### `{kind} {name}{sig}`\n")
+    else:
+        out.append(f"### `{name}`\n\n`{obj!r}`\n")
+    doc = inspect.getdoc(obj) if (inspect.isclass(obj) or inspect.isfunction(obj)) else None
+    if doc:
+        out.append("```text\n" + doc + "\n```\n")
+    return "\n".join(out)
+
+
+def main() -> None:
+    parts = ["# API reference\n", "Generated from the docstrings by `python docs/make_api.py`; the examples in them run as "
+             "doctests in the test suite.\n"]
+    for title, module, names in SECTIONS:
+        parts.append(f"## {title}\n")
+        if module.__doc__:
+            parts.append("```text\n" + inspect.cleandoc(module.__doc__) + "\n```\n")
+        for n in names:
+            parts.append(render(n, getattr(module, n)))
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "api.md")
+    with open(path, "w") as fh:
+        fh.write("\n".join(parts))
+    print(f"Wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
