@@ -29,6 +29,13 @@ dominates. For a larger model or a loss with larger curvature: lower ``step_size
 effective temperature is near 1, keep ``gamma / nbeta`` small (under about 0.1), and check that
 the estimate does not drift between the first and second half of the draws.
 
+Other samplers (``python benchmarks/sampler_bias.py`` prints the table): SGHMC with friction
+``alpha = 0.1`` at SGLD's step size ran 1.6-8x too hot (effective temperature 1.4-20: momentum
+accumulates minibatch gradient noise over ~1/alpha steps); at ``alpha * 0.15 / nbeta`` it landed
+6-13% low on the toy models. RMSProp-preconditioned SGLD at ``epsilon = 0.001`` was cold (13-32%
+low, effective temperature 0.5), at 0.01 within -1..+14% on three models but 93% high (temperature
+4.6) on a 4-layer network; the default 0.005 sits between.
+
 Online cadence (``python benchmarks/overhead.py`` prints the overhead):
 
 * ``every_n_steps = 25``. A shadow step costs one forward+backward and one forward on one batch
@@ -58,6 +65,7 @@ from .sgld import SGLDConfig, default_nbeta
 __all__ = [
     "DEFAULT_LOCALIZATION",
     "DEFAULT_STEP_SCALE",
+    "DEFAULT_RMSPROP_STEP",
     "DEFAULT_NUM_DRAWS",
     "DEFAULT_BURN_IN",
     "DEFAULT_EVERY_N_STEPS",
@@ -69,6 +77,7 @@ __all__ = [
 
 DEFAULT_LOCALIZATION: float = 100.0
 DEFAULT_STEP_SCALE: float = 0.15
+DEFAULT_RMSPROP_STEP: float = 5e-3
 DEFAULT_NUM_DRAWS: int = 1000
 DEFAULT_BURN_IN: int = 500
 DEFAULT_EVERY_N_STEPS: int = 25
@@ -78,7 +87,13 @@ DEFAULT_HORIZON: int = 4
 
 
 def resolve_hyperparameters(
-    *, num_samples: Any, nbeta: Optional[float], localization: float, step_size: Optional[float]
+    *,
+    num_samples: Any,
+    nbeta: Optional[float],
+    localization: float,
+    step_size: Optional[float],
+    sampler: str = "sgld",
+    friction: float = 0.1,
 ) -> SGLDConfig:
     """Validate the three SGLD knobs and fill in the defaults that depend on ``num_samples``.
 
@@ -86,7 +101,13 @@ def resolve_hyperparameters(
         num_samples: ``n`` (an int >= 2 when ``nbeta`` is None, else >= 1).
         nbeta: ``n * beta`` or ``None`` for ``n / log n``.
         localization: ``gamma >= 0``.
-        step_size: ``epsilon > 0`` or ``None`` for ``DEFAULT_STEP_SCALE / nbeta``.
+        step_size: ``epsilon > 0`` or ``None`` for ``DEFAULT_STEP_SCALE / nbeta`` (SGLD),
+            ``friction * DEFAULT_STEP_SCALE / nbeta`` (SGHMC: in the overdamped limit its position
+            moves by ``epsilon / (2 alpha)`` per unit force, so this matches SGLD's drift) or
+            ``DEFAULT_RMSPROP_STEP`` (RMSProp-preconditioned SGLD, whose steps are already scaled
+            by the gradient's magnitude).
+        sampler: one of :data:`online_llc.sgld.SAMPLERS`.
+        friction: SGHMC's ``alpha`` in (0, 1].
 
     Returns:
         A validated :class:`~online_llc.sgld.SGLDConfig`.
@@ -94,7 +115,15 @@ def resolve_hyperparameters(
     check_positive_int("num_samples", num_samples)
     if nbeta is None:
         nbeta = default_nbeta(num_samples)
-    cfg = SGLDConfig(nbeta=nbeta, localization=localization, step_size=1.0)  # validates nbeta, gamma
+    # Validates nbeta, gamma, the sampler's name and friction before step_size is derived.
+    cfg = SGLDConfig(nbeta=nbeta, localization=localization, step_size=1.0, sampler=sampler, friction=friction)
     if step_size is None:
-        step_size = DEFAULT_STEP_SCALE / cfg.nbeta
-    return SGLDConfig(nbeta=cfg.nbeta, localization=cfg.localization, step_size=step_size)
+        if sampler == "rmsprop_sgld":
+            step_size = DEFAULT_RMSPROP_STEP
+        elif sampler == "sghmc":
+            step_size = cfg.friction * DEFAULT_STEP_SCALE / cfg.nbeta
+        else:
+            step_size = DEFAULT_STEP_SCALE / cfg.nbeta
+    return SGLDConfig(
+        nbeta=cfg.nbeta, localization=cfg.localization, step_size=step_size, sampler=sampler, friction=friction
+    )

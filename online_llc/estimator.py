@@ -145,6 +145,9 @@ class OnlineLLC:
             draws along the chain axis (see :class:`online_llc.window.WindowStats`); every rank
             then holds the same window summaries and the same filter state. Give each rank its
             own ``seed``.
+        sampler: ``"sgld"`` (default), ``"rmsprop_sgld"`` or ``"sghmc"`` (its momentum or
+            moments are part of the chain state and checkpointed).
+        friction: SGHMC's friction ``alpha`` in (0, 1].
 
     Example:
         >>> import torch
@@ -178,11 +181,18 @@ class OnlineLLC:
         jump_threshold: float = 16.0,
         max_offset_norm: Optional[float] = None,
         gather: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+        sampler: str = "sgld",
+        friction: float = 0.1,
         **kwargs: Any,
     ) -> None:
         reject_unknown("OnlineLLC()", kwargs)
         self.config = resolve_hyperparameters(
-            num_samples=num_samples, nbeta=nbeta, localization=localization, step_size=step_size
+            num_samples=num_samples,
+            nbeta=nbeta,
+            localization=localization,
+            step_size=step_size,
+            sampler=sampler,
+            friction=friction,
         )
         self.num_samples = num_samples
         self.every_n_steps = check_positive_int("every_n_steps", every_n_steps)
@@ -332,6 +342,7 @@ class OnlineLLC:
     # ---- checkpointing ----------------------------------------------------------------------------
     def _settings(self) -> Dict[str, Any]:
         return {
+            "sampler": self.config.sampler,
             "nbeta": self.config.nbeta,
             "localization": self.config.localization,
             "step_size": self.config.step_size,

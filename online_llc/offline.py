@@ -18,7 +18,7 @@ from torch import nn
 
 from .config import DEFAULT_BURN_IN, DEFAULT_LOCALIZATION, DEFAULT_NUM_DRAWS, resolve_hyperparameters
 from .errors import NonFiniteDrawError, check_nonneg_int, check_positive_int, reject_unknown
-from .sgld import LossEvaluator, LossFn, sgld_step
+from .sgld import LossEvaluator, LossFn, init_aux, sampler_step
 from .window import summarize
 
 __all__ = ["LLCResult", "estimate_llc"]
@@ -43,6 +43,7 @@ class LLCResult:
         ess: total effective sample size of the draws.
         init_loss: mean loss at ``w*`` over the batches the chains visited.
         nbeta, localization, step_size: the hyperparameters used (``nbeta`` resolved).
+        sampler: the sampler used.
         num_samples, num_chains, num_draws, burn_in, seed: the settings used.
     """
 
@@ -61,6 +62,7 @@ class LLCResult:
     nbeta: float
     localization: float
     step_size: float
+    sampler: str
     num_samples: int
     num_chains: int
     num_draws: int
@@ -108,6 +110,8 @@ def estimate_llc(
     num_draws: int = DEFAULT_NUM_DRAWS,
     burn_in: int = DEFAULT_BURN_IN,
     seed: int = 0,
+    sampler: str = "sgld",
+    friction: float = 0.1,
     **kwargs: Any,
 ) -> LLCResult:
     """Estimate the local learning coefficient of ``model`` at its current weights ``w*``.
@@ -137,6 +141,9 @@ def estimate_llc(
         num_draws: draws per chain kept after burn-in ``D``.
         burn_in: steps per chain discarded first.
         seed: seeds the chains' private generators (chain ``c`` uses ``seed * 1000003 + c``).
+        sampler: ``"sgld"`` (default), ``"rmsprop_sgld"`` or ``"sghmc"``; see
+            :class:`online_llc.sgld.SGLDConfig`.
+        friction: SGHMC's friction ``alpha`` in (0, 1] (1 is SGLD).
 
     Returns:
         An :class:`LLCResult` with the estimate, its standard error, the draws and diagnostics.
@@ -164,7 +171,12 @@ def estimate_llc(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"Expected `seed` to be an int, got {seed!r}.")
     config = resolve_hyperparameters(
-        num_samples=num_samples, nbeta=nbeta, localization=localization, step_size=step_size
+        num_samples=num_samples,
+        nbeta=nbeta,
+        localization=localization,
+        step_size=step_size,
+        sampler=sampler,
+        friction=friction,
     )
     evaluator = LossEvaluator(model, loss_fn)
     center = {n: t.clone() for n, t in evaluator.center().items()}
@@ -183,8 +195,11 @@ def estimate_llc(
         for c in range(num_chains):
             gen = torch.Generator(device=device).manual_seed(seed * 1000003 + c)
             offset = evaluator.zeros_like_center()
+            aux = init_aux(config, offset)
             for s in range(total):
-                offset, info = sgld_step(evaluator, center, offset, next(stream), config=config, generator=gen)
+                offset, aux, info = sampler_step(
+                    evaluator, center, offset, aux, next(stream), config=config, generator=gen
+                )
                 if not info.finite:
                     raise NonFiniteDrawError(c, s, f"draw={info.draw}, loss at w*+xi={info.loss_sample}")
                 draws[c, s] = info.draw
@@ -211,6 +226,7 @@ def estimate_llc(
         nbeta=config.nbeta,
         localization=config.localization,
         step_size=config.step_size,
+        sampler=config.sampler,
         num_samples=num_samples,
         num_chains=num_chains,
         num_draws=num_draws,

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .errors import check_positive_float
-from .sgld import LossEvaluator, SGLDConfig, SGLDInfo, sgld_step
+from .sgld import LossEvaluator, SGLDConfig, SGLDInfo, init_aux, sampler_step
 
 __all__ = ["ShadowStep", "ShadowSampler"]
 
@@ -92,19 +92,28 @@ class ShadowSampler:
             torch.Generator(device=self.device).manual_seed(seed * 1000003 + c) for c in range(num_chains)
         ]
         self.offsets: List[Dict[str, Tensor]] = [evaluator.zeros_like_center() for _ in range(num_chains)]
+        # The sampler's own chain state (SGHMC momentum, RMSProp moments; empty for SGLD).
+        self.aux: List[Dict[str, Tensor]] = [init_aux(config, off) for off in self.offsets]
         self.divergences = 0
 
     def reset_chain(self, c: int) -> None:
-        """Put chain ``c`` back at ``xi = 0``."""
+        """Put chain ``c`` back at ``xi = 0`` with a fresh sampler state."""
         self.offsets[c] = self.evaluator.zeros_like_center()
+        self.aux[c] = init_aux(self.config, self.offsets[c])
 
     def step(self, batch: Any) -> ShadowStep:
         """One kernel step of every chain, centred at the model's current weights."""
         center = self.evaluator.center()
         infos, diverged = [], []
         for c in range(self.num_chains):
-            new, info = sgld_step(
-                self.evaluator, center, self.offsets[c], batch, config=self.config, generator=self.generators[c]
+            new, aux, info = sampler_step(
+                self.evaluator,
+                center,
+                self.offsets[c],
+                self.aux[c],
+                batch,
+                config=self.config,
+                generator=self.generators[c],
             )
             # A runaway offset is caught through the norm the kernel reports (before its update),
             # one step late: the kernel then sees a non-finite loss or a norm above the limit.
@@ -113,7 +122,7 @@ class ShadowSampler:
                 self.reset_chain(c)
                 self.divergences += 1
             else:
-                self.offsets[c] = new
+                self.offsets[c], self.aux[c] = new, aux
             infos.append(info)
             diverged.append(bad)
         return ShadowStep(infos, diverged)
@@ -122,6 +131,7 @@ class ShadowSampler:
         """Offsets (tensors), generator states (uint8 tensors) and the divergence count."""
         return {
             "offsets": [{n: t.detach().clone() for n, t in off.items()} for off in self.offsets],
+            "aux": [{n: t.detach().clone() for n, t in a.items()} for a in self.aux],
             "generators": [g.get_state() for g in self.generators],
             "divergences": self.divergences,
         }
@@ -139,6 +149,10 @@ class ShadowSampler:
             {n: t.detach().to(device=self.offsets[0][n].device, dtype=self.offsets[0][n].dtype).clone() for n, t in off.items()}
             for off in offsets
         ]
+        aux = state.get("aux", [{} for _ in offsets])
+        if len(aux) != self.num_chains or any(set(a) != set(init_aux(self.config, self.offsets[0])) for a in aux):
+            raise ValueError(f"Expected sampler state for {self.config.sampler!r} in every chain, got {[sorted(a) for a in aux]}.")
+        self.aux = [{n: t.detach().to(self.offsets[0][n].device).clone() for n, t in a.items()} for a in aux]
         for g, s in zip(self.generators, gens):
             g.set_state(s.cpu() if isinstance(s, Tensor) else torch.tensor(s, dtype=torch.uint8))
         self.divergences = int(state["divergences"])
