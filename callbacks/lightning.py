@@ -81,7 +81,7 @@ class OnlineLLCCallback(Callback):
             module's ``per_sample_loss(batch)`` method (zero-config path), if it has one.
         num_samples: ``n``; ``None`` takes the length of the train dataloader's dataset.
         nbeta, localization, step_size, every_n_steps, window, num_chains, seed, warmup,
-            confidence, process_noise, jump_threshold, max_offset_norm: as in
+            confidence, process_noise, jump_threshold, max_offset_norm, sampler, friction: as in
             :class:`online_llc.OnlineLLC`.
         prog_bar: also show ``llc`` in the progress bar.
         strict: re-raise a failure of the monitor instead of warning once and disabling it.
@@ -108,6 +108,8 @@ class OnlineLLCCallback(Callback):
         process_noise: float = 0.1,
         jump_threshold: float = 16.0,
         max_offset_norm: Optional[float] = None,
+        sampler: str = "sgld",
+        friction: float = 0.1,
         prog_bar: bool = False,
         strict: bool = False,
         **kwargs: Any,
@@ -135,6 +137,8 @@ class OnlineLLCCallback(Callback):
             process_noise=process_noise,
             jump_threshold=jump_threshold,
             max_offset_norm=max_offset_norm,
+            sampler=sampler,
+            friction=friction,
         )
         # Validate every argument now, with the core's own checks and messages, by building a
         # throwaway monitor on a probe module (zeros: no draw from the global RNG).
@@ -148,10 +152,9 @@ class OnlineLLCCallback(Callback):
     # ---- identity ------------------------------------------------------------------------------
     @property
     def state_key(self) -> str:
-        """Distinct for instances with different settings (or loss functions), so several can
-        coexist: Lightning refuses two stateful callbacks with the same key."""
-        loss = self.loss_fn
-        loss_name = None if loss is None else getattr(loss, "__qualname__", type(loss).__qualname__)
+        """Distinct for instances with different settings, so several can coexist: Lightning
+        refuses two stateful callbacks with the same key. (The loss function is not part of it:
+        renaming a function must not orphan a checkpoint's state.)"""
         return self._generate_state_key(
             every_n_steps=self._kwargs["every_n_steps"],
             window=self._kwargs["window"],
@@ -166,7 +169,8 @@ class OnlineLLCCallback(Callback):
             process_noise=self._kwargs["process_noise"],
             jump_threshold=self._kwargs["jump_threshold"],
             max_offset_norm=self._kwargs["max_offset_norm"],
-            loss_fn=loss_name,
+            sampler=self._kwargs["sampler"],
+            friction=self._kwargs["friction"],
         )
 
     # ---- set-up ----------------------------------------------------------------------------------
@@ -228,20 +232,27 @@ class OnlineLLCCallback(Callback):
 
         def gather(arr: np.ndarray) -> np.ndarray:
             t = torch.as_tensor(arr, dtype=torch.float64, device=strategy.root_device)
-            out = strategy.all_gather(t)  # [world, 2, C, W]
+            out = strategy.all_gather(t)  # [world, 3, C, W]
             out = out.detach().cpu().numpy()
-            return np.concatenate(list(out), axis=1)  # [2, world * C, W], rank order
+            return np.concatenate(list(out), axis=1)  # [3, world * C, W], rank order
 
         return gather
 
     # ---- the hook --------------------------------------------------------------------------------
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.monitor is None or self.failure is not None:
+        if self.monitor is None:
             return
         step = int(trainer.global_step)
         if step == self._last_global_step:
             return  # a micro-batch of gradient accumulation: no optimizer step happened
         self._last_global_step = step
+        if self.failure is not None:
+            if self._world_size > 1:
+                # A failed rank keeps joining each window's collective with flagged placeholders:
+                # skipping it would leave the other ranks waiting forever.
+                self.monitor.skip_step(step)
+            return
+        shadow_before = self.monitor.shadow_steps
         try:
             with trainer.precision_plugin.forward_context():
                 est = self.monitor.update(batch, step)
@@ -249,6 +260,10 @@ class OnlineLLCCallback(Callback):
             if self.strict:
                 raise MonitorError(f"OnlineLLCCallback failed at step {step}: {exc!r}") from exc
             self.failure = f"step {step}: {type(exc).__name__}: {exc}"
+            due = step % self.monitor.every_n_steps == 0
+            if self._world_size > 1 and due and self.monitor.shadow_steps == shadow_before:
+                # The failed step's draw never reached the window: add its placeholder now.
+                self.monitor.skip_step(step)
             warnings.warn(
                 f"OnlineLLCCallback disabled itself after a failure ({self.failure}); training continues. "
                 "Pass strict=True to raise instead.",

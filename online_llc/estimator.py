@@ -14,7 +14,8 @@ Statuses (``LLCEstimate.status``):
   ``warmup`` shadow steps, or after a reset). The record shows the raw window mean; the filter is
   not fed.
 * ``diverged``: a chain produced a non-finite draw or ran away during this window; it was reset
-  (counted in ``divergences``) and the window was not fed to the filter.
+  (counted in ``divergences``), its draw replaced by a flagged placeholder, and the window was
+  not fed to the filter (its raw mean includes the placeholders' zeros).
 * ``transition``: the window was a jump (a many-sigma surprise) or followed one: the LLC is moving
   fast.
 * ``not_at_minimum``: the band lies entirely below zero: the sampler finds lower loss nearby, as
@@ -222,8 +223,6 @@ class OnlineLLC:
         self.step = 0
         self.shadow_steps = 0
         self._warmup_left = [self.warmup] * self.num_chains
-        self._window_warm = False  # the open window holds warm-up draws
-        self._window_diverged = False  # a chain was reset during the open window
         self._last_jump = False
         self._history: List[LLCEstimate] = []
 
@@ -251,27 +250,52 @@ class OnlineLLC:
     def _shadow_step(self, batch: Any, step: int) -> Optional[LLCEstimate]:
         out = self.sampler.step(batch)
         self.shadow_steps += 1
-        if out.any_diverged:
-            self._window_diverged = True
-            for c, bad in enumerate(out.diverged):
-                if bad:
-                    self._warmup_left[c] = self.warmup
-            # A reset chain's draw is meaningless and WindowStats takes one draw per chain:
-            # this step feeds nothing.
-            return None
-        if any(w > 0 for w in self._warmup_left):
-            self._window_warm = True
-        self._warmup_left = [max(w - 1, 0) for w in self._warmup_left]
-        summary = self.stats.update(out.draws, out.noise_vars, step)
+        # Every chain adds a draw at every shadow step, so windows close (and, under DDP, their
+        # collective runs) at the same step on every rank. A reset chain adds a flagged
+        # placeholder (its draw is meaningless and may be non-finite); a warming chain a flagged draw.
+        d, v, flags = [], [], []
+        for c, (info, bad) in enumerate(zip(out.infos, out.diverged)):
+            if bad:
+                d.append(0.0)
+                v.append(0.0)
+                flags.append(1)
+                self._warmup_left[c] = self.warmup
+            else:
+                d.append(info.draw)
+                v.append(info.noise_var)
+                flags.append(2 if self._warmup_left[c] > 0 else 0)
+                self._warmup_left[c] = max(self._warmup_left[c] - 1, 0)
+        summary = self.stats.update(d, v, step, flags=flags)
         if summary is None:
             return None
         return self._close_window(summary)
 
+    def skip_step(self, step: Optional[int] = None) -> Optional[LLCEstimate]:
+        """Advance the step counter without sampling, adding flagged placeholder draws when a
+        shadow step is due.
+
+        For distributed training: a rank whose monitor failed keeps calling this instead of
+        :meth:`update`, so that every rank still closes each window, and joins its collective,
+        at the same step. The windows it touches are reported as ``diverged`` on every rank.
+        """
+        if step is None:
+            step = self.step + 1
+        elif isinstance(step, bool) or not isinstance(step, int) or step < self.step:
+            raise ValueError(f"Expected `step` to be an int >= the previous step {self.step}, got {step!r}.")
+        self.step = step
+        if step % self.every_n_steps != 0:
+            return None
+        self.shadow_steps += 1
+        n = self.num_chains
+        summary = self.stats.update([0.0] * n, [0.0] * n, step, flags=[1] * n)
+        return None if summary is None else self._close_window(summary)
+
     def _close_window(self, s: WindowSummary) -> LLCEstimate:
         status: str
         nis = math.nan
-        if self._window_diverged or self._window_warm:
-            status = "diverged" if self._window_diverged else "warming_up"
+        if s.diverged_draws or s.warmup_draws:
+            # Decided from the (gathered) flags: the same verdict on every rank.
+            status = "diverged" if s.diverged_draws else "warming_up"
             mean, std, slope = s.mean, s.se, math.nan
             # Unequilibrated draws must not inform later windows' autocorrelation estimates.
             self.stats.clear_history()
@@ -290,8 +314,6 @@ class OnlineLLC:
             if info.jump:
                 # The past windows describe the old level: they would read the jump as correlation.
                 self.stats.clear_history()
-        self._window_warm = False
-        self._window_diverged = False
         est = LLCEstimate(
             step=s.end_step,
             mean=mean,
@@ -361,8 +383,6 @@ class OnlineLLC:
             "step": self.step,
             "shadow_steps": self.shadow_steps,
             "warmup_left": list(self._warmup_left),
-            "window_warm": self._window_warm,
-            "window_diverged": self._window_diverged,
             "last_jump": self._last_jump,
             "sampler": self.sampler.state_dict(),
             "window_stats": self.stats.state_dict(),
@@ -384,7 +404,5 @@ class OnlineLLC:
         self.step = int(state["step"])
         self.shadow_steps = int(state["shadow_steps"])
         self._warmup_left = [int(w) for w in state["warmup_left"]]
-        self._window_warm = bool(state["window_warm"])
-        self._window_diverged = bool(state["window_diverged"])
         self._last_jump = bool(state["last_jump"])
         self._history = [LLCEstimate(**e) for e in state["history"]]

@@ -32,7 +32,7 @@ Every ``W`` draws per chain form a window, summarised by :class:`WindowSummary`:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Callable, Any, Mapping, Sequence
 
 import numpy as np
@@ -55,7 +55,7 @@ _MIN_DRAWS_FOR_ACF = 8
 
 _STATE_VERSION = 1
 _STATE_KEYS = frozenset(
-    {"version", "window", "num_chains", "horizon", "count", "d", "v", "past", "start_step", "last_step"}
+    {"version", "window", "num_chains", "horizon", "count", "d", "v", "f", "past", "start_step", "last_step"}
 )
 
 
@@ -251,6 +251,9 @@ class WindowSummary:
         var_channel: ``var_draw - mean_noise_var``; may be negative when batch noise dominates.
         ratio: ``mean**2 / var_channel`` (~ lambda); NaN when ``var_channel <= 0``.
         consistency: ``var_channel / mean`` (~ T); NaN when ``mean <= 0``.
+        diverged_draws: draws flagged as placeholders for a reset chain (see
+            :meth:`WindowStats.update`), over all chains (all ranks with ``gather``).
+        warmup_draws: draws flagged as coming from a chain still warming up.
     """
 
     start_step: int
@@ -266,13 +269,16 @@ class WindowSummary:
     var_channel: float
     ratio: float
     consistency: float
+    diverged_draws: int = 0
+    warmup_draws: int = 0
 
     def to_dict(self) -> dict[str, int | float]:
         """The fields as a dict of plain Python ``int`` (steps, n_draws) and ``float`` values."""
         out: dict[str, int | float] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = int(value) if f.name in ("start_step", "end_step", "n_draws") else float(value)
+            ints = ("start_step", "end_step", "n_draws", "diverged_draws", "warmup_draws")
+            out[f.name] = int(value) if f.name in ints else float(value)
         return out
 
 
@@ -402,9 +408,9 @@ class WindowStats:
         num_chains: number of chains (``C``), one draw each per :meth:`update`.
         horizon: number of windows (the current one included) over which slow correlation is
             estimated; 1 uses the current window alone.
-        gather: for distributed training, a collective ``f(array[2, C, W]) -> array[2, C', W]``
-            that concatenates every rank's draws (row 0) and noise variances (row 1) along the
-            chain axis, identically on every rank. Windows are then summarised over all ranks'
+        gather: for distributed training, a collective ``f(array[3, C, W]) -> array[3, C', W]``
+            that concatenates every rank's draws (row 0), noise variances (row 1) and flags
+            (row 2, see :meth:`update`) along the chain axis, identically on every rank. Windows are then summarised over all ranks'
             chains, so every rank computes the same summary. It must be called on every rank at
             the same window, which holds when all ranks update at the same steps.
 
@@ -426,6 +432,7 @@ class WindowStats:
         self._past: list[np.ndarray] = []  # previous windows' draws, oldest first, each [C, W]
         self._d = np.empty((self.num_chains, self.window), dtype=np.float64)
         self._v = np.empty((self.num_chains, self.window), dtype=np.float64)
+        self._f = np.zeros((self.num_chains, self.window), dtype=np.float64)  # flags, see update()
         self._count = 0
         self._start_step: int | None = None
         self._last_step: int | None = None
@@ -484,6 +491,7 @@ class WindowStats:
         d: Sequence[float] | np.ndarray,
         v: Sequence[float] | np.ndarray,
         step: int,
+        flags: Sequence[int] | None = None,
     ) -> WindowSummary | None:
         """Add one draw per chain.
 
@@ -491,6 +499,12 @@ class WindowStats:
             d: the LLC observations, one per chain, finite.
             v: their within-batch noise variances, one per chain, finite and ``>= 0``.
             step: the training step of this draw (non-negative, non-decreasing across calls).
+            flags: per chain, 0 for a healthy draw, 1 for a placeholder standing in for a chain
+                that was just reset (its draw is meaningless, but every rank must still add a
+                draw so that windows close, and their collective runs, at the same step), 2 for
+                a draw from a chain still warming up. The window's summary counts them
+                (``diverged_draws``, ``warmup_draws``), over all ranks when gathered, so every
+                rank reaches the same verdict about the window.
 
         Returns:
             The window's :class:`WindowSummary` when this call completes a window (the buffer
@@ -511,8 +525,15 @@ class WindowStats:
                 f"Expected `step` to be >= the previous step ({self._last_step}), got {step!r}."
             )
 
+        if flags is None:
+            f_row = np.zeros(self.num_chains)
+        else:
+            f_row = np.asarray(flags, dtype=np.float64).reshape(-1)
+            if f_row.shape != (self.num_chains,) or not np.all(np.isin(f_row, (0, 1, 2))):
+                raise ValueError(f"Expected `flags` to be {self.num_chains} values in {{0, 1, 2}}, got {flags!r}.")
         self._d[:, self._count] = d_row
         self._v[:, self._count] = v_row
+        self._f[:, self._count] = f_row
         if self._count == 0:
             self._start_step = step
         self._count += 1
@@ -521,17 +542,20 @@ class WindowStats:
             return None
 
         assert self._start_step is not None
-        d_all, v_all = self._d, self._v
+        d_all, v_all, f_all = self._d, self._v, self._f
         if self.gather is not None:
-            # One collective for both arrays: every rank gets every rank's chains, in rank order.
-            both = np.asarray(self.gather(np.stack([self._d, self._v])), dtype=np.float64)
-            if both.ndim != 3 or both.shape[0] != 2 or both.shape[2] != self.window:
+            # One collective for all three arrays: every rank gets every rank's chains, in rank order.
+            packed = np.asarray(self.gather(np.stack([self._d, self._v, self._f])), dtype=np.float64)
+            if packed.ndim != 3 or packed.shape[0] != 3 or packed.shape[2] != self.window:
                 raise ValueError(
-                    f"Expected `gather` to return an array of shape [2, chains, {self.window}], got {both.shape}."
+                    f"Expected `gather` to return an array of shape [3, chains, {self.window}], got {packed.shape}."
                 )
-            d_all, v_all = both[0], both[1]
+            d_all, v_all, f_all = packed[0], packed[1], packed[2]
         summary = summarize(
             d_all, v_all, start_step=self._start_step, end_step=step, var_of_mean_floor=self._floor(d_all)
+        )
+        summary = replace(
+            summary, diverged_draws=int(np.sum(f_all == 1)), warmup_draws=int(np.sum(f_all == 2))
         )
         if self.horizon > 1:
             self._past = (self._past + [d_all.copy()])[-(self.horizon - 1) :]
@@ -548,6 +572,7 @@ class WindowStats:
             "num_chains": int(self.num_chains),
             "count": int(self._count),
             "d": self._d[:, : self._count].tolist(),
+            "f": self._f[:, : self._count].tolist(),
             "horizon": int(self.horizon),
             "past": [p.tolist() for p in self._past],
             "v": self._v[:, : self._count].tolist(),
@@ -586,7 +611,7 @@ class WindowStats:
             )
         shape = (self.num_chains, count)
         arrays = {}
-        for key in ("d", "v"):
+        for key in ("d", "v", "f"):
             expected = f"{self.num_chains} lists of {count} floats (one per chain)"
             try:
                 arr = np.asarray(state[key], dtype=np.float64)
@@ -632,6 +657,7 @@ class WindowStats:
         self._past = past
         self._d[:, :count] = arrays["d"]
         self._v[:, :count] = arrays["v"]
+        self._f[:, :count] = arrays["f"]
         self._count = count
         self._start_step = steps["start_step"]
         self._last_step = steps["last_step"]

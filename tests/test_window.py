@@ -144,9 +144,10 @@ def test_to_dict_plain_types() -> None:
     s = summarize(d, np.full_like(d, 0.1), start_step=7, end_step=99)
     out = s.to_dict()
     assert set(out) == {f for f in WindowSummary.__dataclass_fields__}
-    for key in ("start_step", "end_step", "n_draws"):
+    ints = {"start_step", "end_step", "n_draws", "diverged_draws", "warmup_draws"}
+    for key in ints:
         assert type(out[key]) is int
-    for key in set(out) - {"start_step", "end_step", "n_draws"}:
+    for key in set(out) - ints:
         assert type(out[key]) is float
     assert out["start_step"] == 7 and out["end_step"] == 99
     with pytest.raises(AttributeError):
@@ -508,3 +509,24 @@ def test_horizon_state_round_trip_and_clear_history():
     assert a.state_dict()["past"] == []
     with pytest.raises(ValueError, match=r"Expected `state\['horizon'\]` to be 4"):
         WindowStats(10, 1, horizon=4).load_state_dict(state)
+
+
+def test_flags_are_counted_and_gathered():
+    """Flags mark placeholder draws of reset chains (1) and warm-up draws (2); the summary counts
+    them, and with a gather every rank sees every rank's flags."""
+    ws = WindowStats(4, 2)
+    for i, fl in enumerate([[0, 0], [1, 0], [0, 2], [0, 0]]):
+        out = ws.update([1.0 + i, 2.0], [0.1, 0.1], i, flags=fl)
+    assert (out.diverged_draws, out.warmup_draws) == (1, 1)
+
+    def fake_gather(arr):  # two "ranks": this one and a copy whose chain 0 diverged twice
+        other = arr.copy()
+        other[2, 0, :2] = 1
+        return np.concatenate([arr, other], axis=1)
+
+    ws = WindowStats(3, 1, gather=fake_gather)
+    for i in range(3):
+        out = ws.update([1.0 + i], [0.1], i)
+    assert out.n_draws == 6 and out.diverged_draws == 2
+    with pytest.raises(ValueError, match=r"Expected `flags` to be 1 values in \{0, 1, 2\}, got \[3\]\."):
+        WindowStats(3, 1).update([1.0], [0.1], 0, flags=[3])
