@@ -238,14 +238,17 @@ class OnlineLLC:
         Returns:
             An :class:`LLCEstimate` when a window closed at this step, else ``None``.
         """
+        step = self._advance(step)
+        return None if step is None else self._shadow_step(batch, step)
+
+    def _advance(self, step: Optional[int]) -> Optional[int]:
+        """Record the training step; return it when a shadow step is due, else ``None``."""
         if step is None:
             step = self.step + 1
         elif isinstance(step, bool) or not isinstance(step, int) or step < self.step:
             raise ValueError(f"Expected `step` to be an int >= the previous step {self.step}, got {step!r}.")
         self.step = step
-        if step % self.every_n_steps != 0:
-            return None
-        return self._shadow_step(batch, step)
+        return step if step % self.every_n_steps == 0 else None
 
     def _shadow_step(self, batch: Any, step: int) -> Optional[LLCEstimate]:
         out = self.sampler.step(batch)
@@ -278,12 +281,8 @@ class OnlineLLC:
         :meth:`update`, so that every rank still closes each window, and joins its collective,
         at the same step. The windows it touches are reported as ``diverged`` on every rank.
         """
+        step = self._advance(step)
         if step is None:
-            step = self.step + 1
-        elif isinstance(step, bool) or not isinstance(step, int) or step < self.step:
-            raise ValueError(f"Expected `step` to be an int >= the previous step {self.step}, got {step!r}.")
-        self.step = step
-        if step % self.every_n_steps != 0:
             return None
         self.shadow_steps += 1
         n = self.num_chains
