@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("-o", "--out", help="output PNG (default: RUN.png next to the CSV)")
     plot.add_argument("--theory", type=float, help="draw a theoretical learning coefficient as a dashed line")
     plot.add_argument("--title", help="plot title")
+    plot.add_argument("--loss-column", default="train_loss",
+                      help="a column drawn on a second axis when present (default: train_loss)")
     return ap
 
 
@@ -64,7 +66,7 @@ def _fail(msg: str) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from .plot import plot_llc, read_run
+    from .plot import plot_llc, read_loss, read_run
 
     if not os.path.isfile(args.csv):
         return _fail(f"no such file: {args.csv}")
@@ -83,7 +85,8 @@ def _plot(args: argparse.Namespace) -> int:
 
     out = args.out or os.path.splitext(args.csv)[0] + ".png"
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    plot_llc(history, ax=ax, theory=args.theory, title=args.title or os.path.basename(args.csv))
+    loss = read_loss(args.csv, args.loss_column)
+    plot_llc(history, ax=ax, theory=args.theory, title=args.title or os.path.basename(args.csv), loss=loss)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     print(f"Wrote {out} ({len(history)} windows)")

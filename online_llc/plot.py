@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import csv
 import math
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .estimator import STATUSES, LLCEstimate
 
-__all__ = ["plot_llc", "write_csv", "read_run", "CSV_FIELDS"]
+__all__ = ["plot_llc", "write_csv", "read_run", "read_loss", "CSV_FIELDS"]
 
 #: Columns of the CSV written by :func:`write_csv` (LLCEstimate fields, then extra columns).
 CSV_FIELDS = list(LLCEstimate.__dataclass_fields__)
@@ -48,6 +48,7 @@ def plot_llc(
     theory_label: str = "theory",
     show_raw: bool = True,
     title: Optional[str] = None,
+    loss: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
 ) -> Any:
     """Draw the LLC band over training steps.
 
@@ -63,9 +64,11 @@ def plot_llc(
         theory_label: its legend label.
         show_raw: draw the raw window means.
         title: axes title.
+        loss: ``(steps, values)`` of a training loss, drawn on a second y-axis (log scale when
+            positive and spanning more than a decade).
 
     Returns:
-        The Axes.
+        The Axes (the LLC one).
     """
     import matplotlib.pyplot as plt
 
@@ -105,7 +108,35 @@ def plot_llc(
     if title:
         ax.set_title(title)
     ax.legend(loc="best", fontsize=8)
+    # Transition windows as shaded spans, so stage boundaries stand out at a glance.
+    for e in history:
+        if e.status == "transition":
+            ax.axvspan(e.window_start, e.step, color=_STATUS_COLORS["transition"], alpha=0.12, linewidth=0)
+    if loss is not None and len(loss[0]):
+        ax2 = ax.twinx()
+        ax2.plot(list(loss[0]), list(loss[1]), color="#555555", linewidth=1, alpha=0.8, label="training loss")
+        vals = [v for v in loss[1] if math.isfinite(v)]
+        if vals and min(vals) > 0 and max(vals) / min(vals) > 10:
+            ax2.set_yscale("log")
+        ax2.set_ylabel("training loss")
+        ax2.legend(loc="lower right", fontsize=8)
     return ax
+
+
+def read_loss(path: str, column: str = "train_loss") -> Tuple[List[int], List[float]]:
+    """``(steps, values)`` of ``column`` in a CSV (ours or Lightning's); empty when absent."""
+    steps: List[int] = []
+    values: List[float] = []
+    with open(path, newline="") as fh:
+        for row in csv.DictReader(fh):
+            v = row.get(column, "")
+            if v not in ("", None) and row.get("step", "") not in ("", None):
+                try:
+                    steps.append(int(float(row["step"])))
+                    values.append(float(v))
+                except ValueError:
+                    continue
+    return steps, values
 
 
 def read_run(path: str) -> List[LLCEstimate]:

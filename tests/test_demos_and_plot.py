@@ -88,8 +88,10 @@ def test_plot_llc_draws_band_theory_and_symlog(tmp_path):
     batches = list(p.batches)
     for s in range(60):
         monitor.update(batches[s % len(batches)])
-    ax = plot_llc(monitor.history(), theory=16.5)
+    ax = plot_llc(monitor.history(), theory=16.5, loss=([1, 2, 3], [5.0, 0.5, 0.05]))
     assert ax.get_yscale() == "symlog"  # negative saddle values next to a positive theory line
+    twin = [a for a in ax.figure.axes if a is not ax]
+    assert len(twin) == 1 and twin[0].get_yscale() == "log" and twin[0].get_ylabel() == "training loss"
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert any("90% band" in t for t in labels) and any("16.5" in t for t in labels)
 
