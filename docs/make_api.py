@@ -10,7 +10,7 @@ from online_llc import plot, theory, toy
 from online_llc.callbacks import lightning as cb_lightning
 
 SECTIONS = [
-    ("online_llc", online_llc, ["OnlineLLC", "LLCEstimate", "estimate_llc", "LLCResult", "STATUSES",
+    ("online_llc", online_llc, ["OnlineLLC", "LLCEstimate", "SmoothedPoint", "Transition", "estimate_llc", "LLCResult", "STATUSES",
                                 "LLCFilter", "FilterInfo", "SGLDConfig", "SGLDInfo", "sgld_step", "default_nbeta",
                                 "NonFiniteDrawError", "MonitorError"]),
     ("online_llc.callbacks", cb_lightning, ["OnlineLLCCallback", "LOGGED_KEYS"]),

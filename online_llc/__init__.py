@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from .config import DEFAULT_LOCALIZATION, DEFAULT_STEP_SCALE, resolve_hyperparameters
 from .errors import MonitorError, NonFiniteDrawError, OnlineLLCError
-from .estimator import STATUSES, LLCEstimate, OnlineLLC
+from .estimator import STATUSES, LLCEstimate, OnlineLLC, SmoothedPoint, Transition
 from .filter import FilterInfo, LLCFilter
 from .offline import LLCResult, estimate_llc
 from .sgld import LossFn, SGLDConfig, SGLDInfo, default_nbeta, sgld_step
@@ -25,6 +25,8 @@ __all__ = [
     "OnlineLLC",
     "LLCEstimate",
     "STATUSES",
+    "SmoothedPoint",
+    "Transition",
     "LLCFilter",
     "FilterInfo",
     "estimate_llc",

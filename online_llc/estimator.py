@@ -48,7 +48,7 @@ from .shadow import ShadowSampler
 from .sgld import LossEvaluator, LossFn
 from .window import WindowStats, WindowSummary
 
-__all__ = ["LLCEstimate", "OnlineLLC", "STATUSES"]
+__all__ = ["LLCEstimate", "OnlineLLC", "STATUSES", "SmoothedPoint", "Transition"]
 
 #: Every status an estimate can have, in the order of their numeric codes (used by loggers).
 STATUSES = ("warming_up", "tracking", "transition", "not_at_minimum", "diverged")
@@ -104,6 +104,43 @@ class LLCEstimate:
     def to_dict(self) -> Dict[str, Any]:
         """Plain Python values."""
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class SmoothedPoint:
+    """One point of the retrospective (RTS-smoothed) LLC curve: uses all windows, later ones too.
+
+    Attributes:
+        step: training step of the window.
+        mean, std: smoothed LLC and its standard deviation.
+        lower, upper: the band at the monitor's ``confidence``.
+        slope: smoothed change of the LLC per training step.
+    """
+
+    step: int
+    mean: float
+    std: float
+    lower: float
+    upper: float
+    slope: float
+
+
+@dataclass(frozen=True)
+class Transition:
+    """A detected stage boundary: a run of consecutive ``transition`` windows.
+
+    Attributes:
+        start: first training step of the run's first window.
+        end: last training step of the run's last window.
+        level_before: smoothed LLC at the last filtered window before the run (NaN if none).
+        level_after: smoothed LLC at the first filtered window after the run (the run's last
+            window when none follows yet).
+    """
+
+    start: int
+    end: int
+    level_before: float
+    level_after: float
 
 
 class OnlineLLC:
@@ -345,6 +382,43 @@ class OnlineLLC:
         """All estimates so far, oldest first (one per window: memory grows by one record per
         ``every_n_steps * window`` training steps)."""
         return list(self._history)
+
+    def smoothed(self) -> List[SmoothedPoint]:
+        """The retrospective curve: the Rauch-Tung-Striebel smoothing of every window the filter
+        absorbed (warm-up and diverged windows are not part of it). Each point uses all windows,
+        so the curve has no lag and a narrower band than the live one; it changes as windows
+        arrive. Memory is bounded by the filter's ``max_history``."""
+        steps, mean, std, slope = self.filter.smooth()
+        z = self._z
+        return [
+            SmoothedPoint(int(t), float(m), float(s), float(m - z * s), float(m + z * s), float(b))
+            for t, m, s, b in zip(steps, mean, std, slope)
+        ]
+
+    def transitions(self) -> List[Transition]:
+        """Stage boundaries: maximal runs of ``transition`` windows, with the smoothed level just
+        before and just after each (what one would mark by eye on the smoothed curve)."""
+        smooth = {p.step: p.mean for p in self.smoothed()}
+        fed = [e for e in self._history if e.step in smooth]
+        out: List[Transition] = []
+        run: List[LLCEstimate] = []
+        for e in self._history + [None]:  # type: ignore[operator]
+            if e is not None and e.status == "transition":
+                run.append(e)
+                continue
+            if run:
+                before = [f for f in fed if f.step < run[0].step and f.status != "transition"]
+                after = [f for f in fed if f.step > run[-1].step and f.status != "transition"]
+                out.append(
+                    Transition(
+                        start=run[0].window_start,
+                        end=run[-1].step,
+                        level_before=smooth[before[-1].step] if before else math.nan,
+                        level_after=smooth[after[0].step] if after else smooth.get(run[-1].step, run[-1].mean),
+                    )
+                )
+                run = []
+        return out
 
     @property
     def divergences(self) -> int:

@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Tuple
+from collections import deque
+from typing import Any, Deque, Dict, List, Mapping, Tuple
 
 import numpy as np
 from filterpy.kalman import KalmanFilter
 
-from .errors import check_positive_float
+from .errors import check_positive_float, check_positive_int
 
 __all__ = ["FilterInfo", "LLCFilter", "transition_matrices"]
 
@@ -84,11 +85,19 @@ class LLCFilter:
         confirm_threshold: ``nis`` that two consecutive same-sign innovations must both exceed to
             be treated as a jump (> 0; the default 4 is two 2-sigma surprises in a row, which
             happens by chance about once in 1000 windows).
+        max_history: updates kept for :meth:`smooth` (oldest dropped first): memory is bounded
+            by about 13 floats per kept update.
     """
 
     def __init__(
-        self, *, process_noise: float = 0.1, jump_threshold: float = 16.0, confirm_threshold: float = 4.0
+        self,
+        *,
+        process_noise: float = 0.1,
+        jump_threshold: float = 16.0,
+        confirm_threshold: float = 4.0,
+        max_history: int = 100_000,
     ) -> None:
+        self.max_history = check_positive_int("max_history", max_history)
         self.process_noise = check_positive_float("process_noise", process_noise)
         self.jump_threshold = check_positive_float("jump_threshold", jump_threshold)
         self.confirm_threshold = check_positive_float("confirm_threshold", confirm_threshold)
@@ -105,6 +114,9 @@ class LLCFilter:
         self._tau = 0.0  # running mean gap between observations (training steps)
         self._scale = 0.0  # running mean observation std
         self._last_nis = 0.0  # previous update's nis, signed by its innovation
+        # Per update, for the smoother: (step, dt, z, r, x_post[2], P_post[4], Q_used[4]) where
+        # Q_used is the process noise actually added, jump inflation included.
+        self._history: Deque[List[float]] = deque(maxlen=self.max_history)
 
     @property
     def initialized(self) -> bool:
@@ -192,10 +204,12 @@ class LLCFilter:
             kf.x = np.array([[z], [0.0]])
             kf.P = np.diag([r, r / max(step, 1) ** 2])
             self.last_step, self._scale, self.num_updates = int(step), sd, 1
+            self._record(step, 0.0, z, r, np.zeros((2, 2)))
             info = FilterInfo(0.0, r, (1.0, 0.0), 0.0, False)
             return self.mean, self.std, info
 
         dt = float(step - self.last_step)
+        P_prev = self._kf.P.copy()
         x_prior, P_prior = self._prior(step)
         self._tau = self._tau_after(dt)
         y = z - float(x_prior[0, 0])
@@ -214,11 +228,43 @@ class LLCFilter:
             P_prior = P_prior + np.diag([y * y, (y / tau) ** 2])
         kf.x, kf.P = x_prior, P_prior
         kf.update(np.array([[z]]), R=np.array([[r]]), H=_H)
+        F, _ = transition_matrices(max(dt, 0.0), 0.0)
+        self._record(step, max(dt, 0.0), z, r, P_prior - F @ P_prev @ F.T)
         self._scale = (1 - _EMA) * self._scale + _EMA * sd
         self.last_step = int(step)
         self.num_updates += 1
         gain = (float(kf.K[0, 0]), float(kf.K[1, 0]))
         return self.mean, self.std, FilterInfo(y, S, gain, nis, jump)
+
+    def _record(self, step: int, dt: float, z: float, r: float, q_used: np.ndarray) -> None:
+        x, P = self._kf.x.ravel(), self._kf.P.ravel()
+        self._history.append(
+            [float(step), float(dt), float(z), float(r), *map(float, x), *map(float, P), *map(float, q_used.ravel())]
+        )
+
+    def smooth(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Rauch-Tung-Striebel smoothed trajectory over the kept updates (Rauch et al. 1965)::
+
+            C_k  = P_k F_{k+1}^T (F_{k+1} P_k F_{k+1}^T + Q_{k+1})^-1
+            x^s_k = x_k + C_k (x^s_{k+1} - F_{k+1} x_k),  P^s_k = P_k + C_k (P^s_{k+1} - P^-_{k+1}) C_k^T
+
+        with the ``F`` and ``Q`` each update actually used (a jump's inflation is part of its Q),
+        computed by filterpy's ``rts_smoother``.
+
+        Returns:
+            ``(steps, level, level_std, slope)`` arrays, one entry per kept update.
+        """
+        if not self._history:
+            empty = np.zeros(0)
+            return empty, empty, empty, empty
+        h = np.array(self._history)
+        xs = h[:, 4:6].reshape(-1, 2, 1)
+        ps = h[:, 6:10].reshape(-1, 2, 2)
+        qs = h[:, 10:14].reshape(-1, 2, 2)
+        fs = np.array([transition_matrices(dt, 0.0)[0] for dt in h[:, 1]])
+        x_s, p_s, _, _ = self._kf.rts_smoother(xs, ps, Fs=list(fs), Qs=list(qs))
+        std = np.sqrt(np.maximum(p_s[:, 0, 0], 0.0))
+        return h[:, 0].astype(int), x_s[:, 0, 0], std, x_s[:, 1, 0]
 
     # ---- checkpointing --------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
@@ -234,6 +280,7 @@ class LLCFilter:
             "jump_threshold": self.jump_threshold,
             "confirm_threshold": self.confirm_threshold,
             "last_nis": self._last_nis,
+            "history": [list(row) for row in self._history],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -248,3 +295,4 @@ class LLCFilter:
         self._tau = float(state["tau"])
         self._scale = float(state["scale"])
         self._last_nis = float(state["last_nis"])
+        self._history = deque((list(map(float, row)) for row in state.get("history", [])), maxlen=self.max_history)

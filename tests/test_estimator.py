@@ -83,6 +83,13 @@ def test_step_change_is_tracked_within_three_windows():
     assert not any(e.status == "transition" for e in before[2:])
     # Settled at the new level: the filtered means average to within 10% of the offline value.
     assert abs(np.mean([e.mean for e in after[5:]]) / off_b - 1) < 0.10
+    # One stage boundary, at the switch, between the two levels (smoothed curve, within 15%).
+    (event,) = monitor.transitions()
+    assert 1500 - window < event.start <= 1500 + 3 * window and event.end <= 1500 + 4 * window
+    assert abs(event.level_before / off_a - 1) < 0.15 and abs(event.level_after / off_b - 1) < 0.15
+    smooth = monitor.smoothed()
+    assert len(smooth) == sum(e.status not in ("warming_up", "diverged") for e in monitor.history())
+    assert all(p.lower < p.mean < p.upper for p in smooth)
 
 
 def test_statuses_warmup_then_tracking_and_cadence():

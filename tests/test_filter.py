@@ -588,3 +588,64 @@ def test_predict_before_first_observation_raises() -> None:
     f = LLCFilter(process_noise=PN)
     with pytest.raises(RuntimeError, match=re.escape("LLCFilter.predict() called before the first observation.")):
         f.predict(0)
+
+
+# ---- RTS smoother vs the exact joint Gaussian posterior -------------------------------------------
+
+
+def test_smoother_equals_the_batch_gaussian_posterior() -> None:
+    """The smoothed means and stds must equal the exact posterior of the linear-Gaussian model
+    the filter ran (its own F, Q, R per update, a jump's inflation included), computed here by a
+    dense solve of the joint information matrix over all states: an oracle independent of any
+    recursion."""
+    rng = np.random.default_rng(11)
+    f = LLCFilter(process_noise=PN)
+    step, truth = 0, 10.0
+    for k in range(40):
+        step += int(rng.integers(20, 120))
+        if k == 25:
+            truth += 40.0  # one jump, so the inflated Q is exercised
+        r = float(rng.uniform(0.5, 2.0))
+        f.update(truth + math.sqrt(r) * float(rng.normal()), r, step)
+    hist = np.array(f.state_dict()["history"])
+    n = len(hist)
+    assert any(row[10] > 100 for row in hist)  # the jump's inflation is in a stored Q
+
+    info = np.zeros((2 * n, 2 * n))
+    vec = np.zeros(2 * n)
+    P0 = hist[0, 6:10].reshape(2, 2)
+    info[:2, :2] += np.linalg.inv(P0)
+    vec[:2] += np.linalg.inv(P0) @ hist[0, 4:6]
+    for k in range(1, n):
+        dt, z, r = hist[k, 1], hist[k, 2], hist[k, 3]
+        F = np.array([[1.0, dt], [0.0, 1.0]])
+        Qi = np.linalg.inv(hist[k, 10:14].reshape(2, 2))
+        a, b = slice(2 * k - 2, 2 * k), slice(2 * k, 2 * k + 2)
+        # -log p(x_k | x_{k-1}) = 1/2 (x_k - F x_{k-1})^T Q^-1 (x_k - F x_{k-1})
+        info[b, b] += Qi
+        info[a, a] += F.T @ Qi @ F
+        info[a, b] -= F.T @ Qi
+        info[b, a] -= Qi @ F
+        info[2 * k, 2 * k] += 1.0 / r
+        vec[2 * k] += z / r
+    cov = np.linalg.inv(info)
+    mean = cov @ vec
+    steps, level, std, slope = f.smooth()
+    assert steps.tolist() == hist[:, 0].astype(int).tolist()
+    np.testing.assert_allclose(level, mean[0::2], rtol=1e-7, atol=1e-7)
+    np.testing.assert_allclose(slope, mean[1::2], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(std, np.sqrt(np.diag(cov)[0::2]), rtol=1e-6)
+    # The last smoothed point is the last filtered one; earlier ones are tighter than filtered.
+    assert level[-1] == pytest.approx(f.mean) and std[-1] == pytest.approx(f.std)
+
+
+def test_smoother_history_is_bounded_and_checkpointed() -> None:
+    f = LLCFilter(process_noise=PN, max_history=10)
+    for k in range(30):
+        f.update(1.0 + 0.01 * k, 0.5, 10 * (k + 1))
+    steps, *_ = f.smooth()
+    assert len(steps) == 10 and steps[0] == 210
+    g = LLCFilter(process_noise=PN, max_history=10)
+    g.load_state_dict(f.state_dict())
+    np.testing.assert_array_equal(g.smooth()[1], f.smooth()[1])
+    assert LLCFilter(process_noise=PN).smooth()[0].size == 0
