@@ -49,6 +49,7 @@ def plot_llc(
     show_raw: bool = True,
     title: Optional[str] = None,
     loss: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
+    smoothed: Optional[Sequence[Any]] = None,
 ) -> Any:
     """Draw the LLC band over training steps.
 
@@ -66,6 +67,7 @@ def plot_llc(
         title: axes title.
         loss: ``(steps, values)`` of a training loss, drawn on a second y-axis (log scale when
             positive and spanning more than a decade).
+        smoothed: the retrospective curve (:meth:`online_llc.OnlineLLC.smoothed`), drawn dashed.
 
     Returns:
         The Axes (the LLC one).
@@ -88,6 +90,9 @@ def plot_llc(
             pts = [(e.step, e.raw_mean) for e in history if e.status == status]
             if pts:
                 ax.scatter(*zip(*pts), s=9, color=_STATUS_COLORS[status], zorder=3, label=f"window mean: {status}")
+    if smoothed:
+        ax.plot([p.step for p in smoothed], [p.mean for p in smoothed], color="#2ca02c", linestyle="--",
+                linewidth=1.2, label="smoothed (retrospective)")
     if theory is not None:
         ax.axhline(theory, color="k", linestyle="--", linewidth=1, label=f"{theory_label} = {theory:g}")
     # The scale follows the equilibrated windows: a wide warm-up band should not force symlog.

@@ -129,6 +129,8 @@ def main(argv: List[str] | None = None, prog: str | None = None) -> int:
         "lower loss nearby, and the monitor says so (status not_at_minimum). Each learned mode shows as a jump.\n"
         f"Wrote {csv_path}"
     )
+    for t in monitor.transitions():
+        print(f"Stage boundary at steps {t.start}-{t.end}: smoothed LLC {t.level_before:.1f} -> {t.level_after:.1f}")
     if not args.no_plot:
         import matplotlib
 
@@ -139,7 +141,7 @@ def main(argv: List[str] | None = None, prog: str | None = None) -> int:
 
         fig, (ax, ax2) = plt.subplots(2, 1, figsize=(10, 7), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
         plot_llc(estimates, ax=ax, theory=problem.lam_final, theory_label="lambda at the rank-3 minimum",
-                 title="Live LLC of a deep linear network learning in stages")
+                 title="Live LLC of a deep linear network learning in stages", smoothed=monitor.smoothed())
         steps = [e.step for e in estimates]
         ax2.plot(steps, [r["train_loss"] for r in extra], color="k", label="training loss")
         ax2.set_ylabel("training loss")
