@@ -16,7 +16,7 @@ from .errors import MonitorError, NonFiniteDrawError, OnlineLLCError
 from .estimator import STATUSES, LLCEstimate, OnlineLLC, SmoothedPoint, Transition
 from .filter import FilterInfo, LLCFilter
 from .offline import LLCResult, estimate_llc
-from .sgld import LossFn, SGLDConfig, SGLDInfo, default_nbeta, sgld_step
+from .sgld import SAMPLERS, LossFn, SGLDConfig, SGLDInfo, default_nbeta, sampler_step, sgld_step
 
 __version__ = "0.1.0"
 
@@ -35,6 +35,8 @@ __all__ = [
     "SGLDConfig",
     "SGLDInfo",
     "sgld_step",
+    "sampler_step",
+    "SAMPLERS",
     "default_nbeta",
     "resolve_hyperparameters",
     "DEFAULT_LOCALIZATION",

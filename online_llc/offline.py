@@ -7,9 +7,7 @@ offline estimates differ only in where the centre sits and how the draws are agg
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
-from itertools import cycle
 from typing import Any, Dict, Iterable, Iterator, Optional
 
 import numpy as np
@@ -233,7 +231,3 @@ def estimate_llc(
         burn_in=burn_in,
         seed=seed,
     )
-
-
-def _isfinite(x: float) -> bool:  # pragma: no cover - kept for symmetry with the online path
-    return math.isfinite(x)

@@ -164,7 +164,7 @@ def read_run(path: str) -> List[LLCEstimate]:
         if not row.get(prefix + "mean"):
             continue
         try:
-            def num(key: str) -> float:
+            def num(key: str, row: Dict[str, str] = row) -> float:
                 v = row.get(prefix + key, "")
                 return float(v) if v not in ("", None) else math.nan
 
