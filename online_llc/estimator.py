@@ -168,7 +168,8 @@ class OnlineLLC:
         num_samples: ``n``, the size of the training set.
         nbeta: ``n * beta``; ``None`` means ``n / log n``.
         localization: ``gamma``.
-        step_size: SGLD ``epsilon``; ``None`` means ``DEFAULT_STEP_SCALE / nbeta``.
+        step_size: the sampler's ``epsilon``; ``None`` means its default
+            (:func:`online_llc.config.resolve_hyperparameters`: ``0.15 / nbeta`` for SGLD).
         every_n_steps: training steps between shadow steps (>= 1).
         window: draws per chain per window (>= 2).
         num_chains: chains run at each shadow step.

@@ -133,7 +133,8 @@ def estimate_llc(
         num_samples: ``n``, the number of training samples the loss is an average over.
         nbeta: ``n * beta``; ``None`` means ``n / log n``.
         localization: ``gamma``, the pull towards ``w*``. See :mod:`online_llc.config`.
-        step_size: SGLD ``epsilon``; ``None`` means ``DEFAULT_STEP_SCALE / nbeta``.
+        step_size: the sampler's ``epsilon``; ``None`` means its default
+            (:func:`online_llc.config.resolve_hyperparameters`: ``0.15 / nbeta`` for SGLD).
             See :mod:`online_llc.config` for how the defaults were measured.
         num_chains: independent chains ``C``.
         num_draws: draws per chain kept after burn-in ``D``.
