@@ -1,0 +1,74 @@
+"""Error messages not pinned elsewhere: checkpoint mismatches, collectives, toy helpers, plotting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from online_llc import OnlineLLC
+from online_llc.filter import LLCFilter
+from online_llc.plot import write_csv
+from online_llc.sgld import LossEvaluator, SGLDConfig, sgld_step
+from online_llc.toy import ShuffledBatches, deep_linear_problem
+from online_llc.window import WindowStats
+
+P = deep_linear_problem([3, 2], 2, num_samples=256, batch_size=32, seed=0)
+
+
+def monitor(**kw):
+    return OnlineLLC(P.model, P.loss_fn, num_samples=256, every_n_steps=1, window=4, warmup=0, **kw)
+
+
+def test_state_version_and_chain_count_mismatches():
+    state = monitor().state_dict()
+    with pytest.raises(ValueError, match=r"Expected an OnlineLLC state of version 1, got 7\."):
+        monitor().load_state_dict({**state, "version": 7})
+    two = monitor(num_chains=2)
+    with pytest.raises(ValueError, match=r"Expected the state's `num_chains` to be 2 like this monitor's, got 1\."):
+        two.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"Expected a state with 2 chains, got 1\."):
+        two.sampler.load_state_dict(state["sampler"])
+    bad = {**state["sampler"], "offsets": [{"nope": torch.zeros(1)}]}
+    with pytest.raises(ValueError, match=r"Expected offsets for parameters \['0\.weight'\], got \['nope'\]\."):
+        monitor().sampler.load_state_dict(bad)
+    sghmc_state = monitor(sampler="sghmc").state_dict()["sampler"]
+    with pytest.raises(ValueError, match=r"Expected sampler state for 'sgld' in every chain"):
+        monitor().sampler.load_state_dict(sghmc_state)
+
+
+def test_gather_must_return_every_rank_row_block():
+    ws = WindowStats(2, 1, gather=lambda arr: arr[:2])
+    ws.update([1.0], [0.1], 0)
+    with pytest.raises(ValueError, match=r"Expected `gather` to return an array of shape \[3, chains, 2\], got \(2, 1, 2\)\."):
+        ws.update([1.0], [0.1], 1)
+
+
+def test_inference_mode_is_refused_with_a_reason():
+    ev = LossEvaluator(P.model, P.loss_fn)
+    cfg = SGLDConfig(nbeta=1.0, localization=0.0, step_size=1e-3)
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match=r"cannot run inside torch\.inference_mode\(\)"):
+            sgld_step(ev, ev.center(), ev.zeros_like_center(), next(iter(P.batches)), config=cfg,
+                      generator=torch.Generator())
+    # torch.no_grad() is fine: gradients are re-enabled locally.
+    with torch.no_grad():
+        _, info = sgld_step(ev, ev.center(), ev.zeros_like_center(), next(iter(P.batches)), config=cfg,
+                            generator=torch.Generator())
+    assert info.finite
+
+
+def test_filter_max_history_and_toy_and_csv_messages(tmp_path):
+    with pytest.raises(ValueError, match=r"Expected `max_history` to be a positive int, got 0\."):
+        LLCFilter(max_history=0)
+    with pytest.raises(ValueError, match=r"Expected `r` to be min\(widths\)=2 for one layer, got 1\."):
+        deep_linear_problem([3, 2], 1)
+    with pytest.raises(ValueError, match=r"Expected `tensors` to share their first dimension\."):
+        ShuffledBatches(torch.zeros(4, 1), torch.zeros(5, 1), batch_size=2)
+    m = monitor()
+    batches = list(P.batches)
+    for s in range(8):
+        m.update(batches[s % len(batches)])
+    with pytest.raises(ValueError, match=r"Expected `extra` to have one dict per estimate \(2\), got 1\."):
+        write_csv(str(tmp_path / "x.csv"), m.history(), [{}])
+    assert np.isfinite(m.estimate.mean)
