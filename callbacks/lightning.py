@@ -81,8 +81,10 @@ class OnlineLLCCallback(Callback):
             module's ``per_sample_loss(batch)`` method (zero-config path), if it has one.
         num_samples: ``n``; ``None`` takes the length of the train dataloader's dataset.
         nbeta, localization, step_size, every_n_steps, window, num_chains, seed, warmup,
-            confidence, process_noise, jump_threshold, max_offset_norm, sampler, friction: as in
-            :class:`online_llc.OnlineLLC`.
+            confidence, process_noise, jump_threshold, max_offset_norm, sampler, friction, groups,
+            group_budget: as in :class:`online_llc.OnlineLLC`. Groups are given as parameter-name
+            patterns (or modules of the LightningModule); each logs ``llc/<group>/mean`` and
+            ``llc/<group>/std`` when its window closes.
         prog_bar: also show ``llc`` in the progress bar.
         strict: re-raise a failure of the monitor instead of warning once and disabling it.
 
@@ -110,6 +112,8 @@ class OnlineLLCCallback(Callback):
         max_offset_norm: Optional[float] = None,
         sampler: str = "sgld",
         friction: float = 0.1,
+        groups: Optional[Mapping[str, Any]] = None,
+        group_budget: int = 1,
         prog_bar: bool = False,
         strict: bool = False,
         **kwargs: Any,
@@ -139,7 +143,10 @@ class OnlineLLCCallback(Callback):
             max_offset_norm=max_offset_norm,
             sampler=sampler,
             friction=friction,
+            group_budget=group_budget,
         )
+        # Groups name the LightningModule's parameters: resolved against it at on_train_start.
+        self.groups = dict(groups) if groups is not None else None
         # Validate every argument now, with the core's own checks and messages, by building a
         # throwaway monitor on a probe module (zeros: no draw from the global RNG).
         OnlineLLC(_Probe(), _per_sample_method, num_samples=num_samples or 2, **self._kwargs)
@@ -171,6 +178,8 @@ class OnlineLLCCallback(Callback):
             max_offset_norm=self._kwargs["max_offset_norm"],
             sampler=self._kwargs["sampler"],
             friction=self._kwargs["friction"],
+            groups=sorted(self.groups) if self.groups else None,
+            group_budget=self._kwargs["group_budget"],
         )
 
     # ---- set-up ----------------------------------------------------------------------------------
@@ -198,7 +207,12 @@ class OnlineLLCCallback(Callback):
         kwargs["seed"] = self.seed + 104729 * rank
         gather = self._gather(trainer) if self._world_size > 1 else None
         self.monitor = OnlineLLC(
-            pl_module, self.loss_fn or _per_sample_method, num_samples=num_samples, gather=gather, **kwargs
+            pl_module,
+            self.loss_fn or _per_sample_method,
+            num_samples=num_samples,
+            gather=gather,
+            groups=self.groups,
+            **kwargs,
         )
         if self._pending_state is not None:
             self.monitor.load_state_dict(self._pending_state)
@@ -273,6 +287,15 @@ class OnlineLLCCallback(Callback):
             return
         if est is not None:
             self._log(trainer, pl_module, est)
+        if self.monitor.last_group_estimates:
+            metrics = {}
+            for name, g in self.monitor.last_group_estimates.items():
+                metrics[f"llc/{name}/mean"], metrics[f"llc/{name}/std"] = float(g.mean), float(g.std)
+            for k, v in metrics.items():
+                trainer.callback_metrics[k] = torch.tensor(v)
+            if trainer.is_global_zero:
+                for logger in trainer.loggers:
+                    logger.log_metrics(metrics, step=trainer.global_step)
 
     def _log(self, trainer: Any, pl_module: Any, est: LLCEstimate) -> None:
         values = (

@@ -15,6 +15,7 @@ from .config import DEFAULT_LOCALIZATION, DEFAULT_STEP_SCALE, resolve_hyperparam
 from .errors import MonitorError, NonFiniteDrawError, OnlineLLCError
 from .estimator import STATUSES, LLCEstimate, OnlineLLC, SmoothedPoint, Transition
 from .filter import FilterInfo, LLCFilter
+from .groups import groups_by_child, groups_by_linear, resolve_groups
 from .offline import LLCResult, estimate_llc
 from .sgld import SAMPLERS, LossFn, SGLDConfig, SGLDInfo, default_nbeta, sampler_step, sgld_step
 
@@ -28,6 +29,9 @@ __all__ = [
     "SmoothedPoint",
     "Transition",
     "LLCFilter",
+    "resolve_groups",
+    "groups_by_child",
+    "groups_by_linear",
     "FilterInfo",
     "estimate_llc",
     "LLCResult",

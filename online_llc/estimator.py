@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -44,6 +44,7 @@ from .config import (
 )
 from .errors import check_nonneg_int, check_positive_float, check_positive_int, reject_unknown
 from .filter import LLCFilter
+from .groups import resolve_groups
 from .shadow import ShadowSampler
 from .sgld import LossEvaluator, LossFn
 from .window import WindowStats, WindowSummary
@@ -180,6 +181,13 @@ class OnlineLLC:
         process_noise: see :class:`online_llc.filter.LLCFilter`.
         jump_threshold: see :class:`online_llc.filter.LLCFilter`.
         max_offset_norm: see :class:`online_llc.shadow.ShadowSampler`.
+        groups: parameter groups whose weight-refined LLC is tracked beside the whole model's
+            (Wang et al. 2024: sample only the group's weights, the rest held at the current
+            weights): a mapping of name to parameter-name patterns (``fnmatch``), modules or
+            parameters; see :mod:`online_llc.groups` for helpers. Groups must be disjoint.
+        group_budget: group shadow steps per shadow step, spent round-robin over the groups:
+            the overhead does not grow with the number of groups, each group is observed every
+            ``len(groups) / group_budget`` shadow steps, and its band widens in between.
         gather: for distributed training, a collective that concatenates every rank's window
             draws along the chain axis (see :class:`online_llc.window.WindowStats`); every rank
             then holds the same window summaries and the same filter state. Give each rank its
@@ -222,6 +230,8 @@ class OnlineLLC:
         gather: Optional[Callable[[np.ndarray], np.ndarray]] = None,
         sampler: str = "sgld",
         friction: float = 0.1,
+        groups: Optional[Mapping[str, Any]] = None,
+        group_budget: int = 1,
         **kwargs: Any,
     ) -> None:
         reject_unknown("OnlineLLC()", kwargs)
@@ -249,20 +259,35 @@ class OnlineLLC:
         self.confidence = confidence
         self._z = float(_normal.ppf(0.5 + confidence / 2))
 
+        self.group_budget = check_positive_int("group_budget", group_budget)
         self.evaluator = LossEvaluator(model, loss_fn)
-        self.sampler = ShadowSampler(
-            self.evaluator, self.config, num_chains=num_chains, seed=seed, max_offset_norm=max_offset_norm
-        )
-        self.stats = WindowStats(window, num_chains, horizon=DEFAULT_HORIZON, gather=gather)
-        self.filter = LLCFilter(process_noise=process_noise, jump_threshold=jump_threshold)
+
+        def track(evaluator: LossEvaluator, track_seed: int) -> _Track:
+            return _Track(
+                ShadowSampler(
+                    evaluator, self.config, num_chains=num_chains, seed=track_seed, max_offset_norm=max_offset_norm
+                ),
+                WindowStats(window, num_chains, horizon=DEFAULT_HORIZON, gather=gather),
+                LLCFilter(process_noise=process_noise, jump_threshold=jump_threshold),
+                warmup=self.warmup,
+                z=self._z,
+            )
+
+        self._model = track(self.evaluator, seed)
+        # Each group's chains move only its own parameters (disjoint groups: together their
+        # offsets are one copy of the model's trainable parameters).
+        resolved = resolve_groups(model, groups) if groups is not None else {}
+        self._groups: Dict[str, _Track] = {
+            name: track(LossEvaluator(model, loss_fn, param_names=names), seed + 7919 * (i + 1))
+            for i, (name, names) in enumerate(resolved.items())
+        }
         self._init_counters()
 
     def _init_counters(self) -> None:
         self.step = 0
         self.shadow_steps = 0
-        self._warmup_left = [self.warmup] * self.num_chains
-        self._last_jump = False
-        self._history: List[LLCEstimate] = []
+        self._next_group = 0
+        self.last_group_estimates: Dict[str, LLCEstimate] = {}
 
     # ---- the public loop --------------------------------------------------------------------------
     def update(self, batch: Any, step: Optional[int] = None) -> Optional[LLCEstimate]:
@@ -289,27 +314,26 @@ class OnlineLLC:
         return step if step % self.every_n_steps == 0 else None
 
     def _shadow_step(self, batch: Any, step: int) -> Optional[LLCEstimate]:
-        out = self.sampler.step(batch)
+        # Counted once the whole-model step succeeded: a failing loss leaves the count as it was.
+        est = self._model.shadow_step(batch, step, self.shadow_steps + 1)
         self.shadow_steps += 1
-        # Every chain adds a draw at every shadow step, so windows close (and, under DDP, their
-        # collective runs) at the same step on every rank. A reset chain adds a flagged
-        # placeholder (its draw is meaningless and may be non-finite); a warming chain a flagged draw.
-        d, v, flags = [], [], []
-        for c, (info, bad) in enumerate(zip(out.infos, out.diverged)):
-            if bad:
-                d.append(0.0)
-                v.append(0.0)
-                flags.append(1)
-                self._warmup_left[c] = self.warmup
-            else:
-                d.append(info.draw)
-                v.append(info.noise_var)
-                flags.append(2 if self._warmup_left[c] > 0 else 0)
-                self._warmup_left[c] = max(self._warmup_left[c] - 1, 0)
-        summary = self.stats.update(d, v, step, flags=flags)
-        if summary is None:
-            return None
-        return self._close_window(summary)
+        self._step_groups(batch, step)
+        return est
+
+    def _step_groups(self, batch: Any, step: int) -> None:
+        # A fixed budget of group shadow steps per shadow step, round-robin over the groups:
+        # the cost does not grow with the number of groups; each group is observed every
+        # len(groups) / group_budget shadow steps and its band widens in between.
+        self.last_group_estimates = {}
+        if not self._groups:
+            return
+        names = list(self._groups)
+        for _ in range(min(self.group_budget, len(names))):
+            name = names[self._next_group % len(names)]
+            self._next_group += 1
+            est = self._groups[name].shadow_step(batch, step, self.shadow_steps)
+            if est is not None:
+                self.last_group_estimates[name] = est
 
     def skip_step(self, step: Optional[int] = None) -> Optional[LLCEstimate]:
         """Advance the step counter without sampling, adding flagged placeholder draws when a
@@ -323,11 +347,187 @@ class OnlineLLC:
         if step is None:
             return None
         self.shadow_steps += 1
+        est = self._model.skip(step, self.shadow_steps)
+        self.last_group_estimates = {}
+        names = list(self._groups)
+        for _ in range(min(self.group_budget, len(names))):
+            name = names[self._next_group % len(names)]
+            self._next_group += 1
+            self._groups[name].skip(step, self.shadow_steps)
+        return est
+
+    # ---- results ----------------------------------------------------------------------------------
+    @property
+    def sampler(self) -> ShadowSampler:
+        """The whole-model chains."""
+        return self._model.sampler
+
+    @property
+    def stats(self) -> WindowStats:
+        """The whole-model window statistics."""
+        return self._model.stats
+
+    @property
+    def filter(self) -> LLCFilter:
+        """The whole-model filter."""
+        return self._model.filter
+
+    @property
+    def estimate(self) -> Optional[LLCEstimate]:
+        """The latest whole-model estimate (``None`` before the first window closes)."""
+        return self._model.history[-1] if self._model.history else None
+
+    def history(self) -> List[LLCEstimate]:
+        """All whole-model estimates so far, oldest first (one per window: memory grows by one
+        record per ``every_n_steps * window`` training steps)."""
+        return list(self._model.history)
+
+    @property
+    def groups(self) -> Dict[str, List[str]]:
+        """The parameter groups (name -> parameter names) tracked beside the whole model."""
+        return {name: list(t.sampler.evaluator.param_names) for name, t in self._groups.items()}
+
+    def group_history(self, name: str) -> List[LLCEstimate]:
+        """All estimates of group ``name``'s weight-refined LLC, oldest first."""
+        return list(self._group(name).history)
+
+    def group_estimates(self) -> Dict[str, Optional[LLCEstimate]]:
+        """The latest estimate of every group (``None`` for a group with no window yet)."""
+        return {name: (t.history[-1] if t.history else None) for name, t in self._groups.items()}
+
+    def group_band(self, name: str, step: Optional[int] = None) -> Tuple[float, float]:
+        """Group ``name``'s predicted mean and std at ``step`` (default: the current step): the
+        band widens across the gap since the group was last observed."""
+        t = self._group(name)
+        if not t.filter.initialized:
+            return math.nan, math.inf
+        return t.filter.predict(self.step if step is None else step)
+
+    def _group(self, name: str) -> "_Track":
+        if name not in self._groups:
+            raise KeyError(f"No group {name!r}; the groups are {list(self._groups)}.")
+        return self._groups[name]
+
+    def smoothed(self, group: Optional[str] = None) -> List[SmoothedPoint]:
+        """The retrospective curve: the Rauch-Tung-Striebel smoothing of every window the filter
+        absorbed (warm-up and diverged windows are not part of it). Each point uses all windows,
+        so the curve has no lag and a narrower band than the live one; it changes as windows
+        arrive. Memory is bounded by the filter's ``max_history``. ``group``: a group's curve
+        instead of the whole model's."""
+        return (self._model if group is None else self._group(group)).smoothed()
+
+    def transitions(self, group: Optional[str] = None) -> List[Transition]:
+        """Stage boundaries: maximal runs of ``transition`` windows, with the smoothed level just
+        before and just after each (what one would mark by eye on the smoothed curve)."""
+        return (self._model if group is None else self._group(group)).transitions()
+
+    @property
+    def divergences(self) -> int:
+        """Number of whole-model chain resets so far."""
+        return self.sampler.divergences
+
+    def reset(self) -> None:
+        """Start over: chains at zero offset, empty windows, fresh filters, empty histories."""
+        for t in [self._model, *self._groups.values()]:
+            t.reset()
+        self._init_counters()
+
+    # ---- checkpointing ----------------------------------------------------------------------------
+    def _settings(self) -> Dict[str, Any]:
+        return {
+            "sampler": self.config.sampler,
+            "nbeta": self.config.nbeta,
+            "localization": self.config.localization,
+            "step_size": self.config.step_size,
+            "every_n_steps": self.every_n_steps,
+            "window": self.window,
+            "num_chains": self.num_chains,
+            "warmup": self.warmup,
+            "groups": sorted(self._groups),
+            "group_budget": self.group_budget,
+        }
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to continue exactly: chains (offsets and generator states, as
+        tensors), windows, filters, counters and histories (plain Python values)."""
+        state = {
+            "version": 1,
+            "settings": self._settings(),
+            "step": self.step,
+            "shadow_steps": self.shadow_steps,
+            "next_group": self._next_group,
+            "groups": {name: t.state_dict() for name, t in self._groups.items()},
+        }
+        state.update(self._model.state_dict())
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict` taken from a monitor with the same settings."""
+        if state.get("version") != 1:
+            raise ValueError(f"Expected an OnlineLLC state of version 1, got {state.get('version')!r}.")
+        mine = self._settings()
+        for k, v in state["settings"].items():
+            if k not in mine or (mine[k] != v and not (isinstance(v, float) and math.isclose(v, mine[k]))):
+                raise ValueError(f"Expected the state's `{k}` to be {mine.get(k)!r} like this monitor's, got {v!r}.")
+        self._model.load_state_dict(state)
+        for name, t in self._groups.items():
+            t.load_state_dict(state["groups"][name])
+        self.step = int(state["step"])
+        self.shadow_steps = int(state["shadow_steps"])
+        self._next_group = int(state.get("next_group", 0))
+
+
+class _Track:
+    """One estimated quantity (the whole model's LLC, or one group's weight-refined LLC): its
+    chains, window statistics, filter and history. Owned by :class:`OnlineLLC`."""
+
+    def __init__(
+        self, sampler: ShadowSampler, stats: WindowStats, filt: LLCFilter, *, warmup: int, z: float
+    ) -> None:
+        self.sampler, self.stats, self.filter = sampler, stats, filt
+        self.warmup, self._z = warmup, z
+        self.num_chains = sampler.num_chains
+        self._init()
+
+    def _init(self) -> None:
+        self.warmup_left = [self.warmup] * self.num_chains
+        self.last_jump = False
+        self.history: List[LLCEstimate] = []
+
+    def reset(self) -> None:
+        for c in range(self.num_chains):
+            self.sampler.reset_chain(c)
+        self.sampler.divergences = 0
+        self.stats.reset()
+        self.filter.reset()
+        self._init()
+
+    def shadow_step(self, batch: Any, step: int, shadow_steps: int) -> Optional[LLCEstimate]:
+        out = self.sampler.step(batch)
+        # Every chain adds a draw at every shadow step, so windows close (and, under DDP, their
+        # collective runs) at the same step on every rank. A reset chain adds a flagged
+        # placeholder (its draw is meaningless and may be non-finite); a warming chain a flagged draw.
+        d, v, flags = [], [], []
+        for c, (info, bad) in enumerate(zip(out.infos, out.diverged)):
+            if bad:
+                d.append(0.0)
+                v.append(0.0)
+                flags.append(1)
+                self.warmup_left[c] = self.warmup
+            else:
+                d.append(info.draw)
+                v.append(info.noise_var)
+                flags.append(2 if self.warmup_left[c] > 0 else 0)
+                self.warmup_left[c] = max(self.warmup_left[c] - 1, 0)
+        summary = self.stats.update(d, v, step, flags=flags)
+        return None if summary is None else self._close_window(summary, shadow_steps)
+
+    def skip(self, step: int, shadow_steps: int) -> Optional[LLCEstimate]:
         n = self.num_chains
         summary = self.stats.update([0.0] * n, [0.0] * n, step, flags=[1] * n)
-        return None if summary is None else self._close_window(summary)
+        return None if summary is None else self._close_window(summary, shadow_steps)
 
-    def _close_window(self, s: WindowSummary) -> LLCEstimate:
+    def _close_window(self, s: WindowSummary, shadow_steps: int) -> LLCEstimate:
         status: str
         nis = math.nan
         if s.diverged_draws or s.warmup_draws:
@@ -341,13 +541,13 @@ class OnlineLLC:
             r_test = max(s.se_window**2, 1e-300)
             mean, std, info = self.filter.update(s.mean, r, s.end_step, r_test=r_test)
             slope, nis = self.filter.slope, info.nis
-            if info.jump or self._last_jump:
+            if info.jump or self.last_jump:
                 status = "transition"
             elif mean + self._z * std < 0:
                 status = "not_at_minimum"
             else:
                 status = "tracking"
-            self._last_jump = info.jump
+            self.last_jump = info.jump
             if info.jump:
                 # The past windows describe the old level: they would read the jump as correlation.
                 self.stats.clear_history()
@@ -367,28 +567,13 @@ class OnlineLLC:
             ess=s.ess,
             nis=nis,
             window_start=s.start_step,
-            shadow_steps=self.shadow_steps,
+            shadow_steps=shadow_steps,
             divergences=self.sampler.divergences,
         )
-        self._history.append(est)
+        self.history.append(est)
         return est
 
-    # ---- results ----------------------------------------------------------------------------------
-    @property
-    def estimate(self) -> Optional[LLCEstimate]:
-        """The latest estimate (``None`` before the first window closes)."""
-        return self._history[-1] if self._history else None
-
-    def history(self) -> List[LLCEstimate]:
-        """All estimates so far, oldest first (one per window: memory grows by one record per
-        ``every_n_steps * window`` training steps)."""
-        return list(self._history)
-
     def smoothed(self) -> List[SmoothedPoint]:
-        """The retrospective curve: the Rauch-Tung-Striebel smoothing of every window the filter
-        absorbed (warm-up and diverged windows are not part of it). Each point uses all windows,
-        so the curve has no lag and a narrower band than the live one; it changes as windows
-        arrive. Memory is bounded by the filter's ``max_history``."""
         steps, mean, std, slope = self.filter.smooth()
         z = self._z
         return [
@@ -397,13 +582,11 @@ class OnlineLLC:
         ]
 
     def transitions(self) -> List[Transition]:
-        """Stage boundaries: maximal runs of ``transition`` windows, with the smoothed level just
-        before and just after each (what one would mark by eye on the smoothed curve)."""
         smooth = {p.step: p.mean for p in self.smoothed()}
-        fed = [e for e in self._history if e.step in smooth]
+        fed = [e for e in self.history if e.step in smooth]
         out: List[Transition] = []
         run: List[LLCEstimate] = []
-        for e in self._history + [None]:  # type: ignore[operator]
+        for e in self.history + [None]:  # type: ignore[operator]
             if e is not None and e.status == "transition":
                 run.append(e)
                 continue
@@ -421,62 +604,20 @@ class OnlineLLC:
                 run = []
         return out
 
-    @property
-    def divergences(self) -> int:
-        """Number of chain resets so far."""
-        return self.sampler.divergences
-
-    def reset(self) -> None:
-        """Start over: chains at zero offset, empty window, fresh filter, empty history."""
-        for c in range(self.num_chains):
-            self.sampler.reset_chain(c)
-        self.sampler.divergences = 0
-        self.stats.reset()
-        self.filter.reset()
-        self._init_counters()
-
-    # ---- checkpointing ----------------------------------------------------------------------------
-    def _settings(self) -> Dict[str, Any]:
-        return {
-            "sampler": self.config.sampler,
-            "nbeta": self.config.nbeta,
-            "localization": self.config.localization,
-            "step_size": self.config.step_size,
-            "every_n_steps": self.every_n_steps,
-            "window": self.window,
-            "num_chains": self.num_chains,
-            "warmup": self.warmup,
-        }
-
     def state_dict(self) -> Dict[str, Any]:
-        """Everything needed to continue exactly: chains (offsets and generator states, as
-        tensors), window, filter, counters and history (plain Python values)."""
         return {
-            "version": 1,
-            "settings": self._settings(),
-            "step": self.step,
-            "shadow_steps": self.shadow_steps,
-            "warmup_left": list(self._warmup_left),
-            "last_jump": self._last_jump,
+            "warmup_left": list(self.warmup_left),
+            "last_jump": self.last_jump,
             "sampler": self.sampler.state_dict(),
             "window_stats": self.stats.state_dict(),
             "filter": self.filter.state_dict(),
-            "history": [e.to_dict() for e in self._history],
+            "history": [e.to_dict() for e in self.history],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict` taken from a monitor with the same settings."""
-        if state.get("version") != 1:
-            raise ValueError(f"Expected an OnlineLLC state of version 1, got {state.get('version')!r}.")
-        mine = self._settings()
-        for k, v in state["settings"].items():
-            if k not in mine or (mine[k] != v and not (isinstance(v, float) and math.isclose(v, mine[k]))):
-                raise ValueError(f"Expected the state's `{k}` to be {mine.get(k)!r} like this monitor's, got {v!r}.")
         self.sampler.load_state_dict(state["sampler"])
         self.stats.load_state_dict(state["window_stats"])
         self.filter.load_state_dict(state["filter"])
-        self.step = int(state["step"])
-        self.shadow_steps = int(state["shadow_steps"])
-        self._warmup_left = [int(w) for w in state["warmup_left"]]
-        self._last_jump = bool(state["last_jump"])
-        self._history = [LLCEstimate(**e) for e in state["history"]]
+        self.warmup_left = [int(w) for w in state["warmup_left"]]
+        self.last_jump = bool(state["last_jump"])
+        self.history = [LLCEstimate(**e) for e in state["history"]]

@@ -8,7 +8,7 @@ offline estimates differ only in where the centre sits and how the draws are agg
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Iterable, Iterator, Optional
+from typing import Any, Dict, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -16,6 +16,7 @@ from torch import nn
 
 from .config import DEFAULT_BURN_IN, DEFAULT_LOCALIZATION, DEFAULT_NUM_DRAWS, resolve_hyperparameters
 from .errors import NonFiniteDrawError, check_nonneg_int, check_positive_int, reject_unknown
+from .groups import resolve_groups
 from .sgld import LossEvaluator, LossFn, init_aux, sampler_step
 from .window import summarize
 
@@ -110,6 +111,7 @@ def estimate_llc(
     seed: int = 0,
     sampler: str = "sgld",
     friction: float = 0.1,
+    params: Optional[Sequence[Any]] = None,
     **kwargs: Any,
 ) -> LLCResult:
     """Estimate the local learning coefficient of ``model`` at its current weights ``w*``.
@@ -143,6 +145,9 @@ def estimate_llc(
         sampler: ``"sgld"`` (default), ``"rmsprop_sgld"`` or ``"sghmc"``; see
             :class:`online_llc.sgld.SGLDConfig`.
         friction: SGHMC's friction ``alpha`` in (0, 1] (1 is SGLD).
+        params: sample only these parameters (parameter-name patterns, modules or parameters, as
+            in :mod:`online_llc.groups`), the rest held at ``w*``: the weight-refined LLC of that
+            group (Wang et al. 2024). ``None``: all trainable parameters.
 
     Returns:
         An :class:`LLCResult` with the estimate, its standard error, the draws and diagnostics.
@@ -177,7 +182,8 @@ def estimate_llc(
         sampler=sampler,
         friction=friction,
     )
-    evaluator = LossEvaluator(model, loss_fn)
+    names = None if params is None else resolve_groups(model, {"params": list(params)})["params"]
+    evaluator = LossEvaluator(model, loss_fn, param_names=names)
     center = {n: t.clone() for n, t in evaluator.center().items()}
     device = next(iter(center.values())).device
     devices = sorted({t.device.index or 0 for t in center.values() if t.device.type == "cuda"})

@@ -12,8 +12,8 @@ higher. Reduced-rank regression is the three-width case, and one layer is a regu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator, List, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Mapping, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +27,8 @@ __all__ = [
     "GaussianNLL",
     "ShuffledBatches",
     "deep_linear_problem",
+    "BlockModel",
+    "block_problem",
     "StagewiseProblem",
     "stagewise_dln_problem",
 ]
@@ -97,6 +99,7 @@ class KnownLambdaProblem:
         num_samples: ``n``.
         lam: theoretical learning coefficient.
         multiplicity: its multiplicity.
+        parts: for a block model, each block's learning coefficient by block name.
     """
 
     name: str
@@ -107,6 +110,7 @@ class KnownLambdaProblem:
     num_samples: int
     lam: float
     multiplicity: int
+    parts: Dict[str, float] = field(default_factory=dict)
 
     def state(self) -> List[Tensor]:
         """Copies of the model's parameters (for checking that an estimator left them alone)."""
@@ -273,4 +277,59 @@ def stagewise_dln_problem(
         widths=widths,
         teacher_singular_values=[float(s) for s in singular_values],
         lam_final=float(lam),
+    )
+
+
+class BlockModel(nn.Module):
+    """Independent sub-networks side by side: the input is split by the blocks' input widths,
+    each block maps its own slice, and the outputs are concatenated. With a loss that sums over
+    outputs the blocks are statistically independent, so learning coefficients add (the
+    whole model's is the sum of the blocks')."""
+
+    def __init__(self, blocks: Mapping[str, nn.Module], in_widths: Sequence[int]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleDict(blocks)
+        self.in_widths = list(in_widths)
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        parts = torch.split(x, self.in_widths, dim=-1)
+        return torch.cat([block(p) for block, p in zip(self.blocks.values(), parts)], dim=-1)
+
+
+def block_problem(
+    blocks: Mapping[str, Tuple[Sequence[int], int]],
+    *,
+    num_samples: int = 10240,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> KnownLambdaProblem:
+    """Deep linear networks side by side on separate inputs and outputs (block-diagonal truth).
+
+    Args:
+        blocks: ``{name: (widths, r)}``, each built as :func:`deep_linear_problem` builds it.
+        num_samples, batch_size, seed: as in :func:`deep_linear_problem` (block ``i`` uses seed
+            ``seed + 10 * i``).
+
+    Returns:
+        The problem: ``lam`` is the sum of the blocks', ``parts`` each block's; block ``name``'s
+        parameters are ``blocks.<name>.*``.
+    """
+    probs = {
+        name: deep_linear_problem(widths, r, num_samples=num_samples, batch_size=batch_size, seed=seed + 10 * i)
+        for i, (name, (widths, r)) in enumerate(blocks.items())
+    }
+    model = BlockModel({n: p.model for n, p in probs.items()}, [p.dataset.tensors[0].shape[1] for p in probs.values()])
+    x = torch.cat([p.dataset.tensors[0] for p in probs.values()], dim=1)
+    y = torch.cat([p.dataset.tensors[1] for p in probs.values()], dim=1)
+    parts = {n: p.lam for n, p in probs.items()}
+    return KnownLambdaProblem(
+        name="blocks " + " + ".join(f"{n}: {p.name}" for n, p in probs.items()),
+        model=model,
+        loss_fn=GaussianNLL(1.0),
+        dataset=TensorDataset(x, y),
+        batches=ShuffledBatches(x, y, batch_size=batch_size, seed=seed + 1),
+        num_samples=num_samples,
+        lam=float(sum(parts.values())),
+        multiplicity=1,
+        parts=parts,
     )

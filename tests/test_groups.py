@@ -1,0 +1,177 @@
+"""Per-module (weight-refined) LLC: group resolution, block-diagonal ground truth, a fixed budget,
+bands across gaps, checkpoints, per-group logging."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from online_llc import OnlineLLC, estimate_llc
+from online_llc.groups import groups_by_child, groups_by_linear, resolve_groups
+from online_llc.toy import block_problem
+
+BLOCKS = {"a": ([6, 6, 6], 2), "b": ([10, 3, 5], 1)}  # theory 16 and 11: the whole model's is 27
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+
+
+def test_resolve_groups_from_patterns_modules_and_parameters():
+    m = mlp()
+    got = resolve_groups(m, {"first": ["0.*"], "second": [m[2].weight, m[2].bias]})
+    assert got == {"first": ["0.weight", "0.bias"], "second": ["2.weight", "2.bias"]}
+    assert resolve_groups(m, {"all": m}) == {"all": ["0.weight", "0.bias", "2.weight", "2.bias"]}
+    assert groups_by_child(m) == {"0": ["0.*"], "2": ["2.*"]}
+    assert groups_by_linear(m) == {"0": ["0.weight", "0.bias"], "2": ["2.weight", "2.bias"]}
+
+
+@pytest.mark.parametrize(
+    "groups, error, match",
+    [
+        ({}, TypeError, r"Expected `groups` to be a non-empty mapping"),
+        ({"x": ["9.*"]}, ValueError, r"Expected group 'x''s entry '9\.\*' to match a trainable parameter, got none\."),
+        ({"x": ["0.*"], "y": ["0.weight"]}, ValueError,
+         r"Expected disjoint groups, got parameter '0\.weight' in both 'x' and 'y'\."),
+        ({"a/b": ["0.*"]}, ValueError, r"Expected group names to be non-empty strings without '/', got 'a/b'\."),
+        ({"x": [3]}, TypeError, r"Expected group 'x' to hold parameter-name patterns, modules or parameters, got 3\."),
+    ],
+)
+def test_bad_groups_are_named(groups, error, match):
+    with pytest.raises(error, match=match):
+        resolve_groups(mlp(), groups)
+    with pytest.raises(error, match=match):
+        OnlineLLC(mlp(), lambda m, b: m(b).sum(-1), num_samples=10, groups=groups)
+
+
+@pytest.mark.slow
+def test_block_diagonal_truth_per_group_and_whole():
+    """Two reduced-rank regressions side by side on separate inputs and outputs, weights frozen.
+    Each group's online estimate (averaged over the second half of its windows: a single window
+    moves by about its std, ~1) agrees with the offline weight-restricted estimate of that group
+    within 15%, and the whole model's with the sum of the groups' within 15% (learning
+    coefficients of independent blocks add). Against theory: block a within 15%; block b reads
+    12-16% low online (the offline estimator reads it 7-8% low at these settings), so its bound
+    here is 20% - a known shortfall, not the product's 15% target."""
+    p = block_problem(BLOCKS, seed=0)
+    offline = {g: estimate_llc(p.model, p.loss_fn, p.batches, num_samples=p.num_samples, params=[f"blocks.{g}.*"]).mean
+               for g in BLOCKS}
+    monitor = OnlineLLC(p.model, p.loss_fn, num_samples=p.num_samples, every_n_steps=1, window=50, seed=0,
+                        groups={g: [f"blocks.{g}.*"] for g in BLOCKS})
+    batches = list(p.batches)
+    for s in range(6000):
+        monitor.update(batches[s % len(batches)])
+    def late_mean(history):
+        late = history[len(history) // 2:]
+        assert all(e.status == "tracking" for e in late)
+        return sum(e.mean for e in late) / len(late)
+
+    groups = {g: late_mean(monitor.group_history(g)) for g in BLOCKS}
+    for g, mean in groups.items():
+        assert abs(mean / offline[g] - 1) < 0.15, (g, mean, offline[g])
+    assert abs(groups["a"] / p.parts["a"] - 1) < 0.15
+    assert abs(groups["b"] / p.parts["b"] - 1) < 0.20
+    whole = late_mean(monitor.history())
+    assert abs(whole / sum(groups.values()) - 1) < 0.15
+    assert abs(whole / p.lam - 1) < 0.15
+
+
+def test_fixed_budget_round_robin_and_bands_across_gaps():
+    """With 4 groups and a budget of 1, every shadow step runs the whole-model chain and exactly
+    one group's, in turn; a group's band at a later step is wider than at its last window."""
+    p = block_problem({"a": ([3, 2], 2), "b": ([3, 2], 2), "c": ([3, 2], 2), "d": ([3, 2], 2)},
+                      num_samples=512, batch_size=32, seed=0)
+    monitor = OnlineLLC(p.model, p.loss_fn, num_samples=512, every_n_steps=2, window=5, warmup=0,
+                        groups={g: [f"blocks.{g}.*"] for g in "abcd"})
+    batches = list(p.batches)
+    for s in range(160):
+        monitor.update(batches[s % len(batches)], step=s + 1)
+    assert monitor.shadow_steps == 80 and len(monitor.history()) == 16
+    # 80 group steps shared by 4 groups: 20 draws each, 4 windows of 5.
+    assert all(len(monitor.group_history(g)) == 4 for g in "abcd")
+    last = monitor.group_history("a")[-1]
+    _, std_now = monitor.group_band("a", step=last.step)
+    _, std_later = monitor.group_band("a", step=last.step + 500)
+    assert std_later > std_now == pytest.approx(last.std)
+    with pytest.raises(KeyError, match=r"No group 'z'; the groups are \['a', 'b', 'c', 'd'\]\."):
+        monitor.group_history("z")
+
+
+def test_groups_checkpoint_round_trip():
+    p = block_problem({"a": ([3, 2], 2), "b": ([4, 2], 2)}, num_samples=512, batch_size=32, seed=0)
+    kw = dict(num_samples=512, every_n_steps=1, window=5, warmup=2, groups={"a": ["blocks.a.*"], "b": ["blocks.b.*"]})
+    batches = list(p.batches)
+    full = OnlineLLC(p.model, p.loss_fn, **kw)
+    for s in range(90):
+        full.update(batches[s % len(batches)])
+    first = OnlineLLC(p.model, p.loss_fn, **kw)
+    for s in range(43):
+        first.update(batches[s % len(batches)])
+    resumed = OnlineLLC(p.model, p.loss_fn, **kw)
+    resumed.load_state_dict(first.state_dict())
+    for s in range(43, 90):
+        resumed.update(batches[s % len(batches)])
+    for g in "ab":
+        assert [e.mean for e in resumed.group_history(g)] == [e.mean for e in full.group_history(g)]
+    assert [e.mean for e in resumed.history()] == [e.mean for e in full.history()]
+    other = OnlineLLC(p.model, p.loss_fn, **{**kw, "groups": {"a": ["blocks.a.*"]}})
+    with pytest.raises(ValueError, match=r"Expected the state's `groups` to be \['a'\]"):
+        other.load_state_dict(first.state_dict())
+
+
+def test_offline_params_restricts_the_sampled_weights():
+    p = block_problem({"a": ([3, 2], 2), "b": ([4, 2], 2)}, num_samples=512, batch_size=32, seed=0)
+    res = estimate_llc(p.model, p.loss_fn, p.batches, num_samples=512, params=["blocks.a.*"],
+                       num_chains=1, num_draws=20, burn_in=0)
+    assert math.isfinite(res.mean)
+    with pytest.raises(ValueError, match=r"to match a trainable parameter, got none"):
+        estimate_llc(p.model, p.loss_fn, p.batches, num_samples=512, params=["nope.*"])
+
+
+def test_lightning_logs_each_group(tmp_path):
+    L = pytest.importorskip("lightning")
+    import csv
+    import warnings
+
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from online_llc.callbacks import OnlineLLCCallback
+
+    class Net(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+
+        def per_sample_loss(self, batch):
+            x, y = batch
+            return F.cross_entropy(self.net(x), y, reduction="none")
+
+        def training_step(self, batch, i):
+            return self.per_sample_loss(batch).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g)
+    y = x[:, :3].argmax(-1)
+    cb = OnlineLLCCallback(every_n_steps=1, window=3, warmup=0, groups={"first": ["net.0.*"], "second": ["net.2.*"]})
+    torch.manual_seed(0)
+    trainer = L.Trainer(max_steps=24, callbacks=[cb], logger=L.pytorch.loggers.CSVLogger(str(tmp_path)),
+                        accelerator="cpu", enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Net(), DataLoader(TensorDataset(x, y), batch_size=8))
+    rows = list(csv.DictReader(open(next(tmp_path.glob("lightning_logs/version_*/metrics.csv")))))
+    for name in ("first", "second"):
+        logged = [float(r[f"llc/{name}/mean"]) for r in rows if r.get(f"llc/{name}/mean")]
+        # 24 group steps shared by 2 groups: 12 draws each, 4 windows of 3.
+        assert logged == [e.mean for e in cb.monitor.group_history(name)] and len(logged) == 4
+        assert all(r.get(f"llc/{name}/std") for r in rows if r.get(f"llc/{name}/mean"))
+    assert "llc/first/mean" in trainer.callback_metrics
