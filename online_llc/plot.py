@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import csv
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .estimator import STATUSES, LLCEstimate
 
-__all__ = ["plot_llc", "write_csv", "read_run", "read_loss", "CSV_FIELDS"]
+__all__ = ["plot_llc", "plot_groups", "write_csv", "read_run", "read_loss", "CSV_FIELDS"]
 
 #: Columns of the CSV written by :func:`write_csv` (LLCEstimate fields, then extra columns).
 CSV_FIELDS = list(LLCEstimate.__dataclass_fields__)
@@ -197,3 +197,40 @@ def read_run(path: str) -> List[LLCEstimate]:
         except (KeyError, ValueError, IndexError) as exc:
             raise ValueError(f"{path}, line {i}: not a valid LLC row ({exc}).") from None
     return out
+
+
+def plot_groups(histories: Mapping[str, Sequence[LLCEstimate]], *, ax: Any = None, title: Optional[str] = None) -> Any:
+    """Every group's LLC band on one axes (symmetric-log when values change sign or span decades).
+
+    Args:
+        histories: group name -> its estimates (``OnlineLLC.group_history(name)``).
+        ax: a matplotlib Axes (a new figure when ``None``).
+        title: axes title.
+
+    Returns:
+        The Axes.
+    """
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9, 4.5))
+    values: List[float] = []
+    for i, (name, history) in enumerate(histories.items()):
+        color = f"C{i}"
+        settled = [e for e in history if e.status != "warming_up"] or list(history)
+        if not settled:
+            continue
+        steps = [e.step for e in settled]
+        ax.fill_between(steps, [e.lower for e in settled], [e.upper for e in settled], color=color, alpha=0.2,
+                        linewidth=0)
+        ax.plot(steps, [e.mean for e in settled], color=color, linewidth=1.5, label=name)
+        values += [v for e in settled for v in (e.lower, e.upper) if math.isfinite(v)]
+    if values and (min(values) < 0 < max(values)):
+        ax.set_yscale("symlog", linthresh=1.0)
+    ax.axhline(0, color="#888888", linewidth=0.5)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("weight-refined LLC")
+    if title:
+        ax.set_title(title)
+    ax.legend(loc="best", fontsize=8)
+    return ax

@@ -69,3 +69,9 @@ def test_lightning_demo_csv_plots(tmp_path):
     out_png = tmp_path / "from_lightning.png"
     assert main(["plot", str(metrics), "-o", str(out_png)]) == 0
     assert out_png.stat().st_size > 10_000
+
+
+def test_groups_demo_writes_every_unit(tmp_path):
+    assert main(["demo", "groups", "--out", str(tmp_path), "--steps", "1500", "--no-plot"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "groups.csv")))
+    assert {r["unit"] for r in rows} == {"model", "fast", "slow"}

@@ -3,6 +3,7 @@
 * ``stagewise`` - :mod:`online_llc.demos.stagewise_dln`: a deep linear network learns in stages.
 * ``lightning`` - :mod:`online_llc.demos.lightning_mlp`: the Lightning callback with a CSV logger.
 * ``grokking`` - :mod:`online_llc.demos.grokking`: modular addition, memorised then grokked.
+* ``groups`` - :mod:`online_llc.demos.groups`: per-module LLC of two blocks that learn at different times.
 """
 
 from __future__ import annotations
@@ -12,4 +13,5 @@ DEMOS = {
     "stagewise": "online_llc.demos.stagewise_dln",
     "lightning": "online_llc.demos.lightning_mlp",
     "grokking": "online_llc.demos.grokking",
+    "groups": "online_llc.demos.groups",
 }
