@@ -6,7 +6,7 @@ import inspect
 import os
 
 import online_llc
-from online_llc import plot, theory, toy
+from online_llc import groups, plot, theory, toy
 from online_llc.callbacks import lightning as cb_lightning
 
 SECTIONS = [
@@ -14,6 +14,7 @@ SECTIONS = [
                                 "LLCFilter", "FilterInfo", "SGLDConfig", "SGLDInfo", "sgld_step", "default_nbeta",
                                 "NonFiniteDrawError", "MonitorError"]),
     ("online_llc.callbacks", cb_lightning, ["OnlineLLCCallback", "LOGGED_KEYS"]),
+    ("online_llc.groups", groups, groups.__all__),
     ("online_llc.theory", theory, theory.__all__),
     ("online_llc.toy", toy, toy.__all__),
     ("online_llc.plot", plot, plot.__all__),
