@@ -50,13 +50,15 @@ def test_bad_groups_are_named(groups, error, match):
 
 @pytest.mark.slow
 def test_block_diagonal_truth_per_group_and_whole():
-    """Two reduced-rank regressions side by side on separate inputs and outputs, weights frozen.
-    Each group's online estimate (averaged over the second half of its windows: a single window
-    moves by about its std, ~1) agrees with the offline weight-restricted estimate of that group
-    within 15%, and the whole model's with the sum of the groups' within 15% (learning
-    coefficients of independent blocks add). Against theory: block a within 15%; block b reads
-    12-16% low online (the offline estimator reads it 7-8% low at these settings), so its bound
-    here is 20% - a known shortfall, not the product's 15% target."""
+    """Two reduced-rank regressions side by side on separate inputs and outputs, weights frozen,
+    batches reshuffled every pass as in training. Each group's online estimate (averaged over the
+    second half of its windows: a single window moves by about its std, ~1) agrees with the
+    offline weight-restricted estimate of that group and with its theory within 15%, and the
+    whole model's with the sum of the groups' within 15% (learning coefficients of independent
+    blocks add). 15% is the product's accuracy criterion; measured: a +2%, b -9%, whole -4%.
+    (Cycling a fixed list of an even number of batches would show group b only every other batch,
+    a fixed half of the data, and read it ~10% lower: the chain settles towards that half's own
+    minimum.)"""
     p = block_problem(BLOCKS, seed=0)
     offline = {g: estimate_llc(p.model, p.loss_fn, p.batches, num_samples=p.num_samples, params=[f"blocks.{g}.*"]).mean
                for g in BLOCKS}
@@ -73,8 +75,8 @@ def test_block_diagonal_truth_per_group_and_whole():
     groups = {g: late_mean(monitor.group_history(g)) for g in BLOCKS}
     for g, mean in groups.items():
         assert abs(mean / offline[g] - 1) < 0.15, (g, mean, offline[g])
-    assert abs(groups["a"] / p.parts["a"] - 1) < 0.15
-    assert abs(groups["b"] / p.parts["b"] - 1) < 0.20
+    for g, mean in groups.items():
+        assert abs(mean / p.parts[g] - 1) < 0.15, (g, mean, p.parts[g])
     whole = late_mean(monitor.history())
     assert abs(whole / sum(groups.values()) - 1) < 0.15
     assert abs(whole / p.lam - 1) < 0.15
