@@ -15,7 +15,7 @@ from .config import DEFAULT_LOCALIZATION, DEFAULT_STEP_SCALE, resolve_hyperparam
 from .errors import MonitorError, NonFiniteDrawError, OnlineLLCError
 from .estimator import STATUSES, LLCEstimate, OnlineLLC, SmoothedPoint, Transition
 from .filter import FilterInfo, LLCFilter
-from .groups import groups_by_child, groups_by_linear, resolve_groups
+from .groups import ParamSlice, attention_heads, groups_by_child, groups_by_linear, resolve_groups
 from .offline import LLCResult, estimate_llc
 from .sgld import SAMPLERS, LossFn, SGLDConfig, SGLDInfo, default_nbeta, sampler_step, sgld_step
 
@@ -30,6 +30,8 @@ __all__ = [
     "Transition",
     "LLCFilter",
     "resolve_groups",
+    "ParamSlice",
+    "attention_heads",
     "groups_by_child",
     "groups_by_linear",
     "FilterInfo",

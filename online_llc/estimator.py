@@ -44,7 +44,7 @@ from .config import (
 )
 from .errors import check_nonneg_int, check_positive_float, check_positive_int, reject_unknown
 from .filter import LLCFilter
-from .groups import resolve_groups
+from .groups import resolve_group_masks
 from .shadow import ShadowSampler
 from .sgld import LossEvaluator, LossFn
 from .window import WindowStats, WindowSummary
@@ -262,10 +262,15 @@ class OnlineLLC:
         self.group_budget = check_positive_int("group_budget", group_budget)
         self.evaluator = LossEvaluator(model, loss_fn)
 
-        def track(evaluator: LossEvaluator, track_seed: int) -> _Track:
+        def track(evaluator: LossEvaluator, track_seed: int, masks: Optional[Dict[str, Any]] = None) -> _Track:
             return _Track(
                 ShadowSampler(
-                    evaluator, self.config, num_chains=num_chains, seed=track_seed, max_offset_norm=max_offset_norm
+                    evaluator,
+                    self.config,
+                    num_chains=num_chains,
+                    seed=track_seed,
+                    max_offset_norm=max_offset_norm,
+                    masks=masks,
                 ),
                 WindowStats(window, num_chains, horizon=DEFAULT_HORIZON, gather=gather),
                 LLCFilter(process_noise=process_noise, jump_threshold=jump_threshold),
@@ -276,10 +281,10 @@ class OnlineLLC:
         self._model = track(self.evaluator, seed)
         # Each group's chains move only its own parameters (disjoint groups: together their
         # offsets are one copy of the model's trainable parameters).
-        resolved = resolve_groups(model, groups) if groups is not None else {}
+        resolved = resolve_group_masks(model, groups) if groups is not None else {}
         self._groups: Dict[str, _Track] = {
-            name: track(LossEvaluator(model, loss_fn, param_names=names), seed + 7919 * (i + 1))
-            for i, (name, names) in enumerate(resolved.items())
+            name: track(LossEvaluator(model, loss_fn, param_names=list(masks)), seed + 7919 * (i + 1), masks)
+            for i, (name, masks) in enumerate(resolved.items())
         }
         self._init_counters()
 

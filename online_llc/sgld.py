@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Protocol, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Protocol, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -304,12 +304,15 @@ def sampler_step(
     *,
     config: SGLDConfig,
     generator: torch.Generator,
+    masks: Optional[Mapping[str, Tensor]] = None,
 ) -> Tuple[Dict[str, Tensor], Dict[str, Tensor], SGLDInfo]:
     """One step of ``config.sampler`` (see :class:`SGLDConfig`) on ``offset`` around ``center``.
 
     Args:
         evaluator, center, offset, batch, config, generator: as in :func:`sgld_step`.
         aux: the sampler's extra state (:func:`init_aux`): SGHMC momentum or RMSProp moments.
+        masks: per parameter, a boolean mask: the chain moves only those entries (the offset and
+            the sampler's state stay zero elsewhere), e.g. one attention head's slice.
 
     Returns:
         ``(new_offset, new_aux, info)``; unchanged state when the losses are not finite.
@@ -398,5 +401,10 @@ def sampler_step(
                 if noise is not None:
                     new.add_(noise * precond.sqrt(), alpha=noise_std)
                 new_aux[name] = v2
+            mask = masks.get(name) if masks else None
+            if mask is not None:
+                new.mul_(mask)
+                if name in new_aux:
+                    new_aux[name] = new_aux[name] * mask
             new_offset[name] = new
     return new_offset, new_aux, info

@@ -27,6 +27,10 @@ from .sgld import LossEvaluator, SGLDConfig, SGLDInfo, init_aux, sampler_step
 __all__ = ["ShadowStep", "ShadowSampler"]
 
 
+def _device_of(evaluator: LossEvaluator) -> torch.device:
+    return next(iter(evaluator.center().values())).device
+
+
 @dataclass(frozen=True)
 class ShadowStep:
     """One shadow step of every chain.
@@ -63,6 +67,7 @@ class ShadowSampler:
         config: ``nbeta``, ``localization``, ``step_size``.
         num_chains: number of chains.
         seed: chain ``c`` draws from a generator seeded with ``seed * 1000003 + c``.
+        masks: per parameter, the entries the chains may move (see :func:`~online_llc.sgld.sampler_step`).
         max_offset_norm: reset a chain whose ``||xi||`` exceeds this. ``None``: ``20 * sqrt(d / gamma)``,
             twenty times the offset norm of the localization prior alone (``d`` sampled
             parameters), or no limit when ``gamma = 0``.
@@ -76,8 +81,10 @@ class ShadowSampler:
         num_chains: int,
         seed: int,
         max_offset_norm: Optional[float] = None,
+        masks: Optional[Mapping[str, Tensor]] = None,
     ) -> None:
         self.evaluator = evaluator
+        self.masks = {n: m.to(_device_of(evaluator)) for n, m in (masks or {}).items() if m is not None}
         self.config = config
         self.num_chains = num_chains
         self.seed = seed
@@ -114,6 +121,7 @@ class ShadowSampler:
                 batch,
                 config=self.config,
                 generator=self.generators[c],
+                masks=self.masks,
             )
             # A runaway offset is caught through the norm the kernel reports (before its update),
             # one step late: the kernel then sees a non-finite loss or a norm above the limit.

@@ -38,7 +38,7 @@ def test_resolve_groups_from_patterns_modules_and_parameters():
         ({"x": ["0.*"], "y": ["0.weight"]}, ValueError,
          r"Expected disjoint groups, got parameter '0\.weight' in both 'x' and 'y'\."),
         ({"a/b": ["0.*"]}, ValueError, r"Expected group names to be non-empty strings without '/', got 'a/b'\."),
-        ({"x": [3]}, TypeError, r"Expected group 'x' to hold parameter-name patterns, modules or parameters, got 3\."),
+        ({"x": [3]}, TypeError, r"Expected group 'x' to hold parameter-name patterns, modules, parameters or ParamSlices, got 3\."),
     ],
 )
 def test_bad_groups_are_named(groups, error, match):
@@ -177,3 +177,45 @@ def test_lightning_logs_each_group(tmp_path):
         assert logged == [e.mean for e in cb.monitor.group_history(name)] and len(logged) == 4
         assert all(r.get(f"llc/{name}/std") for r in rows if r.get(f"llc/{name}/mean"))
     assert "llc/first/mean" in trainer.callback_metrics
+
+
+class TinyAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x):
+        out, _ = self.attn(x, x, x, need_weights=False)
+        return self.head(out.mean(1)).squeeze(-1)
+
+
+def test_attention_heads_move_only_their_slices():
+    from online_llc.groups import attention_heads
+
+    model = TinyAttention()
+    heads = attention_heads(model.attn, "attn")
+    assert list(heads) == ["attn.head0", "attn.head1"]
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 5, 8, generator=g), torch.randn(64, generator=g)
+
+    def loss_fn(m, batch):
+        return 0.5 * (m(batch[0]) - batch[1]).pow(2)
+
+    monitor = OnlineLLC(model, loss_fn, num_samples=64, every_n_steps=1, window=4, warmup=0,
+                        groups={**heads, "readout": [model.head]}, group_budget=3)
+    for s in range(12):
+        monitor.update((x[s * 5 % 60: s * 5 % 60 + 4], y[s * 5 % 60: s * 5 % 60 + 4]))
+    assert all(len(monitor.group_history(n)) == 3 for n in heads)
+    # Head 0's chain never touched head 1's rows or columns.
+    track = monitor._group("attn.head0")
+    mask = heads["attn.head0"][0].mask
+    offset = track.sampler.offsets[0]["attn.in_proj_weight"]
+    assert bool((offset[~mask] == 0).all()) and bool((offset[mask] != 0).any())
+    cols = heads["attn.head0"][1].mask
+    assert bool((track.sampler.offsets[0]["attn.out_proj.weight"][~cols] == 0).all())
+    with pytest.raises(ValueError, match=r"Expected disjoint groups, got parameter 'attn\.in_proj_weight'"):
+        OnlineLLC(model, loss_fn, num_samples=64, groups={**heads, "all": ["attn.*"]})
+    with pytest.raises(ValueError, match=r"with packed projections"):
+        attention_heads(model.head, "head")
