@@ -52,7 +52,8 @@ def test_demo_and_plot_end_to_end(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     assert main(["demo", "grokking", "--out", str(tmp_path), "--steps", "600"]) == 0
     rows = list(csv.DictReader(open(tmp_path / "grokking.csv")))
-    assert len(rows) == 600 // (2 * 20) and {"train_acc", "test_acc", "mean", "status"} <= set(rows[0])
+    assert len(rows) == 600 // (2 * 20)
+    assert {"train_acc", "test_acc", "mean", "status", "llc_input_layer", "llc_output_layer"} <= set(rows[0])
     assert (tmp_path / "grokking.png").stat().st_size > 10_000
     out_png = tmp_path / "replot.png"
     assert main(["plot", str(tmp_path / "grokking.csv"), "-o", str(out_png), "--theory", "10"]) == 0
