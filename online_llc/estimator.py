@@ -330,15 +330,19 @@ class OnlineLLC:
         # the cost does not grow with the number of groups; each group is observed every
         # len(groups) / group_budget shadow steps and its band widens in between.
         self.last_group_estimates = {}
-        if not self._groups:
-            return
-        names = list(self._groups)
-        for _ in range(min(self.group_budget, len(names))):
-            name = names[self._next_group % len(names)]
-            self._next_group += 1
+        for name in self._due_groups():
             est = self._groups[name].shadow_step(batch, step, self.shadow_steps)
             if est is not None:
                 self.last_group_estimates[name] = est
+
+    def _due_groups(self) -> List[str]:
+        """The next ``group_budget`` groups in round-robin order (each at most once per step)."""
+        names = list(self._groups)
+        due = []
+        for _ in range(min(self.group_budget, len(names))):
+            due.append(names[self._next_group % len(names)])
+            self._next_group += 1
+        return due
 
     def skip_step(self, step: Optional[int] = None) -> Optional[LLCEstimate]:
         """Advance the step counter without sampling, adding flagged placeholder draws when a
@@ -354,10 +358,7 @@ class OnlineLLC:
         self.shadow_steps += 1
         est = self._model.skip(step, self.shadow_steps)
         self.last_group_estimates = {}
-        names = list(self._groups)
-        for _ in range(min(self.group_budget, len(names))):
-            name = names[self._next_group % len(names)]
-            self._next_group += 1
+        for name in self._due_groups():
             self._groups[name].skip(step, self.shadow_steps)
         return est
 
