@@ -27,10 +27,6 @@ from .sgld import LossEvaluator, SGLDConfig, SGLDInfo, init_aux, sampler_step
 __all__ = ["ShadowStep", "ShadowSampler"]
 
 
-def _device_of(evaluator: LossEvaluator) -> torch.device:
-    return next(iter(evaluator.center().values())).device
-
-
 @dataclass(frozen=True)
 class ShadowStep:
     """One shadow step of every chain.
@@ -84,17 +80,18 @@ class ShadowSampler:
         masks: Optional[Mapping[str, Tensor]] = None,
     ) -> None:
         self.evaluator = evaluator
-        self.masks = {n: m.to(_device_of(evaluator)) for n, m in (masks or {}).items() if m is not None}
+        center = evaluator.center()
+        self.device = next(iter(center.values())).device
+        self.masks = {n: m.to(self.device) for n, m in (masks or {}).items() if m is not None}
         self.config = config
         self.num_chains = num_chains
         self.seed = seed
-        dim = sum(t.numel() for t in evaluator.center().values())
+        dim = sum(t.numel() for t in center.values())
         if max_offset_norm is None:
             max_offset_norm = 20.0 * math.sqrt(dim / config.localization) if config.localization > 0 else math.inf
         else:
             max_offset_norm = check_positive_float("max_offset_norm", max_offset_norm)
         self.max_offset_norm = max_offset_norm
-        self.device = next(iter(evaluator.center().values())).device
         self.generators = [
             torch.Generator(device=self.device).manual_seed(seed * 1000003 + c) for c in range(num_chains)
         ]
