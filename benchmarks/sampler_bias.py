@@ -77,9 +77,8 @@ def main() -> None:
         target = normal_crossing_target(a, b, 1.0, nbeta)
         name = f"w1^{2 * a} w2^{2 * b}, nbeta={nbeta:g}"
         for sampler in SAMPLERS:
-            base = 0.15 / nbeta * (0.1 if sampler == "sghmc" else 1.0)
-            if sampler == "rmsprop_sgld":
-                base = 5e-3
+            base = resolve_hyperparameters(num_samples=2, nbeta=nbeta, localization=0.0, step_size=None,
+                                           sampler=sampler).step_size
             for m in mults:
                 model = Crossing(a, b)
                 res = estimate_llc(model, lambda mod, x: mod(x), [torch.zeros(4, 1)], num_samples=2, nbeta=nbeta,

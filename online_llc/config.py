@@ -57,6 +57,7 @@ Online cadence (``python benchmarks/overhead.py`` prints the overhead):
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Optional
 
 from .errors import check_positive_int
@@ -124,6 +125,4 @@ def resolve_hyperparameters(
             step_size = cfg.friction * DEFAULT_STEP_SCALE / cfg.nbeta
         else:
             step_size = DEFAULT_STEP_SCALE / cfg.nbeta
-    return SGLDConfig(
-        nbeta=cfg.nbeta, localization=cfg.localization, step_size=step_size, sampler=sampler, friction=friction
-    )
+    return replace(cfg, step_size=step_size)
