@@ -31,6 +31,8 @@ H = np.array([[1.0, 0.0]])
 # Process noise used throughout, passed explicitly: the constructor default is a tuning choice
 # that may change, and every oracle below must use the same value as the filter it checks.
 PN = 0.3
+# Weight of the innovation-matched noise scale's running mean, as documented in filter.py.
+ADAPT = 0.05
 
 
 # ---- oracle ---------------------------------------------------------------------------------------
@@ -50,8 +52,17 @@ class OracleKF:
     scale includes the current observation's sqrt(R) only after the update.
     """
 
-    def __init__(self, process_noise: float, jump_threshold: float = math.inf, confirm_threshold: float = math.inf):
+    def __init__(
+        self,
+        process_noise: float,
+        jump_threshold: float = math.inf,
+        confirm_threshold: float = math.inf,
+        adapt: float = ADAPT,
+    ):
         self.pn = process_noise
+        self.adapt = adapt
+        self.c = 1.0  # innovation-matched scale of R (filter.py's noise_adaptation)
+        self.after_jump = False
         self.jt = jump_threshold
         self.ct = confirm_threshold
         self.x: Optional[np.ndarray] = None
@@ -83,11 +94,16 @@ class OracleKF:
             self.tau = dt if self.tau == 0 else (1 - EMA) * self.tau + EMA * dt
         x, P = self.prior(step)
         y = z - x[0, 0]
+        sd = math.sqrt(r)  # the running observation scale uses the stated sd, before c
+        r, r_test = self.c * r, self.c * r_test
         S0 = P[0, 0] + r  # FilterInfo.innovation_var: H P_prior H^T + R, before any inflation
         nis = y * y / (P[0, 0] + r_test)
         signed = math.copysign(nis, y)
         jump = nis > self.jt or (nis > self.ct and abs(self.last_signed_nis) > self.ct and signed * self.last_signed_nis > 0)
         self.last_signed_nis = 0.0 if jump else signed
+        if not jump and not self.after_jump and self.adapt > 0:
+            self.c = float(np.clip((1 - self.adapt) * self.c + self.adapt * self.c * min(nis, 9.0), 0.25, 4.0))
+        self.after_jump = jump
         if jump:
             tau = self.tau if self.tau > 0 else max(dt, 1.0)
             P = P + np.diag([y * y, (y / tau) ** 2])
@@ -95,7 +111,7 @@ class OracleKF:
         self.x = x + K * y
         self.P = (np.eye(2) - K @ H) @ P
         self.P = 0.5 * (self.P + self.P.T)
-        self.scale = (1 - EMA) * self.scale + EMA * math.sqrt(r)
+        self.scale = (1 - EMA) * self.scale + EMA * sd
         self.step = step
         return dict(self.summary(), y=y, S=S0, K=(K[0, 0], K[1, 0]), nis=nis, jump=jump)
 
@@ -201,7 +217,7 @@ def test_matches_oracle_with_separate_jump_test_variance() -> None:
     f, o, last = settled(r)
     P00 = o.prior(last + 100)[1][0, 0]
     a = math.sqrt(16.0 * (P00 + 2.5))  # nis = 16 (P + 2.5) / (P + 1) > 16 > 16 (P + 2.5) / (P + 4)
-    g = LLCFilter(process_noise=PN)
+    g = LLCFilter(process_noise=PN, noise_adaptation=0.0)
     g.load_state_dict(f.state_dict())
     _, _, with_test = f.update(a, r, last + 100, r_test=r_test)
     _, _, without = g.update(a, r, last + 100)
@@ -231,7 +247,7 @@ def test_transition_matrices_match_van_loan_discretization() -> None:
 # ---- 2. steady state vs the discrete algebraic Riccati equation ----------------------------------
 @pytest.mark.parametrize("dt,r,process_noise", [(100, 1.0, 0.3), (7, 2.5e-5, 0.3), (1000, 4.0, 0.05), (3, 1e6, 2.0)])
 def test_steady_state_gain_matches_dare(dt: int, r: float, process_noise: float) -> None:
-    f = LLCFilter(process_noise=process_noise)
+    f = LLCFilter(process_noise=process_noise, noise_adaptation=0.0)
     for k in range(400):
         _, _, info = f.update(0.0, r, dt * (k + 1))
     # Constant dt and R: tau = dt and scale = sqrt(R) exactly, so q is constant.
@@ -274,7 +290,7 @@ def test_predict_matches_hand_computation_and_grows_with_gap() -> None:
 
 
 def test_predict_is_the_prior_the_next_update_uses() -> None:
-    f = LLCFilter(process_noise=PN)
+    f = LLCFilter(process_noise=PN, noise_adaptation=0.0)
     r = 1.0
     for k in range(50):
         f.update(0.0, r, 100 * k)
@@ -297,7 +313,7 @@ def test_predict_before_previous_step_returns_posterior() -> None:
 # ---- 4. jumps and calibration --------------------------------------------------------------------
 def settled(r: float = 1.0, dt: int = 100, n: int = 300) -> tuple[LLCFilter, OracleKF, int]:
     """Filter (and an oracle without jumps) after ``n`` noiseless observations of level 0."""
-    f, o = LLCFilter(process_noise=PN), OracleKF(PN)
+    f, o = LLCFilter(process_noise=PN, noise_adaptation=0.0), OracleKF(PN, adapt=0.0)
     for k in range(n):
         f.update(0.0, r, dt * k)
         o.update(0.0, r, dt * k)
@@ -373,7 +389,7 @@ def test_nis_calibrated_when_data_follow_the_model() -> None:
     F, Q = oracle_FQ(float(dt), q)
     Lq = np.linalg.cholesky(Q)
     truth = np.array([[3.0], [rng.standard_normal() * math.sqrt(r) / dt]])  # matches the init prior
-    f = LLCFilter(process_noise=pn)
+    f = LLCFilter(process_noise=pn, noise_adaptation=0.0)
     nis, jumps = [], 0
     for k in range(n + 1):
         step = dt * (k + 1)
@@ -417,7 +433,7 @@ def test_nis_on_constant_truth_matches_exact_expectation() -> None:
     expected = c[0] / S  # ~0.806 for process_noise 0.3
     lags = np.arange(1, n)
     sd_mean = math.sqrt(2.0 / (n * S) ** 2 * (n * c[0] ** 2 + 2 * np.sum((n - lags) * c[1:] ** 2)))
-    f = LLCFilter(process_noise=pn)
+    f = LLCFilter(process_noise=pn, noise_adaptation=0.0)
     nis, jumps = [], 0
     for k in range(burn + n):
         _, _, info = f.update(3.0 + math.sqrt(r) * rng.standard_normal(), r, dt * (k + 1))
@@ -428,6 +444,50 @@ def test_nis_on_constant_truth_matches_exact_expectation() -> None:
     # 4 sd of the mean of n correlated nis values (sd_mean ~ 0.028, from the autocovariances).
     assert abs(np.mean(nis) - expected) < 4 * sd_mean
     assert jumps / n < 0.01  # fewer chances than in the model-consistent test (nis is smaller)
+
+
+def test_noise_scale_matches_innovations_when_the_stated_variance_is_wrong() -> None:
+    """Innovation-based adaptation: data that follow the model but with a stated R off by a factor
+    ``k``; the scale must learn ``1 / k`` and bring the mean nis back to 1."""
+    rng = np.random.default_rng(8)
+    dt, r, n = 50, 0.01, 3000
+    q = (PN * math.sqrt(r)) ** 2 / dt**3
+    F, Q = oracle_FQ(float(dt), q)
+    Lq = np.linalg.cholesky(Q)
+    for k in (3.0, 1 / 3):
+        truth = np.array([[3.0], [0.0]])
+        f = LLCFilter(process_noise=PN)
+        plain = LLCFilter(process_noise=PN, noise_adaptation=0.0)
+        nis, nis_plain = [], []
+        for i in range(n):
+            truth = F @ truth + Lq @ rng.standard_normal((2, 1))
+            z = float(truth[0, 0] + math.sqrt(r) * rng.standard_normal())
+            # The stated variance is k R; q follows the stated scale, so it is off too, like R.
+            nis.append(f.update(z, k * r, dt * (i + 1))[2].nis)
+            nis_plain.append(plain.update(z, k * r, dt * (i + 1))[2].nis)
+        c = f.state_dict()["noise_scale"]
+        # The scale's running mean (weight 0.05) averages ~40 chi2(1) terms: sd ~ sqrt(2/40) ~ 0.22
+        # relative; 0.5x..2x of 1/k is > 3 sd. The plain filter's nis is off by about k.
+        assert 0.5 / k <= c <= 2.0 / k, (k, c)
+        # The multiplicative running mean settles slightly off 1 (c and nis are correlated);
+        # the plain filter is at ~k, far outside.
+        assert 0.75 <= np.mean(nis[500:]) <= 1.35, (k, np.mean(nis[500:]))
+        assert abs(math.log(np.mean(nis_plain[500:]) * k)) < math.log(1.6), (k, np.mean(nis_plain[500:]))
+
+
+def test_noise_scale_frozen_across_a_jump() -> None:
+    """A jump and the update after it (whose prior is inflated) must not teach the scale."""
+    rng = np.random.default_rng(9)
+    f = LLCFilter(process_noise=PN)
+    for k in range(300):
+        f.update(float(rng.standard_normal()), 1.0, 100 * k)
+    c0 = f.state_dict()["noise_scale"]
+    _, _, info = f.update(100.0, 1.0, 100 * 300)
+    assert 0.25 < c0 < 4 and info.jump and f.state_dict()["noise_scale"] == c0
+    f.update(100.0, 1.0, 100 * 301)
+    assert f.state_dict()["noise_scale"] == c0
+    f.update(100.0, 1.0, 100 * 302)
+    assert f.state_dict()["noise_scale"] != c0
 
 
 # ---- 5. scale invariance -------------------------------------------------------------------------
