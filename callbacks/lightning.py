@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -105,7 +105,7 @@ class OnlineLLCCallback(Callback):
         window: int = DEFAULT_WINDOW,
         num_chains: int = 1,
         seed: int = 0,
-        warmup: Optional[int] = None,
+        warmup: Union[int, str, None] = None,
         confidence: float = 0.9,
         process_noise: float = 0.1,
         jump_threshold: float = 16.0,

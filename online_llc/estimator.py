@@ -10,14 +10,16 @@ Data flows one way::
 
 Statuses (``LLCEstimate.status``):
 
-* ``warming_up``: the window holds draws from a chain that has not yet equilibrated (the first
-  ``warmup`` shadow steps, or after a reset). The record shows the raw window mean; the filter is
-  not fed.
+* ``warming_up``: the window holds draws from a chain that has not yet equilibrated: at the
+  start, after a chain reset, or after the training weights jumped (see
+  :mod:`online_llc.warmup`; with ``warmup="auto"`` equilibrium is detected from the draws and the
+  offset norm, otherwise it is a fixed count of shadow steps). The record shows the raw window
+  mean; the filter is not fed.
 * ``diverged``: a chain produced a non-finite draw or ran away during this window; it was reset
   (counted in ``divergences``), its draw replaced by a flagged placeholder, and the window was
   not fed to the filter (its raw mean includes the placeholders' zeros).
-* ``transition``: the window was a jump (a many-sigma surprise) or followed one: the LLC is moving
-  fast.
+* ``transition``: the window was a jump (a many-sigma surprise, or the first window after a jump
+  of the training weights) or followed one: the LLC is moving fast.
 * ``not_at_minimum``: the band lies entirely below zero: the sampler finds lower loss nearby, as
   at saddles and plateaus; the LLC is not defined there in the usual sense.
 * ``tracking``: otherwise.
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -47,12 +49,19 @@ from .filter import LLCFilter
 from .groups import resolve_group_masks
 from .shadow import ShadowSampler
 from .sgld import LossEvaluator, LossFn
+from .warmup import EquilibrationDetector
 from .window import WindowStats, WindowSummary
 
 __all__ = ["LLCEstimate", "OnlineLLC", "STATUSES", "SmoothedPoint", "Transition"]
 
 #: Every status an estimate can have, in the order of their numeric codes (used by loggers).
 STATUSES = ("warming_up", "tracking", "transition", "not_at_minimum", "diverged")
+
+#: The longest data-driven warm-up, in shadow steps: a chain that never looks settled (one that
+#: keeps following fast training, say) is used after this many draws anyway.
+MAX_AUTO_WARMUP = 400
+# Shadow steps of centre movement seen before a weight jump can be declared.
+_MIN_SHIFT_HISTORY = 10
 
 
 @dataclass(frozen=True)
@@ -175,8 +184,11 @@ class OnlineLLC:
         window: draws per chain per window (>= 2).
         num_chains: chains run at each shadow step.
         seed: seeds the chains' private generators.
-        warmup: shadow steps after the start (or a chain reset) whose windows are reported as
-            ``warming_up`` and kept out of the filter. ``None``: ``DEFAULT_WARMUP``.
+        warmup: how long a chain warms up after the start, a reset or a jump of the training
+            weights (its windows are reported as ``warming_up`` and kept out of the filter):
+            ``"auto"`` (the default, ``None``) detects equilibrium from the chain's draws and
+            offset norm (MSER-5, :mod:`online_llc.warmup`; at least 60 and at most
+            :data:`MAX_AUTO_WARMUP` shadow steps); an int is a fixed number of shadow steps.
         confidence: coverage of the ``lower``/``upper`` band, in (0, 1).
         process_noise: see :class:`online_llc.filter.LLCFilter`.
         jump_threshold: see :class:`online_llc.filter.LLCFilter`.
@@ -222,7 +234,7 @@ class OnlineLLC:
         window: int = DEFAULT_WINDOW,
         num_chains: int = 1,
         seed: int = 0,
-        warmup: Optional[int] = None,
+        warmup: Union[int, str, None] = None,
         confidence: float = 0.9,
         process_noise: float = 0.1,
         jump_threshold: float = 16.0,
@@ -252,7 +264,13 @@ class OnlineLLC:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"Expected `seed` to be an int, got {seed!r}.")
         self.seed = seed
-        self.warmup = DEFAULT_WARMUP if warmup is None else check_nonneg_int("warmup", warmup)
+        if warmup is None:
+            warmup = DEFAULT_WARMUP
+        if warmup != "auto":
+            if isinstance(warmup, str):
+                raise ValueError(f"Expected `warmup` to be 'auto' or a non-negative int, got {warmup!r}.")
+            check_nonneg_int("warmup", warmup)
+        self.warmup: Union[int, str] = warmup
         confidence = check_positive_float("confidence", confidence)
         if confidence >= 1:
             raise ValueError(f"Expected `confidence` to be a float in (0, 1), got {confidence!r}.")
@@ -432,6 +450,17 @@ class OnlineLLC:
         """Number of whole-model chain resets so far."""
         return self.sampler.divergences
 
+    @property
+    def weight_jumps(self) -> int:
+        """Number of jumps of the training weights detected so far (each restarts the warm-up)."""
+        return self._model.weight_jumps
+
+    @property
+    def warmup_lengths(self) -> List[int]:
+        """Shadow steps each completed data-driven warm-up of a whole-model chain took, oldest
+        first (empty with a fixed ``warmup``)."""
+        return list(self._model.warmup_lengths)
+
     def reset(self) -> None:
         """Start over: chains at zero offset, empty windows, fresh filters, empty histories."""
         for t in [self._model, *self._groups.values()]:
@@ -488,17 +517,68 @@ class _Track:
     chains, window statistics, filter and history. Owned by :class:`OnlineLLC`."""
 
     def __init__(
-        self, sampler: ShadowSampler, stats: WindowStats, filt: LLCFilter, *, warmup: int, z: float
+        self, sampler: ShadowSampler, stats: WindowStats, filt: LLCFilter, *, warmup: Union[int, str], z: float
     ) -> None:
         self.sampler, self.stats, self.filter = sampler, stats, filt
         self.warmup, self._z = warmup, z
+        self.auto_warmup = warmup == "auto"
         self.num_chains = sampler.num_chains
         self._init()
 
     def _init(self) -> None:
-        self.warmup_left = [self.warmup] * self.num_chains
+        self.warmup_left = [0 if self.auto_warmup else self.warmup] * self.num_chains
+        self.detectors = [EquilibrationDetector(max_draws=MAX_AUTO_WARMUP) for _ in range(self.num_chains)]
         self.last_jump = False
+        # Set by a jump of the weights: the filter's level is stale, the next fed window resets it.
+        self.level_stale = False
+        self.weight_jumps = 0
+        self.warmup_lengths: List[int] = []
+        # Running means of the centre's movement per shadow step and of the chains' offset norm.
+        self._shift_mean = math.nan
+        self._offset_mean = math.nan
+        self._shift_count = 0
         self.history: List[LLCEstimate] = []
+
+    def _restart_warmup(self, c: int) -> None:
+        if self.auto_warmup:
+            self.detectors[c].restart()
+        else:
+            self.warmup_left[c] = self.warmup
+
+    def _warming(self, c: int, draw: float, offset_norm: float) -> bool:
+        """Whether this draw of chain ``c`` is a warm-up draw (and advance its warm-up)."""
+        if self.auto_warmup:
+            det = self.detectors[c]
+            was = det.equilibrated
+            warming = det.add(draw, offset_norm**2)
+            if det.equilibrated and not was and det.warmup_length is not None:
+                self.warmup_lengths.append(det.warmup_length)
+            return warming
+        warming = self.warmup_left[c] > 0
+        self.warmup_left[c] = max(self.warmup_left[c] - 1, 0)
+        return warming
+
+    def _weight_jump(self, shift: float, offset_norms: List[float]) -> bool:
+        """Whether the training weights jumped since the last shadow step: they moved (at least)
+        farther than the chains' own spread and ten times farther than they usually move per
+        shadow step. Steady fast training raises the usual movement and does not count; a
+        reloaded checkpoint, weight surgery or a switched task does."""
+        if not math.isfinite(shift):
+            return False
+        offset = float(np.mean(offset_norms)) if offset_norms else math.nan
+        jump = (
+            self._shift_count >= _MIN_SHIFT_HISTORY
+            and math.isfinite(self._offset_mean)
+            and shift > self._offset_mean
+            and shift > 10 * self._shift_mean
+        )
+        if not jump:  # a jump must not raise the usual movement
+            a = 1.0 / min(self._shift_count + 1, 50)
+            self._shift_mean = shift if self._shift_count == 0 else (1 - a) * self._shift_mean + a * shift
+            self._shift_count += 1
+            if math.isfinite(offset):
+                self._offset_mean = offset if not math.isfinite(self._offset_mean) else 0.98 * self._offset_mean + 0.02 * offset
+        return jump
 
     def reset(self) -> None:
         for c in range(self.num_chains):
@@ -510,6 +590,13 @@ class _Track:
 
     def shadow_step(self, batch: Any, step: int, shadow_steps: int) -> Optional[LLCEstimate]:
         out = self.sampler.step(batch)
+        healthy = [i.offset_norm for i, bad in zip(out.infos, out.diverged) if not bad]
+        if self._weight_jump(out.center_shift, healthy):
+            # The chains' offsets were drawn for the old weights: re-equilibrate all of them.
+            self.weight_jumps += 1
+            self.level_stale = True
+            for c in range(self.num_chains):
+                self._restart_warmup(c)
         # Every chain adds a draw at every shadow step, so windows close (and, under DDP, their
         # collective runs) at the same step on every rank. A reset chain adds a flagged
         # placeholder (its draw is meaningless and may be non-finite); a warming chain a flagged draw.
@@ -519,12 +606,11 @@ class _Track:
                 d.append(0.0)
                 v.append(0.0)
                 flags.append(1)
-                self.warmup_left[c] = self.warmup
+                self._restart_warmup(c)
             else:
                 d.append(info.draw)
                 v.append(info.noise_var)
-                flags.append(2 if self.warmup_left[c] > 0 else 0)
-                self.warmup_left[c] = max(self.warmup_left[c] - 1, 0)
+                flags.append(2 if self._warming(c, info.draw, info.offset_norm) else 0)
         summary = self.stats.update(d, v, step, flags=flags)
         return None if summary is None else self._close_window(summary, shadow_steps)
 
@@ -545,7 +631,8 @@ class _Track:
         else:
             r = max(s.se**2, 1e-300)
             r_test = max(s.se_window**2, 1e-300)
-            mean, std, info = self.filter.update(s.mean, r, s.end_step, r_test=r_test)
+            mean, std, info = self.filter.update(s.mean, r, s.end_step, r_test=r_test, force_jump=self.level_stale)
+            self.level_stale = False
             slope, nis = self.filter.slope, info.nis
             if info.jump or self.last_jump:
                 status = "transition"
@@ -613,6 +700,11 @@ class _Track:
     def state_dict(self) -> Dict[str, Any]:
         return {
             "warmup_left": list(self.warmup_left),
+            "detectors": [det.state_dict() for det in self.detectors],
+            "weight_jumps": self.weight_jumps,
+            "level_stale": self.level_stale,
+            "warmup_lengths": list(self.warmup_lengths),
+            "shift": [self._shift_mean, self._offset_mean, self._shift_count],
             "last_jump": self.last_jump,
             "sampler": self.sampler.state_dict(),
             "window_stats": self.stats.state_dict(),
@@ -625,5 +717,12 @@ class _Track:
         self.stats.load_state_dict(state["window_stats"])
         self.filter.load_state_dict(state["filter"])
         self.warmup_left = [int(w) for w in state["warmup_left"]]
+        for det, st in zip(self.detectors, state["detectors"]):
+            det.load_state_dict(st)
+        self.weight_jumps = int(state["weight_jumps"])
+        self.level_stale = bool(state["level_stale"])
+        self.warmup_lengths = [int(k) for k in state["warmup_lengths"]]
+        self._shift_mean, self._offset_mean = float(state["shift"][0]), float(state["shift"][1])
+        self._shift_count = int(state["shift"][2])
         self.last_jump = bool(state["last_jump"])
         self.history = [LLCEstimate(**e) for e in state["history"]]

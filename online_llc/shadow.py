@@ -34,10 +34,14 @@ class ShadowStep:
     Attributes:
         infos: the kernel's record per chain (at the offset before the update).
         diverged: per chain, whether it was reset at this step (its draw must not be used).
+        center_shift: a lower bound on how far the training weights moved since the previous
+            shadow step, ``sqrt(sum_p (||w_p|| - ||w'_p||)^2) <= ||w - w'||`` over the sampled
+            tensors ``p`` (reverse triangle inequality per tensor); NaN at the first step.
     """
 
     infos: List[SGLDInfo]
     diverged: List[bool]
+    center_shift: float = math.nan
 
     @property
     def draws(self) -> List[float]:
@@ -99,6 +103,9 @@ class ShadowSampler:
         # The sampler's own chain state (SGHMC momentum, RMSProp moments; empty for SGLD).
         self.aux: List[Dict[str, Tensor]] = [init_aux(config, off) for off in self.offsets]
         self.divergences = 0
+        # Per-tensor norms of the centre at the previous step: a sketch of the weights that
+        # detects their jumps without a second copy of them.
+        self._center_norms: Optional[Tensor] = None
 
     def reset_chain(self, c: int) -> None:
         """Put chain ``c`` back at ``xi = 0`` with a fresh sampler state."""
@@ -108,6 +115,10 @@ class ShadowSampler:
     def step(self, batch: Any) -> ShadowStep:
         """One kernel step of every chain, centred at the model's current weights."""
         center = self.evaluator.center()
+        with torch.no_grad():
+            norms = torch.stack([t.detach().float().norm() for t in center.values()])
+        shift = math.nan if self._center_norms is None else float((norms - self._center_norms).norm())
+        self._center_norms = norms
         infos, diverged = [], []
         for c in range(self.num_chains):
             new, aux, info = sampler_step(
@@ -130,7 +141,7 @@ class ShadowSampler:
                 self.offsets[c], self.aux[c] = new, aux
             infos.append(info)
             diverged.append(bad)
-        return ShadowStep(infos, diverged)
+        return ShadowStep(infos, diverged, shift)
 
     def state_dict(self) -> Dict[str, Any]:
         """Offsets (tensors), generator states (uint8 tensors) and the divergence count."""
@@ -139,6 +150,7 @@ class ShadowSampler:
             "aux": [{n: t.detach().clone() for n, t in a.items()} for a in self.aux],
             "generators": [g.get_state() for g in self.generators],
             "divergences": self.divergences,
+            "center_norms": None if self._center_norms is None else self._center_norms.clone(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -161,3 +173,5 @@ class ShadowSampler:
         for g, s in zip(self.generators, gens):
             g.set_state(s.cpu() if isinstance(s, Tensor) else torch.tensor(s, dtype=torch.uint8))
         self.divergences = int(state["divergences"])
+        norms = state.get("center_norms")
+        self._center_norms = None if norms is None else torch.as_tensor(norms).to(self.device)

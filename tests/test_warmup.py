@@ -1,0 +1,158 @@
+"""Tests for online_llc.warmup: MSER truncation against a brute-force oracle, the equilibration
+detector on synthetic transients with known relaxation, and the monitor's use of it (data-driven
+warm-up at the start, restart after a jump of the training weights, checkpointing)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from online_llc import OnlineLLC
+from online_llc.toy import deep_linear_problem
+from online_llc.warmup import MSER_BATCH, EquilibrationDetector, mser_truncation
+
+
+def brute_mser(x: np.ndarray, batch: int, max_cut: int) -> int:
+    """MSER by its definition, one candidate at a time."""
+    b = np.array([x[i * batch : (i + 1) * batch].mean() for i in range(len(x) // batch)])
+    scores = [np.sum((b[d:] - b[d:].mean()) ** 2) / (len(b) - d) ** 2 for d in range(max_cut + 1)]
+    return batch * int(np.argmin(scores))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_mser_matches_brute_force(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(10, 400))
+    x = rng.standard_normal(n) + 5 * np.exp(-np.arange(n) / rng.uniform(1, 60))
+    nb = n // MSER_BATCH
+    assert mser_truncation(x) == brute_mser(x, MSER_BATCH, nb // 2)
+    assert mser_truncation(x, max_cut=nb - 1) == brute_mser(x, MSER_BATCH, nb - 1)
+    assert mser_truncation(x, batch=1) == brute_mser(x, 1, n // 2)
+
+
+def test_mser_finds_a_clear_step() -> None:
+    x = np.r_[np.full(50, 10.0), np.zeros(150)] + 0.01 * np.random.default_rng(0).standard_normal(200)
+    assert mser_truncation(x) == 50
+    assert mser_truncation(x[:7]) == 0  # one batch: nothing to compare
+
+
+def ar1(rng: np.random.Generator, n: int, rho: float, sd: float) -> np.ndarray:
+    e = np.empty(n)
+    x = 0.0
+    for i in range(n):
+        x = rho * x + math.sqrt(1 - rho * rho) * rng.standard_normal()
+        e[i] = x
+    return sd * e
+
+
+def declared_at(det: EquilibrationDetector, *series: np.ndarray) -> int:
+    for i in range(len(series[0])):
+        det.add(*(s[i] for s in series))
+        if det.equilibrated:
+            return i + 1
+    raise AssertionError("never declared")
+
+
+def test_detector_waits_for_a_slow_transient_and_not_for_a_fast_one() -> None:
+    """A chain variable relaxing as ``1 - exp(-t / tau)`` with AR(1) noise (the draw) and a smooth
+    slow variable (the squared offset norm, which is what shows slow relaxation): the declared
+    warm-up grows with ``tau``, and the transient left at that point is small."""
+    rng = np.random.default_rng(0)
+    n = 1000
+    t = np.arange(n)
+    for tau, min_len in [(2.0, 60), (40.0, 100), (100.0, 250)]:
+        lengths, left = [], []
+        for _ in range(20):
+            draw = 10 * (1 - np.exp(-t / min(tau, 10.0))) + ar1(rng, n, 0.8, 3.0)
+            slow = 50 * (1 - np.exp(-t / tau)) + ar1(rng, n, 0.95, 1.0)
+            k = declared_at(EquilibrationDetector(), draw, slow)
+            lengths.append(k)
+            left.append(math.exp(-k / tau))
+        # Floor: two 30-draw tails (60). A transient of tau needs ~ 2.5 tau to shrink to 8%; the
+        # median must wait at least that long and never leave more than a quarter of the rise.
+        assert np.median(lengths) >= min_len, (tau, lengths)
+        assert max(left) < 0.25, (tau, lengths)
+    fast = [declared_at(EquilibrationDetector(), rng.standard_normal(n), rng.standard_normal(n)) for _ in range(20)]
+    assert max(fast) <= 100, fast  # stationary from the start: declared within a few batches of 60
+
+
+def test_detector_bounds_and_restart() -> None:
+    det = EquilibrationDetector(min_draws=30, max_draws=80)
+    trend = np.arange(200, dtype=float)  # never settles
+    assert declared_at(det, trend) == 80 and det.warmup_length == 80
+    assert det.add(1.0) is False  # equilibrated: draws are no longer warm-up
+    det.restart()
+    assert not det.equilibrated and det.add(1.0) is True
+    state = det.state_dict()
+    other = EquilibrationDetector(min_draws=30, max_draws=80)
+    other.load_state_dict(state)
+    assert other.state_dict() == state
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(min_draws=0), r"Expected `min_draws` to be a positive int, got 0\."),
+        (dict(min_draws=50, max_draws=10), r"Expected `max_draws` to be an int >= min_draws=50, got 10\."),
+        (dict(tail=2), r"Expected `tail` to be an int >= 5, got 2\."),
+    ],
+)
+def test_detector_validation(kw: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        EquilibrationDetector(**kw)
+
+
+def run(monitor: OnlineLLC, batches: list, start: int, steps: int) -> None:
+    for s in range(start, start + steps):
+        monitor.update(batches[s % len(batches)], step=s + 1)
+
+
+def test_monitor_warms_up_from_data_and_rewarms_after_a_weight_jump() -> None:
+    a = deep_linear_problem([10, 3, 5], 1, num_samples=4096, seed=0)
+    b = deep_linear_problem([10, 3, 5], 3, num_samples=4096, seed=0)
+    monitor = OnlineLLC(a.model, a.loss_fn, num_samples=4096, every_n_steps=1, window=20, seed=0)
+    assert monitor.warmup == "auto"
+    batches = list(a.batches)
+    run(monitor, batches, 0, 400)
+    h = monitor.history()
+    # Warm-up lasted as long as the detector said (>= 60 shadow steps), then windows are filtered.
+    (length,) = monitor.warmup_lengths
+    assert 60 <= length <= 400
+    warm = [e for e in h if e.status == "warming_up"]
+    assert len(warm) == math.ceil(length / 20) and all(e.status != "warming_up" for e in h[len(warm):])
+    assert monitor.weight_jumps == 0
+    # The weights jump to another optimum (and the data with them): the chain re-equilibrates.
+    with torch.no_grad():
+        for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+            pa.copy_(pb)
+    run(monitor, list(b.batches), 400, 400)
+    assert monitor.weight_jumps == 1 and len(monitor.warmup_lengths) == 2
+    after = monitor.history()[len(h):]
+    assert after[0].status == "warming_up" and after[-1].status != "warming_up"
+
+
+def test_slow_steady_training_is_not_a_weight_jump() -> None:
+    """Weights that drift steadily (here: a tiny SGD step each time) never count as a jump."""
+    p = deep_linear_problem([6, 6, 6], 2, num_samples=2048, seed=0)
+    monitor = OnlineLLC(p.model, p.loss_fn, num_samples=2048, every_n_steps=1, window=20, seed=0)
+    opt = torch.optim.SGD(p.model.parameters(), lr=1e-3)
+    batches = list(p.batches)
+    for s in range(300):
+        opt.zero_grad()
+        p.loss_fn(p.model, batches[s % len(batches)]).mean().backward()
+        opt.step()
+        monitor.update(batches[s % len(batches)], step=s + 1)
+    assert monitor.weight_jumps == 0
+
+
+def test_fixed_warmup_still_counts_shadow_steps() -> None:
+    p = deep_linear_problem([6, 6, 6], 2, num_samples=2048, seed=0)
+    monitor = OnlineLLC(p.model, p.loss_fn, num_samples=2048, every_n_steps=1, window=10, warmup=25)
+    run(monitor, list(p.batches), 0, 60)
+    assert [e.status == "warming_up" for e in monitor.history()] == [True, True, True, False, False, False]
+    assert monitor.warmup_lengths == []
+    with pytest.raises(ValueError, match=r"Expected `warmup` to be 'auto' or a non-negative int, got 'fast'\."):
+        OnlineLLC(p.model, p.loss_fn, num_samples=2048, warmup="fast")
