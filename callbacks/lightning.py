@@ -154,6 +154,7 @@ class OnlineLLCCallback(Callback):
         self.failure: Optional[str] = None
         self._pending_state: Optional[Mapping[str, Any]] = None
         self._last_global_step: Optional[int] = None
+        self._alarms_seen: set = set()  # health alarm kinds already warned about
         self._world_size = 1
 
     # ---- identity ------------------------------------------------------------------------------
@@ -287,6 +288,11 @@ class OnlineLLCCallback(Callback):
             return
         if est is not None:
             self._log(trainer, pl_module, est)
+            for alarm in self.monitor.health().alarms:
+                kind = alarm.split(":", 1)[0]
+                if kind not in self._alarms_seen and trainer.is_global_zero:
+                    warnings.warn(f"OnlineLLCCallback at step {step}: {alarm}", RuntimeWarning, stacklevel=2)
+                self._alarms_seen.add(kind)
         if self.monitor.last_group_estimates:
             metrics = {}
             for name, g in self.monitor.last_group_estimates.items():

@@ -5,6 +5,9 @@ Public API:
 * :class:`OnlineLLC` - the running estimate; :class:`LLCEstimate` - its records.
 * :func:`estimate_llc` - offline reference estimator (C SGLD chains at fixed weights).
 * :class:`LLCResult` - its result record.
+* :func:`recommend_step_size` - a short pilot that recommends the sampler's step size.
+* :class:`ChainHealth` - :meth:`OnlineLLC.health`'s record: divergences, weight jumps, warm-ups,
+  the step-size alarm.
 * :mod:`online_llc.theory` - theoretical learning coefficients of known models.
 * :mod:`online_llc.toy` - models with a known learning coefficient, for validation.
 """
@@ -13,11 +16,12 @@ from __future__ import annotations
 
 from .config import DEFAULT_LOCALIZATION, DEFAULT_STEP_SCALE, resolve_hyperparameters
 from .errors import MonitorError, NonFiniteDrawError, OnlineLLCError
-from .estimator import STATUSES, LLCEstimate, OnlineLLC, SmoothedPoint, Transition
+from .estimator import STATUSES, ChainHealth, LLCEstimate, OnlineLLC, SmoothedPoint, Transition
 from .filter import FilterInfo, LLCFilter
 from .groups import ParamSlice, attention_heads, groups_by_child, groups_by_linear, resolve_groups
 from .offline import LLCResult, estimate_llc
-from .sgld import SAMPLERS, LossFn, SGLDConfig, SGLDInfo, default_nbeta, sampler_step, sgld_step
+from .sgld import SAMPLERS, LossFn, SGLDConfig, SGLDInfo, default_nbeta, mala_acceptance, sampler_step, sgld_step
+from .tuning import PilotRun, StepSizeRecommendation, recommend_step_size
 
 __version__ = "0.1.0"
 
@@ -28,6 +32,11 @@ __all__ = [
     "STATUSES",
     "SmoothedPoint",
     "Transition",
+    "ChainHealth",
+    "recommend_step_size",
+    "StepSizeRecommendation",
+    "PilotRun",
+    "mala_acceptance",
     "LLCFilter",
     "resolve_groups",
     "ParamSlice",

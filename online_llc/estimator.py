@@ -49,10 +49,11 @@ from .filter import LLCFilter
 from .groups import resolve_group_masks
 from .shadow import ShadowSampler
 from .sgld import LossEvaluator, LossFn
+from .tuning import DEFAULT_MAX_TEMPERATURE
 from .warmup import EquilibrationDetector
 from .window import WindowStats, WindowSummary
 
-__all__ = ["LLCEstimate", "OnlineLLC", "STATUSES", "SmoothedPoint", "Transition"]
+__all__ = ["ChainHealth", "LLCEstimate", "OnlineLLC", "STATUSES", "SmoothedPoint", "Transition"]
 
 #: Every status an estimate can have, in the order of their numeric codes (used by loggers).
 STATUSES = ("warming_up", "tracking", "transition", "not_at_minimum", "diverged")
@@ -133,6 +134,36 @@ class SmoothedPoint:
     lower: float
     upper: float
     slope: float
+
+
+@dataclass(frozen=True)
+class ChainHealth:
+    """The shadow chains' health (see :meth:`OnlineLLC.health`).
+
+    Attributes:
+        divergences: chain resets (non-finite draw or runaway offset) so far.
+        weight_jumps: jumps of the training weights detected so far (each restarts the warm-up).
+        warmup_lengths: shadow steps each completed data-driven warm-up took.
+        temperature: median consistency (``var / mean`` of the draws, about the chain's
+            temperature) over the last ``HEALTH_WINDOWS`` filtered windows (NaN if none).
+        alarms: what is wrong and what to do, one line per problem (``"<kind>: <details>"``);
+            empty when healthy.
+    """
+
+    divergences: int
+    weight_jumps: int
+    warmup_lengths: List[int]
+    temperature: float
+    alarms: List[str]
+
+    @property
+    def alarm(self) -> Optional[str]:
+        """The alarms in one line, or ``None`` when healthy."""
+        return "; ".join(self.alarms) if self.alarms else None
+
+
+#: Filtered windows whose consistency :meth:`OnlineLLC.health` takes the median of.
+HEALTH_WINDOWS = 10
 
 
 @dataclass(frozen=True)
@@ -449,6 +480,41 @@ class OnlineLLC:
     def divergences(self) -> int:
         """Number of whole-model chain resets so far."""
         return self.sampler.divergences
+
+    def health(self, max_temperature: float = DEFAULT_MAX_TEMPERATURE) -> ChainHealth:
+        """The whole-model chains' health, with an alarm when something needs the user.
+
+        The step-size alarm fires when the median consistency of the last ``HEALTH_WINDOWS``
+        filtered windows exceeds ``max_temperature``: the chain runs grossly hot, which on the
+        toy models meant over-estimates of 40% or more (``benchmarks/step_size.py``). Smaller
+        step-size biases are invisible to it (a healthy chain's consistency depends on the model
+        and the localization); :func:`online_llc.tuning.recommend_step_size` finds them by step
+        halving before training.
+        """
+        max_temperature = check_positive_float("max_temperature", max_temperature)
+        fed = [e.consistency for e in self._model.history if e.status not in ("warming_up", "diverged")]
+        recent = [c for c in fed[-HEALTH_WINDOWS:] if math.isfinite(c)]
+        temperature = float(np.median(recent)) if recent else math.nan
+        alarms = []
+        if math.isfinite(temperature) and temperature > max_temperature:
+            alarms.append(
+                f"step size too large: the draws' consistency is {temperature:.2f} > {max_temperature:g} "
+                "(the chain runs hot and over-estimates); lower step_size or run "
+                "online_llc.tuning.recommend_step_size"
+            )
+        windows = len(self._model.history)
+        if windows >= 4 and self.divergences > windows:
+            alarms.append(
+                f"chains keep diverging: {self.divergences} resets in {windows} windows, lower step_size or raise "
+                "localization"
+            )
+        return ChainHealth(
+            divergences=self.divergences,
+            weight_jumps=self.weight_jumps,
+            warmup_lengths=self.warmup_lengths,
+            temperature=temperature,
+            alarms=alarms,
+        )
 
     @property
     def weight_jumps(self) -> int:

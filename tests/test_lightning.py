@@ -685,3 +685,15 @@ def test_ddp_rank_local_divergence_or_failure_keeps_ranks_in_step(tmp_path, kind
         assert r0["statuses"][1:] == ["diverged"] * 3
     else:
         assert r0["failure"] is None and r1["failure"] is None
+
+
+def test_health_alarm_is_warned_once_on_a_hot_chain() -> None:
+    """A step size 5x the default (0.0097 here) makes the chains diverge again and again; the
+    callback warns once with the monitor's alarm, and training goes on."""
+    cb = OnlineLLCCallback(per_sample_loss, every_n_steps=1, window=20, warmup=0, seed=0, step_size=0.05)
+    trainer = make_trainer([cb], max_steps=200)
+    with pytest.warns(RuntimeWarning, match="lower step_size") as record:
+        trainer.fit(make_module(), loader())
+    assert sum("lower step_size" in str(w.message) for w in record) == 1
+    assert trainer.global_step == 200 and cb.failure is None
+    assert cb.monitor.health().divergences > 20
