@@ -20,8 +20,9 @@ faster than any ``q`` that keeps plateaus smooth. The filter declares a jump whe
 innovation squared ``nis = y^2 / S`` of an observation exceeds ``jump_threshold``, or when two
 consecutive observations both exceed ``confirm_threshold`` on the same side (a level shift that
 arrived spread over two windows, each looking only moderately surprising). It then inflates the
-prior covariance by the size of the surprise (``P += diag(y^2, (y / tau)^2)``) before updating, so
-the estimate moves to the new level in that window instead of lagging by many.
+prior variance of the level by the size of the surprise (``P += diag(y^2, 0)``) before updating,
+so the estimate moves to the new level in that window instead of lagging by many; the slope is
+left alone (a ramp shows as a run of jumps).
 
 Noise scale: the stated ``R`` is a standard-error estimate from 40 correlated draws, biased
 (Geyer's initial-sequence estimator over-states a short window's variance by about 30% on the toy
@@ -253,8 +254,11 @@ class LLCFilter:
         # After a jump the next window starts a fresh comparison.
         self._last_nis = 0.0 if jump else signed
         if jump:
-            tau = self._tau if self._tau > 0 else max(dt, 1.0)
-            P_prior = P_prior + np.diag([y * y, (y / tau) ** 2])
+            # Only the level is freed: a step, not a ramp. Freeing the slope too (by (y / tau)^2)
+            # read the step as a steep trend; the next windows then overshot, and the smoothed
+            # curve smeared each jump into the following plateau (measured on the stagewise run:
+            # relative RMSE against a gold curve 0.29 -> 0.16 smoothed, 0.58 -> 0.48 live).
+            P_prior = P_prior + np.diag([y * y, 0.0])
         kf.x, kf.P = x_prior, P_prior
         kf.update(np.array([[z]]), R=np.array([[r]]), H=_H)
         F, _ = transition_matrices(max(dt, 0.0), 0.0)

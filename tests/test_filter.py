@@ -105,8 +105,7 @@ class OracleKF:
             self.c = float(np.clip((1 - self.adapt) * self.c + self.adapt * self.c * min(nis, 9.0), 0.25, 4.0))
         self.after_jump = jump
         if jump:
-            tau = self.tau if self.tau > 0 else max(dt, 1.0)
-            P = P + np.diag([y * y, (y / tau) ** 2])
+            P = P + np.diag([y * y, 0.0])  # the level only
         K = P @ H.T / (P[0, 0] + r)  # the update uses the inflated prior
         self.x = x + K * y
         self.P = (np.eye(2) - K @ H) @ P
