@@ -72,8 +72,9 @@ class FilterInfo:
         innovation: ``y = z - H x_prior``.
         innovation_var: ``S = H P_prior H^T + R``.
         gain: the Kalman gain ``K`` (level, slope).
-        nis: normalized innovation squared ``y^2 / (H P_prior H^T + r_test)`` (chi-square with
-            1 dof when the model fits; equal to ``y^2 / S`` unless a separate ``r_test`` is given).
+        nis: normalized innovation squared ``y^2 / (H P_prior H^T + c r_test)`` with the noise
+            scale ``c`` (chi-square with 1 dof when the model fits; equal to ``y^2 / S`` unless a
+            separate ``r_test`` is given). The jump test uses ``max(c, 1)`` in place of ``c``.
         jump: whether the update was treated as a jump.
     """
 
@@ -238,12 +239,18 @@ class LLCFilter:
         self._tau = self._tau_after(dt)
         y = z - float(x_prior[0, 0])
         c = self._c
+        pp = float(P_prior[0, 0])
+        # The jump test never trusts the noise below the stated standard error (it may widen it):
+        # a scale under 1 calibrates nis on average, but the draws' tails are heavier than
+        # Gaussian, and shrinking the test's variance made false two-window jumps several times
+        # likelier on stationary chains.
+        nis_test = y * y / (pp + max(c, 1.0) * r_test)
         r, r_test = c * r, c * r_test
-        S = float(P_prior[0, 0]) + r
-        nis = y * y / (float(P_prior[0, 0]) + r_test)
-        signed = math.copysign(nis, y)
-        jump = force_jump or nis > self.jump_threshold or (
-            nis > self.confirm_threshold
+        S = pp + r
+        nis = y * y / (pp + r_test)
+        signed = math.copysign(nis_test, y)
+        jump = force_jump or nis_test > self.jump_threshold or (
+            nis_test > self.confirm_threshold
             and abs(self._last_nis) > self.confirm_threshold
             and signed * self._last_nis > 0
         )

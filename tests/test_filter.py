@@ -98,8 +98,12 @@ class OracleKF:
         r, r_test = self.c * r, self.c * r_test
         S0 = P[0, 0] + r  # FilterInfo.innovation_var: H P_prior H^T + R, before any inflation
         nis = y * y / (P[0, 0] + r_test)
-        signed = math.copysign(nis, y)
-        jump = nis > self.jt or (nis > self.ct and abs(self.last_signed_nis) > self.ct and signed * self.last_signed_nis > 0)
+        # The jump test uses the scale only where it widens the stated variance.
+        nis_test = y * y / (P[0, 0] + max(self.c, 1.0) * r_test / self.c)
+        signed = math.copysign(nis_test, y)
+        jump = nis_test > self.jt or (
+            nis_test > self.ct and abs(self.last_signed_nis) > self.ct and signed * self.last_signed_nis > 0
+        )
         self.last_signed_nis = 0.0 if jump else signed
         if not jump and not self.after_jump and self.adapt > 0:
             self.c = float(np.clip((1 - self.adapt) * self.c + self.adapt * self.c * min(nis, 9.0), 0.25, 4.0))
