@@ -6,14 +6,16 @@ import inspect
 import os
 
 import online_llc
-from online_llc import groups, plot, theory, toy
+from online_llc import groups, plot, theory, toy, tuning, warmup
 from online_llc.callbacks import lightning as cb_lightning
 
 SECTIONS = [
-    ("online_llc", online_llc, ["OnlineLLC", "LLCEstimate", "SmoothedPoint", "Transition", "estimate_llc", "LLCResult", "STATUSES",
-                                "LLCFilter", "FilterInfo", "SGLDConfig", "SGLDInfo", "sgld_step", "default_nbeta",
+    ("online_llc", online_llc, ["OnlineLLC", "LLCEstimate", "ChainHealth", "SmoothedPoint", "Transition", "estimate_llc", "LLCResult", "STATUSES",
+                                "LLCFilter", "FilterInfo", "SGLDConfig", "SGLDInfo", "sgld_step", "mala_acceptance", "default_nbeta",
                                 "NonFiniteDrawError", "MonitorError"]),
     ("online_llc.callbacks", cb_lightning, ["OnlineLLCCallback", "LOGGED_KEYS"]),
+    ("online_llc.tuning", tuning, tuning.__all__),
+    ("online_llc.warmup", warmup, warmup.__all__),
     ("online_llc.groups", groups, groups.__all__),
     ("online_llc.theory", theory, theory.__all__),
     ("online_llc.toy", toy, toy.__all__),

@@ -44,13 +44,15 @@ Online cadence (``python benchmarks/overhead.py`` prints the overhead):
   training-time ratios with/without the monitor, interleaved in one run: 1.21 at 10, 1.11 at 20,
   1.08 at 25, 1.04-1.06 at 50. The overhead is about ``shadow cost / every_n_steps``.
 * ``window = 40`` draws: a window then spans 1000 training steps. The estimate follows a step
-  change within 2-3 windows (``tests/test_estimator.py``), so lag is about
-  ``3 * every_n_steps * window`` training steps: halve ``every_n_steps`` to halve the lag at twice
+  change within 3-4 windows (``benchmarks/step_change.py``), so lag is about
+  ``4 * every_n_steps * window`` training steps: halve ``every_n_steps`` to halve the lag at twice
   the overhead, or shorten ``window`` (noisier windows, wider band). Windows should hold well
   over the chain's autocorrelation time (``LLCEstimate.ess`` shows it).
-* ``warmup = 100`` shadow steps: the slowest relaxation of the chain at the default step size and
-  localization is ``2 / (epsilon * gamma) ≈ 150`` steps; the fast directions that carry most of
-  the LLC relax within about 15.
+* ``warmup = "auto"``: equilibrium is detected from each chain's draws and squared offset norm
+  (MSER-5, :mod:`online_llc.warmup`). A fixed count fits no model: the slowest relaxation at the
+  default step and localization is ``2 / (epsilon * gamma) ≈ 150`` steps, the draw of a
+  reduced-rank regression settles within about 20, and the detector took 60-120 shadow steps
+  there and 70-370 on ``[16, 8, 16, 8]``, whose offset norm relaxes slowly.
 * ``horizon = 4`` windows: the band's standard error also counts correlation slower than one
   window (see :class:`online_llc.window.WindowStats`).
 """

@@ -145,7 +145,8 @@ class ChainHealth:
         weight_jumps: jumps of the training weights detected so far (each restarts the warm-up).
         warmup_lengths: shadow steps each completed data-driven warm-up took.
         temperature: median consistency (``var / mean`` of the draws, about the chain's
-            temperature) over the last ``HEALTH_WINDOWS`` filtered windows (NaN if none).
+            temperature) over the last ``HEALTH_WINDOWS`` tracking windows whose band lies above
+            zero (NaN if none).
         alarms: what is wrong and what to do, one line per problem (``"<kind>: <details>"``);
             empty when healthy.
     """
@@ -492,7 +493,9 @@ class OnlineLLC:
         halving before training.
         """
         max_temperature = check_positive_float("max_temperature", max_temperature)
-        fed = [e.consistency for e in self._model.history if e.status not in ("warming_up", "diverged")]
+        # Consistency reads as a temperature only where the LLC is clearly positive (at a
+        # minimum): near zero or below (saddles, plateaus) var / mean is meaningless.
+        fed = [e.consistency for e in self._model.history if e.status == "tracking" and e.lower > 0]
         recent = [c for c in fed[-HEALTH_WINDOWS:] if math.isfinite(c)]
         temperature = float(np.median(recent)) if recent else math.nan
         alarms = []
