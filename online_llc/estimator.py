@@ -473,7 +473,8 @@ class OnlineLLC:
         return (self._model if group is None else self._group(group)).smoothed()
 
     def transitions(self, group: Optional[str] = None) -> List[Transition]:
-        """Stage boundaries: maximal runs of ``transition`` windows, with the smoothed level just
+        """Stage boundaries: maximal runs of ``transition`` windows (two runs one quiet window
+        apart count as one: a ramp shows as jumps with a pause), with the smoothed level just
         before and just after each (what one would mark by eye on the smoothed curve)."""
         return (self._model if group is None else self._group(group)).transitions()
 
@@ -745,25 +746,29 @@ class _Track:
 
     def transitions(self) -> List[Transition]:
         smooth = {p.step: p.mean for p in self.smoothed()}
-        fed = [e for e in self.history if e.step in smooth]
-        out: List[Transition] = []
-        run: List[LLCEstimate] = []
-        for e in self.history + [None]:  # type: ignore[operator]
-            if e is not None and e.status == "transition":
-                run.append(e)
+        hist = self.history
+        # Runs of consecutive transition windows, as [first, last] indices into the history; two
+        # runs one quiet window apart are one boundary (a ramp shows as jumps with a pause).
+        runs: List[List[int]] = []
+        for i, e in enumerate(hist):
+            if e.status != "transition":
                 continue
-            if run:
-                before = [f for f in fed if f.step < run[0].step and f.status != "transition"]
-                after = [f for f in fed if f.step > run[-1].step and f.status != "transition"]
-                out.append(
-                    Transition(
-                        start=run[0].window_start,
-                        end=run[-1].step,
-                        level_before=smooth[before[-1].step] if before else math.nan,
-                        level_after=smooth[after[0].step] if after else smooth.get(run[-1].step, run[-1].mean),
-                    )
+            if runs and i - runs[-1][1] <= 2:
+                runs[-1][1] = i
+            else:
+                runs.append([i, i])
+        out: List[Transition] = []
+        for first, last in runs:
+            before = [e for e in hist[:first] if e.step in smooth and e.status != "transition"]
+            after = [e for e in hist[last + 1 :] if e.step in smooth and e.status != "transition"]
+            out.append(
+                Transition(
+                    start=hist[first].window_start,
+                    end=hist[last].step,
+                    level_before=smooth[before[-1].step] if before else math.nan,
+                    level_after=smooth[after[0].step] if after else smooth.get(hist[last].step, hist[last].mean),
                 )
-                run = []
+            )
         return out
 
     def state_dict(self) -> Dict[str, Any]:

@@ -236,3 +236,27 @@ def test_bad_loss_and_model_and_step():
     monitor.update(next(iter(SMALL.batches)), step=10)
     with pytest.raises(ValueError, match=r"Expected `step` to be an int >= the previous step 10, got 9\."):
         monitor.update(next(iter(SMALL.batches)), step=9)
+
+
+def test_transitions_group_runs_and_bridge_a_single_quiet_window() -> None:
+    """Scripted statuses: runs of transition windows become boundaries; two runs one quiet window
+    apart are one boundary (a ramp seen as jumps with a pause), two quiet windows keep them apart.
+    Levels come from the smoothed curve at the nearest quiet window on either side."""
+    from online_llc import SmoothedPoint
+    from online_llc.estimator import LLCEstimate
+
+    p = deep_linear_problem([6, 6, 6], 2, num_samples=512, seed=0)
+    monitor = OnlineLLC(p.model, p.loss_fn, num_samples=512)
+    pattern = "tTtTTttTttT"  # T: transition, t: tracking; window k ends at step 100 (k + 1)
+    track = monitor._model
+    track.history = [
+        LLCEstimate(step=100 * (k + 1), mean=float(k), std=1.0, lower=k - 1.6, upper=k + 1.6,
+                    status="transition" if c == "T" else "tracking", raw_mean=float(k), raw_se=1.0, slope=0.0,
+                    var_channel=1.0, ratio=1.0, consistency=1.0, ess=10.0, nis=0.0, window_start=100 * k + 1,
+                    shadow_steps=k, divergences=0)
+        for k, c in enumerate(pattern)
+    ]
+    track.smoothed = lambda: [SmoothedPoint(e.step, 10.0 * e.step, 1.0, 0.0, 0.0, 0.0) for e in track.history]
+    got = [(t.start, t.end, t.level_before, t.level_after) for t in monitor.transitions()]
+    # Runs: [1], [3, 4] (one quiet window apart: merged into 1..4), [7], [10] (two quiet windows apart).
+    assert got == [(101, 500, 1000.0, 6000.0), (701, 800, 7000.0, 9000.0), (1001, 1100, 10000.0, 11000.0)]
