@@ -254,6 +254,8 @@ class WindowSummary:
         diverged_draws: draws flagged as placeholders for a reset chain (see
             :meth:`WindowStats.update`), over all chains (all ranks with ``gather``).
         warmup_draws: draws flagged as coming from a chain still warming up.
+        dropped_draws: warm-up draws left out because the chains' trailing healthy draws
+            covered at least half the window (the summary then describes those draws only).
     """
 
     start_step: int
@@ -271,6 +273,7 @@ class WindowSummary:
     consistency: float
     diverged_draws: int = 0
     warmup_draws: int = 0
+    dropped_draws: int = 0
 
     def to_dict(self) -> dict[str, int | float]:
         """The fields as a dict of plain Python ``int`` (steps, n_draws) and ``float`` values."""
@@ -429,7 +432,7 @@ class WindowStats:
         self.window = check_positive_int("window", window)
         self.num_chains = check_positive_int("num_chains", num_chains)
         self.horizon = check_positive_int("horizon", horizon)
-        self._past: list[np.ndarray] = []  # previous windows' draws, oldest first, each [C, W]
+        self._past: list[np.ndarray] = []  # previous windows' draws, oldest first, each [C, <= W]
         self._d = np.empty((self.num_chains, self.window), dtype=np.float64)
         self._v = np.empty((self.num_chains, self.window), dtype=np.float64)
         self._f = np.zeros((self.num_chains, self.window), dtype=np.float64)  # flags, see update()
@@ -459,7 +462,7 @@ class WindowStats:
         self._start_step = None
 
     def _floor(self, current: np.ndarray) -> np.ndarray | None:
-        if self.horizon <= 1 or not self._past or self._past[-1].shape != current.shape:
+        if self.horizon <= 1 or not self._past or self._past[-1].shape[0] != current.shape[0]:
             return None
         joined = np.concatenate(self._past + [current], axis=1)
         n = joined.shape[1]
@@ -551,11 +554,26 @@ class WindowStats:
                     f"Expected `gather` to return an array of shape [3, chains, {self.window}], got {packed.shape}."
                 )
             d_all, v_all, f_all = packed[0], packed[1], packed[2]
+        # A chain that finished warming up inside this window: when no draw is a reset
+        # placeholder and every chain's trailing run of healthy draws covers at least half the
+        # window, the window is summarised on those last draws alone (the same number from every
+        # chain), so an equilibrated half-window is not thrown away with its warm-up head.
+        healthy = f_all == 0
+        tail = np.argmin(healthy[:, ::-1], axis=1)
+        tail[healthy.all(axis=1)] = self.window
+        keep = int(tail.min())
+        dropped = 0
+        if not np.any(f_all == 1) and np.any(f_all == 2) and 2 * keep >= self.window:
+            dropped = int(f_all.size - keep * f_all.shape[0])
+            d_all, v_all, f_all = d_all[:, -keep:], v_all[:, -keep:], f_all[:, -keep:]
         summary = summarize(
             d_all, v_all, start_step=self._start_step, end_step=step, var_of_mean_floor=self._floor(d_all)
         )
         summary = replace(
-            summary, diverged_draws=int(np.sum(f_all == 1)), warmup_draws=int(np.sum(f_all == 2))
+            summary,
+            diverged_draws=int(np.sum(f_all == 1)),
+            warmup_draws=int(np.sum(f_all == 2)),
+            dropped_draws=dropped,
         )
         if self.horizon > 1:
             self._past = (self._past + [d_all.copy()])[-(self.horizon - 1) :]
@@ -644,11 +662,17 @@ class WindowStats:
         for p in state["past"]:
             arr = np.asarray(p, dtype=np.float64)
             # With `gather` the past windows hold every rank's chains: any chain count >= ours.
-            if arr.ndim != 2 or arr.shape[1] != self.window or arr.shape[0] < self.num_chains or not np.all(
-                np.isfinite(arr)
+            # A window summarised on its trailing half holds from window / 2 draws per chain.
+            if (
+                arr.ndim != 2
+                or not 2 * arr.shape[1] >= self.window
+                or arr.shape[1] > self.window
+                or arr.shape[0] < self.num_chains
+                or not np.all(np.isfinite(arr))
             ):
                 raise ValueError(
-                    f"Expected `state['past']` to hold finite arrays of shape [chains >= {self.num_chains}, {self.window}]."
+                    f"Expected `state['past']` to hold finite arrays of shape [chains >= {self.num_chains}, "
+                    f"window / 2 .. {self.window}]."
                 )
             past.append(arr)
         if len(past) > max(self.horizon - 1, 0):

@@ -122,7 +122,10 @@ def test_monitor_warms_up_from_data_and_rewarms_after_a_weight_jump() -> None:
     (length,) = monitor.warmup_lengths
     assert 60 <= length <= 400
     warm = [e for e in h if e.status == "warming_up"]
-    assert len(warm) == math.ceil(length / 20) and all(e.status != "warming_up" for e in h[len(warm):])
+    # The window in which warm-up ended is used when at least half of it came after the end.
+    last = math.ceil(length / 20)
+    expected = last - (1 if 2 * (20 * last - length) >= 20 else 0)
+    assert len(warm) == expected and all(e.status != "warming_up" for e in h[len(warm):])
     assert monitor.weight_jumps == 0
     # The weights jump to another optimum (and the data with them): the chain re-equilibrates.
     with torch.no_grad():
@@ -152,7 +155,10 @@ def test_fixed_warmup_still_counts_shadow_steps() -> None:
     p = deep_linear_problem([6, 6, 6], 2, num_samples=2048, seed=0)
     monitor = OnlineLLC(p.model, p.loss_fn, num_samples=2048, every_n_steps=1, window=10, warmup=25)
     run(monitor, list(p.batches), 0, 60)
-    assert [e.status == "warming_up" for e in monitor.history()] == [True, True, True, False, False, False]
+    # Draws 1-25 warm up: windows 1-2 are warm-up; window 3 (draws 21-30) is summarised on its
+    # last 5 draws, half the window.
+    assert [e.status == "warming_up" for e in monitor.history()] == [True, True, False, False, False, False]
+    assert monitor.history()[2].ess <= 5
     assert monitor.warmup_lengths == []
     with pytest.raises(ValueError, match=r"Expected `warmup` to be 'auto' or a non-negative int, got 'fast'\."):
         OnlineLLC(p.model, p.loss_fn, num_samples=2048, warmup="fast")

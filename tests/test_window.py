@@ -530,3 +530,37 @@ def test_flags_are_counted_and_gathered():
     assert out.n_draws == 6 and out.diverged_draws == 2
     with pytest.raises(ValueError, match=r"Expected `flags` to be 1 values in \{0, 1, 2\}, got \[3\]\."):
         WindowStats(3, 1).update([1.0], [0.1], 0, flags=[3])
+
+
+def test_window_with_an_equilibrated_tail_is_summarised_on_it() -> None:
+    """Warm-up that ends inside a window: when every chain's trailing healthy run covers at least
+    half the window (and no draw is a reset placeholder), the summary is that of the trailing
+    block alone (checked against summarize() on the sliced arrays); otherwise the window keeps
+    its flags and is reported whole."""
+    rng = np.random.default_rng(3)
+    d = rng.normal(5.0, 1.0, size=(2, 10))
+    v = rng.uniform(0.0, 0.5, size=(2, 10))
+
+    def feed(flags: np.ndarray):
+        ws = WindowStats(10, num_chains=2)
+        out = None
+        for k in range(10):
+            out = ws.update(d[:, k], v[:, k], step=k, flags=flags[:, k].tolist())
+        return out
+
+    flags = np.zeros((2, 10), dtype=int)
+    flags[0, :3] = 2
+    flags[1, :4] = 2  # trailing healthy runs 7 and 6: the last 6 draws of both chains are used
+    got = feed(flags)
+    want = summarize(d[:, -6:], v[:, -6:], start_step=0, end_step=9)
+    assert (got.mean, got.se, got.ess, got.var_channel) == (want.mean, want.se, want.ess, want.var_channel)
+    assert (got.warmup_draws, got.diverged_draws, got.dropped_draws, got.n_draws) == (0, 0, 8, 12)
+
+    flags[1, :6] = 2  # only 4 healthy draws in chain 1: less than half, the window stays warm
+    got = feed(flags)
+    assert got.warmup_draws == 9 and got.dropped_draws == 0 and got.mean == summarize(d, v).mean
+
+    flags[1, :6] = 0
+    flags[1, 0] = 1  # a reset placeholder: the window is reported whole (diverged)
+    got = feed(flags)
+    assert got.diverged_draws == 1 and got.warmup_draws == 3 and got.dropped_draws == 0
