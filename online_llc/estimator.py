@@ -61,6 +61,10 @@ STATUSES = ("warming_up", "tracking", "transition", "not_at_minimum", "diverged"
 #: The longest data-driven warm-up, in shadow steps: a chain that never looks settled (one that
 #: keeps following fast training, say) is used after this many draws anyway.
 MAX_AUTO_WARMUP = 400
+#: The shortest data-driven warm-up of a chain that starts at zero offset (start, reset).
+MIN_AUTO_WARMUP = 100
+#: The shortest one after a jump of the weights (the chains keep their offsets).
+MIN_REWARMUP = 60
 # Shadow steps of centre movement seen before a weight jump can be declared.
 _MIN_SHIFT_HISTORY = 10
 
@@ -219,8 +223,8 @@ class OnlineLLC:
         warmup: how long a chain warms up after the start, a reset or a jump of the training
             weights (its windows are reported as ``warming_up`` and kept out of the filter):
             ``"auto"`` (the default, ``None``) detects equilibrium from the chain's draws and
-            offset norm (MSER-5, :mod:`online_llc.warmup`; at least 60 and at most
-            :data:`MAX_AUTO_WARMUP` shadow steps); an int is a fixed number of shadow steps.
+            offset norm (MSER-5, :mod:`online_llc.warmup`; at least :data:`MIN_AUTO_WARMUP`
+            (60 after a jump of the weights) and at most :data:`MAX_AUTO_WARMUP` shadow steps); an int is a fixed number of shadow steps.
         confidence: coverage of the ``lower``/``upper`` band, in (0, 1).
         process_noise: see :class:`online_llc.filter.LLCFilter`.
         jump_threshold: see :class:`online_llc.filter.LLCFilter`.
@@ -597,7 +601,9 @@ class _Track:
 
     def _init(self) -> None:
         self.warmup_left = [0 if self.auto_warmup else self.warmup] * self.num_chains
-        self.detectors = [EquilibrationDetector(max_draws=MAX_AUTO_WARMUP) for _ in range(self.num_chains)]
+        self.detectors = [
+            EquilibrationDetector(min_draws=MIN_AUTO_WARMUP, max_draws=MAX_AUTO_WARMUP) for _ in range(self.num_chains)
+        ]
         self.last_jump = False
         # Set by a jump of the weights: the filter's level is stale, the next fed window resets it.
         self.level_stale = False
@@ -609,9 +615,15 @@ class _Track:
         self._shift_count = 0
         self.history: List[LLCEstimate] = []
 
-    def _restart_warmup(self, c: int) -> None:
+    def _restart_warmup(self, c: int, from_zero: bool = True) -> None:
         if self.auto_warmup:
-            self.detectors[c].restart()
+            # A chain restarted at zero offset may sit at a saddle, where it leaves along the
+            # unstable directions slowly at first, exponentially later: no test on its first
+            # draws can tell that from stationarity (the stagewise demo's chain looked settled
+            # after 60 draws and fell from -6 to -2800 over the next 150), so the floor is
+            # MIN_AUTO_WARMUP. A chain whose offsets were kept through a weight jump is already
+            # spread out and only needs MSER's own minimum.
+            self.detectors[c].restart(None if from_zero else MIN_REWARMUP)
         else:
             self.warmup_left[c] = self.warmup
 
@@ -666,7 +678,7 @@ class _Track:
             self.weight_jumps += 1
             self.level_stale = True
             for c in range(self.num_chains):
-                self._restart_warmup(c)
+                self._restart_warmup(c, from_zero=False)
         # Every chain adds a draw at every shadow step, so windows close (and, under DDP, their
         # collective runs) at the same step on every rank. A reset chain adds a flagged
         # placeholder (its draw is meaningless and may be non-finite); a warming chain a flagged draw.

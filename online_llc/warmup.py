@@ -80,8 +80,10 @@ class EquilibrationDetector:
             raise ValueError(f"Expected `tail` to be an int >= {MSER_BATCH}, got {tail!r}.")
         self.restart()
 
-    def restart(self) -> None:
-        """The chain starts over (at start, after a reset or after a jump of the weights)."""
+    def restart(self, min_draws: int | None = None) -> None:
+        """The chain starts over (at start, after a reset or after a jump of the weights);
+        ``min_draws`` replaces the constructor's floor for this warm-up only."""
+        self._min = self.min_draws if min_draws is None else check_positive_int("min_draws", min_draws)
         self.draws: List[List[float]] = []
         self.equilibrated = False
         #: Draws the last warm-up took (``None`` while warming up).
@@ -95,7 +97,7 @@ class EquilibrationDetector:
             return False
         self.draws.append([float(v) for v in stats])
         k = len(self.draws)
-        if k >= self.max_draws or (k >= self.min_draws and self._settled()):
+        if k >= self.max_draws or (k >= self._min and self._settled()):
             self.equilibrated, self.warmup_length, self.draws = True, k, []
         return True
 
@@ -110,11 +112,17 @@ class EquilibrationDetector:
 
     def state_dict(self) -> Dict[str, Any]:
         """Plain Python values."""
-        return {"draws": list(self.draws), "equilibrated": self.equilibrated, "warmup_length": self.warmup_length}
+        return {
+            "draws": list(self.draws),
+            "equilibrated": self.equilibrated,
+            "warmup_length": self.warmup_length,
+            "min_draws": self._min,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`."""
         self.draws = [[float(v) for v in row] for row in state["draws"]]
+        self._min = int(state.get("min_draws", self.min_draws))
         self.equilibrated = bool(state["equilibrated"])
         w = state.get("warmup_length")
         self.warmup_length = None if w is None else int(w)
