@@ -52,7 +52,9 @@ Online cadence (``python benchmarks/overhead.py`` prints the overhead):
   (MSER-5, :mod:`online_llc.warmup`). A fixed count fits no model: the slowest relaxation at the
   default step and localization is ``2 / (epsilon * gamma) ≈ 150`` steps, the draw of a
   reduced-rank regression settles within about 20, and the detector took 60-120 shadow steps
-  there and 70-370 on ``[16, 8, 16, 8]``, whose offset norm relaxes slowly.
+  there and 70-370 on ``[16, 8, 16, 8]``, whose offset norm relaxes slowly. Its floor is 100 for a
+  chain starting at zero offset: at a saddle the chain leaves slowly at first, which looks
+  stationary.
 * ``horizon = 4`` windows: the band's standard error also counts correlation slower than one
   window (see :class:`online_llc.window.WindowStats`).
 """
