@@ -27,6 +27,7 @@ Statuses (``LLCEstimate.status``):
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
@@ -500,8 +501,10 @@ class OnlineLLC:
         max_temperature = check_positive_float("max_temperature", max_temperature)
         # Consistency reads as a temperature only where the LLC is clearly positive (at a
         # minimum): near zero or below (saddles, plateaus) var / mean is meaningless.
-        fed = [e.consistency for e in self._model.history if e.status == "tracking" and e.lower > 0]
-        recent = [c for c in fed[-HEALTH_WINDOWS:] if math.isfinite(c)]
+        # Newest first, stopping at HEALTH_WINDOWS: the callback asks at every window, and the
+        # history grows without bound.
+        fed = (e.consistency for e in reversed(self._model.history) if e.status == "tracking" and e.lower > 0)
+        recent = [c for c in itertools.islice(fed, HEALTH_WINDOWS) if math.isfinite(c)]
         temperature = float(np.median(recent)) if recent else math.nan
         alarms = []
         if math.isfinite(temperature) and temperature > max_temperature:
