@@ -1,6 +1,7 @@
-"""The online estimator: shadow chain -> window statistics -> filter -> ``LLCEstimate`` records.
+"""The online estimator's facade: one object that wires chains -> windows -> filter -> records.
 
-Data flows one way::
+Flow: training loop -> ShadowSampler -> WindowStats -> LLCFilter -> OnlineLLC records ->
+callbacks. :class:`OnlineLLC` is the user's handle on that flow::
 
     OnlineLLC.update(batch, step)
       -> ShadowSampler.step(batch)            every `every_n_steps` training steps: draws d, v
@@ -8,21 +9,10 @@ Data flows one way::
       -> LLCFilter.update(mean, se^2, step)   level, band, jump flag
       -> LLCEstimate                          returned, kept in history()
 
-Statuses (``LLCEstimate.status``):
-
-* ``warming_up``: the window holds draws from a chain that has not yet equilibrated: at the
-  start, after a chain reset, or after the training weights jumped (see
-  :mod:`online_llc.warmup`; with ``warmup="auto"`` equilibrium is detected from the draws and the
-  offset norm, otherwise it is a fixed count of shadow steps). The record shows the raw window
-  mean; the filter is not fed.
-* ``diverged``: a chain produced a non-finite draw or ran away during this window; it was reset
-  (counted in ``divergences``), its draw replaced by a flagged placeholder, and the window was
-  not fed to the filter (its raw mean includes the placeholders' zeros).
-* ``transition``: the window was a jump (a many-sigma surprise, or the first window after a jump
-  of the training weights) or followed one: the LLC is moving fast.
-* ``not_at_minimum``: the band lies entirely below zero: the sampler finds lower loss nearby, as
-  at saddles and plateaus; the LLC is not defined there in the usual sense.
-* ``tracking``: otherwise.
+It owns one :class:`~online_llc.track.Track` for the whole model and one per parameter group
+(each track holds its chains, windows, filter, warm-up and status policy; the statuses are
+described in :mod:`online_llc.track`), schedules their shadow steps, and reports the results:
+the records of :mod:`online_llc.records`, the chains' health, checkpoints.
 """
 
 from __future__ import annotations
@@ -50,22 +40,11 @@ from .groups import resolve_group_masks
 from .records import STATUSES, ChainHealth, LLCEstimate, SmoothedPoint, Transition
 from .shadow import ShadowSampler
 from .sgld import LossEvaluator, LossFn
+from .track import MAX_AUTO_WARMUP, MIN_AUTO_WARMUP, MIN_REWARMUP, Track  # noqa: F401 - also importable from here
 from .tuning import DEFAULT_MAX_TEMPERATURE
-from .warmup import EquilibrationDetector
-from .window import WindowStats, WindowSummary
+from .window import WindowStats
 
 __all__ = ["ChainHealth", "LLCEstimate", "OnlineLLC", "STATUSES", "SmoothedPoint", "Transition"]
-
-#: The longest data-driven warm-up, in shadow steps: a chain that never looks settled (one that
-#: keeps following fast training, say) is used after this many draws anyway.
-MAX_AUTO_WARMUP = 400
-#: The shortest data-driven warm-up of a chain that starts at zero offset (start, reset).
-MIN_AUTO_WARMUP = 100
-#: The shortest one after a jump of the weights (the chains keep their offsets).
-MIN_REWARMUP = 60
-# Shadow steps of centre movement seen before a weight jump can be declared.
-_MIN_SHIFT_HISTORY = 10
-
 
 #: Filtered windows whose consistency :meth:`OnlineLLC.health` takes the median of.
 HEALTH_WINDOWS = 10
@@ -198,8 +177,8 @@ class OnlineLLC:
         self.group_budget = check_positive_int("group_budget", group_budget)
         self.evaluator = LossEvaluator(model, loss_fn)
 
-        def track(evaluator: LossEvaluator, track_seed: int, masks: Optional[Dict[str, Any]] = None) -> _Track:
-            return _Track(
+        def track(evaluator: LossEvaluator, track_seed: int, masks: Optional[Dict[str, Any]] = None) -> Track:
+            return Track(
                 ShadowSampler(
                     evaluator,
                     self.config,
@@ -218,7 +197,7 @@ class OnlineLLC:
         # Each group's chains move only its own parameters (disjoint groups: together their
         # offsets are one copy of the model's trainable parameters).
         resolved = resolve_group_masks(model, groups) if groups is not None else {}
-        self._groups: Dict[str, _Track] = {
+        self._groups: Dict[str, Track] = {
             name: track(LossEvaluator(model, loss_fn, param_names=list(masks)), seed + 7919 * (i + 1), masks)
             for i, (name, masks) in enumerate(resolved.items())
         }
@@ -345,7 +324,7 @@ class OnlineLLC:
             return math.nan, math.inf
         return t.filter.predict(self.step if step is None else step)
 
-    def _group(self, name: str) -> "_Track":
+    def _group(self, name: str) -> Track:
         if name not in self._groups:
             raise KeyError(f"No group {name!r}; the groups are {list(self._groups)}.")
         return self._groups[name]
@@ -468,231 +447,3 @@ class OnlineLLC:
         self.step = int(state["step"])
         self.shadow_steps = int(state["shadow_steps"])
         self._next_group = int(state.get("next_group", 0))
-
-
-class _Track:
-    """One estimated quantity (the whole model's LLC, or one group's weight-refined LLC): its
-    chains, window statistics, filter and history. Owned by :class:`OnlineLLC`."""
-
-    def __init__(
-        self, sampler: ShadowSampler, stats: WindowStats, filt: LLCFilter, *, warmup: Union[int, str], z: float
-    ) -> None:
-        self.sampler, self.stats, self.filter = sampler, stats, filt
-        self.warmup, self._z = warmup, z
-        self.auto_warmup = warmup == "auto"
-        self.num_chains = sampler.num_chains
-        self._init()
-
-    def _init(self) -> None:
-        self.warmup_left = [0 if self.auto_warmup else self.warmup] * self.num_chains
-        self.detectors = [
-            EquilibrationDetector(min_draws=MIN_AUTO_WARMUP, max_draws=MAX_AUTO_WARMUP) for _ in range(self.num_chains)
-        ]
-        self.last_jump = False
-        # Set by a jump of the weights: the filter's level is stale, the next fed window resets it.
-        self.level_stale = False
-        self.weight_jumps = 0
-        self.warmup_lengths: List[int] = []
-        # Running means of the centre's movement per shadow step and of the chains' offset norm.
-        self._shift_mean = math.nan
-        self._offset_mean = math.nan
-        self._shift_count = 0
-        self.history: List[LLCEstimate] = []
-
-    def _restart_warmup(self, c: int, from_zero: bool = True) -> None:
-        if self.auto_warmup:
-            # A chain restarted at zero offset may sit at a saddle, where it leaves along the
-            # unstable directions slowly at first, exponentially later: no test on its first
-            # draws can tell that from stationarity (the stagewise demo's chain looked settled
-            # after 60 draws and fell from -6 to -2800 over the next 150), so the floor is
-            # MIN_AUTO_WARMUP. A chain whose offsets were kept through a weight jump is already
-            # spread out and only needs MSER's own minimum.
-            self.detectors[c].restart(None if from_zero else MIN_REWARMUP)
-        else:
-            self.warmup_left[c] = self.warmup
-
-    def _warming(self, c: int, draw: float, offset_norm: float) -> bool:
-        """Whether this draw of chain ``c`` is a warm-up draw (and advance its warm-up)."""
-        if self.auto_warmup:
-            det = self.detectors[c]
-            was = det.equilibrated
-            warming = det.add(draw, offset_norm**2)
-            if det.equilibrated and not was and det.warmup_length is not None:
-                self.warmup_lengths.append(det.warmup_length)
-            return warming
-        warming = self.warmup_left[c] > 0
-        self.warmup_left[c] = max(self.warmup_left[c] - 1, 0)
-        return warming
-
-    def _weight_jump(self, shift: float, offset_norms: List[float]) -> bool:
-        """Whether the training weights jumped since the last shadow step: they moved (at least)
-        farther than the chains' own spread and ten times farther than they usually move per
-        shadow step. Steady fast training raises the usual movement and does not count; a
-        reloaded checkpoint, weight surgery or a switched task does."""
-        if not math.isfinite(shift):
-            return False
-        offset = float(np.mean(offset_norms)) if offset_norms else math.nan
-        jump = (
-            self._shift_count >= _MIN_SHIFT_HISTORY
-            and math.isfinite(self._offset_mean)
-            and shift > self._offset_mean
-            and shift > 10 * self._shift_mean
-        )
-        if not jump:  # a jump must not raise the usual movement
-            a = 1.0 / min(self._shift_count + 1, 50)
-            self._shift_mean = shift if self._shift_count == 0 else (1 - a) * self._shift_mean + a * shift
-            self._shift_count += 1
-            if math.isfinite(offset):
-                self._offset_mean = offset if not math.isfinite(self._offset_mean) else 0.98 * self._offset_mean + 0.02 * offset
-        return jump
-
-    def reset(self) -> None:
-        for c in range(self.num_chains):
-            self.sampler.reset_chain(c)
-        self.sampler.divergences = 0
-        self.stats.reset()
-        self.filter.reset()
-        self._init()
-
-    def shadow_step(self, batch: Any, step: int, shadow_steps: int) -> Optional[LLCEstimate]:
-        out = self.sampler.step(batch)
-        healthy = [i.offset_norm for i, bad in zip(out.infos, out.diverged) if not bad]
-        if self._weight_jump(out.center_shift, healthy):
-            # The chains' offsets were drawn for the old weights: re-equilibrate all of them.
-            self.weight_jumps += 1
-            self.level_stale = True
-            for c in range(self.num_chains):
-                self._restart_warmup(c, from_zero=False)
-        # Every chain adds a draw at every shadow step, so windows close (and, under DDP, their
-        # collective runs) at the same step on every rank. A reset chain adds a flagged
-        # placeholder (its draw is meaningless and may be non-finite); a warming chain a flagged draw.
-        d, v, flags = [], [], []
-        for c, (info, bad) in enumerate(zip(out.infos, out.diverged)):
-            if bad:
-                d.append(0.0)
-                v.append(0.0)
-                flags.append(1)
-                self._restart_warmup(c)
-            else:
-                d.append(info.draw)
-                v.append(info.noise_var)
-                flags.append(2 if self._warming(c, info.draw, info.offset_norm) else 0)
-        summary = self.stats.update(d, v, step, flags=flags)
-        return None if summary is None else self._close_window(summary, shadow_steps)
-
-    def skip(self, step: int, shadow_steps: int) -> Optional[LLCEstimate]:
-        n = self.num_chains
-        summary = self.stats.update([0.0] * n, [0.0] * n, step, flags=[1] * n)
-        return None if summary is None else self._close_window(summary, shadow_steps)
-
-    def _close_window(self, s: WindowSummary, shadow_steps: int) -> LLCEstimate:
-        status: str
-        nis = math.nan
-        if s.diverged_draws or s.warmup_draws:
-            # Decided from the (gathered) flags: the same verdict on every rank.
-            status = "diverged" if s.diverged_draws else "warming_up"
-            mean, std, slope = s.mean, s.se, math.nan
-            # Unequilibrated draws must not inform later windows' autocorrelation estimates.
-            self.stats.clear_history()
-        else:
-            r = max(s.se**2, 1e-300)
-            r_test = max(s.se_window**2, 1e-300)
-            mean, std, info = self.filter.update(s.mean, r, s.end_step, r_test=r_test, force_jump=self.level_stale)
-            self.level_stale = False
-            slope, nis = self.filter.slope, info.nis
-            if info.jump or self.last_jump:
-                status = "transition"
-            elif mean + self._z * std < 0:
-                status = "not_at_minimum"
-            else:
-                status = "tracking"
-            self.last_jump = info.jump
-            if info.jump:
-                # The past windows describe the old level: they would read the jump as correlation.
-                self.stats.clear_history()
-        est = LLCEstimate(
-            step=s.end_step,
-            mean=mean,
-            std=std,
-            lower=mean - self._z * std,
-            upper=mean + self._z * std,
-            status=status,
-            raw_mean=s.mean,
-            raw_se=s.se,
-            slope=slope,
-            var_channel=s.var_channel,
-            ratio=s.ratio,
-            consistency=s.consistency,
-            ess=s.ess,
-            nis=nis,
-            window_start=s.start_step,
-            shadow_steps=shadow_steps,
-            divergences=self.sampler.divergences,
-        )
-        self.history.append(est)
-        return est
-
-    def smoothed(self) -> List[SmoothedPoint]:
-        steps, mean, std, slope = self.filter.smooth()
-        z = self._z
-        return [
-            SmoothedPoint(int(t), float(m), float(s), float(m - z * s), float(m + z * s), float(b))
-            for t, m, s, b in zip(steps, mean, std, slope)
-        ]
-
-    def transitions(self) -> List[Transition]:
-        smooth = {p.step: p.mean for p in self.smoothed()}
-        hist = self.history
-        # Runs of consecutive transition windows, as [first, last] indices into the history; two
-        # runs one quiet window apart are one boundary (a ramp shows as jumps with a pause).
-        runs: List[List[int]] = []
-        for i, e in enumerate(hist):
-            if e.status != "transition":
-                continue
-            if runs and i - runs[-1][1] <= 2:
-                runs[-1][1] = i
-            else:
-                runs.append([i, i])
-        out: List[Transition] = []
-        for first, last in runs:
-            before = [e for e in hist[:first] if e.step in smooth and e.status != "transition"]
-            after = [e for e in hist[last + 1 :] if e.step in smooth and e.status != "transition"]
-            out.append(
-                Transition(
-                    start=hist[first].window_start,
-                    end=hist[last].step,
-                    level_before=smooth[before[-1].step] if before else math.nan,
-                    level_after=smooth[after[0].step] if after else smooth.get(hist[last].step, hist[last].mean),
-                )
-            )
-        return out
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {
-            "warmup_left": list(self.warmup_left),
-            "detectors": [det.state_dict() for det in self.detectors],
-            "weight_jumps": self.weight_jumps,
-            "level_stale": self.level_stale,
-            "warmup_lengths": list(self.warmup_lengths),
-            "shift": [self._shift_mean, self._offset_mean, self._shift_count],
-            "last_jump": self.last_jump,
-            "sampler": self.sampler.state_dict(),
-            "window_stats": self.stats.state_dict(),
-            "filter": self.filter.state_dict(),
-            "history": [e.to_dict() for e in self.history],
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.sampler.load_state_dict(state["sampler"])
-        self.stats.load_state_dict(state["window_stats"])
-        self.filter.load_state_dict(state["filter"])
-        self.warmup_left = [int(w) for w in state["warmup_left"]]
-        for det, st in zip(self.detectors, state["detectors"]):
-            det.load_state_dict(st)
-        self.weight_jumps = int(state["weight_jumps"])
-        self.level_stale = bool(state["level_stale"])
-        self.warmup_lengths = [int(k) for k in state["warmup_lengths"]]
-        self._shift_mean, self._offset_mean = float(state["shift"][0]), float(state["shift"][1])
-        self._shift_count = int(state["shift"][2])
-        self.last_jump = bool(state["last_jump"])
-        self.history = [LLCEstimate(**e) for e in state["history"]]
