@@ -30,12 +30,10 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, List, Mapping, Optional, Union
 
-import numpy as np
-
 from .filter import LLCFilter
 from .records import LLCEstimate, SmoothedPoint, Transition
 from .shadow import ShadowSampler
-from .warmup import EquilibrationDetector
+from .warmup import EquilibrationDetector, WeightJumpDetector
 from .window import WindowStats, WindowSummary
 
 __all__ = ["MAX_AUTO_WARMUP", "MIN_AUTO_WARMUP", "MIN_REWARMUP", "Track"]
@@ -77,15 +75,12 @@ class Track:
         self.detectors = [
             EquilibrationDetector(min_draws=MIN_AUTO_WARMUP, max_draws=MAX_AUTO_WARMUP) for _ in range(self.num_chains)
         ]
+        self.jumps = WeightJumpDetector(min_history=_MIN_SHIFT_HISTORY)
         self.last_jump = False
         # Set by a jump of the weights: the filter's level is stale, the next fed window resets it.
         self.level_stale = False
         self.weight_jumps = 0
         self.warmup_lengths: List[int] = []
-        # Running means of the centre's movement per shadow step and of the chains' offset norm.
-        self._shift_mean = math.nan
-        self._offset_mean = math.nan
-        self._shift_count = 0
         self.history: List[LLCEstimate] = []
 
     # ---- warm-up policy ---------------------------------------------------------------------------
@@ -114,28 +109,6 @@ class Track:
         self.warmup_left[c] = max(self.warmup_left[c] - 1, 0)
         return warming
 
-    def _weight_jump(self, shift: float, offset_norms: List[float]) -> bool:
-        """Whether the training weights jumped since the last shadow step: they moved (at least)
-        farther than the chains' own spread and ten times farther than they usually move per
-        shadow step. Steady fast training raises the usual movement and does not count; a
-        reloaded checkpoint, weight surgery or a switched task does."""
-        if not math.isfinite(shift):
-            return False
-        offset = float(np.mean(offset_norms)) if offset_norms else math.nan
-        jump = (
-            self._shift_count >= _MIN_SHIFT_HISTORY
-            and math.isfinite(self._offset_mean)
-            and shift > self._offset_mean
-            and shift > 10 * self._shift_mean
-        )
-        if not jump:  # a jump must not raise the usual movement
-            a = 1.0 / min(self._shift_count + 1, 50)
-            self._shift_mean = shift if self._shift_count == 0 else (1 - a) * self._shift_mean + a * shift
-            self._shift_count += 1
-            if math.isfinite(offset):
-                self._offset_mean = offset if not math.isfinite(self._offset_mean) else 0.98 * self._offset_mean + 0.02 * offset
-        return jump
-
     def reset(self) -> None:
         """Start over: chains at zero offset, empty windows, a fresh filter, an empty history."""
         for c in range(self.num_chains):
@@ -150,7 +123,7 @@ class Track:
         """Run the chains on ``batch`` at training step ``step``; the estimate when a window closed."""
         out = self.sampler.step(batch)
         healthy = [i.offset_norm for i, bad in zip(out.infos, out.diverged) if not bad]
-        if self._weight_jump(out.center_shift, healthy):
+        if self.jumps.add(out.center_shift, healthy):
             # The chains' offsets were drawn for the old weights: re-equilibrate all of them.
             self.weight_jumps += 1
             self.level_stale = True
@@ -268,13 +241,15 @@ class Track:
     # ---- checkpointing ------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         """Chains (tensors), windows, filter, warm-up and jump state, history (plain values)."""
+        jumps = self.jumps.state_dict()
         return {
             "warmup_left": list(self.warmup_left),
             "detectors": [det.state_dict() for det in self.detectors],
             "weight_jumps": self.weight_jumps,
             "level_stale": self.level_stale,
             "warmup_lengths": list(self.warmup_lengths),
-            "shift": [self._shift_mean, self._offset_mean, self._shift_count],
+            # The jump detector's state, in the checkpoint's original layout.
+            "shift": [jumps["shift_mean"], jumps["offset_mean"], jumps["count"]],
             "last_jump": self.last_jump,
             "sampler": self.sampler.state_dict(),
             "window_stats": self.stats.state_dict(),
@@ -293,7 +268,7 @@ class Track:
         self.weight_jumps = int(state["weight_jumps"])
         self.level_stale = bool(state["level_stale"])
         self.warmup_lengths = [int(k) for k in state["warmup_lengths"]]
-        self._shift_mean, self._offset_mean = float(state["shift"][0]), float(state["shift"][1])
-        self._shift_count = int(state["shift"][2])
+        shift = state["shift"]
+        self.jumps.load_state_dict({"shift_mean": shift[0], "offset_mean": shift[1], "count": shift[2]})
         self.last_jump = bool(state["last_jump"])
         self.history = [LLCEstimate(**e) for e in state["history"]]

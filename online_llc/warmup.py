@@ -1,4 +1,10 @@
-"""Data-driven warm-up: when has a chain's draw sequence reached equilibrium?
+"""When may a chain's draws be used? Warm-up after a start or a reset, and after a weight jump.
+
+Flow: training loop -> ShadowSampler -> **warm-up checks** -> WindowStats -> LLCFilter ->
+OnlineLLC records -> callbacks. The per-track state machine (:mod:`online_llc.track`) asks these
+detectors, shadow step by shadow step, whether a chain is still warming up
+(:class:`EquilibrationDetector`) and whether the training weights jumped under the chains
+(:class:`WeightJumpDetector`); warm-up draws are flagged and never reach the filter.
 
 A chain starts at zero offset, where its draw ``d`` is about 0, and relaxes towards the local
 posterior over a model-dependent number of steps (tens on a small reduced-rank regression, a few
@@ -20,13 +26,14 @@ is one stationary stretch and the chain is declared equilibrated. Draws before t
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping
+import math
+from typing import Any, Dict, List, Mapping, Sequence
 
 import numpy as np
 
 from .errors import check_positive_int
 
-__all__ = ["EquilibrationDetector", "mser_truncation"]
+__all__ = ["EquilibrationDetector", "WeightJumpDetector", "mser_truncation"]
 
 #: Draws per batch mean (the "5" of MSER-5: damps the draw-to-draw noise of the statistic).
 MSER_BATCH = 5
@@ -126,3 +133,70 @@ class EquilibrationDetector:
         self.equilibrated = bool(state["equilibrated"])
         w = state.get("warmup_length")
         self.warmup_length = None if w is None else int(w)
+
+
+class WeightJumpDetector:
+    """Decides, shadow step by shadow step, whether the training weights jumped under the chains.
+
+    A jump is a move of the centre (at least) farther than the chains' own spread and
+    ``JUMP_FACTOR`` times farther than the centre usually moves per shadow step. Steady fast
+    training raises the usual movement and does not count; a reloaded checkpoint, weight
+    surgery or a switched task does. The usual movement is a running mean over the last
+    ``SHIFT_MEMORY`` shadow steps (an exact mean before that), the chains' spread an
+    exponential mean of their offset norms; a jump updates neither.
+
+    Args:
+        min_history: shadow steps of centre movement seen before a jump can be declared (>= 1).
+    """
+
+    #: How many times the usual movement per shadow step a jump must exceed.
+    JUMP_FACTOR = 10.0
+    #: Shadow steps the usual movement is averaged over, once that many were seen.
+    SHIFT_MEMORY = 50
+    #: Weight of the newest offset norm in the chains' running spread.
+    OFFSET_WEIGHT = 0.02
+
+    def __init__(self, *, min_history: int = 10) -> None:
+        self.min_history = check_positive_int("min_history", min_history)
+        self.restart()
+
+    def restart(self) -> None:
+        """Forget the usual movement and spread (at start, or when the monitor starts over)."""
+        #: Running mean of the centre's movement per shadow step (NaN before the first).
+        self.shift_mean = math.nan
+        #: Running mean of the chains' offset norm (NaN before the first).
+        self.offset_mean = math.nan
+        #: Shadow steps whose movement entered ``shift_mean``.
+        self.count = 0
+
+    def add(self, shift: float, offset_norms: Sequence[float]) -> bool:
+        """Record one shadow step: the centre moved by ``shift`` since the previous one (NaN at the
+        first) and the healthy chains' offset norms were ``offset_norms``; return whether the
+        weights jumped."""
+        if not math.isfinite(shift):
+            return False
+        offset = float(np.mean(offset_norms)) if offset_norms else math.nan
+        jump = (
+            self.count >= self.min_history
+            and math.isfinite(self.offset_mean)
+            and shift > self.offset_mean
+            and shift > self.JUMP_FACTOR * self.shift_mean
+        )
+        if not jump:  # a jump must not raise the usual movement
+            a = 1.0 / min(self.count + 1, self.SHIFT_MEMORY)
+            self.shift_mean = shift if self.count == 0 else (1 - a) * self.shift_mean + a * shift
+            self.count += 1
+            if math.isfinite(offset):
+                w = self.OFFSET_WEIGHT
+                self.offset_mean = offset if not math.isfinite(self.offset_mean) else (1 - w) * self.offset_mean + w * offset
+        return jump
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Plain Python values."""
+        return {"shift_mean": self.shift_mean, "offset_mean": self.offset_mean, "count": self.count}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`."""
+        self.shift_mean = float(state["shift_mean"])
+        self.offset_mean = float(state["offset_mean"])
+        self.count = int(state["count"])
