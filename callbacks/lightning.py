@@ -1,7 +1,10 @@
 """PyTorch Lightning adapter: ``Trainer(callbacks=[OnlineLLCCallback(...)])``.
 
-A thin adapter over :class:`online_llc.OnlineLLC`: hooks translate into ``monitor.update`` calls,
-closed windows into logger calls, and the monitor's ``state_dict`` into the checkpoint.
+Flow: training loop -> ShadowSampler -> WindowStats -> LLCFilter -> OnlineLLC records ->
+**callbacks**. A thin adapter over :class:`online_llc.OnlineLLC`, at the end of the flow: hooks
+translate into ``monitor.update`` calls, closed windows into logger calls, and the monitor's
+``state_dict`` into the checkpoint. Its options are the monitor's own
+(:class:`online_llc.settings.MonitorSettings`), validated when the callback is built.
 
 Works with the ``lightning`` package (``lightning.pytorch``) and, because Lightning callbacks are
 duck-typed, with a ``pytorch_lightning`` Trainer too: pass the same object to either.
@@ -11,14 +14,16 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable, Dict, Mapping, Optional, Union
+from dataclasses import asdict
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import numpy as np
 import torch
 
-from online_llc.config import DEFAULT_EVERY_N_STEPS, DEFAULT_LOCALIZATION, DEFAULT_WINDOW
-from online_llc.errors import MonitorError, check_positive_int, reject_unknown
-from online_llc.estimator import STATUSES, LLCEstimate, OnlineLLC
+from online_llc.errors import MonitorError
+from online_llc.estimator import OnlineLLC
+from online_llc.records import STATUSES, LLCEstimate
+from online_llc.settings import MonitorSettings
 from online_llc.sgld import LossFn
 
 try:  # the `lightning` package first; `pytorch_lightning` is the same code under another name
@@ -51,15 +56,31 @@ LOGGED_KEYS = (
 # torch.func.functional_call would see shards, not the model.
 _UNSUPPORTED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy", "XLAFSDPStrategy")
 
+# The entries of the callback's state key, in order. Checkpoints store the callback's state
+# under that key, so these names and their order stay as they are.
+_STATE_KEY = (
+    "every_n_steps",
+    "window",
+    "seed",
+    "nbeta",
+    "localization",
+    "step_size",
+    "num_chains",
+    "warmup",
+    "num_samples",
+    "confidence",
+    "process_noise",
+    "jump_threshold",
+    "max_offset_norm",
+    "sampler",
+    "friction",
+    "groups",
+    "group_budget",
+)
+
 
 def _per_sample_method(module: Any, batch: Any) -> torch.Tensor:
     return module.per_sample_loss(batch)
-
-
-class _Probe(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(1))
 
 
 class OnlineLLCCallback(Callback):
@@ -79,14 +100,15 @@ class OnlineLLCCallback(Callback):
     Args:
         loss_fn: ``loss_fn(pl_module, batch) -> Tensor[B]`` per-sample losses. ``None``: the
             module's ``per_sample_loss(batch)`` method (zero-config path), if it has one.
-        num_samples: ``n``; ``None`` takes the length of the train dataloader's dataset.
-        nbeta, localization, step_size, every_n_steps, window, num_chains, seed, warmup,
-            confidence, process_noise, jump_threshold, max_offset_norm, sampler, friction, groups,
-            group_budget: as in :class:`online_llc.OnlineLLC`. Groups are given as parameter-name
-            patterns (or modules of the LightningModule); each logs ``llc/<group>/mean`` and
-            ``llc/<group>/std`` when its window closes.
+        groups: parameter groups tracked beside the whole model, as in
+            :class:`online_llc.OnlineLLC`, given as parameter-name patterns (or modules of the
+            LightningModule); each logs ``llc/<group>/mean`` and ``llc/<group>/std`` when its
+            window closes.
         prog_bar: also show ``llc`` in the progress bar.
         strict: re-raise a failure of the monitor instead of warning once and disabling it.
+        **options: the monitor's options, as in :class:`online_llc.OnlineLLC` (each a field of
+            :class:`online_llc.settings.MonitorSettings`), validated now. ``num_samples`` may be
+            left out (``None``): it is then the length of the train dataloader's dataset.
 
     Attributes:
         monitor: the :class:`online_llc.OnlineLLC` (created when training starts).
@@ -97,59 +119,21 @@ class OnlineLLCCallback(Callback):
         self,
         loss_fn: Optional[LossFn] = None,
         *,
-        num_samples: Optional[int] = None,
-        nbeta: Optional[float] = None,
-        localization: float = DEFAULT_LOCALIZATION,
-        step_size: Optional[float] = None,
-        every_n_steps: int = DEFAULT_EVERY_N_STEPS,
-        window: int = DEFAULT_WINDOW,
-        num_chains: int = 1,
-        seed: int = 0,
-        warmup: Union[int, str, None] = None,
-        confidence: float = 0.9,
-        process_noise: float = 0.1,
-        jump_threshold: float = 16.0,
-        max_offset_norm: Optional[float] = None,
-        sampler: str = "sgld",
-        friction: float = 0.1,
         groups: Optional[Mapping[str, Any]] = None,
-        group_budget: int = 1,
         prog_bar: bool = False,
         strict: bool = False,
-        **kwargs: Any,
+        **options: Any,
     ) -> None:
-        reject_unknown("OnlineLLCCallback()", kwargs)
+        MonitorSettings.reject_unknown("OnlineLLCCallback()", options)
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"Expected `loss_fn` to be callable as loss_fn(pl_module, batch), got {loss_fn!r}.")
-        if num_samples is not None:
-            check_positive_int("num_samples", num_samples)
+        # Every option is validated now, with the core's own checks and messages.
+        self.settings = MonitorSettings(**options)
         self.loss_fn = loss_fn
-        self.num_samples = num_samples
-        self.seed = seed
         self.prog_bar = bool(prog_bar)
         self.strict = bool(strict)
-        self._kwargs: Dict[str, Any] = dict(
-            nbeta=nbeta,
-            localization=localization,
-            step_size=step_size,
-            every_n_steps=every_n_steps,
-            window=window,
-            num_chains=num_chains,
-            seed=seed,
-            warmup=warmup,
-            confidence=confidence,
-            process_noise=process_noise,
-            jump_threshold=jump_threshold,
-            max_offset_norm=max_offset_norm,
-            sampler=sampler,
-            friction=friction,
-            group_budget=group_budget,
-        )
         # Groups name the LightningModule's parameters: resolved against it at on_train_start.
         self.groups = dict(groups) if groups is not None else None
-        # Validate every argument now, with the core's own checks and messages, by building a
-        # throwaway monitor on a probe module (zeros: no draw from the global RNG).
-        OnlineLLC(_Probe(), _per_sample_method, num_samples=num_samples or 2, **self._kwargs)
         self.monitor: Optional[OnlineLLC] = None
         self.failure: Optional[str] = None
         self._pending_state: Optional[Mapping[str, Any]] = None
@@ -157,31 +141,24 @@ class OnlineLLCCallback(Callback):
         self._alarms_seen: set = set()  # health alarm kinds already warned about
         self._world_size = 1
 
+    @property
+    def num_samples(self) -> Optional[int]:
+        """``n`` as given (``None``: the train dataloader's dataset length, read when training starts)."""
+        return self.settings.num_samples
+
+    @property
+    def seed(self) -> int:
+        """The user's seed (rank ``r`` of a distributed run seeds its chains from ``seed + 104729 r``)."""
+        return self.settings.seed
+
     # ---- identity ------------------------------------------------------------------------------
     @property
     def state_key(self) -> str:
         """Distinct for instances with different settings, so several can coexist: Lightning
         refuses two stateful callbacks with the same key. (The loss function is not part of it:
         renaming a function must not orphan a checkpoint's state.)"""
-        return self._generate_state_key(
-            every_n_steps=self._kwargs["every_n_steps"],
-            window=self._kwargs["window"],
-            seed=self.seed,
-            nbeta=self._kwargs["nbeta"],
-            localization=self._kwargs["localization"],
-            step_size=self._kwargs["step_size"],
-            num_chains=self._kwargs["num_chains"],
-            warmup=self._kwargs["warmup"],
-            num_samples=self.num_samples,
-            confidence=self._kwargs["confidence"],
-            process_noise=self._kwargs["process_noise"],
-            jump_threshold=self._kwargs["jump_threshold"],
-            max_offset_norm=self._kwargs["max_offset_norm"],
-            sampler=self._kwargs["sampler"],
-            friction=self._kwargs["friction"],
-            groups=sorted(self.groups) if self.groups else None,
-            group_budget=self._kwargs["group_budget"],
-        )
+        values = {**asdict(self.settings), "groups": sorted(self.groups) if self.groups else None}
+        return self._generate_state_key(**{name: values[name] for name in _STATE_KEY})
 
     # ---- set-up ----------------------------------------------------------------------------------
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -203,17 +180,15 @@ class OnlineLLCCallback(Callback):
         num_samples = self.num_samples if self.num_samples is not None else self._dataset_length(trainer)
         self._world_size = int(getattr(trainer, "world_size", 1) or 1)
         rank = int(getattr(trainer, "global_rank", 0) or 0)
-        kwargs = dict(self._kwargs)
         # Every rank its own chains: a rank-dependent seed (rank 0 keeps the user's seed).
-        kwargs["seed"] = self.seed + 104729 * rank
+        seed = self.seed + 104729 * rank
         gather = self._gather(trainer) if self._world_size > 1 else None
         self.monitor = OnlineLLC(
             pl_module,
             self.loss_fn or _per_sample_method,
-            num_samples=num_samples,
             gather=gather,
             groups=self.groups,
-            **kwargs,
+            **{**asdict(self.settings), "num_samples": num_samples, "seed": seed},
         )
         if self._pending_state is not None:
             self.monitor.load_state_dict(self._pending_state)
@@ -221,7 +196,7 @@ class OnlineLLCCallback(Callback):
                 # Every rank received rank 0's state: give each rank its own noise again and drop
                 # the half-filled window, which holds rank 0's draws on every rank.
                 for c, gen in enumerate(self.monitor.sampler.generators):
-                    gen.manual_seed(kwargs["seed"] * 1000003 + c + 7 * self.monitor.shadow_steps)
+                    gen.manual_seed(seed * 1000003 + c + 7 * self.monitor.shadow_steps)
                 self.monitor.stats.drop_pending()
             self._pending_state = None
         self._last_global_step = int(trainer.global_step)

@@ -12,32 +12,27 @@ callbacks. :class:`OnlineLLC` is the user's handle on that flow::
 It owns one :class:`~online_llc.track.Track` for the whole model and one per parameter group
 (each track holds its chains, windows, filter, warm-up and status policy; the statuses are
 described in :mod:`online_llc.track`), schedules their shadow steps, and reports the results:
-the records of :mod:`online_llc.records`, the chains' health, checkpoints.
+the records of :mod:`online_llc.records`, the chains' health, checkpoints. Its options are
+listed and validated in :mod:`online_llc.settings`.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
 from scipy.stats import norm as _normal
 from torch import nn
 
-from .config import (
-    DEFAULT_EVERY_N_STEPS,
-    DEFAULT_HORIZON,
-    DEFAULT_LOCALIZATION,
-    DEFAULT_WARMUP,
-    DEFAULT_WINDOW,
-    resolve_hyperparameters,
-)
-from .errors import check_nonneg_int, check_positive_float, check_positive_int, reject_unknown
+from .config import DEFAULT_HORIZON
+from .errors import check_positive_float, check_positive_int
 from .filter import LLCFilter
 from .groups import resolve_group_masks
 from .records import STATUSES, ChainHealth, LLCEstimate, SmoothedPoint, Transition
+from .settings import MonitorSettings
 from .shadow import ShadowSampler
 from .sgld import LossEvaluator, LossFn
 from .track import MAX_AUTO_WARMUP, MIN_AUTO_WARMUP, MIN_REWARMUP, Track  # noqa: F401 - also importable from here
@@ -73,37 +68,21 @@ class OnlineLLC:
         model: the network being trained.
         loss_fn: ``loss_fn(model, batch) -> Tensor[B]`` per-sample losses.
         num_samples: ``n``, the size of the training set.
-        nbeta: ``n * beta``; ``None`` means ``n / log n``.
-        localization: ``gamma``.
-        step_size: the sampler's ``epsilon``; ``None`` means its default
-            (:func:`online_llc.config.resolve_hyperparameters`: ``0.15 / nbeta`` for SGLD).
-        every_n_steps: training steps between shadow steps (>= 1).
-        window: draws per chain per window (>= 2).
-        num_chains: chains run at each shadow step.
-        seed: seeds the chains' private generators.
-        warmup: how long a chain warms up after the start, a reset or a jump of the training
-            weights (its windows are reported as ``warming_up`` and kept out of the filter):
-            ``"auto"`` (the default, ``None``) detects equilibrium from the chain's draws and
-            offset norm (MSER-5, :mod:`online_llc.warmup`; at least :data:`MIN_AUTO_WARMUP`
-            (60 after a jump of the weights) and at most :data:`MAX_AUTO_WARMUP` shadow steps); an int is a fixed number of shadow steps.
-        confidence: coverage of the ``lower``/``upper`` band, in (0, 1).
-        process_noise: see :class:`online_llc.filter.LLCFilter`.
-        jump_threshold: see :class:`online_llc.filter.LLCFilter`.
-        max_offset_norm: see :class:`online_llc.shadow.ShadowSampler`.
         groups: parameter groups whose weight-refined LLC is tracked beside the whole model's
             (Wang et al. 2024: sample only the group's weights, the rest held at the current
             weights): a mapping of name to parameter-name patterns (``fnmatch``), modules or
             parameters; see :mod:`online_llc.groups` for helpers. Groups must be disjoint.
-        group_budget: group shadow steps per shadow step, spent round-robin over the groups:
-            the overhead does not grow with the number of groups, each group is observed every
-            ``len(groups) / group_budget`` shadow steps, and its band widens in between.
         gather: for distributed training, a collective that concatenates every rank's window
             draws along the chain axis (see :class:`online_llc.window.WindowStats`); every rank
             then holds the same window summaries and the same filter state. Give each rank its
             own ``seed``.
-        sampler: ``"sgld"`` (default), ``"rmsprop_sgld"`` or ``"sghmc"`` (its momentum or
-            moments are part of the chain state and checkpointed).
-        friction: SGHMC's friction ``alpha`` in (0, 1].
+        **options: the monitor's options (the sampler's knobs, the chains, the cadence, the
+            filter), each a field of :class:`online_llc.settings.MonitorSettings`, where they are
+            described, defaulted and validated. An unknown name raises ``TypeError``.
+
+    Attributes:
+        settings: the validated options (a :class:`~online_llc.settings.MonitorSettings`).
+        config: the sampler's hyperparameters, defaults filled in.
 
     Example:
         >>> import torch
@@ -124,57 +103,23 @@ class OnlineLLC:
         loss_fn: LossFn,
         *,
         num_samples: int,
-        nbeta: Optional[float] = None,
-        localization: float = DEFAULT_LOCALIZATION,
-        step_size: Optional[float] = None,
-        every_n_steps: int = DEFAULT_EVERY_N_STEPS,
-        window: int = DEFAULT_WINDOW,
-        num_chains: int = 1,
-        seed: int = 0,
-        warmup: Union[int, str, None] = None,
-        confidence: float = 0.9,
-        process_noise: float = 0.1,
-        jump_threshold: float = 16.0,
-        max_offset_norm: Optional[float] = None,
-        gather: Optional[Callable[[np.ndarray], np.ndarray]] = None,
-        sampler: str = "sgld",
-        friction: float = 0.1,
         groups: Optional[Mapping[str, Any]] = None,
-        group_budget: int = 1,
-        **kwargs: Any,
+        gather: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+        **options: Any,
     ) -> None:
-        reject_unknown("OnlineLLC()", kwargs)
-        self.config = resolve_hyperparameters(
-            num_samples=num_samples,
-            nbeta=nbeta,
-            localization=localization,
-            step_size=step_size,
-            sampler=sampler,
-            friction=friction,
-        )
+        MonitorSettings.reject_unknown("OnlineLLC()", options)
+        check_positive_int("num_samples", num_samples)
+        self.settings = settings = MonitorSettings(num_samples=num_samples, **options)
+        self.config = settings.sgld_config()
         self.num_samples = num_samples
-        self.every_n_steps = check_positive_int("every_n_steps", every_n_steps)
-        if isinstance(window, bool) or not isinstance(window, int) or window < 2:
-            raise ValueError(f"Expected `window` to be an int >= 2, got {window!r}.")
-        self.window = window
-        self.num_chains = check_positive_int("num_chains", num_chains)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"Expected `seed` to be an int, got {seed!r}.")
-        self.seed = seed
-        if warmup is None:
-            warmup = DEFAULT_WARMUP
-        if warmup != "auto":
-            if isinstance(warmup, str):
-                raise ValueError(f"Expected `warmup` to be 'auto' or a non-negative int, got {warmup!r}.")
-            check_nonneg_int("warmup", warmup)
-        self.warmup: Union[int, str] = warmup
-        confidence = check_positive_float("confidence", confidence)
-        if confidence >= 1:
-            raise ValueError(f"Expected `confidence` to be a float in (0, 1), got {confidence!r}.")
-        self.confidence = confidence
-        self._z = float(_normal.ppf(0.5 + confidence / 2))
-
-        self.group_budget = check_positive_int("group_budget", group_budget)
+        self.every_n_steps = settings.every_n_steps
+        self.window = settings.window
+        self.num_chains = settings.num_chains
+        self.seed = settings.seed
+        self.warmup = settings.warmup_policy
+        self.confidence = float(settings.confidence)
+        self._z = float(_normal.ppf(0.5 + self.confidence / 2))
+        self.group_budget = settings.group_budget
         self.evaluator = LossEvaluator(model, loss_fn)
 
         def track(evaluator: LossEvaluator, track_seed: int, masks: Optional[Dict[str, Any]] = None) -> Track:
@@ -182,23 +127,23 @@ class OnlineLLC:
                 ShadowSampler(
                     evaluator,
                     self.config,
-                    num_chains=num_chains,
+                    num_chains=settings.num_chains,
                     seed=track_seed,
-                    max_offset_norm=max_offset_norm,
+                    max_offset_norm=settings.max_offset_norm,
                     masks=masks,
                 ),
-                WindowStats(window, num_chains, horizon=DEFAULT_HORIZON, gather=gather),
-                LLCFilter(process_noise=process_noise, jump_threshold=jump_threshold),
+                WindowStats(settings.window, settings.num_chains, horizon=DEFAULT_HORIZON, gather=gather),
+                LLCFilter(process_noise=settings.process_noise, jump_threshold=settings.jump_threshold),
                 warmup=self.warmup,
                 z=self._z,
             )
 
-        self._model = track(self.evaluator, seed)
+        self._model = track(self.evaluator, self.seed)
         # Each group's chains move only its own parameters (disjoint groups: together their
         # offsets are one copy of the model's trainable parameters).
         resolved = resolve_group_masks(model, groups) if groups is not None else {}
         self._groups: Dict[str, Track] = {
-            name: track(LossEvaluator(model, loss_fn, param_names=list(masks)), seed + 7919 * (i + 1), masks)
+            name: track(LossEvaluator(model, loss_fn, param_names=list(masks)), self.seed + 7919 * (i + 1), masks)
             for i, (name, masks) in enumerate(resolved.items())
         }
         self._init_counters()
@@ -406,6 +351,8 @@ class OnlineLLC:
 
     # ---- checkpointing ----------------------------------------------------------------------------
     def _settings(self) -> Dict[str, Any]:
+        """The settings a checkpoint must share with the monitor that restores it, as resolved
+        (the sampler's defaults filled in); saved in every state and compared on load."""
         return {
             "sampler": self.config.sampler,
             "nbeta": self.config.nbeta,
