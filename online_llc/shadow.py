@@ -1,5 +1,10 @@
 """The shadow chain: SGLD offsets that ride along with the training weights (co-moving frame).
 
+Flow: training loop -> **ShadowSampler** -> WindowStats -> LLCFilter -> OnlineLLC records ->
+callbacks. A :class:`ShadowSampler` turns each due training step into one draw ``d`` (and its
+batch-noise variance ``v``) per chain; :class:`online_llc.track.Track` passes them on to the
+window statistics.
+
 Each chain keeps an offset ``xi`` (one tensor per sampled parameter), never a second copy of the
 weights. A shadow step at training step ``t`` runs one kernel step (:func:`online_llc.sgld.sgld_step`)
 centred at the *current* weights ``w_t``::
@@ -52,11 +57,6 @@ class ShadowStep:
     def noise_vars(self) -> List[float]:
         """``v`` per chain."""
         return [i.noise_var for i in self.infos]
-
-    @property
-    def any_diverged(self) -> bool:
-        """Whether any chain was reset."""
-        return any(self.diverged)
 
 
 class ShadowSampler:
