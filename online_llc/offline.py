@@ -1,8 +1,11 @@
 """The offline reference estimator: C independent SGLD chains of D draws at fixed weights ``w*``.
 
-It runs the same kernel as the online monitor (:func:`online_llc.sgld.sgld_step`) and summarizes
-the draws with the same window statistics (:func:`online_llc.window.summarize`), so online and
-offline estimates differ only in where the centre sits and how the draws are aggregated.
+It stands beside the online flow (training loop -> ShadowSampler (sgld kernel) -> WindowStats ->
+LLCFilter -> OnlineLLC records -> callbacks), not in it: it runs the same kernel as the online
+monitor (:func:`online_llc.sgld.sampler_step`) and summarizes the draws with the same statistics
+(:func:`online_llc.stats.summarize`), so online and offline estimates differ only in where the
+centre sits and how the draws are aggregated. The step-size pilot (:mod:`online_llc.tuning`) and
+the tests use it as the reference.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from .config import DEFAULT_BURN_IN, DEFAULT_LOCALIZATION, DEFAULT_NUM_DRAWS, re
 from .errors import NonFiniteDrawError, check_nonneg_int, check_positive_int, reject_unknown
 from .groups import resolve_groups
 from .sgld import LossEvaluator, LossFn, init_aux, sampler_step
-from .window import summarize
+from .stats import summarize
 
 __all__ = ["LLCResult", "estimate_llc"]
 
