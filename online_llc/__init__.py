@@ -20,7 +20,8 @@ from .estimator import STATUSES, ChainHealth, LLCEstimate, OnlineLLC, SmoothedPo
 from .filter import FilterInfo, LLCFilter
 from .groups import ParamSlice, attention_heads, groups_by_child, groups_by_linear, resolve_groups
 from .offline import LLCResult, estimate_llc
-from .sgld import SAMPLERS, LossFn, SGLDConfig, SGLDInfo, default_nbeta, mala_acceptance, sampler_step, sgld_step
+from .evaluator import LossFn
+from .sgld import SAMPLERS, SGLDConfig, SGLDInfo, default_nbeta, mala_acceptance, sampler_step, sgld_step
 from .tuning import PilotRun, StepSizeRecommendation, recommend_step_size
 
 __version__ = "0.1.0"

@@ -20,7 +20,8 @@ from torch import nn
 from .config import DEFAULT_BURN_IN, DEFAULT_LOCALIZATION, DEFAULT_NUM_DRAWS, resolve_hyperparameters
 from .errors import NonFiniteDrawError, check_nonneg_int, check_positive_int, reject_unknown
 from .groups import resolve_groups
-from .sgld import LossEvaluator, LossFn, init_aux, sampler_step
+from .evaluator import LossEvaluator, LossFn, cuda_devices
+from .sgld import init_aux, sampler_step
 from .stats import summarize
 
 __all__ = ["LLCResult", "estimate_llc"]
@@ -189,7 +190,7 @@ def estimate_llc(
     evaluator = LossEvaluator(model, loss_fn, param_names=names)
     center = {n: t.clone() for n, t in evaluator.center().items()}
     device = next(iter(center.values())).device
-    devices = sorted({t.device.index or 0 for t in center.values() if t.device.type == "cuda"})
+    devices = cuda_devices(center)
 
     total = burn_in + num_draws
     draws = np.empty((num_chains, total))

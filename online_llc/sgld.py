@@ -1,6 +1,6 @@
 """The localized, tempered SGLD kernel with paired per-sample losses.
 
-One step of the kernel, for an offset ``xi`` around centre weights ``w*`` (DESIGN.md section 2)::
+One step of the kernel, for an offset ``xi`` around centre weights ``w*``::
 
     d   = nbeta * mean_i( l_i(w* + xi) - l_i(w*) )                 (the draw)
     v   = nbeta^2 * var_i( l_i(w* + xi) - l_i(w*) ) / |B|            (its within-batch noise variance)
@@ -13,25 +13,23 @@ and ``lambda_hat = E[d]`` (Lau et al. 2024).
 Both losses are evaluated on the same samples (pairing): the batch-to-batch fluctuation of ``L_B``,
 which is tens of times larger than ``lambda`` after multiplying by ``nbeta``, cancels in ``d``.
 
-The model object is never modified: losses are computed through
-``torch.func.functional_call`` on cloned parameters and cloned buffers, gradients are taken with
-``torch.autograd.grad`` (``.grad`` fields untouched), and every random number comes from a private
-``torch.Generator``. Any draw a model makes from the global RNG (dropout) happens inside
-``torch.random.fork_rng`` with the state reseeded from the private generator, so the training run's
-random streams are left exactly as they were; both passes of one step see the same dropout mask,
-which keeps the pairing exact.
+The model object is never modified and every random number comes from a private
+``torch.Generator``: the model plumbing (losses through ``torch.func.functional_call``, the forked
+and reseeded global generators that keep the training run's random streams untouched and give both
+passes of one step the same dropout masks) lives in :mod:`online_llc.evaluator`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Protocol, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .errors import check_choice, check_nonneg_float, check_positive_float
+from .evaluator import LossEvaluator, LossFn, private_rng
 
 __all__ = [
     "LossFn",
@@ -45,20 +43,6 @@ __all__ = [
     "default_nbeta",
     "mala_acceptance",
 ]
-
-
-class LossFn(Protocol):
-    """A per-sample loss: ``loss_fn(model, batch)`` returns a tensor of shape ``[B]``.
-
-    The model passed in is the user's model (its parameters temporarily substituted by the
-    sampler), so ``loss_fn`` must compute the loss by calling the model, not from captured
-    tensors. For the LLC to match theory the loss should be the per-sample negative log
-    likelihood (e.g. ``0.5 * ((y - model(x)) ** 2).sum(-1) / sigma**2`` for Gaussian noise,
-    ``F.cross_entropy(..., reduction="none")`` for classification).
-    """
-
-    def __call__(self, model: nn.Module, batch: Any) -> Tensor:  # pragma: no cover - protocol
-        ...
 
 
 def default_nbeta(num_samples: int) -> float:
@@ -157,106 +141,6 @@ class SGLDInfo:
         )
 
 
-class _LossModule(nn.Module):
-    """Makes ``loss_fn(model, batch)`` a module forward so ``functional_call`` can substitute
-    the model's parameters and buffers by name (``model.<name>``) without touching the model."""
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
-        super().__init__()
-        self.model = model
-        # Stored in __dict__ to keep it out of nn.Module's registries.
-        object.__setattr__(self, "_loss_fn", loss_fn)
-
-    def forward(self, batch: Any) -> Tensor:  # noqa: D102
-        return self._loss_fn(self.model, batch)
-
-
-class LossEvaluator:
-    """Evaluates per-sample losses of ``model`` at substituted weights, leaving ``model`` alone.
-
-    Holds the names of the trainable parameters (the ones the chain moves) and checks the loss
-    shape on every call.
-
-    Args:
-        model: the user's model.
-        loss_fn: per-sample loss, see :class:`LossFn`.
-        param_names: restrict the chain to these trainable parameters (default: all trainable).
-    """
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn, param_names: List[str] | None = None) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"Expected `model` to be a torch.nn.Module, got {type(model).__name__}.")
-        if not callable(loss_fn):
-            raise TypeError(f"Expected `loss_fn` to be callable as loss_fn(model, batch), got {loss_fn!r}.")
-        trainable = [name for name, p in model.named_parameters() if p.requires_grad]
-        if not trainable:
-            raise ValueError(
-                "Expected `model` to have at least one trainable parameter (requires_grad=True), got none."
-            )
-        if param_names is None:
-            param_names = trainable
-        else:
-            unknown = [n for n in param_names if n not in trainable]
-            if unknown or not param_names:
-                raise ValueError(
-                    f"Expected `param_names` to be a non-empty subset of the trainable parameters, got {param_names!r}."
-                )
-        self.model = model
-        self.loss_fn = loss_fn
-        self.param_names: List[str] = list(param_names)
-        self._module = _LossModule(model, loss_fn)
-
-    def center(self) -> Dict[str, Tensor]:
-        """The model's current trainable parameters, detached (no copy)."""
-        params = dict(self.model.named_parameters())
-        return {n: params[n].detach() for n in self.param_names}
-
-    def zeros_like_center(self) -> Dict[str, Tensor]:
-        """A zero offset for every sampled parameter (float32 or the parameter's float dtype)."""
-        return {n: torch.zeros_like(t) for n, t in self.center().items()}
-
-    def losses(self, params: Mapping[str, Tensor], batch: Any) -> Tensor:
-        """Per-sample losses with ``params`` substituted for the named parameters.
-
-        Buffers are cloned so that, e.g., BatchNorm in training mode updates the clones and not
-        the model's running statistics.
-        """
-        subst = {"model." + n: t for n, t in params.items()}
-        for n, b in self.model.named_buffers():
-            subst["model." + n] = b.detach().clone()
-        out = torch.func.functional_call(self._module, subst, (batch,), strict=False)
-        if not isinstance(out, Tensor) or out.dim() != 1 or out.numel() == 0:
-            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(
-                "Expected `loss_fn` to return per-sample losses of shape [B] (one value per sample, "
-                f"reduction='none'), got {shape}."
-            )
-        return out
-
-
-def _devices(tensors: Mapping[str, Tensor]) -> List[int]:
-    return sorted({t.device.index or 0 for t in tensors.values() if t.device.type == "cuda"})
-
-
-def _reseed_global(devices: List[int], generator: torch.Generator) -> None:
-    """Seed the (forked) global CPU/CUDA generators from the private one, so any randomness the
-    model draws (dropout) is a function of the monitor's own seed."""
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
-    torch.default_generator.manual_seed(seed)
-    for d in devices:
-        torch.cuda.default_generators[d].manual_seed(seed)
-
-
-def _snapshot(devices: List[int]) -> Tuple[Tensor, List[Tensor]]:
-    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
-
-
-def _restore(state: Tuple[Tensor, List[Tensor]], devices: List[int]) -> None:
-    torch.set_rng_state(state[0])
-    for d, s in zip(devices, state[1]):
-        torch.cuda.set_rng_state(s, d)
-
-
 def init_aux(config: SGLDConfig, offset: Mapping[str, Tensor]) -> Dict[str, Tensor]:
     """The sampler's extra chain state for a fresh chain: SGHMC's momentum ``v`` (zeros) or
     RMSProp's second moments ``V`` (zeros: filled with the first gradient's square), none for SGLD."""
@@ -323,17 +207,14 @@ def sampler_step(
             "The SGLD step needs gradients and cannot run inside torch.inference_mode(); "
             "call it outside (torch.no_grad() is fine: gradients are re-enabled locally)."
         )
-    devices = _devices(center)
     eps = config.step_size
     # enable_grad: the caller may be inside torch.no_grad() (e.g. a validation hook); the
     # gradient w.r.t. the offset is local and never reaches the model's .grad.
-    with torch.random.fork_rng(devices=devices), torch.enable_grad():
-        _reseed_global(devices, generator)
-        rng_state = _snapshot(devices)
+    with private_rng(center, generator) as rewind, torch.enable_grad():
         with torch.no_grad():
             l_center = evaluator.losses(center, batch).detach()
         # The same global RNG state for the second pass: identical dropout masks keep the pair exact.
-        _restore(rng_state, devices)
+        rewind()
         xi = {n: t.detach().requires_grad_(True) for n, t in offset.items()}
         moved = {n: center[n] + xi[n] for n in xi}
         l_sample = evaluator.losses(moved, batch)
@@ -439,14 +320,13 @@ def mala_acceptance(
     Returns:
         ``alpha`` in [0, 1], or NaN if a loss is not finite.
     """
-    devices = _devices(center)
     eps, nbeta, gamma = config.step_size, config.nbeta, config.localization
     noise_std = math.sqrt(eps) * config.noise_scale
     if noise_std == 0:
         return math.nan  # deterministic dynamics: no proposal density
 
     def potential(xi: Mapping[str, Tensor]) -> Tuple[float, List[Tensor]]:
-        _restore(rng_state, devices)
+        rewind()
         leaf = {n: t.detach().requires_grad_(True) for n, t in xi.items()}
         loss = evaluator.losses({n: center[n] + leaf[n] for n in leaf}, batch).mean()
         grads = torch.autograd.grad(loss, list(leaf.values()), allow_unused=True)
@@ -463,9 +343,7 @@ def mala_acceptance(
                 full.append(d * mask if mask is not None else d)
         return u, full
 
-    with torch.random.fork_rng(devices=devices), torch.enable_grad():
-        _reseed_global(devices, generator)
-        rng_state = _snapshot(devices)
+    with private_rng(center, generator) as rewind, torch.enable_grad():
         u0, g0 = potential(offset)
         with torch.no_grad():
             prop: Dict[str, Tensor] = {}
