@@ -1,4 +1,9 @@
-"""The localized, tempered SGLD kernel with paired per-sample losses.
+"""The localized, tempered sampler kernel: one step of SGLD (or a variant) with paired losses.
+
+Flow: training loop -> **ShadowSampler (sgld kernel)** -> WindowStats -> LLCFilter -> OnlineLLC
+records -> callbacks. :class:`~online_llc.shadow.ShadowSampler` runs :func:`sampler_step` at the
+current training weights; the offline estimator (:func:`online_llc.estimate_llc`) runs it at fixed
+weights.
 
 One step of the kernel, for an offset ``xi`` around centre weights ``w*``::
 
@@ -13,17 +18,24 @@ and ``lambda_hat = E[d]`` (Lau et al. 2024).
 Both losses are evaluated on the same samples (pairing): the batch-to-batch fluctuation of ``L_B``,
 which is tens of times larger than ``lambda`` after multiplying by ``nbeta``, cancels in ``d``.
 
-The model object is never modified and every random number comes from a private
-``torch.Generator``: the model plumbing (losses through ``torch.func.functional_call``, the forked
-and reseeded global generators that keep the training run's random streams untouched and give both
-passes of one step the same dropout masks) lives in :mod:`online_llc.evaluator`.
+The step has three layers:
+
+* the update maths, one small pure function per sampler (see :class:`SGLDConfig`) that maps one
+  parameter's state record ``(offset, aux)``, its gradient and its standard normal noise to the new
+  record, found by sampler name in a table (:data:`SAMPLERS` lists its keys);
+* :func:`sampler_step`: the paired losses and the gradient at ``w* + xi``, the step's
+  :class:`SGLDInfo`, then the noise draws and the update of every parameter;
+* the model plumbing, in :mod:`online_llc.evaluator`: losses through ``torch.func.functional_call``
+  (the model, its ``.grad`` fields and buffers are never modified) and a private generator for
+  every random number, the model's dropout included, so the training run's random streams are
+  left exactly as they were and both passes of one step see the same dropout masks.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -50,10 +62,6 @@ def default_nbeta(num_samples: int) -> float:
     if num_samples < 2:
         raise ValueError(f"Expected `num_samples` to be an int >= 2, got {num_samples!r}.")
     return num_samples / math.log(num_samples)
-
-
-#: The samplers :func:`sampler_step` implements.
-SAMPLERS = ("sgld", "rmsprop_sgld", "sghmc")
 
 
 @dataclass(frozen=True)
@@ -141,12 +149,193 @@ class SGLDInfo:
         )
 
 
+class _ParamState(NamedTuple):
+    """One parameter's chain state: its offset ``xi`` and the sampler's extra state (SGHMC's
+    momentum ``v`` or RMSProp's second moments ``V``; ``None`` for SGLD)."""
+
+    offset: Tensor
+    aux: Optional[Tensor]
+
+
+def _noise_std(config: SGLDConfig) -> float:
+    """The injected noise's standard deviation, ``sqrt(epsilon) * noise_scale``."""
+    return math.sqrt(config.step_size) * config.noise_scale
+
+
+# The update maths, one function per sampler: (state, grad, noise, config) -> new state, where
+# ``grad`` is ``grad_xi L_B(w* + xi)`` (None when the loss does not depend on the parameter) and
+# ``noise`` a standard normal draw of the offset's shape (None for the deterministic dynamics).
+# Each builds its result in new tensors and never modifies its inputs.
+
+
+def _sgld_update(
+    state: _ParamState, grad: Optional[Tensor], noise: Optional[Tensor], config: SGLDConfig
+) -> _ParamState:
+    """``xi <- (1 - eps gamma / 2) xi - (eps nbeta / 2) grad + sqrt(eps) z``."""
+    eps = config.step_size
+    # In place on one new tensor.
+    new = state.offset * (1.0 - eps * config.localization / 2)
+    if grad is not None:
+        new.add_(grad, alpha=-eps * config.nbeta / 2)
+    if noise is not None:
+        new.add_(noise, alpha=_noise_std(config))
+    return _ParamState(new, None)
+
+
+def _rmsprop_sgld_update(
+    state: _ParamState, grad: Optional[Tensor], noise: Optional[Tensor], config: SGLDConfig
+) -> _ParamState:
+    """``V <- rho V + (1 - rho) g^2``, ``G = 1 / (sqrt(V) + delta)``,
+    ``xi <- xi - (eps / 2) G grad U + sqrt(eps G) z``, with ``g = nbeta grad``."""
+    x = state.offset
+    g_loss = grad * config.nbeta if grad is not None else torch.zeros_like(x)
+    prev = state.aux
+    # A fresh chain starts its second moments at the first gradient's square.
+    first = not bool(prev.any())
+    sq = g_loss * g_loss
+    v2 = sq if first else prev * config.rmsprop_decay + sq * (1.0 - config.rmsprop_decay)
+    precond = 1.0 / (v2.sqrt() + config.rmsprop_eps)
+    drift = x * config.localization + g_loss
+    new = x - (config.step_size / 2) * precond * drift
+    if noise is not None:
+        new.add_(noise * precond.sqrt(), alpha=_noise_std(config))
+    return _ParamState(new, v2)
+
+
+def _sghmc_update(
+    state: _ParamState, grad: Optional[Tensor], noise: Optional[Tensor], config: SGLDConfig
+) -> _ParamState:
+    """``v <- (1 - alpha) v - (eps / 2) grad U + sqrt(alpha eps) z``, ``xi <- xi + v``."""
+    drift = state.offset * config.localization
+    if grad is not None:
+        drift.add_(grad, alpha=config.nbeta)
+    v = state.aux * (1.0 - config.friction)
+    v.add_(drift, alpha=-config.step_size / 2)
+    if noise is not None:
+        # Noise variance 2 * alpha * (eps / 2): alpha = 1 gives SGLD's eps.
+        v.add_(noise, alpha=_noise_std(config) * math.sqrt(config.friction))
+    return _ParamState(state.offset + v, v)
+
+
+_UPDATES: Dict[str, Callable[[_ParamState, Optional[Tensor], Optional[Tensor], SGLDConfig], _ParamState]] = {
+    "sgld": _sgld_update,
+    "rmsprop_sgld": _rmsprop_sgld_update,
+    "sghmc": _sghmc_update,
+}
+
+#: The samplers :func:`sampler_step` implements.
+SAMPLERS = tuple(_UPDATES)
+
+
 def init_aux(config: SGLDConfig, offset: Mapping[str, Tensor]) -> Dict[str, Tensor]:
     """The sampler's extra chain state for a fresh chain: SGHMC's momentum ``v`` (zeros) or
     RMSProp's second moments ``V`` (zeros: filled with the first gradient's square), none for SGLD."""
     if config.sampler == "sgld":
         return {}
     return {n: torch.zeros_like(t) for n, t in offset.items()}
+
+
+def _update(
+    offset: Mapping[str, Tensor],
+    aux: Mapping[str, Tensor],
+    grads: Sequence[Optional[Tensor]],
+    *,
+    config: SGLDConfig,
+    generator: torch.Generator,
+    masks: Optional[Mapping[str, Tensor]],
+) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
+    """Every parameter's update, in the offset's order: its noise is drawn from ``generator`` just
+    before its update (the order of the draws is part of a seed's trajectory), then the new offset
+    and extra state are zeroed outside its mask."""
+    update = _UPDATES[config.sampler]
+    sample_noise = _noise_std(config) > 0
+    new_offset: Dict[str, Tensor] = {}
+    new_aux: Dict[str, Tensor] = {}
+    for (name, x), g in zip(offset.items(), grads):
+        noise = None
+        if sample_noise:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        new, v = update(_ParamState(x, aux[name] if aux else None), g, noise, config)
+        mask = masks.get(name) if masks else None
+        if mask is not None:
+            new.mul_(mask)
+            if v is not None:
+                v = v * mask
+        new_offset[name] = new
+        if v is not None:
+            new_aux[name] = v
+    return new_offset, new_aux
+
+
+def _step_info(l_center: Tensor, l_sample: Tensor, offset: Mapping[str, Tensor], nbeta: float) -> SGLDInfo:
+    """The step's :class:`SGLDInfo` from the paired per-sample losses, with one host sync."""
+    diff = (l_sample - l_center).double()
+    b = diff.numel()
+    norms = torch.stack([torch.linalg.vector_norm(t.detach(), dtype=torch.float64) for t in offset.values()])
+    stats = torch.stack(
+        [diff.mean(), diff.var(unbiased=True) if b > 1 else diff.new_zeros(()), l_center.double().mean(),
+         l_sample.double().mean(), torch.linalg.vector_norm(norms)]
+    ).tolist()
+    return SGLDInfo(
+        draw=nbeta * stats[0],
+        noise_var=nbeta**2 * stats[1] / b,
+        loss_center=stats[2],
+        loss_sample=stats[3],
+        offset_norm=stats[4],
+        batch_size=b,
+    )
+
+
+def sampler_step(
+    evaluator: LossEvaluator,
+    center: Mapping[str, Tensor],
+    offset: Mapping[str, Tensor],
+    aux: Mapping[str, Tensor],
+    batch: Any,
+    *,
+    config: SGLDConfig,
+    generator: torch.Generator,
+    masks: Optional[Mapping[str, Tensor]] = None,
+) -> Tuple[Dict[str, Tensor], Dict[str, Tensor], SGLDInfo]:
+    """One step of ``config.sampler`` (see :class:`SGLDConfig`) on ``offset`` around ``center``.
+
+    Args:
+        evaluator, center, offset, batch, config, generator: as in :func:`sgld_step`.
+        aux: the sampler's extra state (:func:`init_aux`): SGHMC momentum or RMSProp moments.
+        masks: per parameter, a boolean mask: the chain moves only those entries (the offset and
+            the sampler's state stay zero elsewhere), e.g. one attention head's slice.
+
+    Returns:
+        ``(new_offset, new_aux, info)``; unchanged state when the losses are not finite.
+    """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "The SGLD step needs gradients and cannot run inside torch.inference_mode(); "
+            "call it outside (torch.no_grad() is fine: gradients are re-enabled locally)."
+        )
+    # enable_grad: the caller may be inside torch.no_grad() (e.g. a validation hook); the
+    # gradient w.r.t. the offset is local and never reaches the model's .grad.
+    with private_rng(center, generator) as rewind, torch.enable_grad():
+        with torch.no_grad():
+            l_center = evaluator.losses(center, batch).detach()
+        # The same global RNG state for the second pass: identical dropout masks keep the pair exact.
+        rewind()
+        xi = {n: t.detach().requires_grad_(True) for n, t in offset.items()}
+        moved = {n: center[n] + xi[n] for n in xi}
+        l_sample = evaluator.losses(moved, batch)
+        if l_sample.shape != l_center.shape:
+            raise ValueError(
+                "Expected `loss_fn` to return the same number of per-sample losses at every weight, "
+                f"got {tuple(l_center.shape)} and {tuple(l_sample.shape)}."
+            )
+        grads = torch.autograd.grad(l_sample.mean(), list(xi.values()), allow_unused=True)
+
+    with torch.no_grad():
+        info = _step_info(l_center, l_sample.detach(), offset, config.nbeta)
+        if not info.finite:
+            return dict(offset), dict(aux), info
+        new_offset, new_aux = _update(offset, aux, grads, config=config, generator=generator, masks=masks)
+    return new_offset, new_aux, info
 
 
 def sgld_step(
@@ -179,117 +368,6 @@ def sgld_step(
     new_offset, _, info = sampler_step(evaluator, center, offset, {}, batch, config=config, generator=generator)
     return new_offset, info
 
-
-def sampler_step(
-    evaluator: LossEvaluator,
-    center: Mapping[str, Tensor],
-    offset: Mapping[str, Tensor],
-    aux: Mapping[str, Tensor],
-    batch: Any,
-    *,
-    config: SGLDConfig,
-    generator: torch.Generator,
-    masks: Optional[Mapping[str, Tensor]] = None,
-) -> Tuple[Dict[str, Tensor], Dict[str, Tensor], SGLDInfo]:
-    """One step of ``config.sampler`` (see :class:`SGLDConfig`) on ``offset`` around ``center``.
-
-    Args:
-        evaluator, center, offset, batch, config, generator: as in :func:`sgld_step`.
-        aux: the sampler's extra state (:func:`init_aux`): SGHMC momentum or RMSProp moments.
-        masks: per parameter, a boolean mask: the chain moves only those entries (the offset and
-            the sampler's state stay zero elsewhere), e.g. one attention head's slice.
-
-    Returns:
-        ``(new_offset, new_aux, info)``; unchanged state when the losses are not finite.
-    """
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError(
-            "The SGLD step needs gradients and cannot run inside torch.inference_mode(); "
-            "call it outside (torch.no_grad() is fine: gradients are re-enabled locally)."
-        )
-    eps = config.step_size
-    # enable_grad: the caller may be inside torch.no_grad() (e.g. a validation hook); the
-    # gradient w.r.t. the offset is local and never reaches the model's .grad.
-    with private_rng(center, generator) as rewind, torch.enable_grad():
-        with torch.no_grad():
-            l_center = evaluator.losses(center, batch).detach()
-        # The same global RNG state for the second pass: identical dropout masks keep the pair exact.
-        rewind()
-        xi = {n: t.detach().requires_grad_(True) for n, t in offset.items()}
-        moved = {n: center[n] + xi[n] for n in xi}
-        l_sample = evaluator.losses(moved, batch)
-        if l_sample.shape != l_center.shape:
-            raise ValueError(
-                "Expected `loss_fn` to return the same number of per-sample losses at every weight, "
-                f"got {tuple(l_center.shape)} and {tuple(l_sample.shape)}."
-            )
-        grads = torch.autograd.grad(l_sample.mean(), list(xi.values()), allow_unused=True)
-
-    with torch.no_grad():
-        diff = (l_sample.detach() - l_center).double()
-        b = diff.numel()
-        # One host sync for all the scalars of the step.
-        norms = torch.stack([torch.linalg.vector_norm(t.detach(), dtype=torch.float64) for t in offset.values()])
-        stats = torch.stack(
-            [diff.mean(), diff.var(unbiased=True) if b > 1 else diff.new_zeros(()), l_center.double().mean(),
-             l_sample.detach().double().mean(), torch.linalg.vector_norm(norms)]
-        ).tolist()
-        info = SGLDInfo(
-            draw=config.nbeta * stats[0],
-            noise_var=config.nbeta**2 * stats[1] / b,
-            loss_center=stats[2],
-            loss_sample=stats[3],
-            offset_norm=stats[4],
-            batch_size=b,
-        )
-        if not info.finite:
-            return dict(offset), dict(aux), info
-        new_offset: Dict[str, Tensor] = {}
-        new_aux: Dict[str, Tensor] = {}
-        noise_std = math.sqrt(eps) * config.noise_scale
-        gamma, nbeta = config.localization, config.nbeta
-        for (name, x), g in zip(offset.items(), grads):
-            noise = None
-            if noise_std > 0:
-                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            if config.sampler == "sgld":
-                # xi <- (1 - eps*gamma/2) xi - (eps*nbeta/2) grad + sqrt(eps) z, in place on one new tensor.
-                new = x * (1.0 - eps * gamma / 2)
-                if g is not None:
-                    new.add_(g, alpha=-eps * nbeta / 2)
-                if noise is not None:
-                    new.add_(noise, alpha=noise_std)
-            elif config.sampler == "sghmc":
-                drift = x * gamma
-                if g is not None:
-                    drift.add_(g, alpha=nbeta)
-                v = aux[name] * (1.0 - config.friction)
-                v.add_(drift, alpha=-eps / 2)
-                if noise is not None:
-                    # Noise variance 2 * alpha * (eps / 2): alpha = 1 gives SGLD's eps.
-                    v.add_(noise, alpha=noise_std * math.sqrt(config.friction))
-                new = x + v
-                new_aux[name] = v
-            else:  # rmsprop_sgld
-                g_loss = g * nbeta if g is not None else torch.zeros_like(x)
-                prev = aux[name]
-                # A fresh chain starts its second moments at the first gradient's square.
-                first = not bool(prev.any())
-                sq = g_loss * g_loss
-                v2 = sq if first else prev * config.rmsprop_decay + sq * (1.0 - config.rmsprop_decay)
-                precond = 1.0 / (v2.sqrt() + config.rmsprop_eps)
-                drift = x * gamma + g_loss
-                new = x - (eps / 2) * precond * drift
-                if noise is not None:
-                    new.add_(noise * precond.sqrt(), alpha=noise_std)
-                new_aux[name] = v2
-            mask = masks.get(name) if masks else None
-            if mask is not None:
-                new.mul_(mask)
-                if name in new_aux:
-                    new_aux[name] = new_aux[name] * mask
-            new_offset[name] = new
-    return new_offset, new_aux, info
 
 
 def mala_acceptance(
