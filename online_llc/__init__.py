@@ -1,5 +1,9 @@
 """online-llc: the local learning coefficient (LLC) as a live training metric.
 
+The package's public API, gathered from the modules of the flow: training loop -> ShadowSampler
+(sgld kernel) -> WindowStats -> LLCFilter -> OnlineLLC records -> callbacks
+(:mod:`online_llc.callbacks`).
+
 Public API:
 
 * :class:`OnlineLLC` - the running estimate; :class:`LLCEstimate` - its records.
@@ -20,8 +24,9 @@ from .estimator import STATUSES, ChainHealth, LLCEstimate, OnlineLLC, SmoothedPo
 from .filter import FilterInfo, LLCFilter
 from .groups import ParamSlice, attention_heads, groups_by_child, groups_by_linear, resolve_groups
 from .offline import LLCResult, estimate_llc
-from .sgld import SAMPLERS, LossFn, SGLDConfig, SGLDInfo, default_nbeta, mala_acceptance, sampler_step, sgld_step
-from .tuning import PilotRun, StepSizeRecommendation, recommend_step_size
+from .evaluator import LossFn
+from .sgld import SAMPLERS, SGLDConfig, SGLDInfo, default_nbeta, sampler_step, sgld_step
+from .tuning import PilotRun, StepSizeRecommendation, mala_acceptance, recommend_step_size
 
 __version__ = "0.1.0"
 

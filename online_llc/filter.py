@@ -1,5 +1,9 @@
 """State-space filter for the LLC trajectory: a local linear trend over training-step time.
 
+Flow: training loop -> ShadowSampler (sgld kernel) -> WindowStats -> **LLCFilter** -> OnlineLLC
+records -> callbacks. Each window summary (its mean and standard error) is one observation; the
+filtered level and its variance become the estimate and band of :class:`~online_llc.OnlineLLC`.
+
 The hidden state is ``x = [level, slope]`` (LLC and its change per training step). Window means
 arrive at irregular training steps ``t_k`` with their own variance ``R_k = se_k^2``. Between two
 observations ``dt = t_k - t_{k-1}`` apart the state evolves as (continuous white-noise
@@ -9,11 +13,11 @@ acceleration, Bar-Shalom et al. 2001, section 6.2)::
     w ~ N(0, Q),           Q = q [[dt^3 / 3, dt^2 / 2], [dt^2 / 2, dt]],
     z_k = H x_k + v,       H = [1, 0],   v ~ N(0, R_k).
 
-so the band widens between observations and shrinks at each. ``q`` is scale-aware: it is set so
-that over a typical gap ``tau`` (a running mean of ``dt``) the level diffuses by
-``process_noise`` times the typical observation standard deviation (a running mean of
-``sqrt(R)``): ``q = (process_noise * scale)^2 / tau^3``. The same settings then work for an LLC
-of 0.1 or 1e5, positive or negative.
+so the band widens between observations and shrinks at each. ``q`` is scale-aware: with
+``tau`` the typical gap (a running mean of ``dt``) and ``scale`` the typical observation standard
+deviation (a running mean of ``sqrt(R)``), ``q = (process_noise * scale)^2 / tau^3``, so over one
+typical gap the level diffuses by ``sqrt(Q[0, 0]) = sqrt(q tau^3 / 3) = process_noise * scale /
+sqrt(3)``. The same settings then work for an LLC of 0.1 or 1e5, positive or negative.
 
 Jumps: developmental transitions move the LLC by orders of magnitude within a window or two, far
 faster than any ``q`` that keeps plateaus smooth. The filter declares a jump when the normalized
@@ -89,8 +93,8 @@ class LLCFilter:
     """Local linear trend filter over irregular, sparse observations (see module docstring).
 
     Args:
-        process_noise: level diffusion over a typical gap, in units of the typical observation
-            std (> 0). Smaller: smoother on plateaus, slower on ramps.
+        process_noise: sets the level's diffusion over a typical gap, ``process_noise / sqrt(3)``
+            typical observation stds (> 0). Smaller: smoother on plateaus, slower on ramps.
         jump_threshold: ``nis`` above which an observation is treated as a jump (> 0; the default
             16 is a 4-sigma surprise).
         confirm_threshold: ``nis`` that two consecutive same-sign innovations must both exceed to

@@ -1,8 +1,11 @@
 """The offline reference estimator: C independent SGLD chains of D draws at fixed weights ``w*``.
 
-It runs the same kernel as the online monitor (:func:`online_llc.sgld.sgld_step`) and summarizes
-the draws with the same window statistics (:func:`online_llc.window.summarize`), so online and
-offline estimates differ only in where the centre sits and how the draws are aggregated.
+It stands beside the online flow (training loop -> ShadowSampler (sgld kernel) -> WindowStats ->
+LLCFilter -> OnlineLLC records -> callbacks), not in it: it runs the same kernel as the online
+monitor (:func:`online_llc.sgld.sampler_step`) and summarizes the draws with the same statistics
+(:func:`online_llc.stats.summarize`), so online and offline estimates differ only in where the
+centre sits and how the draws are aggregated. The step-size pilot (:mod:`online_llc.tuning`) and
+the tests use it as the reference.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from torch import nn
 from .config import DEFAULT_BURN_IN, DEFAULT_LOCALIZATION, DEFAULT_NUM_DRAWS, resolve_hyperparameters
 from .errors import NonFiniteDrawError, check_nonneg_int, check_positive_int, reject_unknown
 from .groups import resolve_groups
-from .sgld import LossEvaluator, LossFn, init_aux, sampler_step
-from .window import summarize
+from .evaluator import LossEvaluator, LossFn, cuda_devices
+from .sgld import init_aux, sampler_step
+from .stats import summarize
 
 __all__ = ["LLCResult", "estimate_llc"]
 
@@ -186,7 +190,7 @@ def estimate_llc(
     evaluator = LossEvaluator(model, loss_fn, param_names=names)
     center = {n: t.clone() for n, t in evaluator.center().items()}
     device = next(iter(center.values())).device
-    devices = sorted({t.device.index or 0 for t in center.values() if t.device.type == "cuda"})
+    devices = cuda_devices(center)
 
     total = burn_in + num_draws
     draws = np.empty((num_chains, total))

@@ -1,6 +1,11 @@
-"""The localized, tempered SGLD kernel with paired per-sample losses.
+"""The localized, tempered sampler kernel: one step of SGLD (or a variant) with paired losses.
 
-One step of the kernel, for an offset ``xi`` around centre weights ``w*`` (DESIGN.md section 2)::
+Flow: training loop -> **ShadowSampler (sgld kernel)** -> WindowStats -> LLCFilter -> OnlineLLC
+records -> callbacks. :class:`~online_llc.shadow.ShadowSampler` runs :func:`sampler_step` at the
+current training weights; the offline estimator (:func:`online_llc.estimate_llc`) runs it at fixed
+weights.
+
+One step of the kernel, for an offset ``xi`` around centre weights ``w*``::
 
     d   = nbeta * mean_i( l_i(w* + xi) - l_i(w*) )                 (the draw)
     v   = nbeta^2 * var_i( l_i(w* + xi) - l_i(w*) ) / |B|            (its within-batch noise variance)
@@ -13,25 +18,30 @@ and ``lambda_hat = E[d]`` (Lau et al. 2024).
 Both losses are evaluated on the same samples (pairing): the batch-to-batch fluctuation of ``L_B``,
 which is tens of times larger than ``lambda`` after multiplying by ``nbeta``, cancels in ``d``.
 
-The model object is never modified: losses are computed through
-``torch.func.functional_call`` on cloned parameters and cloned buffers, gradients are taken with
-``torch.autograd.grad`` (``.grad`` fields untouched), and every random number comes from a private
-``torch.Generator``. Any draw a model makes from the global RNG (dropout) happens inside
-``torch.random.fork_rng`` with the state reseeded from the private generator, so the training run's
-random streams are left exactly as they were; both passes of one step see the same dropout mask,
-which keeps the pairing exact.
+The step has three layers:
+
+* the update maths, one small pure function per sampler (see :class:`SGLDConfig`) that maps one
+  parameter's state record ``(offset, aux)``, its gradient and its standard normal noise to the new
+  record, found by sampler name in a table (:data:`SAMPLERS` lists its keys);
+* :func:`sampler_step`: the paired losses and the gradient at ``w* + xi``, the step's
+  :class:`SGLDInfo`, then the noise draws and the update of every parameter;
+* the model plumbing, in :mod:`online_llc.evaluator`: losses through ``torch.func.functional_call``
+  (the model, its ``.grad`` fields and buffers are never modified) and a private generator for
+  every random number, the model's dropout included, so the training run's random streams are
+  left exactly as they were and both passes of one step see the same dropout masks.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .errors import check_choice, check_nonneg_float, check_positive_float
+from .evaluator import LossEvaluator, LossFn, private_rng
 
 __all__ = [
     "LossFn",
@@ -43,22 +53,7 @@ __all__ = [
     "LossEvaluator",
     "sgld_step",
     "default_nbeta",
-    "mala_acceptance",
 ]
-
-
-class LossFn(Protocol):
-    """A per-sample loss: ``loss_fn(model, batch)`` returns a tensor of shape ``[B]``.
-
-    The model passed in is the user's model (its parameters temporarily substituted by the
-    sampler), so ``loss_fn`` must compute the loss by calling the model, not from captured
-    tensors. For the LLC to match theory the loss should be the per-sample negative log
-    likelihood (e.g. ``0.5 * ((y - model(x)) ** 2).sum(-1) / sigma**2`` for Gaussian noise,
-    ``F.cross_entropy(..., reduction="none")`` for classification).
-    """
-
-    def __call__(self, model: nn.Module, batch: Any) -> Tensor:  # pragma: no cover - protocol
-        ...
 
 
 def default_nbeta(num_samples: int) -> float:
@@ -66,10 +61,6 @@ def default_nbeta(num_samples: int) -> float:
     if num_samples < 2:
         raise ValueError(f"Expected `num_samples` to be an int >= 2, got {num_samples!r}.")
     return num_samples / math.log(num_samples)
-
-
-#: The samplers :func:`sampler_step` implements.
-SAMPLERS = ("sgld", "rmsprop_sgld", "sghmc")
 
 
 @dataclass(frozen=True)
@@ -157,104 +148,82 @@ class SGLDInfo:
         )
 
 
-class _LossModule(nn.Module):
-    """Makes ``loss_fn(model, batch)`` a module forward so ``functional_call`` can substitute
-    the model's parameters and buffers by name (``model.<name>``) without touching the model."""
+class _ParamState(NamedTuple):
+    """One parameter's chain state: its offset ``xi`` and the sampler's extra state (SGHMC's
+    momentum ``v`` or RMSProp's second moments ``V``; ``None`` for SGLD)."""
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
-        super().__init__()
-        self.model = model
-        # Stored in __dict__ to keep it out of nn.Module's registries.
-        object.__setattr__(self, "_loss_fn", loss_fn)
-
-    def forward(self, batch: Any) -> Tensor:  # noqa: D102
-        return self._loss_fn(self.model, batch)
+    offset: Tensor
+    aux: Optional[Tensor]
 
 
-class LossEvaluator:
-    """Evaluates per-sample losses of ``model`` at substituted weights, leaving ``model`` alone.
-
-    Holds the names of the trainable parameters (the ones the chain moves) and checks the loss
-    shape on every call.
-
-    Args:
-        model: the user's model.
-        loss_fn: per-sample loss, see :class:`LossFn`.
-        param_names: restrict the chain to these trainable parameters (default: all trainable).
-    """
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn, param_names: List[str] | None = None) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"Expected `model` to be a torch.nn.Module, got {type(model).__name__}.")
-        if not callable(loss_fn):
-            raise TypeError(f"Expected `loss_fn` to be callable as loss_fn(model, batch), got {loss_fn!r}.")
-        trainable = [name for name, p in model.named_parameters() if p.requires_grad]
-        if not trainable:
-            raise ValueError(
-                "Expected `model` to have at least one trainable parameter (requires_grad=True), got none."
-            )
-        if param_names is None:
-            param_names = trainable
-        else:
-            unknown = [n for n in param_names if n not in trainable]
-            if unknown or not param_names:
-                raise ValueError(
-                    f"Expected `param_names` to be a non-empty subset of the trainable parameters, got {param_names!r}."
-                )
-        self.model = model
-        self.loss_fn = loss_fn
-        self.param_names: List[str] = list(param_names)
-        self._module = _LossModule(model, loss_fn)
-
-    def center(self) -> Dict[str, Tensor]:
-        """The model's current trainable parameters, detached (no copy)."""
-        params = dict(self.model.named_parameters())
-        return {n: params[n].detach() for n in self.param_names}
-
-    def zeros_like_center(self) -> Dict[str, Tensor]:
-        """A zero offset for every sampled parameter (float32 or the parameter's float dtype)."""
-        return {n: torch.zeros_like(t) for n, t in self.center().items()}
-
-    def losses(self, params: Mapping[str, Tensor], batch: Any) -> Tensor:
-        """Per-sample losses with ``params`` substituted for the named parameters.
-
-        Buffers are cloned so that, e.g., BatchNorm in training mode updates the clones and not
-        the model's running statistics.
-        """
-        subst = {"model." + n: t for n, t in params.items()}
-        for n, b in self.model.named_buffers():
-            subst["model." + n] = b.detach().clone()
-        out = torch.func.functional_call(self._module, subst, (batch,), strict=False)
-        if not isinstance(out, Tensor) or out.dim() != 1 or out.numel() == 0:
-            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(
-                "Expected `loss_fn` to return per-sample losses of shape [B] (one value per sample, "
-                f"reduction='none'), got {shape}."
-            )
-        return out
+def _noise_std(config: SGLDConfig) -> float:
+    """The injected noise's standard deviation, ``sqrt(epsilon) * noise_scale``."""
+    return math.sqrt(config.step_size) * config.noise_scale
 
 
-def _devices(tensors: Mapping[str, Tensor]) -> List[int]:
-    return sorted({t.device.index or 0 for t in tensors.values() if t.device.type == "cuda"})
+# The update maths, one function per sampler: (state, grad, noise, config) -> new state, where
+# ``grad`` is ``grad_xi L_B(w* + xi)`` (None when the loss does not depend on the parameter) and
+# ``noise`` a standard normal draw of the offset's shape (None for the deterministic dynamics).
+# Each builds its result in new tensors and never modifies its inputs.
 
 
-def _reseed_global(devices: List[int], generator: torch.Generator) -> None:
-    """Seed the (forked) global CPU/CUDA generators from the private one, so any randomness the
-    model draws (dropout) is a function of the monitor's own seed."""
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
-    torch.default_generator.manual_seed(seed)
-    for d in devices:
-        torch.cuda.default_generators[d].manual_seed(seed)
+def _sgld_update(
+    state: _ParamState, grad: Optional[Tensor], noise: Optional[Tensor], config: SGLDConfig
+) -> _ParamState:
+    """``xi <- (1 - eps gamma / 2) xi - (eps nbeta / 2) grad + sqrt(eps) z``."""
+    eps = config.step_size
+    # In place on one new tensor.
+    new = state.offset * (1.0 - eps * config.localization / 2)
+    if grad is not None:
+        new.add_(grad, alpha=-eps * config.nbeta / 2)
+    if noise is not None:
+        new.add_(noise, alpha=_noise_std(config))
+    return _ParamState(new, None)
 
 
-def _snapshot(devices: List[int]) -> Tuple[Tensor, List[Tensor]]:
-    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+def _rmsprop_sgld_update(
+    state: _ParamState, grad: Optional[Tensor], noise: Optional[Tensor], config: SGLDConfig
+) -> _ParamState:
+    """``V <- rho V + (1 - rho) g^2``, ``G = 1 / (sqrt(V) + delta)``,
+    ``xi <- xi - (eps / 2) G grad U + sqrt(eps G) z``, with ``g = nbeta grad``."""
+    x = state.offset
+    g_loss = grad * config.nbeta if grad is not None else torch.zeros_like(x)
+    prev = state.aux
+    # A fresh chain starts its second moments at the first gradient's square.
+    first = not bool(prev.any())
+    sq = g_loss * g_loss
+    v2 = sq if first else prev * config.rmsprop_decay + sq * (1.0 - config.rmsprop_decay)
+    precond = 1.0 / (v2.sqrt() + config.rmsprop_eps)
+    drift = x * config.localization + g_loss
+    new = x - (config.step_size / 2) * precond * drift
+    if noise is not None:
+        new.add_(noise * precond.sqrt(), alpha=_noise_std(config))
+    return _ParamState(new, v2)
 
 
-def _restore(state: Tuple[Tensor, List[Tensor]], devices: List[int]) -> None:
-    torch.set_rng_state(state[0])
-    for d, s in zip(devices, state[1]):
-        torch.cuda.set_rng_state(s, d)
+def _sghmc_update(
+    state: _ParamState, grad: Optional[Tensor], noise: Optional[Tensor], config: SGLDConfig
+) -> _ParamState:
+    """``v <- (1 - alpha) v - (eps / 2) grad U + sqrt(alpha eps) z``, ``xi <- xi + v``."""
+    drift = state.offset * config.localization
+    if grad is not None:
+        drift.add_(grad, alpha=config.nbeta)
+    v = state.aux * (1.0 - config.friction)
+    v.add_(drift, alpha=-config.step_size / 2)
+    if noise is not None:
+        # Noise variance 2 * alpha * (eps / 2): alpha = 1 gives SGLD's eps.
+        v.add_(noise, alpha=_noise_std(config) * math.sqrt(config.friction))
+    return _ParamState(state.offset + v, v)
+
+
+_UPDATES: Dict[str, Callable[[_ParamState, Optional[Tensor], Optional[Tensor], SGLDConfig], _ParamState]] = {
+    "sgld": _sgld_update,
+    "rmsprop_sgld": _rmsprop_sgld_update,
+    "sghmc": _sghmc_update,
+}
+
+#: The samplers :func:`sampler_step` implements.
+SAMPLERS = tuple(_UPDATES)
 
 
 def init_aux(config: SGLDConfig, offset: Mapping[str, Tensor]) -> Dict[str, Tensor]:
@@ -263,6 +232,109 @@ def init_aux(config: SGLDConfig, offset: Mapping[str, Tensor]) -> Dict[str, Tens
     if config.sampler == "sgld":
         return {}
     return {n: torch.zeros_like(t) for n, t in offset.items()}
+
+
+def _update(
+    offset: Mapping[str, Tensor],
+    aux: Mapping[str, Tensor],
+    grads: Sequence[Optional[Tensor]],
+    *,
+    config: SGLDConfig,
+    generator: torch.Generator,
+    masks: Optional[Mapping[str, Tensor]],
+) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
+    """Every parameter's update, in the offset's order: its noise is drawn from ``generator`` just
+    before its update (the order of the draws is part of a seed's trajectory), then the new offset
+    and extra state are zeroed outside its mask."""
+    update = _UPDATES[config.sampler]
+    sample_noise = _noise_std(config) > 0
+    new_offset: Dict[str, Tensor] = {}
+    new_aux: Dict[str, Tensor] = {}
+    for (name, x), g in zip(offset.items(), grads):
+        noise = None
+        if sample_noise:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        new, v = update(_ParamState(x, aux[name] if aux else None), g, noise, config)
+        mask = masks.get(name) if masks else None
+        if mask is not None:
+            new.mul_(mask)
+            if v is not None:
+                v = v * mask
+        new_offset[name] = new
+        if v is not None:
+            new_aux[name] = v
+    return new_offset, new_aux
+
+
+def _step_info(l_center: Tensor, l_sample: Tensor, offset: Mapping[str, Tensor], nbeta: float) -> SGLDInfo:
+    """The step's :class:`SGLDInfo` from the paired per-sample losses, with one host sync."""
+    diff = (l_sample - l_center).double()
+    b = diff.numel()
+    norms = torch.stack([torch.linalg.vector_norm(t.detach(), dtype=torch.float64) for t in offset.values()])
+    stats = torch.stack(
+        [diff.mean(), diff.var(unbiased=True) if b > 1 else diff.new_zeros(()), l_center.double().mean(),
+         l_sample.double().mean(), torch.linalg.vector_norm(norms)]
+    ).tolist()
+    return SGLDInfo(
+        draw=nbeta * stats[0],
+        noise_var=nbeta**2 * stats[1] / b,
+        loss_center=stats[2],
+        loss_sample=stats[3],
+        offset_norm=stats[4],
+        batch_size=b,
+    )
+
+
+def sampler_step(
+    evaluator: LossEvaluator,
+    center: Mapping[str, Tensor],
+    offset: Mapping[str, Tensor],
+    aux: Mapping[str, Tensor],
+    batch: Any,
+    *,
+    config: SGLDConfig,
+    generator: torch.Generator,
+    masks: Optional[Mapping[str, Tensor]] = None,
+) -> Tuple[Dict[str, Tensor], Dict[str, Tensor], SGLDInfo]:
+    """One step of ``config.sampler`` (see :class:`SGLDConfig`) on ``offset`` around ``center``.
+
+    Args:
+        evaluator, center, offset, batch, config, generator: as in :func:`sgld_step`.
+        aux: the sampler's extra state (:func:`init_aux`): SGHMC momentum or RMSProp moments.
+        masks: per parameter, a boolean mask: the chain moves only those entries (the offset and
+            the sampler's state stay zero elsewhere), e.g. one attention head's slice.
+
+    Returns:
+        ``(new_offset, new_aux, info)``; unchanged state when the losses are not finite.
+    """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "The SGLD step needs gradients and cannot run inside torch.inference_mode(); "
+            "call it outside (torch.no_grad() is fine: gradients are re-enabled locally)."
+        )
+    # enable_grad: the caller may be inside torch.no_grad() (e.g. a validation hook); the
+    # gradient w.r.t. the offset is local and never reaches the model's .grad.
+    with private_rng(center, generator) as rewind, torch.enable_grad():
+        with torch.no_grad():
+            l_center = evaluator.losses(center, batch).detach()
+        # The same global RNG state for the second pass: identical dropout masks keep the pair exact.
+        rewind()
+        xi = {n: t.detach().requires_grad_(True) for n, t in offset.items()}
+        moved = {n: center[n] + xi[n] for n in xi}
+        l_sample = evaluator.losses(moved, batch)
+        if l_sample.shape != l_center.shape:
+            raise ValueError(
+                "Expected `loss_fn` to return the same number of per-sample losses at every weight, "
+                f"got {tuple(l_center.shape)} and {tuple(l_sample.shape)}."
+            )
+        grads = torch.autograd.grad(l_sample.mean(), list(xi.values()), allow_unused=True)
+
+    with torch.no_grad():
+        info = _step_info(l_center, l_sample.detach(), offset, config.nbeta)
+        if not info.finite:
+            return dict(offset), dict(aux), info
+        new_offset, new_aux = _update(offset, aux, grads, config=config, generator=generator, masks=masks)
+    return new_offset, new_aux, info
 
 
 def sgld_step(
@@ -296,194 +368,12 @@ def sgld_step(
     return new_offset, info
 
 
-def sampler_step(
-    evaluator: LossEvaluator,
-    center: Mapping[str, Tensor],
-    offset: Mapping[str, Tensor],
-    aux: Mapping[str, Tensor],
-    batch: Any,
-    *,
-    config: SGLDConfig,
-    generator: torch.Generator,
-    masks: Optional[Mapping[str, Tensor]] = None,
-) -> Tuple[Dict[str, Tensor], Dict[str, Tensor], SGLDInfo]:
-    """One step of ``config.sampler`` (see :class:`SGLDConfig`) on ``offset`` around ``center``.
+def __getattr__(name: str) -> Any:
+    # mala_acceptance, a step-size diagnostic, lives in online_llc.tuning, which imports this
+    # module: it is loaded on first access so that `from online_llc.sgld import mala_acceptance`
+    # keeps working.
+    if name == "mala_acceptance":
+        from .tuning import mala_acceptance
 
-    Args:
-        evaluator, center, offset, batch, config, generator: as in :func:`sgld_step`.
-        aux: the sampler's extra state (:func:`init_aux`): SGHMC momentum or RMSProp moments.
-        masks: per parameter, a boolean mask: the chain moves only those entries (the offset and
-            the sampler's state stay zero elsewhere), e.g. one attention head's slice.
-
-    Returns:
-        ``(new_offset, new_aux, info)``; unchanged state when the losses are not finite.
-    """
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError(
-            "The SGLD step needs gradients and cannot run inside torch.inference_mode(); "
-            "call it outside (torch.no_grad() is fine: gradients are re-enabled locally)."
-        )
-    devices = _devices(center)
-    eps = config.step_size
-    # enable_grad: the caller may be inside torch.no_grad() (e.g. a validation hook); the
-    # gradient w.r.t. the offset is local and never reaches the model's .grad.
-    with torch.random.fork_rng(devices=devices), torch.enable_grad():
-        _reseed_global(devices, generator)
-        rng_state = _snapshot(devices)
-        with torch.no_grad():
-            l_center = evaluator.losses(center, batch).detach()
-        # The same global RNG state for the second pass: identical dropout masks keep the pair exact.
-        _restore(rng_state, devices)
-        xi = {n: t.detach().requires_grad_(True) for n, t in offset.items()}
-        moved = {n: center[n] + xi[n] for n in xi}
-        l_sample = evaluator.losses(moved, batch)
-        if l_sample.shape != l_center.shape:
-            raise ValueError(
-                "Expected `loss_fn` to return the same number of per-sample losses at every weight, "
-                f"got {tuple(l_center.shape)} and {tuple(l_sample.shape)}."
-            )
-        grads = torch.autograd.grad(l_sample.mean(), list(xi.values()), allow_unused=True)
-
-    with torch.no_grad():
-        diff = (l_sample.detach() - l_center).double()
-        b = diff.numel()
-        # One host sync for all the scalars of the step.
-        norms = torch.stack([torch.linalg.vector_norm(t.detach(), dtype=torch.float64) for t in offset.values()])
-        stats = torch.stack(
-            [diff.mean(), diff.var(unbiased=True) if b > 1 else diff.new_zeros(()), l_center.double().mean(),
-             l_sample.detach().double().mean(), torch.linalg.vector_norm(norms)]
-        ).tolist()
-        info = SGLDInfo(
-            draw=config.nbeta * stats[0],
-            noise_var=config.nbeta**2 * stats[1] / b,
-            loss_center=stats[2],
-            loss_sample=stats[3],
-            offset_norm=stats[4],
-            batch_size=b,
-        )
-        if not info.finite:
-            return dict(offset), dict(aux), info
-        new_offset: Dict[str, Tensor] = {}
-        new_aux: Dict[str, Tensor] = {}
-        noise_std = math.sqrt(eps) * config.noise_scale
-        gamma, nbeta = config.localization, config.nbeta
-        for (name, x), g in zip(offset.items(), grads):
-            noise = None
-            if noise_std > 0:
-                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            if config.sampler == "sgld":
-                # xi <- (1 - eps*gamma/2) xi - (eps*nbeta/2) grad + sqrt(eps) z, in place on one new tensor.
-                new = x * (1.0 - eps * gamma / 2)
-                if g is not None:
-                    new.add_(g, alpha=-eps * nbeta / 2)
-                if noise is not None:
-                    new.add_(noise, alpha=noise_std)
-            elif config.sampler == "sghmc":
-                drift = x * gamma
-                if g is not None:
-                    drift.add_(g, alpha=nbeta)
-                v = aux[name] * (1.0 - config.friction)
-                v.add_(drift, alpha=-eps / 2)
-                if noise is not None:
-                    # Noise variance 2 * alpha * (eps / 2): alpha = 1 gives SGLD's eps.
-                    v.add_(noise, alpha=noise_std * math.sqrt(config.friction))
-                new = x + v
-                new_aux[name] = v
-            else:  # rmsprop_sgld
-                g_loss = g * nbeta if g is not None else torch.zeros_like(x)
-                prev = aux[name]
-                # A fresh chain starts its second moments at the first gradient's square.
-                first = not bool(prev.any())
-                sq = g_loss * g_loss
-                v2 = sq if first else prev * config.rmsprop_decay + sq * (1.0 - config.rmsprop_decay)
-                precond = 1.0 / (v2.sqrt() + config.rmsprop_eps)
-                drift = x * gamma + g_loss
-                new = x - (eps / 2) * precond * drift
-                if noise is not None:
-                    new.add_(noise * precond.sqrt(), alpha=noise_std)
-                new_aux[name] = v2
-            mask = masks.get(name) if masks else None
-            if mask is not None:
-                new.mul_(mask)
-                if name in new_aux:
-                    new_aux[name] = new_aux[name] * mask
-            new_offset[name] = new
-    return new_offset, new_aux, info
-
-
-def mala_acceptance(
-    evaluator: LossEvaluator,
-    center: Mapping[str, Tensor],
-    offset: Mapping[str, Tensor],
-    batch: Any,
-    *,
-    config: SGLDConfig,
-    generator: torch.Generator,
-    masks: Optional[Mapping[str, Tensor]] = None,
-) -> float:
-    """Metropolis-adjusted acceptance probability of one SGLD proposal from ``offset`` (a step-size
-    diagnostic; the chain itself is not moved and never rejects).
-
-    With the potential ``U(xi) = nbeta L_B(w* + xi) + (gamma / 2) ||xi||^2`` on one batch, SGLD
-    proposes ``xi' ~ q(. | xi) = N(xi - (eps / 2) grad U(xi), eps I)``; MALA (Roberts and Tweedie
-    1996) would accept it with probability::
-
-        alpha = min(1, exp( U(xi) - U(xi') + log q(xi | xi') - log q(xi' | xi) )).
-
-    ``alpha`` is 1 for an exact sampler and falls as the discretization error grows: devinterp's
-    authors report mean acceptances about 0.9 for well-tuned LLC chains. Both potentials use the
-    same batch (and the same dropout masks), so batch noise does not enter. Costs two forward and
-    backward passes; ``generator`` draws the proposal (pass one that is not the chain's, so the
-    audit does not change its trajectory).
-
-    Returns:
-        ``alpha`` in [0, 1], or NaN if a loss is not finite.
-    """
-    devices = _devices(center)
-    eps, nbeta, gamma = config.step_size, config.nbeta, config.localization
-    noise_std = math.sqrt(eps) * config.noise_scale
-    if noise_std == 0:
-        return math.nan  # deterministic dynamics: no proposal density
-
-    def potential(xi: Mapping[str, Tensor]) -> Tuple[float, List[Tensor]]:
-        _restore(rng_state, devices)
-        leaf = {n: t.detach().requires_grad_(True) for n, t in xi.items()}
-        loss = evaluator.losses({n: center[n] + leaf[n] for n in leaf}, batch).mean()
-        grads = torch.autograd.grad(loss, list(leaf.values()), allow_unused=True)
-        with torch.no_grad():
-            u = nbeta * float(loss.detach().double()) + 0.5 * gamma * sum(
-                float(torch.linalg.vector_norm(t.detach(), dtype=torch.float64)) ** 2 for t in xi.values()
-            )
-            full = []
-            for (name, x), g in zip(xi.items(), grads):
-                d = x.detach() * gamma
-                if g is not None:
-                    d = d + nbeta * g
-                mask = masks.get(name) if masks else None
-                full.append(d * mask if mask is not None else d)
-        return u, full
-
-    with torch.random.fork_rng(devices=devices), torch.enable_grad():
-        _reseed_global(devices, generator)
-        rng_state = _snapshot(devices)
-        u0, g0 = potential(offset)
-        with torch.no_grad():
-            prop: Dict[str, Tensor] = {}
-            for (name, x), g in zip(offset.items(), g0):
-                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                mask = masks.get(name) if masks else None
-                if mask is not None:
-                    z = z * mask
-                prop[name] = x - (eps / 2) * g + noise_std * z
-        u1, g1 = potential(prop)
-    if not (math.isfinite(u0) and math.isfinite(u1)):
-        return math.nan
-    with torch.no_grad():
-        fwd = bwd = 0.0  # ||xi' - xi + (eps/2) grad U(xi)||^2 and the reverse
-        for (name, x), ga, gb in zip(offset.items(), g0, g1):
-            xp = prop[name]
-            fwd += float(torch.linalg.vector_norm((xp - x + (eps / 2) * ga).double())) ** 2
-            bwd += float(torch.linalg.vector_norm((x - xp + (eps / 2) * gb).double())) ** 2
-    var = noise_std**2
-    log_alpha = u0 - u1 + (fwd - bwd) / (2 * var)
-    return 1.0 if log_alpha >= 0 else math.exp(log_alpha)
+        return mala_acceptance
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

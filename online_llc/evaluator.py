@@ -1,0 +1,147 @@
+"""Model plumbing for the kernel: per-sample losses at substituted weights, and private randomness.
+
+Flow: training loop -> ShadowSampler (sgld kernel) -> WindowStats -> LLCFilter -> OnlineLLC
+records -> callbacks. This module sits under the sgld kernel (:mod:`online_llc.sgld`), and under
+the MALA diagnostic (:func:`online_llc.tuning.mala_acceptance`): it is how they call the user's
+model without changing anything the training run can see.
+
+* :class:`LossEvaluator` computes per-sample losses through ``torch.func.functional_call`` on
+  substituted parameters and cloned buffers, so the model object, its ``.grad`` fields and its
+  buffers are never modified.
+* :func:`private_rng` forks the global CPU/CUDA generators and reseeds them from the monitor's own
+  ``torch.Generator``: any draw the model makes from the global RNG (dropout) is then a function of
+  the monitor's seed, the training run's random streams are left exactly as they were, and
+  rewinding before a second pass gives it the same dropout masks as the first.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Protocol
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["LossFn", "LossEvaluator", "cuda_devices", "private_rng"]
+
+
+class LossFn(Protocol):
+    """A per-sample loss: ``loss_fn(model, batch)`` returns a tensor of shape ``[B]``.
+
+    The model passed in is the user's model (its parameters temporarily substituted by the
+    sampler), so ``loss_fn`` must compute the loss by calling the model, not from captured
+    tensors. For the LLC to match theory the loss should be the per-sample negative log
+    likelihood (e.g. ``0.5 * ((y - model(x)) ** 2).sum(-1) / sigma**2`` for Gaussian noise,
+    ``F.cross_entropy(..., reduction="none")`` for classification).
+    """
+
+    def __call__(self, model: nn.Module, batch: Any) -> Tensor:  # pragma: no cover - protocol
+        ...
+class _LossModule(nn.Module):
+    """Makes ``loss_fn(model, batch)`` a module forward so ``functional_call`` can substitute
+    the model's parameters and buffers by name (``model.<name>``) without touching the model."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        # Stored in __dict__ to keep it out of nn.Module's registries.
+        object.__setattr__(self, "_loss_fn", loss_fn)
+
+    def forward(self, batch: Any) -> Tensor:  # noqa: D102
+        return self._loss_fn(self.model, batch)
+
+
+class LossEvaluator:
+    """Evaluates per-sample losses of ``model`` at substituted weights, leaving ``model`` alone.
+
+    Holds the names of the trainable parameters (the ones the chain moves) and checks the loss
+    shape on every call.
+
+    Args:
+        model: the user's model.
+        loss_fn: per-sample loss, see :class:`LossFn`.
+        param_names: restrict the chain to these trainable parameters (default: all trainable).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, param_names: List[str] | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Expected `model` to be a torch.nn.Module, got {type(model).__name__}.")
+        if not callable(loss_fn):
+            raise TypeError(f"Expected `loss_fn` to be callable as loss_fn(model, batch), got {loss_fn!r}.")
+        trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError(
+                "Expected `model` to have at least one trainable parameter (requires_grad=True), got none."
+            )
+        if param_names is None:
+            param_names = trainable
+        else:
+            unknown = [n for n in param_names if n not in trainable]
+            if unknown or not param_names:
+                raise ValueError(
+                    f"Expected `param_names` to be a non-empty subset of the trainable parameters, got {param_names!r}."
+                )
+        self.model = model
+        self.loss_fn = loss_fn
+        self.param_names: List[str] = list(param_names)
+        self._module = _LossModule(model, loss_fn)
+
+    def center(self) -> Dict[str, Tensor]:
+        """The model's current trainable parameters, detached (no copy)."""
+        params = dict(self.model.named_parameters())
+        return {n: params[n].detach() for n in self.param_names}
+
+    def zeros_like_center(self) -> Dict[str, Tensor]:
+        """A zero offset for every sampled parameter (float32 or the parameter's float dtype)."""
+        return {n: torch.zeros_like(t) for n, t in self.center().items()}
+
+    def losses(self, params: Mapping[str, Tensor], batch: Any) -> Tensor:
+        """Per-sample losses with ``params`` substituted for the named parameters.
+
+        Buffers are cloned so that, e.g., BatchNorm in training mode updates the clones and not
+        the model's running statistics.
+        """
+        subst = {"model." + n: t for n, t in params.items()}
+        for n, b in self.model.named_buffers():
+            subst["model." + n] = b.detach().clone()
+        out = torch.func.functional_call(self._module, subst, (batch,), strict=False)
+        if not isinstance(out, Tensor) or out.dim() != 1 or out.numel() == 0:
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                "Expected `loss_fn` to return per-sample losses of shape [B] (one value per sample, "
+                f"reduction='none'), got {shape}."
+            )
+        return out
+
+
+def cuda_devices(tensors: Mapping[str, Tensor]) -> List[int]:
+    """The indices of the CUDA devices the tensors live on (empty on CPU)."""
+    return sorted({t.device.index or 0 for t in tensors.values() if t.device.type == "cuda"})
+
+
+@contextmanager
+def private_rng(tensors: Mapping[str, Tensor], generator: torch.Generator) -> Iterator[Callable[[], None]]:
+    """Fork the global CPU generator, and the CUDA generators of the devices ``tensors`` live on,
+    and seed them from ``generator`` for the duration of the block.
+
+    One integer drawn from ``generator`` seeds the forked generators, so the model's randomness
+    inside the block (dropout) is a function of the monitor's own seed; on exit the global
+    generators are back in the state they had before the block. Yields ``rewind()``, which puts
+    the forked generators back to their state just after seeding: a pass run on entering and a
+    second pass run after ``rewind()`` see the same dropout masks.
+    """
+    devices = cuda_devices(tensors)
+    with torch.random.fork_rng(devices=devices):
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
+        torch.default_generator.manual_seed(seed)
+        for d in devices:
+            torch.cuda.default_generators[d].manual_seed(seed)
+        cpu_state = torch.get_rng_state()
+        cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
+
+        def rewind() -> None:
+            torch.set_rng_state(cpu_state)
+            for d, state in zip(devices, cuda_states):
+                torch.cuda.set_rng_state(state, d)
+
+        yield rewind
