@@ -21,10 +21,10 @@ from __future__ import annotations
 from .config import DEFAULT_LOCALIZATION, DEFAULT_STEP_SCALE, resolve_hyperparameters
 from .errors import MonitorError, NonFiniteDrawError, OnlineLLCError
 from .estimator import STATUSES, ChainHealth, LLCEstimate, OnlineLLC, SmoothedPoint, Transition
+from .evaluator import LossFn
 from .filter import FilterInfo, LLCFilter
 from .groups import ParamSlice, attention_heads, groups_by_child, groups_by_linear, resolve_groups
 from .offline import LLCResult, estimate_llc
-from .evaluator import LossFn
 from .sgld import SAMPLERS, SGLDConfig, SGLDInfo, default_nbeta, sampler_step, sgld_step
 from .tuning import PilotRun, StepSizeRecommendation, mala_acceptance, recommend_step_size
 

@@ -35,13 +35,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from .errors import check_choice, check_nonneg_float, check_positive_float
-from .evaluator import LossEvaluator, LossFn, private_rng
+from .evaluator import LossEvaluator, LossFn, private_rng, split_halves
 
 __all__ = [
     "LossFn",
@@ -130,6 +130,10 @@ class SGLDInfo:
         loss_sample: ``mean_i l_i(w* + xi)`` on the batch.
         offset_norm: ``||xi||`` before the update.
         batch_size: ``|B|``.
+        heat_bias: how much the minibatch gradient noise of this step raises the draw's
+            expectation, in LLC units, measured from the two half-batch gradients ``g1, g2``:
+            ``epsilon nbeta^2 tr(C) / (8 |B|)`` with ``tr(C) / |B| = ||g1 - g2||^2 B1 B2 / |B|^2``
+            (:mod:`online_llc.heat`); 0 for a batch of one or without injected noise.
     """
 
     draw: float
@@ -138,6 +142,7 @@ class SGLDInfo:
     loss_sample: float
     offset_norm: float
     batch_size: int
+    heat_bias: float = 0.0
 
     @property
     def finite(self) -> bool:
@@ -266,15 +271,28 @@ def _update(
     return new_offset, new_aux
 
 
-def _step_info(l_center: Tensor, l_sample: Tensor, offset: Mapping[str, Tensor], nbeta: float) -> SGLDInfo:
-    """The step's :class:`SGLDInfo` from the paired per-sample losses, with one host sync."""
+def _step_info(
+    l_center: Tensor, l_sample: Tensor, offset: Mapping[str, Tensor], config: SGLDConfig, noise_sq: Tensor, halves: Tuple[int, int]
+) -> SGLDInfo:
+    """The step's :class:`SGLDInfo` from the paired per-sample losses and the half-batch gradients'
+    (weighted) squared difference ``noise_sq``, with one host sync."""
+    nbeta = config.nbeta
     diff = (l_sample - l_center).double()
     b = diff.numel()
     norms = torch.stack([torch.linalg.vector_norm(t.detach(), dtype=torch.float64) for t in offset.values()])
     stats = torch.stack(
         [diff.mean(), diff.var(unbiased=True) if b > 1 else diff.new_zeros(()), l_center.double().mean(),
-         l_sample.double().mean(), torch.linalg.vector_norm(norms)]
+         l_sample.double().mean(), torch.linalg.vector_norm(norms), noise_sq.double()]
     ).tolist()
+    b1, b2 = halves
+    heat_bias = 0.0
+    if b1 > 0 and b2 > 0 and config.noise_scale > 0:
+        # tr(C) / B from the halves, then the draw's excess epsilon nbeta^2 tr(C) / (8 B), relative
+        # to the injected noise (noise_scale^2 epsilon); SGHMC's momentum heats by 1 / alpha.
+        tr_c_over_b = stats[5] * b1 * b2 / (b1 + b2) ** 2
+        heat_bias = config.step_size * nbeta**2 * tr_c_over_b / (8.0 * config.noise_scale**2)
+        if config.sampler == "sghmc":
+            heat_bias /= config.friction
     return SGLDInfo(
         draw=nbeta * stats[0],
         noise_var=nbeta**2 * stats[1] / b,
@@ -282,7 +300,86 @@ def _step_info(l_center: Tensor, l_sample: Tensor, offset: Mapping[str, Tensor],
         loss_sample=stats[3],
         offset_norm=stats[4],
         batch_size=b,
+        heat_bias=heat_bias,
     )
+
+
+def _noise_sq(
+    g1: Sequence[Optional[Tensor]],
+    g2: Sequence[Optional[Tensor]],
+    offset: Mapping[str, Tensor],
+    aux: Mapping[str, Tensor],
+    config: SGLDConfig,
+    masks: Optional[Mapping[str, Tensor]],
+) -> Tensor:
+    """``sum_j w_j (g1_j - g2_j)^2`` over the entries the chain moves, with ``w_j = 1``, or RMSProp's
+    preconditioner ``G_j`` (from its second moments before this step; a fresh chain's first
+    gradient stands in for them)."""
+    total = torch.zeros((), dtype=torch.float64, device=next(iter(offset.values())).device)
+    for (name, x), a, b in zip(offset.items(), g1, g2):
+        if a is None or b is None:
+            continue
+        d2 = (a - b).double().square()
+        mask = masks.get(name) if masks else None
+        if mask is not None:
+            d2 = d2 * mask
+        if config.sampler == "rmsprop_sgld":
+            prev = aux[name].double()
+            g = (0.5 * (a + b)).double() * config.nbeta
+            v2 = torch.where(prev > 0, prev, g.square())
+            d2 = d2 / (v2.sqrt() + config.rmsprop_eps)
+        total = total + d2.sum()
+    return total
+
+
+def _paired_losses_and_grads(
+    evaluator: LossEvaluator, center: Mapping[str, Tensor], offset: Mapping[str, Tensor], batch: Any, rewind: Callable[[], None]
+) -> Tuple[Tensor, Tensor, List[Optional[Tensor]], List[Optional[Tensor]], Tuple[int, int]]:
+    """Per-sample losses at ``w*`` and ``w* + xi``, and the gradients of the two halves' mean losses.
+
+    When the batch splits (:func:`~online_llc.evaluator.split_halves`), each half runs through the
+    model on its own (the same FLOPs as one pass over the whole batch), the centre's halves too, so
+    that a model whose per-sample losses depend on the batch (BatchNorm in training mode) still
+    pairs each sample with itself. Otherwise one pass over the whole batch is differentiated twice.
+    The dropout masks of the centre's and the sample's passes match (``rewind``).
+    """
+    xi = {n: t.detach().requires_grad_(True) for n, t in offset.items()}
+    leaves = list(xi.values())
+    moved = {n: center[n] + xi[n] for n in xi}
+    parts = split_halves(batch)
+    if parts is not None:
+        first, second, _ = parts
+        with torch.no_grad():
+            c1 = evaluator.losses(center, first).detach()
+            c2 = evaluator.losses(center, second).detach()
+        rewind()
+        s1 = evaluator.losses(moved, first)
+        s2 = evaluator.losses(moved, second)
+        if s1.shape != c1.shape or s2.shape != c2.shape:
+            raise ValueError(
+                "Expected `loss_fn` to return the same number of per-sample losses at every weight, "
+                f"got {tuple(c1.shape)} and {tuple(s1.shape)}."
+            )
+        g1 = list(torch.autograd.grad(s1.mean(), leaves, allow_unused=True))
+        g2 = list(torch.autograd.grad(s2.mean(), leaves, allow_unused=True))
+        return torch.cat([c1, c2]), torch.cat([s1.detach(), s2.detach()]), g1, g2, (c1.numel(), c2.numel())
+    with torch.no_grad():
+        l_center = evaluator.losses(center, batch).detach()
+    rewind()
+    l_sample = evaluator.losses(moved, batch)
+    if l_sample.shape != l_center.shape:
+        raise ValueError(
+            "Expected `loss_fn` to return the same number of per-sample losses at every weight, "
+            f"got {tuple(l_center.shape)} and {tuple(l_sample.shape)}."
+        )
+    b = l_sample.numel()
+    if b < 2:
+        g = list(torch.autograd.grad(l_sample.mean(), leaves, allow_unused=True))
+        return l_center, l_sample.detach(), g, g, (b, 0)
+    h = b // 2
+    g1 = list(torch.autograd.grad(l_sample[:h].mean(), leaves, allow_unused=True, retain_graph=True))
+    g2 = list(torch.autograd.grad(l_sample[h:].mean(), leaves, allow_unused=True))
+    return l_center, l_sample.detach(), g1, g2, (h, b - h)
 
 
 def sampler_step(
@@ -315,22 +412,16 @@ def sampler_step(
     # enable_grad: the caller may be inside torch.no_grad() (e.g. a validation hook); the
     # gradient w.r.t. the offset is local and never reaches the model's .grad.
     with private_rng(center, generator) as rewind, torch.enable_grad():
-        with torch.no_grad():
-            l_center = evaluator.losses(center, batch).detach()
-        # The same global RNG state for the second pass: identical dropout masks keep the pair exact.
-        rewind()
-        xi = {n: t.detach().requires_grad_(True) for n, t in offset.items()}
-        moved = {n: center[n] + xi[n] for n in xi}
-        l_sample = evaluator.losses(moved, batch)
-        if l_sample.shape != l_center.shape:
-            raise ValueError(
-                "Expected `loss_fn` to return the same number of per-sample losses at every weight, "
-                f"got {tuple(l_center.shape)} and {tuple(l_sample.shape)}."
-            )
-        grads = torch.autograd.grad(l_sample.mean(), list(xi.values()), allow_unused=True)
+        l_center, l_sample, g1, g2, halves = _paired_losses_and_grads(evaluator, center, offset, batch, rewind)
 
     with torch.no_grad():
-        info = _step_info(l_center, l_sample.detach(), offset, config.nbeta)
+        b1, b2 = halves
+        # The whole batch's mean gradient, from its halves.
+        grads = [
+            None if a is None else (a if b2 == 0 else (a * b1 + b * b2) / (b1 + b2)) for a, b in zip(g1, g2)
+        ]
+        noise_sq = _noise_sq(g1, g2, offset, aux, config, masks) if b2 > 0 else torch.zeros((), dtype=torch.float64, device=l_center.device)
+        info = _step_info(l_center, l_sample, offset, config, noise_sq, halves)
         if not info.finite:
             return dict(offset), dict(aux), info
         new_offset, new_aux = _update(offset, aux, grads, config=config, generator=generator, masks=masks)

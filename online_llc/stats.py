@@ -24,10 +24,16 @@ Every ``W`` draws per chain form a window, summarised by :class:`WindowSummary`:
 
       var_channel = var(d) - mean(v)
       ratio       = mean(d)^2 / var_channel   (~ lambda, temperature-free)
-      consistency = var_channel / mean(d)     (~ T; ~1 for a well-tuned chain)
+      dispersion = var_channel / mean(d)     (~ T; ~1 for a well-tuned chain)
+
+* the heat. Each draw comes with ``b``, how much the step's minibatch gradient noise raised the
+  draw's expectation (measured from half-batch gradients, :mod:`online_llc.heat`), so::
+
+      heat_bias = mean(b)
+      heat      = mean(d) / (mean(d) - heat_bias)   (the minibatch temperature; 1 without heat)
 
 ``mean`` and ``se`` are never NaN; the diagnostics (``lag1``, ``var_draw``, ``var_channel``,
-``ratio``, ``consistency``) may be NaN where they are undefined.
+``ratio``, ``dispersion``) may be NaN where they are undefined.
 """
 
 from __future__ import annotations
@@ -240,7 +246,12 @@ class WindowSummary:
         mean_noise_var: mean of ``v``, the within-batch noise variance of ``d``.
         var_channel: ``var_draw - mean_noise_var``; may be negative when batch noise dominates.
         ratio: ``mean**2 / var_channel`` (~ lambda); NaN when ``var_channel <= 0``.
-        consistency: ``var_channel / mean`` (~ T); NaN when ``mean <= 0``.
+        dispersion: ``var_channel / mean``; NaN when ``mean <= 0``. About ``T`` for independent
+            Gamma draws, but a window of autocorrelated draws reads it low (0.4-1 on chains
+            that were 1.1-2.3x hot), so the health signal is ``heat``.
+        heat_bias: mean of the draws' measured heat bias ``b`` (0 when none was given).
+        heat: ``mean / (mean - heat_bias)``, the minibatch temperature; NaN when
+            ``mean <= heat_bias`` or no heat bias was given.
         diverged_draws: draws flagged as placeholders for a reset chain (see
             :meth:`online_llc.window.WindowStats.update`), over all chains (all ranks with
             ``gather``).
@@ -261,7 +272,9 @@ class WindowSummary:
     mean_noise_var: float
     var_channel: float
     ratio: float
-    consistency: float
+    dispersion: float
+    heat_bias: float = 0.0
+    heat: float = math.nan
     diverged_draws: int = 0
     warmup_draws: int = 0
     dropped_draws: int = 0
@@ -283,6 +296,7 @@ def summarize(
     start_step: int = 0,
     end_step: int | None = None,
     var_of_mean_floor: ArrayLike | None = None,
+    heat_biases: ArrayLike | None = None,
 ) -> WindowSummary:
     """Summarise one window of draws.
 
@@ -352,7 +366,15 @@ def summarize(
     # (var_channel <= 0) or when the LLC observation is not positive; NaN says so rather than
     # a huge or negative number that could be mistaken for a measurement.
     ratio = mean * mean / var_channel if var_channel > 0.0 else math.nan
-    consistency = var_channel / mean if mean > 0.0 else math.nan
+    dispersion = var_channel / mean if mean > 0.0 else math.nan
+    heat_bias, heat = 0.0, math.nan
+    if heat_biases is not None:
+        b = _as_draws("heat_biases", heat_biases)
+        if b.shape != d.shape:
+            raise ValueError(f"Expected `heat_biases` to have the shape of `draws` {d.shape}, got {b.shape}.")
+        heat_bias = float(b.mean())
+        # The same formula as online_llc.heat.heat_from (this module stays numpy-only).
+        heat = mean / (mean - heat_bias) if mean - heat_bias > 0.0 else math.nan
 
     return WindowSummary(
         start_step=start_step,
@@ -367,7 +389,9 @@ def summarize(
         mean_noise_var=mean_noise_var,
         var_channel=float(var_channel),
         ratio=float(ratio),
-        consistency=float(consistency),
+        dispersion=float(dispersion),
+        heat_bias=heat_bias,
+        heat=float(heat),
     )
 
 

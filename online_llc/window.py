@@ -37,9 +37,9 @@ __all__ = [
     "summarize",
 ]
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 _STATE_KEYS = frozenset(
-    {"version", "window", "num_chains", "horizon", "count", "d", "v", "f", "past", "start_step", "last_step"}
+    {"version", "window", "num_chains", "horizon", "count", "d", "v", "f", "b", "past", "start_step", "last_step"}
 )
 
 
@@ -87,6 +87,7 @@ class WindowStats:
         self._d = np.empty((self.num_chains, self.window), dtype=np.float64)
         self._v = np.empty((self.num_chains, self.window), dtype=np.float64)
         self._f = np.zeros((self.num_chains, self.window), dtype=np.float64)  # flags, see update()
+        self._b = np.zeros((self.num_chains, self.window), dtype=np.float64)  # heat biases
         self._count = 0
         self._start_step: int | None = None
         self._last_step: int | None = None
@@ -146,6 +147,7 @@ class WindowStats:
         v: Sequence[float] | np.ndarray,
         step: int,
         flags: Sequence[int] | None = None,
+        heat_bias: Sequence[float] | np.ndarray | None = None,
     ) -> WindowSummary | None:
         """Add one draw per chain.
 
@@ -159,6 +161,8 @@ class WindowStats:
                 a draw from a chain still warming up. The window's summary counts them
                 (``diverged_draws``, ``warmup_draws``), over all ranks when gathered, so every
                 rank reaches the same verdict about the window.
+            heat_bias: per chain, the draw's measured minibatch heat bias (finite, ``>= 0``;
+                0 for placeholders); the summary's ``heat`` and ``heat_bias`` come from them.
 
         Returns:
             The window's :class:`WindowSummary` when this call completes a window (the buffer
@@ -185,9 +189,12 @@ class WindowStats:
             f_row = np.asarray(flags, dtype=np.float64).reshape(-1)
             if f_row.shape != (self.num_chains,) or not np.all(np.isin(f_row, (0, 1, 2))):
                 raise ValueError(f"Expected `flags` to be {self.num_chains} values in {{0, 1, 2}}, got {flags!r}.")
+        # NaN marks a draw that came without a heat measurement (the summary then has none).
+        b_row = np.full(self.num_chains, np.nan) if heat_bias is None else self._as_row("heat_bias", heat_bias)
         self._d[:, self._count] = d_row
         self._v[:, self._count] = v_row
         self._f[:, self._count] = f_row
+        self._b[:, self._count] = b_row
         if self._count == 0:
             self._start_step = step
         self._count += 1
@@ -196,15 +203,15 @@ class WindowStats:
             return None
 
         assert self._start_step is not None
-        d_all, v_all, f_all = self._d, self._v, self._f
+        d_all, v_all, f_all, b_all = self._d, self._v, self._f, self._b
         if self.gather is not None:
-            # One collective for all three arrays: every rank gets every rank's chains, in rank order.
-            packed = np.asarray(self.gather(np.stack([self._d, self._v, self._f])), dtype=np.float64)
-            if packed.ndim != 3 or packed.shape[0] != 3 or packed.shape[2] != self.window:
+            # One collective for all four arrays: every rank gets every rank's chains, in rank order.
+            packed = np.asarray(self.gather(np.stack([self._d, self._v, self._f, self._b])), dtype=np.float64)
+            if packed.ndim != 3 or packed.shape[0] != 4 or packed.shape[2] != self.window:
                 raise ValueError(
-                    f"Expected `gather` to return an array of shape [3, chains, {self.window}], got {packed.shape}."
+                    f"Expected `gather` to return an array of shape [4, chains, {self.window}], got {packed.shape}."
                 )
-            d_all, v_all, f_all = packed[0], packed[1], packed[2]
+            d_all, v_all, f_all, b_all = packed[0], packed[1], packed[2], packed[3]
         # A chain that finished warming up inside this window: when no draw is a reset
         # placeholder and every chain's trailing run of healthy draws covers at least half the
         # window, the window is summarised on those last draws alone (the same number from every
@@ -216,9 +223,10 @@ class WindowStats:
         dropped = 0
         if not np.any(f_all == 1) and np.any(f_all == 2) and 2 * keep >= self.window:
             dropped = int(f_all.size - keep * f_all.shape[0])
-            d_all, v_all, f_all = d_all[:, -keep:], v_all[:, -keep:], f_all[:, -keep:]
+            d_all, v_all, f_all, b_all = d_all[:, -keep:], v_all[:, -keep:], f_all[:, -keep:], b_all[:, -keep:]
         summary = summarize(
-            d_all, v_all, start_step=self._start_step, end_step=step, var_of_mean_floor=self._floor(d_all)
+            d_all, v_all, start_step=self._start_step, end_step=step, var_of_mean_floor=self._floor(d_all),
+            heat_biases=b_all if np.all(np.isfinite(b_all)) else None,
         )
         summary = replace(
             summary,
@@ -245,6 +253,7 @@ class WindowStats:
             "horizon": int(self.horizon),
             "past": [p.tolist() for p in self._past],
             "v": self._v[:, : self._count].tolist(),
+            "b": self._b[:, : self._count].tolist(),
             "start_step": None if self._start_step is None else int(self._start_step),
             "last_step": None if self._last_step is None else int(self._last_step),
         }
@@ -280,7 +289,7 @@ class WindowStats:
             )
         shape = (self.num_chains, count)
         arrays = {}
-        for key in ("d", "v", "f"):
+        for key in ("d", "v", "f", "b"):
             expected = f"{self.num_chains} lists of {count} floats (one per chain)"
             try:
                 arr = np.asarray(state[key], dtype=np.float64)
@@ -289,7 +298,7 @@ class WindowStats:
             if arr.shape != shape and not (count == 0 and arr.size == 0):
                 raise ValueError(f"Expected `state['{key}']` to be {expected}, got shape {arr.shape}.")
             arr = arr.reshape(shape)
-            if not np.all(np.isfinite(arr)):
+            if key != "b" and not np.all(np.isfinite(arr)):
                 raise ValueError(f"Expected `state['{key}']` to be finite.")
             arrays[key] = arr
         steps = {}
@@ -333,6 +342,7 @@ class WindowStats:
         self._d[:, :count] = arrays["d"]
         self._v[:, :count] = arrays["v"]
         self._f[:, :count] = arrays["f"]
+        self._b[:, :count] = arrays["b"]
         self._count = count
         self._start_step = steps["start_step"]
         self._last_step = steps["last_step"]

@@ -1,0 +1,69 @@
+"""The minibatch heat of the sampler, measured from two half-batch gradients at no extra cost.
+
+Where it sits: the kernel (:mod:`online_llc.sgld`) computes its minibatch gradient as the mean of
+the gradients of the batch's two halves; the batch is split by :func:`online_llc.evaluator.split_halves`; this module turns the halves'
+difference into the heat the step adds to the draw, and calibrates the step on it.
+
+With a batch of ``B`` samples, SGLD's gradient noise adds ``(epsilon / 2)^2 nbeta^2 C / B`` (``C``
+the per-sample gradient covariance) to the injected ``epsilon I``. Along a direction ``j`` of
+curvature ``a_j = nbeta h_j + gamma`` the chain's variance is ``T_j / a_j`` with
+``T_j = 1 + epsilon nbeta^2 C_jj / (4 B)``, so the draw's expectation rises by::
+
+    heat_bias = sum_j (nbeta h_j / a_j) * epsilon nbeta^2 C_jj / (8 B)  <=  epsilon nbeta^2 tr(C) / (8 B).
+
+The halves' gradients ``g1, g2`` (``B1 + B2 = B`` samples) have ``E||g1 - g2||^2 = tr(C) (1/B1 + 1/B2)``,
+an unbiased measurement of ``tr(C) / B = ||g1 - g2||^2 B1 B2 / B^2`` from every step. The reported
+``heat_bias`` takes every direction at its full share (``nbeta h_j >> gamma``), so it is an upper
+bound that is tight for the directions that carry the draw. The heat of a window or a run is::
+
+    heat = mean(d) / (mean(d) - heat_bias)       (T of the minibatch noise alone; NaN when undefined)
+
+Variants: SGHMC with friction ``alpha`` heats by ``1 / alpha`` as much (its momentum integrates the
+noise), RMSProp-SGLD by the preconditioner ``G_j`` per coordinate. The discretization heat
+``1 / (1 - epsilon a_j / 4)`` is not in it; the default step keeps it near 2.5% at unit curvature
+(:mod:`online_llc.config`).
+"""
+
+from __future__ import annotations
+
+import math
+
+from .config import DEFAULT_STEP_SCALE, MAX_HEAT, ONLINE_STEP_SCALE, TARGET_HEAT
+
+__all__ = ["heat_from", "calibrated_step", "max_step_size"]
+
+
+def heat_from(mean: float, heat_bias: float) -> float:
+    """``mean / (mean - heat_bias)``: the minibatch temperature of draws whose mean is ``mean``;
+    NaN when ``mean - heat_bias <= 0`` (no positive LLC to compare the heat with)."""
+    corrected = mean - heat_bias
+    if not (math.isfinite(corrected) and corrected > 0):
+        return math.nan
+    return mean / corrected
+
+
+def calibrated_step(step: float, heat: float, max_step: float) -> float:
+    """The step to use next, given the minibatch ``heat`` measured at ``step``.
+
+    The heat's excess ``heat - 1`` is proportional to the step at a fixed ``nbeta``, so the step
+    is rescaled towards :data:`~online_llc.config.TARGET_HEAT` when the excess is above
+    :data:`~online_llc.config.MAX_HEAT` or below half the target (by at most 8x down and 2x up per
+    call, so one noisy measurement cannot throw it far), and never above ``max_step``. A heat that
+    is NaN leaves the step alone.
+    """
+    if not math.isfinite(heat):
+        return step
+    excess = max(heat - 1.0, 1e-12)
+    if excess > MAX_HEAT or (excess < TARGET_HEAT / 2 and step < max_step):
+        factor = min(max(TARGET_HEAT / excess, 0.125), 2.0)
+        return min(step * factor, max_step)
+    return step
+
+
+def max_step_size(nbeta: float, sampler: str, friction: float, step_size: float, online: bool = False) -> float:
+    """The largest step calibration may reach: the default's discretization bound
+    (``0.08 / nbeta``, online ``0.15 / nbeta``)."""
+    if sampler == "rmsprop_sgld":
+        return step_size
+    bound = (ONLINE_STEP_SCALE if online else DEFAULT_STEP_SCALE) / nbeta
+    return friction * bound if sampler == "sghmc" else bound
