@@ -18,7 +18,7 @@ Public API:
 
 from __future__ import annotations
 
-from .config import DEFAULT_LOCALIZATION, DEFAULT_STEP_SCALE, resolve_hyperparameters
+from .config import DEFAULT_LOCALIZATION_SCALE, DEFAULT_NBETA_CAP, DEFAULT_STEP_SCALE, resolve_hyperparameters
 from .errors import MonitorError, NonFiniteDrawError, OnlineLLCError
 from .estimator import STATUSES, ChainHealth, LLCEstimate, OnlineLLC, SmoothedPoint, Transition
 from .evaluator import LossFn
@@ -59,7 +59,8 @@ __all__ = [
     "SAMPLERS",
     "default_nbeta",
     "resolve_hyperparameters",
-    "DEFAULT_LOCALIZATION",
+    "DEFAULT_LOCALIZATION_SCALE",
+    "DEFAULT_NBETA_CAP",
     "DEFAULT_STEP_SCALE",
     "OnlineLLCError",
     "NonFiniteDrawError",

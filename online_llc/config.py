@@ -1,60 +1,74 @@
 """Default hyperparameters, and the one place where ``nbeta``, ``localization`` and ``step_size``
 are resolved and validated for both the offline and the online estimator.
 
-How the defaults were chosen (``python benchmarks/defaults.py`` prints the measurements):
+The estimand and the sampler are chosen separately. ``nbeta`` and ``localization`` define *what*
+is estimated (the localized, tempered posterior); the step size only decides how well the sampler
+reaches it, so it is tuned to the user's batch size while the estimand is not.
 
-* ``nbeta = n / log n`` (``beta = 1 / log n``, the WBIC temperature; Lau et al. 2024).
-* ``step_size = DEFAULT_STEP_SCALE / nbeta``. The drift of one SGLD step is
-  ``(epsilon / 2) * nbeta * Hessian``, so ``epsilon * nbeta`` is the dimensionless step size; a
-  fixed ``epsilon`` would be too hot for large ``n`` and needlessly slow for small ``n``. Two
-  sources of upward bias grow with it: discretization (the chain's variance along a direction of
-  curvature ``a`` is ``1 / (a (1 - epsilon a / 4))`` instead of ``1 / a``) and minibatch gradient
-  noise, which heats the chain by about ``epsilon * nbeta^2 * sigma_g^2 / (4 |B|)``.
-* ``localization = 100``. The pull ``gamma / 2 ||w - w*||^2`` confines the flat directions of a
-  singular model (a deep linear network has exact ones: ``W2 A, A^-1 W1``). It biases the
-  estimate downwards (a direction of curvature ``a`` counts ``1 / (1 + gamma / (nbeta a))`` of its
-  share) but sets the slowest relaxation time, ``2 / (epsilon * gamma)`` steps (about 150 at the
-  defaults and ``n = 10240``). With ``gamma = 50`` a 4-layer linear network's estimate was still
-  rising after 8000 steps, so a longer run gave a different answer; with ``gamma = 100`` it was
-  stationary after the 500-step burn-in.
+* ``nbeta = min(n / log n, 256)``. ``n / log n`` (``beta = 1 / log n``, the WBIC temperature;
+  Lau et al. 2024) grows with the data, and a minibatch chain's heat grows with it:
+  SGLD on a batch of ``B`` samples runs at the temperature ``T ~ 1 + epsilon nbeta^2 q / (4 B)``
+  along a direction whose per-sample gradient variance is ``q`` (about its curvature for an NLL
+  loss). Keeping ``T`` within a few percent of 1 needs ``epsilon ~ B / nbeta^2``, and the
+  localization-bound directions then relax over ``~ nbeta^2 / (B gamma)`` steps: millions at
+  ``n = 5e5, B = 32``. Capped at 256, the estimate is the same at every data size past
+  ``n ~ 1600`` and, since the step absorbs the batch size, at every batch size
+  (``benchmarks/known_lambda.py``). On the known-lambda models (reduced-rank regressions and
+  deep linear networks, n = 1e6, batch 1024) ``nbeta`` from 64 to 1024 gave estimates within
+  about 10% of each other at a suitable localization; 256 costs 8x fewer steps than 1024.
+* ``localization = 0.4 * sqrt(nbeta)`` (6.4 at the cap). The pull ``gamma / 2 ||w - w*||^2``
+  confines the flat directions of a singular model but lowers the estimate: a regular direction
+  of curvature ``h`` counts ``1 / (1 + gamma / (nbeta h))`` of its share, and a quartic one
+  (``K ~ c w^4``, common at singularities) loses about ``gamma / sqrt(nbeta c)``, hence the
+  square root. Measured at ``nbeta = 256`` (estimate / lambda, reduced-rank regression 10-3-5,
+  networks 5-3-4-6-2 and 8-8-8-8): scale 0.3 gave 1.02 / 1.25 / 0.95, 0.4 gave 1.00 / 1.10 /
+  0.90, 0.5 gave 1.00 / 1.01 / 0.86, 1.0 gave 0.91 / 0.86 / 0.74. Too weak a pull lets the
+  near-flat directions wander off (up to 2.6x too high at scale 0.1); too strong a pull reads low.
+* ``step_size``: ``min(0.08 / nbeta, 0.08 B / nbeta^2)`` to start with (discretization heat
+  ``1 / (1 - epsilon nbeta h / 4)``, about 2% at unit curvature; minibatch heat about 2% at
+  unit gradient noise), then calibrated on the measured heat: every shadow or offline step
+  computes its gradient as the mean of two half-batch gradients, whose difference measures the
+  gradient noise at no extra cost (:mod:`online_llc.heat`), and the step is rescaled until the
+  measured minibatch heat is about :data:`TARGET_HEAT`. The step never exceeds ``0.08 / nbeta``.
+  The offline estimator calibrates during burn-in (:func:`online_llc.estimate_llc`), the monitor
+  between windows.
+* ``burn_in`` and ``num_draws`` (offline): the burn-in is one relaxation time ``2 / (epsilon gamma)``
+  of the slowest (localization-bound) direction, at least 500 steps; the draws are 1000 times
+  ``0.08 / (nbeta epsilon)``, the factor by which calibration shortened the step (every direction
+  relaxes that much more slowly). At a fixed heat ``epsilon`` is proportional to ``B``, so small
+  batches take more, cheaper steps: the samples seen are about the same at every batch size.
 
-Measured on :mod:`online_llc.toy` models (unit-variance inputs, Gaussian NLL, ``n = 10240``,
-batch 256), the pair ``(gamma = 100, epsilon * nbeta = 0.15)`` lands within about 10% of theory on
-linear regression, reduced-rank regressions and a 4-layer linear network ``[16, 8, 16, 8]``:
-there the step size's heat and the localization's pull roughly cancel. That cancellation is
-model-dependent, which is why every result reports an ``effective_temperature``: a
-``[6, 6, 6, 6, 6]`` network came out 77% high with an effective temperature above 3, and the
-rank-0 point of ``[10, 20, 20, 10]`` (all weights zero) came out 80% low, where the localization
-dominates. For a larger model or a loss with larger curvature: lower ``step_size`` until the
-effective temperature is near 1, keep ``gamma / nbeta`` small (under about 0.1), and check that
-the estimate does not drift between the first and second half of the draws.
+The online monitor keeps ``nbeta`` but trades pull for speed: a co-moving chain must relax within
+a few windows to follow training, and the slowest direction relaxes over ``2 / (epsilon gamma)``
+shadow steps, at least ``25 / rho`` at the offline step (``rho = gamma / nbeta``, the pull on a
+unit-curvature direction). Online the defaults are ``localization = 0.09 * nbeta`` (23 at the
+cap) and a largest step of ``0.15 / nbeta``: about 150 shadow steps, as the monitor had before,
+with a pull of about 9% per unit-curvature direction that the 4% discretization heat of the larger
+step partly offsets. Online the step starts at ``min(0.15 / nbeta, 0.15 B / nbeta^2)`` (minibatch
+heat 3.75% at unit gradient noise) and is lowered only when a window's measured heat exceeds 1.1:
+each change of the step moves the level a little and slows the relaxation. Compare the
+live estimate with ``estimate_llc`` at the monitor's own settings (``monitor.config``).
 
-Other samplers (``python benchmarks/sampler_bias.py`` prints the table): SGHMC with friction
-``alpha = 0.1`` at SGLD's step size ran 1.6-8x too hot (effective temperature 1.4-20: momentum
-accumulates minibatch gradient noise over ~1/alpha steps); at ``alpha * 0.15 / nbeta`` it landed
-6-13% low on the toy models. RMSProp-preconditioned SGLD at ``epsilon = 0.001`` was cold (13-32%
-low, effective temperature 0.5), at 0.01 within -1..+14% on three models but 93% high (temperature
-4.6) on a 4-layer network; the default 0.005 sits between.
+Other samplers: SGHMC takes ``friction`` times SGLD's step (in the overdamped limit its position
+moves by ``epsilon / (2 alpha)`` per unit force, and its minibatch heat is
+``epsilon nbeta^2 q / (4 alpha B)``, so the heat is SGLD's). RMSProp-preconditioned SGLD starts at
+``epsilon = 0.005`` (its steps are already scaled by the gradient's magnitude) and is calibrated
+on its measured heat in the same way.
 
 Online cadence (``python benchmarks/overhead.py`` prints the overhead):
 
 * ``every_n_steps = 25``. A shadow step costs one forward+backward and one forward on one batch
   plus the Gaussian noise for every parameter: about 2x a training step of a small MLP
-  (784-256-256-10, Adam, batch 128, one thread), less for compute-bound models (1.33x). Measured
-  training-time ratios with/without the monitor, interleaved in one run: 1.21 at 10, 1.11 at 20,
-  1.08 at 25, 1.04-1.06 at 50. The overhead is about ``shadow cost / every_n_steps``.
+  (784-256-256-10, Adam, batch 128, one thread), less for compute-bound models (1.33x). The
+  overhead is about ``shadow cost / every_n_steps``.
 * ``window = 40`` draws: a window then spans 1000 training steps. The estimate follows a step
   change within 3-4 windows (``benchmarks/step_change.py``), so lag is about
   ``4 * every_n_steps * window`` training steps: halve ``every_n_steps`` to halve the lag at twice
   the overhead, or shorten ``window`` (noisier windows, wider band). Windows should hold well
   over the chain's autocorrelation time (``LLCEstimate.ess`` shows it).
 * ``warmup = "auto"``: equilibrium is detected from each chain's draws and squared offset norm
-  (MSER-5, :mod:`online_llc.warmup`). A fixed count fits no model: the slowest relaxation at the
-  default step and localization is ``2 / (epsilon * gamma) ≈ 150`` steps, the draw of a
-  reduced-rank regression settles within about 20, and the detector took 60-120 shadow steps
-  there and 70-370 on ``[16, 8, 16, 8]``, whose offset norm relaxes slowly. Its floor is 100 for a
-  chain starting at zero offset: at a saddle the chain leaves slowly at first, which looks
-  stationary.
+  (MSER-5, :mod:`online_llc.warmup`), at least 100 shadow steps for a chain starting at zero
+  offset (at a saddle the chain leaves slowly at first, which looks stationary).
 * ``horizon = 4`` windows: the band's standard error also counts correlation slower than one
   window (see :class:`online_llc.window.WindowStats`).
 """
@@ -62,27 +76,49 @@ Online cadence (``python benchmarks/overhead.py`` prints the overhead):
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Optional
+import math
+from typing import Any, Optional, Tuple
 
-from .errors import check_positive_int
+from .errors import check_positive_float, check_positive_int
 from .sgld import SGLDConfig, default_nbeta
 
 __all__ = [
-    "DEFAULT_LOCALIZATION",
+    "DEFAULT_NBETA_CAP",
+    "DEFAULT_LOCALIZATION_SCALE",
     "DEFAULT_STEP_SCALE",
     "DEFAULT_RMSPROP_STEP",
+    "ONLINE_LOCALIZATION_PER_NBETA",
+    "ONLINE_STEP_SCALE",
+    "TARGET_HEAT",
+    "MAX_HEAT",
     "DEFAULT_NUM_DRAWS",
     "DEFAULT_BURN_IN",
     "DEFAULT_EVERY_N_STEPS",
     "DEFAULT_WINDOW",
     "DEFAULT_WARMUP",
     "DEFAULT_HORIZON",
+    "default_estimand",
+    "default_step_size",
+    "relaxation_steps",
     "resolve_hyperparameters",
 ]
 
-DEFAULT_LOCALIZATION: float = 100.0
-DEFAULT_STEP_SCALE: float = 0.15
+#: The largest default ``nbeta``: ``min(n / log n, DEFAULT_NBETA_CAP)``.
+DEFAULT_NBETA_CAP: float = 256.0
+#: The default localization is ``DEFAULT_LOCALIZATION_SCALE * sqrt(nbeta)``.
+DEFAULT_LOCALIZATION_SCALE: float = 0.4
+#: The largest default SGLD step is ``DEFAULT_STEP_SCALE / nbeta`` (``epsilon nbeta``, the step in
+#: units of a unit-curvature direction's stiffness).
+DEFAULT_STEP_SCALE: float = 0.08
 DEFAULT_RMSPROP_STEP: float = 5e-3
+#: The online monitor's default localization is ``ONLINE_LOCALIZATION_PER_NBETA * nbeta``.
+ONLINE_LOCALIZATION_PER_NBETA: float = 0.09
+#: The online monitor's largest default step is ``ONLINE_STEP_SCALE / nbeta``.
+ONLINE_STEP_SCALE: float = 0.15
+#: The minibatch heat ``T - 1`` the step is calibrated to.
+TARGET_HEAT: float = 0.02
+#: Above this measured heat the step is lowered (and, when it cannot be, a warning names it).
+MAX_HEAT: float = 0.05
 DEFAULT_NUM_DRAWS: int = 1000
 DEFAULT_BURN_IN: int = 500
 DEFAULT_EVERY_N_STEPS: int = 25
@@ -91,42 +127,93 @@ DEFAULT_WARMUP: str = "auto"
 DEFAULT_HORIZON: int = 4
 
 
+def default_estimand(
+    num_samples: int, nbeta: Optional[float] = None, localization: Optional[float] = None, online: bool = False
+) -> Tuple[float, float]:
+    """``(nbeta, localization)`` with the defaults filled in: ``min(n / log n, 256)`` and
+    ``0.4 * sqrt(nbeta)``, or ``0.09 * nbeta`` for the online monitor (see the module docstring
+    for why)."""
+    if nbeta is None:
+        nbeta = min(default_nbeta(num_samples), DEFAULT_NBETA_CAP)
+    nbeta = check_positive_float("nbeta", nbeta)
+    if localization is None:
+        if online:
+            localization = ONLINE_LOCALIZATION_PER_NBETA * nbeta
+        else:
+            localization = DEFAULT_LOCALIZATION_SCALE * math.sqrt(nbeta)
+    return nbeta, localization
+
+
+def default_step_size(
+    nbeta: float, batch_size: Optional[int] = None, sampler: str = "sgld", friction: float = 0.1, online: bool = False
+) -> float:
+    """The starting step before calibration: ``min(0.08 / nbeta, 0.08 B / nbeta^2)`` for SGLD (the
+    minibatch heat ``epsilon nbeta^2 q / (4 B)`` is then 2% at unit gradient noise ``q``),
+    ``friction`` times that for SGHMC, :data:`DEFAULT_RMSPROP_STEP` for RMSProp-SGLD.
+    ``batch_size=None``: the batch is not known, ``0.08 / nbeta``. Online the step is
+    ``min(0.15 / nbeta, 0.15 B / nbeta^2)`` (:data:`ONLINE_STEP_SCALE`; minibatch heat 3.75%)."""
+    if sampler == "rmsprop_sgld":
+        return DEFAULT_RMSPROP_STEP
+    scale = ONLINE_STEP_SCALE if online else DEFAULT_STEP_SCALE
+    step = scale / nbeta
+    if batch_size is not None:
+        # Offline: minibatch heat TARGET_HEAT at unit gradient noise. Online: the same ratio of
+        # minibatch to discretization heat as offline, at the larger step (heat 3.75%).
+        heat = TARGET_HEAT * (scale / DEFAULT_STEP_SCALE)
+        step = min(step, 4.0 * heat * batch_size / nbeta**2)
+    return friction * step if sampler == "sghmc" else step
+
+
+def relaxation_steps(config: SGLDConfig) -> float:
+    """Steps over which the slowest, localization-bound direction relaxes: ``2 / (epsilon gamma)``
+    (``inf`` without localization). For SGHMC the position's drift per step is
+    ``epsilon / (2 alpha)`` per unit force; for RMSProp-SGLD the preconditioner is unknown here
+    and ``epsilon`` is used as it is."""
+    if config.localization <= 0:
+        return math.inf
+    rate = config.step_size * config.localization / 2
+    if config.sampler == "sghmc":
+        rate /= config.friction
+    return 1.0 / rate
+
+
 def resolve_hyperparameters(
     *,
     num_samples: Any,
     nbeta: Optional[float],
-    localization: float,
+    localization: Optional[float],
     step_size: Optional[float],
     sampler: str = "sgld",
     friction: float = 0.1,
+    batch_size: Optional[int] = None,
+    online: bool = False,
 ) -> SGLDConfig:
-    """Validate the three SGLD knobs and fill in the defaults that depend on ``num_samples``.
+    """Validate the three SGLD knobs and fill in the defaults that depend on ``num_samples`` (and
+    the batch size, for the starting step).
 
     Args:
         num_samples: ``n`` (an int >= 2 when ``nbeta`` is None, else >= 1).
-        nbeta: ``n * beta`` or ``None`` for ``n / log n``.
-        localization: ``gamma >= 0``.
-        step_size: ``epsilon > 0`` or ``None`` for ``DEFAULT_STEP_SCALE / nbeta`` (SGLD),
-            ``friction * DEFAULT_STEP_SCALE / nbeta`` (SGHMC: in the overdamped limit its position
-            moves by ``epsilon / (2 alpha)`` per unit force, so this matches SGLD's drift) or
-            ``DEFAULT_RMSPROP_STEP`` (RMSProp-preconditioned SGLD, whose steps are already scaled
-            by the gradient's magnitude).
+        nbeta: ``n * beta`` or ``None`` for ``min(n / log n, 256)``.
+        localization: ``gamma >= 0`` or ``None`` for ``0.4 * sqrt(nbeta)``.
+        step_size: ``epsilon > 0`` or ``None`` for :func:`default_step_size` (which the estimators
+            then calibrate on the measured heat).
         sampler: one of :data:`online_llc.sgld.SAMPLERS`.
         friction: SGHMC's ``alpha`` in (0, 1].
+        batch_size: samples per batch, when known (sets the starting step).
+        online: the online monitor's defaults (a stronger localization and a larger step, so that
+            the co-moving chain relaxes within a few windows).
 
     Returns:
         A validated :class:`~online_llc.sgld.SGLDConfig`.
     """
     check_positive_int("num_samples", num_samples)
+    if batch_size is not None:
+        check_positive_int("batch_size", batch_size)
     if nbeta is None:
-        nbeta = default_nbeta(num_samples)
+        default_nbeta(num_samples)  # validates n >= 2
+    nbeta, localization = default_estimand(num_samples, nbeta, localization, online)
     # Validates nbeta, gamma, the sampler's name and friction before step_size is derived.
     cfg = SGLDConfig(nbeta=nbeta, localization=localization, step_size=1.0, sampler=sampler, friction=friction)
     if step_size is None:
-        if sampler == "rmsprop_sgld":
-            step_size = DEFAULT_RMSPROP_STEP
-        elif sampler == "sghmc":
-            step_size = cfg.friction * DEFAULT_STEP_SCALE / cfg.nbeta
-        else:
-            step_size = DEFAULT_STEP_SCALE / cfg.nbeta
+        step_size = default_step_size(cfg.nbeta, batch_size, sampler, cfg.friction, online)
     return replace(cfg, step_size=step_size)

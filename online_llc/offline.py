@@ -11,20 +11,33 @@ the tests use it as the reference.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Iterable, Iterator, Optional, Sequence
+import math
+import warnings
+from dataclasses import replace
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from .config import DEFAULT_BURN_IN, DEFAULT_LOCALIZATION, DEFAULT_NUM_DRAWS, resolve_hyperparameters
+from .config import DEFAULT_BURN_IN, DEFAULT_NUM_DRAWS, DEFAULT_STEP_SCALE, MAX_HEAT, relaxation_steps, resolve_hyperparameters
 from .errors import NonFiniteDrawError, check_nonneg_int, check_positive_int, reject_unknown
 from .groups import resolve_groups
-from .evaluator import LossEvaluator, LossFn, cuda_devices
+from .evaluator import LossEvaluator, LossFn, cuda_devices, split_halves
+from .heat import calibrated_step, heat_from, max_step_size
 from .sgld import init_aux, sampler_step
 from .stats import summarize
 
-__all__ = ["LLCResult", "estimate_llc"]
+__all__ = ["LLCResult", "estimate_llc", "MAX_AUTO_BURN_IN", "MAX_AUTO_DRAWS", "CALIBRATION_STEPS", "MAX_CALIBRATION_ROUNDS"]
+
+#: The longest automatic burn-in, in steps per chain; past it a warning names the relaxation time.
+MAX_AUTO_BURN_IN = 20000
+#: The most draws per chain chosen automatically.
+MAX_AUTO_DRAWS = 20000
+#: Steps per calibration round (the heat is read on the second half of them).
+CALIBRATION_STEPS = 200
+#: Calibration rounds at most (each rescales the step by 1/8 to 2).
+MAX_CALIBRATION_ROUNDS = 6
 
 
 @dataclass(frozen=True)
@@ -41,13 +54,23 @@ class LLCResult:
         burn_in_draws: the discarded draws, shape ``[C, burn_in]``.
         var_channel: ``var(d) - mean(v)``: the draws' variance with batch noise removed.
         ratio: ``mean^2 / var_channel``, a temperature-free LLC estimate (NaN if undefined).
-        effective_temperature: ``var_channel / mean``: about 1 for a well-tuned chain, well
-            above 1 when the step size or gradient noise heats the chain (NaN if undefined).
+        dispersion: ``var_channel / mean``, the draws' variance over their mean (1 for a Gamma
+            draw at unit temperature; its baseline depends on the model and the window, so it is
+            kept as a secondary diagnostic; ``heat`` measures the temperature).
+        heat: the minibatch temperature ``mean / (mean - heat_bias)`` (:mod:`online_llc.heat`;
+            NaN when ``mean <= heat_bias``): 1 when the gradient noise adds nothing.
+        heat_bias: how much the gradient noise raised ``mean``, measured from half-batch
+            gradients (an upper bound, tight for the directions that carry the draw).
         ess: total effective sample size of the draws.
         init_loss: mean loss at ``w*`` over the batches the chains visited.
-        nbeta, localization, step_size: the hyperparameters used (``nbeta`` resolved).
+        nbeta, localization, step_size: the estimand and the step actually used (``step_size``
+            after calibration).
         sampler: the sampler used.
-        num_samples, num_chains, num_draws, burn_in, seed: the settings used.
+        batch_size: samples per batch (of the first batch).
+        relaxation_steps: ``2 / (step_size * localization)``, the slowest direction's relaxation.
+        calibration: ``(step_size, heat)`` of every calibration round (empty when ``step_size``
+            was given).
+        num_samples, num_chains, num_draws, burn_in, seed: the settings used (``burn_in`` resolved).
     """
 
     mean: float
@@ -59,13 +82,18 @@ class LLCResult:
     burn_in_draws: np.ndarray
     var_channel: float
     ratio: float
-    effective_temperature: float
+    dispersion: float
+    heat: float
+    heat_bias: float
     ess: float
     init_loss: float
     nbeta: float
     localization: float
     step_size: float
     sampler: str
+    batch_size: int
+    relaxation_steps: float
+    calibration: List[Tuple[float, float]]
     num_samples: int
     num_chains: int
     num_draws: int
@@ -83,8 +111,8 @@ class LLCResult:
 
     def __repr__(self) -> str:
         return (
-            f"LLCResult(mean={self.mean:.4g}, std={self.std:.3g}, effective_temperature="
-            f"{self.effective_temperature:.3g}, chains={self.num_chains}, draws={self.num_draws}, "
+            f"LLCResult(mean={self.mean:.4g}, std={self.std:.3g}, heat="
+            f"{self.heat:.3g}, chains={self.num_chains}, draws={self.num_draws}, "
             f"nbeta={self.nbeta:.4g}, localization={self.localization:g}, step_size={self.step_size:.3g})"
         )
 
@@ -107,11 +135,11 @@ def estimate_llc(
     *,
     num_samples: int,
     nbeta: Optional[float] = None,
-    localization: float = DEFAULT_LOCALIZATION,
+    localization: Optional[float] = None,
     step_size: Optional[float] = None,
     num_chains: int = 4,
-    num_draws: int = DEFAULT_NUM_DRAWS,
-    burn_in: int = DEFAULT_BURN_IN,
+    num_draws: Optional[int] = None,
+    burn_in: Optional[int] = None,
     seed: int = 0,
     sampler: str = "sgld",
     friction: float = 0.1,
@@ -137,14 +165,20 @@ def estimate_llc(
             log likelihood for the estimate to match theory).
         batches: any re-iterable of batches (a DataLoader), cycled as needed.
         num_samples: ``n``, the number of training samples the loss is an average over.
-        nbeta: ``n * beta``; ``None`` means ``n / log n``.
-        localization: ``gamma``, the pull towards ``w*``. See :mod:`online_llc.config`.
-        step_size: the sampler's ``epsilon``; ``None`` means its default
-            (:func:`online_llc.config.resolve_hyperparameters`: ``0.15 / nbeta`` for SGLD).
-            See :mod:`online_llc.config` for how the defaults were measured.
+        nbeta: ``n * beta``; ``None`` means ``min(n / log n, 256)`` (:mod:`online_llc.config`).
+        localization: ``gamma``, the pull towards ``w*``; ``None`` means ``0.4 * sqrt(nbeta)``.
+        step_size: the sampler's ``epsilon``; ``None`` calibrates it: it starts at
+            :func:`online_llc.config.default_step_size` for the batch size, and rounds of
+            :data:`CALIBRATION_STEPS` steps on the first chain rescale it until the measured
+            minibatch heat is near :data:`online_llc.config.TARGET_HEAT` (a warning says when it
+            stays above :data:`online_llc.config.MAX_HEAT`). A given step is used as it is.
         num_chains: independent chains ``C``.
-        num_draws: draws per chain kept after burn-in ``D``.
-        burn_in: steps per chain discarded first.
+        num_draws: draws per chain kept after burn-in ``D``; ``None`` means 1000 times the factor by
+            which the step is below ``0.08 / nbeta`` (a smaller step mixes that much more slowly),
+            at most :data:`MAX_AUTO_DRAWS`.
+        burn_in: steps per chain discarded first; ``None`` means one relaxation time of the
+            slowest direction, ``2 / (epsilon * gamma)``, at least 500 and at most
+            :data:`MAX_AUTO_BURN_IN` (with a warning when that is shorter than the relaxation).
         seed: seeds the chains' private generators (chain ``c`` uses ``seed * 1000003 + c``).
         sampler: ``"sgld"`` (default), ``"rmsprop_sgld"`` or ``"sghmc"``; see
             :class:`online_llc.sgld.SGLDConfig`.
@@ -154,7 +188,8 @@ def estimate_llc(
             group (Wang et al. 2024). ``None``: all trainable parameters.
 
     Returns:
-        An :class:`LLCResult` with the estimate, its standard error, the draws and diagnostics.
+        An :class:`LLCResult` with the estimate, its standard error, the draws, the measured heat
+        and the estimand (``nbeta``, ``localization``, ``step_size``) actually used.
 
     Raises:
         ValueError: an argument is out of range (the message names it), or ``loss_fn`` does not
@@ -174,8 +209,10 @@ def estimate_llc(
     """
     reject_unknown("estimate_llc()", kwargs)
     check_positive_int("num_chains", num_chains)
-    check_positive_int("num_draws", num_draws)
-    check_nonneg_int("burn_in", burn_in)
+    if num_draws is not None:
+        check_positive_int("num_draws", num_draws)
+    if burn_in is not None:
+        check_nonneg_int("burn_in", burn_in)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"Expected `seed` to be an int, got {seed!r}.")
     config = resolve_hyperparameters(
@@ -192,33 +229,103 @@ def estimate_llc(
     device = next(iter(center.values())).device
     devices = cuda_devices(center)
 
-    total = burn_in + num_draws
-    draws = np.empty((num_chains, total))
-    noise = np.empty((num_chains, total))
+    given_burn_in, given_num_draws = burn_in, num_draws
+    draws_list: List[np.ndarray] = []
+    noise_list: List[np.ndarray] = []
+    heat_list: List[np.ndarray] = []
+    calibration: List[Tuple[float, float]] = []
     center_loss_sum, center_loss_count = 0.0, 0
     with torch.random.fork_rng(devices=devices):
         torch.default_generator.manual_seed(seed)
         for d in devices:
             torch.cuda.default_generators[d].manual_seed(seed)
         stream = _batches_forever(batches)
-        for c in range(num_chains):
-            gen = torch.Generator(device=device).manual_seed(seed * 1000003 + c)
-            offset = evaluator.zeros_like_center()
-            aux = init_aux(config, offset)
-            for s in range(total):
+        first = next(stream)
+        batch_size = _batch_size(evaluator, center, first)
+        if step_size is None:
+            config = resolve_hyperparameters(
+                num_samples=num_samples, nbeta=nbeta, localization=localization, step_size=None,
+                sampler=sampler, friction=friction, batch_size=batch_size,
+            )
+        pending = [first]
+
+        def next_batch() -> Any:
+            return pending.pop() if pending else next(stream)
+
+        def run(c: int, steps: int, state: Tuple[Any, Any], gen: torch.Generator) -> Tuple[Any, np.ndarray]:
+            nonlocal center_loss_sum, center_loss_count
+            offset, aux = state
+            out = np.empty((3, steps))
+            for s in range(steps):
                 offset, aux, info = sampler_step(
-                    evaluator, center, offset, aux, next(stream), config=config, generator=gen
+                    evaluator, center, offset, aux, next_batch(), config=config, generator=gen
                 )
                 if not info.finite:
                     raise NonFiniteDrawError(c, s, f"draw={info.draw}, loss at w*+xi={info.loss_sample}")
-                draws[c, s] = info.draw
-                noise[c, s] = info.noise_var
+                out[:, s] = (info.draw, info.noise_var, info.heat_bias)
                 center_loss_sum += info.loss_center
                 center_loss_count += 1
+            return (offset, aux), out
 
+        for c in range(num_chains):
+            gen = torch.Generator(device=device).manual_seed(seed * 1000003 + c)
+            offset = evaluator.zeros_like_center()
+            state = (offset, init_aux(config, offset))
+            top = config.step_size
+            if c == 0 and step_size is None:
+                # Calibration rounds on the first chain: the excess heat is proportional to the
+                # step at a fixed estimand, so each round rescales the step towards the target.
+                top = max_step_size(config.nbeta, config.sampler, config.friction, config.step_size)
+                for _ in range(MAX_CALIBRATION_ROUNDS):
+                    state, out = run(c, CALIBRATION_STEPS, state, gen)
+                    tail = out[:, CALIBRATION_STEPS // 2 :]
+                    heat = heat_from(float(tail[0].mean()), float(tail[2].mean()))
+                    calibration.append((config.step_size, heat))
+                    new = calibrated_step(config.step_size, heat, top)
+                    if new == config.step_size:
+                        break
+                    config = replace(config, step_size=new)
+            if c == 0:
+                burn_in = _resolve_burn_in(given_burn_in, config)
+            state, head = run(c, burn_in, state, gen)
+            if c == 0 and step_size is None:
+                # The gradient noise grows as the chain spreads (singular directions widen slowly),
+                # so the heat at the end of the burn-in is checked too, and the burn-in rerun at a
+                # recalibrated step while it is hot.
+                for _ in range(MAX_CALIBRATION_ROUNDS):
+                    tail = head[:, burn_in // 2 :]
+                    if tail.shape[1] < CALIBRATION_STEPS // 2:
+                        break
+                    heat = heat_from(float(tail[0].mean()), float(tail[2].mean()))
+                    if not (math.isfinite(heat) and heat - 1 > MAX_HEAT):
+                        break
+                    calibration.append((config.step_size, heat))
+                    config = replace(config, step_size=calibrated_step(config.step_size, heat, top))
+                    burn_in = _resolve_burn_in(given_burn_in, config)
+                    state, head = run(c, burn_in, state, gen)
+            if c == 0:
+                num_draws = _resolve_num_draws(given_num_draws, config)
+            state, keep = run(c, num_draws, state, gen)
+            out = np.concatenate([head, keep], axis=1)
+            draws_list.append(out[0])
+            noise_list.append(out[1])
+            heat_list.append(out[2])
+
+    assert burn_in is not None and num_draws is not None
+    draws, noise, heat_bias_draws = np.stack(draws_list), np.stack(noise_list), np.stack(heat_list)
     kept, kept_noise = draws[:, burn_in:], noise[:, burn_in:]
     summary = summarize(kept, kept_noise)
     per_chain_std = np.array([summarize(kept[c : c + 1], kept_noise[c : c + 1]).se for c in range(num_chains)])
+    heat_bias = float(heat_bias_draws[:, burn_in:].mean())
+    heat = heat_from(float(summary.mean), heat_bias)
+    if step_size is None and math.isfinite(heat) and heat - 1 > MAX_HEAT:
+        warnings.warn(
+            f"estimate_llc: the chains ran hot after calibration (minibatch heat {heat:.3f} at step_size "
+            f"{config.step_size:.3g}, batch {batch_size}); the estimate is about {heat_bias:.3g} too high. "
+            "Use larger batches or pass a smaller step_size.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return LLCResult(
         mean=float(summary.mean),
         std=float(summary.se),
@@ -229,16 +336,57 @@ def estimate_llc(
         burn_in_draws=draws[:, :burn_in].copy(),
         var_channel=float(summary.var_channel),
         ratio=float(summary.ratio),
-        effective_temperature=float(summary.consistency),
+        dispersion=float(summary.dispersion),
+        heat=heat,
+        heat_bias=heat_bias,
         ess=float(summary.ess),
         init_loss=center_loss_sum / max(center_loss_count, 1),
         nbeta=config.nbeta,
         localization=config.localization,
         step_size=config.step_size,
         sampler=config.sampler,
+        batch_size=batch_size,
+        relaxation_steps=relaxation_steps(config),
+        calibration=calibration,
         num_samples=num_samples,
         num_chains=num_chains,
         num_draws=num_draws,
         burn_in=burn_in,
         seed=seed,
     )
+
+
+def _batch_size(evaluator: LossEvaluator, center: Dict[str, torch.Tensor], batch: Any) -> int:
+    """Samples in ``batch``: the leading size of its tensors, or the length of its per-sample losses."""
+    parts = split_halves(batch)
+    if parts is not None:
+        return parts[2]
+    with torch.no_grad():
+        return int(evaluator.losses(center, batch).numel())
+
+
+def _resolve_burn_in(burn_in: Optional[int], config: Any) -> int:
+    """``burn_in``, or one relaxation time of the slowest direction within [500, MAX_AUTO_BURN_IN]."""
+    if burn_in is not None:
+        return burn_in
+    relax = relaxation_steps(config)
+    if relax > MAX_AUTO_BURN_IN:
+        warnings.warn(
+            f"estimate_llc: the localization-bound directions relax over {relax:.0f} steps at step_size "
+            f"{config.step_size:.3g}; the burn-in stops at {MAX_AUTO_BURN_IN}. Pass burn_in= for more, or use "
+            "larger batches (the step, and so the relaxation, scales with the batch size).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return int(max(DEFAULT_BURN_IN, min(math.ceil(relax), MAX_AUTO_BURN_IN)))
+
+
+def _resolve_num_draws(num_draws: Optional[int], config: Any) -> int:
+    """``num_draws``, or 1000 times how much smaller than ``0.08 / nbeta`` the step is."""
+    if num_draws is not None:
+        return num_draws
+    if config.sampler == "rmsprop_sgld":
+        return DEFAULT_NUM_DRAWS
+    unit = DEFAULT_STEP_SCALE / config.nbeta * (config.friction if config.sampler == "sghmc" else 1.0)
+    factor = max(1.0, unit / config.step_size)
+    return int(min(math.ceil(DEFAULT_NUM_DRAWS * factor), MAX_AUTO_DRAWS))

@@ -5,30 +5,21 @@ LLCFilter -> OnlineLLC records -> callbacks): run :func:`recommend_step_size` on
 and batches to choose the step the kernel will take; :func:`mala_acceptance` audits one proposal of
 that kernel.
 
-Why a pilot: the SGLD estimate is biased upwards as the step grows, mostly by the minibatch
-gradient noise, whose injected variance per step grows like ``epsilon^2`` against the Langevin
-noise's ``epsilon``, so the chain runs hotter than ``1 / nbeta`` by a factor of about
-``1 + c epsilon``. A Metropolis (MALA) acceptance computed on one batch cannot see this (it stays
-above 0.98 on the toy models while the estimate is 50% high; see
-:func:`mala_acceptance`), and the window's consistency ``var / mean`` (about the
-temperature) has a model-dependent baseline (0.7 on a localized linear regression, 2.3 on a deep
-linear network at a good step). What does reveal the bias is step halving: since the bias is
-about linear in ``epsilon``, ``lambda(epsilon) - lambda(epsilon / 2)`` is about half of
-``lambda(epsilon)``'s bias (Richardson). The pilot runs short chains on a geometric ladder of
-step sizes and recommends the largest one that
+Why a pilot: the default step is calibrated on the measured minibatch heat
+(:mod:`online_llc.heat`), which sees the gradient noise but not the discretization error of the
+step, ``1 / (1 - epsilon a / 4)`` along a direction of stiffness ``a``: larger than the 2% the
+default allows when the curvature is well above 1. A Metropolis (MALA) acceptance computed on one
+batch barely sees it (see :func:`mala_acceptance`). Step halving does: since the bias is about
+linear in ``epsilon``, ``lambda(epsilon) - lambda(epsilon / 2)`` is about half of
+``lambda(epsilon)``'s bias (Richardson). The pilot runs short chains on a geometric ladder of step
+sizes around the batch-sized default and recommends the largest one that
 
 * did not diverge,
-* is not grossly hot (consistency below ``max_temperature``), and
-* above the default step, agrees with the estimate at half its step within ``tolerance``
-  (relative) plus two standard errors.
+* is not hot (measured minibatch heat below ``max_heat``), and
+* agrees with the estimate at half its step within ``tolerance`` (relative) plus two standard
+  errors.
 
-Halving is not applied at or below the default when a rung at or above the default is healthy:
-there the step's small heat is wanted, since it offsets the downward pull of the localization
-(:mod:`online_llc.config`; on the toy models the small-step limit at ``gamma = 100`` lies 15-45%
-below the learning coefficient). The pilot is a guard against steps that are too large (a user's
-choice, or a model whose gradient noise makes the default hot, when every rung is checked), not a
-search for the smallest step. The largest passing step mixes fastest,
-so it gives the most precise live estimate per shadow step.
+The largest passing step mixes fastest, so it gives the most precise estimate per step.
 """
 
 from __future__ import annotations
@@ -40,9 +31,9 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .config import DEFAULT_LOCALIZATION, resolve_hyperparameters
+from .config import resolve_hyperparameters
 from .errors import check_positive_float, check_positive_int, reject_unknown
-from .evaluator import LossEvaluator, LossFn, private_rng
+from .evaluator import LossEvaluator, LossFn, private_rng, split_halves
 from .offline import NonFiniteDrawError, estimate_llc
 from .sgld import SGLDConfig
 
@@ -50,14 +41,13 @@ __all__ = [
     "PilotRun",
     "StepSizeRecommendation",
     "recommend_step_size",
-    "DEFAULT_MAX_TEMPERATURE",
+    "DEFAULT_MAX_HEAT",
     "mala_acceptance",
 ]
 
-#: Consistency (``var / mean`` of the draws, about the chain's temperature) above which a step is
-#: called hot. Healthy chains on the toy models read 0.7-2.3, depending on model and localization;
-#: every step that read above 2.5 there over-estimated by 40% or more.
-DEFAULT_MAX_TEMPERATURE = 2.5
+#: Measured minibatch heat above which a step is called hot (the gradient noise then raises the
+#: estimate by more than 10%).
+DEFAULT_MAX_HEAT = 1.1
 
 
 @dataclass(frozen=True)
@@ -69,7 +59,7 @@ class PilotRun:
         multiplier: ``step_size`` over the sampler's default.
         mean: the pilot's LLC estimate at that step (NaN if it diverged).
         std: its standard error.
-        temperature: the draws' consistency ``var / mean`` (NaN if undefined).
+        heat: the measured minibatch heat (NaN if undefined).
         diverged: whether a chain produced a non-finite loss.
         verdict: ``"ok"``, ``"diverged"``, ``"hot"``, ``"biased"`` (disagrees with half the step),
             or ``"unchecked"`` (no smaller healthy step to compare with).
@@ -80,7 +70,7 @@ class PilotRun:
     multiplier: float
     mean: float
     std: float
-    temperature: float
+    heat: float
     diverged: bool
     verdict: str
     reason: str
@@ -110,7 +100,7 @@ class StepSizeRecommendation:
         lines = [f"{'step':>10s} {'x default':>9s} {'LLC':>9s} {'± se':>7s} {'T':>6s}  verdict"]
         for r in self.runs:
             lines.append(
-                f"{r.step_size:10.3g} {r.multiplier:9.3g} {r.mean:9.3f} {r.std:7.3f} {r.temperature:6.2f}  "
+                f"{r.step_size:10.3g} {r.multiplier:9.3g} {r.mean:9.3f} {r.std:7.3f} {r.heat:6.3f}  "
                 f"{r.verdict}: {r.reason}"
             )
         lines.append(f"recommended step_size = {self.step_size:.4g}: {self.reason}")
@@ -124,7 +114,7 @@ def recommend_step_size(
     *,
     num_samples: int,
     nbeta: Optional[float] = None,
-    localization: float = DEFAULT_LOCALIZATION,
+    localization: Optional[float] = None,
     sampler: str = "sgld",
     friction: float = 0.1,
     multipliers: Sequence[float] = (4.0, 2.0, 1.0, 0.5, 0.25),
@@ -132,7 +122,7 @@ def recommend_step_size(
     num_draws: int = 600,
     burn_in: int = 200,
     tolerance: float = 0.1,
-    max_temperature: float = DEFAULT_MAX_TEMPERATURE,
+    max_heat: float = DEFAULT_MAX_HEAT,
     seed: int = 0,
     **kwargs: Any,
 ) -> StepSizeRecommendation:
@@ -146,21 +136,26 @@ def recommend_step_size(
     Args:
         model, loss_fn, batches, num_samples, nbeta, localization, sampler, friction: as for
             :func:`~online_llc.estimate_llc`; use the settings the monitor will run with.
-        multipliers: the ladder, as multiples of the sampler's default step (distinct, > 0; each
+        multipliers: the ladder, as multiples of the sampler's starting step for this batch size
+            (:func:`online_llc.config.default_step_size`; distinct, > 0; each
             rung is compared with the next smaller one, so halving ladders suit the test).
         num_chains, num_draws, burn_in: the pilot's budget per rung.
         tolerance: relative disagreement with the next smaller step that counts as step-size
             bias (> 0).
-        max_temperature: consistency above which a rung is called hot (> 0).
+        max_heat: measured minibatch heat above which a rung is called hot (> 1).
         seed: seeds the pilot's chains.
 
     Returns:
         A :class:`StepSizeRecommendation`.
     """
     reject_unknown("recommend_step_size()", kwargs)
+    first = next(iter(batches), None)
+    if first is None:
+        raise ValueError("Expected `batches` to yield at least one batch, got an empty iterable.")
+    parts = split_halves(first)
     default = resolve_hyperparameters(
         num_samples=num_samples, nbeta=nbeta, localization=localization, step_size=None, sampler=sampler,
-        friction=friction,
+        friction=friction, batch_size=None if parts is None else parts[2],
     ).step_size
     mults = sorted({check_positive_float("multipliers[i]", float(m)) for m in multipliers}, reverse=True)
     if len(mults) < 2:
@@ -169,7 +164,9 @@ def recommend_step_size(
     check_positive_int("num_draws", num_draws)
     check_positive_int("burn_in", burn_in)
     tolerance = check_positive_float("tolerance", tolerance)
-    max_temperature = check_positive_float("max_temperature", max_temperature)
+    max_heat = check_positive_float("max_heat", max_heat)
+    if max_heat <= 1:
+        raise ValueError(f"Expected `max_heat` to be a float > 1, got {max_heat!r}.")
 
     raw = []
     for m in mults:
@@ -180,23 +177,19 @@ def recommend_step_size(
                 step_size=step, sampler=sampler, friction=friction, num_chains=num_chains, num_draws=num_draws,
                 burn_in=max(1, math.ceil(burn_in / m)), seed=seed,
             )
-            raw.append((m, step, res.mean, res.std, res.effective_temperature, False))
+            raw.append((m, step, res.mean, res.std, res.heat, False))
         except NonFiniteDrawError:
             raw.append((m, step, math.nan, math.nan, math.nan, True))
 
-    def is_hot(temp: float) -> bool:
-        return math.isfinite(temp) and temp > max_temperature
+    def is_hot(heat: float) -> bool:
+        return math.isfinite(heat) and heat > max_heat
 
-    # The default's small heat is wanted only where the default region is verifiably healthy: a
-    # rung at or above it that did not diverge and whose consistency is positive and not hot (a
-    # negative one means batch noise swamps the draws' variance, and then heat cannot be judged).
-    exempt = any(m >= 1 and not d and math.isfinite(t) and 0 < t <= max_temperature for m, _, _, _, t, d in raw)
     runs: List[PilotRun] = []
     for i, (m, step, mean, std, temp, diverged) in enumerate(raw):
         if diverged:
             verdict, reason = "diverged", "a chain produced a non-finite loss"
         elif is_hot(temp):
-            verdict, reason = "hot", f"consistency {temp:.2f} > {max_temperature:g}: the chain runs hot"
+            verdict, reason = "hot", f"minibatch heat {temp:.3f} > {max_heat:g}: the chain runs hot"
         else:
             smaller = next((r for r in raw[i + 1 :] if not r[5]), None)
             if smaller is None:
@@ -205,16 +198,9 @@ def recommend_step_size(
                 m2, _, mean2, std2, _, _ = smaller
                 rel = (mean - mean2) / abs(mean2) if mean2 != 0 else math.inf
                 allowed = tolerance * abs(mean2) + 2 * math.hypot(std, std2)
-                if abs(mean - mean2) > allowed and (m > 1 or not exempt):
+                if abs(mean - mean2) > allowed:
                     verdict = "biased"
                     reason = f"{rel:+.0%} against {m2:g}x default (allowed ±{allowed:.3g}): step-size bias"
-                elif abs(mean - mean2) > allowed:
-                    # At or below the default the step's heat is wanted: it offsets the
-                    # localization's downward pull (online_llc.config), so halving it moves the
-                    # estimate away from the model's learning coefficient, not towards it.
-                    verdict = "ok"
-                    reason = (f"{rel:+.0%} against {m2:g}x default, expected at or below the default step "
-                              "(its heat offsets the localization's pull)")
                 else:
                     verdict = "ok"
                     reason = f"agrees with {m2:g}x default ({rel:+.0%}, allowed ±{allowed:.3g})"
