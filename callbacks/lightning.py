@@ -49,7 +49,9 @@ LOGGED_KEYS = (
     "llc/status",
     "llc/var_channel",
     "llc/ratio",
-    "llc/consistency",
+    "llc/dispersion",
+    "llc/heat",
+    "llc/step_size",
 )
 
 # Strategies whose parameters are sharded or partitioned: the shadow pass through
@@ -287,7 +289,9 @@ class OnlineLLCCallback(Callback):
             float(STATUSES.index(est.status)),
             est.var_channel,
             est.ratio,
-            est.consistency,
+            est.dispersion,
+            est.heat,
+            est.step_size,
         )
         metrics = dict(zip(LOGGED_KEYS, (float(v) for v in values)))
         for k, v in metrics.items():

@@ -27,7 +27,7 @@ import numpy as np
 from scipy.stats import norm as _normal
 from torch import nn
 
-from .config import DEFAULT_HORIZON
+from .config import DEFAULT_HORIZON, relaxation_steps
 from .errors import check_positive_float, check_positive_int
 from .filter import LLCFilter
 from .groups import resolve_group_masks
@@ -36,12 +36,12 @@ from .settings import MonitorSettings
 from .shadow import ShadowSampler
 from .sgld import LossEvaluator, LossFn
 from .track import MAX_AUTO_WARMUP, MIN_AUTO_WARMUP, MIN_REWARMUP, Track  # noqa: F401 - also importable from here
-from .tuning import DEFAULT_MAX_TEMPERATURE
+from .tuning import DEFAULT_MAX_HEAT
 from .window import WindowStats
 
 __all__ = ["ChainHealth", "LLCEstimate", "OnlineLLC", "STATUSES", "SmoothedPoint", "Transition"]
 
-#: Filtered windows whose consistency :meth:`OnlineLLC.health` takes the median of.
+#: Tracking windows whose heat :meth:`OnlineLLC.health` pools.
 HEALTH_WINDOWS = 10
 
 
@@ -136,6 +136,7 @@ class OnlineLLC:
                 LLCFilter(process_noise=settings.process_noise, jump_threshold=settings.jump_threshold),
                 warmup=self.warmup,
                 z=self._z,
+                calibrate=settings.step_size is None,
             )
 
         self._model = track(self.evaluator, self.seed)
@@ -293,30 +294,36 @@ class OnlineLLC:
         """Number of whole-model chain resets so far."""
         return self.sampler.divergences
 
-    def health(self, max_temperature: float = DEFAULT_MAX_TEMPERATURE) -> ChainHealth:
+    def health(self, max_heat: float = DEFAULT_MAX_HEAT) -> ChainHealth:
         """The whole-model chains' health, with an alarm when something needs the user.
 
-        The step-size alarm fires when the median consistency of the last ``HEALTH_WINDOWS``
-        filtered windows exceeds ``max_temperature``: the chain runs grossly hot, which on the
-        toy models meant over-estimates of 40% or more (``benchmarks/step_size.py``). Smaller
-        step-size biases are invisible to it (a healthy chain's consistency depends on the model
-        and the localization); :func:`online_llc.tuning.recommend_step_size` finds them by step
-        halving before training.
+        The heat alarm fires when the minibatch heat measured over the last ``HEALTH_WINDOWS``
+        tracking windows (:mod:`online_llc.heat`) exceeds ``max_heat``: the gradient noise then
+        raises the estimate by more than ``max_heat - 1``. With the calibrated default step it
+        fires only when the step cannot be lowered enough (a ``step_size`` given by hand, or a
+        step already at the calibration's floor). The discretization heat is not in it
+        (:func:`online_llc.tuning.recommend_step_size` measures it by step halving).
         """
-        max_temperature = check_positive_float("max_temperature", max_temperature)
-        # Consistency reads as a temperature only where the LLC is clearly positive (at a
-        # minimum): near zero or below (saddles, plateaus) var / mean is meaningless.
+        max_heat = check_positive_float("max_heat", max_heat)
+        if max_heat <= 1:
+            raise ValueError(f"Expected `max_heat` to be a float > 1, got {max_heat!r}.")
+        # The heat reads as a temperature only where the LLC is clearly positive (at a minimum):
+        # near zero or below (saddles, plateaus) the ratio is meaningless. Pooled over windows
+        # (sum of means over sum of corrected means), so one noisy window cannot dominate.
         # Newest first, stopping at HEALTH_WINDOWS: the callback asks at every window, and the
         # history grows without bound.
-        fed = (e.consistency for e in reversed(self._model.history) if e.status == "tracking" and e.lower > 0)
-        recent = [c for c in itertools.islice(fed, HEALTH_WINDOWS) if math.isfinite(c)]
-        temperature = float(np.median(recent)) if recent else math.nan
+        fed = (e for e in reversed(self._model.history) if e.status == "tracking" and e.lower > 0)
+        recent = [e for e in itertools.islice(fed, HEALTH_WINDOWS) if math.isfinite(e.heat_bias)]
+        total = sum(e.raw_mean for e in recent)
+        corrected = total - sum(e.heat_bias for e in recent)
+        heat = total / corrected if recent and corrected > 0 else math.nan
+        relax = relaxation_steps(self._model.sampler.config)
         alarms = []
-        if math.isfinite(temperature) and temperature > max_temperature:
+        if math.isfinite(heat) and heat > max_heat:
             alarms.append(
-                f"step size too large: the draws' consistency is {temperature:.2f} > {max_temperature:g} "
-                "(the chain runs hot and over-estimates); lower step_size or run "
-                "online_llc.tuning.recommend_step_size"
+                f"chain runs hot: the minibatch heat is {heat:.3f} > {max_heat:g} (the estimate is about "
+                f"{100 * (heat - 1):.0f}% too high) at step_size {self._model.sampler.config.step_size:.3g}; "
+                "lower step_size (or leave it to the default calibration) or use larger batches"
             )
         windows = len(self._model.history)
         if windows >= 4 and self.divergences > windows:
@@ -328,8 +335,9 @@ class OnlineLLC:
             divergences=self.divergences,
             weight_jumps=self.weight_jumps,
             warmup_lengths=self.warmup_lengths,
-            temperature=temperature,
+            heat=heat,
             alarms=alarms,
+            relaxation_steps=relax,
         )
 
     @property

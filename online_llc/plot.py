@@ -186,7 +186,7 @@ def read_run(path: str) -> List[LLCEstimate]:
                     slope=num("slope"),
                     var_channel=num("var_channel"),
                     ratio=num("ratio"),
-                    consistency=num("consistency"),
+                    dispersion=num("dispersion"),
                     ess=num("ess"),
                     nis=num("nis"),
                     window_start=int(float(row.get("window_start") or row["step"])),

@@ -9,6 +9,8 @@ is a :class:`ChainHealth`. Records are frozen values: string keys appear only at
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional
 
@@ -34,7 +36,14 @@ class LLCEstimate:
         slope: filtered change of the LLC per training step.
         var_channel: ``var(d) - mean(v)`` of the window (batch noise removed).
         ratio: ``raw_mean^2 / var_channel``, a temperature-free LLC estimate (NaN if undefined).
-        consistency: ``var_channel / raw_mean``, the effective temperature (about 1 when healthy).
+        dispersion: ``var_channel / raw_mean``, the draws' variance over their mean (a secondary
+            diagnostic; its healthy baseline depends on the model).
+        heat: the window's minibatch temperature ``raw_mean / (raw_mean - heat_bias)``
+            (:mod:`online_llc.heat`; NaN when ``raw_mean <= heat_bias``): 1 when the chain's
+            gradient noise adds nothing, 1.2 when it raises the estimate by 20%.
+        heat_bias: how much the gradient noise raised ``raw_mean``, measured from half-batch
+            gradients.
+        step_size: the sampler's step during this window (calibrated on the heat unless given).
         ess: effective sample size of the window.
         nis: normalized innovation squared of the filter update (NaN when not fed).
         window_start: training step of the window's first draw.
@@ -53,12 +62,15 @@ class LLCEstimate:
     slope: float
     var_channel: float
     ratio: float
-    consistency: float
+    dispersion: float
     ess: float
     nis: float
     window_start: int
     shadow_steps: int
     divergences: int
+    heat: float = math.nan
+    heat_bias: float = math.nan
+    step_size: float = math.nan
 
     @property
     def status_code(self) -> int:
@@ -97,9 +109,10 @@ class ChainHealth:
         divergences: chain resets (non-finite draw or runaway offset) so far.
         weight_jumps: jumps of the training weights detected so far (each restarts the warm-up).
         warmup_lengths: shadow steps each completed data-driven warm-up took.
-        temperature: median consistency (``var / mean`` of the draws, about the chain's
-            temperature) over the last ``HEALTH_WINDOWS`` tracking windows whose band lies above
-            zero (NaN if none).
+        heat: the minibatch temperature over the last ``HEALTH_WINDOWS`` tracking windows whose
+            band lies above zero, ``sum(raw_mean) / sum(raw_mean - heat_bias)`` (NaN if none).
+        relaxation_steps: shadow steps over which the slowest, localization-bound direction
+            relaxes at the current step size, ``2 / (step_size * localization)``.
         alarms: what is wrong and what to do, one line per problem (``"<kind>: <details>"``);
             empty when healthy.
     """
@@ -107,8 +120,9 @@ class ChainHealth:
     divergences: int
     weight_jumps: int
     warmup_lengths: List[int]
-    temperature: float
+    heat: float
     alarms: List[str]
+    relaxation_steps: float = math.nan
 
     @property
     def alarm(self) -> Optional[str]:

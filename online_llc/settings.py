@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional, Tuple, Union
 
-from .config import DEFAULT_EVERY_N_STEPS, DEFAULT_LOCALIZATION, DEFAULT_WARMUP, DEFAULT_WINDOW, resolve_hyperparameters
+from .config import DEFAULT_EVERY_N_STEPS, DEFAULT_WARMUP, DEFAULT_WINDOW, resolve_hyperparameters
 from .errors import check_nonneg_int, check_positive_float, check_positive_int, reject_unknown
 from .sgld import SGLDConfig
 
@@ -29,10 +29,13 @@ class MonitorSettings:
     Attributes:
         num_samples: ``n``, the size of the training set; ``None`` while it is not known yet
             (the Lightning callback then reads it from the train dataloader).
-        nbeta: ``n * beta``; ``None`` means ``n / log n``.
-        localization: ``gamma``.
-        step_size: the sampler's ``epsilon``; ``None`` means its default
-            (:func:`online_llc.config.resolve_hyperparameters`: ``0.15 / nbeta`` for SGLD).
+        nbeta: ``n * beta``; ``None`` means ``min(n / log n, 256)``, as offline.
+        localization: ``gamma``; ``None`` means ``0.09 * nbeta`` (stronger than offline's
+            ``0.4 * sqrt(nbeta)``, so the co-moving chain relaxes within a few windows; see
+            :mod:`online_llc.config`).
+        step_size: the sampler's ``epsilon``; ``None``: ``min(0.15 / nbeta, 0.15 B / nbeta^2)``
+            for the first batch's size ``B``, lowered when a window's measured minibatch heat
+            exceeds 1.1 (:mod:`online_llc.heat`); a given step is used as it is.
         every_n_steps: training steps between shadow steps (>= 1).
         window: draws per chain per window (>= 2).
         num_chains: chains run at each shadow step.
@@ -61,7 +64,7 @@ class MonitorSettings:
 
     num_samples: Optional[int] = None
     nbeta: Optional[float] = None
-    localization: float = DEFAULT_LOCALIZATION
+    localization: Optional[float] = None
     step_size: Optional[float] = None
     every_n_steps: int = DEFAULT_EVERY_N_STEPS
     window: int = DEFAULT_WINDOW
@@ -113,6 +116,7 @@ class MonitorSettings:
             step_size=self.step_size,
             sampler=self.sampler,
             friction=self.friction,
+            online=True,
         )
 
     @property

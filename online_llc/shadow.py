@@ -20,7 +20,7 @@ away (above ``max_offset_norm``), is reset to ``xi = 0`` and counted; its draw i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Mapping, Optional
 
 import torch
@@ -151,6 +151,8 @@ class ShadowSampler:
             "generators": [g.get_state() for g in self.generators],
             "divergences": self.divergences,
             "center_norms": None if self._center_norms is None else self._center_norms.clone(),
+            # Calibration moves the step during the run: a resumed chain continues with it.
+            "step_size": float(self.config.step_size),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -173,5 +175,7 @@ class ShadowSampler:
         for g, s in zip(self.generators, gens):
             g.set_state(s.cpu() if isinstance(s, Tensor) else torch.tensor(s, dtype=torch.uint8))
         self.divergences = int(state["divergences"])
+        if "step_size" in state:
+            self.config = replace(self.config, step_size=float(state["step_size"]))
         norms = state.get("center_norms")
         self._center_norms = None if norms is None else torch.as_tensor(norms).to(self.device)

@@ -28,9 +28,12 @@ Statuses (``LLCEstimate.status``):
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any, Dict, List, Mapping, Optional, Union
 
+from .config import MAX_HEAT, default_step_size
 from .filter import LLCFilter
+from .heat import calibrated_step, max_step_size
 from .records import LLCEstimate, SmoothedPoint, Transition
 from .shadow import ShadowSampler
 from .warmup import EquilibrationDetector, WeightJumpDetector
@@ -59,13 +62,26 @@ class Track:
         filt: its filter.
         warmup: ``"auto"`` (data-driven warm-up) or a fixed number of shadow steps.
         z: the band's half-width in standard deviations.
+        calibrate: size the step to the batch at the first shadow step, then lower it after a
+            window whose measured minibatch heat is gross (:mod:`online_llc.heat`); the estimand
+            (``nbeta``, ``localization``) never changes.
     """
 
     def __init__(
-        self, sampler: ShadowSampler, stats: WindowStats, filt: LLCFilter, *, warmup: Union[int, str], z: float
+        self,
+        sampler: ShadowSampler,
+        stats: WindowStats,
+        filt: LLCFilter,
+        *,
+        warmup: Union[int, str],
+        z: float,
+        calibrate: bool = False,
     ) -> None:
         self.sampler, self.stats, self.filter = sampler, stats, filt
         self.warmup, self._z = warmup, z
+        self.calibrate = calibrate
+        cfg = sampler.config
+        self.max_step = max_step_size(cfg.nbeta, cfg.sampler, cfg.friction, cfg.step_size, online=True)
         self.auto_warmup = warmup == "auto"
         self.num_chains = sampler.num_chains
         self._init()
@@ -82,6 +98,8 @@ class Track:
         self.weight_jumps = 0
         self.warmup_lengths: List[int] = []
         self.history: List[LLCEstimate] = []
+        # Whether the step was sized to the batch yet (at the first shadow step).
+        self.sized = not self.calibrate
 
     # ---- warm-up policy ---------------------------------------------------------------------------
     def _restart_warmup(self, c: int, from_zero: bool = True) -> None:
@@ -122,6 +140,13 @@ class Track:
     def shadow_step(self, batch: Any, step: int, shadow_steps: int) -> Optional[LLCEstimate]:
         """Run the chains on ``batch`` at training step ``step``; the estimate when a window closed."""
         out = self.sampler.step(batch)
+        if not self.sized:
+            # The batch size is known now: start from the step whose minibatch heat is about the
+            # target at unit gradient noise; later windows' measured heat refines it.
+            cfg = self.sampler.config
+            start = default_step_size(cfg.nbeta, out.infos[0].batch_size, cfg.sampler, cfg.friction, online=True)
+            self.sampler.config = replace(cfg, step_size=min(cfg.step_size, start))
+            self.sized = True
         healthy = [i.offset_norm for i, bad in zip(out.infos, out.diverged) if not bad]
         if self.jumps.add(out.center_shift, healthy):
             # The chains' offsets were drawn for the old weights: re-equilibrate all of them.
@@ -132,18 +157,20 @@ class Track:
         # Every chain adds a draw at every shadow step, so windows close (and, under DDP, their
         # collective runs) at the same step on every rank. A reset chain adds a flagged
         # placeholder (its draw is meaningless and may be non-finite); a warming chain a flagged draw.
-        d, v, flags = [], [], []
+        d, v, b, flags = [], [], [], []
         for c, (info, bad) in enumerate(zip(out.infos, out.diverged)):
             if bad:
                 d.append(0.0)
                 v.append(0.0)
+                b.append(0.0)
                 flags.append(1)
                 self._restart_warmup(c)
             else:
                 d.append(info.draw)
                 v.append(info.noise_var)
+                b.append(info.heat_bias)
                 flags.append(2 if self._warming(c, info.draw, info.offset_norm) else 0)
-        summary = self.stats.update(d, v, step, flags=flags)
+        summary = self.stats.update(d, v, step, flags=flags, heat_bias=b)
         return None if summary is None else self._close_window(summary, shadow_steps)
 
     def skip(self, step: int, shadow_steps: int) -> Optional[LLCEstimate]:
@@ -190,14 +217,27 @@ class Track:
             slope=slope,
             var_channel=s.var_channel,
             ratio=s.ratio,
-            consistency=s.consistency,
+            dispersion=s.dispersion,
             ess=s.ess,
             nis=nis,
             window_start=s.start_step,
             shadow_steps=shadow_steps,
             divergences=self.sampler.divergences,
+            heat=s.heat,
+            heat_bias=s.heat_bias,
+            step_size=self.sampler.config.step_size,
         )
         self.history.append(est)
+        if self.calibrate and not s.diverged_draws and math.isfinite(s.heat) and s.heat - 1 > 2 * MAX_HEAT:
+            # Gross heat (above twice MAX_HEAT: training reached a regime of larger gradient noise)
+            # lowers the step towards the target. Milder heat is reported, not chased: each change
+            # of the step moves the level a little and slows the chain's relaxation, which the
+            # co-moving chain cannot afford. Every rank sees the same gathered window, so every
+            # rank takes the same step.
+            cfg = self.sampler.config
+            new = calibrated_step(cfg.step_size, s.heat, self.max_step)
+            if new != cfg.step_size:
+                self.sampler.config = replace(cfg, step_size=new)
         return est
 
     # ---- retrospective ------------------------------------------------------------------------------
@@ -251,6 +291,7 @@ class Track:
             # The jump detector's state, in the checkpoint's original layout.
             "shift": [jumps["shift_mean"], jumps["offset_mean"], jumps["count"]],
             "last_jump": self.last_jump,
+            "sized": self.sized,
             "sampler": self.sampler.state_dict(),
             "window_stats": self.stats.state_dict(),
             "filter": self.filter.state_dict(),
@@ -271,4 +312,5 @@ class Track:
         shift = state["shift"]
         self.jumps.load_state_dict({"shift_mean": shift[0], "offset_mean": shift[1], "count": shift[2]})
         self.last_jump = bool(state["last_jump"])
+        self.sized = bool(state.get("sized", True))
         self.history = [LLCEstimate(**e) for e in state["history"]]

@@ -16,7 +16,7 @@ What you will see:
 * After the last mode the network sits at a minimum of rank 3, whose learning coefficient is
   ``lambda = 16.5`` (Aoyagi 2024); the estimate settles near it (NOTES: centring at trained
   weights rather than the true parameter reads a few percent high, and the default step size
-  heats the chain a little; see the ``consistency`` column).
+  heats the chain a little; see the ``dispersion`` column).
 
 Run:  online-llc demo stagewise --out out          (or python demos/stagewise_dln.py; about 30 s on 2 cores)
       python demos/stagewise_dln.py --out runs/ --steps 40000
