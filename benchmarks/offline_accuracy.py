@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from online_llc import estimate_llc
-from online_llc.config import DEFAULT_LOCALIZATION, DEFAULT_STEP_SCALE
+from online_llc.config import DEFAULT_LOCALIZATION_SCALE, DEFAULT_STEP_SCALE
 from online_llc.toy import deep_linear_problem
 
 MODELS = [
@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="accuracy table only")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    print(f"defaults: localization={DEFAULT_LOCALIZATION}, step_size={DEFAULT_STEP_SCALE}/nbeta, "
+    print(f"defaults: localization={DEFAULT_LOCALIZATION_SCALE} sqrt(nbeta), step_size={DEFAULT_STEP_SCALE}/nbeta, "
           "nbeta=n/log n, n=10240, batch 256, 4 chains x 1000 draws after 500 burn-in\n")
 
     print("1. Accuracy at the defaults")
@@ -51,7 +51,7 @@ def main() -> None:
         res = run(p)
         dt = time.perf_counter() - t
         print(f"{p.name:28s} {p.multiplicity:2d} {p.lam:7.2f} {res.mean:8.2f} ± {res.std:4.2f} {res.mean / p.lam - 1:+8.3f} "
-              f"{res.effective_temperature:6.2f} {res.ratio:7.2f} {dt:5.1f}")
+              f"{res.dispersion:6.2f} {res.ratio:7.2f} {dt:5.1f}")
     if args.quick:
         return
 
@@ -61,7 +61,7 @@ def main() -> None:
     for mult in (0.5, 1.0, 3.0):
         res = run(p, step_size=mult * DEFAULT_STEP_SCALE / nbeta)
         print(f"  step_size = {mult:3.1f} x default: estimate {res.mean:6.2f} ± {res.std:4.2f} "
-              f"(rel.err {res.mean / p.lam - 1:+.3f})  T_eff {res.effective_temperature:5.2f}  ratio {res.ratio:6.2f}")
+              f"(rel.err {res.mean / p.lam - 1:+.3f})  T_eff {res.dispersion:5.2f}  ratio {res.ratio:6.2f}")
 
     print("\n3. Ordinality on reduced-rank regression 10-3-5")
     for r in (1, 2):

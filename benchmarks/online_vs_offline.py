@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from scipy.stats import norm
 
+from online_llc import resolve_hyperparameters
 from online_llc import OnlineLLC, estimate_llc
 from online_llc.toy import deep_linear_problem
 
@@ -28,7 +29,8 @@ def drive(monitor, batches, steps, start=0):
 
 def frozen(widths, r):
     p = deep_linear_problem(widths, r, seed=0)
-    off = estimate_llc(p.model, p.loss_fn, p.batches, num_samples=p.num_samples, num_draws=4000, seed=1)
+    off = estimate_llc(p.model, p.loss_fn, p.batches, num_samples=p.num_samples, num_draws=4000, seed=1,
+                       localization=resolve_hyperparameters(num_samples=p.num_samples, nbeta=None, localization=None, step_size=None, online=True).localization)
     mon = OnlineLLC(p.model, p.loss_fn, num_samples=p.num_samples, every_n_steps=1, window=50, seed=5)
     drive(mon, list(p.batches), 4000)
     after = [e for e in mon.history() if e.status != "warming_up"]
@@ -43,8 +45,9 @@ def frozen(widths, r):
 def step_change(seed):
     a = deep_linear_problem([10, 3, 5], 1, seed=0)
     b = deep_linear_problem([10, 3, 5], 3, seed=0)
-    off_a = estimate_llc(a.model, a.loss_fn, a.batches, num_samples=a.num_samples, seed=1).mean
-    off_b = estimate_llc(b.model, b.loss_fn, b.batches, num_samples=b.num_samples, seed=1).mean
+    loc = resolve_hyperparameters(num_samples=a.num_samples, nbeta=None, localization=None, step_size=None, online=True).localization
+    off_a = estimate_llc(a.model, a.loss_fn, a.batches, num_samples=a.num_samples, seed=1, localization=loc).mean
+    off_b = estimate_llc(b.model, b.loss_fn, b.batches, num_samples=b.num_samples, seed=1, localization=loc).mean
     mon = OnlineLLC(a.model, a.loss_fn, num_samples=a.num_samples, every_n_steps=1, window=50, seed=seed)
     before = drive(mon, list(a.batches), 1500)
     with torch.no_grad():

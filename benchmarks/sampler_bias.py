@@ -71,7 +71,7 @@ def main() -> None:
                 res = estimate_llc(p.model, p.loss_fn, p.batches, num_samples=p.num_samples, sampler=sampler,
                                    step_size=m * base, seed=1)
                 print(f"{p.name:26s} {p.lam:8.3f} {sampler:>13s} {m * base:9.2e} {res.mean:8.3f} ± {res.std:5.3f} "
-                      f"{res.mean / p.lam - 1:+8.3f} {res.effective_temperature:6.2f} {flagged(res.effective_temperature):>5s}",
+                      f"{res.mean / p.lam - 1:+8.3f} {res.dispersion:6.2f} {flagged(res.dispersion):>5s}",
                       flush=True)
     for a, b, nbeta in CROSSINGS if args.part in ("all", "crossings") else []:
         target = normal_crossing_target(a, b, 1.0, nbeta)
@@ -85,7 +85,7 @@ def main() -> None:
                                    localization=0.0, step_size=m * base, sampler=sampler, num_draws=4000,
                                    burn_in=1000, seed=1)
                 print(f"{name:26s} {target:8.4f} {sampler:>13s} {m * base:9.2e} {res.mean:8.4f} ± {res.std:5.4f} "
-                      f"{res.mean / target - 1:+8.3f} {res.effective_temperature:6.2f} {flagged(res.effective_temperature):>5s}",
+                      f"{res.mean / target - 1:+8.3f} {res.dispersion:6.2f} {flagged(res.dispersion):>5s}",
                       flush=True)
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from online_llc import resolve_hyperparameters
 from online_llc import OnlineLLC, estimate_llc
 from online_llc.toy import deep_linear_problem
 
@@ -102,7 +103,9 @@ def main() -> None:
         problems = [deep_linear_problem(widths, r, seed=0) for r in ranks]
         levels = []
         for p in problems[:2]:
-            off = estimate_llc(p.model, p.loss_fn, p.batches, num_samples=p.num_samples, num_draws=4000, seed=1)
+            # The monitor's own estimand (its default localization is stronger than offline's).
+            off = estimate_llc(p.model, p.loss_fn, p.batches, num_samples=p.num_samples, num_draws=4000, seed=1,
+                               localization=resolve_hyperparameters(num_samples=p.num_samples, nbeta=None, localization=None, step_size=None, online=True).localization)
             levels.append(off.mean)
             print(f"regime {p.name}: theory {p.lam:5.2f}, offline {off.mean:6.2f} ± {off.std:4.2f}")
         scenarios.append((problems, levels + [levels[0]]))

@@ -5,9 +5,9 @@ On four models with a known learning coefficient (reference table / :mod:`online
 500 / multiple so that small steps equilibrate too). Per step it prints the error against theory,
 against the sampler's own small-step limit (a straight-line fit of the estimate against the step
 over the three smallest steps, extrapolated to zero: the bias that is the step's own), the
-draws' consistency ``var / mean`` (about the chain's temperature) and what the two alarms say:
+draws' dispersion ``var / mean`` (about the chain's temperature) and what the two alarms say:
 
-* the live alarm (``OnlineLLC.health()``): consistency above 2.5;
+* the live alarm (``OnlineLLC.health()``): dispersion above 2.5;
 * the pilot (``recommend_step_size``, run separately with its default ladder and budget): its
   verdict at that step (``hot``, ``biased`` by step halving, ``ok``, ...), and the step it
   recommends.
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from online_llc import estimate_llc, recommend_step_size
-from online_llc.config import DEFAULT_LOCALIZATION, resolve_hyperparameters
-from online_llc.tuning import DEFAULT_MAX_TEMPERATURE
+from online_llc.config import resolve_hyperparameters
+from online_llc.tuning import DEFAULT_MAX_HEAT
 from online_llc.toy import deep_linear_problem
 
 MODELS = [([10, 1], 1), ([10, 3, 5], 1), ([16, 8, 16, 8], 4), ([4, 12, 12, 12, 4], 2)]
@@ -39,13 +39,13 @@ def main() -> None:
     false_live = false_pilot = good = tried = 0
     for widths, r in MODELS:
         p = deep_linear_problem(widths, r, seed=0)
-        base = resolve_hyperparameters(num_samples=p.num_samples, nbeta=None, localization=DEFAULT_LOCALIZATION,
+        base = resolve_hyperparameters(num_samples=p.num_samples, nbeta=None, localization=None,
                                        step_size=None).step_size
         rows = []
         for m in MULTS:
             res = estimate_llc(p.model, p.loss_fn, p.batches, num_samples=p.num_samples, step_size=m * base,
                                burn_in=math.ceil(500 / m), seed=1)
-            rows.append((m, res.mean, res.std, res.effective_temperature))
+            rows.append((m, res.mean, res.std, res.heat))
         small = np.array([(m, e) for m, e, _, _ in rows[:3]])
         limit = float(np.polyval(np.polyfit(small[:, 0], small[:, 1], 1), 0.0))
         rec = recommend_step_size(p.model, p.loss_fn, p.batches, num_samples=p.num_samples, seed=2)
@@ -58,7 +58,7 @@ def main() -> None:
               f"{'live alarm':>10s} {'pilot':>10s}")
         for m, mean, std, temp in rows:
             err = mean / p.lam - 1
-            live = math.isfinite(temp) and temp > DEFAULT_MAX_TEMPERATURE
+            live = math.isfinite(temp) and temp > DEFAULT_MAX_HEAT
             pilot = verdicts.get(round(m, 6), "-")
             pilot_flag = pilot in ("hot", "biased", "diverged")
             print(f"{m:9g} {mean:8.2f} ± {std:4.2f} {err:+9.2f} {mean / limit - 1:+8.2f} {temp:7.2f} "

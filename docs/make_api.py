@@ -6,7 +6,7 @@ import inspect
 import os
 
 import online_llc
-from online_llc import groups, plot, theory, toy, tuning, warmup
+from online_llc import config, groups, heat, plot, settings, theory, toy, tuning, warmup
 from online_llc.callbacks import lightning as cb_lightning
 
 SECTIONS = [
@@ -14,7 +14,10 @@ SECTIONS = [
                                 "LLCFilter", "FilterInfo", "SGLDConfig", "SGLDInfo", "sgld_step", "mala_acceptance", "default_nbeta",
                                 "NonFiniteDrawError", "MonitorError"]),
     ("online_llc.callbacks", cb_lightning, ["OnlineLLCCallback", "LOGGED_KEYS"]),
-    ("online_llc.tuning", tuning, tuning.__all__),
+    ("online_llc.settings", settings, settings.__all__),
+    ("online_llc.config", config, ["default_estimand", "default_step_size", "relaxation_steps", "resolve_hyperparameters"]),
+    ("online_llc.heat", heat, heat.__all__),
+    ("online_llc.tuning", tuning, [n for n in tuning.__all__ if n != "mala_acceptance"]),
     ("online_llc.warmup", warmup, warmup.__all__),
     ("online_llc.groups", groups, groups.__all__),
     ("online_llc.theory", theory, theory.__all__),

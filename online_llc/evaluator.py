@@ -8,6 +8,8 @@ model without changing anything the training run can see.
 * :class:`LossEvaluator` computes per-sample losses through ``torch.func.functional_call`` on
   substituted parameters and cloned buffers, so the model object, its ``.grad`` fields and its
   buffers are never modified.
+* :func:`paired_losses_and_grads` runs the kernel's passes: per-sample losses at ``w*`` and
+  ``w* + xi`` and the gradients of the batch's two halves.
 * :func:`split_halves` cuts a batch into its two halves along the sample dimension, so the kernel
   can take the gradient of each half (their difference measures the gradient noise).
 * :func:`private_rng` forks the global CPU/CUDA generators and reseeds them from the monitor's own
@@ -25,7 +27,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Proto
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LossFn", "LossEvaluator", "cuda_devices", "private_rng", "split_halves"]
+__all__ = ["LossFn", "LossEvaluator", "cuda_devices", "paired_losses_and_grads", "private_rng", "split_halves"]
 
 
 class LossFn(Protocol):
@@ -195,3 +197,53 @@ def split_halves(batch: Any) -> Optional[Tuple[Any, Any, int]]:
         return None
     half = size // 2
     return _take(batch, 0, half), _take(batch, half, size), size
+
+
+def paired_losses_and_grads(
+    evaluator: LossEvaluator, center: Mapping[str, Tensor], offset: Mapping[str, Tensor], batch: Any, rewind: Callable[[], None]
+) -> Tuple[Tensor, Tensor, List[Optional[Tensor]], List[Optional[Tensor]], Tuple[int, int]]:
+    """Per-sample losses at ``w*`` and ``w* + xi``, and the gradients of the two halves' mean losses.
+
+    When the batch splits (:func:`~online_llc.evaluator.split_halves`), each half runs through the
+    model on its own (the same FLOPs as one pass over the whole batch), the centre's halves too, so
+    that a model whose per-sample losses depend on the batch (BatchNorm in training mode) still
+    pairs each sample with itself. Otherwise one pass over the whole batch is differentiated twice.
+    The dropout masks of the centre's and the sample's passes match (``rewind``).
+    """
+    xi = {n: t.detach().requires_grad_(True) for n, t in offset.items()}
+    leaves = list(xi.values())
+    moved = {n: center[n] + xi[n] for n in xi}
+    parts = split_halves(batch)
+    if parts is not None:
+        first, second, _ = parts
+        with torch.no_grad():
+            c1 = evaluator.losses(center, first).detach()
+            c2 = evaluator.losses(center, second).detach()
+        rewind()
+        s1 = evaluator.losses(moved, first)
+        s2 = evaluator.losses(moved, second)
+        if s1.shape != c1.shape or s2.shape != c2.shape:
+            raise ValueError(
+                "Expected `loss_fn` to return the same number of per-sample losses at every weight, "
+                f"got {tuple(c1.shape)} and {tuple(s1.shape)}."
+            )
+        g1 = list(torch.autograd.grad(s1.mean(), leaves, allow_unused=True))
+        g2 = list(torch.autograd.grad(s2.mean(), leaves, allow_unused=True))
+        return torch.cat([c1, c2]), torch.cat([s1.detach(), s2.detach()]), g1, g2, (c1.numel(), c2.numel())
+    with torch.no_grad():
+        l_center = evaluator.losses(center, batch).detach()
+    rewind()
+    l_sample = evaluator.losses(moved, batch)
+    if l_sample.shape != l_center.shape:
+        raise ValueError(
+            "Expected `loss_fn` to return the same number of per-sample losses at every weight, "
+            f"got {tuple(l_center.shape)} and {tuple(l_sample.shape)}."
+        )
+    b = l_sample.numel()
+    if b < 2:
+        g = list(torch.autograd.grad(l_sample.mean(), leaves, allow_unused=True))
+        return l_center, l_sample.detach(), g, g, (b, 0)
+    h = b // 2
+    g1 = list(torch.autograd.grad(l_sample[:h].mean(), leaves, allow_unused=True, retain_graph=True))
+    g2 = list(torch.autograd.grad(l_sample[h:].mean(), leaves, allow_unused=True))
+    return l_center, l_sample.detach(), g1, g2, (h, b - h)

@@ -48,6 +48,9 @@ MAX_AUTO_WARMUP = 400
 MIN_AUTO_WARMUP = 100
 #: The shortest one after a jump of the weights (the chains keep their offsets).
 MIN_REWARMUP = 60
+# Tracking windows whose pooled heat can lower the step, and the fewest that may.
+_HEAT_WINDOWS = 10
+_MIN_HEAT_WINDOWS = 3
 # Shadow steps of centre movement seen before a weight jump can be declared.
 _MIN_SHIFT_HISTORY = 10
 
@@ -100,6 +103,8 @@ class Track:
         self.history: List[LLCEstimate] = []
         # Whether the step was sized to the batch yet (at the first shadow step).
         self.sized = not self.calibrate
+        # History index from which the heat is pooled (the step last changed there).
+        self.step_changed_at = 0
 
     # ---- warm-up policy ---------------------------------------------------------------------------
     def _restart_warmup(self, c: int, from_zero: bool = True) -> None:
@@ -228,17 +233,29 @@ class Track:
             step_size=self.sampler.config.step_size,
         )
         self.history.append(est)
-        if self.calibrate and not s.diverged_draws and math.isfinite(s.heat) and s.heat - 1 > 2 * MAX_HEAT:
-            # Gross heat (above twice MAX_HEAT: training reached a regime of larger gradient noise)
-            # lowers the step towards the target. Milder heat is reported, not chased: each change
-            # of the step moves the level a little and slows the chain's relaxation, which the
-            # co-moving chain cannot afford. Every rank sees the same gathered window, so every
-            # rank takes the same step.
-            cfg = self.sampler.config
-            new = calibrated_step(cfg.step_size, s.heat, self.max_step)
-            if new != cfg.step_size:
-                self.sampler.config = replace(cfg, step_size=new)
+        if self.calibrate and status == "tracking":
+            self._cool_if_gross(len(self.history))
         return est
+
+    def _cool_if_gross(self, upto: int) -> None:
+        """Lower the step when the heat pooled over the last tracking windows since the step last
+        changed is gross (above twice MAX_HEAT: training reached a regime of larger gradient
+        noise). One window's heat is too noisy to act on, and milder heat is reported, not
+        chased: each change of the step moves the level a little and slows the chain's
+        relaxation, which a co-moving chain cannot afford. Every rank sees the same gathered
+        windows, so every rank takes the same step."""
+        recent = [e for e in self.history[self.step_changed_at : upto] if e.status == "tracking"][-_HEAT_WINDOWS:]
+        if len(recent) < _MIN_HEAT_WINDOWS:
+            return
+        total = sum(e.raw_mean for e in recent)
+        corrected = total - sum(e.heat_bias for e in recent)
+        if not (total > 0 and corrected > 0) or total / corrected - 1 <= 2 * MAX_HEAT:
+            return
+        cfg = self.sampler.config
+        new = calibrated_step(cfg.step_size, total / corrected, self.max_step)
+        if new != cfg.step_size:
+            self.sampler.config = replace(cfg, step_size=new)
+            self.step_changed_at = upto
 
     # ---- retrospective ------------------------------------------------------------------------------
     def smoothed(self) -> List[SmoothedPoint]:
@@ -292,6 +309,7 @@ class Track:
             "shift": [jumps["shift_mean"], jumps["offset_mean"], jumps["count"]],
             "last_jump": self.last_jump,
             "sized": self.sized,
+            "step_changed_at": self.step_changed_at,
             "sampler": self.sampler.state_dict(),
             "window_stats": self.stats.state_dict(),
             "filter": self.filter.state_dict(),
@@ -313,4 +331,5 @@ class Track:
         self.jumps.load_state_dict({"shift_mean": shift[0], "offset_mean": shift[1], "count": shift[2]})
         self.last_jump = bool(state["last_jump"])
         self.sized = bool(state.get("sized", True))
+        self.step_changed_at = int(state.get("step_changed_at", 0))
         self.history = [LLCEstimate(**e) for e in state["history"]]

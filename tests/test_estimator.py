@@ -10,6 +10,7 @@ import pytest
 import torch
 from scipy.stats import norm
 
+from online_llc import resolve_hyperparameters
 from online_llc import STATUSES, OnlineLLC, estimate_llc
 from online_llc.toy import deep_linear_problem, stagewise_dln_problem
 
@@ -34,9 +35,12 @@ def test_frozen_online_agrees_with_offline_and_band_covers_it():
     std, 0.1, is folded in), and the 90% band covers the offline value on >= 85% of the windows
     after warm-up."""
     p = deep_linear_problem([6, 6, 6], 2, seed=0)
-    offline = estimate_llc(p.model, p.loss_fn, p.batches, num_samples=p.num_samples, num_draws=4000, seed=1)
     monitor = OnlineLLC(p.model, p.loss_fn, num_samples=p.num_samples, every_n_steps=1, window=50, seed=5)
     drive(monitor, list(p.batches), 4000)
+    # The monitor's estimand and step (its stronger default localization, its batch-sized step).
+    cfg = monitor.sampler.config
+    offline = estimate_llc(p.model, p.loss_fn, p.batches, num_samples=p.num_samples, num_draws=4000, seed=1,
+                           nbeta=cfg.nbeta, localization=cfg.localization, step_size=cfg.step_size)
     after = [e for e in monitor.history() if e.status != "warming_up"]
     assert len(after) >= 70 and all(e.status == "tracking" for e in after)
     final = monitor.estimate
@@ -61,8 +65,11 @@ def test_step_change_is_tracked_within_three_windows():
     depending on the chain's seed.)"""
     a = deep_linear_problem([10, 3, 5], 1, seed=0)
     b = deep_linear_problem([10, 3, 5], 3, seed=0)
-    off_a = estimate_llc(a.model, a.loss_fn, a.batches, num_samples=a.num_samples, seed=1).mean
-    off_b = estimate_llc(b.model, b.loss_fn, b.batches, num_samples=b.num_samples, seed=1).mean
+    live = resolve_hyperparameters(num_samples=a.num_samples, nbeta=None, localization=None, step_size=None, online=True)
+    off_a = estimate_llc(a.model, a.loss_fn, a.batches, num_samples=a.num_samples, seed=1,
+                         localization=live.localization).mean
+    off_b = estimate_llc(b.model, b.loss_fn, b.batches, num_samples=b.num_samples, seed=1,
+                         localization=live.localization).mean
     assert off_b > off_a * 1.3  # the two regimes are far apart
 
     window = 50
@@ -252,7 +259,7 @@ def test_transitions_group_runs_and_bridge_a_single_quiet_window() -> None:
     track.history = [
         LLCEstimate(step=100 * (k + 1), mean=float(k), std=1.0, lower=k - 1.6, upper=k + 1.6,
                     status="transition" if c == "T" else "tracking", raw_mean=float(k), raw_se=1.0, slope=0.0,
-                    var_channel=1.0, ratio=1.0, consistency=1.0, ess=10.0, nis=0.0, window_start=100 * k + 1,
+                    var_channel=1.0, ratio=1.0, dispersion=1.0, ess=10.0, nis=0.0, window_start=100 * k + 1,
                     shadow_steps=k, divergences=0)
         for k, c in enumerate(pattern)
     ]

@@ -125,7 +125,7 @@ def test_each_sampler_recovers_lambda_on_a_quadratic(sampler, step):
                        step_size=step, sampler=sampler, num_chains=4, num_draws=3000, burn_in=500)
     assert abs(res.mean - 5.0) < 3 * res.std + 0.02 * 5.0, (sampler, res.mean, res.std)
     # A regular model at temperature 1: the variance channel says so too (Gamma(5, 1): var = 5).
-    assert res.effective_temperature == pytest.approx(1.0, abs=0.2)
+    assert res.dispersion == pytest.approx(1.0, abs=0.2)
 
 
 def test_sghmc_momentum_is_checkpointed_and_resumes_exactly():

@@ -120,7 +120,7 @@ def test_pilot_validation(kw: dict, message: str) -> None:
 
 
 def test_health_alarm_fires_on_a_hot_chain_and_not_on_a_good_one() -> None:
-    """[4, 12, 12, 12, 4] at 3x the default step reads consistency ~30 and over-estimates 4-fold;
+    """[4, 12, 12, 12, 4] at 3x the default step reads dispersion ~30 and over-estimates 4-fold;
     10-3-5 at the default reads ~1 and is within 10% of lambda."""
     hot = deep_linear_problem([4, 12, 12, 12, 4], 2, seed=0)
     good = deep_linear_problem([10, 3, 5], 1, seed=0)

@@ -74,7 +74,7 @@ def brute_force(d: np.ndarray, v: np.ndarray) -> dict[str, float]:
         "mean_noise_var": float(v.mean()),
         "var_channel": var_channel,
         "ratio": mean**2 / var_channel,
-        "consistency": var_channel / mean,
+        "dispersion": var_channel / mean,
     }
 
 
@@ -117,10 +117,10 @@ def test_summarize_nan_only_in_diagnostics() -> None:
     assert math.isfinite(s.mean) and math.isfinite(s.se)
     assert s.var_channel < 0.0
     assert math.isnan(s.ratio)  # var_channel <= 0
-    assert math.isnan(s.consistency)  # mean <= 0
-    # Positive mean, var_channel <= 0: consistency is defined (and negative), ratio is not.
+    assert math.isnan(s.dispersion)  # mean <= 0
+    # Positive mean, var_channel <= 0: dispersion is defined (and negative), ratio is not.
     s2 = summarize(d + 2.0, v)
-    assert math.isnan(s2.ratio) and s2.consistency < 0.0
+    assert math.isnan(s2.ratio) and s2.dispersion < 0.0
 
 
 def test_summarize_constant_and_one_draw_windows() -> None:
@@ -262,7 +262,7 @@ def test_gamma_channel_recovers_lambda_and_temperature() -> None:
     # d = Gamma(shape=lambda, scale=T) + N(0, v_i), v_i ~ U(2, 6) known: mean lambda*T = 10,
     # var lambda*T^2 = 20, noise variance 4. With n = 20000 draws the delta method gives a
     # relative s.d. of ~1.5% for var_channel and <= 2.1% for ratio (mean: 0.35%); 200 seeds
-    # gave 1.3% for both ratio and consistency, with means within 0.1%. 6% is > 4 s.d.
+    # gave 1.3% for both ratio and dispersion, with means within 0.1%. 6% is > 4 s.d.
     lam, temp = 5.0, 2.0
     rng = np.random.default_rng(2024)
     shape = (4, 5000)
@@ -271,7 +271,7 @@ def test_gamma_channel_recovers_lambda_and_temperature() -> None:
     s = summarize(d, v)
     assert s.mean_noise_var == pytest.approx(4.0, rel=0.01)  # s.d. 1.15/sqrt(20000)/4 = 0.2%
     assert s.ratio == pytest.approx(lam, rel=0.06)
-    assert s.consistency == pytest.approx(temp, rel=0.06)
+    assert s.dispersion == pytest.approx(temp, rel=0.06)
     # Without removing the batch noise the channel would be off by the 4/20 = 20% noise share.
     assert s.var_draw / s.mean == pytest.approx((20.0 + 4.0) / 10.0, rel=0.06)
 
