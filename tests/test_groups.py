@@ -72,9 +72,10 @@ def test_block_diagonal_truth_per_group_and_whole():
         monitor.update(batches[s % len(batches)])
     def late_mean(history):
         late = history[len(history) // 2:]
-        # At most one false transition in 30 windows (the filter's jump test has a small false
-        # positive rate; the block model's groups carry the chains' slow flat-direction wander).
-        assert sum(e.status != "tracking" for e in late) <= 1, [e.status for e in late]
+        # At most one false jump in 30 windows (a jump marks its window and the next as
+        # transition): the filter's jump test has a small false-positive rate, and the block
+        # model's groups carry the chains' slow flat-direction wander.
+        assert sum(e.status != "tracking" for e in late) <= 2, [e.status for e in late]
         return sum(e.mean for e in late) / len(late)
 
     groups = {g: late_mean(monitor.group_history(g)) for g in BLOCKS}
