@@ -189,8 +189,10 @@ class WindowStats:
             f_row = np.asarray(flags, dtype=np.float64).reshape(-1)
             if f_row.shape != (self.num_chains,) or not np.all(np.isin(f_row, (0, 1, 2))):
                 raise ValueError(f"Expected `flags` to be {self.num_chains} values in {{0, 1, 2}}, got {flags!r}.")
-        # NaN marks a draw that came without a heat measurement (the summary then has none).
-        b_row = np.full(self.num_chains, np.nan) if heat_bias is None else self._as_row("heat_bias", heat_bias)
+        # -1 marks a draw that came without a heat measurement (the summary then has none).
+        b_row = np.full(self.num_chains, -1.0) if heat_bias is None else self._as_row("heat_bias", heat_bias)
+        if heat_bias is not None and np.any(b_row < 0.0):
+            raise ValueError(f"Expected `heat_bias` to be >= 0, got {b_row.tolist()!r}.")
         self._d[:, self._count] = d_row
         self._v[:, self._count] = v_row
         self._f[:, self._count] = f_row
@@ -226,7 +228,7 @@ class WindowStats:
             d_all, v_all, f_all, b_all = d_all[:, -keep:], v_all[:, -keep:], f_all[:, -keep:], b_all[:, -keep:]
         summary = summarize(
             d_all, v_all, start_step=self._start_step, end_step=step, var_of_mean_floor=self._floor(d_all),
-            heat_biases=b_all if np.all(np.isfinite(b_all)) else None,
+            heat_biases=b_all if np.all(b_all >= 0.0) else None,
         )
         summary = replace(
             summary,
@@ -298,7 +300,7 @@ class WindowStats:
             if arr.shape != shape and not (count == 0 and arr.size == 0):
                 raise ValueError(f"Expected `state['{key}']` to be {expected}, got shape {arr.shape}.")
             arr = arr.reshape(shape)
-            if key != "b" and not np.all(np.isfinite(arr)):
+            if not np.all(np.isfinite(arr)):
                 raise ValueError(f"Expected `state['{key}']` to be finite.")
             arrays[key] = arr
         steps = {}

@@ -432,8 +432,8 @@ def test_windowstats_load_state_dict_validation() -> None:
         WindowStats(5, num_chains=2).load_state_dict(state)
     with pytest.raises(ValueError, match=r"Expected `state\['num_chains'\]` to be 3 \(this WindowStats' num_chains\), got 2\."):
         WindowStats(4, num_chains=3).load_state_dict(state)
-    with pytest.raises(ValueError, match=r"Expected `state\['version'\]` to be 1, got 2\."):
-        target.load_state_dict({**state, "version": 2})
+    with pytest.raises(ValueError, match=r"Expected `state\['version'\]` to be 2, got 1\."):
+        target.load_state_dict({**state, "version": 1})
     with pytest.raises(ValueError, match=r"Expected `state\['count'\]` to be an int in \[0, 3\], got 4\."):
         target.load_state_dict({**state, "count": 4})
     with pytest.raises(ValueError, match=r"Expected `state\['d'\]` to be 2 lists of 1 floats \(one per chain\), got shape \(2, 2\)\."):
