@@ -31,7 +31,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .config import resolve_hyperparameters
+from .config import MAX_HEAT, resolve_hyperparameters
 from .errors import check_positive_float, check_positive_int, reject_unknown
 from .evaluator import LossEvaluator, LossFn, private_rng, split_halves
 from .offline import NonFiniteDrawError, estimate_llc
@@ -122,7 +122,7 @@ def recommend_step_size(
     num_draws: int = 600,
     burn_in: int = 200,
     tolerance: float = 0.1,
-    max_heat: float = DEFAULT_MAX_HEAT,
+    max_heat: float = 1.0 + MAX_HEAT,
     seed: int = 0,
     **kwargs: Any,
 ) -> StepSizeRecommendation:
@@ -142,7 +142,8 @@ def recommend_step_size(
         num_chains, num_draws, burn_in: the pilot's budget per rung.
         tolerance: relative disagreement with the next smaller step that counts as step-size
             bias (> 0).
-        max_heat: measured minibatch heat above which a rung is called hot (> 1).
+        max_heat: measured minibatch heat above which a rung is called hot (> 1; default 1.05, the
+            bound the calibration keeps the step under, stricter than the live alarm's 1.1).
         seed: seeds the pilot's chains.
 
     Returns:
