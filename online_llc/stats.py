@@ -51,6 +51,7 @@ __all__ = [
     "WindowSummary",
     "effective_sample_size",
     "mean_standard_error",
+    "multichain_standard_error",
     "summarize",
 ]
 
@@ -221,6 +222,51 @@ def mean_standard_error(draws: ArrayLike) -> float:
     arr = _as_draws("draws", draws)
     chain_vm = np.array([_chain_moments(row)[1] for row in arr])
     return _standard_error_from(chain_vm, arr)
+
+
+def multichain_standard_error(draws: ArrayLike) -> float:
+    """Standard error of the grand mean that also counts the chains' disagreement.
+
+    :func:`mean_standard_error` reads each chain's autocorrelation from that chain alone; when a
+    run covers only a few correlation times of its slowest component (the flat directions of a
+    singular model relax over ``2 / (epsilon gamma)`` steps) every chain under-reads it, and so
+    does the sum. Here the autocorrelations are measured against the pooled variance, which
+    includes the spread of the chain means (Gelman et al., BDA3 section 11.5; Vehtari et al.
+    2021, without rank normalisation, since the mean is the target)::
+
+        W = mean_c s2_c,   var+ = (n - 1) / n W + var_c(mean_c)
+        rho_t = 1 - (W - mean_c gamma_{c,t}) / var+
+        tau = -1 + 2 sum_t rho_t     (Geyer's initial monotone sequence on pairs)
+        se = sqrt(var+ tau / (C n))
+
+    and the larger of this and :func:`mean_standard_error` is returned: with chains that agree the
+    two match, and chains that disagree by more than their own autocorrelation allows raise it.
+
+    Args:
+        draws: array of shape ``[C, W]``; with one chain this is :func:`mean_standard_error`.
+
+    Returns:
+        The standard error as a float (``0.0`` for constant draws).
+    """
+    arr = _as_draws("draws", draws)
+    within = mean_standard_error(arr)
+    num_chains, n = arr.shape
+    if num_chains < 2 or n < _MIN_DRAWS_FOR_ACF:
+        return within
+    acov = np.stack([_autocovariance(row) for row in arr])
+    chain_var = acov[:, 0] * n / (n - 1)
+    mean_var = float(chain_var.mean())
+    var_plus = mean_var * (n - 1) / n + float(np.var(arr.mean(axis=1), ddof=1))
+    if not var_plus > 0.0:
+        return within
+    rho = 1.0 - (mean_var - acov.mean(axis=0)) / var_plus
+    rho[0] = 1.0
+    num_pairs = n // 2
+    pairs = rho[0 : 2 * num_pairs : 2] + rho[1 : 2 * num_pairs : 2]
+    non_positive = np.flatnonzero(pairs <= 0.0)
+    num_kept = int(non_positive[0]) if non_positive.size else num_pairs
+    tau = max(-1.0 + 2.0 * float(np.minimum.accumulate(pairs[:num_kept]).sum()), 1.0)
+    return max(within, math.sqrt(var_plus * tau / (num_chains * n)))
 
 
 @dataclass(frozen=True)
