@@ -26,7 +26,7 @@ from .groups import resolve_groups
 from .evaluator import LossEvaluator, LossFn, cuda_devices, split_halves
 from .heat import calibrated_step, heat_from, max_step_size
 from .sgld import init_aux, sampler_step
-from .stats import summarize
+from .stats import multichain_standard_error, summarize
 
 __all__ = ["LLCResult", "estimate_llc", "MAX_AUTO_BURN_IN", "MAX_AUTO_DRAWS", "CALIBRATION_STEPS", "MAX_CALIBRATION_ROUNDS"]
 
@@ -46,7 +46,9 @@ class LLCResult:
 
     Attributes:
         mean: the LLC estimate, the mean of all draws after burn-in.
-        std: its standard error, from the chains' effective sample sizes (autocorrelation-aware).
+        std: its standard error, autocorrelation-aware and counting the chains' disagreement
+            (:func:`online_llc.stats.multichain_standard_error`): a run of few relaxation times
+            reads its slow directions' correlation from the spread between chains.
         per_chain: per-chain means, shape ``[C]``.
         per_chain_std: per-chain standard errors, shape ``[C]``.
         draws: the draws after burn-in, shape ``[C, D]``.
@@ -328,7 +330,7 @@ def estimate_llc(
         )
     return LLCResult(
         mean=float(summary.mean),
-        std=float(summary.se),
+        std=multichain_standard_error(kept),
         per_chain=kept.mean(axis=1),
         per_chain_std=per_chain_std,
         draws=kept.copy(),
