@@ -31,6 +31,7 @@ from .config import DEFAULT_HORIZON, relaxation_steps
 from .errors import check_positive_float, check_positive_int
 from .filter import LLCFilter
 from .groups import resolve_group_masks
+from .heat import pooled_heat
 from .records import STATUSES, ChainHealth, LLCEstimate, SmoothedPoint, Transition
 from .settings import MonitorSettings
 from .shadow import ShadowSampler
@@ -314,9 +315,7 @@ class OnlineLLC:
         # history grows without bound.
         fed = (e for e in reversed(self._model.history) if e.status == "tracking" and e.lower > 0)
         recent = [e for e in itertools.islice(fed, HEALTH_WINDOWS) if math.isfinite(e.heat_bias)]
-        total = sum(e.raw_mean for e in recent)
-        corrected = total - sum(e.heat_bias for e in recent)
-        heat = total / corrected if recent and corrected > 0 else math.nan
+        heat = pooled_heat([e.raw_mean for e in recent], [e.heat_bias for e in recent])
         relax = relaxation_steps(self._model.sampler.config)
         alarms = []
         if math.isfinite(heat) and heat > max_heat:

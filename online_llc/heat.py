@@ -27,10 +27,11 @@ noise), RMSProp-SGLD by the preconditioner ``G_j`` per coordinate. The discretiz
 from __future__ import annotations
 
 import math
+from typing import Iterable
 
 from .config import DEFAULT_STEP_SCALE, MAX_HEAT, ONLINE_STEP_SCALE, TARGET_HEAT
 
-__all__ = ["heat_from", "calibrated_step", "max_step_size"]
+__all__ = ["heat_from", "pooled_heat", "calibrated_step", "max_step_size"]
 
 
 def heat_from(mean: float, heat_bias: float) -> float:
@@ -40,6 +41,18 @@ def heat_from(mean: float, heat_bias: float) -> float:
     if not (math.isfinite(corrected) and corrected > 0):
         return math.nan
     return mean / corrected
+
+
+def pooled_heat(means: Iterable[float], heat_biases: Iterable[float]) -> float:
+    """The heat of several windows together, ``sum(mean) / sum(mean - heat_bias)``.
+
+    Pooling the sums (rather than averaging the windows' heats) keeps one noisy window with a
+    small mean from dominating. NaN for no windows or a non-positive corrected sum.
+    """
+    means, heat_biases = list(means), list(heat_biases)
+    if not means:
+        return math.nan
+    return heat_from(sum(means), sum(heat_biases))
 
 
 def calibrated_step(step: float, heat: float, max_step: float) -> float:

@@ -186,6 +186,11 @@ def _sgld_update(
     return _ParamState(new, None)
 
 
+def _rmsprop_precond(second_moments: Tensor, config: SGLDConfig) -> Tensor:
+    """RMSProp's preconditioner ``G = 1 / (sqrt(V) + delta)``."""
+    return 1.0 / (second_moments.sqrt() + config.rmsprop_eps)
+
+
 def _rmsprop_sgld_update(
     state: _ParamState, grad: Optional[Tensor], noise: Optional[Tensor], config: SGLDConfig
 ) -> _ParamState:
@@ -198,7 +203,7 @@ def _rmsprop_sgld_update(
     first = not bool(prev.any())
     sq = g_loss * g_loss
     v2 = sq if first else prev * config.rmsprop_decay + sq * (1.0 - config.rmsprop_decay)
-    precond = 1.0 / (v2.sqrt() + config.rmsprop_eps)
+    precond = _rmsprop_precond(v2, config)
     drift = x * config.localization + g_loss
     new = x - (config.step_size / 2) * precond * drift
     if noise is not None:
@@ -327,7 +332,7 @@ def _noise_sq(
             prev = aux[name].double()
             g = (0.5 * (a + b)).double() * config.nbeta
             v2 = torch.where(prev > 0, prev, g.square())
-            d2 = d2 / (v2.sqrt() + config.rmsprop_eps)
+            d2 = d2 * _rmsprop_precond(v2, config)
         total = total + d2.sum()
     return total
 

@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 
 from .config import MAX_HEAT, default_step_size
 from .filter import LLCFilter
-from .heat import calibrated_step, max_step_size
+from .heat import calibrated_step, max_step_size, pooled_heat
 from .records import LLCEstimate, SmoothedPoint, Transition
 from .shadow import ShadowSampler
 from .warmup import EquilibrationDetector, WeightJumpDetector
@@ -247,12 +247,11 @@ class Track:
         recent = [e for e in self.history[self.step_changed_at : upto] if e.status == "tracking"][-_HEAT_WINDOWS:]
         if len(recent) < _MIN_HEAT_WINDOWS:
             return
-        total = sum(e.raw_mean for e in recent)
-        corrected = total - sum(e.heat_bias for e in recent)
-        if not (total > 0 and corrected > 0) or total / corrected - 1 <= 2 * MAX_HEAT:
+        heat = pooled_heat([e.raw_mean for e in recent], [e.heat_bias for e in recent])
+        if not (math.isfinite(heat) and heat - 1 > 2 * MAX_HEAT):
             return
         cfg = self.sampler.config
-        new = calibrated_step(cfg.step_size, total / corrected, self.max_step)
+        new = calibrated_step(cfg.step_size, heat, self.max_step)
         if new != cfg.step_size:
             self.sampler.config = replace(cfg, step_size=new)
             self.step_changed_at = upto
