@@ -108,20 +108,19 @@ DEFAULT_NBETA_CAP: float = 256.0
 #: The default localization is ``DEFAULT_LOCALIZATION_SCALE * sqrt(nbeta)``.
 DEFAULT_LOCALIZATION_SCALE: float = 0.4
 #: The largest default SGLD step is ``DEFAULT_STEP_SCALE / nbeta`` (``epsilon nbeta``, the step in
-#: units of a unit-curvature direction's stiffness). Its discretization heat is not measured (only
-#: the minibatch heat is), and on stiff deep networks it is not small: on dln[4, 12, 12, 12, 4]
-#: r=2 with full batches (n = 10240, nbeta 256, gamma 6.4) the estimate reads 12.13 at this step,
-#: 10.04 at half of it and 8.06 / 8.02 / 8.00 at 1/4, 1/8, 1/16 (lambda = 8); the excess grows
-#: faster than linearly, as the chain's excursions along the network's scaling valleys reach
-#: stiffer regions. Batches of 256 calibrate that model's step down to about 1/4-1/13 of it (the
-#: minibatch heat), where the excess is gone; large batches do not.
+#: units of a unit-curvature direction's stiffness). On stiff deep networks its discretization
+#: heat is not small: on dln[4, 12, 12, 12, 4] r=2 with full batches (n = 10240, nbeta 256, gamma
+#: 6.4) the estimate reads 12.13 at this step, 10.04 at half of it and 8.06 / 8.02 / 8.00 at 1/4,
+#: 1/8, 1/16 (lambda = 8): the excess grows faster than linearly, as the chain's excursions along
+#: the network's scaling valleys reach stiffer regions. Offline, the measured discretization bias
+#: counts towards the heat the step is calibrated on; the online monitor does not measure it yet.
 DEFAULT_STEP_SCALE: float = 0.08
 DEFAULT_RMSPROP_STEP: float = 5e-3
 #: The online monitor's default localization is ``ONLINE_LOCALIZATION_PER_NBETA * nbeta``.
 ONLINE_LOCALIZATION_PER_NBETA: float = 0.09
 #: The online monitor's largest default step is ``ONLINE_STEP_SCALE / nbeta``.
 ONLINE_STEP_SCALE: float = 0.15
-#: The minibatch heat ``T - 1`` the step is calibrated to.
+#: The heat ``T - 1`` the step is calibrated to (offline: minibatch and discretization together).
 TARGET_HEAT: float = 0.02
 #: Above this measured heat the step is lowered (and, when it cannot be, a warning names it).
 MAX_HEAT: float = 0.05

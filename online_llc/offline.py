@@ -20,11 +20,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import DEFAULT_BURN_IN, DEFAULT_NUM_DRAWS, DEFAULT_STEP_SCALE, MAX_HEAT, relaxation_steps, resolve_hyperparameters
+from .config import (
+    DEFAULT_BURN_IN,
+    DEFAULT_NUM_DRAWS,
+    DEFAULT_STEP_SCALE,
+    MAX_HEAT,
+    relaxation_steps,
+    resolve_hyperparameters,
+)
 from .errors import NonFiniteDrawError, check_nonneg_int, check_positive_int, reject_unknown
 from .groups import resolve_groups
 from .evaluator import LossEvaluator, LossFn, cuda_devices, split_halves
-from .heat import calibrated_step, heat_from, max_step_size
+from .heat import calibrated_step, discretization_bias, heat_from, max_step_size
 from .sgld import init_aux, sampler_step
 from .stats import multichain_standard_error, summarize
 
@@ -63,6 +70,9 @@ class LLCResult:
             NaN when ``mean <= heat_bias``): 1 when the gradient noise adds nothing.
         heat_bias: how much the gradient noise raised ``mean``, measured from half-batch
             gradients (an upper bound, tight for the directions that carry the draw).
+        discretization_bias: how much the step's finite size raised ``mean``, measured to first
+            order from consecutive updates (:func:`online_llc.heat.discretization_bias`; exact on
+            a quadratic loss, high on stiff deep networks at small steps); NaN for SGHMC.
         ess: total effective sample size of the draws.
         init_loss: mean loss at ``w*`` over the batches the chains visited.
         nbeta, localization, step_size: the estimand and the step actually used (``step_size``
@@ -71,7 +81,9 @@ class LLCResult:
         batch_size: samples per batch (of the first batch).
         relaxation_steps: ``2 / (step_size * localization)``, the slowest direction's relaxation.
         calibration: ``(step_size, heat)`` of every calibration round (empty when ``step_size``
-            was given).
+            was given), with ``heat`` counting the minibatch and the discretization bias
+            together, ``mean / (mean - heat_bias - discretization_bias)``: the step is calibrated
+            on their sum.
         num_samples, num_chains, num_draws, burn_in, seed: the settings used (``burn_in`` resolved).
     """
 
@@ -101,6 +113,7 @@ class LLCResult:
     num_draws: int
     burn_in: int
     seed: int
+    discretization_bias: float = math.nan
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -235,6 +248,7 @@ def estimate_llc(
     draws_list: List[np.ndarray] = []
     noise_list: List[np.ndarray] = []
     heat_list: List[np.ndarray] = []
+    disc_rows: List[np.ndarray] = []
     calibration: List[Tuple[float, float]] = []
     center_loss_sum, center_loss_count = 0.0, 0
     with torch.random.fork_rng(devices=devices):
@@ -257,14 +271,20 @@ def estimate_llc(
         def run(c: int, steps: int, state: Tuple[Any, Any], gen: torch.Generator) -> Tuple[Any, np.ndarray]:
             nonlocal center_loss_sum, center_loss_count
             offset, aux = state
-            out = np.empty((3, steps))
+            previous = None
+            # Rows: draw, noise_var, heat_bias, and the two update-gradient products of the
+            # discretization bias.
+            out = np.empty((5, steps))
             for s in range(steps):
+                before = offset
                 offset, aux, info = sampler_step(
-                    evaluator, center, offset, aux, next_batch(), config=config, generator=gen
+                    evaluator, center, offset, aux, next_batch(), config=config, generator=gen,
+                    previous_offset=previous,
                 )
+                previous = before
                 if not info.finite:
                     raise NonFiniteDrawError(c, s, f"draw={info.draw}, loss at w*+xi={info.loss_sample}")
-                out[:, s] = (info.draw, info.noise_var, info.heat_bias)
+                out[:, s] = (info.draw, info.noise_var, info.heat_bias, info.prev_update_dot_grad, info.update_dot_grad)
                 center_loss_sum += info.loss_center
                 center_loss_count += 1
             return (offset, aux), out
@@ -280,10 +300,8 @@ def estimate_llc(
                 top = max_step_size(config.nbeta, config.sampler, config.friction, config.step_size)
                 for _ in range(MAX_CALIBRATION_ROUNDS):
                     state, out = run(c, CALIBRATION_STEPS, state, gen)
-                    tail = out[:, CALIBRATION_STEPS // 2 :]
-                    heat = heat_from(float(tail[0].mean()), float(tail[2].mean()))
+                    heat, new = _recalibrated(out[:, CALIBRATION_STEPS // 2 :], config.step_size, top)
                     calibration.append((config.step_size, heat))
-                    new = calibrated_step(config.step_size, heat, top)
                     if new == config.step_size:
                         break
                     config = replace(config, step_size=new)
@@ -298,11 +316,11 @@ def estimate_llc(
                     tail = head[:, burn_in // 2 :]
                     if tail.shape[1] < CALIBRATION_STEPS // 2:
                         break
-                    heat = heat_from(float(tail[0].mean()), float(tail[2].mean()))
-                    if not (math.isfinite(heat) and heat - 1 > MAX_HEAT):
+                    heat, new = _recalibrated(tail, config.step_size, top, lower_only=True)
+                    if new == config.step_size:
                         break
                     calibration.append((config.step_size, heat))
-                    config = replace(config, step_size=calibrated_step(config.step_size, heat, top))
+                    config = replace(config, step_size=new)
                     burn_in = _resolve_burn_in(given_burn_in, config)
                     state, head = run(c, burn_in, state, gen)
             if c == 0:
@@ -312,6 +330,7 @@ def estimate_llc(
             draws_list.append(out[0])
             noise_list.append(out[1])
             heat_list.append(out[2])
+            disc_rows.append(out[[3, 4, 2]])
 
     assert burn_in is not None and num_draws is not None
     draws, noise, heat_bias_draws = np.stack(draws_list), np.stack(noise_list), np.stack(heat_list)
@@ -320,11 +339,17 @@ def estimate_llc(
     per_chain_std = np.array([summarize(kept[c : c + 1], kept_noise[c : c + 1]).se for c in range(num_chains)])
     heat_bias = float(heat_bias_draws[:, burn_in:].mean())
     heat = heat_from(float(summary.mean), heat_bias)
-    if step_size is None and math.isfinite(heat) and heat - 1 > MAX_HEAT:
+    per_chain_disc = [discretization_bias(*row[:, burn_in:]) for row in disc_rows]
+    per_chain_disc = [b for b in per_chain_disc if math.isfinite(b)]
+    disc_bias = float(np.mean(per_chain_disc)) if per_chain_disc else math.nan
+    total_bias = heat_bias + (disc_bias if math.isfinite(disc_bias) else 0.0)
+    total_heat = heat_from(float(summary.mean), total_bias)
+    if step_size is None and math.isfinite(total_heat) and total_heat - 1 > MAX_HEAT:
         warnings.warn(
-            f"estimate_llc: the chains ran hot after calibration (minibatch heat {heat:.3f} at step_size "
-            f"{config.step_size:.3g}, batch {batch_size}); the estimate is about {heat_bias:.3g} too high. "
-            "Use larger batches or pass a smaller step_size.",
+            f"estimate_llc: the chains ran hot after calibration (heat {total_heat:.3f} at step_size "
+            f"{config.step_size:.3g}, batch {batch_size}); the estimate is about {total_bias:.3g} too high "
+            f"({heat_bias:.3g} from the minibatch noise, {disc_bias:.3g} from the step's discretization). "
+            "Use larger batches or pass a smaller step_size (and a longer burn_in).",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -341,6 +366,7 @@ def estimate_llc(
         dispersion=float(summary.dispersion),
         heat=heat,
         heat_bias=heat_bias,
+        discretization_bias=disc_bias,
         ess=float(summary.ess),
         init_loss=center_loss_sum / max(center_loss_count, 1),
         nbeta=config.nbeta,
@@ -365,6 +391,18 @@ def _batch_size(evaluator: LossEvaluator, center: Dict[str, torch.Tensor], batch
         return parts[2]
     with torch.no_grad():
         return int(evaluator.losses(center, batch).numel())
+
+
+def _recalibrated(tail: np.ndarray, step: float, top: float, lower_only: bool = False) -> Tuple[float, float]:
+    """``(heat, next step)`` from the rows of :func:`estimate_llc`'s ``run`` over a stretch of one
+    chain. ``heat`` counts the minibatch and the discretization bias together,
+    ``mean / (mean - heat_bias - discretization_bias)``: both grow in proportion to the step, so
+    the step moves towards the target of their sum (only down when ``lower_only``)."""
+    mean = float(tail[0].mean())
+    disc = discretization_bias(tail[3], tail[4], tail[2])
+    heat = heat_from(mean, float(tail[2].mean()) + (disc if math.isfinite(disc) else 0.0))
+    new = calibrated_step(step, heat, top)
+    return heat, (min(new, step) if lower_only else new)
 
 
 def _resolve_burn_in(burn_in: Optional[int], config: Any) -> int:

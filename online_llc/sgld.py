@@ -34,7 +34,7 @@ The step has three layers:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -134,6 +134,11 @@ class SGLDInfo:
             expectation, in LLC units, measured from the two half-batch gradients ``g1, g2``:
             ``epsilon nbeta^2 tr(C) / (8 |B|)`` with ``tr(C) / |B| = ||g1 - g2||^2 B1 B2 / |B|^2``
             (:mod:`online_llc.heat`); 0 for a batch of one or without injected noise.
+        prev_update_dot_grad: ``nbeta (xi - xi_prev) . g``, the previous update against this
+            step's batch gradient ``g`` (NaN unless ``previous_offset`` was given).
+        update_dot_grad: ``nbeta (xi_new - xi) . g``, this step's update against the same
+            gradient (NaN likewise). Consecutive steps give the discretization bias
+            (:func:`online_llc.heat.discretization_bias`).
     """
 
     draw: float
@@ -143,6 +148,8 @@ class SGLDInfo:
     offset_norm: float
     batch_size: int
     heat_bias: float = 0.0
+    prev_update_dot_grad: float = math.nan
+    update_dot_grad: float = math.nan
 
     @property
     def finite(self) -> bool:
@@ -347,6 +354,7 @@ def sampler_step(
     config: SGLDConfig,
     generator: torch.Generator,
     masks: Optional[Mapping[str, Tensor]] = None,
+    previous_offset: Optional[Mapping[str, Tensor]] = None,
 ) -> Tuple[Dict[str, Tensor], Dict[str, Tensor], SGLDInfo]:
     """One step of ``config.sampler`` (see :class:`SGLDConfig`) on ``offset`` around ``center``.
 
@@ -355,6 +363,10 @@ def sampler_step(
         aux: the sampler's extra state (:func:`init_aux`): SGHMC momentum or RMSProp moments.
         masks: per parameter, a boolean mask: the chain moves only those entries (the offset and
             the sampler's state stay zero elsewhere), e.g. one attention head's slice.
+        previous_offset: the offset one step before ``offset`` (the same chain, step and
+            estimand). Given, the step also measures ``info.prev_update_dot_grad`` and
+            ``info.update_dot_grad`` (SGLD and RMSProp-SGLD with injected noise; an extra host
+            sync per step, so the monitor does not ask for it).
 
     Returns:
         ``(new_offset, new_aux, info)``; unchanged state when the losses are not finite.
@@ -380,7 +392,35 @@ def sampler_step(
         if not info.finite:
             return dict(offset), dict(aux), info
         new_offset, new_aux = _update(offset, aux, grads, config=config, generator=generator, masks=masks)
+        if previous_offset is not None and config.sampler != "sghmc" and config.noise_scale > 0:
+            info = _with_update_dots(info, previous_offset, offset, new_offset, grads, config.nbeta)
     return new_offset, new_aux, info
+
+
+def _with_update_dots(
+    info: SGLDInfo,
+    previous: Mapping[str, Tensor],
+    offset: Mapping[str, Tensor],
+    new: Mapping[str, Tensor],
+    grads: Sequence[Optional[Tensor]],
+    nbeta: float,
+) -> SGLDInfo:
+    """``info`` with ``nbeta (xi - xi_prev) . g`` and ``nbeta (xi_new - xi) . g`` filled in."""
+    before = torch.zeros((), dtype=torch.float64, device=_device(offset))
+    after = torch.zeros_like(before)
+    for (name, x), g in zip(offset.items(), grads):
+        if g is None:
+            continue
+        g64 = g.double()
+        before = before + ((x - previous[name]).double() * g64).sum()
+        after = after + ((new[name] - x).double() * g64).sum()
+    b, a = torch.stack([before, after]).tolist()
+    return replace(info, prev_update_dot_grad=nbeta * b, update_dot_grad=nbeta * a)
+
+
+def _device(offset: Mapping[str, Tensor]) -> torch.device:
+    """The device of the chain's first offset tensor."""
+    return next(iter(offset.values())).device
 
 
 def sgld_step(
