@@ -10,7 +10,6 @@ the tests use it as the reference.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 import math
 import warnings
 from dataclasses import replace
@@ -33,6 +32,7 @@ from .groups import resolve_groups
 from .evaluator import LossEvaluator, LossFn, cuda_devices, split_halves
 from .heat import calibrated_step, discretization_bias, heat_from, max_step_size
 from .sgld import init_aux, sampler_step
+from .records import LLCResult
 from .stats import multichain_standard_error, summarize
 
 __all__ = ["LLCResult", "estimate_llc", "MAX_AUTO_BURN_IN", "MAX_AUTO_DRAWS", "CALIBRATION_STEPS", "MAX_CALIBRATION_ROUNDS"]
@@ -45,91 +45,6 @@ MAX_AUTO_DRAWS = 20000
 CALIBRATION_STEPS = 200
 #: Calibration rounds at most (each rescales the step by 1/8 to 2).
 MAX_CALIBRATION_ROUNDS = 6
-
-
-@dataclass(frozen=True)
-class LLCResult:
-    """The result of :func:`estimate_llc`.
-
-    Attributes:
-        mean: the LLC estimate, the mean of all draws after burn-in.
-        std: its standard error, autocorrelation-aware and counting the chains' disagreement
-            (:func:`online_llc.stats.multichain_standard_error`): a run of few relaxation times
-            reads its slow directions' correlation from the spread between chains.
-        per_chain: per-chain means, shape ``[C]``.
-        per_chain_std: per-chain standard errors, shape ``[C]``.
-        draws: the draws after burn-in, shape ``[C, D]``.
-        noise_vars: their within-batch noise variances, shape ``[C, D]``.
-        burn_in_draws: the discarded draws, shape ``[C, burn_in]``.
-        var_channel: ``var(d) - mean(v)``: the draws' variance with batch noise removed.
-        ratio: ``mean^2 / var_channel``, a temperature-free LLC estimate (NaN if undefined).
-        dispersion: ``var_channel / mean``, the draws' variance over their mean (1 for a Gamma
-            draw at unit temperature; its baseline depends on the model and the window, so it is
-            kept as a secondary diagnostic; ``heat`` measures the temperature).
-        heat: the minibatch temperature ``mean / (mean - heat_bias)`` (:mod:`online_llc.heat`;
-            NaN when ``mean <= heat_bias``): 1 when the gradient noise adds nothing.
-        heat_bias: how much the gradient noise raised ``mean``, measured from half-batch
-            gradients (an upper bound, tight for the directions that carry the draw).
-        discretization_bias: how much the step's finite size raised ``mean``, measured to first
-            order from consecutive updates (:func:`online_llc.heat.discretization_bias`; exact on
-            a quadratic loss, high on stiff deep networks at small steps); NaN for SGHMC.
-        ess: total effective sample size of the draws.
-        init_loss: mean loss at ``w*`` over the batches the chains visited.
-        nbeta, localization, step_size: the estimand and the step actually used (``step_size``
-            after calibration).
-        sampler: the sampler used.
-        batch_size: samples per batch (of the first batch).
-        relaxation_steps: ``2 / (step_size * localization)``, the slowest direction's relaxation.
-        calibration: ``(step_size, heat)`` of every calibration round (empty when ``step_size``
-            was given), with ``heat`` counting the minibatch and the discretization bias
-            together, ``mean / (mean - heat_bias - discretization_bias)``: the step is calibrated
-            on their sum.
-        num_samples, num_chains, num_draws, burn_in, seed: the settings used (``burn_in`` resolved).
-    """
-
-    mean: float
-    std: float
-    per_chain: np.ndarray
-    per_chain_std: np.ndarray
-    draws: np.ndarray
-    noise_vars: np.ndarray
-    burn_in_draws: np.ndarray
-    var_channel: float
-    ratio: float
-    dispersion: float
-    heat: float
-    heat_bias: float
-    ess: float
-    init_loss: float
-    nbeta: float
-    localization: float
-    step_size: float
-    sampler: str
-    batch_size: int
-    relaxation_steps: float
-    calibration: List[Tuple[float, float]]
-    num_samples: int
-    num_chains: int
-    num_draws: int
-    burn_in: int
-    seed: int
-    discretization_bias: float = math.nan
-    extra: Dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> Dict[str, Any]:
-        """Plain Python values (arrays as nested lists), e.g. for JSON."""
-        out = asdict(self)
-        for k, v in out.items():
-            if isinstance(v, np.ndarray):
-                out[k] = v.tolist()
-        return out
-
-    def __repr__(self) -> str:
-        return (
-            f"LLCResult(mean={self.mean:.4g}, std={self.std:.3g}, heat="
-            f"{self.heat:.3g}, chains={self.num_chains}, draws={self.num_draws}, "
-            f"nbeta={self.nbeta:.4g}, localization={self.localization:g}, step_size={self.step_size:.3g})"
-        )
 
 
 def _batches_forever(batches: Iterable[Any]) -> Iterator[Any]:
