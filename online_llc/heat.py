@@ -49,6 +49,7 @@ from .config import DEFAULT_STEP_SCALE, MAX_HEAT, ONLINE_STEP_SCALE, TARGET_HEAT
 __all__ = [
     "heat_from",
     "pooled_heat",
+    "combined_heat",
     "discretization_bias",
     "calibrated_step",
     "max_step_size",
@@ -74,6 +75,14 @@ def pooled_heat(means: Iterable[float], heat_biases: Iterable[float]) -> float:
     if not means:
         return math.nan
     return heat_from(sum(means), sum(heat_biases))
+
+
+def combined_heat(mean: float, heat_bias: float, discretization_bias: float) -> float:
+    """``mean / (mean - heat_bias - discretization_bias)``: the heat of the minibatch noise and the
+    step's discretization together (both grow in proportion to the step); an unmeasured (NaN)
+    discretization bias counts as 0."""
+    disc = discretization_bias if math.isfinite(discretization_bias) else 0.0
+    return heat_from(mean, heat_bias + disc)
 
 
 def discretization_bias(prev_update_dot_grad: np.ndarray, update_dot_grad: np.ndarray, heat_bias: np.ndarray) -> float:

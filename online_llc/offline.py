@@ -30,7 +30,7 @@ from .config import (
 from .errors import NonFiniteDrawError, check_nonneg_int, check_positive_int, reject_unknown
 from .groups import resolve_groups
 from .evaluator import LossEvaluator, LossFn, cuda_devices, split_halves
-from .heat import calibrated_step, discretization_bias, heat_from, max_step_size
+from .heat import calibrated_step, combined_heat, discretization_bias, heat_from, max_step_size
 from .sgld import init_aux, sampler_step
 from .records import LLCResult
 from .stats import multichain_standard_error, summarize
@@ -45,6 +45,11 @@ MAX_AUTO_DRAWS = 20000
 CALIBRATION_STEPS = 200
 #: Calibration rounds at most (each rescales the step by 1/8 to 2).
 MAX_CALIBRATION_ROUNDS = 6
+
+# The rows each chain's run records per step: the draw, its noise variance, the heat bias, and the
+# two update-gradient products of the discretization bias (SGLDInfo's fields of the same names).
+_DRAW, _NOISE_VAR, _HEAT_BIAS, _PREV_DOT, _OWN_DOT = range(5)
+_ROWS = 5
 
 
 def _batches_forever(batches: Iterable[Any]) -> Iterator[Any]:
@@ -160,10 +165,7 @@ def estimate_llc(
     devices = cuda_devices(center)
 
     given_burn_in, given_num_draws = burn_in, num_draws
-    draws_list: List[np.ndarray] = []
-    noise_list: List[np.ndarray] = []
-    heat_list: List[np.ndarray] = []
-    disc_rows: List[np.ndarray] = []
+    chain_rows: List[np.ndarray] = []
     calibration: List[Tuple[float, float]] = []
     center_loss_sum, center_loss_count = 0.0, 0
     with torch.random.fork_rng(devices=devices):
@@ -187,9 +189,7 @@ def estimate_llc(
             nonlocal center_loss_sum, center_loss_count
             offset, aux = state
             previous = None
-            # Rows: draw, noise_var, heat_bias, and the two update-gradient products of the
-            # discretization bias.
-            out = np.empty((5, steps))
+            out = np.empty((_ROWS, steps))
             for s in range(steps):
                 before = offset
                 offset, aux, info = sampler_step(
@@ -241,25 +241,22 @@ def estimate_llc(
             if c == 0:
                 num_draws = _resolve_num_draws(given_num_draws, config)
             state, keep = run(c, num_draws, state, gen)
-            out = np.concatenate([head, keep], axis=1)
-            draws_list.append(out[0])
-            noise_list.append(out[1])
-            heat_list.append(out[2])
-            disc_rows.append(out[[3, 4, 2]])
+            chain_rows.append(np.concatenate([head, keep], axis=1))
 
     assert burn_in is not None and num_draws is not None
-    draws, noise, heat_bias_draws = np.stack(draws_list), np.stack(noise_list), np.stack(heat_list)
-    kept, kept_noise = draws[:, burn_in:], noise[:, burn_in:]
+    rows = np.stack(chain_rows)  # [chains, _ROWS, burn_in + num_draws]
+    draws = rows[:, _DRAW]
+    kept, kept_noise = draws[:, burn_in:], rows[:, _NOISE_VAR, burn_in:]
     summary = summarize(kept, kept_noise)
     per_chain_std = np.array([summarize(kept[c : c + 1], kept_noise[c : c + 1]).se for c in range(num_chains)])
-    heat_bias = float(heat_bias_draws[:, burn_in:].mean())
+    heat_bias = float(rows[:, _HEAT_BIAS, burn_in:].mean())
     heat = heat_from(float(summary.mean), heat_bias)
-    per_chain_disc = [discretization_bias(*row[:, burn_in:]) for row in disc_rows]
+    per_chain_disc = [_discretization_bias(chain[:, burn_in:]) for chain in rows]
     per_chain_disc = [b for b in per_chain_disc if math.isfinite(b)]
     disc_bias = float(np.mean(per_chain_disc)) if per_chain_disc else math.nan
-    total_bias = heat_bias + (disc_bias if math.isfinite(disc_bias) else 0.0)
-    total_heat = heat_from(float(summary.mean), total_bias)
+    total_heat = combined_heat(float(summary.mean), heat_bias, disc_bias)
     if step_size is None and math.isfinite(total_heat) and total_heat - 1 > MAX_HEAT:
+        total_bias = heat_bias + (disc_bias if math.isfinite(disc_bias) else 0.0)
         warnings.warn(
             f"estimate_llc: the chains ran hot after calibration (heat {total_heat:.3f} at step_size "
             f"{config.step_size:.3g}, batch {batch_size}); the estimate is about {total_bias:.3g} too high "
@@ -313,11 +310,14 @@ def _recalibrated(tail: np.ndarray, step: float, top: float, lower_only: bool = 
     chain. ``heat`` counts the minibatch and the discretization bias together,
     ``mean / (mean - heat_bias - discretization_bias)``: both grow in proportion to the step, so
     the step moves towards the target of their sum (only down when ``lower_only``)."""
-    mean = float(tail[0].mean())
-    disc = discretization_bias(tail[3], tail[4], tail[2])
-    heat = heat_from(mean, float(tail[2].mean()) + (disc if math.isfinite(disc) else 0.0))
+    heat = combined_heat(float(tail[_DRAW].mean()), float(tail[_HEAT_BIAS].mean()), _discretization_bias(tail))
     new = calibrated_step(step, heat, top)
     return heat, (min(new, step) if lower_only else new)
+
+
+def _discretization_bias(rows: np.ndarray) -> float:
+    """:func:`online_llc.heat.discretization_bias` of one chain's stretch of ``run`` rows."""
+    return discretization_bias(rows[_PREV_DOT], rows[_OWN_DOT], rows[_HEAT_BIAS])
 
 
 def _resolve_burn_in(burn_in: Optional[int], config: Any) -> int:

@@ -205,7 +205,7 @@ def _noise_sq(
     """``sum_j w_j (g1_j - g2_j)^2`` over the entries the chain moves, with ``w_j = 1``, or RMSProp's
     preconditioner ``G_j`` (from its second moments before this step; a fresh chain's first
     gradient stands in for them)."""
-    total = torch.zeros((), dtype=torch.float64, device=next(iter(offset.values())).device)
+    total = torch.zeros((), dtype=torch.float64, device=_device(offset))
     for (name, x), a, b in zip(offset.items(), g1, g2):
         if a is None or b is None:
             continue
