@@ -14,12 +14,14 @@ from online_llc.evaluator import split_halves
 from online_llc.toy import deep_linear_problem
 
 
-def _regression_at_optimum(n: int, batch: int, widths=(4, 3), seed: int = 0):
+def _regression_at_optimum(n: int, batch: int, widths=(4, 3), seed: int = 0, input_scale: float = 1.0):
     """Linear regression moved to its least-squares optimum, with the exact quantities of the
     localized, tempered posterior there: the input covariance's eigenvalues ``h`` and the
-    per-sample gradient covariance's trace ``tr(C)``."""
+    per-sample gradient covariance's trace ``tr(C)``. ``input_scale`` multiplies the inputs (every
+    curvature by its square)."""
     p = deep_linear_problem(list(widths), r=min(widths), num_samples=n, batch_size=batch, seed=seed)
     x, y = p.dataset.tensors
+    x.mul_(input_scale)  # the problem's batches hold the same tensors
     xd, yd = x.double(), y.double()
     w = torch.linalg.solve(xd.T @ xd, xd.T @ yd).T
     with torch.no_grad():
@@ -159,14 +161,8 @@ def test_defaults_lower_a_step_whose_discretization_bias_is_gross() -> None:
     less the minibatch part), and the estimate must land within 5% of the continuous target, up
     to two of its reported standard errors (measured: +4.3% +- 2.0% with 2 chains)."""
     n = 10240
-    p = deep_linear_problem([4, 3], r=3, num_samples=n, batch_size=1024, seed=0)
-    x, y = p.dataset.tensors
-    x.mul_(2.0)  # the problem's batches hold the same tensors
-    xd, yd = x.double(), y.double()
-    with torch.no_grad():
-        p.model[0].weight.copy_(torch.linalg.solve(xd.T @ xd, xd.T @ yd).T.float())
-    h = torch.linalg.eigvalsh(xd.T @ xd / n)
-    target = _exact_target(h, 3, 256.0, 0.4 * 16.0)
+    p, h, outputs, _ = _regression_at_optimum(n, batch=1024, input_scale=2.0)
+    target = _exact_target(h, outputs, 256.0, 0.4 * 16.0)
     res = estimate_llc(p.model, p.loss_fn, p.batches, num_samples=n, seed=0)
     assert res.step_size < 0.08 / 256 / 2
     assert res.discretization_bias / res.mean <= 0.04
