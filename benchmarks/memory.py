@@ -1,0 +1,185 @@
+"""Memory and host syncs of the shadow sampler: what it keeps between steps, its peak during a step.
+
+A 3.6M-parameter MLP (768 -> 6 x [768 -> 768, tanh] -> 10, fp32, batch 64, 14 parameter tensors,
+the largest 0.17 P) runs shadow steps with each sampler and 1 and 4 chains. With ``P`` the bytes
+of one copy of the sampled parameters, the script prints, per sampler and chain count:
+
+* ``kept``: bytes the sampler holds between shadow steps (offsets, sampler state, sketch), per chain;
+* ``step peak``: the peak of the bytes allocated during one shadow step, above what was live
+  before it (the training state plus the kept state): the step's own working memory;
+* ``total``: ``kept (all chains) + step peak``, the most the monitor adds to the training state;
+* ``syncs``: host reads of tensor values during one shadow step (see :class:`HostReads`).
+
+How it is measured. On CUDA, ``torch.cuda.max_memory_allocated`` around one step (the caching
+allocator's count of bytes in live tensors, not the reserved pool). On CPU, nothing keeps a peak,
+so every allocation and free of the step is recorded by ``torch.profiler`` with
+``profile_memory=True`` (it hooks c10's allocator: each event carries the signed byte count),
+the events are ordered by time, and the peak is the maximum of their running sum. Unlike process
+RSS this sees exactly the tensors torch allocates, with no allocator caching or page reuse in the
+way; unlike ``tracemalloc`` it sees torch's allocations at all. The activations of a half
+batch (32 x 768 x 6 layers x 2 saved tensors, 0.08 P) are part of the step peak and are the same
+for every sampler. A warm-up step runs before the measured one, so that one-time allocations
+(the lazily created sampler state) count as kept, not as step peak.
+
+Run:  python benchmarks/memory.py                 (about 2 minutes on 2 busy cores)
+      python benchmarks/memory.py --device cuda   (when CUDA is present)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+from typing import Callable, List, Tuple
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from online_llc.sgld import LossEvaluator, SGLDConfig
+from online_llc.shadow import ShadowSampler
+
+
+def make_model(width: int, depth: int, dtype: torch.dtype, device: str) -> nn.Module:
+    torch.manual_seed(0)
+    layers: List[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.Tanh()]
+    layers.append(nn.Linear(width, 10))
+    return nn.Sequential(*layers).to(device=device, dtype=dtype)
+
+
+def per_sample_mse(model: nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    return 0.5 * (model(x) - y).pow(2).sum(-1)
+
+
+def _cpu_profile(fn: Callable[[], None]) -> Tuple[int, int]:
+    """``(net, peak)`` bytes allocated by ``fn`` on CPU, from the profiler's allocation events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = []
+
+    def walk(node) -> None:
+        if "Allocation" in str(node.tag):
+            fields = node.extra_fields
+            if fields.device.type == "cpu":
+                events.append((node.start_time_ns, fields.alloc_size))
+        for child in node.children:
+            walk(child)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root)
+    running = peak = 0
+    for _, size in sorted(events, key=lambda e: e[0]):
+        running += size
+        peak = max(peak, running)
+    return running, peak
+
+
+def _cuda_profile(fn: Callable[[], None]) -> Tuple[int, int]:
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.memory_allocated() - before, torch.cuda.max_memory_allocated() - before
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the reads of tensor values by the host: each is a device sync on an accelerator.
+
+    ``item()``, ``bool()``, ``float()``, ``int()`` reach the dispatcher as
+    ``aten._local_scalar_dense`` (counted by :class:`_ScalarReads`); ``tolist()``, ``numpy()``
+    and ``cpu()`` copy without that op, so they are counted here, at the Python level (one call,
+    one sync, however many values it copies).
+    """
+
+    COPIES = {"tolist", "numpy", "cpu"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self._scalars = _ScalarReads(self)
+
+    def __enter__(self):
+        self._scalars.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        self._scalars.__exit__(*exc)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.COPIES:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+class _ScalarReads(TorchDispatchMode):
+    def __init__(self, owner: HostReads) -> None:
+        super().__init__()
+        self.owner = owner
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.owner.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def measure(sampler: str, chains: int, args) -> Tuple[float, float, float, int]:
+    """``(kept per chain, step peak, total)`` in units of P, and the host syncs of one step."""
+    model = make_model(args.width, args.depth, getattr(torch, args.dtype), args.device)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(args.batch, args.width, generator=g).to(args.device, getattr(torch, args.dtype))
+    y = torch.randn(args.batch, 10, generator=g).to(args.device, getattr(torch, args.dtype))
+    ev = LossEvaluator(model, per_sample_mse)
+    cfg = SGLDConfig(nbeta=100.0, localization=100.0, step_size=1e-4, sampler=sampler)
+    profile_fn = _cuda_profile if args.device == "cuda" else _cpu_profile
+    holder: List[ShadowSampler] = []
+
+    def build_and_warm() -> None:
+        s = ShadowSampler(ev, cfg, num_chains=chains, seed=0)
+        s.step((x, y))
+        holder.append(s)
+
+    gc.collect()
+    kept, _ = profile_fn(build_and_warm)
+    gc.collect()
+    _, transient = profile_fn(lambda: holder[0].step((x, y)))
+    with HostReads() as reads:
+        holder[0].step((x, y))
+    return kept / chains / param_bytes, transient / param_bytes, (kept + transient) / param_bytes, reads.count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--width", type=int, default=768)
+    parser.add_argument("--depth", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--samplers", nargs="+", default=["sgld", "rmsprop_sgld", "sghmc"])
+    parser.add_argument("--chains", nargs="+", type=int, default=[1, 4])
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    model = make_model(args.width, args.depth, getattr(torch, args.dtype), "cpu")
+    n = sum(p.numel() for p in model.parameters())
+    biggest = max(p.numel() for p in model.parameters())
+    print(f"model: {n / 1e6:.2f}M parameters in {len(list(model.parameters()))} tensors ({args.dtype}), "
+          f"largest tensor {biggest / n:.2f} P; batch {args.batch}; device {args.device}")
+    print("P = bytes of one copy of the sampled parameters")
+    print(f"{'sampler':<14}{'chains':>7}{'kept/chain':>12}{'step peak':>11}{'total':>8}{'syncs':>7}")
+    for sampler in args.samplers:
+        for chains in args.chains:
+            kept, transient, total, syncs = measure(sampler, chains, args)
+            print(f"{sampler:<14}{chains:>7}{kept:>11.2f}P{transient:>10.2f}P{total:>7.2f}P{syncs:>7}")
+
+
+if __name__ == "__main__":
+    main()
