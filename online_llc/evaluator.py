@@ -20,14 +20,27 @@ model without changing anything the training run can see.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping as _Mapping
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Protocol, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.dropout import _DropoutNd
 
-__all__ = ["LossFn", "LossEvaluator", "cuda_devices", "paired_losses_and_grads", "private_rng", "split_halves"]
+from .updates import state_dtype
+
+__all__ = [
+    "LossFn",
+    "LossEvaluator",
+    "cuda_devices",
+    "derived_seed",
+    "deterministic",
+    "paired_losses_and_grads",
+    "private_rng",
+    "split_halves",
+]
 
 
 class LossFn(Protocol):
@@ -97,8 +110,9 @@ class LossEvaluator:
         return {n: params[n].detach() for n in self.param_names}
 
     def zeros_like_center(self) -> Dict[str, Tensor]:
-        """A zero offset for every sampled parameter (float32 or the parameter's float dtype)."""
-        return {n: torch.zeros_like(t) for n, t in self.center().items()}
+        """A zero offset for every sampled parameter, in float32, or float64 for a float64 parameter
+        (never in bfloat16 or float16: see :mod:`online_llc.updates`)."""
+        return {n: torch.zeros_like(t, dtype=state_dtype(t.dtype)) for n, t in self.center().items()}
 
     def losses(self, params: Mapping[str, Tensor], batch: Any) -> Tensor:
         """Per-sample losses with ``params`` substituted for the named parameters.
@@ -124,20 +138,45 @@ def cuda_devices(tensors: Mapping[str, Tensor]) -> List[int]:
     return sorted({t.device.index or 0 for t in tensors.values() if t.device.type == "cuda"})
 
 
-@contextmanager
-def private_rng(tensors: Mapping[str, Tensor], generator: torch.Generator) -> Iterator[Callable[[], None]]:
-    """Fork the global CPU generator, and the CUDA generators of the devices ``tensors`` live on,
-    and seed them from ``generator`` for the duration of the block.
+def derived_seed(*parts: int) -> int:
+    """A 62-bit seed that is a fixed function of the integers ``parts`` (blake2b of them), so that
+    seeds for (run seed, chain, step) are computed on the host without drawing anything."""
+    digest = hashlib.blake2b(":".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**62 - 1)
 
-    One integer drawn from ``generator`` seeds the forked generators, so the model's randomness
-    inside the block (dropout) is a function of the monitor's own seed; on exit the global
-    generators are back in the state they had before the block. Yields ``rewind()``, which puts
-    the forked generators back to their state just after seeding: a pass run on entering and a
-    second pass run after ``rewind()`` see the same dropout masks.
+
+def deterministic(model: nn.Module) -> bool:
+    """Whether ``model``'s forward draws no random numbers, as far as its modules tell: no module of
+    torch's dropout family (``nn.Dropout``, ``Dropout1d/2d/3d``, ``AlphaDropout``, ...) is in
+    training mode with ``p > 0`` (so a model in eval mode is deterministic). Randomness that no
+    module shows, such as ``F.dropout`` or an attention kernel's ``dropout_p`` called in training
+    mode, or a random ``loss_fn``, is not seen: pass ``share_center_loss=False`` to
+    :class:`~online_llc.shadow.ShadowSampler` for such models."""
+    return not any(isinstance(m, _DropoutNd) and m.training and m.p > 0 for m in model.modules())
+
+
+@contextmanager
+def private_rng(
+    tensors: Mapping[str, Tensor], generator: torch.Generator, seed: Optional[int] = None
+) -> Iterator[Callable[[], None]]:
+    """Fork the global CPU generator, and the CUDA generators of the devices ``tensors`` live on,
+    and seed them for the duration of the block, with ``seed`` or else an integer drawn from
+    ``generator``.
+
+    The model's randomness inside the block (dropout) is then a function of the monitor's own
+    seed; on exit the global generators are back in the state they had before the block. Yields
+    ``rewind()``, which puts the forked generators back to their state just after seeding: a pass
+    run on entering and a second pass run after ``rewind()`` see the same dropout masks. Reading
+    the seed drawn from ``generator`` is a host read (a device sync when ``generator`` is a CUDA
+    generator); a caller that owns a step counter passes a :func:`derived_seed` instead.
     """
     devices = cuda_devices(tensors)
     with torch.random.fork_rng(devices=devices):
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
+        # The generator advances by this one draw whether or not ``seed`` is given, so a chain's
+        # noise stream is the same either way (and as it was when the seed was always drawn).
+        drawn = torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)
+        if seed is None:
+            seed = int(drawn.item())
         torch.default_generator.manual_seed(seed)
         for d in devices:
             torch.cuda.default_generators[d].manual_seed(seed)
@@ -199,9 +238,20 @@ def split_halves(batch: Any) -> Optional[Tuple[Any, Any, int]]:
     return _take(batch, 0, half), _take(batch, half, size), size
 
 
+def _moved(center: Mapping[str, Tensor], xi: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+    """``w* + xi`` in the parameters' dtype: the offsets stay float32 (the sum is formed in the
+    wider dtype, then cast for the forward; the gradient flows back to ``xi`` in float32)."""
+    return {n: (center[n] + xi[n]).to(center[n].dtype) for n in xi}
+
+
 def paired_losses_and_grads(
-    evaluator: LossEvaluator, center: Mapping[str, Tensor], offset: Mapping[str, Tensor], batch: Any, rewind: Callable[[], None]
-) -> Tuple[Tensor, Tensor, List[Optional[Tensor]], List[Optional[Tensor]], Tuple[int, int]]:
+    evaluator: LossEvaluator,
+    center: Mapping[str, Tensor],
+    offset: Mapping[str, Tensor],
+    batch: Any,
+    rewind: Callable[[], None],
+    center_losses: Optional[Tuple[Tensor, ...]] = None,
+) -> Tuple[Tensor, Tensor, List[Optional[Tensor]], List[Optional[Tensor]], Tuple[int, int], Tuple[Tensor, ...]]:
     """Per-sample losses at ``w*`` and ``w* + xi``, and the gradients of the two halves' mean losses.
 
     When the batch splits (:func:`~online_llc.evaluator.split_halves`), each half runs through the
@@ -209,41 +259,60 @@ def paired_losses_and_grads(
     that a model whose per-sample losses depend on the batch (BatchNorm in training mode) still
     pairs each sample with itself. Otherwise one pass over the whole batch is differentiated twice.
     The dropout masks of the centre's and the sample's passes match (``rewind``).
+
+    ``center_losses``: the centre's per-sample losses from an earlier call on the same batch and
+    centre (the last element of its result), reused instead of recomputed: only valid when the
+    model is deterministic (:func:`deterministic`).
+
+    Memory: the perturbed weights ``w* + xi`` are referenced only by the autograd graph during the
+    last backward pass, which frees them tensor by tensor as it produces the gradients, so the
+    passes hold about two copies of the parameters at their peak (the perturbed weights, then the
+    second gradient, next to the first gradient).
+
+    Returns:
+        ``(l_center, l_sample, g1, g2, (B1, B2), center_parts)``.
     """
     xi = {n: t.detach().requires_grad_(True) for n, t in offset.items()}
     leaves = list(xi.values())
-    moved = {n: center[n] + xi[n] for n in xi}
     parts = split_halves(batch)
     if parts is not None:
         first, second, _ = parts
-        with torch.no_grad():
-            c1 = evaluator.losses(center, first).detach()
-            c2 = evaluator.losses(center, second).detach()
+        if center_losses is None:
+            with torch.no_grad():
+                center_losses = (evaluator.losses(center, first).detach(), evaluator.losses(center, second).detach())
+        c1, c2 = center_losses
         rewind()
+        moved = _moved(center, xi)
         s1 = evaluator.losses(moved, first)
-        s2 = evaluator.losses(moved, second)
-        if s1.shape != c1.shape or s2.shape != c2.shape:
-            raise ValueError(
-                "Expected `loss_fn` to return the same number of per-sample losses at every weight, "
-                f"got {tuple(c1.shape)} and {tuple(s1.shape)}."
-            )
+        _check_same(c1, s1)
         g1 = list(torch.autograd.grad(s1.mean(), leaves, allow_unused=True))
+        s2 = evaluator.losses(moved, second)
+        del moved
+        _check_same(c2, s2)
         g2 = list(torch.autograd.grad(s2.mean(), leaves, allow_unused=True))
-        return torch.cat([c1, c2]), torch.cat([s1.detach(), s2.detach()]), g1, g2, (c1.numel(), c2.numel())
-    with torch.no_grad():
-        l_center = evaluator.losses(center, batch).detach()
+        return torch.cat([c1, c2]), torch.cat([s1.detach(), s2.detach()]), g1, g2, (c1.numel(), c2.numel()), center_losses
+    if center_losses is None:
+        with torch.no_grad():
+            center_losses = (evaluator.losses(center, batch).detach(),)
+    (l_center,) = center_losses
     rewind()
+    moved = _moved(center, xi)
     l_sample = evaluator.losses(moved, batch)
-    if l_sample.shape != l_center.shape:
-        raise ValueError(
-            "Expected `loss_fn` to return the same number of per-sample losses at every weight, "
-            f"got {tuple(l_center.shape)} and {tuple(l_sample.shape)}."
-        )
+    del moved
+    _check_same(l_center, l_sample)
     b = l_sample.numel()
     if b < 2:
         g = list(torch.autograd.grad(l_sample.mean(), leaves, allow_unused=True))
-        return l_center, l_sample.detach(), g, g, (b, 0)
+        return l_center, l_sample.detach(), g, g, (b, 0), center_losses
     h = b // 2
     g1 = list(torch.autograd.grad(l_sample[:h].mean(), leaves, allow_unused=True, retain_graph=True))
     g2 = list(torch.autograd.grad(l_sample[h:].mean(), leaves, allow_unused=True))
-    return l_center, l_sample.detach(), g1, g2, (h, b - h)
+    return l_center, l_sample.detach(), g1, g2, (h, b - h), center_losses
+
+
+def _check_same(center: Tensor, sample: Tensor) -> None:
+    if sample.shape != center.shape:
+        raise ValueError(
+            "Expected `loss_fn` to return the same number of per-sample losses at every weight, "
+            f"got {tuple(center.shape)} and {tuple(sample.shape)}."
+        )

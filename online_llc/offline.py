@@ -29,7 +29,7 @@ from .config import (
 )
 from .errors import NonFiniteDrawError, check_nonneg_int, check_positive_int, reject_unknown
 from .groups import resolve_groups
-from .evaluator import LossEvaluator, LossFn, cuda_devices, split_halves
+from .evaluator import LossEvaluator, LossFn, cuda_devices, derived_seed, split_halves
 from .heat import calibrated_step, combined_heat, discretization_bias, heat_from, max_step_size
 from .sgld import init_aux, sampler_step
 from .records import LLCResult
@@ -185,6 +185,8 @@ def estimate_llc(
         def next_batch() -> Any:
             return pending.pop() if pending else next(stream)
 
+        steps_run = [0] * num_chains
+
         def run(c: int, steps: int, state: Tuple[Any, Any], gen: torch.Generator) -> Tuple[Any, np.ndarray]:
             nonlocal center_loss_sum, center_loss_count
             offset, aux = state
@@ -192,10 +194,13 @@ def estimate_llc(
             out = np.empty((_ROWS, steps))
             for s in range(steps):
                 before = offset
+                # The model's randomness (dropout) is seeded from (seed, chain, step) on the host,
+                # so a step reads its numbers once (one device sync).
                 offset, aux, info = sampler_step(
                     evaluator, center, offset, aux, next_batch(), config=config, generator=gen,
-                    previous_offset=previous,
+                    previous_offset=previous, rng_seed=derived_seed(seed, c, steps_run[c]),
                 )
+                steps_run[c] += 1
                 previous = before
                 if not info.finite:
                     raise NonFiniteDrawError(c, s, f"draw={info.draw}, loss at w*+xi={info.loss_sample}")

@@ -20,29 +20,36 @@ which is tens of times larger than ``lambda`` after multiplying by ``nbeta``, ca
 
 The step has three layers:
 
-* the update maths, in :mod:`online_llc.updates`: one small pure function per sampler (see :class:`SGLDConfig`) that maps one
-  parameter's state record ``(offset, aux)``, its gradient and its standard normal noise to the new
-  record, found by sampler name in a table (:data:`SAMPLERS` lists its keys);
-* :func:`sampler_step`: the paired losses and the gradient at ``w* + xi``, the step's
-  :class:`SGLDInfo`, then the noise draws and the update of every parameter;
+* the update maths, in :mod:`online_llc.updates`: one in-place update per sampler (see
+  :class:`SGLDConfig`) of a chain's offsets and extra state from its gradients and standard
+  normal noise, found by sampler name in a table (:data:`SAMPLERS` lists its keys);
+* the step: the paired losses and the gradient at ``w* + xi``, the step's numbers, then the noise
+  draws and the update of every parameter. ``_kernel_step`` updates the chain in place and leaves
+  its numbers on the device, so :class:`~online_llc.shadow.ShadowSampler` reads every chain's
+  numbers with one host copy per shadow step; :func:`sampler_step` is the same step on new
+  tensors, returning its :class:`SGLDInfo`;
 * the model plumbing, in :mod:`online_llc.evaluator`: losses through ``torch.func.functional_call``
   (the model, its ``.grad`` fields and buffers are never modified) and a private generator for
   every random number, the model's dropout included, so the training run's random streams are
   left exactly as they were and both passes of one step see the same dropout masks.
+
+Precision: the chain's state and update are float32 whatever the parameters' dtype (bfloat16,
+float16); ``w* + xi`` is cast to the parameters' dtype only for the forward pass, and the step's
+numbers (draw, heat) are accumulated in float64 from float32 gradients.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from .errors import check_choice, check_nonneg_float, check_positive_float
 from .evaluator import LossEvaluator, LossFn, paired_losses_and_grads, private_rng
-from .updates import SAMPLERS, _rmsprop_precond, _update, init_aux
+from .updates import SAMPLERS, _combine_halves, _norm, _update, init_aux, state_dtype
 
 __all__ = [
     "LossFn",
@@ -161,65 +168,91 @@ class SGLDInfo:
         )
 
 
-def _step_info(
-    l_center: Tensor, l_sample: Tensor, offset: Mapping[str, Tensor], config: SGLDConfig, noise_sq: Tensor, halves: Tuple[int, int]
-) -> SGLDInfo:
-    """The step's :class:`SGLDInfo` from the paired per-sample losses and the half-batch gradients'
-    (weighted) squared difference ``noise_sq``, with one host sync."""
+class _Pending(NamedTuple):
+    """One kernel step whose numbers are still on the device: ``stats`` (float64) holds, in order,
+    the draw's mean difference, its variance, the two mean losses, the offset norm, the halves'
+    weighted squared gradient difference, and (with the update dots) the two dots; read them with
+    one host copy (for every chain of a shadow step at once) and turn them into an
+    :class:`SGLDInfo` with :func:`_info`."""
+
+    stats: Tensor
+    batch_size: int
+    halves: Tuple[int, int]
+    center_losses: Tuple[Tensor, ...]
+    grads: Optional[List[Optional[Tensor]]]
+
+
+def _info(values: Sequence[float], pending: _Pending, config: SGLDConfig) -> SGLDInfo:
+    """The step's :class:`SGLDInfo` from the host copy ``values`` of ``pending.stats``."""
     nbeta = config.nbeta
-    diff = (l_sample - l_center).double()
-    b = diff.numel()
-    norms = torch.stack([torch.linalg.vector_norm(t.detach(), dtype=torch.float64) for t in offset.values()])
-    stats = torch.stack(
-        [diff.mean(), diff.var(unbiased=True) if b > 1 else diff.new_zeros(()), l_center.double().mean(),
-         l_sample.double().mean(), torch.linalg.vector_norm(norms), noise_sq.double()]
-    ).tolist()
-    b1, b2 = halves
+    b = pending.batch_size
+    b1, b2 = pending.halves
     heat_bias = 0.0
     if b1 > 0 and b2 > 0 and config.noise_scale > 0:
         # tr(C) / B from the halves, then the draw's excess epsilon nbeta^2 tr(C) / (8 B), relative
         # to the injected noise (noise_scale^2 epsilon); SGHMC's momentum heats by 1 / alpha.
-        tr_c_over_b = stats[5] * b1 * b2 / (b1 + b2) ** 2
+        tr_c_over_b = values[5] * b1 * b2 / (b1 + b2) ** 2
         heat_bias = config.step_size * nbeta**2 * tr_c_over_b / (8.0 * config.noise_scale**2)
         if config.sampler == "sghmc":
             heat_bias /= config.friction
-    return SGLDInfo(
-        draw=nbeta * stats[0],
-        noise_var=nbeta**2 * stats[1] / b,
-        loss_center=stats[2],
-        loss_sample=stats[3],
-        offset_norm=stats[4],
+    info = SGLDInfo(
+        draw=nbeta * values[0],
+        noise_var=nbeta**2 * values[1] / b,
+        loss_center=values[2],
+        loss_sample=values[3],
+        offset_norm=values[4],
         batch_size=b,
         heat_bias=heat_bias,
     )
+    if len(values) > 6:
+        info = replace(info, prev_update_dot_grad=nbeta * values[6], update_dot_grad=nbeta * values[7])
+    return info
 
 
-def _noise_sq(
-    g1: Sequence[Optional[Tensor]],
-    g2: Sequence[Optional[Tensor]],
-    offset: Mapping[str, Tensor],
-    aux: Mapping[str, Tensor],
+def _kernel_step(
+    evaluator: LossEvaluator,
+    center: Mapping[str, Tensor],
+    offset: Dict[str, Tensor],
+    aux: Dict[str, Tensor],
+    batch: Any,
+    *,
     config: SGLDConfig,
-    masks: Optional[Mapping[str, Tensor]],
-) -> Tensor:
-    """``sum_j w_j (g1_j - g2_j)^2`` over the entries the chain moves, with ``w_j = 1``, or RMSProp's
-    preconditioner ``G_j`` (from its second moments before this step; a fresh chain's first
-    gradient stands in for them)."""
-    total = torch.zeros((), dtype=torch.float64, device=_device(offset))
-    for (name, x), a, b in zip(offset.items(), g1, g2):
-        if a is None or b is None:
-            continue
-        d2 = (a - b).double().square()
-        mask = masks.get(name) if masks else None
-        if mask is not None:
-            d2 = d2 * mask
-        if config.sampler == "rmsprop_sgld":
-            prev = aux[name].double()
-            g = (0.5 * (a + b)).double() * config.nbeta
-            v2 = torch.where(prev > 0, prev, g.square())
-            d2 = d2 * _rmsprop_precond(v2, config)
-        total = total + d2.sum()
-    return total
+    generator: torch.Generator,
+    masks: Optional[Mapping[str, Tensor]] = None,
+    rng_seed: Optional[int] = None,
+    center_losses: Optional[Tuple[Tensor, ...]] = None,
+    keep_grads: bool = False,
+) -> _Pending:
+    """One step of ``config.sampler`` that updates ``offset`` and ``aux`` in place (whatever the
+    losses: the caller discards a non-finite step) and leaves its numbers on the device.
+
+    ``rng_seed`` seeds the model's randomness (:func:`~online_llc.evaluator.private_rng`; drawn from
+    ``generator``, one host read, when None); ``center_losses`` reuses the centre's losses of an
+    earlier step on the same batch and centre (deterministic models); ``keep_grads`` keeps the
+    batch gradient intact and returns it (the update dots)."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "The SGLD step needs gradients and cannot run inside torch.inference_mode(); "
+            "call it outside (torch.no_grad() is fine: gradients are re-enabled locally)."
+        )
+    # enable_grad: the caller may be inside torch.no_grad() (e.g. a validation hook); the
+    # gradient w.r.t. the offset is local and never reaches the model's .grad.
+    with private_rng(center, generator, rng_seed) as rewind, torch.enable_grad():
+        l_center, l_sample, g1, g2, halves, center_losses = paired_losses_and_grads(
+            evaluator, center, offset, batch, rewind, center_losses
+        )
+    with torch.no_grad():
+        device = l_center.device
+        grads, noise_sq = _combine_halves(g1, g2, halves, list(offset), aux, config, masks, device)
+        del g1, g2
+        diff = l_sample.double() - l_center.double()
+        b = diff.numel()
+        stats = torch.stack(
+            [diff.mean(), diff.var(unbiased=True) if b > 1 else diff.new_zeros(()), l_center.double().mean(),
+             l_sample.double().mean(), _norm(list(offset.values())).to(device), noise_sq]
+        )
+        _update(offset, aux, grads, config=config, generator=generator, masks=masks, consume_grads=not keep_grads)
+    return _Pending(stats, b, halves, center_losses, grads if keep_grads else None)
 
 
 def sampler_step(
@@ -233,6 +266,7 @@ def sampler_step(
     generator: torch.Generator,
     masks: Optional[Mapping[str, Tensor]] = None,
     previous_offset: Optional[Mapping[str, Tensor]] = None,
+    rng_seed: Optional[int] = None,
 ) -> Tuple[Dict[str, Tensor], Dict[str, Tensor], SGLDInfo]:
     """One step of ``config.sampler`` (see :class:`SGLDConfig`) on ``offset`` around ``center``.
 
@@ -243,62 +277,50 @@ def sampler_step(
             the sampler's state stay zero elsewhere), e.g. one attention head's slice.
         previous_offset: the offset one step before ``offset`` (the same chain, step and
             estimand). Given, the step also measures ``info.prev_update_dot_grad`` and
-            ``info.update_dot_grad`` (SGLD and RMSProp-SGLD with injected noise; an extra host
-            sync per step, so the monitor does not ask for it).
+            ``info.update_dot_grad`` (SGLD and RMSProp-SGLD with injected noise).
+        rng_seed: seeds the model's own randomness (dropout) for this step; by default an integer
+            drawn from ``generator``, which costs a second host read per step
+            (:func:`~online_llc.evaluator.derived_seed` gives one from a step counter).
 
     Returns:
-        ``(new_offset, new_aux, info)``; unchanged state when the losses are not finite.
+        ``(new_offset, new_aux, info)``, new tensors in float32 (float64 for float64 offsets);
+        unchanged state when the losses are not finite. The step reads its numbers on the host
+        once (one device sync).
     """
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError(
-            "The SGLD step needs gradients and cannot run inside torch.inference_mode(); "
-            "call it outside (torch.no_grad() is fine: gradients are re-enabled locally)."
-        )
-    # enable_grad: the caller may be inside torch.no_grad() (e.g. a validation hook); the
-    # gradient w.r.t. the offset is local and never reaches the model's .grad.
-    with private_rng(center, generator) as rewind, torch.enable_grad():
-        l_center, l_sample, g1, g2, halves = paired_losses_and_grads(evaluator, center, offset, batch, rewind)
-
-    with torch.no_grad():
-        b1, b2 = halves
-        # The whole batch's mean gradient, from its halves.
-        grads = [
-            None if a is None else (a if b2 == 0 else (a * b1 + b * b2) / (b1 + b2)) for a, b in zip(g1, g2)
-        ]
-        noise_sq = _noise_sq(g1, g2, offset, aux, config, masks) if b2 > 0 else torch.zeros((), dtype=torch.float64, device=l_center.device)
-        info = _step_info(l_center, l_sample, offset, config, noise_sq, halves)
-        if not info.finite:
-            return dict(offset), dict(aux), info
-        new_offset, new_aux = _update(offset, aux, grads, config=config, generator=generator, masks=masks)
-        if previous_offset is not None and config.sampler != "sghmc" and config.noise_scale > 0:
-            info = _with_update_dots(info, previous_offset, offset, new_offset, grads, config.nbeta)
-    return new_offset, new_aux, info
+    new = {n: t.detach().to(state_dtype(t.dtype), copy=True) for n, t in offset.items()}
+    new_aux = {n: t.detach().to(state_dtype(t.dtype), copy=True) for n, t in aux.items()}
+    dots = previous_offset is not None and config.sampler != "sghmc" and config.noise_scale > 0
+    pending = _kernel_step(
+        evaluator, center, new, new_aux, batch, config=config, generator=generator, masks=masks,
+        rng_seed=rng_seed, keep_grads=dots,
+    )
+    stats = pending.stats
+    if dots:
+        assert previous_offset is not None and pending.grads is not None
+        stats = torch.cat([stats, _update_dots(previous_offset, offset, new, pending.grads).to(stats.device)])
+    info = _info(stats.tolist(), pending, config)
+    if not info.finite:
+        return dict(offset), dict(aux), info
+    return new, new_aux, info
 
 
-def _with_update_dots(
-    info: SGLDInfo,
+def _update_dots(
     previous: Mapping[str, Tensor],
     offset: Mapping[str, Tensor],
     new: Mapping[str, Tensor],
     grads: Sequence[Optional[Tensor]],
-    nbeta: float,
-) -> SGLDInfo:
-    """``info`` with ``nbeta (xi - xi_prev) . g`` and ``nbeta (xi_new - xi) . g`` filled in."""
-    before = torch.zeros((), dtype=torch.float64, device=_device(offset))
-    after = torch.zeros_like(before)
-    for (name, x), g in zip(offset.items(), grads):
-        if g is None:
-            continue
-        g64 = g.double()
-        before = before + ((x - previous[name]).double() * g64).sum()
-        after = after + ((new[name] - x).double() * g64).sum()
-    b, a = torch.stack([before, after]).tolist()
-    return replace(info, prev_update_dot_grad=nbeta * b, update_dot_grad=nbeta * a)
-
-
-def _device(offset: Mapping[str, Tensor]) -> torch.device:
-    """The device of the chain's first offset tensor."""
-    return next(iter(offset.values())).device
+) -> Tensor:
+    """``[(xi - xi_prev) . g, (xi_new - xi) . g]`` (float64, on the device)."""
+    before, after = [], []
+    with torch.no_grad():
+        for (name, x), g in zip(offset.items(), grads):
+            if g is None:
+                continue
+            before.append((x - previous[name]).mul_(g).sum(dtype=torch.float64))
+            after.append((new[name] - x).mul_(g).sum(dtype=torch.float64))
+    if not before:
+        return torch.zeros(2, dtype=torch.float64)
+    return torch.stack([torch.stack(before).sum(), torch.stack(after).sum()])
 
 
 def sgld_step(

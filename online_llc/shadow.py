@@ -15,6 +15,11 @@ centred at the *current* weights ``w_t``::
 Because ``xi`` is relative to ``w_t`` the chain stays near equilibrium as training moves slowly, so
 there is no burn-in per checkpoint. A chain whose draw is non-finite, or whose offset norm runs
 away (above ``max_offset_norm``), is reset to ``xi = 0`` and counted; its draw is never used.
+
+Lean at scale: each chain keeps one float32 copy of the sampled parameters (plus the sampler's
+state), updated in place; a shadow step of any number of chains reads its numbers on the host
+once (one device sync: every chain's draw, noise variance, heat and offset norm, and the centre's
+shift); a deterministic model's centre loss is computed once per shadow step, not per chain.
 """
 
 from __future__ import annotations
@@ -27,9 +32,14 @@ import torch
 from torch import Tensor
 
 from .errors import check_positive_float
-from .sgld import LossEvaluator, SGLDConfig, SGLDInfo, init_aux, sampler_step
+from .evaluator import derived_seed, deterministic
+from .sgld import LossEvaluator, SGLDConfig, SGLDInfo, _info, _kernel_step, init_aux
+from .updates import state_dtype
 
 __all__ = ["ShadowStep", "ShadowSampler"]
+
+# Domain tag of derived_seed: the model's randomness per step.
+_DROPOUT_SEEDS = 1
 
 
 @dataclass(frozen=True)
@@ -71,6 +81,12 @@ class ShadowSampler:
         max_offset_norm: reset a chain whose ``||xi||`` exceeds this. ``None``: ``20 * sqrt(d / gamma)``,
             twenty times the offset norm of the localization prior alone (``d`` sampled
             parameters), or no limit when ``gamma = 0``.
+        share_center_loss: compute the loss at the centre once per shadow step for all chains
+            (True), or once per chain with that chain's dropout masks (False). ``None``: share it
+            when the model is deterministic as far as its modules tell
+            (:func:`~online_llc.evaluator.deterministic`: no dropout module in training mode),
+            decided at every step. Sharing with a random model leaves the draws unbiased but
+            unpairs the dropout noise of chains after the first.
     """
 
     def __init__(
@@ -82,6 +98,7 @@ class ShadowSampler:
         seed: int,
         max_offset_norm: Optional[float] = None,
         masks: Optional[Mapping[str, Tensor]] = None,
+        share_center_loss: Optional[bool] = None,
     ) -> None:
         self.evaluator = evaluator
         center = evaluator.center()
@@ -90,6 +107,7 @@ class ShadowSampler:
         self.config = config
         self.num_chains = num_chains
         self.seed = seed
+        self.share_center_loss = share_center_loss
         dim = sum(t.numel() for t in center.values())
         if max_offset_norm is None:
             max_offset_norm = 20.0 * math.sqrt(dim / config.localization) if config.localization > 0 else math.inf
@@ -103,6 +121,8 @@ class ShadowSampler:
         # The sampler's own chain state (SGHMC momentum, RMSProp moments; empty for SGLD).
         self.aux: List[Dict[str, Tensor]] = [init_aux(config, off) for off in self.offsets]
         self.divergences = 0
+        #: Shadow steps run (seeds the model's randomness of each step; see load_state_dict).
+        self.steps = 0
         # Per-tensor norms of the centre at the previous step: a sketch of the weights that
         # detects their jumps without a second copy of them.
         self._center_norms: Optional[Tensor] = None
@@ -116,12 +136,12 @@ class ShadowSampler:
         """One kernel step of every chain, centred at the model's current weights."""
         center = self.evaluator.center()
         with torch.no_grad():
-            norms = torch.stack([t.detach().float().norm() for t in center.values()])
-        shift = math.nan if self._center_norms is None else float((norms - self._center_norms).norm())
-        self._center_norms = norms
-        infos, diverged = [], []
+            norms = torch.stack([torch.linalg.vector_norm(t.detach(), dtype=torch.float32) for t in center.values()])
+        old_norms, self._center_norms = self._center_norms, norms
+        share = deterministic(self.evaluator.model) if self.share_center_loss is None else self.share_center_loss
+        pending, shared = [], None
         for c in range(self.num_chains):
-            new, aux, info = sampler_step(
+            out = _kernel_step(
                 self.evaluator,
                 center,
                 self.offsets[c],
@@ -130,25 +150,42 @@ class ShadowSampler:
                 config=self.config,
                 generator=self.generators[c],
                 masks=self.masks,
+                rng_seed=derived_seed(_DROPOUT_SEEDS, self.seed, c, self.steps),
+                center_losses=shared,
             )
-            # A runaway offset is caught through the norm the kernel reports (before its update),
-            # one step late: the kernel then sees a non-finite loss or a norm above the limit.
+            if share:
+                shared = out.center_losses
+            pending.append(out)
+        self.steps += 1
+        # Every number of the step (all chains, the shift) reaches the host in one copy.
+        parts = [p.stats for p in pending]
+        if old_norms is not None:
+            parts.append(torch.linalg.vector_norm(norms - old_norms).double().to(parts[0].device).view(1))
+        values = torch.cat(parts).tolist()
+        width = pending[0].stats.numel()
+        shift = values[-1] if len(parts) > len(pending) else math.nan
+        infos, diverged = [], []
+        for c, p in enumerate(pending):
+            info = _info(values[c * width : (c + 1) * width], p, self.config)
+            # The chain was updated in place whatever its numbers: a non-finite step, or a runaway
+            # offset (caught through the norm the kernel reports before its update, one step
+            # late), puts it back at zero.
             bad = not info.finite or info.offset_norm > self.max_offset_norm
             if bad:
                 self.reset_chain(c)
                 self.divergences += 1
-            else:
-                self.offsets[c], self.aux[c] = new, aux
             infos.append(info)
             diverged.append(bad)
         return ShadowStep(infos, diverged, shift)
 
     def state_dict(self) -> Dict[str, Any]:
-        """Offsets (tensors), generator states (uint8 tensors) and the divergence count."""
+        """Offsets and sampler state (tensors), generator states (uint8 tensors), the step and
+        divergence counts."""
         return {
             "offsets": [{n: t.detach().clone() for n, t in off.items()} for off in self.offsets],
             "aux": [{n: t.detach().clone() for n, t in a.items()} for a in self.aux],
             "generators": [g.get_state() for g in self.generators],
+            "steps": self.steps,
             "divergences": self.divergences,
             "center_norms": None if self._center_norms is None else self._center_norms.clone(),
             # Calibration moves the step during the run: a resumed chain continues with it.
@@ -164,14 +201,14 @@ class ShadowSampler:
         for off in offsets:
             if set(off) != names:
                 raise ValueError(f"Expected offsets for parameters {sorted(names)}, got {sorted(off)}.")
-        self.offsets = [
-            {n: t.detach().to(device=self.offsets[0][n].device, dtype=self.offsets[0][n].dtype).clone() for n, t in off.items()}
-            for off in offsets
-        ]
+        # Offsets and sampler state in float32 (or float64) on this device, whatever they were saved in.
+        like = self.offsets[0]
+        self.offsets = [{n: _to_state(t, like[n]) for n, t in off.items()} for off in offsets]
         aux = state.get("aux", [{} for _ in offsets])
         if len(aux) != self.num_chains or any(set(a) != set(init_aux(self.config, self.offsets[0])) for a in aux):
             raise ValueError(f"Expected sampler state for {self.config.sampler!r} in every chain, got {[sorted(a) for a in aux]}.")
-        self.aux = [{n: t.detach().to(self.offsets[0][n].device).clone() for n, t in a.items()} for a in aux]
+        self.aux = [{n: _to_state(t, like[n]) for n, t in a.items()} for a in aux]
+        self.steps = int(state.get("steps", 0))
         for g, s in zip(self.generators, gens):
             g.set_state(s.cpu() if isinstance(s, Tensor) else torch.tensor(s, dtype=torch.uint8))
         self.divergences = int(state["divergences"])
@@ -179,3 +216,8 @@ class ShadowSampler:
             self.config = replace(self.config, step_size=float(state["step_size"]))
         norms = state.get("center_norms")
         self._center_norms = None if norms is None else torch.as_tensor(norms).to(self.device)
+
+
+def _to_state(t: Tensor, like: Tensor) -> Tensor:
+    """A loaded chain tensor on ``like``'s device, in the chain state's dtype (at least float32)."""
+    return t.detach().to(device=like.device, dtype=state_dtype(like.dtype), copy=True)

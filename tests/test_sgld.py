@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from online_llc.sgld import LossEvaluator, SGLDConfig, default_nbeta, sgld_step
+from online_llc.shadow import ShadowSampler
 
 
 def mse_per_sample(model, batch):
@@ -104,6 +105,78 @@ def test_localization_only_chain_has_exact_ornstein_uhlenbeck_variance():
     expected = eps / (1 - a**2)
     assert x.var().item() == pytest.approx(expected, rel=0.05)
     assert x.mean().abs().item() < 0.05 * math.sqrt(expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_model_feels_the_localization_exactly(dtype):
+    """Zero-slope loss, no noise: each step multiplies the offset by a = 1 - eps gamma / 2 = 1 - 9e-4,
+    so over 100 steps 0.01 becomes 0.01 a^100 = 0.009139. An offset kept in bfloat16 (spacing 6e-5
+    at 0.01, so the 9e-6 decrement rounds away) stayed at 0.01001; in float16 (spacing 7.6e-6) each
+    step rounded the decrement by up to 40%. The chain's state is float32: 100 roundings of at most
+    6e-8 relative bound the error by 6e-6 relative; we allow 1e-5."""
+    model = nn.Linear(8, 1, bias=False).to(dtype)
+
+    def flat_loss(m, batch):
+        return (m.weight * 0.0).sum() + torch.zeros(batch.shape[0])
+
+    eps, gamma = 1.8e-5, 100.0
+    cfg = SGLDConfig(nbeta=1.0, localization=gamma, step_size=eps, noise_scale=0.0)
+    s = ShadowSampler(LossEvaluator(model, flat_loss), cfg, num_chains=1, seed=0)
+    s.offsets[0] = {n: torch.full_like(t, 0.01) for n, t in s.offsets[0].items()}
+    for _ in range(100):
+        out = s.step(torch.zeros(4, 8))
+        assert not out.diverged[0]
+    expected = 0.01 * (1 - eps * gamma / 2) ** 100
+    torch.testing.assert_close(s.offsets[0]["weight"].double(), torch.full((1, 8), expected, dtype=torch.float64),
+                               rtol=1e-5, atol=0.0)
+    assert s.offsets[0]["weight"].dtype == torch.float32
+
+
+def test_bfloat16_chain_equals_the_float32_chain_with_the_same_generator():
+    """With the same seed, a bfloat16 model's chain and its float32 copy's draw the same float32
+    noise and make the same float32 updates: on a zero-slope loss their offsets are identical."""
+    offsets = []
+    for dtype in (torch.bfloat16, torch.float32):
+        model = nn.Linear(8, 1, bias=False).to(dtype)
+        model.weight.data.fill_(0.5)
+
+        def flat_loss(m, batch):
+            return (m.weight * 0.0).sum() + torch.zeros(batch.shape[0])
+
+        cfg = SGLDConfig(nbeta=1.0, localization=10.0, step_size=0.02)
+        s = ShadowSampler(LossEvaluator(model, flat_loss), cfg, num_chains=2, seed=3)
+        for _ in range(50):
+            s.step(torch.zeros(4, 8))
+        offsets.append([off["weight"] for off in s.offsets])
+    for a, b in zip(*offsets):
+        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
+
+
+def test_bfloat16_model_draw_and_heat_are_computed_without_bfloat16_rounding():
+    """A bfloat16 model's step reads its per-sample losses and half-batch gradients (bfloat16
+    numbers) and accumulates the draw and the heat from them in float32/float64, never rounding a
+    difference back to bfloat16 (whose relative spacing is 2^-8): both match a float64 computation
+    from a bfloat16 copy of the model moved to ``w* + xi``, to float32 summation rounding (1e-5)."""
+    model = mlp().to(torch.bfloat16)
+    x, y = make_batch(3)
+    batch = (x.bfloat16(), y.bfloat16())
+    ev = LossEvaluator(model, mse_per_sample)
+    off = random_offset(ev, scale=0.2)
+    nbeta, eps = 37.0, 1e-3
+    cfg = SGLDConfig(nbeta=nbeta, localization=5.0, step_size=eps)
+    _, info = sgld_step(ev, ev.center(), off, batch, config=cfg, generator=torch.Generator().manual_seed(0))
+
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in moved.named_parameters():
+            p.copy_((p.float() + off[n]).bfloat16())
+        draw = nbeta * (mse_per_sample(moved, batch).double() - mse_per_sample(model, batch).double()).mean()
+    halves = [(batch[0][:16], batch[1][:16]), (batch[0][16:], batch[1][16:])]
+    g1, g2 = (torch.autograd.grad(mse_per_sample(moved, h).mean(), list(moved.parameters())) for h in halves)
+    noise_sq = sum(float((a.double() - b.double()).pow(2).sum()) for a, b in zip(g1, g2))
+    heat_bias = eps * nbeta**2 * noise_sq * (16 * 16 / 32**2) / 8
+    assert info.draw == pytest.approx(float(draw), rel=1e-5)
+    assert info.heat_bias == pytest.approx(heat_bias, rel=1e-5) and heat_bias > 0
 
 
 @pytest.mark.parametrize("train_mode", [True, False])

@@ -1,0 +1,218 @@
+"""The shadow sampler at scale: host syncs per step, memory, the shared centre loss, checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from online_llc.sgld import LossEvaluator, SGLDConfig, init_aux, sampler_step
+from online_llc.shadow import ShadowSampler
+
+
+def mse_per_sample(model, batch):
+    x, y = batch
+    return 0.5 * (model(x) - y).pow(2).sum(-1)
+
+
+def make_batch(seed=0, n=32, d_in=6, d_out=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d_in, generator=g), torch.randn(n, d_out, generator=g)
+
+
+def deep_mlp(depth=4, width=6, dropout=0.0):
+    """``depth`` hidden layers: 2 * depth + 2 parameter tensors."""
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.Tanh()]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(width, 3))
+    return nn.Sequential(*layers)
+
+
+class HostReads(TorchFunctionMode):
+    """Counts host reads of tensor values (each one a device sync on an accelerator).
+
+    ``item()``, ``bool()``, ``float()`` and ``int()`` reach the dispatcher as
+    ``aten._local_scalar_dense`` and are counted there (whatever Python call led to them);
+    ``tolist()``, ``numpy()`` and ``cpu()`` copy without that op, so they are counted at the Python
+    level, one per call however many values it copies. A CPU run counts the same calls a CUDA run
+    would sync on."""
+
+    COPIES = {"tolist", "numpy", "cpu"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+        outer = self
+
+        class Scalars(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten._local_scalar_dense.default:
+                    outer.count += 1
+                return func(*args, **(kwargs or {}))
+
+        self._scalars = Scalars()
+
+    def __enter__(self):
+        self._scalars.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        self._scalars.__exit__(*exc)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.COPIES:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_host_read_counter_sees_every_kind_of_read():
+    t = torch.randn(3)
+    with HostReads() as reads:
+        t[0].item(), bool(t[0] > 0), float(t[1]), t.tolist(), t.cpu(), t.numpy()
+    assert reads.count == 6
+
+
+@pytest.mark.parametrize("sampler", ["sgld", "rmsprop_sgld", "sghmc"])
+@pytest.mark.parametrize("chains", [1, 4])
+def test_one_host_sync_per_shadow_step(sampler, chains):
+    """Every chain's numbers and the centre's shift reach the host in one copy, whatever the number
+    of parameter tensors (10 here) and chains. Before: SGLD 3 reads per step with one chain and 9
+    with four; RMSProp 13 and 49 (a bool per tensor per chain)."""
+    ev = LossEvaluator(deep_mlp(), mse_per_sample)
+    cfg = SGLDConfig(nbeta=50.0, localization=10.0, step_size=1e-3, sampler=sampler)
+    s = ShadowSampler(ev, cfg, num_chains=chains, seed=0)
+    s.step(make_batch(0))  # the first step has no shift yet; count a later one
+    for i in range(1, 3):
+        with HostReads() as reads:
+            out = s.step(make_batch(i))
+        assert reads.count == 1, reads.count
+        assert len(out.infos) == chains and all(info.finite for info in out.infos)
+
+
+def test_offline_step_with_update_dots_reads_once():
+    """The offline step (new tensors, the update dots measured) also reads its numbers once when
+    the model's randomness is seeded from a step counter, and twice when the seed is drawn from the
+    chain's generator."""
+    ev = LossEvaluator(deep_mlp(), mse_per_sample)
+    cfg = SGLDConfig(nbeta=50.0, localization=10.0, step_size=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    off = ev.zeros_like_center()
+    prev, aux = None, init_aux(cfg, off)
+    for i in range(3):
+        with HostReads() as reads:
+            new, aux, info = sampler_step(ev, ev.center(), off, aux, make_batch(i), config=cfg, generator=gen,
+                                          previous_offset=prev, rng_seed=i)
+        assert reads.count == 1
+        prev, off = off, new
+    assert info.finite and info.update_dot_grad == info.update_dot_grad  # measured (not NaN)
+    with HostReads() as reads:
+        sampler_step(ev, ev.center(), off, aux, make_batch(9), config=cfg, generator=gen)
+    assert reads.count == 2
+
+
+def _profile_peak(fn):
+    """``(net, peak)`` bytes allocated on CPU by ``fn``, from torch.profiler's allocation events
+    (the method of benchmarks/memory.py)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = []
+
+    def walk(node):
+        if "Allocation" in str(node.tag) and node.extra_fields.device.type == "cpu":
+            events.append((node.start_time_ns, node.extra_fields.alloc_size))
+        for child in node.children:
+            walk(child)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root)
+    running = peak = 0
+    for _, size in sorted(events):
+        running += size
+        peak = max(peak, running)
+    return running, peak
+
+
+@pytest.mark.parametrize("sampler, kept_p", [("sgld", 1.0), ("rmsprop_sgld", 2.0), ("sghmc", 2.0)])
+def test_memory_kept_and_peak_per_shadow_step(sampler, kept_p):
+    """A chain keeps its float32 offsets (1 P, P = one copy of the parameters) and the sampler's
+    state (another P for RMSProp and SGHMC); a shadow step needs 2 P more at its peak (the
+    perturbed weights next to the first half-batch gradient, then the two gradients) plus one
+    tensor's scratch (the largest tensor, 0.16 P here; RMSProp's heat adds a boolean mask of it,
+    a quarter of its bytes) and the small batch's activations (0.01 P); 0.1 P of slack for the
+    fixed allocations (losses, statistics, autograd's bookkeeping: ~10 KB, a visible fraction of
+    this 0.2 MB model; measured 2.23-2.26 P for RMSProp against a bound of 2.3 P). Before: SGLD
+    4.2 P, RMSProp 6.2 P, SGHMC 5.3 P (benchmarks/memory.py's model)."""
+    torch.set_num_threads(1)
+    model = deep_mlp(depth=6, width=96)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    ev = LossEvaluator(model, mse_per_sample)
+    cfg = SGLDConfig(nbeta=50.0, localization=10.0, step_size=1e-4, sampler=sampler)
+    batch = make_batch(0, n=8, d_in=96)
+    holder = []
+
+    def build():
+        holder.append(ShadowSampler(ev, cfg, num_chains=2, seed=0))
+        holder[0].step(batch)
+
+    kept, _ = _profile_peak(build)
+    _, peak = _profile_peak(lambda: holder[0].step(batch))
+    largest = max(p.numel() * p.element_size() for p in model.parameters()) / param_bytes
+    assert kept / param_bytes / 2 == pytest.approx(kept_p, abs=0.02)  # + the sketch (0.002 P)
+    assert peak / param_bytes < 2.0 + 1.25 * largest + 0.1
+
+
+def test_deterministic_model_computes_the_centre_loss_once_per_step():
+    """Four chains on a model without dropout: the centre's losses (two halves) are computed once
+    and shared, with the same draws as computing them per chain; a model with dropout in training
+    mode computes them per chain, with that chain's masks."""
+    calls = []
+
+    def counting_loss(model, batch):
+        calls.append(torch.is_grad_enabled())
+        return mse_per_sample(model, batch)
+
+    def run(model, share):
+        ev = LossEvaluator(model, counting_loss)
+        cfg = SGLDConfig(nbeta=50.0, localization=10.0, step_size=1e-3)
+        s = ShadowSampler(ev, cfg, num_chains=4, seed=0, share_center_loss=share)
+        s.step(make_batch(0))
+        calls.clear()
+        out = s.step(make_batch(1))
+        return out.draws, calls.count(False)
+
+    shared, n_shared = run(deep_mlp(), None)
+    separate, n_separate = run(deep_mlp(), False)
+    assert n_shared == 2 and n_separate == 8
+    assert shared == separate
+    _, n_dropout = run(deep_mlp(dropout=0.2).train(), None)
+    assert n_dropout == 8
+    _, n_eval = run(deep_mlp(dropout=0.2).eval(), None)
+    assert n_eval == 2
+
+
+def _sampler(sampler="rmsprop_sgld", seed=0):
+    ev = LossEvaluator(deep_mlp(), mse_per_sample)
+    cfg = SGLDConfig(nbeta=50.0, localization=10.0, step_size=1e-3, sampler=sampler)
+    return ShadowSampler(ev, cfg, num_chains=2, seed=seed)
+
+
+def test_checkpoint_on_the_same_device_continues_exactly():
+    a = _sampler()
+    for i in range(3):
+        a.step(make_batch(i))
+    b = _sampler(seed=5)
+    b.load_state_dict(a.state_dict())
+    out_a, out_b = a.step(make_batch(3)), b.step(make_batch(3))
+    assert out_a.draws == out_b.draws and out_a.center_shift == out_b.center_shift
+    for c in range(2):
+        for n in a.offsets[c]:
+            assert torch.equal(a.offsets[c][n], b.offsets[c][n])
