@@ -19,7 +19,8 @@ away (above ``max_offset_norm``), is reset to ``xi = 0`` and counted; its draw i
 Lean at scale: each chain keeps one float32 copy of the sampled parameters (plus the sampler's
 state), updated in place; a shadow step of any number of chains reads its numbers on the host
 once (one device sync: every chain's draw, noise variance, heat and offset norm, and the centre's
-shift); a deterministic model's centre loss is computed once per shadow step, not per chain.
+shift); a deterministic model's centre loss is computed once per shadow step, not per chain; the
+weights' movement is measured from a sketch (:mod:`online_llc.sketch`), not a copy.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from torch import Tensor
 from .errors import check_positive_float
 from .evaluator import derived_seed, deterministic
 from .sgld import LossEvaluator, SGLDConfig, SGLDInfo, _info, _kernel_step, init_aux
+from .sketch import SKETCH_VERSION, sketch, sketch_shift
 from .updates import state_dtype
 
 __all__ = ["ShadowStep", "ShadowSampler"]
@@ -49,9 +51,10 @@ class ShadowStep:
     Attributes:
         infos: the kernel's record per chain (at the offset before the update).
         diverged: per chain, whether it was reset at this step (its draw must not be used).
-        center_shift: a lower bound on how far the training weights moved since the previous
-            shadow step, ``sqrt(sum_p (||w_p|| - ||w'_p||)^2) <= ||w - w'||`` over the sampled
-            tensors ``p`` (reverse triangle inequality per tensor); NaN at the first step.
+        center_shift: how far the training weights moved since the previous shadow step, measured
+            from a sketch of them (:mod:`online_llc.sketch`: an unbiased estimate of
+            ``||w - w'||`` from random signed folds, and at least the per-tensor norms' lower
+            bound); NaN at the first step.
     """
 
     infos: List[SGLDInfo]
@@ -123,9 +126,10 @@ class ShadowSampler:
         self.divergences = 0
         #: Shadow steps run (seeds the model's randomness of each step; see load_state_dict).
         self.steps = 0
-        # Per-tensor norms of the centre at the previous step: a sketch of the weights that
-        # detects their jumps without a second copy of them.
-        self._center_norms: Optional[Tensor] = None
+        # The sketch of the centre at the previous step (norms and random signed folds per tensor):
+        # detects the weights' jumps without a second copy of them.
+        self._sketch: Optional[Tensor] = None
+        self._sketch_gen = torch.Generator(device=self.device)
 
     def reset_chain(self, c: int) -> None:
         """Put chain ``c`` back at ``xi = 0`` with a fresh sampler state."""
@@ -135,9 +139,8 @@ class ShadowSampler:
     def step(self, batch: Any) -> ShadowStep:
         """One kernel step of every chain, centred at the model's current weights."""
         center = self.evaluator.center()
-        with torch.no_grad():
-            norms = torch.stack([torch.linalg.vector_norm(t.detach(), dtype=torch.float32) for t in center.values()])
-        old_norms, self._center_norms = self._center_norms, norms
+        new_sketch = sketch(list(center.values()), self._sketch_gen)
+        old_sketch, self._sketch = self._sketch, new_sketch
         share = deterministic(self.evaluator.model) if self.share_center_loss is None else self.share_center_loss
         pending, shared = [], None
         for c in range(self.num_chains):
@@ -159,8 +162,8 @@ class ShadowSampler:
         self.steps += 1
         # Every number of the step (all chains, the shift) reaches the host in one copy.
         parts = [p.stats for p in pending]
-        if old_norms is not None:
-            parts.append(torch.linalg.vector_norm(norms - old_norms).double().to(parts[0].device).view(1))
+        if old_sketch is not None and old_sketch.shape == new_sketch.shape:
+            parts.append(sketch_shift(new_sketch, old_sketch, len(center)).to(parts[0].device).view(1))
         values = torch.cat(parts).tolist()
         width = pending[0].stats.numel()
         shift = values[-1] if len(parts) > len(pending) else math.nan
@@ -179,15 +182,16 @@ class ShadowSampler:
         return ShadowStep(infos, diverged, shift)
 
     def state_dict(self) -> Dict[str, Any]:
-        """Offsets and sampler state (tensors), generator states (uint8 tensors), the step and
-        divergence counts."""
+        """Offsets, sampler state and the sketch (tensors), generator states (uint8 tensors), the
+        step and divergence counts."""
         return {
             "offsets": [{n: t.detach().clone() for n, t in off.items()} for off in self.offsets],
             "aux": [{n: t.detach().clone() for n, t in a.items()} for a in self.aux],
             "generators": [g.get_state() for g in self.generators],
             "steps": self.steps,
             "divergences": self.divergences,
-            "center_norms": None if self._center_norms is None else self._center_norms.clone(),
+            "center_sketch": None if self._sketch is None else self._sketch.clone(),
+            "sketch_version": SKETCH_VERSION,
             # Calibration moves the step during the run: a resumed chain continues with it.
             "step_size": float(self.config.step_size),
         }
@@ -214,8 +218,10 @@ class ShadowSampler:
         self.divergences = int(state["divergences"])
         if "step_size" in state:
             self.config = replace(self.config, step_size=float(state["step_size"]))
-        norms = state.get("center_norms")
-        self._center_norms = None if norms is None else torch.as_tensor(norms).to(self.device)
+        # A sketch of another version (or the norms-only "center_norms" of older states) is not
+        # comparable: the first step after loading reports no shift.
+        sk = state.get("center_sketch") if state.get("sketch_version") == SKETCH_VERSION else None
+        self._sketch = None if sk is None else torch.as_tensor(sk).to(self.device)
 
 
 def _to_state(t: Tensor, like: Tensor) -> Tensor:

@@ -304,8 +304,8 @@ class Track:
             "weight_jumps": self.weight_jumps,
             "level_stale": self.level_stale,
             "warmup_lengths": list(self.warmup_lengths),
-            # The jump detector's state, in the checkpoint's original layout.
-            "shift": [jumps["shift_mean"], jumps["offset_mean"], jumps["count"]],
+            # The jump detector's state, in the checkpoint's original layout (plus its version).
+            "shift": [jumps["shift_mean"], jumps["offset_mean"], jumps["count"], jumps["version"]],
             "last_jump": self.last_jump,
             "sized": self.sized,
             "step_changed_at": self.step_changed_at,
@@ -327,7 +327,9 @@ class Track:
         self.level_stale = bool(state["level_stale"])
         self.warmup_lengths = [int(k) for k in state["warmup_lengths"]]
         shift = state["shift"]
-        self.jumps.load_state_dict({"shift_mean": shift[0], "offset_mean": shift[1], "count": shift[2]})
+        self.jumps.load_state_dict(
+            {"shift_mean": shift[0], "offset_mean": shift[1], "count": shift[2], "version": shift[3] if len(shift) > 3 else 1}
+        )
         self.last_jump = bool(state["last_jump"])
         self.sized = bool(state.get("sized", True))
         self.step_changed_at = int(state.get("step_changed_at", 0))

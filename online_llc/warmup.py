@@ -145,9 +145,19 @@ class WeightJumpDetector:
     ``SHIFT_MEMORY`` shadow steps (an exact mean before that), the chains' spread an
     exponential mean of their offset norms; a jump updates neither.
 
+    The movement is the sampler's ``center_shift``, measured since version 2 of this state from
+    random signed folds of the weights as well as their norms (:mod:`online_llc.sketch`), so
+    norm-preserving jumps (a rotated or permuted weight matrix) count too. A state of version 1
+    (norms only, a lower bound of the movement, often far below it) does not describe the new
+    measure: loading one forgets the usual movement, which is learnt again over ``min_history``
+    shadow steps (the chains' spread is kept).
+
     Args:
         min_history: shadow steps of centre movement seen before a jump can be declared (>= 1).
     """
+
+    #: Version of the movement measure the state describes (see above).
+    VERSION = 2
 
     #: How many times the usual movement per shadow step a jump must exceed.
     JUMP_FACTOR = 10.0
@@ -193,10 +203,13 @@ class WeightJumpDetector:
 
     def state_dict(self) -> Dict[str, Any]:
         """Plain Python values."""
-        return {"shift_mean": self.shift_mean, "offset_mean": self.offset_mean, "count": self.count}
+        return {"shift_mean": self.shift_mean, "offset_mean": self.offset_mean, "count": self.count, "version": self.VERSION}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict`."""
-        self.shift_mean = float(state["shift_mean"])
+        """Restore a :meth:`state_dict` (one of an older version keeps only the chains' spread)."""
         self.offset_mean = float(state["offset_mean"])
+        if int(state.get("version", 1)) != self.VERSION:
+            self.shift_mean, self.count = math.nan, 0
+            return
+        self.shift_mean = float(state["shift_mean"])
         self.count = int(state["count"])

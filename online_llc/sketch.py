@@ -1,0 +1,81 @@
+"""A copy-free sketch of the training weights: how far they moved between two shadow steps.
+
+Flow: training loop -> **ShadowSampler (weight sketch)** -> warm-up checks (weight jumps) ->
+WindowStats -> LLCFilter. The shadow sampler sketches the centre weights at every shadow step and
+reports the distance to the previous sketch as ``center_shift``;
+:class:`~online_llc.warmup.WeightJumpDetector` decides from it whether the weights jumped.
+
+Keeping the previous weights would cost a copy of the model. The sketch of a tensor ``w`` (``n``
+entries, flattened) is its norm and a random signed fold of it into ``m = min(61, n)`` buckets (a
+CountSketch whose hash is the position modulo ``m``)::
+
+    f_i = sum_b sigma_b w_{b m + i},       sigma_b = +-1 at random, one per block of m entries,
+
+with the signs regenerated at every step from a fixed seed (``n / m`` numbers, never stored). For a
+move ``delta`` of the tensor, ``E_sigma sum_i (f_i - f'_i)^2 = ||delta||^2``: the fold estimates the
+distance without bias whatever the direction of the move (relative spread about ``sqrt(2 / m)``,
+18%, when the move is spread over many blocks), while the norms alone give only the lower bound
+``| ||w|| - ||w'|| |``, which is 0 for any norm-preserving change (a rotated or permuted weight
+matrix, swapped layers). A prime ``m`` spreads the entries of a matrix's row and of its column over
+different buckets for any row length that is not a multiple of 61. The reported shift is the larger
+of the two, over all tensors::
+
+    shift = max( sqrt(sum_p (||w_p|| - ||w'_p||)^2),  sqrt(sum_p sum_i (f_pi - f'_pi)^2) ).
+
+Cost per shadow step: one matrix-vector product over each tensor (a read of the weights) and
+``n / 61`` random signs, one tensor at a time and in float32 (a bfloat16 or float16 tensor is
+upcast, one tensor's scratch), with no host sync (the shift stays on the device until the sampler
+reads all its numbers at once). Float32 sums round at ~1e-7 of the weights' norm, ample for a
+detector that looks for moves ten times the usual one.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["SKETCH_VERSION", "sketch", "sketch_shift"]
+
+#: Buckets per tensor (fewer for tensors with fewer entries); prime, see the module docstring.
+BUCKETS = 61
+#: Seed of the signs: fixed, so sketches taken by different runs and processes (a resumed run,
+#: every DDP rank) are comparable.
+SKETCH_SEED = 0x51_CE7C
+#: Bumped whenever the sketch's layout or signs change: a stored sketch of another version is not
+#: compared with a new one.
+SKETCH_VERSION = 1
+
+
+def _fold(t: Tensor, index: int, generator: torch.Generator) -> Tensor:
+    w = t.detach().reshape(-1).float()
+    n = w.numel()
+    m = min(BUCKETS, n)
+    q, rem = divmod(n, m)
+    generator.manual_seed(SKETCH_SEED + index)
+    signs = torch.randint(0, 2, (q + 1,), generator=generator, device=w.device).float().mul_(2).sub_(1)
+    f = torch.mv(w[: q * m].view(q, m).T, signs[:q])
+    if rem:
+        f[:rem].add_(w[q * m :] * signs[q])
+    return f
+
+
+def sketch(tensors: Sequence[Tensor], generator: torch.Generator) -> Tensor:
+    """The sketch of ``tensors`` (float64, on their device): their norms, then their folds.
+
+    ``generator`` is a scratch generator on the tensors' device (reseeded here for every tensor,
+    so its state does not matter)."""
+    with torch.no_grad():
+        norms = torch.stack(torch._foreach_norm([t.detach() for t in tensors], 2, dtype=torch.float32))
+        folds = [_fold(t, i, generator) for i, t in enumerate(tensors)]
+        return torch.cat([norms] + folds).double()
+
+
+def sketch_shift(new: Tensor, old: Tensor, num_tensors: int) -> Tensor:
+    """How far the weights moved between the sketches ``old`` and ``new`` of ``num_tensors``
+    tensors (see the module docstring), a 0-dim float64 tensor on their device."""
+    diff = new - old
+    bound = torch.linalg.vector_norm(diff[:num_tensors])
+    estimate = torch.linalg.vector_norm(diff[num_tensors:])
+    return torch.maximum(bound, estimate)
