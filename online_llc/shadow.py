@@ -21,11 +21,20 @@ state), updated in place; a shadow step of any number of chains reads its number
 once (one device sync: every chain's draw, noise variance, heat and offset norm, and the centre's
 shift); a deterministic model's centre loss is computed once per shadow step, not per chain; the
 weights' movement is measured from a sketch (:mod:`online_llc.sketch`), not a copy.
+
+Checkpoints: :meth:`ShadowSampler.state_dict` holds the offsets, the sampler's state, the chains'
+generator states (tagged with their device type), the step counter and the weight sketch. Loaded
+on the same device type, the chains continue exactly. Generator states do not carry over between
+device types (a CUDA generator's state is a Philox seed and offset, a CPU one a Mersenne twister),
+so loaded on another device type each chain's generator is reseeded from ``(seed, chain, step
+counter)`` with a warning: the chains continue from their offsets with a fresh, reproducible noise
+stream (the same distribution, not the same numbers).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -40,8 +49,8 @@ from .updates import state_dtype
 
 __all__ = ["ShadowStep", "ShadowSampler"]
 
-# Domain tag of derived_seed: the model's randomness per step.
-_DROPOUT_SEEDS = 1
+# Domain tags of derived_seed: the model's randomness per step, and a generator reseeded on load.
+_DROPOUT_SEEDS, _RESEEDS = 1, 2
 
 
 @dataclass(frozen=True)
@@ -182,12 +191,13 @@ class ShadowSampler:
         return ShadowStep(infos, diverged, shift)
 
     def state_dict(self) -> Dict[str, Any]:
-        """Offsets, sampler state and the sketch (tensors), generator states (uint8 tensors), the
-        step and divergence counts."""
+        """Offsets, sampler state and the sketch (tensors), generator states (uint8 tensors) with
+        their device type, the step and divergence counts."""
         return {
             "offsets": [{n: t.detach().clone() for n, t in off.items()} for off in self.offsets],
             "aux": [{n: t.detach().clone() for n, t in a.items()} for a in self.aux],
             "generators": [g.get_state() for g in self.generators],
+            "generator_device": self.device.type,
             "steps": self.steps,
             "divergences": self.divergences,
             "center_sketch": None if self._sketch is None else self._sketch.clone(),
@@ -197,7 +207,8 @@ class ShadowSampler:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict` (same number of chains and parameter names)."""
+        """Restore a :meth:`state_dict` (same number of chains and parameter names), onto this
+        sampler's device; see the module docstring for generator states of another device type."""
         offsets, gens = state["offsets"], state["generators"]
         if len(offsets) != self.num_chains or len(gens) != self.num_chains:
             raise ValueError(f"Expected a state with {self.num_chains} chains, got {len(offsets)}.")
@@ -213,8 +224,7 @@ class ShadowSampler:
             raise ValueError(f"Expected sampler state for {self.config.sampler!r} in every chain, got {[sorted(a) for a in aux]}.")
         self.aux = [{n: _to_state(t, like[n]) for n, t in a.items()} for a in aux]
         self.steps = int(state.get("steps", 0))
-        for g, s in zip(self.generators, gens):
-            g.set_state(s.cpu() if isinstance(s, Tensor) else torch.tensor(s, dtype=torch.uint8))
+        self._load_generators(gens, state.get("generator_device"))
         self.divergences = int(state["divergences"])
         if "step_size" in state:
             self.config = replace(self.config, step_size=float(state["step_size"]))
@@ -222,6 +232,28 @@ class ShadowSampler:
         # comparable: the first step after loading reports no shift.
         sk = state.get("center_sketch") if state.get("sketch_version") == SKETCH_VERSION else None
         self._sketch = None if sk is None else torch.as_tensor(sk).to(self.device)
+
+    def _load_generators(self, states: List[Any], device_type: Optional[str]) -> None:
+        reseeded = []
+        for c, (g, s) in enumerate(zip(self.generators, states)):
+            s = s.cpu() if isinstance(s, Tensor) else torch.tensor(s, dtype=torch.uint8)
+            ok = device_type in (None, self.device.type)
+            if ok:
+                try:
+                    g.set_state(s)
+                except RuntimeError:  # a state of another generator type (an untagged older state)
+                    ok = False
+            if not ok:
+                g.manual_seed(derived_seed(_RESEEDS, self.seed, c, self.steps))
+                reseeded.append(c)
+        if reseeded:
+            warnings.warn(
+                f"ShadowSampler: the generator states were saved on {device_type or 'another device type'} "
+                f"and cannot be restored on {self.device.type}; chains {reseeded} continue from their "
+                "offsets with fresh noise streams seeded from (seed, chain, step), so the run is "
+                "reproducible but its noise differs from an uninterrupted one.",
+                stacklevel=3,
+            )
 
 
 def _to_state(t: Tensor, like: Tensor) -> Tensor:

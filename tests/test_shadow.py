@@ -1,6 +1,9 @@
-"""The shadow sampler at scale: host syncs per step, memory, the shared centre loss, checkpoints."""
+"""The shadow sampler at scale: host syncs per step, memory, the shared centre loss, checkpoints
+that move between devices."""
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
@@ -216,3 +219,52 @@ def test_checkpoint_on_the_same_device_continues_exactly():
     for c in range(2):
         for n in a.offsets[c]:
             assert torch.equal(a.offsets[c][n], b.offsets[c][n])
+
+
+@pytest.mark.parametrize("tagged", [True, False])
+def test_checkpoint_with_cuda_generator_states_loads_on_cpu(tagged):
+    """A state saved on a CUDA device carries CUDA generator states (16 bytes: Philox seed and
+    offset, simulated here), which a CPU generator cannot take. Loaded on CPU, the offsets, sampler
+    state and counters come back, and each chain's generator is reseeded from (seed, chain, step)
+    with a warning: two loads continue identically. An untagged (older) state is recognised by
+    the failed restore."""
+    a = _sampler()
+    for i in range(3):
+        a.step(make_batch(i))
+    state = a.state_dict()
+    state["generators"] = [torch.arange(16, dtype=torch.uint8) + c for c in range(2)]
+    if tagged:
+        state["generator_device"] = "cuda"
+    else:
+        del state["generator_device"]
+
+    def load():
+        s = _sampler(seed=7)
+        with pytest.warns(UserWarning, match=r"generator states were saved on .* cannot be restored on cpu"):
+            s.load_state_dict(state)
+        return s
+
+    b, c = load(), load()
+    assert b.steps == 3 and b.divergences == a.divergences
+    for n in a.offsets[0]:
+        assert torch.equal(b.offsets[0][n], a.offsets[0][n]) and torch.equal(b.aux[1][n], a.aux[1][n])
+    out_b, out_c = b.step(make_batch(3)), c.step(make_batch(3))
+    assert out_b.draws == out_c.draws  # reproducible after the reseed
+    assert out_b.draws[0] == a.step(make_batch(3)).draws[0]  # the draw precedes the first new noise
+    assert not torch.equal(b.offsets[0]["0.weight"], a.offsets[0]["0.weight"])  # a new noise stream
+
+
+def test_old_low_precision_offsets_load_as_float32():
+    """States saved before the chain state was float32 may hold bfloat16 offsets: they load as
+    float32."""
+    a = _sampler("sghmc")
+    a.step(make_batch(0))
+    state = a.state_dict()
+    state["offsets"] = [{n: t.bfloat16() for n, t in off.items()} for off in state["offsets"]]
+    del state["center_sketch"], state["sketch_version"], state["steps"], state["generator_device"]
+    b = _sampler("sghmc")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        b.load_state_dict(state)
+    assert all(t.dtype == torch.float32 for off in b.offsets for t in off.values())
+    assert b.step(make_batch(1)).center_shift != b.step(make_batch(2)).center_shift  # NaN, then a number
