@@ -37,6 +37,7 @@ __all__ = [
     "cuda_devices",
     "derived_seed",
     "deterministic",
+    "moved_weights",
     "paired_losses_and_grads",
     "private_rng",
     "split_halves",
@@ -238,7 +239,7 @@ def split_halves(batch: Any) -> Optional[Tuple[Any, Any, int]]:
     return _take(batch, 0, half), _take(batch, half, size), size
 
 
-def _moved(center: Mapping[str, Tensor], xi: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+def moved_weights(center: Mapping[str, Tensor], xi: Mapping[str, Tensor]) -> Dict[str, Tensor]:
     """``w* + xi`` in the parameters' dtype: the offsets stay float32 (the sum is formed in the
     wider dtype, then cast for the forward; the gradient flows back to ``xi`` in float32)."""
     return {n: (center[n] + xi[n]).to(center[n].dtype) for n in xi}
@@ -282,7 +283,7 @@ def paired_losses_and_grads(
                 center_losses = (evaluator.losses(center, first).detach(), evaluator.losses(center, second).detach())
         c1, c2 = center_losses
         rewind()
-        moved = _moved(center, xi)
+        moved = moved_weights(center, xi)
         s1 = evaluator.losses(moved, first)
         _check_same(c1, s1)
         g1 = list(torch.autograd.grad(s1.mean(), leaves, allow_unused=True))
@@ -296,7 +297,7 @@ def paired_losses_and_grads(
             center_losses = (evaluator.losses(center, batch).detach(),)
     (l_center,) = center_losses
     rewind()
-    moved = _moved(center, xi)
+    moved = moved_weights(center, xi)
     l_sample = evaluator.losses(moved, batch)
     del moved
     _check_same(l_center, l_sample)

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .config import MAX_HEAT, resolve_hyperparameters
 from .errors import check_positive_float, check_positive_int, reject_unknown
-from .evaluator import LossEvaluator, LossFn, private_rng, split_halves
+from .evaluator import LossEvaluator, LossFn, moved_weights, private_rng, split_halves
 from .offline import NonFiniteDrawError, estimate_llc
 from .sgld import SGLDConfig
 
@@ -258,7 +258,8 @@ def mala_acceptance(
     def potential(xi: Mapping[str, Tensor]) -> Tuple[float, List[Tensor]]:
         rewind()
         leaf = {n: t.detach().requires_grad_(True) for n, t in xi.items()}
-        loss = evaluator.losses({n: center[n] + leaf[n] for n in leaf}, batch).mean()
+        # w* + xi cast to the parameters' dtype (offsets are float32 for a bfloat16 model).
+        loss = evaluator.losses(moved_weights(center, leaf), batch).mean()
         grads = torch.autograd.grad(loss, list(leaf.values()), allow_unused=True)
         with torch.no_grad():
             u = nbeta * float(loss.detach().double()) + 0.5 * gamma * sum(
