@@ -211,9 +211,9 @@ def resolve_hyperparameters(
     Returns:
         A validated :class:`~online_llc.sgld.SGLDConfig`.
     """
-    check_positive_int("num_samples", num_samples)
+    num_samples = check_positive_int("num_samples", num_samples)
     if batch_size is not None:
-        check_positive_int("batch_size", batch_size)
+        batch_size = check_positive_int("batch_size", batch_size)
     if nbeta is None:
         default_nbeta(num_samples)  # validates n >= 2
     nbeta, localization = default_estimand(num_samples, nbeta, localization, online)
