@@ -27,9 +27,9 @@ from .config import (
     relaxation_steps,
     resolve_hyperparameters,
 )
-from .errors import NonFiniteDrawError, check_nonneg_int, check_positive_int, reject_unknown
+from .errors import NonFiniteDrawError, check_choice, check_int, check_nonneg_int, check_positive_int, reject_unknown
 from .groups import resolve_groups
-from .evaluator import LossEvaluator, LossFn, cuda_devices, split_halves
+from .evaluator import MODES, LossEvaluator, LossFn, cuda_devices, split_halves
 from .heat import calibrated_step, combined_heat, discretization_bias, heat_from, max_step_size
 from .sgld import init_aux, sampler_step
 from .records import LLCResult
@@ -79,6 +79,7 @@ def estimate_llc(
     sampler: str = "sgld",
     friction: float = 0.1,
     params: Optional[Sequence[Any]] = None,
+    mode: str = "eval",
     **kwargs: Any,
 ) -> LLCResult:
     """Estimate the local learning coefficient of ``model`` at its current weights ``w*``.
@@ -121,6 +122,9 @@ def estimate_llc(
         params: sample only these parameters (parameter-name patterns, modules or parameters, as
             in :mod:`online_llc.groups`), the rest held at ``w*``: the weight-refined LLC of that
             group (Wang et al. 2024). ``None``: all trainable parameters.
+        mode: the model's mode during the sampler's passes: ``"eval"`` (the default: dropout
+            off, BatchNorm on its running statistics), ``"train"`` or ``"as_is"``; every
+            submodule's ``training`` flag is restored afterwards.
 
     Returns:
         An :class:`LLCResult` with the estimate, its standard error, the draws, the measured heat
@@ -143,13 +147,13 @@ def estimate_llc(
         True
     """
     reject_unknown("estimate_llc()", kwargs)
-    check_positive_int("num_chains", num_chains)
+    num_chains = check_positive_int("num_chains", num_chains)
     if num_draws is not None:
-        check_positive_int("num_draws", num_draws)
+        num_draws = check_positive_int("num_draws", num_draws)
     if burn_in is not None:
-        check_nonneg_int("burn_in", burn_in)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"Expected `seed` to be an int, got {seed!r}.")
+        burn_in = check_nonneg_int("burn_in", burn_in)
+    seed = check_int("seed", seed)
+    check_choice("mode", mode, MODES)
     config = resolve_hyperparameters(
         num_samples=num_samples,
         nbeta=nbeta,
@@ -159,7 +163,7 @@ def estimate_llc(
         friction=friction,
     )
     names = None if params is None else resolve_groups(model, {"params": list(params)})["params"]
-    evaluator = LossEvaluator(model, loss_fn, param_names=names)
+    evaluator = LossEvaluator(model, loss_fn, param_names=names, mode=mode)
     center = {n: t.clone() for n, t in evaluator.center().items()}
     device = next(iter(center.values())).device
     devices = cuda_devices(center)
@@ -301,7 +305,7 @@ def _batch_size(evaluator: LossEvaluator, center: Dict[str, torch.Tensor], batch
     parts = split_halves(batch)
     if parts is not None:
         return parts[2]
-    with torch.no_grad():
+    with torch.no_grad(), evaluator.mode_context():
         return int(evaluator.losses(center, batch).numel())
 
 

@@ -210,8 +210,12 @@ SMALL = deep_linear_problem([3, 2], 2, num_samples=256, batch_size=32, seed=0)
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(every_n_steps=0), ValueError, r"Expected `every_n_steps` to be a positive int, got 0\."),
-        (dict(window=1), ValueError, r"Expected `window` to be an int >= 2, got 1\."),
+        (dict(every_n_steps=0), ValueError, r"Expected `every_n_steps` to be a positive int or 'auto', got 0\."),
+        (dict(window=1), ValueError, r"Expected `window` to be an int >= 2 or 'auto', got 1\."),
+        (dict(window="often"), ValueError, r"Expected `window` to be an int >= 2 or 'auto', got 'often'\."),
+        (dict(total_steps=0), ValueError, r"Expected `total_steps` to be a positive int, got 0\."),
+        (dict(mode="test"), ValueError, r"Expected `mode` to be one of 'eval', 'train', 'as_is', got 'test'\."),
+        (dict(nbeta="100"), ValueError, r"Expected `nbeta` to be a finite float > 0, got '100'\."),
         (dict(num_chains=0), ValueError, r"Expected `num_chains` to be a positive int, got 0\."),
         (dict(warmup=-1), ValueError, r"Expected `warmup` to be a non-negative int, got -1\."),
         (dict(confidence=1.5), ValueError, r"Expected `confidence` to be a float in \(0, 1\), got 1\.5\."),
@@ -243,7 +247,7 @@ def test_bad_loss_and_model_and_step():
         monitor.update(next(iter(SMALL.batches)))
     monitor = OnlineLLC(SMALL.model, SMALL.loss_fn, num_samples=256, every_n_steps=5)
     monitor.update(next(iter(SMALL.batches)), step=10)
-    with pytest.raises(ValueError, match=r"Expected `step` to be an int >= the previous step 10, got 9\."):
+    with pytest.raises(ValueError, match=r"Expected `step` to be an int > the previous step 10 \(one call per optimizer step\), got 9\."):
         monitor.update(next(iter(SMALL.batches)), step=9)
 
 
