@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["OnlineLLCCallback", "LOGGED_KEYS"]
+__all__ = ["OnlineLLCCallback", "LOGGED_KEYS", "ESTIMATE_KEYS"]
 
 
 def __getattr__(name: str) -> Any:
