@@ -254,7 +254,7 @@ class OnlineLLCCallback(Callback):
             if trainer.is_global_zero:
                 warnings.warn(
                     f"OnlineLLCCallback set {type(cb).__name__}(monitor={monitor!r}) to strict=False: the LLC has no "
-                    f"estimate until the shadow chain has warmed up (at least {c.min_warmup * c.every_n_steps} "
+                    f"estimate until the shadow chain has warmed up (at least {c.warmup * c.every_n_steps} "
                     "training steps), so checks before the first estimate are skipped instead of raising. Pass "
                     "strict=False yourself to silence this.",
                     UserWarning,

@@ -33,7 +33,8 @@ The rule, in that order:
   needs a few batch means of draws) and the default 40 at most.
 
 Given values rule: an ``every_n_steps`` or ``window`` passed as an int is used as it is (the other
-is derived with it; with both given, only a run too short for any estimate is warned about).
+is derived with it; with both given, only a run too short for any estimate is warned about), and
+a fixed ``warmup`` count replaces the warm-up floor in the plan.
 Unknown ``T``: the defaults (25, 40, warm-up from 100 shadow steps).
 A run shorter than one warm-up floor and one window, even at every step, yields no estimate at
 all; the warning says so.
@@ -45,7 +46,7 @@ from dataclasses import dataclass, replace
 from typing import Optional, Union
 
 from .config import DEFAULT_EVERY_N_STEPS, DEFAULT_WINDOW
-from .errors import as_int, check_positive_int
+from .errors import as_int, check_nonneg_int, check_positive_int
 
 __all__ = [
     "AUTO",
@@ -95,7 +96,9 @@ class Cadence:
         warmup_tail: draws of stationary tail the equilibrium test needs (a multiple of 5).
         total_steps: the run's length it was sized for (``None``: unknown).
         overhead: the estimated monitor overhead per chain, ``2 / every_n_steps`` of training compute.
-        expected_windows: windows after the warm-up floor, ``(S - min_warmup) // window`` for
+        warmup: the warm-up the plan counts on: ``min_warmup``, or the fixed number of shadow
+            steps when ``warmup`` is an int.
+        expected_windows: windows after that warm-up, ``(S - warmup) // window`` for
             ``S = total_steps // every_n_steps`` shadow steps (``None`` when the length is unknown).
         message: one line for the user when the run is too short for the goals (over the
             overhead budget, fewer than :data:`TARGET_WINDOWS` windows, or no estimate at all);
@@ -110,6 +113,7 @@ class Cadence:
     warmup_tail: int = _TAIL
     total_steps: Optional[int] = None
     overhead: float = 2.0 / DEFAULT_EVERY_N_STEPS
+    warmup: int = _WARMUP
     expected_windows: Optional[int] = None
     message: Optional[str] = None
 
@@ -157,6 +161,7 @@ def auto_cadence(
     *,
     every_n_steps: Union[int, str] = AUTO,
     window: Union[int, str] = AUTO,
+    warmup: Union[int, str] = AUTO,
 ) -> Cadence:
     """The cadence for a run of ``total_steps`` optimizer steps (the rule is in the module docstring).
 
@@ -165,6 +170,9 @@ def auto_cadence(
             :data:`AUTO` means the defaults, 25 and 40).
         every_n_steps: training steps per shadow step, or :data:`AUTO`.
         window: draws per window, or :data:`AUTO`.
+        warmup: the monitor's warm-up policy: :data:`AUTO` (data-driven, from at least 100 shadow
+            steps, fewer for short runs) or a fixed number of shadow steps, which the plan then
+            counts on instead.
 
     Returns:
         The :class:`Cadence`, with ``message`` set when the run is too short for the goals.
@@ -179,23 +187,26 @@ def auto_cadence(
     """
     k_given = check_cadence_option("every_n_steps", every_n_steps, 1)
     w_given = check_cadence_option("window", window, 2)
+    fixed = None if warmup == AUTO else check_nonneg_int("warmup", warmup)
     if total_steps is None:
         k = DEFAULT_EVERY_N_STEPS if k_given == AUTO else k_given
         w = DEFAULT_WINDOW if w_given == AUTO else w_given
-        return Cadence(every_n_steps=k, window=w, overhead=2.0 / k)
+        return Cadence(every_n_steps=k, window=w, overhead=2.0 / k, warmup=_WARMUP if fixed is None else fixed)
     t = check_positive_int("total_steps", total_steps)
 
     if k_given == AUTO:
         w_for_k = DEFAULT_WINDOW if w_given == AUTO else w_given
-        by_warmup = int(t // (_WARMUP / WARMUP_FRACTION))
+        lead = _WARMUP if fixed is None else fixed
+        by_warmup = int(t // (lead / WARMUP_FRACTION)) if lead > 0 else DEFAULT_EVERY_N_STEPS
         by_windows = int((1 - WARMUP_FRACTION) * t // (TARGET_WINDOWS * w_for_k))
         k = _clamp(min(by_warmup, by_windows), 1, DEFAULT_EVERY_N_STEPS)
     else:
         k = k_given
     shadow = t // k
     floor = _clamp(int(WARMUP_FRACTION * shadow), MIN_WARMUP_FLOOR, _WARMUP)
-    w = _clamp((shadow - floor) // TARGET_WINDOWS, MIN_WINDOW, DEFAULT_WINDOW) if w_given == AUTO else w_given
-    windows = max(shadow - floor, 0) // w
+    warm = floor if fixed is None else fixed
+    w = _clamp((shadow - warm) // TARGET_WINDOWS, MIN_WINDOW, DEFAULT_WINDOW) if w_given == AUTO else w_given
+    windows = max(shadow - warm, 0) // w
     cadence = Cadence(
         every_n_steps=k,
         window=w,
@@ -205,9 +216,10 @@ def auto_cadence(
         warmup_tail=_clamp(5 * (floor // 10), 5, _TAIL),
         total_steps=t,
         overhead=2.0 / k,
+        warmup=warm,
         expected_windows=windows,
     )
-    shrunk = floor < _WARMUP or (w_given == AUTO and w < DEFAULT_WINDOW)
+    shrunk = (fixed is None and floor < _WARMUP) or (w_given == AUTO and w < DEFAULT_WINDOW)
     return _with_message(cadence, k_auto=k_given == AUTO, w_auto=w_given == AUTO, shrunk=shrunk)
 
 
@@ -215,11 +227,11 @@ def _with_message(c: Cadence, *, k_auto: bool, w_auto: bool, shrunk: bool) -> Ca
     """``c`` (sized for a known length) with its one-line message when the run is too short for the goals."""
     t, k, w, windows = c.total_steps, c.every_n_steps, c.window, c.expected_windows or 0
     cost = f"about {100 * c.overhead:.0f}% of training compute per chain"
-    sizes = f"windows of {w} draws, warm-up from {c.min_warmup} shadow steps"
+    sizes = f"windows of {w} draws, warm-up from {c.warmup} shadow steps"
     if windows == 0:
         msg = (
             f"OnlineLLC: a {t}-step run is too short for any LLC estimate at every_n_steps={k} with {sizes}: "
-            f"the first estimate needs at least {(c.min_warmup + w) * k} training steps. Pass a smaller "
+            f"the first estimate needs at least {(c.warmup + w) * k} training steps. Pass a smaller "
             "every_n_steps or window, or train longer."
         )
     elif (k_auto or w_auto) and ((k_auto and k < OVERHEAD_BUDGET_STEPS) or windows < TARGET_WINDOWS or shrunk):

@@ -131,7 +131,7 @@ class MonitorSettings:
     def cadence(self) -> Cadence:
         """The schedule: ``every_n_steps``, ``window`` and the warm-up's bounds, ``"auto"`` values
         sized to ``total_steps`` (:func:`online_llc.cadence.auto_cadence`)."""
-        return auto_cadence(self.total_steps, every_n_steps=self.every_n_steps, window=self.window)
+        return auto_cadence(self.total_steps, every_n_steps=self.every_n_steps, window=self.window, warmup=self.warmup_policy)
 
     def sgld_config(self) -> SGLDConfig:
         """The sampler's hyperparameters, with the defaults that depend on ``num_samples`` filled in."""
