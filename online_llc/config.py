@@ -57,10 +57,11 @@ on its measured heat in the same way.
 
 Online cadence (``python benchmarks/overhead.py`` prints the overhead):
 
-* ``every_n_steps = 25``. A shadow step costs one forward+backward and one forward on one batch
-  plus the Gaussian noise for every parameter: about 2x a training step of a small MLP
-  (784-256-256-10, Adam, batch 128, one thread), less for compute-bound models (1.33x). The
-  overhead is about ``shadow cost / every_n_steps``.
+* ``every_n_steps = 25`` (what ``"auto"`` means for runs of unknown length or of 25000 steps
+  and more; :mod:`online_llc.cadence` sizes shorter runs). A shadow step costs one
+  forward+backward and one forward on one batch plus the Gaussian noise for every parameter:
+  about 2x a training step of a small MLP (784-256-256-10, Adam, batch 128, one thread), less
+  for compute-bound models (1.33x). The overhead is about ``shadow cost / every_n_steps``.
 * ``window = 40`` draws: a window then spans 1000 training steps. The estimate follows a step
   change within 3-4 windows (``benchmarks/step_change.py``), so lag is about
   ``4 * every_n_steps * window`` training steps: halve ``every_n_steps`` to halve the lag at twice
@@ -68,7 +69,8 @@ Online cadence (``python benchmarks/overhead.py`` prints the overhead):
   over the chain's autocorrelation time (``LLCEstimate.ess`` shows it).
 * ``warmup = "auto"``: equilibrium is detected from each chain's draws and squared offset norm
   (MSER-5, :mod:`online_llc.warmup`), at least 100 shadow steps for a chain starting at zero
-  offset (at a saddle the chain leaves slowly at first, which looks stationary).
+  offset (at a saddle the chain leaves slowly at first, which looks stationary); runs too short
+  for that within their first 10% get a proportionally shorter floor (at least 20).
 * ``horizon = 4`` windows: the band's standard error also counts correlation slower than one
   window (see :class:`online_llc.window.WindowStats`).
 """

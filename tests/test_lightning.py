@@ -464,9 +464,9 @@ def _raising_on_call(n: int):
 
 
 def test_a_failing_monitor_warns_once_and_training_continues():
-    # Four calls per shadow step (the centre's and the sample's half batches): fails at the first
-    # call of the 2nd shadow step (step 2).
-    loss_fn, calls = _raising_on_call(5)
+    # One call to check the first batch, then four per shadow step (the centre's and the sample's
+    # half batches): fails at the first call of the 2nd shadow step (step 2).
+    loss_fn, calls = _raising_on_call(6)
     cb = OnlineLLCCallback(loss_fn, **FAST)
     trainer = make_trainer([cb], max_steps=16)
     with warnings.catch_warnings(record=True) as rec:
@@ -477,12 +477,12 @@ def test_a_failing_monitor_warns_once_and_training_continues():
     assert len(ours) == 1
     assert "boom from loss_fn" in str(ours[0].message) and "strict=True" in str(ours[0].message)
     assert cb.failure == "step 2: RuntimeError: boom from loss_fn"
-    assert calls["n"] == 5  # no further updates
+    assert calls["n"] == 6  # no further updates
     assert cb.monitor.shadow_steps == 1 and cb.monitor.history() == []
 
 
 def test_a_failing_monitor_raises_when_strict():
-    loss_fn, _ = _raising_on_call(5)
+    loss_fn, _ = _raising_on_call(6)
     cb = OnlineLLCCallback(loss_fn, strict=True, **FAST)
     with pytest.raises(MonitorError, match=r"OnlineLLCCallback failed at step 2: RuntimeError\('boom from loss_fn'\)"):
         make_trainer([cb], max_steps=16).fit(make_module(), loader())
@@ -567,8 +567,10 @@ def test_num_samples_is_required_without_a_dataset_length():
 @pytest.mark.parametrize(
     "kwargs, exc, message",
     [
-        (dict(every_n_steps=0), ValueError, "Expected `every_n_steps` to be a positive int, got 0."),
-        (dict(window=1), ValueError, "Expected `window` to be an int >= 2, got 1."),
+        (dict(every_n_steps=0), ValueError, "Expected `every_n_steps` to be a positive int or 'auto', got 0."),
+        (dict(window=1), ValueError, "Expected `window` to be an int >= 2 or 'auto', got 1."),
+        (dict(mode="inference"), ValueError, "Expected `mode` to be one of 'eval', 'train', 'as_is', got 'inference'."),
+        (dict(total_steps=-5), ValueError, "Expected `total_steps` to be a positive int, got -5."),
         (dict(num_samples=0), ValueError, "Expected `num_samples` to be a positive int, got 0."),
         (dict(bogus=1), TypeError, "OnlineLLCCallback() got unexpected keyword argument(s): `bogus`."),
         (
@@ -673,7 +675,8 @@ def _nan_or_raise_on_rank1(kind: str):
     def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
         calls["n"] += 1
         out = per_sample_loss(model, batch)
-        if torch.distributed.get_rank() == 1 and calls["n"] == 5:  # rank 1's 3rd shadow step
+        # Rank 1's 2nd shadow step: after the first batch's check and the 1st step's four calls.
+        if torch.distributed.get_rank() == 1 and calls["n"] == 6:
             if kind == "raise":
                 raise RuntimeError("rank-1 failure")
             return out * float("nan")  # the chain diverges and is reset on rank 1 only
