@@ -23,7 +23,7 @@ import torch
 from online_llc.cadence import Cadence
 from online_llc.errors import MonitorError
 from online_llc.estimator import OnlineLLC
-from online_llc.records import FILTERED_STATUSES, STATUSES, LLCEstimate
+from online_llc.records import STATUSES, LLCEstimate
 from online_llc.settings import MonitorSettings
 from online_llc.sgld import LossFn
 

@@ -159,8 +159,9 @@ class Track:
             # unstable directions slowly at first, exponentially later: no test on its first
             # draws can tell that from stationarity (the stagewise demo's chain looked settled
             # after 60 draws and fell from -6 to -2800 over the next 150), so the floor is
-            # MIN_AUTO_WARMUP (shorter only for runs too short for it). A chain whose offsets were kept through a weight jump is already
-            # spread out and only needs MSER's own minimum.
+            # MIN_AUTO_WARMUP (shorter only for runs too short for it, online_llc.cadence). A
+            # chain whose offsets were kept through a weight jump is already spread out and only
+            # needs MSER's own minimum.
             self.detectors[c].restart(None if from_zero else self.min_rewarmup)
         else:
             self.warmup_left[c] = self.warmup
