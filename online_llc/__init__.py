@@ -23,7 +23,7 @@ from .errors import MonitorError, NonFiniteDrawError, OnlineLLCError
 from .estimator import STATUSES, ChainHealth, LLCEstimate, OnlineLLC, SmoothedPoint, Transition
 from .evaluator import LossFn
 from .filter import FilterInfo, LLCFilter
-from .groups import ParamSlice, attention_heads, groups_by_child, groups_by_linear, resolve_groups
+from .groups import ParamSlice, attention_heads, groups_by_child, groups_by_head, groups_by_linear, resolve_groups
 from .offline import LLCResult, estimate_llc
 from .sgld import SAMPLERS, SGLDConfig, SGLDInfo, default_nbeta, sampler_step, sgld_step
 from .tuning import PilotRun, StepSizeRecommendation, mala_acceptance, recommend_step_size
@@ -48,6 +48,7 @@ __all__ = [
     "attention_heads",
     "groups_by_child",
     "groups_by_linear",
+    "groups_by_head",
     "FilterInfo",
     "estimate_llc",
     "LLCResult",

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from online_llc import resolve_hyperparameters
@@ -29,6 +30,49 @@ def test_resolve_groups_from_patterns_modules_and_parameters():
     assert resolve_groups(m, {"all": m}) == {"all": ["0.weight", "0.bias", "2.weight", "2.bias"]}
     assert groups_by_child(m) == {"0": ["0.*"], "2": ["2.*"]}
     assert groups_by_linear(m) == {"0": ["0.weight", "0.bias"], "2": ["2.weight", "2.bias"]}
+
+
+class Conv1D(nn.Module):
+    """The ``transformers`` GPT-2 linear layer's layout (weight ``[in, out]``), without transformers."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.randn(nx, nf))
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(10, 4)
+        self.body = Conv1D(4, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.emb.weight  # tied, as GPT-2's lm_head
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.body(self.emb(ids))))
+
+
+def test_tied_weights_belong_to_one_group_and_conv1d_is_a_linear_layer():
+    m = TiedLM()
+    assert groups_by_child(m) == {"emb": ["emb.*"], "body": ["body.*"]}  # head owns no tensor of its own
+    assert groups_by_linear(m) == {"body": ["body.weight", "body.bias"], "head": ["emb.weight"]}
+    assert resolve_groups(m, {"h": [m.head]}) == {"h": ["emb.weight"]}
+    with pytest.raises(ValueError, match=r"got none \('head\.weight' is tied to 'emb\.weight' and named 'emb\.weight' once\)"):
+        resolve_groups(m, {"h": ["head.*"]})
+    with pytest.raises(ValueError, match=r"in both 'e' and 'h' \(tied as 'head\.weight'\)"):
+        resolve_groups(m, {"e": ["emb.*"], "h": [m.head]})
+    ids = torch.randint(0, 10, (8, 3))
+    monitor = OnlineLLC(m, lambda mod, b: F.cross_entropy(mod(b).transpose(1, 2), b, reduction="none").mean(-1),
+                        num_samples=64, every_n_steps=1, window=2, warmup=0, groups=groups_by_linear(m), group_budget=2)
+    for s in range(4):
+        monitor.update(ids)
+    assert all(len(monitor.group_history(g)) == 2 for g in ("body", "head"))
 
 
 @pytest.mark.parametrize(
