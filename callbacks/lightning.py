@@ -20,9 +20,10 @@ from typing import Any, Callable, Dict, Mapping, Optional
 import numpy as np
 import torch
 
+from online_llc.callbacks._metrics import LOGGED_KEYS, estimate_metrics, group_metrics
 from online_llc.errors import MonitorError
 from online_llc.estimator import OnlineLLC
-from online_llc.records import STATUSES, LLCEstimate
+from online_llc.records import LLCEstimate
 from online_llc.settings import MonitorSettings
 from online_llc.sgld import LossFn
 
@@ -37,22 +38,6 @@ except ImportError:  # pragma: no cover - exercised only without `lightning`
         ) from exc
 
 __all__ = ["OnlineLLCCallback", "LOGGED_KEYS"]
-
-#: The keys logged at every closed window, in this order. ``llc/status`` is the index of the
-#: status in :data:`online_llc.STATUSES` (0 warming_up, 1 tracking, 2 transition,
-#: 3 not_at_minimum, 4 diverged); diagnostics may be NaN where undefined (see LLCEstimate).
-LOGGED_KEYS = (
-    "llc/mean",
-    "llc/std",
-    "llc/lower",
-    "llc/upper",
-    "llc/status",
-    "llc/var_channel",
-    "llc/ratio",
-    "llc/dispersion",
-    "llc/heat",
-    "llc/step_size",
-)
 
 # Strategies whose parameters are sharded or partitioned: the shadow pass through
 # torch.func.functional_call would see shards, not the model.
@@ -271,9 +256,7 @@ class OnlineLLCCallback(Callback):
                     warnings.warn(f"OnlineLLCCallback at step {step}: {alarm}", RuntimeWarning, stacklevel=2)
                 self._alarms_seen.add(kind)
         if self.monitor.last_group_estimates:
-            metrics = {}
-            for name, g in self.monitor.last_group_estimates.items():
-                metrics[f"llc/{name}/mean"], metrics[f"llc/{name}/std"] = float(g.mean), float(g.std)
+            metrics = group_metrics(self.monitor.last_group_estimates)
             for k, v in metrics.items():
                 trainer.callback_metrics[k] = torch.tensor(v)
             if trainer.is_global_zero:
@@ -281,19 +264,7 @@ class OnlineLLCCallback(Callback):
                     logger.log_metrics(metrics, step=trainer.global_step)
 
     def _log(self, trainer: Any, pl_module: Any, est: LLCEstimate) -> None:
-        values = (
-            est.mean,
-            est.std,
-            est.lower,
-            est.upper,
-            float(STATUSES.index(est.status)),
-            est.var_channel,
-            est.ratio,
-            est.dispersion,
-            est.heat,
-            est.step_size,
-        )
-        metrics = dict(zip(LOGGED_KEYS, (float(v) for v in values)))
+        metrics = estimate_metrics(est)
         for k, v in metrics.items():
             trainer.callback_metrics[k] = torch.tensor(v)
         if trainer.is_global_zero:
