@@ -273,3 +273,17 @@ def test_attention_heads_move_only_their_slices():
         OnlineLLC(model, loss_fn, num_samples=64, groups={**heads, "all": ["attn.*"]})
     with pytest.raises(ValueError, match=r"with packed projections"):
         attention_heads(model.head, "head")
+
+
+def test_the_core_imports_no_framework():
+    """``online_llc`` (groups, heads and losses included) and ``online_llc.callbacks`` itself import
+    neither transformers nor Lightning: adapters load lazily."""
+    import subprocess
+    import sys
+
+    code = ("import sys, online_llc, online_llc.groups, online_llc.heads, online_llc.losses, online_llc.callbacks; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'transformers', 'accelerate', 'lightning', "
+            "'pytorch_lightning'}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
