@@ -341,7 +341,8 @@ class OnlineLLCTrainerCallback(TrainerCallback):
         finally:
             self._in_pass = False
         metrics = estimate_metrics(est) if est is not None else {}
-        metrics.update(group_metrics(self.monitor.last_group_estimates))
+        if self.monitor.shadow_steps != shadow_before:  # group estimates are those of this shadow step
+            metrics.update(group_metrics(self.monitor.last_group_estimates))
         if metrics:
             self._log(state, control, metrics)
         if est is not None:

@@ -255,7 +255,9 @@ class OnlineLLCCallback(Callback):
                 if kind not in self._alarms_seen and trainer.is_global_zero:
                     warnings.warn(f"OnlineLLCCallback at step {step}: {alarm}", RuntimeWarning, stacklevel=2)
                 self._alarms_seen.add(kind)
-        if self.monitor.last_group_estimates:
+        # Group estimates belong to the shadow step that produced them: not re-logged at the
+        # training steps in between.
+        if self.monitor.shadow_steps != shadow_before and self.monitor.last_group_estimates:
             metrics = group_metrics(self.monitor.last_group_estimates)
             for k, v in metrics.items():
                 trainer.callback_metrics[k] = torch.tensor(v)

@@ -144,6 +144,16 @@ def test_llc_keys_reach_tensorboard(tmp_path):
     assert [r["step"] for r in trainer.state.log_history if "loss" in r] == [4, 8, 12]
 
 
+def test_group_estimates_are_logged_once_between_shadow_steps(tmp_path):
+    heads = attention_heads(gpt2().transformer.h[0].attn, "transformer.h.0.attn")
+    cb = OnlineLLCTrainerCallback(groups=heads, **{**FAST, "every_n_steps": 2})
+    trainer = train(tmp_path, cb)
+    for name in heads:  # 6 shadow steps, one group each, round-robin: one window of 3 per head
+        rows = [r for r in trainer.state.log_history if f"llc/{name}/mean" in r]
+        assert [r[f"llc/{name}/mean"] for r in rows] == [e.mean for e in cb.monitor.group_history(name)]
+        assert len(rows) == 1
+
+
 def test_without_attach_it_warns_and_logs_to_the_state_only(tmp_path):
     cb = OnlineLLCTrainerCallback(**FAST)
     kw = dict(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=BATCH, use_cpu=True, report_to=[],
