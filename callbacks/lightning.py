@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from online_llc.cadence import Cadence
+from online_llc.callbacks._metrics import ESTIMATE_KEYS, LOGGED_KEYS, estimate_metrics, group_metrics
 from online_llc.errors import MonitorError
 from online_llc.estimator import OnlineLLC
-from online_llc.records import STATUSES, LLCEstimate
+from online_llc.records import LLCEstimate
 from online_llc.settings import MonitorSettings
 from online_llc.sgld import LossFn
 
@@ -38,28 +39,6 @@ except ImportError:  # pragma: no cover - exercised only without `lightning`
         ) from exc
 
 __all__ = ["OnlineLLCCallback", "LOGGED_KEYS", "ESTIMATE_KEYS"]
-
-#: The keys logged at a closed window, in this order. ``llc/status`` is the index of the
-#: status in :data:`online_llc.STATUSES` (0 warming_up, 1 tracking, 2 transition,
-#: 3 not_at_minimum, 4 diverged); diagnostics may be NaN where undefined (see LLCEstimate).
-#: The estimate's keys (:data:`ESTIMATE_KEYS`) are logged only for windows the filter absorbed
-#: (:data:`online_llc.records.FILTERED_STATUSES`): a warm-up or diverged window logs its status,
-#: its raw window mean (``llc/raw_mean``) and its diagnostics, never an ``llc/mean``.
-LOGGED_KEYS = (
-    "llc/mean",
-    "llc/std",
-    "llc/lower",
-    "llc/upper",
-    "llc/status",
-    "llc/raw_mean",
-    "llc/var_channel",
-    "llc/ratio",
-    "llc/dispersion",
-    "llc/heat",
-    "llc/step_size",
-)
-#: The filtered estimate and its band: logged only for windows the filter absorbed.
-ESTIMATE_KEYS = LOGGED_KEYS[:4]
 
 # Strategies whose parameters are sharded or partitioned: the shadow pass through
 # torch.func.functional_call would see shards, not the model.
@@ -328,29 +307,14 @@ class OnlineLLCCallback(Callback):
                 if kind not in self._alarms_seen and trainer.is_global_zero:
                     warnings.warn(f"OnlineLLCCallback at step {step}: {alarm}", RuntimeWarning, stacklevel=2)
                 self._alarms_seen.add(kind)
-        metrics = {}
-        for name, g in self.monitor.last_group_estimates.items():
-            if g.filtered:  # as for the whole model: a group's warm-up window is no estimate
-                metrics[f"llc/{name}/mean"], metrics[f"llc/{name}/std"] = float(g.mean), float(g.std)
-        self._publish(trainer, metrics)
+        # Group estimates belong to the shadow step that produced them: not re-logged at the
+        # training steps in between.
+        if self.monitor.shadow_steps != shadow_before and self.monitor.last_group_estimates:
+            self._publish(trainer, group_metrics(self.monitor.last_group_estimates))
 
     def _log(self, trainer: Any, pl_module: Any, est: LLCEstimate) -> None:
-        values = (
-            est.mean,
-            est.std,
-            est.lower,
-            est.upper,
-            float(STATUSES.index(est.status)),
-            est.raw_mean,
-            est.var_channel,
-            est.ratio,
-            est.dispersion,
-            est.heat,
-            est.step_size,
-        )
         # A warm-up or diverged window is no LLC estimate: its status and diagnostics only.
-        metrics = {k: float(v) for k, v in zip(LOGGED_KEYS, values) if est.filtered or k not in ESTIMATE_KEYS}
-        self._publish(trainer, metrics)
+        self._publish(trainer, estimate_metrics(est))
         if self.prog_bar and est.filtered and math.isfinite(est.mean):
             pl_module.log("llc", est.mean, prog_bar=True, logger=False, on_step=True, on_epoch=False)
 

@@ -26,7 +26,7 @@ from .errors import MonitorError, NonFiniteDrawError, OnlineLLCError
 from .estimator import STATUSES, ChainHealth, LLCEstimate, OnlineLLC, SmoothedPoint, Transition
 from .evaluator import LossFn
 from .filter import FilterInfo, LLCFilter
-from .groups import ParamSlice, attention_heads, groups_by_child, groups_by_linear, resolve_groups
+from .groups import ParamSlice, attention_heads, groups_by_child, groups_by_head, groups_by_linear, resolve_groups
 from .offline import LLCResult, estimate_llc
 from .records import FILTERED_STATUSES
 from .sgld import SAMPLERS, SGLDConfig, SGLDInfo, default_nbeta, sampler_step, sgld_step
@@ -55,6 +55,7 @@ __all__ = [
     "attention_heads",
     "groups_by_child",
     "groups_by_linear",
+    "groups_by_head",
     "FilterInfo",
     "estimate_llc",
     "LLCResult",
