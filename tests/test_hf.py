@@ -129,17 +129,20 @@ def test_llc_keys_reach_tensorboard(tmp_path):
     assert {f"train/{k}" for k in LOGGED_KEYS} <= tags
     est = cb.monitor.history()
     assert [e.step for e in est] == [3, 6, 9, 12]
+    # Every window logs its status and raw mean; only windows the filter absorbed log llc/mean.
+    assert [s.step for s in acc.Scalars("train/llc/raw_mean")] == [3, 6, 9, 12]
+    filtered = [e for e in est if e.filtered]
+    assert filtered and len(filtered) < len(est)  # the first window is warm-up
     logged = acc.Scalars("train/llc/mean")
-    assert [s.step for s in logged] == [e.step for e in est]
-    assert [s.value for s in logged] == pytest.approx([e.mean for e in est], rel=1e-6)
+    assert [s.step for s in logged] == [e.step for e in filtered]
+    assert [s.value for s in logged] == pytest.approx([e.mean for e in filtered], rel=1e-6)
     for h in ("head0", "head1"):
-        group = cb.monitor.group_history(f"transformer.h.0.attn.{h}")
-        assert len(group) == 4
+        group = [e for e in cb.monitor.group_history(f"transformer.h.0.attn.{h}") if e.filtered]
         values = [s.value for s in acc.Scalars(f"train/llc/transformer.h.0.attn.{h}/mean")]
-        assert values == pytest.approx([e.mean for e in group], rel=1e-6)
+        assert group and values == pytest.approx([e.mean for e in group], rel=1e-6)
     rows = [r for r in trainer.state.log_history if "llc/mean" in r]
-    assert [r["step"] for r in rows] == [3, 6, 9, 12]
-    assert [r["llc/mean"] for r in Recorder.logs if "llc/mean" in r] == [e.mean for e in est]
+    assert [r["step"] for r in rows] == [e.step for e in filtered]
+    assert [r["llc/mean"] for r in Recorder.logs if "llc/mean" in r] == [e.mean for e in filtered]
     # The Trainer's own logs at the same steps still happen (loss every 4 steps).
     assert [r["step"] for r in trainer.state.log_history if "loss" in r] == [4, 8, 12]
 
@@ -147,11 +150,13 @@ def test_llc_keys_reach_tensorboard(tmp_path):
 def test_group_estimates_are_logged_once_between_shadow_steps(tmp_path):
     heads = attention_heads(gpt2().transformer.h[0].attn, "transformer.h.0.attn")
     cb = OnlineLLCTrainerCallback(groups=heads, **{**FAST, "every_n_steps": 2})
-    trainer = train(tmp_path, cb)
-    for name in heads:  # 6 shadow steps, one group each, round-robin: one window of 3 per head
+    trainer = train(tmp_path, cb, max_steps=24)
+    for name in heads:  # 12 shadow steps, one group each, round-robin: two windows of 3 per head
         rows = [r for r in trainer.state.log_history if f"llc/{name}/mean" in r]
-        assert [r[f"llc/{name}/mean"] for r in rows] == [e.mean for e in cb.monitor.group_history(name)]
-        assert len(rows) == 1
+        group = cb.monitor.group_history(name)
+        assert len(group) == 2
+        # Each filtered window once (a warm-up window logs no mean), never again in between.
+        assert rows and [r[f"llc/{name}/mean"] for r in rows] == [e.mean for e in group if e.filtered]
 
 
 def test_without_attach_it_warns_and_logs_to_the_state_only(tmp_path):
@@ -161,7 +166,9 @@ def test_without_attach_it_warns_and_logs_to_the_state_only(tmp_path):
     trainer = Trainer(model=gpt2(), args=TrainingArguments(**kw), train_dataset=TokenDataset(), callbacks=[cb])
     with pytest.warns(RuntimeWarning, match=r"not attached to its Trainer.*Call callback\.attach\(trainer\)"):
         trainer.train()
-    assert [r["step"] for r in trainer.state.log_history if "llc/mean" in r] == [3, 6]
+    filtered = [e.step for e in cb.monitor.history() if e.filtered]
+    assert filtered and [r["step"] for r in trainer.state.log_history if "llc/mean" in r] == filtered
+    assert [r["step"] for r in trainer.state.log_history if "llc/raw_mean" in r] == [3, 6]
 
 
 # ---- non-interference --------------------------------------------------------------------------------
@@ -231,7 +238,7 @@ def test_state_file_loads_with_weights_only_and_names_its_version(tmp_path):
     train(tmp_path, cb, max_steps=4, save_strategy="steps", save_steps=4)
     state = torch.load(tmp_path / "checkpoint-4" / "online_llc.rank0.pt", weights_only=True)
     assert state["format"] == 1 and state["step"] == 4 and state["failure"] is None
-    other = OnlineLLC(gpt2(), causal_lm_loss, num_samples=NUM_SAMPLES, **FAST)
+    other = OnlineLLC(gpt2(), causal_lm_loss, num_samples=NUM_SAMPLES, total_steps=4, **FAST)
     assert state["rank"] == 0 and state["world_size"] == 1
     other.load_state_dict({k: v for k, v in state.items() if k not in ("format", "failure", "rank", "world_size")})
     assert [e.mean for e in other.history()] == [e.mean for e in cb.monitor.history()]
@@ -266,9 +273,12 @@ def test_gradient_accumulation_one_shadow_step_per_optimizer_step(tmp_path):
     assert cb.monitor.step == 6 and cb.monitor.shadow_steps == 6 and len(cb.monitor.history()) == 2
     for step in range(1, 7):
         # The shadow pass scores the batch's two halves, at the centre and at the moved weights.
-        halves = [ids for s, ids in seen if s == step]
-        assert len(halves) == 4
-        assert torch.equal(torch.cat(halves[:2]), micro[4 * step - 1])
+        calls = [ids for s, ids in seen if s == step]
+        # The first update also checks the loss's shape once, on the whole batch.
+        assert len(calls) == (5 if step == 1 else 4)
+        if step == 1:
+            assert torch.equal(calls[0], micro[3])
+        assert torch.equal(torch.cat(calls[-4:-2]), micro[4 * step - 1])
 
 
 # ---- options ---------------------------------------------------------------------------------------------
@@ -311,7 +321,7 @@ def test_num_samples_defaults_to_the_dataset_length(tmp_path):
     "args, kwargs, exc, message",
     [
         ((), {"bogus": 1}, TypeError, r"OnlineLLCTrainerCallback\(\) got unexpected keyword argument\(s\): `bogus`\."),
-        ((), {"every_n_steps": 0}, ValueError, r"Expected `every_n_steps` to be a positive int, got 0\."),
+        ((), {"every_n_steps": 0}, ValueError, r"Expected `every_n_steps` to be a positive int or 'auto', got 0\."),
         ((3,), {}, TypeError, r"Expected `loss_fn` to be callable"),
         ((), {"task": "translation"}, ValueError, r"Expected `task` to be one of 'auto', 'causal_lm', 'sequence_classification', got 'translation'\."),
         ((), {"name": "a/b"}, ValueError, r"Expected `name` to be a non-empty file stem"),
