@@ -150,3 +150,30 @@ def test_plot_labels_what_it_draws_from_a_lightning_csv(tmp_path):
         w.writerow([0, 1.0, 2.0, 1.0, 0.5, 3.0, 20])
     ax = plot_llc(read_run(str(old)))
     assert _legend(ax) == ["90% band", "filtered mean: tracking", "online LLC (filtered)", "window mean: warming_up"]
+
+
+def test_induction_phase_change_is_the_steepest_fall():
+    from online_llc.demos.induction import phase_change
+
+    steps = list(range(10, 210, 10))
+    rep = [3.5] * 8 + [3.0, 2.0, 0.8, 0.4] + [0.3] * 8  # plateau, then the fall from step 90 to 120
+    pc = phase_change(steps, rep)
+    assert pc["step"] == 110 and pc["onset"] == 90 and pc["end"] == 120
+    assert phase_change(steps, [3.5 - 0.01 * i for i in range(20)]) is None  # no fall by half: no phase change
+
+
+def test_induction_model_heads_are_disjoint_groups():
+    import torch
+
+    from online_llc.demos.induction import AttentionOnlyTransformer, per_sample_ce, repeated_sequences
+    from online_llc.groups import attention_heads, resolve_group_masks
+
+    model = AttentionOnlyTransformer(vocab=8, seq_len=8, d_model=8, num_heads=2)
+    seqs = repeated_sequences(5, 8, 4, seed=0)
+    assert torch.equal(seqs[:, :4], seqs[:, 4:]) and per_sample_ce(model, seqs).shape == (5,)
+    groups = {}
+    for i, layer in enumerate(model.layers):
+        groups.update(attention_heads(layer, f"layers.{i}"))
+    masks = resolve_group_masks(model, groups)
+    q = sum(m["layers.0.q_proj.weight"].int() for g, m in masks.items() if g.startswith("layers.0."))
+    assert torch.equal(q, torch.ones(8, 8, dtype=torch.int))  # the heads tile layer 0's query projection
