@@ -227,6 +227,8 @@ class OnlineLLCCallback(Callback):
         """
         for cb in getattr(trainer, "callbacks", []):
             monitor = getattr(cb, "monitor", None)
+            if cb is not self and isinstance(monitor, str) and monitor.startswith("llc/"):
+                self._guard_top_k(trainer, cb, monitor, c)
             if cb is self or not isinstance(monitor, str) or not monitor.startswith("llc/") or getattr(cb, "strict", None) is not True:
                 continue
             cb.strict = False
@@ -239,6 +241,34 @@ class OnlineLLCCallback(Callback):
                     UserWarning,
                     stacklevel=2,
                 )
+
+    @staticmethod
+    def _guard_top_k(trainer: Any, cb: Any, monitor: str, c: Cadence) -> None:
+        """Let ``ModelCheckpoint(monitor="llc/...")`` wait for the first estimate.
+
+        ``ModelCheckpoint`` has no ``strict``: once validation has run it raises when its key is
+        missing (Lightning 2.x ``_save_topk_checkpoint``), which it is until the chain has warmed
+        up. Its top-k save is wrapped, on this instance only, to skip while the key is absent: a
+        checkpoint has nothing to be ranked by before the first estimate. ``save_last`` and
+        every later save are untouched.
+        """
+        save_top_k = getattr(cb, "_save_topk_checkpoint", None)
+        if not callable(save_top_k) or getattr(save_top_k, "_waits_for_llc", False):
+            return
+
+        def wait_for_llc(trainer_: Any, candidates: Dict[str, Any]) -> None:
+            if monitor in candidates:
+                save_top_k(trainer_, candidates)
+
+        wait_for_llc._waits_for_llc = True  # type: ignore[attr-defined]
+        cb._save_topk_checkpoint = wait_for_llc
+        if trainer.is_global_zero:
+            warnings.warn(
+                f"OnlineLLCCallback: {type(cb).__name__}(monitor={monitor!r}) skips its top-k save until the first "
+                f"LLC estimate (at least {c.warmup * c.every_n_steps} training steps) instead of raising.",
+                UserWarning,
+                stacklevel=3,
+            )
 
     @staticmethod
     def _dataset_length(trainer: Any) -> int:

@@ -760,17 +760,15 @@ def test_auto_resume_keeps_the_checkpointed_schedule(tmp_path):
     assert resumed.monitor.step == 64
 
 
-# ---- a real short run: 220 steps on a digits-shaped task, EarlyStopping on llc/mean -----------------
+# ---- a real short run: 220 steps on scikit-learn's digits, EarlyStopping on llc/mean -----------------
 
 
-def digits_like(num_samples: int = 1797, seed: int = 0) -> TensorDataset:
-    """A stand-in for scikit-learn's digits (not installed here): 1797 samples of 8x8 = 64 pixel
-    intensities in 0..16, 10 classes, each class a noisy copy of its own random prototype."""
-    g = torch.Generator().manual_seed(seed)
-    prototypes = 16 * torch.rand(10, 64, generator=g)
-    y = torch.arange(num_samples) % 10
-    x = (prototypes[y] + 4 * torch.randn(num_samples, 64, generator=g)).clamp(0, 16).round()
-    return TensorDataset(x / 16, y)
+def digits() -> TensorDataset:
+    """scikit-learn's digits (shipped with the package): 1797 8x8 images, intensities 0..16."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return TensorDataset(torch.tensor(d.data, dtype=torch.float32) / 16, torch.tensor(d.target, dtype=torch.long))
 
 
 class DigitsClassifier(pl.LightningModule):
@@ -802,16 +800,20 @@ class _FirstCheck(Callback):
         self.seen.append("llc/mean" in trainer.callback_metrics)
 
 
-def test_a_220_step_run_with_defaults_tracks_and_early_stopping_on_llc_mean_works():
-    data = digits_like()
+def test_a_220_step_run_with_defaults_tracks_and_early_stopping_on_llc_mean_works(tmp_path):
+    data = digits()
     train = DataLoader(data, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
     val = DataLoader(data, batch_size=256)
     cb, logger, probe = OnlineLLCCallback(), ListLogger(), _FirstCheck()
     # patience: EarlyStopping must run its checks without error, not stop this short run.
     stopper = EarlyStopping(monitor="llc/mean", patience=1000)
+    # ModelCheckpoint has no strict flag: unguarded, it raised at the first validation after
+    # the first one (MisconfigurationException: could not find the monitored key).
+    keeper = ModelCheckpoint(dirpath=tmp_path, monitor="llc/mean", mode="min", save_top_k=1, every_n_train_steps=10)
     torch.manual_seed(0)
     trainer = make_trainer(
-        [cb, probe, stopper], max_steps=220, logger=logger, val_check_interval=10, limit_val_batches=1
+        [cb, probe, stopper, keeper], max_steps=220, logger=logger, val_check_interval=10, limit_val_batches=1,
+        enable_checkpointing=True,
     )
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
@@ -819,6 +821,7 @@ def test_a_220_step_run_with_defaults_tracks_and_early_stopping_on_llc_mean_work
     messages = [str(w.message) for w in rec if issubclass(w.category, UserWarning)]
     assert sum(m.startswith("OnlineLLC: a 220-step run is too short for the 10% overhead budget") for m in messages) == 1
     assert sum("set EarlyStopping(monitor='llc/mean') to strict=False" in m for m in messages) == 1
+    assert sum("ModelCheckpoint(monitor='llc/mean') skips its top-k save until the first" in m for m in messages) == 1
     assert trainer.global_step == 220 and cb.failure is None
 
     history = cb.monitor.history()
@@ -832,6 +835,9 @@ def test_a_220_step_run_with_defaults_tracks_and_early_stopping_on_llc_mean_work
     assert probe.seen[0] is False and probe.seen[-1] is True
     assert torch.isfinite(stopper.best_score)
     assert any(torch.tensor(e.mean).item() == stopper.best_score.item() for e in estimates)
+    # The best checkpoint is ranked by an estimate and was written after the first one.
+    assert keeper.best_model_path and os.path.exists(keeper.best_model_path)
+    assert any(torch.tensor(e.mean).item() == keeper.best_model_score.item() for e in estimates)
     # Only estimates write llc/mean; warm-up windows log their status and raw mean.
     rows = [m for _, m in logger.rows if "llc/status" in m]
     assert len(rows) == len(history)
