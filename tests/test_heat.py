@@ -208,17 +208,22 @@ def test_draws_grow_until_the_standard_error_is_small(monkeypatch: pytest.Monkey
     import online_llc.offline as offline
 
     monkeypatch.setattr(offline, "MAX_AUTO_DRAWS", 2000)  # one doubling at most, to keep it fast
-    p = deep_linear_problem([4, 3, 4], 1, num_samples=4096, batch_size=512, seed=0)
+    def problem():  # fresh batches each time (the shuffling generator advances with use)
+        return deep_linear_problem([4, 3, 4], 1, num_samples=4096, batch_size=512, seed=0)
+
+    p = problem()
     kw = dict(num_samples=p.num_samples, num_chains=2, burn_in=1000, step_size=3e-4, seed=1)
     loose = estimate_llc(p.model, p.loss_fn, p.batches, precision=0.5, **kw)
     base = loose.num_draws  # the first count (1000 x the step's shortening) already met 50%
     assert base < 2000
     with pytest.warns(RuntimeWarning, match="standard error .* after 2000 draws per chain"):
+        p = problem()
         tight = estimate_llc(p.model, p.loss_fn, p.batches, precision=1e-4, **kw)
     assert tight.num_draws == 2000 and tight.draws.shape == (2, 2000)
     # The chains continued where they stopped: the first 1000 kept draws are the loose run's.
     assert tight.draws[:, :base] == pytest.approx(loose.draws)
-    assert tight.std < loose.std
+    # (Its standard error need not be smaller: more draws can reveal slow drift between the
+    # chains, which the multi-chain standard error then counts.)
     fixed = estimate_llc(p.model, p.loss_fn, p.batches, precision=1e-4, num_draws=300, **kw)
     assert fixed.num_draws == 300  # a given count is kept
     with pytest.raises(ValueError, match="`precision`"):

@@ -470,7 +470,9 @@ DDP_SCRIPT = textwrap.dedent(
         json.dump({"world": straight._world_size, "history": hist(straight), "resumed": hist(resumed),
                    "fallback": hist(fallback),
                    "offset0": float(next(iter(straight.monitor.sampler.offsets[0].values())).flatten()[0]),
-                   "logged": [r["step"] for r in trainer.state.log_history if "llc/mean" in r]}, f)
+                   "logged": [r["step"] for r in trainer.state.log_history if "llc/mean" in r],
+                   "filtered": [e.step for e in straight.monitor.history() if e.filtered],
+                   "windows": [r["step"] for r in trainer.state.log_history if "llc/raw_mean" in r]}, f)
     """
 )
 
@@ -496,7 +498,9 @@ def test_ddp_two_ranks_share_one_filter(tmp_path):
     assert r0["world"] == r1["world"] == 2
     assert r0["history"] == r1["history"] and len(r0["history"]) == 2
     assert r0["offset0"] != r1["offset0"]  # each rank its own chain
-    assert r0["logged"] == r1["logged"] == [3, 6]
+    # Every window logs its raw mean; only filtered ones (not the warm-up) log llc/mean.
+    assert r0["windows"] == r1["windows"] == [3, 6]
+    assert r0["logged"] == r1["logged"] == r0["filtered"] and r0["filtered"]
     for r in (0, 1):
         assert (tmp_path / "split" / "checkpoint-4" / f"online_llc.rank{r}.pt").is_file()
     assert r0["resumed"] == r1["resumed"] == r0["history"]
