@@ -34,6 +34,7 @@ from online_llc.losses import causal_lm_loss, sequence_classification_loss  # no
 from online_llc.settings import MonitorSettings  # noqa: E402
 
 pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
     pytest.mark.filterwarnings("ignore:.*loss_type=None"),
     # Tiny batches of random tokens: the chain's heat alarm is expected and beside the point here.
     pytest.mark.filterwarnings("ignore:OnlineLLCTrainerCallback at step .*chain runs hot"),
@@ -41,14 +42,6 @@ pytestmark = [
 
 VOCAB, LENGTH, NUM_SAMPLES, BATCH = 64, 16, 64, 8
 FAST = dict(every_n_steps=1, window=3, warmup=2, seed=0)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 class TokenDataset(torch.utils.data.Dataset):

@@ -24,15 +24,9 @@ from online_llc.groups import (  # noqa: E402
 from online_llc.heads import is_conv1d  # noqa: E402
 from online_llc.losses import causal_lm_loss  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB = 64
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def gpt2() -> nn.Module:

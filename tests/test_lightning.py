@@ -37,6 +37,7 @@ from online_llc.cadence import auto_cadence  # noqa: E402
 from online_llc.callbacks import ESTIMATE_KEYS, LOGGED_KEYS, OnlineLLCCallback  # noqa: E402
 
 pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
     pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec"),
     pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`, callbacks used to create"),
     pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning"),
@@ -47,14 +48,6 @@ NUM_SAMPLES = 64
 BATCH_SIZE = 8  # 8 batches per epoch
 # Every optimizer step runs a shadow step; a window closes every 5 steps; the first window warms up.
 FAST = dict(every_n_steps=1, window=5, warmup=5, seed=0)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 # ---- helpers ---------------------------------------------------------------------------------------

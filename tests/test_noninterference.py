@@ -24,6 +24,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from online_llc import OnlineLLC
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 NUM_SAMPLES = 512
 NUM_FEATURES = 8
 NUM_CLASSES = 3
@@ -42,15 +44,6 @@ OPTIMIZERS = {
     "sgd_momentum_wd": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-3),
     "adam": lambda params: torch.optim.Adam(params, lr=1e-2),
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Single-threaded CPU kernels: cheap on a shared machine, and one fixed reduction order."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
