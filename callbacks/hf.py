@@ -39,6 +39,7 @@ from typing import Any, Callable, Dict, Mapping, Optional
 import numpy as np
 import torch
 
+from online_llc.callbacks._failure import monitor_failed
 from online_llc.callbacks._metrics import LOGGED_KEYS, estimate_metrics, group_metrics
 from online_llc.errors import MonitorError
 from online_llc.estimator import OnlineLLC
@@ -325,18 +326,8 @@ class OnlineLLCTrainerCallback(TrainerCallback):
             with context:
                 est = self.monitor.update(batch, step)
         except Exception as exc:  # noqa: BLE001 - the monitor must not kill training
-            if self.strict:
-                raise MonitorError(f"OnlineLLCTrainerCallback failed at step {step}: {exc!r}") from exc
-            self.failure = f"step {step}: {type(exc).__name__}: {exc}"
-            due = step % self.monitor.every_n_steps == 0
-            if self._world_size > 1 and due and self.monitor.shadow_steps == shadow_before:
-                self.monitor.skip_step(step)  # the failed step's draw never reached the window
-            warnings.warn(
-                f"OnlineLLCTrainerCallback disabled itself after a failure ({self.failure}); training continues. "
-                "Pass strict=True to raise instead.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            self.failure = monitor_failed("OnlineLLCTrainerCallback", self.monitor, step, exc, strict=self.strict,
+                                          world_size=self._world_size, shadow_before=shadow_before)
             return
         finally:
             self._in_pass = False

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from online_llc.cadence import Cadence
+from online_llc.callbacks._failure import monitor_failed
 from online_llc.callbacks._metrics import ESTIMATE_KEYS, LOGGED_KEYS, estimate_metrics, group_metrics
-from online_llc.errors import MonitorError
 from online_llc.estimator import OnlineLLC
 from online_llc.records import LLCEstimate
 from online_llc.settings import MonitorSettings
@@ -316,19 +316,8 @@ class OnlineLLCCallback(Callback):
             with trainer.precision_plugin.forward_context():
                 est = self.monitor.update(batch, step)
         except Exception as exc:  # noqa: BLE001 - the monitor must not kill training
-            if self.strict:
-                raise MonitorError(f"OnlineLLCCallback failed at step {step}: {exc!r}") from exc
-            self.failure = f"step {step}: {type(exc).__name__}: {exc}"
-            due = step % self.monitor.every_n_steps == 0
-            if self._world_size > 1 and due and self.monitor.shadow_steps == shadow_before:
-                # The failed step's draw never reached the window: add its placeholder now.
-                self.monitor.skip_step(step)
-            warnings.warn(
-                f"OnlineLLCCallback disabled itself after a failure ({self.failure}); training continues. "
-                "Pass strict=True to raise instead.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            self.failure = monitor_failed("OnlineLLCCallback", self.monitor, step, exc, strict=self.strict,
+                                          world_size=self._world_size, shadow_before=shadow_before)
             return
         if est is not None:
             self._log(trainer, pl_module, est)
