@@ -4,11 +4,16 @@ against the theoretical learning coefficient; and batch-size invariance on a dee
 
 Each cell runs :func:`online_llc.estimate_llc` with every sampler setting at its default (nbeta,
 localization, step size, burn-in) and prints estimate / lambda with the heat it measured and the
-settings it chose. The last block compares batch 32 with batch 1024 on one network, in units of
+settings it chose. A second block runs normal crossings built from data,
+``y = w1^a w2^b x + e`` at ``w* = 0`` with the noise made exactly orthogonal to ``x``, so that
+``L_n(w) - L_n(0) = c w1^(2a) w2^(2b)`` with ``c = mean(x^2) / 2`` exactly while every minibatch
+still carries gradient noise; its target is ``nbeta E[K]`` under ``exp(-nbeta K - gamma |w|^2 / 2)``
+at the nbeta and localization the estimator reports, integrated on a grid here (independently of
+the estimator). The last block compares batch 32 with batch 1024 on one network, in units of
 their combined reported standard error.
 
 Run: ``python benchmarks/known_lambda.py`` (about an hour on 2 cores); ``--sizes 100000`` for one
-data size, ``--no-invariance`` to skip the last block.
+data size; ``--part networks|crossings|invariance`` for one block.
 """
 
 from __future__ import annotations
@@ -17,12 +22,51 @@ import argparse
 import math
 import time
 
+import numpy as np
 import torch
+from torch import nn
 
 from online_llc import estimate_llc
-from online_llc.toy import deep_linear_problem
+from online_llc.toy import ShuffledBatches, deep_linear_problem
 
 MODELS = [([10, 3, 5], 1), ([6, 6, 6], 2), ([5, 3, 4, 6, 2], 1), ([8, 8, 8, 8], 2)]
+CROSSINGS = [(1, 1), (1, 2)]  # lambda 1/2 (m = 2) and 1/4
+
+
+class CrossingRegression(nn.Module):
+    """``f(x) = w1^a w2^b x``, at ``w* = 0``."""
+
+    def __init__(self, a: int, b: int) -> None:
+        super().__init__()
+        self.a, self.b = a, b
+        self.w = nn.Parameter(torch.zeros(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w[0] ** self.a * self.w[1] ** self.b * x
+
+
+def crossing_loss(model: nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    return 0.5 * (y - model(x)).pow(2)
+
+
+def crossing_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    g = np.random.default_rng(seed)
+    x = g.standard_normal(n)
+    e = g.standard_normal(n)
+    e -= x * (x @ e) / (x @ x)  # exactly orthogonal: no linear term in L_n, so w* = 0 is the minimum
+    return torch.tensor(x, dtype=torch.float32), torch.tensor(e, dtype=torch.float32), float(x @ x / n / 2)
+
+
+def crossing_target(a: int, b: int, c: float, nbeta: float, gamma: float, points: int = 4001) -> float:
+    """``nbeta E[K]`` under ``exp(-nbeta c w1^(2a) w2^(2b) - gamma |w|^2 / 2)``, by the midpoint rule
+    on ``[-R, R]^2`` with ``R = 9 / sqrt(gamma)`` (the Gaussian factor is below e^-40 outside)."""
+    r = 9.0 / math.sqrt(gamma)
+    w = (np.arange(points) + 0.5) / points * 2 * r - r
+    k = c * np.outer(w ** (2 * a), w ** (2 * b))
+    logp = -nbeta * k - 0.5 * gamma * (w[:, None] ** 2 + w[None, :] ** 2)
+    p = np.exp(logp - logp.max())
+    return float(nbeta * (p * k).sum() / p.sum())
 
 
 def main() -> None:
@@ -30,27 +74,57 @@ def main() -> None:
     ap.add_argument("--sizes", default="10000,100000,1000000")
     ap.add_argument("--batches", default="32,256")
     ap.add_argument("--chains", type=int, default=2)
-    ap.add_argument("--no-invariance", action="store_true")
+    ap.add_argument("--part", choices=["all", "networks", "crossings", "invariance"], default="all")
     args = ap.parse_args()
     torch.set_num_threads(1)
     sizes = [int(v) for v in args.sizes.split(",")]
+    batches = [int(v) for v in args.batches.split(",")]
+    if args.part in ("all", "networks"):
+        networks(sizes, batches, args.chains)
+    if args.part in ("all", "crossings"):
+        crossings(sizes, batches, args.chains)
+    if args.part in ("all", "invariance"):
+        invariance()
+
+
+def networks(sizes: list[int], batches: list[int], chains: int) -> None:
     print("model                 lambda        n  batch | estimate/lambda  se/lambda  heat | nbeta  gamma  step      burn-in")
     worst = 0.0
     for widths, r in MODELS:
         for n in sizes:
-            for b in [int(v) for v in args.batches.split(",")]:
+            for b in batches:
                 p = deep_linear_problem(widths, r, num_samples=n, batch_size=b, seed=0)
                 t = time.time()
-                res = estimate_llc(p.model, p.loss_fn, p.batches, num_samples=n, num_chains=args.chains, seed=1)
+                res = estimate_llc(p.model, p.loss_fn, p.batches, num_samples=n, num_chains=chains, seed=1)
                 rel = res.mean / p.lam
                 worst = max(worst, abs(rel - 1))
                 print(f"{str(widths):20s} {p.lam:6.1f} {n:8d} {b:6d} | {rel:8.3f} {res.std / p.lam:10.3f} {res.heat:7.3f} |"
                       f" {res.nbeta:5.0f} {res.localization:6.2f} {res.step_size:.3g} {res.burn_in:7d}  ({time.time() - t:.0f} s)",
                       flush=True)
     print(f"worst |estimate / lambda - 1| = {worst:.3f}")
-    if args.no_invariance:
-        return
 
+
+def crossings(sizes: list[int], batches: list[int], chains: int) -> None:
+    print("\nnormal crossings from data; target = nbeta E[K] at the reported nbeta and localization")
+    print("K                lambda        n  batch | target  estimate/target  se/target  heat | nbeta  gamma  step      burn-in")
+    worst = 0.0
+    for a, b in CROSSINGS:
+        for n in sizes:
+            x, y, c = crossing_data(n, seed=0)
+            for bs in batches:
+                t = time.time()
+                res = estimate_llc(CrossingRegression(a, b), crossing_loss, ShuffledBatches(x, y, batch_size=bs, seed=0),
+                                   num_samples=n, num_chains=chains, seed=1)
+                target = crossing_target(a, b, c, res.nbeta, res.localization)
+                rel = res.mean / target
+                worst = max(worst, abs(rel - 1))
+                print(f"w1^{2 * a} w2^{2 * b}        {1 / (2 * max(a, b)):6.3f} {n:8d} {bs:6d} | {target:6.3f} {rel:11.3f} "
+                      f"{res.std / target:10.3f} {res.heat:7.3f} | {res.nbeta:5.0f} {res.localization:6.2f} "
+                      f"{res.step_size:.3g} {res.burn_in:7d}  ({time.time() - t:.0f} s)", flush=True)
+    print(f"worst |estimate / target - 1| = {worst:.3f}")
+
+
+def invariance() -> None:
     print("\nbatch-size invariance, dln [8, 8, 8, 8] r=2, n = 100000")
     out = {}
     for b in (32, 1024):

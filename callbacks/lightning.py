@@ -20,9 +20,11 @@ from typing import Any, Callable, Dict, Mapping, Optional
 import numpy as np
 import torch
 
-from online_llc.errors import MonitorError
+from online_llc.cadence import Cadence
+from online_llc.callbacks._failure import monitor_failed
+from online_llc.callbacks._metrics import ESTIMATE_KEYS, LOGGED_KEYS, estimate_metrics, group_metrics
 from online_llc.estimator import OnlineLLC
-from online_llc.records import STATUSES, LLCEstimate
+from online_llc.records import LLCEstimate
 from online_llc.settings import MonitorSettings
 from online_llc.sgld import LossFn
 
@@ -36,23 +38,7 @@ except ImportError:  # pragma: no cover - exercised only without `lightning`
             "online_llc.callbacks.OnlineLLCCallback needs Lightning: pip install 'online-llc[lightning]'"
         ) from exc
 
-__all__ = ["OnlineLLCCallback", "LOGGED_KEYS"]
-
-#: The keys logged at every closed window, in this order. ``llc/status`` is the index of the
-#: status in :data:`online_llc.STATUSES` (0 warming_up, 1 tracking, 2 transition,
-#: 3 not_at_minimum, 4 diverged); diagnostics may be NaN where undefined (see LLCEstimate).
-LOGGED_KEYS = (
-    "llc/mean",
-    "llc/std",
-    "llc/lower",
-    "llc/upper",
-    "llc/status",
-    "llc/var_channel",
-    "llc/ratio",
-    "llc/dispersion",
-    "llc/heat",
-    "llc/step_size",
-)
+__all__ = ["OnlineLLCCallback", "LOGGED_KEYS", "ESTIMATE_KEYS"]
 
 # Strategies whose parameters are sharded or partitioned: the shadow pass through
 # torch.func.functional_call would see shards, not the model.
@@ -90,10 +76,14 @@ class OnlineLLCCallback(Callback):
 
     At every ``every_n_steps``-th optimizer step (from ``trainer.global_step``, so gradient
     accumulation gives one shadow step per optimizer step, never per micro-batch) it runs one
-    shadow SGLD step on that step's batch, under the trainer's precision context. When a window
-    closes it logs :data:`LOGGED_KEYS` through every logger of the trainer (rank 0, step =
+    shadow SGLD step on that step's batch, under the trainer's precision context. With the
+    ``"auto"`` defaults, ``every_n_steps`` and ``window`` are sized to the run's length,
+    ``trainer.estimated_stepping_batches`` (:mod:`online_llc.cadence`). When a window closes it
+    logs :data:`LOGGED_KEYS` through every logger of the trainer (rank 0, step =
     ``trainer.global_step``) and puts them in ``trainer.callback_metrics``, so another callback
-    (e.g. ``EarlyStopping(monitor="llc/mean")``) can use them.
+    can use them; warm-up and diverged windows log no ``llc/mean`` (nor its band).
+    ``EarlyStopping(monitor="llc/mean")`` works as it is: a strict one is made non-strict at the
+    start of training (with a warning), so that its checks before the first estimate are skipped.
 
     Under DDP every rank runs its own chain(s) with its own seed on its own batch; each window's
     draws are all-gathered in one packed collective, so every rank holds the same filter state and
@@ -185,13 +175,16 @@ class OnlineLLCCallback(Callback):
         # Every rank its own chains: a rank-dependent seed (rank 0 keeps the user's seed).
         seed = self.seed + 104729 * rank
         gather = self._gather(trainer) if self._world_size > 1 else None
-        self.monitor = OnlineLLC(
-            pl_module,
-            self.loss_fn or _per_sample_method,
-            gather=gather,
-            groups=self.groups,
-            **{**asdict(self.settings), "num_samples": num_samples, "seed": seed},
-        )
+        with warnings.catch_warnings():
+            if not trainer.is_global_zero:  # the cadence's one line, from rank 0 only
+                warnings.simplefilter("ignore", UserWarning)
+            self.monitor = OnlineLLC(
+                pl_module,
+                self.loss_fn or _per_sample_method,
+                gather=gather,
+                groups=self.groups,
+                **{**asdict(self.settings), "num_samples": num_samples, "seed": seed, "total_steps": self._total_steps(trainer)},
+            )
         if self._pending_state is not None:
             self.monitor.load_state_dict(self._pending_state)
             if self._world_size > 1:
@@ -202,6 +195,80 @@ class OnlineLLCCallback(Callback):
                 self.monitor.stats.drop_pending()
             self._pending_state = None
         self._last_global_step = int(trainer.global_step)
+        self._relax_strict_monitors(trainer, self.monitor.cadence)
+
+    def _total_steps(self, trainer: Any) -> Optional[int]:
+        """The run's length for the ``"auto"`` cadence: ``total_steps`` as given; on resume, the
+        length the checkpointed schedule was sized for (so the schedule, and the estimate, carry
+        on unchanged); else ``trainer.estimated_stepping_batches`` (``None`` when infinite)."""
+        if self.settings.total_steps is not None:
+            return self.settings.total_steps
+        if self._pending_state is not None:
+            saved = self._pending_state.get("settings", {}).get("total_steps")
+            if saved is not None:
+                return int(saved)
+        try:
+            total = float(trainer.estimated_stepping_batches)
+        except Exception:  # noqa: BLE001 - an unknown length only means the default cadence
+            return None
+        return int(total) if math.isfinite(total) and total >= 1 else None
+
+    def _relax_strict_monitors(self, trainer: Any, c: Cadence) -> None:
+        """Let ``EarlyStopping(monitor="llc/...")`` wait for the first estimate.
+
+        The LLC has no value until the chain has warmed up (the estimate keys are never written
+        for warm-up windows), and a strict ``EarlyStopping`` raises at any check that comes
+        first (Lightning 2.x: ``RuntimeError: Early stopping conditioned on metric ... which is
+        not available``). Logging a placeholder would be worse: NaN or inf stops training
+        (``check_finite``), a number would be read as the LLC. So any callback with a ``monitor``
+        on an ``llc/`` key and ``strict=True`` is set to ``strict=False``, with one warning:
+        checks before the first estimate are skipped, later ones see the latest estimate
+        (``trainer.callback_metrics`` keeps it between windows).
+        """
+        for cb in getattr(trainer, "callbacks", []):
+            monitor = getattr(cb, "monitor", None)
+            if cb is not self and isinstance(monitor, str) and monitor.startswith("llc/"):
+                self._guard_top_k(trainer, cb, monitor, c)
+            if cb is self or not isinstance(monitor, str) or not monitor.startswith("llc/") or getattr(cb, "strict", None) is not True:
+                continue
+            cb.strict = False
+            if trainer.is_global_zero:
+                warnings.warn(
+                    f"OnlineLLCCallback set {type(cb).__name__}(monitor={monitor!r}) to strict=False: the LLC has no "
+                    f"estimate until the shadow chain has warmed up (at least {c.warmup * c.every_n_steps} "
+                    "training steps), so checks before the first estimate are skipped instead of raising. Pass "
+                    "strict=False yourself to silence this.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+
+    @staticmethod
+    def _guard_top_k(trainer: Any, cb: Any, monitor: str, c: Cadence) -> None:
+        """Let ``ModelCheckpoint(monitor="llc/...")`` wait for the first estimate.
+
+        ``ModelCheckpoint`` has no ``strict``: once validation has run it raises when its key is
+        missing (Lightning 2.x ``_save_topk_checkpoint``), which it is until the chain has warmed
+        up. Its top-k save is wrapped, on this instance only, to skip while the key is absent: a
+        checkpoint has nothing to be ranked by before the first estimate. ``save_last`` and
+        every later save are untouched.
+        """
+        save_top_k = getattr(cb, "_save_topk_checkpoint", None)
+        if not callable(save_top_k) or getattr(save_top_k, "_waits_for_llc", False):
+            return
+
+        def wait_for_llc(trainer_: Any, candidates: Dict[str, Any]) -> None:
+            if monitor in candidates:
+                save_top_k(trainer_, candidates)
+
+        wait_for_llc._waits_for_llc = True  # type: ignore[attr-defined]
+        cb._save_topk_checkpoint = wait_for_llc
+        if trainer.is_global_zero:
+            warnings.warn(
+                f"OnlineLLCCallback: {type(cb).__name__}(monitor={monitor!r}) skips its top-k save until the first "
+                f"LLC estimate (at least {c.warmup * c.every_n_steps} training steps) instead of raising.",
+                UserWarning,
+                stacklevel=3,
+            )
 
     @staticmethod
     def _dataset_length(trainer: Any) -> int:
@@ -249,19 +316,8 @@ class OnlineLLCCallback(Callback):
             with trainer.precision_plugin.forward_context():
                 est = self.monitor.update(batch, step)
         except Exception as exc:  # noqa: BLE001 - the monitor must not kill training
-            if self.strict:
-                raise MonitorError(f"OnlineLLCCallback failed at step {step}: {exc!r}") from exc
-            self.failure = f"step {step}: {type(exc).__name__}: {exc}"
-            due = step % self.monitor.every_n_steps == 0
-            if self._world_size > 1 and due and self.monitor.shadow_steps == shadow_before:
-                # The failed step's draw never reached the window: add its placeholder now.
-                self.monitor.skip_step(step)
-            warnings.warn(
-                f"OnlineLLCCallback disabled itself after a failure ({self.failure}); training continues. "
-                "Pass strict=True to raise instead.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            self.failure = monitor_failed("OnlineLLCCallback", self.monitor, step, exc, strict=self.strict,
+                                          world_size=self._world_size, shadow_before=shadow_before)
             return
         if est is not None:
             self._log(trainer, pl_module, est)
@@ -270,37 +326,26 @@ class OnlineLLCCallback(Callback):
                 if kind not in self._alarms_seen and trainer.is_global_zero:
                     warnings.warn(f"OnlineLLCCallback at step {step}: {alarm}", RuntimeWarning, stacklevel=2)
                 self._alarms_seen.add(kind)
-        if self.monitor.last_group_estimates:
-            metrics = {}
-            for name, g in self.monitor.last_group_estimates.items():
-                metrics[f"llc/{name}/mean"], metrics[f"llc/{name}/std"] = float(g.mean), float(g.std)
-            for k, v in metrics.items():
-                trainer.callback_metrics[k] = torch.tensor(v)
-            if trainer.is_global_zero:
-                for logger in trainer.loggers:
-                    logger.log_metrics(metrics, step=trainer.global_step)
+        # Group estimates belong to the shadow step that produced them: not re-logged at the
+        # training steps in between.
+        if self.monitor.shadow_steps != shadow_before and self.monitor.last_group_estimates:
+            self._publish(trainer, group_metrics(self.monitor.last_group_estimates))
 
     def _log(self, trainer: Any, pl_module: Any, est: LLCEstimate) -> None:
-        values = (
-            est.mean,
-            est.std,
-            est.lower,
-            est.upper,
-            float(STATUSES.index(est.status)),
-            est.var_channel,
-            est.ratio,
-            est.dispersion,
-            est.heat,
-            est.step_size,
-        )
-        metrics = dict(zip(LOGGED_KEYS, (float(v) for v in values)))
+        # A warm-up or diverged window is no LLC estimate: its status and diagnostics only.
+        self._publish(trainer, estimate_metrics(est))
+        if self.prog_bar and est.filtered and math.isfinite(est.mean):
+            pl_module.log("llc", est.mean, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+
+    @staticmethod
+    def _publish(trainer: Any, metrics: Dict[str, float]) -> None:
+        """Into ``trainer.callback_metrics`` (float32 tensors, like ``self.log``) and, on rank 0,
+        every logger of the trainer at ``trainer.global_step``."""
         for k, v in metrics.items():
             trainer.callback_metrics[k] = torch.tensor(v)
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and metrics:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
-        if self.prog_bar and math.isfinite(est.mean):
-            pl_module.log("llc", est.mean, prog_bar=True, logger=False, on_step=True, on_epoch=False)
 
     # ---- checkpointing ---------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:

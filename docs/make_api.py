@@ -6,20 +6,25 @@ import inspect
 import os
 
 import online_llc
-from online_llc import config, groups, heat, plot, settings, theory, toy, tuning, warmup
+from online_llc import cadence, config, groups, heads, heat, losses, plot, settings, theory, toy, tuning, warmup
+from online_llc.callbacks import hf as cb_hf
 from online_llc.callbacks import lightning as cb_lightning
 
 SECTIONS = [
     ("online_llc", online_llc, ["OnlineLLC", "LLCEstimate", "ChainHealth", "SmoothedPoint", "Transition", "estimate_llc", "LLCResult", "STATUSES",
                                 "LLCFilter", "FilterInfo", "SGLDConfig", "SGLDInfo", "sgld_step", "mala_acceptance", "default_nbeta",
                                 "NonFiniteDrawError", "MonitorError"]),
-    ("online_llc.callbacks", cb_lightning, ["OnlineLLCCallback", "LOGGED_KEYS"]),
+    ("online_llc.callbacks", cb_lightning, ["OnlineLLCCallback", "LOGGED_KEYS", "ESTIMATE_KEYS"]),
+    ("online_llc.callbacks.hf", cb_hf, ["OnlineLLCTrainerCallback", "TASKS"]),
     ("online_llc.settings", settings, settings.__all__),
+    ("online_llc.cadence", cadence, ["auto_cadence", "Cadence", "next_step"]),
     ("online_llc.config", config, ["default_estimand", "default_step_size", "relaxation_steps", "resolve_hyperparameters"]),
     ("online_llc.heat", heat, heat.__all__),
     ("online_llc.tuning", tuning, [n for n in tuning.__all__ if n != "mala_acceptance"]),
     ("online_llc.warmup", warmup, warmup.__all__),
-    ("online_llc.groups", groups, groups.__all__),
+    ("online_llc.groups", groups, [n for n in groups.__all__ if n not in ("attention_heads", "groups_by_head")]),
+    ("online_llc.heads", heads, [n for n in heads.__all__ if n != "ParamSlice"]),
+    ("online_llc.losses", losses, losses.__all__),
     ("online_llc.theory", theory, theory.__all__),
     ("online_llc.toy", toy, toy.__all__),
     ("online_llc.plot", plot, plot.__all__),

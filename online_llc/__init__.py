@@ -6,7 +6,9 @@ The package's public API, gathered from the modules of the flow: training loop -
 
 Public API:
 
-* :class:`OnlineLLC` - the running estimate; :class:`LLCEstimate` - its records.
+* :class:`OnlineLLC` - the running estimate; :class:`LLCEstimate` - its records
+  (:data:`FILTERED_STATUSES`: the windows whose ``mean`` is the filtered LLC).
+* :func:`auto_cadence` - the schedule (``every_n_steps``, ``window``, warm-up) for a run's length.
 * :func:`estimate_llc` - offline reference estimator (C SGLD chains at fixed weights).
 * :class:`LLCResult` - its result record.
 * :func:`recommend_step_size` - a short pilot that recommends the sampler's step size.
@@ -18,13 +20,15 @@ Public API:
 
 from __future__ import annotations
 
+from .cadence import Cadence, auto_cadence
 from .config import DEFAULT_LOCALIZATION_SCALE, DEFAULT_NBETA_CAP, DEFAULT_STEP_SCALE, resolve_hyperparameters
 from .errors import MonitorError, NonFiniteDrawError, OnlineLLCError
 from .estimator import STATUSES, ChainHealth, LLCEstimate, OnlineLLC, SmoothedPoint, Transition
 from .evaluator import LossFn
 from .filter import FilterInfo, LLCFilter
-from .groups import ParamSlice, attention_heads, groups_by_child, groups_by_linear, resolve_groups
+from .groups import ParamSlice, attention_heads, groups_by_child, groups_by_head, groups_by_linear, resolve_groups
 from .offline import LLCResult, estimate_llc
+from .records import FILTERED_STATUSES
 from .sgld import SAMPLERS, SGLDConfig, SGLDInfo, default_nbeta, sampler_step, sgld_step
 from .tuning import PilotRun, StepSizeRecommendation, mala_acceptance, recommend_step_size
 
@@ -35,6 +39,9 @@ __all__ = [
     "OnlineLLC",
     "LLCEstimate",
     "STATUSES",
+    "FILTERED_STATUSES",
+    "auto_cadence",
+    "Cadence",
     "SmoothedPoint",
     "Transition",
     "ChainHealth",
@@ -48,6 +55,7 @@ __all__ = [
     "attention_heads",
     "groups_by_child",
     "groups_by_linear",
+    "groups_by_head",
     "FilterInfo",
     "estimate_llc",
     "LLCResult",

@@ -37,6 +37,14 @@ reaches it, so it is tuned to the user's batch size while the estimand is not.
   ``0.08 / (nbeta epsilon)``, the factor by which calibration shortened the step (every direction
   relaxes that much more slowly). At a fixed heat ``epsilon`` is proportional to ``B``, so small
   batches take more, cheaper steps: the samples seen are about the same at every batch size.
+  The draws are then doubled while the multi-chain standard error is above
+  :data:`DEFAULT_PRECISION` (5%) of the estimate, up to 20000 per chain: a model whose LLC lives in
+  flat directions (a normal crossing ``w1^2 w2^2`` with lambda 1/2, read 0.24 at nbeta 256)
+  showed a standard error of 35% after 1000 draws x 4 chains and 6% after 20000
+  (``benchmarks/known_lambda.py --part crossings``); the deep linear networks meet 5% at once.
+  A calibration round acts only when two standard errors of its heat agree on the direction:
+  a chain that has not yet spread from ``w*`` has a tiny mean, and its heat is then mostly
+  noise (``w1^2 w2^4`` read 2.3 there, and the step was cut 8x for nothing).
 
 The online monitor keeps ``nbeta`` but trades pull for speed: a co-moving chain must relax within
 a few windows to follow training, and the slowest direction relaxes over ``2 / (epsilon gamma)``
@@ -57,10 +65,11 @@ on its measured heat in the same way.
 
 Online cadence (``python benchmarks/overhead.py`` prints the overhead):
 
-* ``every_n_steps = 25``. A shadow step costs one forward+backward and one forward on one batch
-  plus the Gaussian noise for every parameter: about 2x a training step of a small MLP
-  (784-256-256-10, Adam, batch 128, one thread), less for compute-bound models (1.33x). The
-  overhead is about ``shadow cost / every_n_steps``.
+* ``every_n_steps = 25`` (what ``"auto"`` means for runs of unknown length or of 25000 steps
+  and more; :mod:`online_llc.cadence` sizes shorter runs). A shadow step costs one
+  forward+backward and one forward on one batch plus the Gaussian noise for every parameter:
+  about 2x a training step of a small MLP (784-256-256-10, Adam, batch 128, one thread), less
+  for compute-bound models (1.33x). The overhead is about ``shadow cost / every_n_steps``.
 * ``window = 40`` draws: a window then spans 1000 training steps. The estimate follows a step
   change within 3-4 windows (``benchmarks/step_change.py``), so lag is about
   ``4 * every_n_steps * window`` training steps: halve ``every_n_steps`` to halve the lag at twice
@@ -68,7 +77,8 @@ Online cadence (``python benchmarks/overhead.py`` prints the overhead):
   over the chain's autocorrelation time (``LLCEstimate.ess`` shows it).
 * ``warmup = "auto"``: equilibrium is detected from each chain's draws and squared offset norm
   (MSER-5, :mod:`online_llc.warmup`), at least 100 shadow steps for a chain starting at zero
-  offset (at a saddle the chain leaves slowly at first, which looks stationary).
+  offset (at a saddle the chain leaves slowly at first, which looks stationary); runs too short
+  for that within their first 10% get a proportionally shorter floor (at least 20).
 * ``horizon = 4`` windows: the band's standard error also counts correlation slower than one
   window (see :class:`online_llc.window.WindowStats`).
 """
@@ -92,6 +102,7 @@ __all__ = [
     "TARGET_HEAT",
     "MAX_HEAT",
     "DEFAULT_NUM_DRAWS",
+    "DEFAULT_PRECISION",
     "DEFAULT_BURN_IN",
     "DEFAULT_EVERY_N_STEPS",
     "DEFAULT_WINDOW",
@@ -125,6 +136,10 @@ TARGET_HEAT: float = 0.02
 #: Above this measured heat the step is lowered (and, when it cannot be, a warning names it).
 MAX_HEAT: float = 0.05
 DEFAULT_NUM_DRAWS: int = 1000
+#: Offline: the relative standard error the automatic draw count aims for (draws are doubled
+#: until it is reached or the cap is). 5% keeps two standard errors within the 10% the
+#: known-lambda suite aims for.
+DEFAULT_PRECISION: float = 0.05
 DEFAULT_BURN_IN: int = 500
 DEFAULT_EVERY_N_STEPS: int = 25
 DEFAULT_WINDOW: int = 40
@@ -211,9 +226,9 @@ def resolve_hyperparameters(
     Returns:
         A validated :class:`~online_llc.sgld.SGLDConfig`.
     """
-    check_positive_int("num_samples", num_samples)
+    num_samples = check_positive_int("num_samples", num_samples)
     if batch_size is not None:
-        check_positive_int("batch_size", batch_size)
+        batch_size = check_positive_int("batch_size", batch_size)
     if nbeta is None:
         default_nbeta(num_samples)  # validates n >= 2
     nbeta, localization = default_estimand(num_samples, nbeta, localization, online)

@@ -10,12 +10,16 @@ so users (and tests) can rely on the argument's name appearing in the message.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping
+import numbers
+import sys
+from typing import Any, Iterable, Mapping, Optional
 
 __all__ = [
     "OnlineLLCError",
     "NonFiniteDrawError",
     "MonitorError",
+    "as_int",
+    "check_int",
     "check_positive_int",
     "check_nonneg_int",
     "check_positive_float",
@@ -56,22 +60,50 @@ def _fmt(name: str, accepted: str, value: Any) -> str:
     return f"Expected `{name}` to be {accepted}, got {value!r}."
 
 
+def as_int(value: Any) -> Optional[int]:
+    """``value`` as a Python int when it is an integer: a Python int, a numpy integer or a 0-d
+    integer tensor; ``None`` otherwise (bools, floats, strings, tensors of other shapes)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, numbers.Integral):  # numpy integers (not numpy.bool_, which is no Integral)
+        return int(value)
+    torch = sys.modules.get("torch")  # a tensor can only exist when torch is imported
+    if torch is not None and isinstance(value, torch.Tensor):
+        dtype = value.dtype
+        if value.dim() == 0 and not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool):
+            return int(value.item())
+    return None
+
+
+def check_int(name: str, value: Any) -> int:
+    """Return ``value`` as a Python int if it is an integer (see :func:`as_int`), else raise ``ValueError``."""
+    v = as_int(value)
+    if v is None:
+        raise ValueError(_fmt(name, "an int", value))
+    return v
+
+
 def check_positive_int(name: str, value: Any) -> int:
-    """Return ``value`` if it is an int > 0 (bools rejected), else raise ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    """Return ``value`` as a Python int if it is an integer > 0 (see :func:`as_int`), else raise ``ValueError``."""
+    v = as_int(value)
+    if v is None or v <= 0:
         raise ValueError(_fmt(name, "a positive int", value))
-    return value
+    return v
 
 
 def check_nonneg_int(name: str, value: Any) -> int:
-    """Return ``value`` if it is an int >= 0 (bools rejected), else raise ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    """Return ``value`` as a Python int if it is an integer >= 0 (see :func:`as_int`), else raise ``ValueError``."""
+    v = as_int(value)
+    if v is None or v < 0:
         raise ValueError(_fmt(name, "a non-negative int", value))
-    return value
+    return v
 
 
 def _as_float(value: Any) -> float | None:
-    if isinstance(value, bool):
+    # Strings are not numbers here, even when float() would parse them ("100" is a typo for 100).
+    if isinstance(value, (bool, str, bytes)):
         return None
     try:
         f = float(value)

@@ -18,20 +18,20 @@ listed and validated in :mod:`online_llc.settings`.
 
 from __future__ import annotations
 
-import itertools
 import math
+import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
-
+import torch
 from scipy.stats import norm as _normal
 from torch import nn
 
-from .config import DEFAULT_HORIZON, relaxation_steps
-from .errors import check_positive_float, check_positive_int
+from .cadence import next_step
+from .evaluator import check_first_batch
 from .filter import LLCFilter
 from .groups import resolve_group_masks
-from .heat import pooled_heat
+from .health import HEALTH_WINDOWS, chain_health  # noqa: F401 - HEALTH_WINDOWS also importable from here
 from .records import STATUSES, ChainHealth, LLCEstimate, SmoothedPoint, Transition
 from .settings import MonitorSettings
 from .shadow import ShadowSampler
@@ -41,9 +41,6 @@ from .tuning import DEFAULT_MAX_HEAT
 from .window import WindowStats
 
 __all__ = ["ChainHealth", "LLCEstimate", "OnlineLLC", "STATUSES", "SmoothedPoint", "Transition"]
-
-#: Tracking windows whose heat :meth:`OnlineLLC.health` pools.
-HEALTH_WINDOWS = 10
 
 
 class OnlineLLC:
@@ -60,7 +57,13 @@ class OnlineLLC:
     noise for every parameter: 1.3-2x a training step, so the overhead is about
     ``2 / every_n_steps`` per chain (8% at the default 25 on a small MLP). ``every_n_steps`` and ``window``
     trade overhead against lag: a window spans ``every_n_steps * window`` training steps, and
-    the estimate follows a change within one or two windows.
+    the estimate follows a change within one or two windows. Given ``total_steps``, the
+    ``"auto"`` defaults fit them to the run (:mod:`online_llc.cadence`; one warning when the run
+    is too short for the 10% overhead budget says what it costs).
+
+    The shadow passes run with the model in eval mode (``mode="eval"``: no dropout, BatchNorm
+    on its running statistics), so the estimate is the deterministic model's; every submodule's
+    ``training`` flag is restored after each pass.
 
     The model, its ``.grad`` fields, its buffers, the optimizer and the global RNG streams are
     never touched: training with the monitor is bit-identical to training without it.
@@ -109,49 +112,45 @@ class OnlineLLC:
         **options: Any,
     ) -> None:
         MonitorSettings.reject_unknown("OnlineLLC()", options)
-        check_positive_int("num_samples", num_samples)
         self.settings = settings = MonitorSettings(num_samples=num_samples, **options)
-        self.config = settings.sgld_config()
-        self.num_samples = num_samples
-        self.every_n_steps = settings.every_n_steps
-        self.window = settings.window
+        self.config = settings.sgld_config()  # raises for a missing num_samples
+        self.num_samples: int = settings.num_samples  # type: ignore[assignment]
+        #: The schedule (:class:`online_llc.cadence.Cadence`): ``"auto"`` options resolved.
+        self.cadence = cadence = settings.cadence()
+        if cadence.message is not None:
+            warnings.warn(cadence.message, UserWarning, stacklevel=2)
+        self.every_n_steps = cadence.every_n_steps
+        self.window = cadence.window
         self.num_chains = settings.num_chains
         self.seed = settings.seed
         self.warmup = settings.warmup_policy
         self.confidence = float(settings.confidence)
         self._z = float(_normal.ppf(0.5 + self.confidence / 2))
         self.group_budget = settings.group_budget
-        self.evaluator = LossEvaluator(model, loss_fn)
+        self.evaluator = LossEvaluator(model, loss_fn, mode=settings.mode)
 
         def track(evaluator: LossEvaluator, track_seed: int, masks: Optional[Dict[str, Any]] = None) -> Track:
-            return Track(
-                ShadowSampler(
-                    evaluator,
-                    self.config,
-                    num_chains=settings.num_chains,
-                    seed=track_seed,
-                    max_offset_norm=settings.max_offset_norm,
-                    masks=masks,
-                ),
-                WindowStats(settings.window, settings.num_chains, horizon=DEFAULT_HORIZON, gather=gather),
-                LLCFilter(process_noise=settings.process_noise, jump_threshold=settings.jump_threshold),
-                warmup=self.warmup,
-                z=self._z,
-                calibrate=settings.step_size is None,
-            )
+            return Track.build(evaluator, self.config, settings, cadence, seed=track_seed, masks=masks, gather=gather, z=self._z)
 
         self._model = track(self.evaluator, self.seed)
         # Each group's chains move only its own parameters (disjoint groups: together their
         # offsets are one copy of the model's trainable parameters).
         resolved = resolve_group_masks(model, groups) if groups is not None else {}
         self._groups: Dict[str, Track] = {
-            name: track(LossEvaluator(model, loss_fn, param_names=list(masks)), self.seed + 7919 * (i + 1), masks)
+            name: track(
+                LossEvaluator(model, loss_fn, param_names=list(masks), mode=settings.mode), self.seed + 7919 * (i + 1), masks
+            )
             for i, (name, masks) in enumerate(resolved.items())
         }
         self._init_counters()
 
     def _init_counters(self) -> None:
         self.step = 0
+        # Whether a step was recorded (`step` may start at 0), the first batch checked, and the
+        # due step whose draw a failed update left unfilled (see skip_step).
+        self._recorded = False
+        self._checked = False
+        self._unfilled: Optional[int] = None
         self.shadow_steps = 0
         self._next_group = 0
         self.last_group_estimates: Dict[str, LLCEstimate] = {}
@@ -160,30 +159,41 @@ class OnlineLLC:
     def update(self, batch: Any, step: Optional[int] = None) -> Optional[LLCEstimate]:
         """Record that an optimizer step happened; run a shadow step when one is due.
 
+        The first call checks ``loss_fn`` on its batch (one extra forward pass): one loss per sample
+        of the batch, and no more samples than ``num_samples``.
+
         Args:
             batch: the batch of the optimizer step (what ``loss_fn`` takes).
-            step: the training step just completed (1 after the first optimizer step); ``None``
-                counts calls.
+            step: the training step just completed (1 after the first optimizer step; any
+                integer type); ``None`` counts calls. Each step is recorded once: a step equal to
+                or before the previous one raises ``ValueError``.
 
         Returns:
             An :class:`LLCEstimate` when a window closed at this step, else ``None``.
+
+        Raises:
+            ValueError: a repeated or decreasing ``step``; at the first call, a ``loss_fn`` that
+                does not return one loss per sample, or a batch larger than ``num_samples``.
         """
         step = self._advance(step)
+        if not self._checked:
+            gen = torch.Generator(device=self.sampler.device).manual_seed(self.seed)
+            check_first_batch(self.evaluator, batch, self.num_samples, gen)
+            self._checked = True
         return None if step is None else self._shadow_step(batch, step)
 
     def _advance(self, step: Optional[int]) -> Optional[int]:
         """Record the training step; return it when a shadow step is due, else ``None``."""
-        if step is None:
-            step = self.step + 1
-        elif isinstance(step, bool) or not isinstance(step, int) or step < self.step:
-            raise ValueError(f"Expected `step` to be an int >= the previous step {self.step}, got {step!r}.")
-        self.step = step
-        return step if step % self.every_n_steps == 0 else None
+        step = next_step(step, self.step if self._recorded else None)
+        self.step, self._recorded = step, True
+        self._unfilled = step if step % self.every_n_steps == 0 else None
+        return self._unfilled
 
     def _shadow_step(self, batch: Any, step: int) -> Optional[LLCEstimate]:
         # Counted once the whole-model step succeeded: a failing loss leaves the count as it was.
         est = self._model.shadow_step(batch, step, self.shadow_steps + 1)
         self.shadow_steps += 1
+        self._unfilled = None
         self._step_groups(batch, step)
         return est
 
@@ -213,10 +223,16 @@ class OnlineLLC:
         For distributed training: a rank whose monitor failed keeps calling this instead of
         :meth:`update`, so that every rank still closes each window, and joins its collective,
         at the same step. The windows it touches are reported as ``diverged`` on every rank.
+        Called with the step of an :meth:`update` that failed before its draw was added, it adds
+        that draw's placeholder (the step is not recorded twice).
         """
-        step = self._advance(step)
-        if step is None:
-            return None
+        if step is not None and self._recorded and self._unfilled is not None and step == self._unfilled:
+            self._unfilled = None
+        else:
+            step = self._advance(step)
+            self._unfilled = None
+            if step is None:
+                return None
         self.shadow_steps += 1
         est = self._model.skip(step, self.shadow_steps)
         self.last_group_estimates = {}
@@ -304,40 +320,9 @@ class OnlineLLC:
         fires only when the step cannot be lowered enough (a ``step_size`` given by hand, or a
         step already at the calibration's floor). The discretization heat is not in it
         (:func:`online_llc.tuning.recommend_step_size` measures it by step halving).
+        See :func:`online_llc.health.chain_health`.
         """
-        max_heat = check_positive_float("max_heat", max_heat)
-        if max_heat <= 1:
-            raise ValueError(f"Expected `max_heat` to be a float > 1, got {max_heat!r}.")
-        # The heat reads as a temperature only where the LLC is clearly positive (at a minimum):
-        # near zero or below (saddles, plateaus) the ratio is meaningless. Pooled over windows
-        # (sum of means over sum of corrected means), so one noisy window cannot dominate.
-        # Newest first, stopping at HEALTH_WINDOWS: the callback asks at every window, and the
-        # history grows without bound.
-        fed = (e for e in reversed(self._model.history) if e.status == "tracking" and e.lower > 0)
-        recent = [e for e in itertools.islice(fed, HEALTH_WINDOWS) if math.isfinite(e.heat_bias)]
-        heat = pooled_heat([e.raw_mean for e in recent], [e.heat_bias for e in recent])
-        relax = relaxation_steps(self._model.sampler.config)
-        alarms = []
-        if math.isfinite(heat) and heat > max_heat:
-            alarms.append(
-                f"chain runs hot: the minibatch heat is {heat:.3f} > {max_heat:g} (the estimate is about "
-                f"{100 * (heat - 1):.0f}% too high) at step_size {self._model.sampler.config.step_size:.3g}; "
-                "lower step_size (or leave it to the default calibration) or use larger batches"
-            )
-        windows = len(self._model.history)
-        if windows >= 4 and self.divergences > windows:
-            alarms.append(
-                f"chains keep diverging: {self.divergences} resets in {windows} windows, lower step_size or raise "
-                "localization"
-            )
-        return ChainHealth(
-            divergences=self.divergences,
-            weight_jumps=self.weight_jumps,
-            warmup_lengths=self.warmup_lengths,
-            heat=heat,
-            alarms=alarms,
-            relaxation_steps=relax,
-        )
+        return chain_health(self._model, max_heat)
 
     @property
     def weight_jumps(self) -> int:
@@ -367,6 +352,11 @@ class OnlineLLC:
             "step_size": self.config.step_size,
             "every_n_steps": self.every_n_steps,
             "window": self.window,
+            "min_warmup": self.cadence.min_warmup,
+            "mode": self.settings.mode,
+            # Not compared on load (the resolved cadence is): the Lightning callback reads it back
+            # so that a resumed "auto" run keeps the schedule it was sized for.
+            "total_steps": self.cadence.total_steps,
             "num_chains": self.num_chains,
             "warmup": self.warmup,
             "groups": sorted(self._groups),
@@ -380,6 +370,7 @@ class OnlineLLC:
             "version": 1,
             "settings": self._settings(),
             "step": self.step,
+            "recorded": self._recorded,
             "shadow_steps": self.shadow_steps,
             "next_group": self._next_group,
             "groups": {name: t.state_dict() for name, t in self._groups.items()},
@@ -393,6 +384,8 @@ class OnlineLLC:
             raise ValueError(f"Expected an OnlineLLC state of version 1, got {state.get('version')!r}.")
         mine = self._settings()
         for k, v in state["settings"].items():
+            if k == "total_steps":
+                continue
             if k not in mine or (mine[k] != v and not (isinstance(v, float) and math.isclose(v, mine[k]))):
                 raise ValueError(f"Expected the state's `{k}` to be {mine.get(k)!r} like this monitor's, got {v!r}.")
         self._model.load_state_dict(state)
@@ -400,4 +393,7 @@ class OnlineLLC:
             t.load_state_dict(state["groups"][name])
         self.step = int(state["step"])
         self.shadow_steps = int(state["shadow_steps"])
+        self._recorded = bool(state.get("recorded", self.step > 0 or self.shadow_steps > 0))
+        self._checked = self._recorded
+        self._unfilled = None
         self._next_group = int(state.get("next_group", 0))

@@ -7,7 +7,8 @@ model without changing anything the training run can see.
 
 * :class:`LossEvaluator` computes per-sample losses through ``torch.func.functional_call`` on
   substituted parameters and cloned buffers, so the model object, its ``.grad`` fields and its
-  buffers are never modified.
+  buffers are never modified; :meth:`LossEvaluator.mode_context` puts the model in the
+  evaluator's ``mode`` (:data:`MODES`) for a pass and restores every submodule's flag after it.
 * :func:`paired_losses_and_grads` runs the kernel's passes: per-sample losses at ``w*`` and
   ``w* + xi`` and the gradients of the batch's two halves.
 * :func:`split_halves` cuts a batch into its two halves along the sample dimension, so the kernel
@@ -34,14 +35,39 @@ from .updates import state_dtype
 __all__ = [
     "LossFn",
     "LossEvaluator",
+    "MODES",
     "cuda_devices",
     "derived_seed",
     "deterministic",
+    "model_mode",
     "moved_weights",
     "paired_losses_and_grads",
     "private_rng",
     "split_halves",
 ]
+
+#: The model's mode during the sampler's passes: ``"eval"`` (``model.eval()``: dropout off,
+#: BatchNorm on its running statistics), ``"train"`` (``model.train()``) or ``"as_is"`` (the mode
+#: the model is in).
+MODES = ("eval", "train", "as_is")
+
+
+@contextmanager
+def model_mode(model: nn.Module, mode: str) -> Iterator[None]:
+    """Put ``model`` in ``mode`` (one of :data:`MODES`) for the block; afterwards, also when the
+    block raises, every submodule's ``training`` flag is exactly what it was before (a model in
+    train mode with a frozen, eval-mode submodule gets both back)."""
+    if mode == "as_is":
+        yield
+        return
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.train(mode == "train")
+        yield
+    finally:
+        # Flags are set directly: calling .train() again would push one flag down to every child.
+        for m, flag in flags:
+            m.training = flag
 
 
 class LossFn(Protocol):
@@ -80,9 +106,15 @@ class LossEvaluator:
         model: the user's model.
         loss_fn: per-sample loss, see :class:`LossFn`.
         param_names: restrict the chain to these trainable parameters (default: all trainable).
+        mode: the model's mode during the sampler's passes, one of :data:`MODES` (see
+            :meth:`mode_context`).
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, param_names: List[str] | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, loss_fn: LossFn, param_names: List[str] | None = None, mode: str = "eval"
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"Expected `mode` to be one of {', '.join(map(repr, MODES))}, got {mode!r}.")
         if not isinstance(model, nn.Module):
             raise TypeError(f"Expected `model` to be a torch.nn.Module, got {type(model).__name__}.")
         if not callable(loss_fn):
@@ -103,7 +135,13 @@ class LossEvaluator:
         self.model = model
         self.loss_fn = loss_fn
         self.param_names: List[str] = list(param_names)
+        self.mode = mode
         self._module = _LossModule(model, loss_fn)
+
+    def mode_context(self) -> Any:
+        """A context manager that puts the model in this evaluator's ``mode`` for a pass
+        (:func:`model_mode`)."""
+        return model_mode(self.model, self.mode)
 
     def center(self) -> Dict[str, Tensor]:
         """The model's current trainable parameters, detached (no copy)."""
@@ -317,3 +355,33 @@ def _check_same(center: Tensor, sample: Tensor) -> None:
             "Expected `loss_fn` to return the same number of per-sample losses at every weight, "
             f"got {tuple(center.shape)} and {tuple(sample.shape)}."
         )
+
+
+def check_first_batch(evaluator: LossEvaluator, batch: Any, num_samples: int, generator: torch.Generator) -> int:
+    """Check ``loss_fn``'s output and ``num_samples`` on the first batch; return its size ``B``.
+
+    One forward pass at the current weights (no gradient, cloned buffers, the evaluator's mode,
+    randomness from ``generator``): the per-sample losses must form a 1-D tensor with one value
+    per sample (``B``, the leading size of the batch's tensors, when they share one) and ``B``
+    may not exceed ``num_samples``, the training set's size.
+
+    Raises:
+        ValueError: naming ``loss_fn`` or ``num_samples``.
+    """
+    center = evaluator.center()
+    with torch.no_grad(), evaluator.mode_context(), private_rng(center, generator):
+        out = evaluator.losses(center, batch)
+    sizes: set = set()
+    expected = sizes.pop() if _leading_sizes(batch, sizes) and len(sizes) == 1 else None
+    if expected is not None and tuple(out.shape) != (expected,):
+        raise ValueError(
+            f"Expected `loss_fn` to return per-sample losses of shape [B] = [{expected}] (one value per sample of "
+            f"the batch, reduction='none'), got {tuple(out.shape)}."
+        )
+    size = int(out.numel())
+    if size > num_samples:
+        raise ValueError(
+            f"Expected `num_samples` (n, the size of the training set) to be at least the batch size {size}, "
+            f"got {num_samples}."
+        )
+    return size

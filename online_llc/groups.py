@@ -13,25 +13,48 @@ a list of
 and must be disjoint (slices of one parameter may share it if their masks do not overlap). A
 group's chain offset lives only on its parameters; for slices the offset tensor is full-size
 but zero outside the mask.
+
+Names are those of ``model.named_parameters()``: a tensor shared by several modules (tied
+weights, e.g. GPT-2's ``lm_head.weight``, which is ``transformer.wte.weight``) appears there once,
+under its first name, and so belongs to one group. A module given as an entry brings its tied
+tensor under that first name. Per-head groups of attention layers (``nn.MultiheadAttention``,
+GPT-2, LLaMA with grouped-query attention, GPT-NeoX) are built in :mod:`online_llc.heads`.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from .heads import ParamSlice, attention_heads, groups_by_head, is_conv1d
+
 __all__ = ["ParamSlice", "resolve_groups", "resolve_group_masks", "groups_by_child", "groups_by_linear",
-           "attention_heads"]
+           "attention_heads", "groups_by_head", "tied_names"]
 
 
-class ParamSlice(NamedTuple):
-    """Part of a parameter: ``name`` and a boolean ``mask`` of the parameter's shape."""
+def tied_names(model: nn.Module) -> Dict[str, List[str]]:
+    """``{name: [other names of the same tensor]}`` for every parameter registered under more than
+    one name (tied weights); ``name`` is the one ``model.named_parameters()`` reports."""
+    first: Dict[int, str] = {}
+    out: Dict[str, List[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            out.setdefault(first[id(p)], []).append(name)
+        else:
+            first[id(p)] = name
+    return out
 
-    name: str
-    mask: Tensor
+
+def _tie_hint(name: str, aliases: Mapping[str, List[str]]) -> str:
+    """`` ('x' is tied to 'y' and named 'y')`` when ``name`` or a pattern names a tied alias."""
+    for canonical, others in aliases.items():
+        hits = [a for a in others if fnmatch.fnmatchcase(a, name)]
+        if hits:
+            return f" ({hits[0]!r} is tied to {canonical!r} and named {canonical!r} once)"
+    return ""
 
 
 def resolve_groups(model: nn.Module, groups: Mapping[str, Any]) -> Dict[str, List[str]]:
@@ -50,6 +73,7 @@ def resolve_group_masks(model: nn.Module, groups: Mapping[str, Any]) -> Dict[str
         raise TypeError(f"Expected `groups` to be a non-empty mapping of name to parameter patterns, got {groups!r}.")
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     by_id = {id(p): name for name, p in trainable.items()}
+    aliases = tied_names(model)
     out: Dict[str, Dict[str, Optional[Tensor]]] = {}
     claimed: Dict[str, Any] = {}  # parameter name -> (group, mask or None) already claimed
     for gname, spec in groups.items():
@@ -63,7 +87,8 @@ def resolve_group_masks(model: nn.Module, groups: Mapping[str, Any]) -> Dict[str
                 if p is None or tuple(item.mask.shape) != tuple(p.shape) or item.mask.dtype != torch.bool:
                     raise ValueError(
                         f"Expected group {gname!r}'s slice of {item.name!r} to name a trainable parameter with a "
-                        f"boolean mask of its shape, got {tuple(item.mask.shape)} ({item.mask.dtype})."
+                        f"boolean mask of its shape, got {tuple(item.mask.shape)} ({item.mask.dtype})"
+                        f"{_tie_hint(item.name, aliases)}."
                     )
                 if not bool(item.mask.any()):
                     raise ValueError(f"Expected group {gname!r}'s slice of {item.name!r} to select something, got none.")
@@ -82,14 +107,18 @@ def resolve_group_masks(model: nn.Module, groups: Mapping[str, Any]) -> Dict[str
                     f"got {item!r}."
                 )
             if not names:
-                raise ValueError(f"Expected group {gname!r}'s entry {item!r} to match a trainable parameter, got none.")
+                hint = _tie_hint(item, aliases) if isinstance(item, str) else ""
+                raise ValueError(
+                    f"Expected group {gname!r}'s entry {item!r} to match a trainable parameter, got none{hint}."
+                )
             for n in names:
                 found[n] = None
         for n, mask in found.items():
             for other, other_mask in claimed.get(n, []):
                 if mask is None or other_mask is None or bool((mask & other_mask).any()):
+                    tied = f" (tied as {', '.join(map(repr, aliases[n]))})" if n in aliases else ""
                     raise ValueError(
-                        f"Expected disjoint groups, got parameter {n!r} in both {other!r} and {gname!r}."
+                        f"Expected disjoint groups, got parameter {n!r} in both {other!r} and {gname!r}{tied}."
                     )
             claimed.setdefault(n, []).append((gname, mask))
         out[gname] = found
@@ -97,50 +126,35 @@ def resolve_group_masks(model: nn.Module, groups: Mapping[str, Any]) -> Dict[str
 
 
 def groups_by_child(model: nn.Module) -> Dict[str, List[str]]:
-    """One group per top-level child module that has trainable parameters (``"0"``, ``"encoder"``...)."""
+    """One group per top-level child module that owns trainable parameters (``"0"``,
+    ``"encoder"``...). A tied tensor belongs to the child under whose name
+    ``model.named_parameters()`` reports it: GPT-2's ``lm_head`` owns none of its own, so it
+    has no group (its weight is in ``"transformer"``)."""
     out: Dict[str, List[str]] = {}
-    for name, child in model.named_children():
-        if any(p.requires_grad for p in child.parameters()):
-            out[name] = [f"{name}.*"]
+    for name, p in model.named_parameters():
+        if p.requires_grad and "." in name:
+            child = name.split(".", 1)[0]
+            out.setdefault(child, [f"{child}.*"])
     return out
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def groups_by_linear(model: nn.Module) -> Dict[str, List[str]]:
-    """One group per ``nn.Linear`` layer with trainable parameters, named by its module path."""
+    """One group per linear layer with trainable parameters (``nn.Linear``, or GPT-2's
+    ``Conv1D``), named by its module path. A tied tensor is listed once, under its
+    ``named_parameters()`` name, in the first linear layer that uses it: GPT-2's ``lm_head``
+    group holds ``transformer.wte.weight`` (the embedding is not a linear layer)."""
+    names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    taken: set = set()
     out: Dict[str, List[str]] = {}
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and any(p.requires_grad for p in module.parameters(recurse=False)):
-            out[name or "linear"] = [f"{name}.{p}" if name else p for p, q in module.named_parameters(recurse=False)
-                                     if q.requires_grad]
-    return out
-
-
-def attention_heads(module: nn.MultiheadAttention, prefix: str) -> Dict[str, List[ParamSlice]]:
-    """One group per head of a ``torch.nn.MultiheadAttention`` with packed projections: the
-    head's rows of ``in_proj_weight`` / ``in_proj_bias`` (its query, key and value slices) and
-    its columns of ``out_proj.weight``. The output bias is shared by all heads and left out.
-
-    Args:
-        module: the attention module (``batch_first`` either way; packed ``in_proj_weight``).
-        prefix: its name in the model (``dict(model.named_modules())`` key), e.g. ``"attn"``.
-
-    Returns:
-        ``{f"{prefix}.head{h}": [ParamSlice, ...]}`` for ``h`` in ``range(num_heads)``.
-    """
-    if not isinstance(module, nn.MultiheadAttention) or module.in_proj_weight is None:
-        raise ValueError(f"Expected `module` to be an nn.MultiheadAttention with packed projections, got {module!r}.")
-    e, h = module.embed_dim, module.num_heads
-    d = e // h
-    out: Dict[str, List[ParamSlice]] = {}
-    for k in range(h):
-        rows = torch.zeros(3 * e, dtype=torch.bool)
-        for part in range(3):  # query, key, value
-            rows[part * e + k * d : part * e + (k + 1) * d] = True
-        w_in = rows[:, None].expand(3 * e, e).clone()
-        cols = torch.zeros(e, e, dtype=torch.bool)
-        cols[:, k * d : (k + 1) * d] = True
-        slices = [ParamSlice(f"{prefix}.in_proj_weight", w_in), ParamSlice(f"{prefix}.out_proj.weight", cols)]
-        if module.in_proj_bias is not None:
-            slices.append(ParamSlice(f"{prefix}.in_proj_bias", rows.clone()))
-        out[f"{prefix}.head{k}"] = slices
+        if not _is_linear(module):
+            continue
+        own = [names[id(q)] for _, q in module.named_parameters(recurse=False) if id(q) in names and id(q) not in taken]
+        if own:
+            taken.update(id(q) for q in module.parameters(recurse=False))
+            out[name or "linear"] = own
     return out

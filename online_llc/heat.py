@@ -40,7 +40,7 @@ step is calibrated on the sum of the two biases (:func:`online_llc.estimate_llc`
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Optional, Tuple
 
 import numpy as np
 
@@ -106,7 +106,9 @@ def discretization_bias(prev_update_dot_grad: np.ndarray, update_dot_grad: np.nd
     return float((prev[ok] - own[ok]).mean() / 8.0 - hb[ok].mean() / 2.0)
 
 
-def calibrated_step(step: float, heat: float, max_step: float) -> float:
+def calibrated_step(
+    step: float, heat: float, max_step: float, heat_low: Optional[float] = None, heat_high: Optional[float] = None
+) -> float:
     """The step to use next, given the minibatch ``heat`` measured at ``step``.
 
     The heat's excess ``heat - 1`` is proportional to the step at a fixed ``nbeta``, so the step
@@ -114,14 +116,61 @@ def calibrated_step(step: float, heat: float, max_step: float) -> float:
     :data:`~online_llc.config.MAX_HEAT` or below half the target (by at most 8x down and 2x up per
     call, so one noisy measurement cannot throw it far), and never above ``max_step``. A heat that
     is NaN leaves the step alone.
+
+    ``heat_low`` and ``heat_high`` bound the measurement (e.g. two standard errors either side):
+    the step goes down only when ``heat_low`` is above the bound and up only when ``heat_high`` is
+    below half the target, so a measurement too noisy to decide leaves the step alone (a chain that
+    has not yet spread from ``w*`` has a tiny mean, and its heat is then mostly noise). ``None``
+    means the point value.
     """
     if not math.isfinite(heat):
         return step
+    low = heat if heat_low is None else heat_low
+    high = heat if heat_high is None else heat_high
     excess = max(heat - 1.0, 1e-12)
-    if excess > MAX_HEAT or (excess < TARGET_HEAT / 2 and step < max_step):
+    if low - 1.0 > MAX_HEAT or (math.isfinite(high) and high - 1.0 < TARGET_HEAT / 2 and step < max_step):
         factor = min(max(TARGET_HEAT / excess, 0.125), 2.0)
         return min(step * factor, max_step)
     return step
+
+
+def bias_interval(
+    draws: np.ndarray, prev_update_dot_grad: np.ndarray, update_dot_grad: np.ndarray, heat_bias: np.ndarray,
+    z: float = 2.0, batches: int = 10,
+) -> Tuple[float, float, float]:
+    """``(heat, heat_low, heat_high)`` of one chain's stretch, counting the minibatch and the
+    discretization bias together, with ``z`` batch-means standard errors of the bias and of the
+    mean either side.
+
+    Per step the combined bias is ``hb_t / 2 + (p_{t+1} - u_t) / 8`` (its mean is
+    ``heat_bias + discretization_bias``, :func:`discretization_bias`), or ``hb_t`` where the
+    update products are not measured; ``batches`` batch means of it and of the draws give the
+    standard errors (consecutive steps are correlated; batch means of a few relaxation-free
+    stretches are the cheap honest choice here). The interval is NaN-free only where the
+    corrected mean stays positive: ``heat_low`` uses the low bias and the high mean,
+    ``heat_high`` the high bias and the low mean (NaN when that is not positive: undecided).
+    """
+    d = np.asarray(draws, dtype=np.float64)
+    hb = np.asarray(heat_bias, dtype=np.float64)
+    prev = np.asarray(prev_update_dot_grad, dtype=np.float64)
+    own = np.asarray(update_dot_grad, dtype=np.float64)
+    per_step = hb.copy()
+    nxt = np.append(prev[1:], np.nan)
+    ok = np.isfinite(nxt) & np.isfinite(own)
+    per_step[ok] = hb[ok] / 2.0 + (nxt[ok] - own[ok]) / 8.0
+    keep = np.isfinite(per_step) & np.isfinite(d)
+    d, per_step = d[keep], per_step[keep]
+    if d.size < 2 * batches:
+        return math.nan, math.nan, math.nan
+    size = d.size // batches
+
+    def mean_se(x: np.ndarray) -> Tuple[float, float]:
+        means = x[: size * batches].reshape(batches, size).mean(axis=1)
+        return float(x.mean()), float(means.std(ddof=1) / math.sqrt(batches))
+
+    m, m_se = mean_se(d)
+    b, b_se = mean_se(per_step)
+    return heat_from(m, b), heat_from(m + z * m_se, b - z * b_se), heat_from(m - z * m_se, b + z * b_se)
 
 
 def max_step_size(nbeta: float, sampler: str, friction: float, step_size: float, online: bool = False) -> float:

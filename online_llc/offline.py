@@ -22,15 +22,16 @@ from torch import nn
 from .config import (
     DEFAULT_BURN_IN,
     DEFAULT_NUM_DRAWS,
+    DEFAULT_PRECISION,
     DEFAULT_STEP_SCALE,
     MAX_HEAT,
     relaxation_steps,
     resolve_hyperparameters,
 )
-from .errors import NonFiniteDrawError, check_nonneg_int, check_positive_int, reject_unknown
+from .errors import NonFiniteDrawError, check_choice, check_int, check_nonneg_int, check_positive_int, reject_unknown
 from .groups import resolve_groups
-from .evaluator import LossEvaluator, LossFn, cuda_devices, derived_seed, split_halves
-from .heat import calibrated_step, combined_heat, discretization_bias, heat_from, max_step_size
+from .evaluator import MODES, LossEvaluator, LossFn, cuda_devices, derived_seed, split_halves
+from .heat import bias_interval, calibrated_step, combined_heat, discretization_bias, heat_from, max_step_size
 from .sgld import init_aux, sampler_step
 from .records import LLCResult
 from .stats import multichain_standard_error, summarize
@@ -79,6 +80,8 @@ def estimate_llc(
     sampler: str = "sgld",
     friction: float = 0.1,
     params: Optional[Sequence[Any]] = None,
+    mode: str = "eval",
+    precision: Optional[float] = DEFAULT_PRECISION,
     **kwargs: Any,
 ) -> LLCResult:
     """Estimate the local learning coefficient of ``model`` at its current weights ``w*``.
@@ -110,7 +113,9 @@ def estimate_llc(
         num_chains: independent chains ``C``.
         num_draws: draws per chain kept after burn-in ``D``; ``None`` means 1000 times the factor by
             which the step is below ``0.08 / nbeta`` (a smaller step mixes that much more slowly),
-            at most :data:`MAX_AUTO_DRAWS`.
+            at most :data:`MAX_AUTO_DRAWS`, then doubled while the standard error is above
+            ``precision`` times the estimate (up to :data:`MAX_AUTO_DRAWS`; a warning says when that
+            is not enough).
         burn_in: steps per chain discarded first; ``None`` means one relaxation time of the
             slowest direction, ``2 / (epsilon * gamma)``, at least 500 and at most
             :data:`MAX_AUTO_BURN_IN` (with a warning when that is shorter than the relaxation).
@@ -121,6 +126,13 @@ def estimate_llc(
         params: sample only these parameters (parameter-name patterns, modules or parameters, as
             in :mod:`online_llc.groups`), the rest held at ``w*``: the weight-refined LLC of that
             group (Wang et al. 2024). ``None``: all trainable parameters.
+        mode: the model's mode during the sampler's passes: ``"eval"`` (the default: dropout
+            off, BatchNorm on its running statistics), ``"train"`` or ``"as_is"``; every
+            submodule's ``training`` flag is restored afterwards.
+        precision: the relative standard error the automatic ``num_draws`` aims for, in (0, 1);
+            ``None`` keeps the first draw count. Models whose LLC lives in flat directions (normal
+            crossings) mix over the localization's relaxation time, so 1000 draws can leave a
+            standard error of 30% or more; ignored when ``num_draws`` is given.
 
     Returns:
         An :class:`LLCResult` with the estimate, its standard error, the draws, the measured heat
@@ -143,13 +155,16 @@ def estimate_llc(
         True
     """
     reject_unknown("estimate_llc()", kwargs)
-    check_positive_int("num_chains", num_chains)
+    num_chains = check_positive_int("num_chains", num_chains)
     if num_draws is not None:
-        check_positive_int("num_draws", num_draws)
+        num_draws = check_positive_int("num_draws", num_draws)
     if burn_in is not None:
-        check_nonneg_int("burn_in", burn_in)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"Expected `seed` to be an int, got {seed!r}.")
+        burn_in = check_nonneg_int("burn_in", burn_in)
+    seed = check_int("seed", seed)
+    check_choice("mode", mode, MODES)
+    if precision is not None and not (isinstance(precision, (int, float)) and not isinstance(precision, bool)
+                                      and 0.0 < float(precision) < 1.0):
+        raise ValueError(f"Expected `precision` to be None or a float in (0, 1), got {precision!r}.")
     config = resolve_hyperparameters(
         num_samples=num_samples,
         nbeta=nbeta,
@@ -159,7 +174,7 @@ def estimate_llc(
         friction=friction,
     )
     names = None if params is None else resolve_groups(model, {"params": list(params)})["params"]
-    evaluator = LossEvaluator(model, loss_fn, param_names=names)
+    evaluator = LossEvaluator(model, loss_fn, param_names=names, mode=mode)
     center = {n: t.clone() for n, t in evaluator.center().items()}
     device = next(iter(center.values())).device
     devices = cuda_devices(center)
@@ -209,6 +224,8 @@ def estimate_llc(
                 center_loss_count += 1
             return (offset, aux), out
 
+        states: List[Tuple[Any, Any]] = []
+        gens: List[torch.Generator] = []
         for c in range(num_chains):
             gen = torch.Generator(device=device).manual_seed(seed * 1000003 + c)
             offset = evaluator.zeros_like_center()
@@ -247,8 +264,20 @@ def estimate_llc(
                 num_draws = _resolve_num_draws(given_num_draws, config)
             state, keep = run(c, num_draws, state, gen)
             chain_rows.append(np.concatenate([head, keep], axis=1))
+            states.append(state)
+            gens.append(gen)
+        assert burn_in is not None and num_draws is not None
+        if given_num_draws is None and precision is not None:
+            # The first draw count suits curved directions; where the LLC lives in flat ones the
+            # chains mix over the localization's relaxation time, so draws are doubled (every
+            # chain continues where it stopped) until the multi-chain standard error is small.
+            while num_draws < MAX_AUTO_DRAWS and _imprecise(chain_rows, burn_in, precision):
+                extra = min(num_draws, MAX_AUTO_DRAWS - num_draws)
+                for c in range(num_chains):
+                    states[c], more = run(c, extra, states[c], gens[c])
+                    chain_rows[c] = np.concatenate([chain_rows[c], more], axis=1)
+                num_draws += extra
 
-    assert burn_in is not None and num_draws is not None
     rows = np.stack(chain_rows)  # [chains, _ROWS, burn_in + num_draws]
     draws = rows[:, _DRAW]
     kept, kept_noise = draws[:, burn_in:], rows[:, _NOISE_VAR, burn_in:]
@@ -270,9 +299,18 @@ def estimate_llc(
             RuntimeWarning,
             stacklevel=2,
         )
+    std = multichain_standard_error(kept)
+    if given_num_draws is None and precision is not None and std > precision * abs(float(summary.mean)):
+        warnings.warn(
+            f"estimate_llc: the standard error {std:.3g} is {std / abs(float(summary.mean)):.0%} of the estimate "
+            f"{float(summary.mean):.3g} after {num_draws} draws per chain (the most chosen automatically); the "
+            f"chains mix over about {relaxation_steps(config):.0f} steps. Pass a larger num_draws or num_chains.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return LLCResult(
         mean=float(summary.mean),
-        std=multichain_standard_error(kept),
+        std=std,
         per_chain=kept.mean(axis=1),
         per_chain_std=per_chain_std,
         draws=kept.copy(),
@@ -306,7 +344,7 @@ def _batch_size(evaluator: LossEvaluator, center: Dict[str, torch.Tensor], batch
     parts = split_halves(batch)
     if parts is not None:
         return parts[2]
-    with torch.no_grad():
+    with torch.no_grad(), evaluator.mode_context():
         return int(evaluator.losses(center, batch).numel())
 
 
@@ -314,10 +352,18 @@ def _recalibrated(tail: np.ndarray, step: float, top: float, lower_only: bool = 
     """``(heat, next step)`` from the rows of :func:`estimate_llc`'s ``run`` over a stretch of one
     chain. ``heat`` counts the minibatch and the discretization bias together,
     ``mean / (mean - heat_bias - discretization_bias)``: both grow in proportion to the step, so
-    the step moves towards the target of their sum (only down when ``lower_only``)."""
+    the step moves towards the target of their sum (only down when ``lower_only``), and only when
+    two standard errors of the measurement agree on the direction (:func:`heat.bias_interval`)."""
     heat = combined_heat(float(tail[_DRAW].mean()), float(tail[_HEAT_BIAS].mean()), _discretization_bias(tail))
-    new = calibrated_step(step, heat, top)
+    _, low, high = bias_interval(tail[_DRAW], tail[_PREV_DOT], tail[_OWN_DOT], tail[_HEAT_BIAS])
+    new = calibrated_step(step, heat, top, heat_low=low, heat_high=high)
     return heat, (min(new, step) if lower_only else new)
+
+
+def _imprecise(chain_rows: List[np.ndarray], burn_in: int, precision: float) -> bool:
+    """Whether the kept draws' multi-chain standard error is above ``precision`` times their mean."""
+    kept = np.stack([rows[_DRAW, burn_in:] for rows in chain_rows])
+    return bool(multichain_standard_error(kept) > precision * abs(float(kept.mean())))
 
 
 def _discretization_bias(rows: np.ndarray) -> float:

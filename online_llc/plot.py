@@ -53,17 +53,20 @@ def plot_llc(
 ) -> Any:
     """Draw the LLC band over training steps.
 
-    The filtered mean is a line with its band (``lower``..``upper``); raw window means are dots
-    coloured by status; a horizontal line marks a theoretical value. When the values span more
-    than two decades or change sign, the y-axis is symmetric-log (linear within ``±linthresh``),
-    so negative LLCs at saddles stay visible next to small positive ones.
+    The filtered mean is a line with its band (``lower``..``upper``), over the windows the filter
+    absorbed (warm-up and diverged windows have no filtered value); window means are dots
+    coloured by status; a horizontal line marks a theoretical value. A history read from a
+    Lightning ``metrics.csv`` logged before ``llc/raw_mean`` existed has no window means: its
+    dots are then the filtered means, drawn as crosses and labelled so. When the values span more than two
+    decades or change sign, the y-axis is symmetric-log (linear within ``±linthresh``), so
+    negative LLCs at saddles stay visible next to small positive ones.
 
     Args:
         history: estimates, oldest first.
         ax: a matplotlib Axes (a new figure when ``None``).
         theory: a learning coefficient to draw as a dashed line.
         theory_label: its legend label.
-        show_raw: draw the raw window means.
+        show_raw: draw the window means (or, without them, the filtered means) as dots by status.
         title: axes title.
         loss: ``(steps, values)`` of a training loss, drawn on a second y-axis (log scale when
             positive and spanning more than a decade).
@@ -79,17 +82,30 @@ def plot_llc(
     if not history:
         ax.text(0.5, 0.5, "no estimates yet", ha="center", va="center", transform=ax.transAxes)
         return ax
-    steps = [e.step for e in history]
-    mean = [e.mean for e in history]
-    lower = [e.lower for e in history]
-    upper = [e.upper for e in history]
-    ax.fill_between(steps, lower, upper, color="#1f77b4", alpha=0.25, linewidth=0, label="90% band")
-    ax.plot(steps, mean, color="#1f77b4", linewidth=1.5, label="online LLC (filtered)")
+    filtered = [e for e in history if e.filtered and math.isfinite(e.mean)]
+    if filtered:
+        steps = [e.step for e in filtered]
+        ax.fill_between(steps, [e.lower for e in filtered], [e.upper for e in filtered], color="#1f77b4", alpha=0.25,
+                        linewidth=0, label="90% band")
+        ax.plot(steps, [e.mean for e in filtered], color="#1f77b4", linewidth=1.5, label="online LLC (filtered)")
     if show_raw:
-        for status in STATUSES:
-            pts = [(e.step, e.raw_mean) for e in history if e.status == status]
-            if pts:
-                ax.scatter(*zip(*pts), s=9, color=_STATUS_COLORS[status], zorder=3, label=f"window mean: {status}")
+        # Window means; where a history has none (a Lightning CSV logged before llc/raw_mean
+        # existed), the filtered means, labelled as such. (A warm-up or diverged window's `mean`
+        # is its window mean.)
+        groups: Dict[Tuple[str, str], List[Tuple[int, float]]] = {}
+        for e in history:
+            if math.isfinite(e.raw_mean):
+                name, value = "window mean", e.raw_mean
+            else:
+                name, value = ("filtered mean" if e.filtered else "window mean"), e.mean
+            if math.isfinite(value):
+                groups.setdefault((name, e.status), []).append((e.step, value))
+        for name in ("window mean", "filtered mean"):
+            for status in STATUSES:
+                pts = groups.get((name, status))
+                if pts:
+                    ax.scatter(*zip(*pts), s=9, color=_STATUS_COLORS[status], zorder=3, label=f"{name}: {status}",
+                               marker="o" if name == "window mean" else "x")
     if smoothed:
         ax.plot([p.step for p in smoothed], [p.mean for p in smoothed], color="#2ca02c", linestyle="--",
                 linewidth=1.2, label="smoothed (retrospective)")
@@ -100,6 +116,8 @@ def plot_llc(
     values = [v for e in settled for v in (e.lower, e.upper, e.raw_mean) if math.isfinite(v)]
     if theory is not None:
         values.append(theory)
+    if not values:
+        values = [0.0]
     lo, hi = min(values), max(values)
     positive = [abs(v) for v in values if v != 0]
     if positive and (lo < 0 < hi or max(positive) / max(min(positive), 1e-12) > 100):
@@ -147,8 +165,11 @@ def read_loss(path: str, column: str = "train_loss") -> Tuple[List[int], List[fl
 def read_run(path: str) -> List[LLCEstimate]:
     """Read estimates back from a CSV written by :func:`write_csv` or by Lightning's ``CSVLogger``
     with :class:`online_llc.callbacks.OnlineLLCCallback` (columns ``llc/mean``, ``llc/std``,
-    ``llc/lower``, ``llc/upper``, ``llc/status``, ...). Rows without an LLC value (other metrics
-    a logger wrote) are skipped; fields the file lacks are NaN.
+    ``llc/lower``, ``llc/upper``, ``llc/status``, ``llc/raw_mean``, ...). Rows without an LLC
+    window (other metrics a logger wrote) are skipped; fields the file lacks are NaN. In a
+    Lightning CSV a warm-up or diverged window has a status but no ``llc/mean``: its ``mean``
+    and band are NaN, and ``raw_mean`` is its logged window mean (NaN in files logged before
+    ``llc/raw_mean`` existed).
 
     Raises:
         ValueError: the file has no LLC columns, or a value is not a number.
@@ -156,12 +177,14 @@ def read_run(path: str) -> List[LLCEstimate]:
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
         fieldnames = rows[0].keys() if rows else []
-    prefix = "llc/" if "llc/mean" in fieldnames else "" if "mean" in fieldnames else None
+    prefix = "llc/" if "llc/mean" in fieldnames or "llc/status" in fieldnames else "" if "mean" in fieldnames else None
     if prefix is None:
         raise ValueError(f"{path}: no LLC columns (expected `mean` or `llc/mean`).")
+    # A window's row: our CSV has a mean in every row; Lightning's has a status in every window's row.
+    key = "llc/status" if prefix else "mean"
     out: List[LLCEstimate] = []
     for i, row in enumerate(rows, start=2):
-        if not row.get(prefix + "mean"):
+        if not row.get(key):
             continue
         try:
             def num(key: str, row: Dict[str, str] = row) -> float:
@@ -181,7 +204,7 @@ def read_run(path: str) -> List[LLCEstimate]:
                     lower=num("lower"),
                     upper=num("upper"),
                     status=status,
-                    raw_mean=num("raw_mean") if not prefix else num("mean"),
+                    raw_mean=num("raw_mean"),
                     raw_se=num("raw_se"),
                     slope=num("slope"),
                     var_channel=num("var_channel"),
@@ -192,6 +215,9 @@ def read_run(path: str) -> List[LLCEstimate]:
                     window_start=int(float(row.get("window_start") or row["step"])),
                     shadow_steps=int(float(row.get("shadow_steps") or 0)),
                     divergences=int(float(row.get("divergences") or 0)),
+                    heat=num("heat"),
+                    heat_bias=num("heat_bias"),
+                    step_size=num("step_size"),
                 )
             )
         except (KeyError, ValueError, IndexError) as exc:

@@ -16,10 +16,14 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["ChainHealth", "LLCEstimate", "LLCResult", "STATUSES", "SmoothedPoint", "Transition"]
+__all__ = ["ChainHealth", "FILTERED_STATUSES", "LLCEstimate", "LLCResult", "STATUSES", "SmoothedPoint", "Transition"]
 
 #: Every status an estimate can have, in the order of their numeric codes (used by loggers).
 STATUSES = ("warming_up", "tracking", "transition", "not_at_minimum", "diverged")
+#: The statuses of windows the filter absorbed: their ``mean`` is the filtered LLC. A
+#: ``warming_up`` or ``diverged`` window's ``mean`` is only its raw window mean, and loggers must
+#: not report it as the LLC.
+FILTERED_STATUSES = ("tracking", "transition", "not_at_minimum")
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,12 @@ class LLCEstimate:
     heat: float = math.nan
     heat_bias: float = math.nan
     step_size: float = math.nan
+
+    @property
+    def filtered(self) -> bool:
+        """Whether the filter absorbed this window (``status`` in :data:`FILTERED_STATUSES`), so
+        ``mean`` is the filtered LLC rather than a raw warm-up or diverged window mean."""
+        return self.status in FILTERED_STATUSES
 
     @property
     def status_code(self) -> int:

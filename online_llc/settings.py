@@ -2,8 +2,9 @@
 
 Flow: training loop -> ShadowSampler -> WindowStats -> LLCFilter -> OnlineLLC records ->
 callbacks. The options reach every stage of that flow: the chains (``num_samples``, ``nbeta``, ``localization``,
-``step_size``, ``sampler``, ``friction``, ``num_chains``, ``seed``, ``max_offset_norm``), the
-schedule and windows (``every_n_steps``, ``window``, ``warmup``, ``group_budget``) and the filter
+``step_size``, ``sampler``, ``friction``, ``num_chains``, ``seed``, ``max_offset_norm``, ``mode``), the
+schedule and windows (``every_n_steps``, ``window``, ``total_steps``, ``warmup``, ``group_budget``;
+:mod:`online_llc.cadence` sizes them to the run) and the filter
 (``process_noise``, ``jump_threshold``, ``confidence``). :class:`online_llc.OnlineLLC` and the
 Lightning callback both take them as keyword arguments and hold them as one
 :class:`MonitorSettings`, so a new option is added here once. How the defaults were chosen is
@@ -15,8 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional, Tuple, Union
 
-from .config import DEFAULT_EVERY_N_STEPS, DEFAULT_WARMUP, DEFAULT_WINDOW, resolve_hyperparameters
-from .errors import check_nonneg_int, check_positive_float, check_positive_int, reject_unknown
+from .cadence import AUTO, Cadence, auto_cadence, check_cadence_option
+from .config import DEFAULT_WARMUP, resolve_hyperparameters
+from .errors import as_int, check_choice, check_int, check_nonneg_int, check_positive_float, check_positive_int, reject_unknown
+from .evaluator import MODES
 from .sgld import SGLDConfig
 
 __all__ = ["MonitorSettings"]
@@ -24,7 +27,8 @@ __all__ = ["MonitorSettings"]
 
 @dataclass(frozen=True)
 class MonitorSettings:
-    """The options of the online monitor, validated on construction; values are kept as given.
+    """The options of the online monitor, validated on construction; values are kept as given
+    (integers of any kind, numpy's and 0-d tensors included, as Python ints).
 
     Attributes:
         num_samples: ``n``, the size of the training set; ``None`` while it is not known yet
@@ -36,8 +40,21 @@ class MonitorSettings:
         step_size: the sampler's ``epsilon``; ``None``: ``min(0.15 / nbeta, 0.15 B / nbeta^2)``
             for the first batch's size ``B``, lowered when a window's measured minibatch heat
             exceeds 1.1 (:mod:`online_llc.heat`); a given step is used as it is.
-        every_n_steps: training steps between shadow steps (>= 1).
-        window: draws per chain per window (>= 2).
+        every_n_steps: training steps between shadow steps (>= 1), or ``"auto"`` (the default):
+            sized to ``total_steps`` by :func:`online_llc.cadence.auto_cadence` (25 when the
+            length is unknown or 25000 steps and more; denser for shorter runs, down to every
+            step, and over the 10% overhead budget below 20000 steps, which one warning states).
+        window: draws per chain per window (>= 2), or ``"auto"`` (the default): sized to
+            ``total_steps`` (40 when the length is unknown, at least 10).
+        total_steps: the run's length in optimizer steps, when known (the Lightning callback
+            reads ``trainer.estimated_stepping_batches``). It sizes the ``"auto"`` options and,
+            for runs too short for a 100-step warm-up within their first 10%, shortens the
+            data-driven warm-up in proportion (:mod:`online_llc.cadence`).
+        mode: the model's mode during the shadow passes: ``"eval"`` (the default: dropout off,
+            BatchNorm on its running statistics, so the estimate is the deterministic model's),
+            ``"train"`` (dropout masks drawn from the monitor's private generator) or
+            ``"as_is"`` (whatever mode the model is in). Every submodule's ``training`` flag is
+            restored after each pass.
         num_chains: chains run at each shadow step.
         seed: seeds the chains' private generators.
         warmup: how long a chain warms up after the start, a reset or a jump of the training
@@ -66,8 +83,8 @@ class MonitorSettings:
     nbeta: Optional[float] = None
     localization: Optional[float] = None
     step_size: Optional[float] = None
-    every_n_steps: int = DEFAULT_EVERY_N_STEPS
-    window: int = DEFAULT_WINDOW
+    every_n_steps: Union[int, str] = AUTO
+    window: Union[int, str] = AUTO
     num_chains: int = 1
     seed: int = 0
     warmup: Union[int, str, None] = None
@@ -78,31 +95,43 @@ class MonitorSettings:
     sampler: str = "sgld"
     friction: float = 0.1
     group_budget: int = 1
+    total_steps: Optional[int] = None
+    mode: str = "eval"
 
     def __post_init__(self) -> None:
+        def normalize(name: str, value: Any) -> None:  # a frozen dataclass: set through object
+            object.__setattr__(self, name, value)
+
         # n and the sampler's knobs, checked by the same function and in the same order as when
         # the monitor resolves them; before n is known, n = 2 stands in (it only sets defaults).
+        if self.num_samples is not None:
+            normalize("num_samples", check_positive_int("num_samples", self.num_samples))
         self._resolve(2 if self.num_samples is None else self.num_samples)
-        check_positive_int("every_n_steps", self.every_n_steps)
-        window = self.window
-        if isinstance(window, bool) or not isinstance(window, int) or window < 2:
-            raise ValueError(f"Expected `window` to be an int >= 2, got {window!r}.")
-        check_positive_int("num_chains", self.num_chains)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"Expected `seed` to be an int, got {self.seed!r}.")
+        normalize("every_n_steps", check_cadence_option("every_n_steps", self.every_n_steps, 1))
+        normalize("window", check_cadence_option("window", self.window, 2))
+        if self.total_steps is not None:
+            normalize("total_steps", check_positive_int("total_steps", self.total_steps))
+        normalize("num_chains", check_positive_int("num_chains", self.num_chains))
+        normalize("seed", check_int("seed", self.seed))
         warmup = self.warmup_policy
         if warmup != "auto":
-            if isinstance(warmup, str):
+            if isinstance(warmup, str) or as_int(warmup) is None:
                 raise ValueError(f"Expected `warmup` to be 'auto' or a non-negative int, got {warmup!r}.")
-            check_nonneg_int("warmup", warmup)
+            normalize("warmup", check_nonneg_int("warmup", warmup))
+        check_choice("mode", self.mode, MODES)
         confidence = check_positive_float("confidence", self.confidence)
         if confidence >= 1:
             raise ValueError(f"Expected `confidence` to be a float in (0, 1), got {confidence!r}.")
-        check_positive_int("group_budget", self.group_budget)
+        normalize("group_budget", check_positive_int("group_budget", self.group_budget))
         if self.max_offset_norm is not None:
             check_positive_float("max_offset_norm", self.max_offset_norm)
         check_positive_float("process_noise", self.process_noise)
         check_positive_float("jump_threshold", self.jump_threshold)
+
+    def cadence(self) -> Cadence:
+        """The schedule: ``every_n_steps``, ``window`` and the warm-up's bounds, ``"auto"`` values
+        sized to ``total_steps`` (:func:`online_llc.cadence.auto_cadence`)."""
+        return auto_cadence(self.total_steps, every_n_steps=self.every_n_steps, window=self.window, warmup=self.warmup_policy)
 
     def sgld_config(self) -> SGLDConfig:
         """The sampler's hyperparameters, with the defaults that depend on ``num_samples`` filled in."""

@@ -237,7 +237,8 @@ def _kernel_step(
         )
     # enable_grad: the caller may be inside torch.no_grad() (e.g. a validation hook); the
     # gradient w.r.t. the offset is local and never reaches the model's .grad.
-    with private_rng(center, generator, rng_seed) as rewind, torch.enable_grad():
+    # The evaluator's mode (eval by default) for the passes only; every flag is restored after.
+    with evaluator.mode_context(), private_rng(center, generator, rng_seed) as rewind, torch.enable_grad():
         l_center, l_sample, g1, g2, halves, center_losses = paired_losses_and_grads(
             evaluator, center, offset, batch, rewind, center_losses
         )

@@ -95,7 +95,7 @@ class ShadowSampler:
             parameters), or no limit when ``gamma = 0``.
         share_center_loss: compute the loss at the centre once per shadow step for all chains
             (True), or once per chain with that chain's dropout masks (False). ``None``: share it
-            when the model is deterministic as far as its modules tell
+            when the model is deterministic as far as its modules tell in the evaluator's mode
             (:func:`~online_llc.evaluator.deterministic`: no dropout module in training mode),
             decided at every step. Sharing with a random model leaves the draws unbiased but
             unpairs the dropout noise of chains after the first.
@@ -150,7 +150,11 @@ class ShadowSampler:
         center = self.evaluator.center()
         new_sketch = sketch(list(center.values()), self._sketch_gen)
         old_sketch, self._sketch = self._sketch, new_sketch
-        share = deterministic(self.evaluator.model) if self.share_center_loss is None else self.share_center_loss
+        share = self.share_center_loss
+        if share is None:
+            # Judged in the mode the passes run in (eval by default: dropout modules are off).
+            with self.evaluator.mode_context():
+                share = deterministic(self.evaluator.model)
         pending, shared = [], None
         for c in range(self.num_chains):
             out = _kernel_step(

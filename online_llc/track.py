@@ -29,13 +29,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
-from .config import MAX_HEAT, default_step_size
+import numpy as np
+
+from .cadence import Cadence
+from .config import DEFAULT_HORIZON, MAX_HEAT, default_step_size
 from .filter import LLCFilter
 from .heat import calibrated_step, max_step_size, pooled_heat
 from .records import LLCEstimate, SmoothedPoint, Transition
+from .settings import MonitorSettings
 from .shadow import ShadowSampler
+from .sgld import LossEvaluator, SGLDConfig
 from .warmup import EquilibrationDetector, WeightJumpDetector
 from .window import WindowStats, WindowSummary
 
@@ -68,6 +73,9 @@ class Track:
         calibrate: size the step to the batch at the first shadow step, then lower it after a
             window whose measured minibatch heat is gross (:mod:`online_llc.heat`); the estimand
             (``nbeta``, ``localization``) never changes.
+        min_warmup, max_warmup, min_rewarmup, warmup_tail: the data-driven warm-up's bounds
+            (shadow steps from a zero offset, at most, after a weight jump) and the stationary
+            tail its test needs; :func:`online_llc.cadence.auto_cadence` shortens them for short runs.
     """
 
     def __init__(
@@ -79,8 +87,14 @@ class Track:
         warmup: Union[int, str],
         z: float,
         calibrate: bool = False,
+        min_warmup: int = MIN_AUTO_WARMUP,
+        max_warmup: int = MAX_AUTO_WARMUP,
+        min_rewarmup: int = MIN_REWARMUP,
+        warmup_tail: int = 30,
     ) -> None:
         self.sampler, self.stats, self.filter = sampler, stats, filt
+        self.min_warmup, self.max_warmup = min_warmup, max_warmup
+        self.min_rewarmup, self.warmup_tail = min_rewarmup, warmup_tail
         self.warmup, self._z = warmup, z
         self.calibrate = calibrate
         cfg = sampler.config
@@ -89,10 +103,42 @@ class Track:
         self.num_chains = sampler.num_chains
         self._init()
 
+    @classmethod
+    def build(
+        cls,
+        evaluator: LossEvaluator,
+        config: SGLDConfig,
+        settings: MonitorSettings,
+        cadence: Cadence,
+        *,
+        seed: int,
+        z: float,
+        masks: Optional[Dict[str, Any]] = None,
+        gather: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+    ) -> "Track":
+        """A track with the monitor's options: ``settings`` (its chains and filter), ``cadence``
+        (its windows and warm-up bounds), its own ``seed``, and ``masks`` for a group's chains."""
+        sampler = ShadowSampler(
+            evaluator, config, num_chains=settings.num_chains, seed=seed, max_offset_norm=settings.max_offset_norm, masks=masks
+        )
+        return cls(
+            sampler,
+            WindowStats(cadence.window, settings.num_chains, horizon=DEFAULT_HORIZON, gather=gather),
+            LLCFilter(process_noise=settings.process_noise, jump_threshold=settings.jump_threshold),
+            warmup=settings.warmup_policy,
+            z=z,
+            calibrate=settings.step_size is None,
+            min_warmup=cadence.min_warmup,
+            max_warmup=cadence.max_warmup,
+            min_rewarmup=cadence.min_rewarmup,
+            warmup_tail=cadence.warmup_tail,
+        )
+
     def _init(self) -> None:
         self.warmup_left = [0 if self.auto_warmup else self.warmup] * self.num_chains
         self.detectors = [
-            EquilibrationDetector(min_draws=MIN_AUTO_WARMUP, max_draws=MAX_AUTO_WARMUP) for _ in range(self.num_chains)
+            EquilibrationDetector(min_draws=self.min_warmup, max_draws=self.max_warmup, tail=self.warmup_tail)
+            for _ in range(self.num_chains)
         ]
         self.jumps = WeightJumpDetector(min_history=_MIN_SHIFT_HISTORY)
         self.last_jump = False
@@ -113,9 +159,10 @@ class Track:
             # unstable directions slowly at first, exponentially later: no test on its first
             # draws can tell that from stationarity (the stagewise demo's chain looked settled
             # after 60 draws and fell from -6 to -2800 over the next 150), so the floor is
-            # MIN_AUTO_WARMUP. A chain whose offsets were kept through a weight jump is already
-            # spread out and only needs MSER's own minimum.
-            self.detectors[c].restart(None if from_zero else MIN_REWARMUP)
+            # MIN_AUTO_WARMUP (shorter only for runs too short for it, online_llc.cadence). A
+            # chain whose offsets were kept through a weight jump is already spread out and only
+            # needs MSER's own minimum.
+            self.detectors[c].restart(None if from_zero else self.min_rewarmup)
         else:
             self.warmup_left[c] = self.warmup
 

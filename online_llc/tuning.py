@@ -274,7 +274,7 @@ def mala_acceptance(
                 full.append(d * mask if mask is not None else d)
         return u, full
 
-    with private_rng(center, generator) as rewind, torch.enable_grad():
+    with evaluator.mode_context(), private_rng(center, generator) as rewind, torch.enable_grad():
         u0, g0 = potential(offset)
         with torch.no_grad():
             prop: Dict[str, Tensor] = {}

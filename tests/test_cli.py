@@ -76,3 +76,16 @@ def test_groups_demo_writes_every_unit(tmp_path):
     assert main(["demo", "groups", "--out", str(tmp_path), "--steps", "1500", "--no-plot"]) == 0
     rows = list(csv.DictReader(open(tmp_path / "groups.csv")))
     assert {r["unit"] for r in rows} == {"model", "fast", "slow"}
+
+
+def test_induction_demo_end_to_end(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    tiny = ["--steps", "240", "--vocab", "8", "--half", "4", "--d-model", "8", "--heads", "2", "--num-sequences", "512",
+            "--batch-size", "16", "--lr", "0.01", "--head-budget", "2", "--bin", "10"]
+    assert main(["demo", "induction", "--out", str(tmp_path), *tiny]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "induction.csv")))
+    assert rows and {"step", "mean", "lower", "upper", "status", "loss_first_half", "loss_repeated_half",
+                     "llc_layer0", "llc_layer1", "llc_L0H0", "llc_L0H1", "llc_L1H0", "llc_L1H1"} <= set(rows[0])
+    assert (tmp_path / "induction.png").stat().st_size > 10_000
+    out = capsys.readouterr().out
+    assert "Wrote" in out and ("Phase change" in out or "No phase change" in out)

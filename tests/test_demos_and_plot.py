@@ -109,3 +109,71 @@ def test_shuffled_batches_validation_and_reshuffle():
         ShuffledBatches(x, x, batch_size=11)
     with pytest.raises(ValueError, match=r"Expected `batch_size` to be a positive int, got 0\."):
         ShuffledBatches(x, x, batch_size=0)
+
+
+def _legend(ax):
+    return sorted(t.get_text() for t in ax.get_legend().get_texts())
+
+
+def test_plot_labels_what_it_draws_from_a_lightning_csv(tmp_path):
+    """A Lightning metrics.csv holds the filtered mean and band (estimates only), the status of
+    every window and, since llc/raw_mean is logged, every window's mean. The dots are labelled
+    window means only when they are; an older file without llc/raw_mean gets its filtered means
+    drawn and labelled as such."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    from online_llc.plot import plot_llc
+
+    new = tmp_path / "metrics.csv"
+    with open(new, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["epoch", "llc/lower", "llc/mean", "llc/raw_mean", "llc/status", "llc/std", "llc/upper", "step", "train_loss"])
+        w.writerow([0, "", "", 0.5, 0.0, "", "", 10, ""])  # a warm-up window: status and raw mean only
+        w.writerow([0, "", "", "", "", "", "", 10, 0.7])  # another metric's row
+        w.writerow([0, 1.0, 2.0, 2.5, 1.0, 0.5, 3.0, 20, ""])
+        w.writerow([0, 1.5, 2.2, 1.9, 1.0, 0.4, 2.9, 30, ""])
+    got = read_run(str(new))
+    assert [(e.step, e.status, e.raw_mean) for e in got] == [(10, "warming_up", 0.5), (20, "tracking", 2.5), (30, "tracking", 1.9)]
+    assert math.isnan(got[0].mean) and math.isnan(got[0].upper) and got[1].mean == 2.0
+    ax = plot_llc(got)
+    assert _legend(ax) == ["90% band", "online LLC (filtered)", "window mean: tracking", "window mean: warming_up"]
+    line = next(li for li in ax.get_lines() if li.get_label() == "online LLC (filtered)")
+    assert list(line.get_xdata()) == [20, 30] and list(line.get_ydata()) == [2.0, 2.2]  # estimates only
+    dots = {c.get_label(): c.get_offsets().tolist() for c in ax.collections if c.get_label().startswith("window")}
+    assert dots == {"window mean: warming_up": [[10, 0.5]], "window mean: tracking": [[20, 2.5], [30, 1.9]]}
+
+    old = tmp_path / "old_metrics.csv"
+    with open(old, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["epoch", "llc/lower", "llc/mean", "llc/status", "llc/std", "llc/upper", "step"])
+        w.writerow([0, 0.0, 0.5, 0.0, 0.5, 1.0, 10])  # logged before warm-up windows lost llc/mean
+        w.writerow([0, 1.0, 2.0, 1.0, 0.5, 3.0, 20])
+    ax = plot_llc(read_run(str(old)))
+    assert _legend(ax) == ["90% band", "filtered mean: tracking", "online LLC (filtered)", "window mean: warming_up"]
+
+
+def test_induction_phase_change_is_the_steepest_fall():
+    from online_llc.demos.induction import phase_change
+
+    steps = list(range(10, 210, 10))
+    rep = [3.5] * 8 + [3.0, 2.0, 0.8, 0.4] + [0.3] * 8  # plateau, then the fall from step 90 to 120
+    pc = phase_change(steps, rep)
+    assert pc["step"] == 110 and pc["onset"] == 90 and pc["end"] == 120
+    assert phase_change(steps, [3.5 - 0.01 * i for i in range(20)]) is None  # no fall by half: no phase change
+
+
+def test_induction_model_heads_are_disjoint_groups():
+    import torch
+
+    from online_llc.demos.induction import AttentionOnlyTransformer, per_sample_ce, repeated_sequences
+    from online_llc.groups import attention_heads, resolve_group_masks
+
+    model = AttentionOnlyTransformer(vocab=8, seq_len=8, d_model=8, num_heads=2)
+    seqs = repeated_sequences(5, 8, 4, seed=0)
+    assert torch.equal(seqs[:, :4], seqs[:, 4:]) and per_sample_ce(model, seqs).shape == (5,)
+    groups = {}
+    for i, layer in enumerate(model.layers):
+        groups.update(attention_heads(layer, f"layers.{i}"))
+    masks = resolve_group_masks(model, groups)
+    q = sum(m["layers.0.q_proj.weight"].int() for g, m in masks.items() if g.startswith("layers.0."))
+    assert torch.equal(q, torch.ones(8, 8, dtype=torch.int))  # the heads tile layer 0's query projection

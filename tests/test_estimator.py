@@ -59,10 +59,10 @@ def test_step_change_is_tracked_within_three_windows():
     """Weights and data switch from reduced-rank regression 10-3-5 at rank 1 (lambda = 11) to
     rank 3 (lambda = 18) mid-run. Within 3 windows of the switch the filtered estimate must be
     within 10% (or its 90% band) of the offline estimate at the new point, the switch must be
-    flagged as a transition, and afterwards the estimate settles at the new level. (Band coverage
-    after the switch is a calibration question for the benchmarks: one chain wanders slowly
-    along the model's flat directions, and the band covers the new value on 72-96% of windows
-    depending on the chain's seed.)"""
+    flagged as a transition and a weight jump, and afterwards the estimate settles at the new
+    level. (Band coverage after the switch is a calibration question for the benchmarks: one
+    chain wanders slowly along the model's flat directions, and the band covers the new value on
+    72-96% of windows depending on the chain's seed.)"""
     a = deep_linear_problem([10, 3, 5], 1, seed=0)
     b = deep_linear_problem([10, 3, 5], 3, seed=0)
     # The monitor's estimand and batch-sized step, offline.
@@ -93,7 +93,13 @@ def test_step_change_is_tracked_within_three_windows():
     # Settled at the new level: the filtered means average to within 10% of the offline value.
     assert abs(np.mean([e.mean for e in after[5:]]) / off_b - 1) < 0.10
     # One stage boundary, at the switch, between the two levels (smoothed curve, within 15%).
-    (event,) = monitor.transitions()
+    # The copy is a weight jump (the sketch sees it): the chains restart at the new centre, and a
+    # fresh chain relaxes along the rank-3 model's flat directions for several windows, which
+    # can show as one more, smaller step of the smoothed level (seen once in 10-20% above it).
+    assert monitor.weight_jumps == 1
+    events = monitor.transitions()
+    assert 1 <= len(events) <= 2, events
+    event = events[0]
     assert 1500 - window < event.start <= 1500 + 3 * window and event.end <= 1500 + 4 * window
     assert abs(event.level_before / off_a - 1) < 0.15 and abs(event.level_after / off_b - 1) < 0.15
     smooth = monitor.smoothed()
@@ -210,8 +216,12 @@ SMALL = deep_linear_problem([3, 2], 2, num_samples=256, batch_size=32, seed=0)
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(every_n_steps=0), ValueError, r"Expected `every_n_steps` to be a positive int, got 0\."),
-        (dict(window=1), ValueError, r"Expected `window` to be an int >= 2, got 1\."),
+        (dict(every_n_steps=0), ValueError, r"Expected `every_n_steps` to be a positive int or 'auto', got 0\."),
+        (dict(window=1), ValueError, r"Expected `window` to be an int >= 2 or 'auto', got 1\."),
+        (dict(window="often"), ValueError, r"Expected `window` to be an int >= 2 or 'auto', got 'often'\."),
+        (dict(total_steps=0), ValueError, r"Expected `total_steps` to be a positive int, got 0\."),
+        (dict(mode="test"), ValueError, r"Expected `mode` to be one of 'eval', 'train', 'as_is', got 'test'\."),
+        (dict(nbeta="100"), ValueError, r"Expected `nbeta` to be a finite float > 0, got '100'\."),
         (dict(num_chains=0), ValueError, r"Expected `num_chains` to be a positive int, got 0\."),
         (dict(warmup=-1), ValueError, r"Expected `warmup` to be a non-negative int, got -1\."),
         (dict(confidence=1.5), ValueError, r"Expected `confidence` to be a float in \(0, 1\), got 1\.5\."),
@@ -243,7 +253,7 @@ def test_bad_loss_and_model_and_step():
         monitor.update(next(iter(SMALL.batches)))
     monitor = OnlineLLC(SMALL.model, SMALL.loss_fn, num_samples=256, every_n_steps=5)
     monitor.update(next(iter(SMALL.batches)), step=10)
-    with pytest.raises(ValueError, match=r"Expected `step` to be an int >= the previous step 10, got 9\."):
+    with pytest.raises(ValueError, match=r"Expected `step` to be an int > the previous step 10 \(one call per optimizer step\), got 9\."):
         monitor.update(next(iter(SMALL.batches)), step=9)
 
 
@@ -269,3 +279,168 @@ def test_transitions_group_runs_and_bridge_a_single_quiet_window() -> None:
     got = [(t.start, t.end, t.level_before, t.level_after) for t in monitor.transitions()]
     # Runs: [1], [3, 4] (one quiet window apart: merged into 1..4), [7], [10] (two quiet windows apart).
     assert got == [(101, 500, 1000.0, 6000.0), (701, 800, 7000.0, 9000.0), (1001, 1100, 10000.0, 11000.0)]
+
+
+# ---- integers of any kind, the first update's checks, repeated steps ----------------------------
+
+
+def test_numpy_and_tensor_integers_are_accepted_where_ints_are():
+    ints = dict(num_samples=np.int64(256), every_n_steps=np.int32(2), window=torch.tensor(5), num_chains=torch.tensor(1),
+                warmup=np.int64(0), seed=np.int64(3), total_steps=np.int64(400), group_budget=np.int16(1))
+    monitor = OnlineLLC(SMALL.model, SMALL.loss_fn, **ints)
+    ref = OnlineLLC(SMALL.model, SMALL.loss_fn, **{k: int(v) for k, v in ints.items()})
+    assert monitor.settings == ref.settings
+    assert all(type(getattr(monitor.settings, k)) is int for k in ints)
+    batches = list(SMALL.batches)
+    for s in range(1, 21):
+        step = np.int64(s) if s % 2 else torch.tensor(s)
+        monitor.update(batches[s % len(batches)], step)
+        ref.update(batches[s % len(batches)], s)
+    assert monitor.step == 20 and type(monitor.step) is int
+    assert [e.to_dict() for e in monitor.history()] == [e.to_dict() for e in ref.history()]
+    # The checkpoint holds plain ints: torch's safe loader reads it.
+    buf = io.BytesIO()
+    torch.save(monitor.state_dict(), buf)
+    buf.seek(0)
+    assert torch.load(buf, weights_only=True)["step"] == 20
+    # The offline estimator too.
+    res = estimate_llc(SMALL.model, SMALL.loss_fn, SMALL.batches, num_samples=np.int64(256), num_chains=np.int64(1),
+                       num_draws=torch.tensor(5), burn_in=np.int32(5), seed=np.int64(0), step_size=1e-4)
+    assert res.draws.shape == (1, 5)
+
+
+@pytest.mark.parametrize("bad", [True, 2.5, torch.tensor([3]), torch.tensor(3.0), "3"])
+def test_non_integers_are_still_rejected(bad):
+    with pytest.raises(ValueError, match=r"Expected `every_n_steps` to be a positive int or 'auto', got "):
+        OnlineLLC(SMALL.model, SMALL.loss_fn, num_samples=256, every_n_steps=bad)
+
+
+def test_a_string_nbeta_is_rejected_offline_too():
+    with pytest.raises(ValueError, match=r"^Expected `nbeta` to be a finite float > 0, got '100'\.$"):
+        estimate_llc(SMALL.model, SMALL.loss_fn, SMALL.batches, num_samples=256, nbeta="100")
+
+
+def test_the_first_update_checks_the_loss_and_num_samples():
+    """At the first update, not at the first shadow step (every_n_steps=5: step 1 samples nothing)."""
+    batch = next(iter(SMALL.batches))  # 32 samples
+    small_n = OnlineLLC(SMALL.model, SMALL.loss_fn, num_samples=16, every_n_steps=5)
+    with pytest.raises(ValueError) as err:
+        small_n.update(batch, 1)
+    assert str(err.value) == (
+        "Expected `num_samples` (n, the size of the training set) to be at least the batch size 32, got 16."
+    )
+    assert small_n.shadow_steps == 0
+
+    def per_half(model, b):  # 1-D, but one loss per pair of samples
+        return SMALL.loss_fn(model, b)[::2]
+
+    halves = OnlineLLC(SMALL.model, per_half, num_samples=256, every_n_steps=5)
+    with pytest.raises(ValueError) as err:
+        halves.update(batch, 1)
+    assert str(err.value) == (
+        "Expected `loss_fn` to return per-sample losses of shape [B] = [32] (one value per sample of the batch, "
+        "reduction='none'), got (16,)."
+    )
+    column = OnlineLLC(SMALL.model, lambda m, b: SMALL.loss_fn(m, b)[:, None], num_samples=256, every_n_steps=5)
+    with pytest.raises(ValueError, match=r"^Expected `loss_fn` to return per-sample losses of shape \[B\] .*got \(32, 1\)\.$"):
+        column.update(batch, 1)
+    # A good loss: checked once, and the check's pass changes nothing (same history as a monitor
+    # whose first update came at a shadow step).
+    ok = OnlineLLC(SMALL.model, SMALL.loss_fn, num_samples=256, every_n_steps=1, window=5, warmup=0)
+    assert ok.update(batch, 1) is None and ok.shadow_steps == 1
+
+
+def test_a_repeated_step_is_rejected_and_a_failed_draw_can_be_skipped():
+    batch = next(iter(SMALL.batches))
+    monitor = OnlineLLC(SMALL.model, SMALL.loss_fn, num_samples=256, every_n_steps=2, window=2, warmup=0)
+    monitor.update(batch, 0)  # a loop may count from 0
+    monitor.update(batch, 2)
+    with pytest.raises(ValueError) as err:
+        monitor.update(batch, 2)
+    assert str(err.value) == "Expected `step` to be an int > the previous step 2 (one call per optimizer step), got 2."
+    assert monitor.step == 2 and monitor.shadow_steps == 2
+    with pytest.raises(ValueError, match=r"the previous step 2"):
+        monitor.skip_step(2)
+
+    # An update that fails at a due step leaves that step's draw unfilled: skip_step(step) adds its
+    # placeholder once (under DDP every rank must add a draw at the same steps).
+    calls = {"n": 0}
+
+    def flaky(model, b):
+        calls["n"] += 1
+        if calls["n"] == 6:  # the first call of the 2nd shadow step (after the check's and 4 more)
+            raise RuntimeError("boom")
+        return SMALL.loss_fn(model, b)
+
+    m = OnlineLLC(SMALL.model, flaky, num_samples=256, every_n_steps=1, window=2, warmup=0)
+    m.update(batch, 1)
+    with pytest.raises(RuntimeError, match="boom"):
+        m.update(batch, 2)
+    assert m.step == 2 and m.shadow_steps == 1
+    est = m.skip_step(2)
+    assert m.shadow_steps == 2 and est is not None and est.status == "diverged"
+    with pytest.raises(ValueError, match=r"the previous step 2"):
+        m.skip_step(2)
+    assert m.update(batch, 3) is None and m.shadow_steps == 3
+
+
+# ---- the model's mode during the shadow passes --------------------------------------------------
+
+
+def _dropout_dln(dropout: bool):
+    """deep_linear_problem([6, 6, 6]) with Dropout(0.2) between its layers (or without)."""
+    p = deep_linear_problem([6, 6, 6], 2, num_samples=2048, batch_size=64, seed=0)
+    first, second = p.model[0], p.model[1]
+    layers = [first, torch.nn.Dropout(0.2), second] if dropout else [first, second]
+    return p, torch.nn.Sequential(*layers).train()
+
+
+def test_eval_mode_is_the_default_and_differs_from_train_mode():
+    p, model = _dropout_dln(True)
+    _, plain = _dropout_dln(False)
+    batches = list(p.batches)
+    kw = dict(num_samples=2048, every_n_steps=1, window=20, warmup=20, seed=1)
+
+    def run(m, **extra):
+        monitor = OnlineLLC(m, p.loss_fn, **kw, **extra)
+        drive(monitor, batches, 100)
+        assert m.training and all(sub.training for sub in m.modules())  # restored after every pass
+        return [e.raw_mean for e in monitor.history()]
+
+    default = run(model)
+    # Dropout in eval mode is the identity: the same numbers as the network without it.
+    assert default == run(model, mode="eval") == run(plain)
+    train = run(model, mode="train")
+    assert train != default and all(math.isfinite(v) for v in train)
+    # "as_is" follows the model: train mode here.
+    assert run(model, mode="as_is") == train
+    model.eval()
+    monitor = OnlineLLC(model, p.loss_fn, **kw, mode="as_is")
+    drive(monitor, batches, 100)
+    assert [e.raw_mean for e in monitor.history()] == default and not model.training
+
+
+def test_mode_flags_are_restored_exactly_also_on_error():
+    from online_llc.evaluator import model_mode
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Dropout(0.5), torch.nn.Sequential(torch.nn.Dropout(0.1)))
+    model.train()
+    model[2].eval()  # a frozen submodule in eval mode inside a model in train mode
+    before = [m.training for m in model.modules()]
+    with pytest.raises(RuntimeError, match="inside"):
+        with model_mode(model, "eval"):
+            assert not any(m.training for m in model.modules())
+            raise RuntimeError("inside")
+    assert [m.training for m in model.modules()] == before
+    with model_mode(model, "train"):
+        assert all(m.training for m in model.modules())
+    assert [m.training for m in model.modules()] == before
+
+    def failing(m, b):
+        assert not m.training
+        raise RuntimeError("loss failed")
+
+    monitor = OnlineLLC(model, failing, num_samples=256, every_n_steps=1)
+    with pytest.raises(RuntimeError, match="loss failed"):
+        monitor.update((torch.zeros(4, 3), torch.zeros(4, 3)))
+    assert [m.training for m in model.modules()] == before

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from online_llc import resolve_hyperparameters
@@ -29,6 +30,49 @@ def test_resolve_groups_from_patterns_modules_and_parameters():
     assert resolve_groups(m, {"all": m}) == {"all": ["0.weight", "0.bias", "2.weight", "2.bias"]}
     assert groups_by_child(m) == {"0": ["0.*"], "2": ["2.*"]}
     assert groups_by_linear(m) == {"0": ["0.weight", "0.bias"], "2": ["2.weight", "2.bias"]}
+
+
+class Conv1D(nn.Module):
+    """The ``transformers`` GPT-2 linear layer's layout (weight ``[in, out]``), without transformers."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.randn(nx, nf))
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(10, 4)
+        self.body = Conv1D(4, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.emb.weight  # tied, as GPT-2's lm_head
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.body(self.emb(ids))))
+
+
+def test_tied_weights_belong_to_one_group_and_conv1d_is_a_linear_layer():
+    m = TiedLM()
+    assert groups_by_child(m) == {"emb": ["emb.*"], "body": ["body.*"]}  # head owns no tensor of its own
+    assert groups_by_linear(m) == {"body": ["body.weight", "body.bias"], "head": ["emb.weight"]}
+    assert resolve_groups(m, {"h": [m.head]}) == {"h": ["emb.weight"]}
+    with pytest.raises(ValueError, match=r"got none \('head\.weight' is tied to 'emb\.weight' and named 'emb\.weight' once\)"):
+        resolve_groups(m, {"h": ["head.*"]})
+    with pytest.raises(ValueError, match=r"in both 'e' and 'h' \(tied as 'head\.weight'\)"):
+        resolve_groups(m, {"e": ["emb.*"], "h": [m.head]})
+    ids = torch.randint(0, 10, (8, 3))
+    monitor = OnlineLLC(m, lambda mod, b: F.cross_entropy(mod(b).transpose(1, 2), b, reduction="none").mean(-1),
+                        num_samples=64, every_n_steps=1, window=2, warmup=0, groups=groups_by_linear(m), group_budget=2)
+    for s in range(4):
+        monitor.update(ids)
+    assert all(len(monitor.group_history(g)) == 2 for g in ("body", "head"))
 
 
 @pytest.mark.parametrize(
@@ -144,7 +188,8 @@ def test_offline_params_restricts_the_sampled_weights():
         estimate_llc(p.model, p.loss_fn, p.batches, num_samples=512, params=["nope.*"])
 
 
-def test_lightning_logs_each_group(tmp_path):
+@pytest.mark.parametrize("every_n_steps, windows", [(1, 4), (2, 2)])
+def test_lightning_logs_each_group(tmp_path, every_n_steps, windows):
     L = pytest.importorskip("lightning")
     import csv
     import warnings
@@ -172,7 +217,8 @@ def test_lightning_logs_each_group(tmp_path):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 4, generator=g)
     y = x[:, :3].argmax(-1)
-    cb = OnlineLLCCallback(every_n_steps=1, window=3, warmup=0, groups={"first": ["net.0.*"], "second": ["net.2.*"]})
+    cb = OnlineLLCCallback(every_n_steps=every_n_steps, window=3, warmup=0,
+                           groups={"first": ["net.0.*"], "second": ["net.2.*"]})
     torch.manual_seed(0)
     trainer = L.Trainer(max_steps=24, callbacks=[cb], logger=L.pytorch.loggers.CSVLogger(str(tmp_path)),
                         accelerator="cpu", enable_checkpointing=False, enable_progress_bar=False,
@@ -183,8 +229,9 @@ def test_lightning_logs_each_group(tmp_path):
     rows = list(csv.DictReader(open(next(tmp_path.glob("lightning_logs/version_*/metrics.csv")))))
     for name in ("first", "second"):
         logged = [float(r[f"llc/{name}/mean"]) for r in rows if r.get(f"llc/{name}/mean")]
-        # 24 group steps shared by 2 groups: 12 draws each, 4 windows of 3.
-        assert logged == [e.mean for e in cb.monitor.group_history(name)] and len(logged) == 4
+        # 24 / every_n_steps group steps shared by 2 groups, windows of 3; each logged once
+        # (not again at the training steps between shadow steps).
+        assert logged == [e.mean for e in cb.monitor.group_history(name)] and len(logged) == windows
         assert all(r.get(f"llc/{name}/std") for r in rows if r.get(f"llc/{name}/mean"))
     assert "llc/first/mean" in trainer.callback_metrics
 
@@ -229,3 +276,17 @@ def test_attention_heads_move_only_their_slices():
         OnlineLLC(model, loss_fn, num_samples=64, groups={**heads, "all": ["attn.*"]})
     with pytest.raises(ValueError, match=r"with packed projections"):
         attention_heads(model.head, "head")
+
+
+def test_the_core_imports_no_framework():
+    """``online_llc`` (groups, heads and losses included) and ``online_llc.callbacks`` itself import
+    neither transformers nor Lightning: adapters load lazily."""
+    import subprocess
+    import sys
+
+    code = ("import sys, online_llc, online_llc.groups, online_llc.heads, online_llc.losses, online_llc.callbacks; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'transformers', 'accelerate', 'lightning', "
+            "'pytorch_lightning'}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

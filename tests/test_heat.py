@@ -167,3 +167,64 @@ def test_defaults_lower_a_step_whose_discretization_bias_is_gross() -> None:
     assert res.step_size < 0.08 / 256 / 2
     assert res.discretization_bias / res.mean <= 0.04
     assert abs(res.mean - target) < 0.05 * target + 2 * res.std, (res.mean, target, res.std)
+
+
+def test_calibration_waits_for_a_measurement_that_decides() -> None:
+    """A heat whose two-standard-error interval straddles the bounds leaves the step alone; one
+    clearly above the bound shrinks it, one clearly below the target raises it."""
+    import numpy as np
+
+    from online_llc.config import MAX_HEAT, TARGET_HEAT
+    from online_llc.heat import bias_interval, calibrated_step
+
+    step, top = 1e-4, 4e-4
+    # Point heat 1.5 but the interval reaches below 1: noise, not heat (was an 8x cut before).
+    assert calibrated_step(step, 1.5, top, heat_low=0.9, heat_high=4.0) == step
+    assert calibrated_step(step, 1.5, top, heat_low=1.0 + 2 * MAX_HEAT, heat_high=2.0) == pytest.approx(step / 8)
+    assert calibrated_step(step, 1.0 + TARGET_HEAT / 10, top, heat_low=0.99, heat_high=1.0 + TARGET_HEAT / 4) == 2 * step
+    assert calibrated_step(step, 1.0 + TARGET_HEAT / 10, top, heat_low=0.99, heat_high=1.2) == step
+
+    # The interval from per-step rows: draws of mean 10 and a bias of mean 1 per step, each with
+    # noise; hb alone (no update products) gives heat 10 / 9, and the interval narrows as the
+    # stretch grows (standard errors fall like 1 / sqrt(steps)), always containing the point.
+    g = np.random.default_rng(0)
+    widths = []
+    for steps in (400, 40000):
+        d = 10 + g.standard_normal(steps)
+        hb = 1 + 0.5 * g.standard_normal(steps)
+        nan = np.full(steps, np.nan)
+        heat, low, high = bias_interval(d, nan, nan, hb)
+        assert low < heat < high
+        assert heat == pytest.approx(10 / 9, rel=0.02)
+        widths.append(high - low)
+    assert widths[1] < widths[0] / 5
+    assert all(math.isnan(v) for v in bias_interval(np.ones(5), np.ones(5), np.ones(5), np.ones(5)))
+
+
+@pytest.mark.slow
+def test_draws_grow_until_the_standard_error_is_small(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The automatic draw count doubles while the multi-chain standard error is above
+    ``precision`` times the estimate, stops at the cap, and then says so."""
+    import online_llc.offline as offline
+
+    monkeypatch.setattr(offline, "MAX_AUTO_DRAWS", 2000)  # one doubling at most, to keep it fast
+    def problem():  # fresh batches each time (the shuffling generator advances with use)
+        return deep_linear_problem([4, 3, 4], 1, num_samples=4096, batch_size=512, seed=0)
+
+    p = problem()
+    kw = dict(num_samples=p.num_samples, num_chains=2, burn_in=1000, step_size=3e-4, seed=1)
+    loose = estimate_llc(p.model, p.loss_fn, p.batches, precision=0.5, **kw)
+    base = loose.num_draws  # the first count (1000 x the step's shortening) already met 50%
+    assert base < 2000
+    with pytest.warns(RuntimeWarning, match="standard error .* after 2000 draws per chain"):
+        p = problem()
+        tight = estimate_llc(p.model, p.loss_fn, p.batches, precision=1e-4, **kw)
+    assert tight.num_draws == 2000 and tight.draws.shape == (2, 2000)
+    # The chains continued where they stopped: the first 1000 kept draws are the loose run's.
+    assert tight.draws[:, :base] == pytest.approx(loose.draws)
+    # (Its standard error need not be smaller: more draws can reveal slow drift between the
+    # chains, which the multi-chain standard error then counts.)
+    fixed = estimate_llc(p.model, p.loss_fn, p.batches, precision=1e-4, num_draws=300, **kw)
+    assert fixed.num_draws == 300  # a given count is kept
+    with pytest.raises(ValueError, match="`precision`"):
+        estimate_llc(p.model, p.loss_fn, p.batches, precision=1.5, **kw)

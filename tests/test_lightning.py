@@ -33,9 +33,11 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset  # noqa: E402
 
 from online_llc import STATUSES, LLCEstimate, MonitorError, OnlineLLC  # noqa: E402
-from online_llc.callbacks import LOGGED_KEYS, OnlineLLCCallback  # noqa: E402
+from online_llc.cadence import auto_cadence  # noqa: E402
+from online_llc.callbacks import ESTIMATE_KEYS, LOGGED_KEYS, OnlineLLCCallback  # noqa: E402
 
 pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
     pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec"),
     pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`, callbacks used to create"),
     pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning"),
@@ -46,14 +48,6 @@ NUM_SAMPLES = 64
 BATCH_SIZE = 8  # 8 batches per epoch
 # Every optimizer step runs a shadow step; a window closes every 5 steps; the first window warms up.
 FAST = dict(every_n_steps=1, window=5, warmup=5, seed=0)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
@@ -201,6 +195,7 @@ def test_csv_logger_rows_are_the_core_estimates(tmp_path):
             "llc/lower": est.lower,
             "llc/upper": est.upper,
             "llc/status": float(STATUSES.index(est.status)),
+            "llc/raw_mean": est.raw_mean,
             "llc/var_channel": est.var_channel,
             "llc/ratio": est.ratio,
             "llc/dispersion": est.dispersion,
@@ -209,7 +204,12 @@ def test_csv_logger_rows_are_the_core_estimates(tmp_path):
         }
         assert list(expected) == list(LOGGED_KEYS)
         for key, value in expected.items():
-            assert _same_value(float(row[key]), float(value)), (key, row[key], value)
+            if key in ESTIMATE_KEYS and not est.filtered:
+                # A warm-up window is logged under its status only: no LLC value, no band.
+                assert row[key] == "", (key, row[key])
+            else:
+                assert _same_value(float(row[key]), float(value)), (key, row[key], value)
+    assert [row["llc/mean"] == "" for row in rows] == [e.status == "warming_up" for e in history]
 
 
 def test_estimates_equal_a_plain_pytorch_loop():
@@ -431,7 +431,8 @@ def test_bf16_mixed_precision():
     trainer = make_trainer([cb], max_steps=20, precision="bf16-mixed", logger=logger)
     trainer.fit(make_module(), loader())
     rows = [m for _, m in logger.rows if "llc/mean" in m]
-    assert len(rows) == len(cb.monitor.history()) == 4
+    assert len(cb.monitor.history()) == 4
+    assert len(rows) == sum(e.filtered for e in cb.monitor.history()) == 3  # the first window warms up
     assert all(math.isfinite(m["llc/mean"]) for m in rows)
     offsets = cb.monitor.sampler.offsets[0]
     assert offsets and all(t.dtype == torch.float32 for t in offsets.values())
@@ -456,9 +457,9 @@ def _raising_on_call(n: int):
 
 
 def test_a_failing_monitor_warns_once_and_training_continues():
-    # Four calls per shadow step (the centre's and the sample's half batches): fails at the first
-    # call of the 2nd shadow step (step 2).
-    loss_fn, calls = _raising_on_call(5)
+    # One call to check the first batch, then four per shadow step (the centre's and the sample's
+    # half batches): fails at the first call of the 2nd shadow step (step 2).
+    loss_fn, calls = _raising_on_call(6)
     cb = OnlineLLCCallback(loss_fn, **FAST)
     trainer = make_trainer([cb], max_steps=16)
     with warnings.catch_warnings(record=True) as rec:
@@ -469,12 +470,12 @@ def test_a_failing_monitor_warns_once_and_training_continues():
     assert len(ours) == 1
     assert "boom from loss_fn" in str(ours[0].message) and "strict=True" in str(ours[0].message)
     assert cb.failure == "step 2: RuntimeError: boom from loss_fn"
-    assert calls["n"] == 5  # no further updates
+    assert calls["n"] == 6  # no further updates
     assert cb.monitor.shadow_steps == 1 and cb.monitor.history() == []
 
 
 def test_a_failing_monitor_raises_when_strict():
-    loss_fn, _ = _raising_on_call(5)
+    loss_fn, _ = _raising_on_call(6)
     cb = OnlineLLCCallback(loss_fn, strict=True, **FAST)
     with pytest.raises(MonitorError, match=r"OnlineLLCCallback failed at step 2: RuntimeError\('boom from loss_fn'\)"):
         make_trainer([cb], max_steps=16).fit(make_module(), loader())
@@ -559,8 +560,10 @@ def test_num_samples_is_required_without_a_dataset_length():
 @pytest.mark.parametrize(
     "kwargs, exc, message",
     [
-        (dict(every_n_steps=0), ValueError, "Expected `every_n_steps` to be a positive int, got 0."),
-        (dict(window=1), ValueError, "Expected `window` to be an int >= 2, got 1."),
+        (dict(every_n_steps=0), ValueError, "Expected `every_n_steps` to be a positive int or 'auto', got 0."),
+        (dict(window=1), ValueError, "Expected `window` to be an int >= 2 or 'auto', got 1."),
+        (dict(mode="inference"), ValueError, "Expected `mode` to be one of 'eval', 'train', 'as_is', got 'inference'."),
+        (dict(total_steps=-5), ValueError, "Expected `total_steps` to be a positive int, got -5."),
         (dict(num_samples=0), ValueError, "Expected `num_samples` to be a positive int, got 0."),
         (dict(bogus=1), TypeError, "OnlineLLCCallback() got unexpected keyword argument(s): `bogus`."),
         (
@@ -631,23 +634,29 @@ class _MetricReader(Callback):
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         est = self.llc.monitor.estimate
         if est is not None and est.step == trainer.global_step:
-            self.seen.append((est.mean, trainer.callback_metrics["llc/mean"].item()))
+            self.seen.append((est.status, trainer.callback_metrics.get("llc/mean")))
 
 
 def test_callback_metrics_feed_other_callbacks():
     cb = OnlineLLCCallback(per_sample_loss, **FAST)
     reader = _MetricReader(cb)
-    # Stops at the end of the first epoch (step 8) because llc/mean (logged at step 5) is below
-    # the threshold; without the metric, EarlyStopping(strict=True) would raise instead.
+    # The first window (step 5) warms up and writes no llc/mean: the strict EarlyStopping is made
+    # non-strict (else its check at the end of the first epoch, step 8, would raise). The second
+    # window (step 10) is an estimate below the threshold: it stops at the end of epoch 2 (step 16).
     stopper = EarlyStopping(monitor="llc/mean", mode="min", stopping_threshold=1e9, check_on_train_epoch_end=True)
     trainer = make_trainer([cb, reader, stopper], max_steps=40)
-    trainer.fit(make_module(), loader())
-    assert trainer.global_step == 8 and trainer.should_stop
-    first = cb.monitor.history()[0].mean
+    with pytest.warns(UserWarning, match=r"OnlineLLCCallback set EarlyStopping\(monitor='llc/mean'\) to strict=False"):
+        trainer.fit(make_module(), loader())
+    assert trainer.global_step == 16 and trainer.should_stop and stopper.strict is False
+    first, second = cb.monitor.history()[:2]
     # callback_metrics holds float32 tensors, like values logged with self.log; loggers get floats.
-    assert reader.seen == [(first, torch.tensor(first).item())]
+    assert reader.seen[0] == ("warming_up", None)
+    assert reader.seen[1][0] == second.status != "warming_up"
+    assert reader.seen[1][1].item() == torch.tensor(second.mean).item()
     assert set(LOGGED_KEYS) <= set(trainer.callback_metrics)
     assert float(trainer.callback_metrics["llc/status"]) == STATUSES.index(cb.monitor.estimate.status)
+    # A warm-up window's raw mean is logged under its own key.
+    assert first.status == "warming_up" and math.isfinite(first.raw_mean)
 
 
 # ---- known limitation: rank-local events under DDP -------------------------------------------------
@@ -659,7 +668,8 @@ def _nan_or_raise_on_rank1(kind: str):
     def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
         calls["n"] += 1
         out = per_sample_loss(model, batch)
-        if torch.distributed.get_rank() == 1 and calls["n"] == 5:  # rank 1's 3rd shadow step
+        # Rank 1's 2nd shadow step: after the first batch's check and the 1st step's four calls.
+        if torch.distributed.get_rank() == 1 and calls["n"] == 6:
             if kind == "raise":
                 raise RuntimeError("rank-1 failure")
             return out * float("nan")  # the chain diverges and is reset on rank 1 only
@@ -701,3 +711,128 @@ def test_health_alarm_is_warned_once_on_a_hot_chain() -> None:
     assert sum("lower step_size" in str(w.message) for w in record) == 1
     assert trainer.global_step == 200 and cb.failure is None
     assert cb.monitor.health().heat > 1.1
+
+
+# ---- runs of any length: the cadence from trainer.estimated_stepping_batches ------------------------
+
+
+def test_auto_cadence_is_sized_to_the_run_and_explicit_values_rule():
+    cb = OnlineLLCCallback(per_sample_loss, seed=0)  # every_n_steps and window "auto"
+    trainer = make_trainer([cb], max_steps=60)
+    with pytest.warns(UserWarning, match=r"^OnlineLLC: a 60-step run is too short for the 10% overhead budget") as rec:
+        trainer.fit(make_module(), loader())
+    assert sum("60-step run" in str(w.message) for w in rec) == 1  # one line
+    assert trainer.estimated_stepping_batches == 60
+    assert cb.monitor.cadence == auto_cadence(60)
+    assert (cb.monitor.every_n_steps, cb.monitor.window, cb.monitor.cadence.min_warmup) == (1, 10, 20)
+    assert cb.monitor.shadow_steps == 60 and [e.step for e in cb.monitor.history()] == [10, 20, 30, 40, 50, 60]
+
+    explicit = OnlineLLCCallback(per_sample_loss, every_n_steps=2, window=5, seed=0)
+    make_trainer([explicit], max_steps=60).fit(make_module(), loader())
+    c = explicit.monitor.cadence
+    assert (c.every_n_steps, c.window, c.total_steps, c.message) == (2, 5, 60, None)
+    assert [e.step for e in explicit.monitor.history()][:2] == [10, 20]
+
+
+@pytest.mark.filterwarnings("ignore:OnlineLLC. a .*-step run:UserWarning")
+def test_auto_resume_keeps_the_checkpointed_schedule(tmp_path):
+    """A resumed "auto" run keeps the schedule its checkpoint was sized for, even when the new
+    run is longer (the estimate continues exactly instead of failing on different settings)."""
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=24, save_top_k=-1)
+    full = OnlineLLCCallback(per_sample_loss, seed=0)
+    make_trainer([full, ckpt], max_steps=48, enable_checkpointing=True).fit(make_module(), loader())
+    path = tmp_path / "ckpt" / "epoch=2-step=24.ckpt"
+    assert full.monitor.cadence.total_steps == 48
+
+    resumed = OnlineLLCCallback(per_sample_loss, seed=0)
+    make_trainer([resumed], max_steps=64).fit(make_module(), loader(), ckpt_path=str(path), weights_only=True)
+    assert resumed.monitor.cadence == full.monitor.cadence
+    n = len(full.monitor.history())
+    assert n >= 2
+    assert_same_history(resumed.monitor.history()[:n], full.monitor.history())
+    assert resumed.monitor.step == 64
+
+
+# ---- a real short run: 220 steps on scikit-learn's digits, EarlyStopping on llc/mean -----------------
+
+
+def digits() -> TensorDataset:
+    """scikit-learn's digits (shipped with the package): 1797 8x8 images, intensities 0..16."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return TensorDataset(torch.tensor(d.data, dtype=torch.float32) / 16, torch.tensor(d.target, dtype=torch.long))
+
+
+class DigitsClassifier(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 10))
+
+    def per_sample_loss(self, batch: Any) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.net(x), y, reduction="none")
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.per_sample_loss(batch).mean()
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_loss", self.per_sample_loss(batch).mean())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+class _FirstCheck(Callback):
+    """Whether `llc/mean` existed at each validation end (the checks EarlyStopping makes)."""
+
+    def __init__(self) -> None:
+        self.seen: List[bool] = []
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        self.seen.append("llc/mean" in trainer.callback_metrics)
+
+
+def test_a_220_step_run_with_defaults_tracks_and_early_stopping_on_llc_mean_works(tmp_path):
+    data = digits()
+    train = DataLoader(data, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
+    val = DataLoader(data, batch_size=256)
+    cb, logger, probe = OnlineLLCCallback(), ListLogger(), _FirstCheck()
+    # patience: EarlyStopping must run its checks without error, not stop this short run.
+    stopper = EarlyStopping(monitor="llc/mean", patience=1000)
+    # ModelCheckpoint has no strict flag: unguarded, it raised at the first validation after
+    # the first one (MisconfigurationException: could not find the monitored key).
+    keeper = ModelCheckpoint(dirpath=tmp_path, monitor="llc/mean", mode="min", save_top_k=1, every_n_train_steps=10)
+    torch.manual_seed(0)
+    trainer = make_trainer(
+        [cb, probe, stopper, keeper], max_steps=220, logger=logger, val_check_interval=10, limit_val_batches=1,
+        enable_checkpointing=True,
+    )
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        trainer.fit(DigitsClassifier(), train, val)
+    messages = [str(w.message) for w in rec if issubclass(w.category, UserWarning)]
+    assert sum(m.startswith("OnlineLLC: a 220-step run is too short for the 10% overhead budget") for m in messages) == 1
+    assert sum("set EarlyStopping(monitor='llc/mean') to strict=False" in m for m in messages) == 1
+    assert sum("ModelCheckpoint(monitor='llc/mean') skips its top-k save until the first" in m for m in messages) == 1
+    assert trainer.global_step == 220 and cb.failure is None
+
+    history = cb.monitor.history()
+    estimates = [e for e in history if e.filtered]
+    assert cb.monitor.cadence.every_n_steps == 1 and cb.monitor.cadence.window == 10
+    assert len(estimates) >= 10, [e.status for e in history]
+    # The warm-up's floor is 10% of the run; the data decide when it ends (here well before half).
+    assert cb.monitor.cadence.min_warmup == 22 and history[0].status == "warming_up"
+    assert estimates[0].step <= 110
+    # The first checks came before the first estimate: a strict EarlyStopping would have raised.
+    assert probe.seen[0] is False and probe.seen[-1] is True
+    assert torch.isfinite(stopper.best_score)
+    assert any(torch.tensor(e.mean).item() == stopper.best_score.item() for e in estimates)
+    # The best checkpoint is ranked by an estimate and was written after the first one.
+    assert keeper.best_model_path and os.path.exists(keeper.best_model_path)
+    assert any(torch.tensor(e.mean).item() == keeper.best_model_score.item() for e in estimates)
+    # Only estimates write llc/mean; warm-up windows log their status and raw mean.
+    rows = [m for _, m in logger.rows if "llc/status" in m]
+    assert len(rows) == len(history)
+    for m, e in zip(rows, history):
+        assert ("llc/mean" in m) == e.filtered and m["llc/raw_mean"] == e.raw_mean

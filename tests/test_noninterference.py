@@ -13,6 +13,7 @@ GPU is present (it is skipped otherwise).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
@@ -22,6 +23,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from online_llc import OnlineLLC
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 NUM_SAMPLES = 512
 NUM_FEATURES = 8
@@ -41,15 +44,6 @@ OPTIMIZERS = {
     "sgd_momentum_wd": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-3),
     "adam": lambda params: torch.optim.Adam(params, lr=1e-2),
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Single-threaded CPU kernels: cheap on a shared machine, and one fixed reduction order."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
@@ -167,7 +161,9 @@ def train(
     loader = DataLoader(TensorDataset(x, y), batch_size=BATCH_SIZE, shuffle=True)
     monitor = None
     if monitor_kwargs is not None:
-        monitor = OnlineLLC(model, ce_per_sample, num_samples=NUM_SAMPLES, **monitor_kwargs)
+        with warnings.catch_warnings():  # the auto cadence's line about a short run
+            warnings.simplefilter("ignore", UserWarning)
+            monitor = OnlineLLC(model, ce_per_sample, num_samples=NUM_SAMPLES, **monitor_kwargs)
     model.train()
     losses: List[Tensor] = []
     for _ in range(EPOCHS):
@@ -187,6 +183,9 @@ def train(
 MONITOR_SETTINGS = {
     "every1": dict(every_n_steps=1, window=10, num_chains=2, warmup=5, seed=3),
     "every3": dict(every_n_steps=3, window=10, num_chains=2, warmup=5, seed=3),
+    # The shadow passes run in eval mode by default; in train mode they draw dropout masks.
+    "every3_train_mode": dict(every_n_steps=3, window=10, num_chains=2, warmup=5, seed=3, mode="train"),
+    "auto_cadence": dict(total_steps=EPOCHS * (NUM_SAMPLES // BATCH_SIZE), num_chains=2, seed=3),
 }
 
 _BASELINES: Dict[Tuple[str, str], Any] = {}
@@ -208,10 +207,9 @@ def test_training_is_bit_identical_with_monitor(opt_name: str, settings: str, de
     model_b, opt_b, losses_b, rng_b, monitor = train(opt_name, device, MONITOR_SETTINGS[settings])
 
     # The monitor really ran: shadow steps at the right cadence and windows closed.
-    kw = MONITOR_SETTINGS[settings]
     steps = len(losses_b)
     assert monitor.step == steps
-    assert monitor.shadow_steps == steps // kw["every_n_steps"]
+    assert monitor.shadow_steps == steps // monitor.every_n_steps
     history = monitor.history()
     assert len(history) >= 2, "the monitor produced fewer than two estimates: the test would be vacuous"
     assert any(e.status != "warming_up" for e in history), "no estimate past warm-up"
@@ -240,13 +238,14 @@ def test_training_is_bit_identical_with_monitor(opt_name: str, settings: str, de
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_update_leaves_grads_mode_and_buffers_alone(mode: str, device: str) -> None:
+@pytest.mark.parametrize("shadow_mode", ["eval", "train", "as_is"])
+def test_update_leaves_grads_mode_and_buffers_alone(shadow_mode: str, mode: str, device: str) -> None:
     torch.manual_seed(0)
     x, y = synthetic_data(device)
     model = make_mlp().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     monitor = OnlineLLC(
-        model, ce_per_sample, num_samples=NUM_SAMPLES, every_n_steps=1, window=3, num_chains=2, warmup=1
+        model, ce_per_sample, num_samples=NUM_SAMPLES, every_n_steps=1, window=3, num_chains=2, warmup=1, mode=shadow_mode
     )
     getattr(model, mode)()
     batch = (x[:BATCH_SIZE], y[:BATCH_SIZE])

@@ -175,16 +175,17 @@ def test_memory_kept_and_peak_per_shadow_step(sampler, kept_p):
 
 def test_deterministic_model_computes_the_centre_loss_once_per_step():
     """Four chains on a model without dropout: the centre's losses (two halves) are computed once
-    and shared, with the same draws as computing them per chain; a model with dropout in training
-    mode computes them per chain, with that chain's masks."""
+    and shared, with the same draws as computing them per chain; a model with dropout whose passes
+    run in training mode computes them per chain, with that chain's masks, and one whose passes run
+    in eval mode (the default, whatever the model's own flag) shares them."""
     calls = []
 
     def counting_loss(model, batch):
         calls.append(torch.is_grad_enabled())
         return mse_per_sample(model, batch)
 
-    def run(model, share):
-        ev = LossEvaluator(model, counting_loss)
+    def run(model, share, mode="eval"):
+        ev = LossEvaluator(model, counting_loss, mode=mode)
         cfg = SGLDConfig(nbeta=50.0, localization=10.0, step_size=1e-3)
         s = ShadowSampler(ev, cfg, num_chains=4, seed=0, share_center_loss=share)
         s.step(make_batch(0))
@@ -196,10 +197,14 @@ def test_deterministic_model_computes_the_centre_loss_once_per_step():
     separate, n_separate = run(deep_mlp(), False)
     assert n_shared == 2 and n_separate == 8
     assert shared == separate
-    _, n_dropout = run(deep_mlp(dropout=0.2).train(), None)
+    _, n_dropout = run(deep_mlp(dropout=0.2).train(), None, mode="train")
     assert n_dropout == 8
-    _, n_eval = run(deep_mlp(dropout=0.2).eval(), None)
+    _, n_as_is = run(deep_mlp(dropout=0.2).train(), None, mode="as_is")
+    assert n_as_is == 8
+    _, n_eval = run(deep_mlp(dropout=0.2).train(), None)
     assert n_eval == 2
+    _, n_eval_model = run(deep_mlp(dropout=0.2).eval(), None, mode="as_is")
+    assert n_eval_model == 2
 
 
 def _sampler(sampler="rmsprop_sgld", seed=0):

@@ -4,6 +4,7 @@
 * ``lightning`` - :mod:`online_llc.demos.lightning_mlp`: the Lightning callback with a CSV logger.
 * ``grokking`` - :mod:`online_llc.demos.grokking`: modular addition, memorised then grokked.
 * ``groups`` - :mod:`online_llc.demos.groups`: per-module LLC of two blocks that learn at different times.
+* ``induction`` - :mod:`online_llc.demos.induction`: a 2-layer attention-only transformer forms induction heads.
 """
 
 from __future__ import annotations
@@ -14,4 +15,5 @@ DEMOS = {
     "lightning": "online_llc.demos.lightning_mlp",
     "grokking": "online_llc.demos.grokking",
     "groups": "online_llc.demos.groups",
+    "induction": "online_llc.demos.induction",
 }

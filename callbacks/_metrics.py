@@ -1,0 +1,61 @@
+"""What the framework adapters log at a closed window, shared so that every adapter logs the
+same keys in the same order. No framework import."""
+
+from __future__ import annotations
+
+from typing import Dict, Mapping
+
+from online_llc.records import STATUSES, LLCEstimate
+
+__all__ = ["LOGGED_KEYS", "ESTIMATE_KEYS", "estimate_metrics", "group_metrics"]
+
+#: The keys logged at a closed window, in this order. ``llc/status`` is the index of the
+#: status in :data:`online_llc.STATUSES` (0 warming_up, 1 tracking, 2 transition,
+#: 3 not_at_minimum, 4 diverged); diagnostics may be NaN where undefined (see LLCEstimate).
+#: The estimate's keys (:data:`ESTIMATE_KEYS`) are logged only for windows the filter absorbed
+#: (:data:`online_llc.records.FILTERED_STATUSES`): a warm-up or diverged window logs its status,
+#: its raw window mean (``llc/raw_mean``) and its diagnostics, never an ``llc/mean``.
+LOGGED_KEYS = (
+    "llc/mean",
+    "llc/std",
+    "llc/lower",
+    "llc/upper",
+    "llc/status",
+    "llc/raw_mean",
+    "llc/var_channel",
+    "llc/ratio",
+    "llc/dispersion",
+    "llc/heat",
+    "llc/step_size",
+)
+#: The filtered estimate and its band: logged only for windows the filter absorbed.
+ESTIMATE_KEYS = LOGGED_KEYS[:4]
+
+
+def estimate_metrics(est: LLCEstimate) -> Dict[str, float]:
+    """The whole model's window as ``{key: float}`` over :data:`LOGGED_KEYS`, without
+    :data:`ESTIMATE_KEYS` when the window is no filtered estimate (warm-up, diverged)."""
+    values = (
+        est.mean,
+        est.std,
+        est.lower,
+        est.upper,
+        float(STATUSES.index(est.status)),
+        est.raw_mean,
+        est.var_channel,
+        est.ratio,
+        est.dispersion,
+        est.heat,
+        est.step_size,
+    )
+    return {k: float(v) for k, v in zip(LOGGED_KEYS, values) if est.filtered or k not in ESTIMATE_KEYS}
+
+
+def group_metrics(estimates: Mapping[str, LLCEstimate]) -> Dict[str, float]:
+    """``llc/<group>/mean`` and ``llc/<group>/std`` of every group whose window just closed and
+    was absorbed by its filter (as for the whole model, a warm-up window is no estimate)."""
+    out: Dict[str, float] = {}
+    for name, g in estimates.items():
+        if g.filtered:
+            out[f"llc/{name}/mean"], out[f"llc/{name}/std"] = float(g.mean), float(g.std)
+    return out

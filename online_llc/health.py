@@ -1,0 +1,69 @@
+"""The chains' health: what :meth:`online_llc.OnlineLLC.health` reports, and its alarms.
+
+Flow: training loop -> ShadowSampler -> WindowStats -> LLCFilter -> OnlineLLC records ->
+callbacks. Beside the flow: :func:`chain_health` reads one :class:`~online_llc.track.Track`
+(its history, chains and warm-ups) and says whether something needs the user: a chain that runs
+hot (its minibatch heat, :mod:`online_llc.heat`) or keeps diverging.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+from .config import relaxation_steps
+from .errors import check_positive_float
+from .heat import pooled_heat
+from .records import ChainHealth
+from .track import Track
+
+__all__ = ["HEALTH_WINDOWS", "chain_health"]
+
+#: Tracking windows whose heat :func:`chain_health` pools.
+HEALTH_WINDOWS = 10
+
+
+def chain_health(track: Track, max_heat: float) -> ChainHealth:
+    """The health of ``track``'s chains, with an alarm when something needs the user.
+
+    The heat alarm fires when the minibatch heat measured over the last :data:`HEALTH_WINDOWS`
+    tracking windows exceeds ``max_heat``: the gradient noise then raises the estimate by more
+    than ``max_heat - 1``. The divergence alarm fires when, after four windows, the chains were
+    reset more often than there were windows.
+
+    Raises:
+        ValueError: ``max_heat`` is not a finite float > 1.
+    """
+    max_heat = check_positive_float("max_heat", max_heat)
+    if max_heat <= 1:
+        raise ValueError(f"Expected `max_heat` to be a float > 1, got {max_heat!r}.")
+    # The heat reads as a temperature only where the LLC is clearly positive (at a minimum):
+    # near zero or below (saddles, plateaus) the ratio is meaningless. Pooled over windows
+    # (sum of means over sum of corrected means), so one noisy window cannot dominate.
+    # Newest first, stopping at HEALTH_WINDOWS: the callback asks at every window, and the
+    # history grows without bound.
+    fed = (e for e in reversed(track.history) if e.status == "tracking" and e.lower > 0)
+    recent = [e for e in itertools.islice(fed, HEALTH_WINDOWS) if math.isfinite(e.heat_bias)]
+    heat = pooled_heat([e.raw_mean for e in recent], [e.heat_bias for e in recent])
+    config = track.sampler.config
+    alarms = []
+    if math.isfinite(heat) and heat > max_heat:
+        alarms.append(
+            f"chain runs hot: the minibatch heat is {heat:.3f} > {max_heat:g} (the estimate is about "
+            f"{100 * (heat - 1):.0f}% too high) at step_size {config.step_size:.3g}; "
+            "lower step_size (or leave it to the default calibration) or use larger batches"
+        )
+    windows, divergences = len(track.history), track.sampler.divergences
+    if windows >= 4 and divergences > windows:
+        alarms.append(
+            f"chains keep diverging: {divergences} resets in {windows} windows, lower step_size or raise "
+            "localization"
+        )
+    return ChainHealth(
+        divergences=divergences,
+        weight_jumps=track.weight_jumps,
+        warmup_lengths=list(track.warmup_lengths),
+        heat=heat,
+        alarms=alarms,
+        relaxation_steps=relaxation_steps(config),
+    )
