@@ -466,6 +466,10 @@ DDP_SCRIPT = textwrap.dedent(
                    "logged": [r["step"] for r in trainer.state.log_history if "llc/mean" in r],
                    "filtered": [e.step for e in straight.monitor.history() if e.filtered],
                    "windows": [r["step"] for r in trainer.state.log_history if "llc/raw_mean" in r]}, f)
+    # A clean shutdown: a process group left to the interpreter's exit can abort a rank
+    # ("terminate called without an active exception") after its work is done.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
     """
 )
 
