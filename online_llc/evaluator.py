@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.dropout import _DropoutNd
 
+from .sharding import check_unsharded
 from .updates import state_dtype
 
 __all__ = [
@@ -108,6 +109,10 @@ class LossEvaluator:
         param_names: restrict the chain to these trainable parameters (default: all trainable).
         mode: the model's mode during the sampler's passes, one of :data:`MODES` (see
             :meth:`mode_context`).
+
+    Raises:
+        ValueError: a model sharded by FSDP, FSDP2 or DeepSpeed, whose forward would ignore the
+            substituted weights (:mod:`online_llc.sharding`).
     """
 
     def __init__(
@@ -117,6 +122,7 @@ class LossEvaluator:
             raise ValueError(f"Expected `mode` to be one of {', '.join(map(repr, MODES))}, got {mode!r}.")
         if not isinstance(model, nn.Module):
             raise TypeError(f"Expected `model` to be a torch.nn.Module, got {type(model).__name__}.")
+        check_unsharded(model)
         if not callable(loss_fn):
             raise TypeError(f"Expected `loss_fn` to be callable as loss_fn(model, batch), got {loss_fn!r}.")
         trainable = [name for name, p in model.named_parameters() if p.requires_grad]

@@ -1,0 +1,97 @@
+"""Sharded models are refused at construction, in the core (not only by the Lightning adapter)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from online_llc import OnlineLLC, estimate_llc
+from online_llc.sharding import sharding_of
+
+
+def mse(model, batch):
+    x, y = batch
+    return ((model(x) - y) ** 2).mean(dim=1)
+
+
+def test_partitioned_parameters_are_refused_naming_the_model():
+    """A parameter carrying DeepSpeed's partition attributes (ZeRO-3) is refused by both
+    estimators; the same model without them is accepted."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    assert sharding_of(model) is None
+    OnlineLLC(model, mse, num_samples=100, every_n_steps=1, window=5)
+    model[0].weight.ds_id = 0
+    with pytest.raises(ValueError, match=r"`model`.*DeepSpeed ZeRO-3"):
+        OnlineLLC(model, mse, num_samples=100, every_n_steps=1, window=5)
+    batches = [(torch.randn(8, 3), torch.randn(8, 2))]
+    with pytest.raises(ValueError, match=r"`model`.*DeepSpeed ZeRO-3"):
+        estimate_llc(model, mse, batches, num_samples=100, num_draws=10)
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys, torch, torch.distributed as dist
+    from torch import nn
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+    from online_llc import OnlineLLC
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+
+    def mlp():
+        return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+
+    def mse(model, batch):
+        x, y = batch
+        return ((model(x) - y) ** 2).mean(dim=1)
+
+    out = {}
+    # Why the refusal: FSDP2's forward ignores substituted weights (the output is unchanged).
+    m2 = mlp()
+    fully_shard(m2[0]); fully_shard(m2[2]); fully_shard(m2)
+    x = torch.randn(5, 8)
+    moved = {n: p.detach() + 0.5 for n, p in m2.named_parameters()}
+    out["fsdp2_ignores_substitution"] = bool(torch.equal(torch.func.functional_call(m2, moved, (x,)), m2(x)))
+    for name, model in (("fsdp2", m2), ("fsdp1", FullyShardedDataParallel(mlp(), device_id=torch.device("cpu")))):
+        try:
+            OnlineLLC(model, mse, num_samples=100, every_n_steps=1, window=5)
+            out[name] = "accepted"
+        except ValueError as exc:
+            out[name] = str(exc)
+    with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
+        json.dump(out, f)
+    dist.barrier()
+    dist.destroy_process_group()
+    """
+)
+
+
+@pytest.mark.slow
+def test_fsdp_and_fsdp2_models_are_refused_on_two_processes(tmp_path):
+    """Two CPU processes (gloo): a model sharded with FSDP2 (``fully_shard``) or wrapped in FSDP1
+    is refused with a message naming ``model`` and the wrapper, on every rank. The script first
+    checks the reason: FSDP2's forward returns the unperturbed output for substituted weights."""
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           str(script), str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for r in (0, 1):
+        out = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert out["fsdp2_ignores_substitution"] is True
+        assert out["fsdp2"].startswith("Expected `model`") and "FSDP2 (fully_shard)" in out["fsdp2"]
+        assert out["fsdp1"].startswith("Expected `model`") and "FullyShardedDataParallel" in out["fsdp1"]
