@@ -17,10 +17,15 @@ from .heat import pooled_heat
 from .records import ChainHealth
 from .track import Track
 
-__all__ = ["HEALTH_WINDOWS", "chain_health"]
+__all__ = ["HEALTH_WINDOWS", "SLOW_RELAXATION_WINDOWS", "chain_health"]
 
 #: Tracking windows whose heat :func:`chain_health` pools.
 HEALTH_WINDOWS = 10
+#: The lag alarm fires when the slowest direction relaxes over more windows than this. At the
+#: online defaults and a large enough batch it relaxes over about 150 shadow steps (4 windows of
+#: 40); the heat-calibrated step shrinks with the batch (``~ B / nbeta^2``), and the relaxation
+#: time grows as the step shrinks: 1200 shadow steps (30 windows) at batch 32 and nbeta 256.
+SLOW_RELAXATION_WINDOWS = 10
 
 
 def chain_health(track: Track, max_heat: float) -> ChainHealth:
@@ -29,7 +34,9 @@ def chain_health(track: Track, max_heat: float) -> ChainHealth:
     The heat alarm fires when the minibatch heat measured over the last :data:`HEALTH_WINDOWS`
     tracking windows exceeds ``max_heat``: the gradient noise then raises the estimate by more
     than ``max_heat - 1``. The divergence alarm fires when, after four windows, the chains were
-    reset more often than there were windows.
+    reset more often than there were windows. The lag alarm fires once the step is sized to the
+    batch when the slowest direction relaxes over more than :data:`SLOW_RELAXATION_WINDOWS`
+    windows: the co-moving chain then trails moving weights by about that many shadow steps.
 
     Raises:
         ValueError: ``max_heat`` is not a finite float > 1.
@@ -59,11 +66,25 @@ def chain_health(track: Track, max_heat: float) -> ChainHealth:
             f"chains keep diverging: {divergences} resets in {windows} windows, lower step_size or raise "
             "localization"
         )
+    relax, window = relaxation_steps(config), track.stats.window
+    if track.sized and relax > SLOW_RELAXATION_WINDOWS * window:
+        # The heat keeps the estimate right at frozen weights; what suffers is the lag.
+        alarms.append(
+            f"chains relax slowly: the localization-bound directions relax over {relax:.0f} shadow steps "
+            f"({relax / window:.0f} windows) at step_size {config.step_size:.3g}, so the live estimate trails "
+            "changes of the weights by about that much; "
+            + (
+                f"the step is small because the batch is small for nbeta {config.nbeta:.4g} (minibatch heat). "
+                "Larger batches, or a smaller nbeta with its localization, shorten it"
+                if track.calibrate
+                else "a larger step_size or localization shortens it"
+            )
+        )
     return ChainHealth(
         divergences=divergences,
         weight_jumps=track.weight_jumps,
         warmup_lengths=list(track.warmup_lengths),
         heat=heat,
         alarms=alarms,
-        relaxation_steps=relaxation_steps(config),
+        relaxation_steps=relax,
     )

@@ -118,7 +118,28 @@ def test_online_heat_is_reported_and_calibrated() -> None:
     assert all(e.step_size == 2e-3 for e in hot.history())
     assert hot.health().heat > 2.0 and any(a.startswith("chain runs hot") for a in hot.health().alarms)
     assert auto.history()[-1].step_size == pytest.approx(0.15 * 16 / 256**2)
-    assert auto.health().heat < 1.06 and not auto.health().alarms
+    health = auto.health()
+    assert health.heat < 1.06 and not any(a.startswith("chain runs hot") for a in health.alarms)
+    # The price of the cool step at batch 16: the slowest direction relaxes over
+    # 2 / (epsilon gamma) = 2 / (3.662e-5 * 0.09 * 256) = 2370 shadow steps, 59 windows of 40.
+    (lag,) = health.alarms
+    assert lag.startswith("chains relax slowly") and "2370 shadow steps (59 windows)" in lag
+    assert health.relaxation_steps == pytest.approx(2370.4, abs=0.1)
+
+
+def test_lag_alarm_fires_only_when_the_relaxation_outlasts_ten_windows() -> None:
+    """At batch 1024 the step is capped at 0.15 / nbeta and the relaxation takes 148 shadow steps
+    (4 windows of 40): no alarm. The same batches with windows of 10 make it 15 windows: alarm."""
+    from online_llc import OnlineLLC
+
+    p, _, _, _ = _regression_at_optimum(100000, 1024)
+    for window, fires in ((40, False), (10, True)):
+        monitor = OnlineLLC(p.model, p.loss_fn, num_samples=100000, every_n_steps=1, window=window, warmup=5)
+        for t, batch in zip(range(1, 3), p.batches):
+            monitor.update(batch, step=t)
+        health = monitor.health()
+        assert health.relaxation_steps == pytest.approx(2 / (0.15 / 256 * 0.09 * 256), rel=1e-9)
+        assert any(a.startswith("chains relax slowly") for a in health.alarms) is fires
 
 
 @pytest.mark.parametrize("multiple", [1, 4])
