@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 
 from .config import relaxation_steps
 from .errors import check_positive_float
@@ -17,15 +18,18 @@ from .heat import pooled_heat
 from .records import ChainHealth
 from .track import Track
 
-__all__ = ["HEALTH_WINDOWS", "SLOW_RELAXATION_WINDOWS", "chain_health"]
+__all__ = ["HEALTH_WINDOWS", "SLOW_RELAXATION_FACTOR", "SLOW_RELAXATION_WINDOWS", "chain_health"]
 
 #: Tracking windows whose heat :func:`chain_health` pools.
 HEALTH_WINDOWS = 10
-#: The lag alarm fires when the slowest direction relaxes over more windows than this. At the
-#: online defaults and a large enough batch it relaxes over about 150 shadow steps (4 windows of
-#: 40); the heat-calibrated step shrinks with the batch (``~ B / nbeta^2``), and the relaxation
-#: time grows as the step shrinks: 1200 shadow steps (30 windows) at batch 32 and nbeta 256.
+#: The lag alarm fires when the slowest direction relaxes over more windows than this, and over
+#: :data:`SLOW_RELAXATION_FACTOR` times as many shadow steps as at the largest step. At the online
+#: defaults and a large enough batch it relaxes over about 150 shadow steps (4 windows of 40)
+#: whatever nbeta; the heat-calibrated step shrinks with the batch (``~ B / nbeta^2``) and the
+#: relaxation grows as the step shrinks: 1200 shadow steps (30 windows) at batch 32, nbeta 256.
 SLOW_RELAXATION_WINDOWS = 10
+#: Only a step cut this much below its cap counts as slow (short windows alone do not).
+SLOW_RELAXATION_FACTOR = 4.0
 
 
 def chain_health(track: Track, max_heat: float) -> ChainHealth:
@@ -36,7 +40,8 @@ def chain_health(track: Track, max_heat: float) -> ChainHealth:
     than ``max_heat - 1``. The divergence alarm fires when, after four windows, the chains were
     reset more often than there were windows. The lag alarm fires once the step is sized to the
     batch when the slowest direction relaxes over more than :data:`SLOW_RELAXATION_WINDOWS`
-    windows: the co-moving chain then trails moving weights by about that many shadow steps.
+    windows and :data:`SLOW_RELAXATION_FACTOR` times its relaxation at the largest step: the
+    co-moving chain then trails moving weights by about that many shadow steps.
 
     Raises:
         ValueError: ``max_heat`` is not a finite float > 1.
@@ -67,7 +72,8 @@ def chain_health(track: Track, max_heat: float) -> ChainHealth:
             "localization"
         )
     relax, window = relaxation_steps(config), track.stats.window
-    if track.sized and relax > SLOW_RELAXATION_WINDOWS * window:
+    fastest = relaxation_steps(replace(config, step_size=track.max_step))
+    if track.sized and relax > SLOW_RELAXATION_WINDOWS * window and relax > SLOW_RELAXATION_FACTOR * fastest:
         # The heat keeps the estimate right at frozen weights; what suffers is the lag.
         alarms.append(
             f"chains relax slowly: the localization-bound directions relax over {relax:.0f} shadow steps "
