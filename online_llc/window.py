@@ -93,6 +93,11 @@ class WindowStats:
         self._last_step: int | None = None
 
     @property
+    def last_step(self) -> int | None:
+        """The step of the latest draw added (``None`` before the first, or after :meth:`reset`)."""
+        return self._last_step
+
+    @property
     def num_pending(self) -> int:
         """Draws per chain collected in the current, unfinished window (``0 .. window - 1``)."""
         return self._count
@@ -172,6 +177,9 @@ class WindowStats:
             ValueError: wrong length or non-finite ``d``/``v``, negative ``v``, or a ``step``
                 that is negative, not an int, or before the previous step. The state is left
                 unchanged.
+            Exception: whatever ``gather`` raised (or a ``ValueError`` for a gathered array of
+                the wrong shape). The draw was added and the window's draws dropped: the buffer
+                is empty, the next call starts a new window.
         """
         d_row = self._as_row("d", d)
         v_row = self._as_row("v", v)
@@ -208,11 +216,18 @@ class WindowStats:
         d_all, v_all, f_all, b_all = self._d, self._v, self._f, self._b
         if self.gather is not None:
             # One collective for all four arrays: every rank gets every rank's chains, in rank order.
-            packed = np.asarray(self.gather(np.stack([self._d, self._v, self._f, self._b])), dtype=np.float64)
-            if packed.ndim != 3 or packed.shape[0] != 4 or packed.shape[2] != self.window:
-                raise ValueError(
-                    f"Expected `gather` to return an array of shape [4, chains, {self.window}], got {packed.shape}."
-                )
+            try:
+                packed = np.asarray(self.gather(np.stack([self._d, self._v, self._f, self._b])), dtype=np.float64)
+                if packed.ndim != 3 or packed.shape[0] != 4 or packed.shape[2] != self.window:
+                    raise ValueError(
+                        f"Expected `gather` to return an array of shape [4, chains, {self.window}], got {packed.shape}."
+                    )
+            except BaseException:
+                # The window cannot be summarised: its draws are dropped (the draw of this call
+                # counts as added, `last_step` is this step) so that the buffer is never left full
+                # and the next draw starts a new window; the caller sees the exception.
+                self.drop_pending()
+                raise
             d_all, v_all, f_all, b_all = packed[0], packed[1], packed[2], packed[3]
         # A chain that finished warming up inside this window: when no draw is a reset
         # placeholder and every chain's trailing run of healthy draws covers at least half the

@@ -533,6 +533,28 @@ def test_flags_are_counted_and_gathered():
         WindowStats(3, 1).update([1.0], [0.1], 0, flags=[3])
 
 
+def test_a_gather_that_raises_drops_the_window_and_leaves_the_buffer_usable():
+    """A gather that raises propagates its exception with the window's draws dropped (the draw of
+    that call counts as added): the next draws start a new window and never overflow the buffer."""
+    calls = {"n": 0}
+
+    def flaky_gather(arr):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("collective failed")
+        return arr
+
+    ws = WindowStats(3, 1, gather=flaky_gather)
+    ws.update([1.0], [0.1], 0)
+    ws.update([2.0], [0.1], 1)
+    with pytest.raises(RuntimeError, match="collective failed"):
+        ws.update([3.0], [0.1], 2)
+    assert ws.num_pending == 0 and ws.last_step == 2
+    outs = [ws.update([4.0 + i], [0.1], 3 + i, flags=[1]) for i in range(3)]
+    assert outs[:2] == [None, None]
+    assert (outs[2].start_step, outs[2].end_step, outs[2].diverged_draws) == (3, 5, 3)
+
+
 def test_window_with_an_equilibrated_tail_is_summarised_on_it() -> None:
     """Warm-up that ends inside a window: when every chain's trailing healthy run covers at least
     half the window (and no draw is a reset placeholder), the summary is that of the trailing
