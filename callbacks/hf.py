@@ -327,7 +327,7 @@ class OnlineLLCTrainerCallback(TrainerCallback):
                 est = self.monitor.update(batch, step)
         except Exception as exc:  # noqa: BLE001 - the monitor must not kill training
             self.failure = monitor_failed("OnlineLLCTrainerCallback", self.monitor, step, exc, strict=self.strict,
-                                          world_size=self._world_size, shadow_before=shadow_before)
+                                          world_size=self._world_size)
             return
         finally:
             self._in_pass = False

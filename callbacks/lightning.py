@@ -317,7 +317,7 @@ class OnlineLLCCallback(Callback):
                 est = self.monitor.update(batch, step)
         except Exception as exc:  # noqa: BLE001 - the monitor must not kill training
             self.failure = monitor_failed("OnlineLLCCallback", self.monitor, step, exc, strict=self.strict,
-                                          world_size=self._world_size, shadow_before=shadow_before)
+                                          world_size=self._world_size)
             return
         if est is not None:
             self._log(trainer, pl_module, est)
