@@ -27,6 +27,7 @@ import torch
 from scipy.stats import norm as _normal
 from torch import nn
 
+from .distributed import rank_seed
 from .evaluator import check_first_batch
 from .filter import LLCFilter
 from .groups import resolve_group_masks
@@ -78,15 +79,20 @@ class OnlineLLC:
             parameters; see :mod:`online_llc.groups` for helpers. Groups must be disjoint.
         gather: for distributed training, a collective that concatenates every rank's window
             draws along the chain axis (see :class:`online_llc.window.WindowStats`); every rank
-            then holds the same window summaries and the same filter state. Give each rank its
-            own ``seed``.
+            then holds the same window summaries and the same filter state. In an initialized
+            ``torch.distributed`` process group the chains of rank ``r`` are then seeded from
+            ``seed + 104729 r`` (:func:`online_llc.distributed.rank_seed`), so the same ``seed``
+            on every rank still gives independent chains; outside one, give each rank its own
+            ``seed``.
         **options: the monitor's options (the sampler's knobs, the chains, the cadence, the
             filter), each a field of :class:`online_llc.settings.MonitorSettings`, where they are
-            described, defaulted and validated. An unknown name raises ``TypeError``.
+            described, defaulted and validated. An unknown name raises ``TypeError``. ``seed``
+            is the user's seed: rank 0 (and a run without ``gather``) uses it as it is.
 
     Attributes:
         settings: the validated options (a :class:`~online_llc.settings.MonitorSettings`).
         config: the sampler's hyperparameters, defaults filled in.
+        seed: the chains' seed of this process (the user's, or derived from it and the rank).
 
     Example:
         >>> import torch
@@ -122,7 +128,7 @@ class OnlineLLC:
         self.every_n_steps = cadence.every_n_steps
         self.window = cadence.window
         self.num_chains = settings.num_chains
-        self.seed = settings.seed
+        self.seed = rank_seed(settings.seed, gather)
         self.warmup = settings.warmup_policy
         self.confidence = float(settings.confidence)
         self._z = float(_normal.ppf(0.5 + self.confidence / 2))
