@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from online_llc import OnlineLLC
+from online_llc.sketch import sketch, sketch_shift
 from online_llc.toy import deep_linear_problem
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -92,3 +93,77 @@ def test_plain_loop_with_the_same_seed_on_every_rank_gets_independent_chains(tmp
     assert r1["last_window"] == chains and len(chains) == 2 and chains[0] != chains[1]
     assert r0["history"] == r1["history"]
 
+
+# ---- weight jumps ----------------------------------------------------------------------------------
+
+
+def _move_by(monitor: OnlineLLC, direction: List[torch.Tensor], target: float) -> float:
+    """Move the weights along ``direction`` by the amount whose measured ``center_shift`` (the
+    sketch distance the sampler will report) is ``target``, found by bisection; the shift."""
+    params = list(monitor.evaluator.center().values())
+    base = [w.detach().clone() for w in params]
+    scratch = torch.Generator()
+    old = sketch(base, scratch)
+
+    def shift(t: float) -> float:
+        return float(sketch_shift(sketch([w + t * d for w, d in zip(base, direction)], scratch), old, len(base)))
+
+    lo, hi = 0.0, 1.0
+    while shift(hi) < target:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if shift(mid) < target else (lo, mid)
+    with torch.no_grad():
+        for w, b, d in zip(params, base, direction):
+            w.copy_(b + hi * d)
+    return shift(hi)
+
+
+def _jump_body(rank: int) -> Dict[str, Any]:
+    p = problem()
+    batches = list(p.batches)
+    # Different seeds on the two ranks (as a user would give): their chains' spreads differ.
+    monitor = OnlineLLC(
+        p.model, p.loss_fn, num_samples=2048, gather=all_gather, every_n_steps=1, window=5, warmup=0, seed=rank
+    )
+    g = torch.Generator().manual_seed(7)  # the same direction on both ranks, as DDP keeps weights equal
+    direction = [torch.randn(w.shape, generator=g) for w in monitor.evaluator.center().values()]
+    step = 0
+
+    def run(n: int) -> None:
+        nonlocal step
+        for _ in range(n):
+            step += 1
+            monitor.update(batches[(2 * step + rank) % len(batches)], step)
+
+    run(30)  # frozen weights: the centre never moves, the chains spread out; 6 windows closed
+    # A jump between the two ranks' rank-local spreads (if they were rank-local), measured on the
+    # weights alike on both ranks: a rank-local decision would see a jump on one rank only.
+    spreads = [None] * WORLD
+    dist.all_gather_object(spreads, monitor._model.jumps.offset_mean)
+    first = _move_by(monitor, direction, (spreads[0] + spreads[1]) / 2)
+    run(20)
+    jumps_after_first = monitor.weight_jumps
+    _move_by(monitor, direction, 20 * max(spreads))  # unambiguous: every rank sees it
+    run(20)
+    return {
+        "spreads": spreads,
+        "first": first,
+        "jumps_after_first": jumps_after_first,
+        "weight_jumps": monitor.weight_jumps,
+        "filter": json.dumps(monitor.filter.state_dict()),
+        "history": [[e.step, e.status, e.mean, e.std] for e in monitor.history()],
+    }
+
+
+def test_weight_jump_decision_is_the_same_on_every_rank(tmp_path):
+    """The weights jump by an amount between what the two ranks' own chains would call their
+    spread: the decision uses only gathered quantities (the last window's offset norms over all
+    ranks' chains), so both ranks decide alike and keep identical filters and histories."""
+    r0, r1 = run_ranks(_jump_body, tmp_path)
+    assert r0["first"] == r1["first"]
+    assert r0["jumps_after_first"] == r1["jumps_after_first"]
+    assert r0["weight_jumps"] == r1["weight_jumps"] == r0["jumps_after_first"] + 1
+    assert r0["filter"] == r1["filter"]
+    assert r0["history"] == r1["history"] and len(r0["history"]) == 14
