@@ -267,10 +267,8 @@ class OnlineLLCTrainerCallback(TrainerCallback):
         self.monitor.load_state_dict(saved)
         if not mine:
             # Every rank holds rank 0's state (another world size, or a rank's file is missing):
-            # give each rank its own noise again and drop the half-filled window, rank 0's draws.
-            for c, gen in enumerate(self.monitor.sampler.generators):
-                gen.manual_seed(self.monitor.seed * 1000003 + c + 7 * self.monitor.shadow_steps)
-            self.monitor.stats.drop_pending()
+            # each rank's chains become its own again.
+            self.monitor.reseed_for_rank(self._rank)
 
     @staticmethod
     def _read(path: str) -> Optional[Dict[str, Any]]:

@@ -186,11 +186,8 @@ class OnlineLLCCallback(Callback):
         if self._pending_state is not None:
             self.monitor.load_state_dict(self._pending_state)
             if self._world_size > 1:
-                # Every rank received rank 0's state: give each rank its own noise again and drop
-                # the half-filled window, which holds rank 0's draws on every rank.
-                for c, gen in enumerate(self.monitor.sampler.generators):
-                    gen.manual_seed(self.monitor.seed * 1000003 + c + 7 * self.monitor.shadow_steps)
-                self.monitor.stats.drop_pending()
+                # Every rank received rank 0's state: each rank's chains become its own again.
+                self.monitor.reseed_for_rank(rank)
             self._pending_state = None
         self._last_global_step = int(trainer.global_step)
         self._relax_strict_monitors(trainer, self.monitor.cadence)

@@ -27,7 +27,7 @@ import torch
 from scipy.stats import norm as _normal
 from torch import nn
 
-from .distributed import rank_seed
+from .distributed import rank_seed, rejoin
 from .evaluator import check_first_batch
 from .filter import LLCFilter
 from .groups import resolve_group_masks
@@ -83,7 +83,8 @@ class OnlineLLC:
             ``torch.distributed`` process group the chains of rank ``r`` are then seeded from
             ``seed + 104729 r`` (:func:`online_llc.distributed.rank_seed`), so the same ``seed``
             on every rank still gives independent chains; outside one, give each rank its own
-            ``seed``.
+            ``seed``. After resuming every rank from one rank's checkpoint, call
+            :meth:`reseed_for_rank`.
         **options: the monitor's options (the sampler's knobs, the chains, the cadence, the
             filter), each a field of :class:`online_llc.settings.MonitorSettings`, where they are
             described, defaulted and validated. An unknown name raises ``TypeError``. ``seed``
@@ -325,6 +326,18 @@ class OnlineLLC:
         self._init_counters()
 
     # ---- checkpointing ----------------------------------------------------------------------------
+    def reseed_for_rank(self, rank: int) -> None:
+        """Make this rank's chains its own again after every rank loaded the same checkpoint.
+
+        Call it on every rank right after :meth:`load_state_dict` when the ranks restored one
+        rank's state (Lightning saves rank 0's only). Every track (the whole model and each
+        group) reseeds its generators from this monitor's seed and drops its half-filled window;
+        on ``rank > 0`` every chain restarts its warm-up, keeping its offsets, so its draws,
+        correlated with rank 0's at first, are flagged until it re-equilibrates (see
+        :func:`online_llc.distributed.rejoin`).
+        """
+        rejoin([self._model, *self._groups.values()], rank)
+
     def _settings(self) -> Dict[str, Any]:
         """The settings a checkpoint must share with the monitor that restores it, as resolved
         (the sampler's defaults filled in); saved in every state and compared on load."""

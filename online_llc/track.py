@@ -166,6 +166,13 @@ class Track:
         else:
             self.warmup_left[c] = self.warmup
 
+    def restart_warmups(self, from_zero: bool = False) -> None:
+        """Put every chain back into warm-up (after a jump of the weights, or on a rank whose
+        chains were copied from another's): its draws are flagged until it has re-equilibrated.
+        ``from_zero``: the chains restart at zero offset (else they keep their offsets)."""
+        for c in range(self.num_chains):
+            self._restart_warmup(c, from_zero)
+
     def _warming(self, c: int, draw: float, offset_norm: float) -> bool:
         """Whether this draw of chain ``c`` is a warm-up draw (and advance its warm-up)."""
         if self.auto_warmup:
@@ -204,8 +211,7 @@ class Track:
             # The chains' offsets were drawn for the old weights: re-equilibrate all of them.
             self.weight_jumps += 1
             self.level_stale = True
-            for c in range(self.num_chains):
-                self._restart_warmup(c, from_zero=False)
+            self.restart_warmups(from_zero=False)
         # Every chain adds a draw at every shadow step, so windows close (and, under DDP, their
         # collective runs) at the same step on every rank. A reset chain adds a flagged
         # placeholder (its draw is meaningless and may be non-finite); a warming chain a flagged draw.

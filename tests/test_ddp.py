@@ -167,3 +167,31 @@ def test_weight_jump_decision_is_the_same_on_every_rank(tmp_path):
     assert r0["weight_jumps"] == r1["weight_jumps"] == r0["jumps_after_first"] + 1
     assert r0["filter"] == r1["filter"]
     assert r0["history"] == r1["history"] and len(r0["history"]) == 14
+
+
+# ---- resuming every rank from one rank's state -----------------------------------------------------
+
+
+def test_reseed_for_rank_makes_every_track_its_own_after_loading_another_ranks_state():
+    """In one process: a monitor that loaded another's state gets, from ``reseed_for_rank``, fresh
+    noise in every track (groups too) and no pending window; on rank > 0 every chain warms up
+    again with its offsets kept. The rank is validated."""
+    p = problem()
+    batches = list(p.batches)
+    opts = dict(num_samples=2048, groups={"a": ["0.*"], "b": ["1.*"]}, group_budget=2, every_n_steps=1, window=5, warmup=3)
+    source = OnlineLLC(p.model, p.loss_fn, seed=0, **opts)
+    for step in range(1, 13):
+        source.update(batches[step % len(batches)], step)
+    state = source.state_dict()
+    tracks = lambda m: [m._model, *m._groups.values()]  # noqa: E731
+    for rank in (0, 1):
+        m = OnlineLLC(p.model, p.loss_fn, seed=0, **opts)
+        m.load_state_dict(state)
+        m.reseed_for_rank(rank)
+        for t, s in zip(tracks(m), tracks(source)):
+            assert t.stats.num_pending == 0 and s.stats.num_pending == 2
+            assert not torch.equal(t.sampler.generators[0].get_state(), s.sampler.generators[0].get_state())
+            assert all(torch.equal(t.sampler.offsets[0][n], x) for n, x in s.sampler.offsets[0].items())
+            assert t.warmup_left == ([3] if rank > 0 else [0])
+    with pytest.raises(ValueError, match=r"^Expected `rank` to be a non-negative int, got -1\.$"):
+        m.reseed_for_rank(-1)

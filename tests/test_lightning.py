@@ -414,7 +414,37 @@ def test_ddp_fork_resume_keeps_ranks_in_step(tmp_path):
     # 0's draws on every rank) was dropped on resume; the next one closed at step 17.
     assert r0["history"] == r1["history"] == 3
     assert r0["filter"] == r1["filter"] and r0["means"] == r1["means"]
-    assert r0["chains_in_last_window"] == r1["chains_in_last_window"] == 2
+    # Rank 1's chains, copies of rank 0's, warmed up again: that window is reported warming up.
+    assert r0["statuses"] == r1["statuses"] and r0["statuses"][2] == "warming_up"
+
+
+def test_ddp_fork_resume_gives_every_track_its_own_chains(tmp_path):
+    """After a DDP resume every rank holds rank 0's state: every track, groups included, must
+    draw fresh noise per rank, and rank 1's chains, copies of rank 0's, must warm up again (their
+    draws are correlated with rank 0's) before the windows feed the filters."""
+    opts = dict(groups={"first": ["net.0.*"], "last": ["net.2.*"]}, group_budget=2, **FAST)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=12, save_top_k=-1)
+    cb = OnlineLLCCallback(per_sample_loss, **opts)
+    make_trainer([cb, ckpt], max_steps=12, strategy="ddp_fork", devices=2, enable_checkpointing=True).fit(
+        make_module(), loader()
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    cb2 = OnlineLLCCallback(per_sample_loss, **opts)
+    make_trainer([cb2, _RankReport(cb2, str(out))], max_steps=20, strategy="ddp_fork", devices=2).fit(
+        make_module(), loader(), ckpt_path=str(tmp_path / "ckpt" / "epoch=2-step=12.ckpt")
+    )
+    r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in range(2))
+    assert r0["failure"] is None and r1["failure"] is None
+    for track in ("None", "first", "last"):  # the whole model and both groups
+        assert r0["noise"][track] != r1["noise"][track]
+    # Windows closed at 5 and 10; the resume dropped the pending one; the window of steps 13-17
+    # holds rank 1's re-warming draws: warming up on both ranks, for every track.
+    assert r0["statuses"] == r1["statuses"] and r0["filter"] == r1["filter"]
+    assert r0["statuses"][2] == "warming_up"
+    for g in ("first", "last"):
+        assert r0["groups"][g] == r1["groups"][g]
+        assert [w[:2] for w in r0["groups"][g]][2] == [17, "warming_up"]
 
 
 # ---- 6, 7. gradient accumulation, mixed precision --------------------------------------------------
