@@ -195,3 +195,32 @@ def test_reseed_for_rank_makes_every_track_its_own_after_loading_another_ranks_s
             assert t.warmup_left == ([3] if rank > 0 else [0])
     with pytest.raises(ValueError, match=r"^Expected `rank` to be a non-negative int, got -1\.$"):
         m.reseed_for_rank(-1)
+
+
+# ---- a failed draw ---------------------------------------------------------------------------------
+
+
+def test_skip_step_after_a_failed_group_draw_fills_only_the_tracks_that_owe_it():
+    """In one process: a group's draw raises after the whole model's and another group's were
+    added; ``owes_draw`` says so, and ``skip_step(step)`` adds a placeholder to that group alone
+    (the round-robin does not advance again), so every track has the same number of draws."""
+    p = problem()
+    batches = list(p.batches)
+    m = OnlineLLC(p.model, p.loss_fn, num_samples=2048, groups={"a": ["0.*"], "b": ["1.*"]}, group_budget=1,
+                  every_n_steps=1, window=5, warmup=0, seed=0)
+    m.update(batches[0], 1)  # the model and group "a" draw
+    sampler = m._groups["b"].sampler
+    real = sampler.step
+    sampler.step = lambda batch: (_ for _ in ()).throw(RuntimeError("group failure"))
+    with pytest.raises(RuntimeError, match="group failure"):
+        m.update(batches[1], 2)  # the model draws, then group "b" raises
+    sampler.step = real
+    pending = lambda: [t.stats.num_pending for t in (m._model, m._groups["a"], m._groups["b"])]  # noqa: E731
+    assert m.owes_draw and m.shadow_steps == 2 and pending() == [2, 1, 0]
+    assert m.skip_step(2) is None
+    assert not m.owes_draw and m.shadow_steps == 2 and pending() == [2, 1, 1]
+    assert m._groups["b"].stats.state_dict()["f"] == [[1.0]]  # a flagged placeholder
+    m.update(batches[2], 3)  # the round-robin goes on with "a"
+    assert pending() == [3, 2, 1]
+    with pytest.raises(ValueError, match=r"the previous step 3"):
+        m.skip_step(3)  # nothing owed: a repeated step
