@@ -12,22 +12,24 @@ __all__ = ["monitor_failed"]
 
 
 def monitor_failed(
-    adapter: str, monitor: OnlineLLC, step: int, exc: Exception, *, strict: bool, world_size: int, shadow_before: int
+    adapter: str, monitor: OnlineLLC, step: int, exc: Exception, *, strict: bool, world_size: int
 ) -> str:
     """Handle ``exc``, raised by ``monitor.update`` at training step ``step``; call it from the
     ``except`` block.
 
     With ``strict`` it re-raises as :class:`MonitorError`. Otherwise the adapter disables itself:
-    under DDP a due step whose draw never reached the window gets its placeholder now (the other
-    ranks' gathers wait for it), one warning says so, and the failure's description is returned
-    for the adapter to keep.
+    under DDP every track whose draw of the due step never reached its window gets its placeholder
+    now (the other ranks' gathers wait for it), one warning says so, and the failure's description
+    is returned for the adapter to keep.
     """
     if strict:
         raise MonitorError(f"{adapter} failed at step {step}: {exc!r}") from exc
     failure = f"step {step}: {type(exc).__name__}: {exc}"
-    due = step % monitor.every_n_steps == 0
-    if world_size > 1 and due and monitor.shadow_steps == shadow_before:
-        monitor.skip_step(step)
+    if world_size > 1 and monitor.owes_draw:
+        try:
+            monitor.skip_step(step)
+        except Exception as again:  # noqa: BLE001 - the handler must not raise what it handles
+            failure += f"; its placeholder draws failed too: {type(again).__name__}: {again}"
     warnings.warn(
         f"{adapter} disabled itself after a failure ({failure}); training continues. Pass strict=True to raise instead.",
         RuntimeWarning,

@@ -169,7 +169,7 @@ class OnlineLLCTrainerCallback(TrainerCallback):
 
     @property
     def seed(self) -> int:
-        """The user's seed (rank ``r`` of a distributed run seeds its chains from ``seed + 104729 r``)."""
+        """The user's seed (under DDP the monitor seeds rank ``r``'s chains from ``seed + 104729 r``)."""
         return self.settings.seed
 
     def _file(self, checkpoint_dir: str, rank: int) -> str:
@@ -181,8 +181,8 @@ class OnlineLLCTrainerCallback(TrainerCallback):
             raise ValueError("Expected the Trainer to pass `model` to on_train_begin, got none.")
         loss_fn = self.loss_fn or TASKS[self.task if self.task != "auto" else _task_of(model)]
         self._world_size, self._rank = self._topology(args)
-        seed = self.seed + 104729 * self._rank  # every rank its own chains; rank 0 keeps the user's seed
-        options: Dict[str, Any] = {**asdict(self.settings), "seed": seed}
+        # The user's seed: under DDP the monitor derives each rank's chain seed from it.
+        options: Dict[str, Any] = asdict(self.settings)
         if options.get("num_samples") is None:
             options["num_samples"] = self._dataset_length(train_dataloader)
         # The monitor's run length, for its automatic cadence, when it has that option.
@@ -193,7 +193,7 @@ class OnlineLLCTrainerCallback(TrainerCallback):
         gather = self._gather(args) if self._world_size > 1 else None
         self.monitor = OnlineLLC(model, loss_fn, gather=gather, groups=self.groups, **options)
         self.failure = None
-        self._restore(args, state, seed)
+        self._restore(args, state)
         self._last_step = int(state.global_step)
         self._batch = None
         if self._hook is not None:
@@ -238,7 +238,7 @@ class OnlineLLCTrainerCallback(TrainerCallback):
 
         return gather
 
-    def _restore(self, args: Any, state: Any, seed: int) -> None:
+    def _restore(self, args: Any, state: Any) -> None:
         where = self.resume_from
         if where is None and int(state.global_step) > 0:  # a resumed run: its checkpoint is in output_dir
             where = os.path.join(args.output_dir, f"checkpoint-{int(state.global_step)}")
@@ -267,10 +267,8 @@ class OnlineLLCTrainerCallback(TrainerCallback):
         self.monitor.load_state_dict(saved)
         if not mine:
             # Every rank holds rank 0's state (another world size, or a rank's file is missing):
-            # give each rank its own noise again and drop the half-filled window, rank 0's draws.
-            for c, gen in enumerate(self.monitor.sampler.generators):
-                gen.manual_seed(seed * 1000003 + c + 7 * self.monitor.shadow_steps)
-            self.monitor.stats.drop_pending()
+            # each rank's chains become its own again.
+            self.monitor.reseed_for_rank(self._rank)
 
     @staticmethod
     def _read(path: str) -> Optional[Dict[str, Any]]:
@@ -327,7 +325,7 @@ class OnlineLLCTrainerCallback(TrainerCallback):
                 est = self.monitor.update(batch, step)
         except Exception as exc:  # noqa: BLE001 - the monitor must not kill training
             self.failure = monitor_failed("OnlineLLCTrainerCallback", self.monitor, step, exc, strict=self.strict,
-                                          world_size=self._world_size, shadow_before=shadow_before)
+                                          world_size=self._world_size)
             return
         finally:
             self._in_pass = False

@@ -140,7 +140,7 @@ class OnlineLLCCallback(Callback):
 
     @property
     def seed(self) -> int:
-        """The user's seed (rank ``r`` of a distributed run seeds its chains from ``seed + 104729 r``)."""
+        """The user's seed (under DDP the monitor seeds rank ``r``'s chains from ``seed + 104729 r``)."""
         return self.settings.seed
 
     # ---- identity ------------------------------------------------------------------------------
@@ -172,8 +172,6 @@ class OnlineLLCCallback(Callback):
         num_samples = self.num_samples if self.num_samples is not None else self._dataset_length(trainer)
         self._world_size = int(getattr(trainer, "world_size", 1) or 1)
         rank = int(getattr(trainer, "global_rank", 0) or 0)
-        # Every rank its own chains: a rank-dependent seed (rank 0 keeps the user's seed).
-        seed = self.seed + 104729 * rank
         gather = self._gather(trainer) if self._world_size > 1 else None
         with warnings.catch_warnings():
             if not trainer.is_global_zero:  # the cadence's one line, from rank 0 only
@@ -183,16 +181,13 @@ class OnlineLLCCallback(Callback):
                 self.loss_fn or _per_sample_method,
                 gather=gather,
                 groups=self.groups,
-                **{**asdict(self.settings), "num_samples": num_samples, "seed": seed, "total_steps": self._total_steps(trainer)},
+                **{**asdict(self.settings), "num_samples": num_samples, "total_steps": self._total_steps(trainer)},
             )
         if self._pending_state is not None:
             self.monitor.load_state_dict(self._pending_state)
             if self._world_size > 1:
-                # Every rank received rank 0's state: give each rank its own noise again and drop
-                # the half-filled window, which holds rank 0's draws on every rank.
-                for c, gen in enumerate(self.monitor.sampler.generators):
-                    gen.manual_seed(seed * 1000003 + c + 7 * self.monitor.shadow_steps)
-                self.monitor.stats.drop_pending()
+                # Every rank received rank 0's state: each rank's chains become its own again.
+                self.monitor.reseed_for_rank(rank)
             self._pending_state = None
         self._last_global_step = int(trainer.global_step)
         self._relax_strict_monitors(trainer, self.monitor.cadence)
@@ -291,9 +286,9 @@ class OnlineLLCCallback(Callback):
 
         def gather(arr: np.ndarray) -> np.ndarray:
             t = torch.as_tensor(arr, dtype=torch.float64, device=strategy.root_device)
-            out = strategy.all_gather(t)  # [world, 3, C, W]
+            out = strategy.all_gather(t)  # [world, k, C, W]
             out = out.detach().cpu().numpy()
-            return np.concatenate(list(out), axis=1)  # [3, world * C, W], rank order
+            return np.concatenate(list(out), axis=1)  # [k, world * C, W], rank order
 
         return gather
 
@@ -317,7 +312,7 @@ class OnlineLLCCallback(Callback):
                 est = self.monitor.update(batch, step)
         except Exception as exc:  # noqa: BLE001 - the monitor must not kill training
             self.failure = monitor_failed("OnlineLLCCallback", self.monitor, step, exc, strict=self.strict,
-                                          world_size=self._world_size, shadow_before=shadow_before)
+                                          world_size=self._world_size)
             return
         if est is not None:
             self._log(trainer, pl_module, est)

@@ -27,12 +27,13 @@ import torch
 from scipy.stats import norm as _normal
 from torch import nn
 
-from .cadence import next_step
+from .distributed import rank_seed, rejoin
 from .evaluator import check_first_batch
 from .filter import LLCFilter
 from .groups import resolve_group_masks
 from .health import HEALTH_WINDOWS, chain_health  # noqa: F401 - HEALTH_WINDOWS also importable from here
 from .records import STATUSES, ChainHealth, LLCEstimate, SmoothedPoint, Transition
+from .schedule import Schedule
 from .settings import MonitorSettings
 from .shadow import ShadowSampler
 from .sgld import LossEvaluator, LossFn
@@ -78,15 +79,21 @@ class OnlineLLC:
             parameters; see :mod:`online_llc.groups` for helpers. Groups must be disjoint.
         gather: for distributed training, a collective that concatenates every rank's window
             draws along the chain axis (see :class:`online_llc.window.WindowStats`); every rank
-            then holds the same window summaries and the same filter state. Give each rank its
-            own ``seed``.
+            then holds the same window summaries and the same filter state. In an initialized
+            ``torch.distributed`` process group the chains of rank ``r`` are then seeded from
+            ``seed + 104729 r`` (:func:`online_llc.distributed.rank_seed`), so the same ``seed``
+            on every rank still gives independent chains; outside one, give each rank its own
+            ``seed``. After resuming every rank from one rank's checkpoint, call
+            :meth:`reseed_for_rank`.
         **options: the monitor's options (the sampler's knobs, the chains, the cadence, the
             filter), each a field of :class:`online_llc.settings.MonitorSettings`, where they are
-            described, defaulted and validated. An unknown name raises ``TypeError``.
+            described, defaulted and validated. An unknown name raises ``TypeError``. ``seed``
+            is the user's seed: rank 0 (and a run without ``gather``) uses it as it is.
 
     Attributes:
         settings: the validated options (a :class:`~online_llc.settings.MonitorSettings`).
         config: the sampler's hyperparameters, defaults filled in.
+        seed: the chains' seed of this process (the user's, or derived from it and the rank).
 
     Example:
         >>> import torch
@@ -122,7 +129,7 @@ class OnlineLLC:
         self.every_n_steps = cadence.every_n_steps
         self.window = cadence.window
         self.num_chains = settings.num_chains
-        self.seed = settings.seed
+        self.seed = rank_seed(settings.seed, gather)
         self.warmup = settings.warmup_policy
         self.confidence = float(settings.confidence)
         self._z = float(_normal.ppf(0.5 + self.confidence / 2))
@@ -145,15 +152,20 @@ class OnlineLLC:
         self._init_counters()
 
     def _init_counters(self) -> None:
-        self.step = 0
-        # Whether a step was recorded (`step` may start at 0), the first batch checked, and the
-        # due step whose draw a failed update left unfilled (see skip_step).
-        self._recorded = False
-        self._checked = False
-        self._unfilled: Optional[int] = None
-        self.shadow_steps = 0
-        self._next_group = 0
+        #: The step counters and the tracks' draws (:class:`online_llc.schedule.Schedule`).
+        self.schedule = Schedule(self.every_n_steps, list(self._groups), self.group_budget)
+        self._checked = False  # whether the first batch was checked
         self.last_group_estimates: Dict[str, LLCEstimate] = {}
+
+    @property
+    def step(self) -> int:
+        """The last training step recorded (0 before the first)."""
+        return self.schedule.step
+
+    @property
+    def shadow_steps(self) -> int:
+        """Shadow steps so far (a placeholder step of :meth:`skip_step` counts)."""
+        return self.schedule.shadow_steps
 
     # ---- the public loop --------------------------------------------------------------------------
     def update(self, batch: Any, step: Optional[int] = None) -> Optional[LLCEstimate]:
@@ -175,46 +187,17 @@ class OnlineLLC:
             ValueError: a repeated or decreasing ``step``; at the first call, a ``loss_fn`` that
                 does not return one loss per sample, or a batch larger than ``num_samples``.
         """
-        step = self._advance(step)
+        step = self.schedule.advance(step)
         if not self._checked:
             gen = torch.Generator(device=self.sampler.device).manual_seed(self.seed)
             check_first_batch(self.evaluator, batch, self.num_samples, gen)
             self._checked = True
-        return None if step is None else self._shadow_step(batch, step)
+        return None if step is None else self._draw(step, lambda t, k: t.shadow_step(batch, step, k))
 
-    def _advance(self, step: Optional[int]) -> Optional[int]:
-        """Record the training step; return it when a shadow step is due, else ``None``."""
-        step = next_step(step, self.step if self._recorded else None)
-        self.step, self._recorded = step, True
-        self._unfilled = step if step % self.every_n_steps == 0 else None
-        return self._unfilled
-
-    def _shadow_step(self, batch: Any, step: int) -> Optional[LLCEstimate]:
-        # Counted once the whole-model step succeeded: a failing loss leaves the count as it was.
-        est = self._model.shadow_step(batch, step, self.shadow_steps + 1)
-        self.shadow_steps += 1
-        self._unfilled = None
-        self._step_groups(batch, step)
+    def _draw(self, step: int, draw: Callable[[Track, int], Optional[LLCEstimate]]) -> Optional[LLCEstimate]:
+        self.last_group_estimates = {}  # stays empty when a draw raises
+        est, self.last_group_estimates = self.schedule.draw(step, {None: self._model, **self._groups}, draw)
         return est
-
-    def _step_groups(self, batch: Any, step: int) -> None:
-        # A fixed budget of group shadow steps per shadow step, round-robin over the groups:
-        # the cost does not grow with the number of groups; each group is observed every
-        # len(groups) / group_budget shadow steps and its band widens in between.
-        self.last_group_estimates = {}
-        for name in self._due_groups():
-            est = self._groups[name].shadow_step(batch, step, self.shadow_steps)
-            if est is not None:
-                self.last_group_estimates[name] = est
-
-    def _due_groups(self) -> List[str]:
-        """The next ``group_budget`` groups in round-robin order (each at most once per step)."""
-        names = list(self._groups)
-        due = []
-        for _ in range(min(self.group_budget, len(names))):
-            due.append(names[self._next_group % len(names)])
-            self._next_group += 1
-        return due
 
     def skip_step(self, step: Optional[int] = None) -> Optional[LLCEstimate]:
         """Advance the step counter without sampling, adding flagged placeholder draws when a
@@ -223,22 +206,23 @@ class OnlineLLC:
         For distributed training: a rank whose monitor failed keeps calling this instead of
         :meth:`update`, so that every rank still closes each window, and joins its collective,
         at the same step. The windows it touches are reported as ``diverged`` on every rank.
-        Called with the step of an :meth:`update` that failed before its draw was added, it adds
-        that draw's placeholder (the step is not recorded twice).
+        Called with the step of an :meth:`update` that raised (see :attr:`owes_draw`), it adds
+        placeholders for exactly the tracks (the whole model, the due groups) whose draw is still
+        owed: the step is not recorded twice, nor the groups' round-robin advanced twice.
         """
-        if step is not None and self._recorded and self._unfilled is not None and step == self._unfilled:
-            self._unfilled = None
-        else:
-            step = self._advance(step)
-            self._unfilled = None
+        if not self.schedule.is_owed(step):
+            step = self.schedule.advance(step)
             if step is None:
                 return None
-        self.shadow_steps += 1
-        est = self._model.skip(step, self.shadow_steps)
-        self.last_group_estimates = {}
-        for name in self._due_groups():
-            self._groups[name].skip(step, self.shadow_steps)
-        return est
+        return self._draw(step, lambda t, k: t.skip(step, k))
+
+    @property
+    def owes_draw(self) -> bool:
+        """Whether the latest due step still owes draws: an :meth:`update` raised before every due
+        track (the whole model, the due groups) added its draw. Under DDP, call
+        ``skip_step(step)`` with that step then, so that every track's windows close, and join
+        their collectives, at the same steps on every rank."""
+        return bool(self.schedule.owed)
 
     # ---- results ----------------------------------------------------------------------------------
     @property
@@ -342,6 +326,18 @@ class OnlineLLC:
         self._init_counters()
 
     # ---- checkpointing ----------------------------------------------------------------------------
+    def reseed_for_rank(self, rank: int) -> None:
+        """Make this rank's chains its own again after every rank loaded the same checkpoint.
+
+        Call it on every rank right after :meth:`load_state_dict` when the ranks restored one
+        rank's state (Lightning saves rank 0's only). Every track (the whole model and each
+        group) reseeds its generators from this monitor's seed and drops its half-filled window;
+        on ``rank > 0`` every chain restarts its warm-up, keeping its offsets, so its draws,
+        correlated with rank 0's at first, are flagged until it re-equilibrates (see
+        :func:`online_llc.distributed.rejoin`).
+        """
+        rejoin([self._model, *self._groups.values()], rank)
+
     def _settings(self) -> Dict[str, Any]:
         """The settings a checkpoint must share with the monitor that restores it, as resolved
         (the sampler's defaults filled in); saved in every state and compared on load."""
@@ -370,9 +366,9 @@ class OnlineLLC:
             "version": 1,
             "settings": self._settings(),
             "step": self.step,
-            "recorded": self._recorded,
+            "recorded": self.schedule.recorded,
             "shadow_steps": self.shadow_steps,
-            "next_group": self._next_group,
+            "next_group": self.schedule.next_group,
             "groups": {name: t.state_dict() for name, t in self._groups.items()},
         }
         state.update(self._model.state_dict())
@@ -391,9 +387,7 @@ class OnlineLLC:
         self._model.load_state_dict(state)
         for name, t in self._groups.items():
             t.load_state_dict(state["groups"][name])
-        self.step = int(state["step"])
-        self.shadow_steps = int(state["shadow_steps"])
-        self._recorded = bool(state.get("recorded", self.step > 0 or self.shadow_steps > 0))
-        self._checked = self._recorded
-        self._unfilled = None
-        self._next_group = int(state.get("next_group", 0))
+        step, shadow_steps = int(state["step"]), int(state["shadow_steps"])
+        recorded = bool(state.get("recorded", step > 0 or shadow_steps > 0))
+        self.schedule.restart(step, shadow_steps, recorded, int(state.get("next_group", 0)))
+        self._checked = recorded

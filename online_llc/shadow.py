@@ -237,6 +237,13 @@ class ShadowSampler:
         sk = state.get("center_sketch") if state.get("sketch_version") == SKETCH_VERSION else None
         self._sketch = None if sk is None else torch.as_tensor(sk).to(self.device)
 
+    def reseed(self) -> None:
+        """Give every chain a fresh noise stream seeded from ``(seed, chain, step counter)``: a
+        fixed function of them, so reproducible (used for generator states that cannot be
+        restored, and by a rank that loaded another rank's chains)."""
+        for c, g in enumerate(self.generators):
+            g.manual_seed(derived_seed(_RESEEDS, self.seed, c, self.steps))
+
     def _load_generators(self, states: List[Any], device_type: Optional[str]) -> None:
         reseeded = []
         for c, (g, s) in enumerate(zip(self.generators, states)):

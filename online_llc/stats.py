@@ -100,6 +100,9 @@ class WindowSummary:
         warmup_draws: draws flagged as coming from a chain still warming up.
         dropped_draws: warm-up draws left out because the chains' trailing healthy draws
             covered at least half the window (the summary then describes those draws only).
+        offset_norm: mean of the draws' chain offset norms ``||xi||``, reset placeholders left
+            out, over all chains (all ranks with ``gather``, so the same on every rank); NaN when
+            no norm was given. The weight-jump detector's measure of the chains' spread.
     """
 
     start_step: int
@@ -120,6 +123,7 @@ class WindowSummary:
     diverged_draws: int = 0
     warmup_draws: int = 0
     dropped_draws: int = 0
+    offset_norm: float = math.nan
 
     def to_dict(self) -> dict[str, int | float]:
         """The fields as a dict of plain Python ``int`` (steps, n_draws) and ``float`` values."""

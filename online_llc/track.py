@@ -166,6 +166,13 @@ class Track:
         else:
             self.warmup_left[c] = self.warmup
 
+    def restart_warmups(self, from_zero: bool = False) -> None:
+        """Put every chain back into warm-up (after a jump of the weights, or on a rank whose
+        chains were copied from another's): its draws are flagged until it has re-equilibrated.
+        ``from_zero``: the chains restart at zero offset (else they keep their offsets)."""
+        for c in range(self.num_chains):
+            self._restart_warmup(c, from_zero)
+
     def _warming(self, c: int, draw: float, offset_norm: float) -> bool:
         """Whether this draw of chain ``c`` is a warm-up draw (and advance its warm-up)."""
         if self.auto_warmup:
@@ -199,30 +206,31 @@ class Track:
             start = default_step_size(cfg.nbeta, out.infos[0].batch_size, cfg.sampler, cfg.friction, online=True)
             self.sampler.config = replace(cfg, step_size=min(cfg.step_size, start))
             self.sized = True
-        healthy = [i.offset_norm for i, bad in zip(out.infos, out.diverged) if not bad]
-        if self.jumps.add(out.center_shift, healthy):
+        # Decided from the weights' movement and the last gathered window: the same on every rank.
+        if self.jumps.add(out.center_shift):
             # The chains' offsets were drawn for the old weights: re-equilibrate all of them.
             self.weight_jumps += 1
             self.level_stale = True
-            for c in range(self.num_chains):
-                self._restart_warmup(c, from_zero=False)
+            self.restart_warmups(from_zero=False)
         # Every chain adds a draw at every shadow step, so windows close (and, under DDP, their
         # collective runs) at the same step on every rank. A reset chain adds a flagged
         # placeholder (its draw is meaningless and may be non-finite); a warming chain a flagged draw.
-        d, v, b, flags = [], [], [], []
+        d, v, b, o, flags = [], [], [], [], []
         for c, (info, bad) in enumerate(zip(out.infos, out.diverged)):
             if bad:
                 d.append(0.0)
                 v.append(0.0)
                 b.append(0.0)
+                o.append(0.0)
                 flags.append(1)
                 self._restart_warmup(c)
             else:
                 d.append(info.draw)
                 v.append(info.noise_var)
                 b.append(info.heat_bias)
+                o.append(info.offset_norm)
                 flags.append(2 if self._warming(c, info.draw, info.offset_norm) else 0)
-        summary = self.stats.update(d, v, step, flags=flags, heat_bias=b)
+        summary = self.stats.update(d, v, step, flags=flags, heat_bias=b, offset_norms=o)
         return None if summary is None else self._close_window(summary, shadow_steps)
 
     def skip(self, step: int, shadow_steps: int) -> Optional[LLCEstimate]:
@@ -233,6 +241,8 @@ class Track:
 
     # ---- status policy ------------------------------------------------------------------------------
     def _close_window(self, s: WindowSummary, shadow_steps: int) -> LLCEstimate:
+        # The chains' spread for the weight-jump test until the next close (gathered: every rank's).
+        self.jumps.set_spread(s.offset_norm)
         status: str
         nis = math.nan
         if s.diverged_draws or s.warmup_draws:

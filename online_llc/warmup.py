@@ -27,7 +27,7 @@ is one stationary stretch and the chain is declared equilibrated. Draws before t
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Any, Dict, List, Mapping
 
 import numpy as np
 
@@ -142,29 +142,32 @@ class WeightJumpDetector:
     ``JUMP_FACTOR`` times farther than the centre usually moves per shadow step. Steady fast
     training raises the usual movement and does not count; a reloaded checkpoint, weight
     surgery or a switched task does. The usual movement is a running mean over the last
-    ``SHIFT_MEMORY`` shadow steps (an exact mean before that), the chains' spread an
-    exponential mean of their offset norms; a jump updates neither.
+    ``SHIFT_MEMORY`` shadow steps (an exact mean before that; a jump does not enter it). The
+    chains' spread is the mean offset norm of the last closed window (:meth:`set_spread`),
+    over every rank's chains under DDP: the movement is measured on the weights, identical on
+    every rank, so every rank decides the same (no jump is declared before the first window
+    closed).
 
     The movement is the sampler's ``center_shift``, measured since version 2 of this state from
     random signed folds of the weights as well as their norms (:mod:`online_llc.sketch`), so
     norm-preserving jumps (a rotated or permuted weight matrix) count too. A state of version 1
     (norms only, a lower bound of the movement, often far below it) does not describe the new
     measure: loading one forgets the usual movement, which is learnt again over ``min_history``
-    shadow steps (the chains' spread is kept).
+    shadow steps. Before version 3 the spread was a running mean of the rank's own chains' norms,
+    which differs between ranks: a state of version 1 or 2 loads without it (no jump until the
+    next window closes).
 
     Args:
         min_history: shadow steps of centre movement seen before a jump can be declared (>= 1).
     """
 
-    #: Version of the movement measure the state describes (see above).
-    VERSION = 2
+    #: Version of the measures the state describes (see above).
+    VERSION = 3
 
     #: How many times the usual movement per shadow step a jump must exceed.
     JUMP_FACTOR = 10.0
     #: Shadow steps the usual movement is averaged over, once that many were seen.
     SHIFT_MEMORY = 50
-    #: Weight of the newest offset norm in the chains' running spread.
-    OFFSET_WEIGHT = 0.02
 
     def __init__(self, *, min_history: int = 10) -> None:
         self.min_history = check_positive_int("min_history", min_history)
@@ -174,18 +177,16 @@ class WeightJumpDetector:
         """Forget the usual movement and spread (at start, or when the monitor starts over)."""
         #: Running mean of the centre's movement per shadow step (NaN before the first).
         self.shift_mean = math.nan
-        #: Running mean of the chains' offset norm (NaN before the first).
+        #: The chains' spread: their mean offset norm over the last closed window (NaN before).
         self.offset_mean = math.nan
         #: Shadow steps whose movement entered ``shift_mean``.
         self.count = 0
 
-    def add(self, shift: float, offset_norms: Sequence[float]) -> bool:
+    def add(self, shift: float) -> bool:
         """Record one shadow step: the centre moved by ``shift`` since the previous one (NaN at the
-        first) and the healthy chains' offset norms were ``offset_norms``; return whether the
-        weights jumped."""
+        first); return whether the weights jumped."""
         if not math.isfinite(shift):
             return False
-        offset = float(np.mean(offset_norms)) if offset_norms else math.nan
         jump = (
             self.count >= self.min_history
             and math.isfinite(self.offset_mean)
@@ -196,19 +197,23 @@ class WeightJumpDetector:
             a = 1.0 / min(self.count + 1, self.SHIFT_MEMORY)
             self.shift_mean = shift if self.count == 0 else (1 - a) * self.shift_mean + a * shift
             self.count += 1
-            if math.isfinite(offset):
-                w = self.OFFSET_WEIGHT
-                self.offset_mean = offset if not math.isfinite(self.offset_mean) else (1 - w) * self.offset_mean + w * offset
         return jump
+
+    def set_spread(self, offset_norm: float) -> None:
+        """The chains' spread from here on: the mean offset norm of the window that just closed
+        (``WindowSummary.offset_norm``, the same on every rank); NaN keeps the current one."""
+        if math.isfinite(offset_norm):
+            self.offset_mean = float(offset_norm)
 
     def state_dict(self) -> Dict[str, Any]:
         """Plain Python values."""
         return {"shift_mean": self.shift_mean, "offset_mean": self.offset_mean, "count": self.count, "version": self.VERSION}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict` (one of an older version keeps only the chains' spread)."""
-        self.offset_mean = float(state["offset_mean"])
-        if int(state.get("version", 1)) != self.VERSION:
+        """Restore a :meth:`state_dict` (see the class docstring for older versions)."""
+        version = int(state.get("version", 1))
+        self.offset_mean = float(state["offset_mean"]) if version >= 3 else math.nan
+        if version < 2:
             self.shift_mean, self.count = math.nan, 0
             return
         self.shift_mean = float(state["shift_mean"])

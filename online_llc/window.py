@@ -37,17 +37,21 @@ __all__ = [
     "summarize",
 ]
 
-_STATE_VERSION = 2
+# Version 3 added the pending draws' offset norms ("o"); a version-2 state loads without them.
+_STATE_VERSION = 3
 _STATE_KEYS = frozenset(
-    {"version", "window", "num_chains", "horizon", "count", "d", "v", "f", "b", "past", "start_step", "last_step"}
+    {"version", "window", "num_chains", "horizon", "count", "d", "v", "f", "b", "o", "past", "start_step", "last_step"}
 )
+# The rows of the gathered array, in order: draws, noise variances, flags, heat biases, offset norms.
+_ROWS = 5
 
 
 class WindowStats:
     """Collects one draw per chain per call and summarises every ``window`` draws.
 
-    Memory is constant: the current window's draws (two ``[num_chains, window]`` buffers) and
-    the draws of the previous ``horizon - 1`` windows.
+    Memory is constant: the current window's five ``[num_chains, window]`` buffers (draws, noise
+    variances, flags, heat biases, offset norms) and the draws of the previous ``horizon - 1``
+    windows.
 
     A chain can have modes slower than one window (a singular model's flat directions, confined
     only by the localization): inside a window they look like a constant offset, so a
@@ -62,9 +66,10 @@ class WindowStats:
         num_chains: number of chains (``C``), one draw each per :meth:`update`.
         horizon: number of windows (the current one included) over which slow correlation is
             estimated; 1 uses the current window alone.
-        gather: for distributed training, a collective ``f(array[3, C, W]) -> array[3, C', W]``
-            that concatenates every rank's draws (row 0), noise variances (row 1) and flags
-            (row 2, see :meth:`update`) along the chain axis, identically on every rank. Windows are then summarised over all ranks'
+        gather: for distributed training, a collective ``f(array[5, C, W]) -> array[5, C', W]``
+            that concatenates every rank's draws (row 0), noise variances (row 1), flags (row 2,
+            see :meth:`update`), heat biases (row 3) and chain offset norms (row 4) along the
+            chain axis, identically on every rank. Windows are then summarised over all ranks'
             chains, so every rank computes the same summary. It must be called on every rank at
             the same window, which holds when all ranks update at the same steps.
 
@@ -88,9 +93,15 @@ class WindowStats:
         self._v = np.empty((self.num_chains, self.window), dtype=np.float64)
         self._f = np.zeros((self.num_chains, self.window), dtype=np.float64)  # flags, see update()
         self._b = np.zeros((self.num_chains, self.window), dtype=np.float64)  # heat biases
+        self._o = np.full((self.num_chains, self.window), -1.0)  # offset norms (-1: not given)
         self._count = 0
         self._start_step: int | None = None
         self._last_step: int | None = None
+
+    @property
+    def last_step(self) -> int | None:
+        """The step of the latest draw added (``None`` before the first, or after :meth:`reset`)."""
+        return self._last_step
 
     @property
     def num_pending(self) -> int:
@@ -148,6 +159,7 @@ class WindowStats:
         step: int,
         flags: Sequence[int] | None = None,
         heat_bias: Sequence[float] | np.ndarray | None = None,
+        offset_norms: Sequence[float] | np.ndarray | None = None,
     ) -> WindowSummary | None:
         """Add one draw per chain.
 
@@ -163,6 +175,8 @@ class WindowStats:
                 rank reaches the same verdict about the window.
             heat_bias: per chain, the draw's measured minibatch heat bias (finite, ``>= 0``;
                 0 for placeholders); the summary's ``heat`` and ``heat_bias`` come from them.
+            offset_norms: per chain, the chain's offset norm ``||xi||`` at this draw (finite,
+                ``>= 0``); the summary's ``offset_norm`` comes from them (NaN when not given).
 
         Returns:
             The window's :class:`WindowSummary` when this call completes a window (the buffer
@@ -172,6 +186,9 @@ class WindowStats:
             ValueError: wrong length or non-finite ``d``/``v``, negative ``v``, or a ``step``
                 that is negative, not an int, or before the previous step. The state is left
                 unchanged.
+            Exception: whatever ``gather`` raised (or a ``ValueError`` for a gathered array of
+                the wrong shape). The draw was added and the window's draws dropped: the buffer
+                is empty, the next call starts a new window.
         """
         d_row = self._as_row("d", d)
         v_row = self._as_row("v", v)
@@ -193,10 +210,15 @@ class WindowStats:
         b_row = np.full(self.num_chains, -1.0) if heat_bias is None else self._as_row("heat_bias", heat_bias)
         if heat_bias is not None and np.any(b_row < 0.0):
             raise ValueError(f"Expected `heat_bias` to be >= 0, got {b_row.tolist()!r}.")
+        # -1 marks a draw that came without its chain's offset norm (as -1 does for heat biases).
+        o_row = np.full(self.num_chains, -1.0) if offset_norms is None else self._as_row("offset_norms", offset_norms)
+        if offset_norms is not None and np.any(o_row < 0.0):
+            raise ValueError(f"Expected `offset_norms` to be >= 0, got {o_row.tolist()!r}.")
         self._d[:, self._count] = d_row
         self._v[:, self._count] = v_row
         self._f[:, self._count] = f_row
         self._b[:, self._count] = b_row
+        self._o[:, self._count] = o_row
         if self._count == 0:
             self._start_step = step
         self._count += 1
@@ -205,15 +227,22 @@ class WindowStats:
             return None
 
         assert self._start_step is not None
-        d_all, v_all, f_all, b_all = self._d, self._v, self._f, self._b
+        d_all, v_all, f_all, b_all, o_all = self._d, self._v, self._f, self._b, self._o
         if self.gather is not None:
-            # One collective for all four arrays: every rank gets every rank's chains, in rank order.
-            packed = np.asarray(self.gather(np.stack([self._d, self._v, self._f, self._b])), dtype=np.float64)
-            if packed.ndim != 3 or packed.shape[0] != 4 or packed.shape[2] != self.window:
-                raise ValueError(
-                    f"Expected `gather` to return an array of shape [4, chains, {self.window}], got {packed.shape}."
-                )
-            d_all, v_all, f_all, b_all = packed[0], packed[1], packed[2], packed[3]
+            # One collective for all five arrays: every rank gets every rank's chains, in rank order.
+            try:
+                packed = np.asarray(self.gather(np.stack([self._d, self._v, self._f, self._b, self._o])), dtype=np.float64)
+                if packed.ndim != 3 or packed.shape[0] != _ROWS or packed.shape[2] != self.window:
+                    raise ValueError(
+                        f"Expected `gather` to return an array of shape [{_ROWS}, chains, {self.window}], got {packed.shape}."
+                    )
+            except BaseException:
+                # The window cannot be summarised: its draws are dropped (the draw of this call
+                # counts as added, `last_step` is this step) so that the buffer is never left full
+                # and the next draw starts a new window; the caller sees the exception.
+                self.drop_pending()
+                raise
+            d_all, v_all, f_all, b_all, o_all = packed
         # A chain that finished warming up inside this window: when no draw is a reset
         # placeholder and every chain's trailing run of healthy draws covers at least half the
         # window, the window is summarised on those last draws alone (the same number from every
@@ -225,7 +254,7 @@ class WindowStats:
         dropped = 0
         if not np.any(f_all == 1) and np.any(f_all == 2) and 2 * keep >= self.window:
             dropped = int(f_all.size - keep * f_all.shape[0])
-            d_all, v_all, f_all, b_all = d_all[:, -keep:], v_all[:, -keep:], f_all[:, -keep:], b_all[:, -keep:]
+            d_all, v_all, f_all, b_all, o_all = (a[:, -keep:] for a in (d_all, v_all, f_all, b_all, o_all))
         summary = summarize(
             d_all, v_all, start_step=self._start_step, end_step=step, var_of_mean_floor=self._floor(d_all),
             heat_biases=b_all if np.all(b_all >= 0.0) else None,
@@ -235,6 +264,7 @@ class WindowStats:
             diverged_draws=int(np.sum(f_all == 1)),
             warmup_draws=int(np.sum(f_all == 2)),
             dropped_draws=dropped,
+            offset_norm=_mean_offset_norm(o_all, f_all),
         )
         if self.horizon > 1:
             self._past = (self._past + [d_all.copy()])[-(self.horizon - 1) :]
@@ -256,6 +286,7 @@ class WindowStats:
             "past": [p.tolist() for p in self._past],
             "v": self._v[:, : self._count].tolist(),
             "b": self._b[:, : self._count].tolist(),
+            "o": self._o[:, : self._count].tolist(),
             "start_step": None if self._start_step is None else int(self._start_step),
             "last_step": None if self._last_step is None else int(self._last_step),
         }
@@ -268,15 +299,17 @@ class WindowStats:
             ValueError: if ``window`` or ``num_chains`` differ from this object's, or the
                 pending draws are inconsistent with ``count``.
         """
-        missing = sorted(_STATE_KEYS - set(state))
-        unexpected = sorted(set(state) - _STATE_KEYS)
+        # A version-2 state has no offset norms: its pending draws get -1 (none given).
+        keys = _STATE_KEYS - {"o"} if state.get("version") == 2 else _STATE_KEYS
+        missing = sorted(keys - set(state))
+        unexpected = sorted(set(state) - keys)
         if missing or unexpected:
             raise KeyError(
                 f"WindowStats state dict: missing keys {missing}, unexpected keys {unexpected}."
             )
-        if state["version"] != _STATE_VERSION:
+        if state["version"] not in (2, _STATE_VERSION):
             raise ValueError(
-                f"Expected `state['version']` to be {_STATE_VERSION}, got {state['version']!r}."
+                f"Expected `state['version']` to be 2 or {_STATE_VERSION}, got {state['version']!r}."
             )
         for key, own in (("window", self.window), ("num_chains", self.num_chains), ("horizon", self.horizon)):
             if state[key] != own:
@@ -291,10 +324,10 @@ class WindowStats:
             )
         shape = (self.num_chains, count)
         arrays = {}
-        for key in ("d", "v", "f", "b"):
+        for key in ("d", "v", "f", "b", "o"):
             expected = f"{self.num_chains} lists of {count} floats (one per chain)"
             try:
-                arr = np.asarray(state[key], dtype=np.float64)
+                arr = np.asarray(state.get(key, np.full(shape, -1.0)), dtype=np.float64)
             except (TypeError, ValueError):
                 raise ValueError(f"Expected `state['{key}']` to be {expected}.") from None
             if arr.shape != shape and not (count == 0 and arr.size == 0):
@@ -345,6 +378,14 @@ class WindowStats:
         self._v[:, :count] = arrays["v"]
         self._f[:, :count] = arrays["f"]
         self._b[:, :count] = arrays["b"]
+        self._o[:, :count] = arrays["o"]
         self._count = count
         self._start_step = steps["start_step"]
         self._last_step = steps["last_step"]
+
+
+def _mean_offset_norm(norms: np.ndarray, flags: np.ndarray) -> float:
+    """The mean offset norm of a window's draws, reset placeholders and missing norms (-1) left
+    out (``math.nan`` when none is left)."""
+    given = (flags != 1) & (norms >= 0.0)
+    return float(norms[given].mean()) if given.any() else math.nan

@@ -350,6 +350,7 @@ class _RankReport(Callback):
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         m = self.llc.monitor
         past = m.stats.state_dict()["past"]
+        tracks = {None: m._model, **m._groups}
         report = {
             "world_size": trainer.world_size,
             "filter": json.dumps(m.filter.state_dict()),
@@ -359,6 +360,10 @@ class _RankReport(Callback):
             "chains_in_last_window": len(past[-1]) if past else None,
             "failure": self.llc.failure,
             "seed0": int(m.sampler.generators[0].initial_seed()),
+            "groups": {g: [[e.step, e.status, e.mean] for e in m.group_history(g)] for g in m.groups},
+            # Each track's chain 0: its noise stream's state and its offset's first entry.
+            "noise": {str(g): t.sampler.generators[0].get_state().tolist() for g, t in tracks.items()},
+            "offset": {str(g): next(iter(t.sampler.offsets[0].values())).flatten()[0].item() for g, t in tracks.items()},
         }
         with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
             json.dump(report, f)
@@ -409,7 +414,37 @@ def test_ddp_fork_resume_keeps_ranks_in_step(tmp_path):
     # 0's draws on every rank) was dropped on resume; the next one closed at step 17.
     assert r0["history"] == r1["history"] == 3
     assert r0["filter"] == r1["filter"] and r0["means"] == r1["means"]
-    assert r0["chains_in_last_window"] == r1["chains_in_last_window"] == 2
+    # Rank 1's chains, copies of rank 0's, warmed up again: that window is reported warming up.
+    assert r0["statuses"] == r1["statuses"] and r0["statuses"][2] == "warming_up"
+
+
+def test_ddp_fork_resume_gives_every_track_its_own_chains(tmp_path):
+    """After a DDP resume every rank holds rank 0's state: every track, groups included, must
+    draw fresh noise per rank, and rank 1's chains, copies of rank 0's, must warm up again (their
+    draws are correlated with rank 0's) before the windows feed the filters."""
+    opts = dict(groups={"first": ["net.0.*"], "last": ["net.2.*"]}, group_budget=2, **FAST)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=12, save_top_k=-1)
+    cb = OnlineLLCCallback(per_sample_loss, **opts)
+    make_trainer([cb, ckpt], max_steps=12, strategy="ddp_fork", devices=2, enable_checkpointing=True).fit(
+        make_module(), loader()
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    cb2 = OnlineLLCCallback(per_sample_loss, **opts)
+    make_trainer([cb2, _RankReport(cb2, str(out))], max_steps=20, strategy="ddp_fork", devices=2).fit(
+        make_module(), loader(), ckpt_path=str(tmp_path / "ckpt" / "epoch=2-step=12.ckpt")
+    )
+    r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in range(2))
+    assert r0["failure"] is None and r1["failure"] is None
+    for track in ("None", "first", "last"):  # the whole model and both groups
+        assert r0["noise"][track] != r1["noise"][track]
+    # Windows closed at 5 and 10; the resume dropped the pending one; the window of steps 13-17
+    # holds rank 1's re-warming draws: warming up on both ranks, for every track.
+    assert r0["statuses"] == r1["statuses"] and r0["filter"] == r1["filter"]
+    assert r0["statuses"][2] == "warming_up"
+    for g in ("first", "last"):
+        assert r0["groups"][g] == r1["groups"][g]
+        assert [w[:2] for w in r0["groups"][g]][2] == [17, "warming_up"]
 
 
 # ---- 6, 7. gradient accumulation, mixed precision --------------------------------------------------
@@ -676,6 +711,103 @@ def _nan_or_raise_on_rank1(kind: str):
         return out
 
     return loss_fn
+
+
+class _FailGroupOnce(Callback):
+    """On rank 1, makes group ``group``'s ``at``-th shadow step raise (after the whole model's
+    draw of that step was added)."""
+
+    def __init__(self, llc: OnlineLLCCallback, group: str, at: int) -> None:
+        self.llc, self.group, self.at = llc, group, at
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.global_rank != 1:
+            return
+        sampler = self.llc.monitor._groups[self.group].sampler
+        step, calls = sampler.step, {"n": 0}
+
+        def failing(batch: Any) -> Any:
+            calls["n"] += 1
+            if calls["n"] == self.at:
+                raise RuntimeError("rank-1 group failure")
+            return step(batch)
+
+        sampler.step = failing
+
+
+def test_ddp_group_failure_on_one_rank_keeps_every_track_in_step(tmp_path):
+    """A *group*'s shadow step raises on rank 1 only, after the whole model's draw of that step
+    was added: the failure handler owes placeholders for exactly the tracks that did not draw,
+    so every track's windows still close, and gather, together on both ranks."""
+    groups = {"first": ["net.0.*"], "last": ["net.2.*"]}
+    cb = OnlineLLCCallback(per_sample_loss, groups=groups, group_budget=2, every_n_steps=1, window=5, warmup=0, seed=0)
+    strategy = DDPStrategy(start_method="fork", timeout=datetime.timedelta(seconds=5))
+    callbacks = [cb, _FailGroupOnce(cb, "last", at=2), _RankReport(cb, str(tmp_path))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        make_trainer(callbacks, max_steps=20, strategy=strategy, devices=2).fit(make_module(), loader())
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert r0["failure"] is None and "rank-1 group failure" in r1["failure"]
+    assert r0["filter"] == r1["filter"] and r0["statuses"] == r1["statuses"] and r0["history"] == 4
+    for g in groups:  # both groups' windows closed at the same steps, with the same verdicts
+        assert r0["groups"][g] == r1["groups"][g]
+        assert [w[0] for w in r0["groups"][g]] == [5, 10, 15, 20]
+    # Rank 1's placeholders of step 2 in "last" (not in "first", which drew) and from step 3 on.
+    assert [w[1] for w in r0["groups"]["last"]] == ["diverged"] * 4
+
+
+class _GatherFailsOnceOnRank1(OnlineLLCCallback):
+    """The first window's collective completes, then rank 1's gather raises (as a failed copy of
+    the gathered array would): the ranks stay in step, rank 1 must disable itself cleanly."""
+
+    @staticmethod
+    def _gather(trainer: Any) -> Any:
+        inner, calls = OnlineLLCCallback._gather(trainer), {"n": 0}
+
+        def gather(arr: Any) -> Any:
+            out = inner(arr)
+            calls["n"] += 1
+            if trainer.global_rank == 1 and calls["n"] == 1:
+                raise RuntimeError("rank-1 gather failure")
+            return out
+
+        return gather
+
+
+class _Warnings(Callback):
+    """Records the rank's warnings during fit to tmp_path/warnings<r>.json."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir, self._ctx, self._seen = out_dir, None, []
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._ctx = warnings.catch_warnings(record=True)
+        self._seen = self._ctx.__enter__()
+        warnings.simplefilter("always")
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._ctx.__exit__(None, None, None)
+        with open(os.path.join(self.out_dir, f"warnings{trainer.global_rank}.json"), "w") as f:
+            json.dump([str(w.message) for w in self._seen], f)
+
+
+def test_ddp_failed_gather_on_one_rank_disables_it_without_stopping_training(tmp_path):
+    """A gather that raises on rank 1 (strict=False): one warning, rank 1 disables itself and
+    keeps joining the windows' collectives with placeholders; no IndexError from a window left
+    full, and training runs to the end on both ranks."""
+    cb = _GatherFailsOnceOnRank1(per_sample_loss, every_n_steps=1, window=5, warmup=0, seed=0)
+    strategy = DDPStrategy(start_method="fork", timeout=datetime.timedelta(seconds=5))
+    trainer = make_trainer([cb, _Warnings(str(tmp_path)), _RankReport(cb, str(tmp_path))], max_steps=20, strategy=strategy, devices=2)
+    trainer.fit(make_module(), loader())
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    w1 = json.loads((tmp_path / "warnings1.json").read_text())
+    assert r0["failure"] is None and "rank-1 gather failure" in r1["failure"]
+    assert "IndexError" not in r1["failure"]
+    assert sum("disabled itself" in w and "rank-1 gather failure" in w for w in w1) == 1
+    # Rank 1 lost the first window (its summary never arrived); the next three closed together,
+    # each holding rank 1's placeholders.
+    assert r0["history"] == 4 and r1["history"] == 3
+    assert r0["statuses"][1:] == r1["statuses"] == ["diverged"] * 3
 
 
 @pytest.mark.parametrize("kind", ["nan", "raise"])

@@ -208,19 +208,27 @@ def test_weight_sketch_estimates_the_distance_moved() -> None:
 
 def test_jump_detector_state_of_the_norm_only_version_relearns_the_usual_move() -> None:
     """A detector state saved before the sketch had projections (no version) describes a smaller
-    measure of the movement: loading it keeps the chains' spread and learns the usual move again."""
+    measure of the movement: loading it learns the usual move again. Its spread was rank-local (as
+    was version 2's): it is dropped, and no jump is declared until the next window sets it."""
     det = WeightJumpDetector(min_history=3)
     for _ in range(5):
-        assert not det.add(1.0, [2.0])
+        assert not det.add(1.0)
+    det.set_spread(2.0)
     state = det.state_dict()
-    assert state["version"] == WeightJumpDetector.VERSION
+    assert state["version"] == WeightJumpDetector.VERSION == 3
     fresh = WeightJumpDetector(min_history=3)
     fresh.load_state_dict(state)
     assert fresh.state_dict() == state
+    assert fresh.add(30.0)  # 30 > 2 (the spread) and > 10 x 1 (the usual move)
     old = {k: v for k, v in state.items() if k != "version"}
     fresh.load_state_dict(old)
-    assert fresh.count == 0 and math.isnan(fresh.shift_mean) and fresh.offset_mean == state["offset_mean"]
-    assert not any(fresh.add(30.0, [2.0]) for _ in range(3))  # no jump until 3 moves were seen
+    assert fresh.count == 0 and math.isnan(fresh.shift_mean) and math.isnan(fresh.offset_mean)
+    fresh.load_state_dict({**state, "version": 2})  # the usual move is kept, the spread is not
+    assert fresh.count == 5 and fresh.shift_mean == 1.0 and math.isnan(fresh.offset_mean)
+    assert not fresh.add(30.0)  # no spread yet: no jump (the move enters the usual one: 35 / 6)
+    fresh.set_spread(2.0)
+    fresh.set_spread(math.nan)  # a window without norms keeps the spread
+    assert fresh.offset_mean == 2.0 and fresh.add(100.0)
 
 
 def test_fixed_warmup_still_counts_shadow_steps() -> None:

@@ -433,7 +433,7 @@ def test_windowstats_load_state_dict_validation() -> None:
         WindowStats(5, num_chains=2).load_state_dict(state)
     with pytest.raises(ValueError, match=r"Expected `state\['num_chains'\]` to be 3 \(this WindowStats' num_chains\), got 2\."):
         WindowStats(4, num_chains=3).load_state_dict(state)
-    with pytest.raises(ValueError, match=r"Expected `state\['version'\]` to be 2, got 1\."):
+    with pytest.raises(ValueError, match=r"Expected `state\['version'\]` to be 2 or 3, got 1\."):
         target.load_state_dict({**state, "version": 1})
     with pytest.raises(ValueError, match=r"Expected `state\['count'\]` to be an int in \[0, 3\], got 4\."):
         target.load_state_dict({**state, "count": 4})
@@ -531,6 +531,57 @@ def test_flags_are_counted_and_gathered():
     assert out.n_draws == 6 and out.diverged_draws == 2
     with pytest.raises(ValueError, match=r"Expected `flags` to be 1 values in \{0, 1, 2\}, got \[3\]\."):
         WindowStats(3, 1).update([1.0], [0.1], 0, flags=[3])
+
+
+def test_a_gather_that_raises_drops_the_window_and_leaves_the_buffer_usable():
+    """A gather that raises propagates its exception with the window's draws dropped (the draw of
+    that call counts as added): the next draws start a new window and never overflow the buffer."""
+    calls = {"n": 0}
+
+    def flaky_gather(arr):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("collective failed")
+        return arr
+
+    ws = WindowStats(3, 1, gather=flaky_gather)
+    ws.update([1.0], [0.1], 0)
+    ws.update([2.0], [0.1], 1)
+    with pytest.raises(RuntimeError, match="collective failed"):
+        ws.update([3.0], [0.1], 2)
+    assert ws.num_pending == 0 and ws.last_step == 2
+    outs = [ws.update([4.0 + i], [0.1], 3 + i, flags=[1]) for i in range(3)]
+    assert outs[:2] == [None, None]
+    assert (outs[2].start_step, outs[2].end_step, outs[2].diverged_draws) == (3, 5, 3)
+
+
+def test_offset_norms_are_gathered_and_averaged_without_placeholders():
+    """The chains' offset norms travel in the gathered array (row 4): every rank's summary has the
+    same ``offset_norm``, the mean over all ranks' draws with reset placeholders left out. A state
+    of version 2 (no norms) still loads; its pending draws count as having none."""
+
+    def fake_gather(arr):  # two "ranks": this one and one whose chains sit three times farther out
+        assert arr.shape == (5, 1, 3)
+        other = arr.copy()
+        other[4] *= 3.0
+        return np.concatenate([arr, other], axis=1)
+
+    ws = WindowStats(3, 1, gather=fake_gather)
+    ws.update([1.0], [0.1], 0, offset_norms=[1.0])
+    ws.update([1.0], [0.1], 1, flags=[1], offset_norms=[0.0])  # a placeholder: not averaged
+    out = ws.update([1.0], [0.1], 2, offset_norms=[2.0])
+    assert out.offset_norm == pytest.approx((1.0 + 2.0 + 3.0 + 6.0) / 4)
+    assert math.isnan(WindowStats(1, 1).update([1.0], [0.1], 0).offset_norm)  # none given
+    with pytest.raises(ValueError, match=r"Expected `offset_norms` to be >= 0, got \[-1.0\]\."):
+        ws.update([1.0], [0.1], 3, offset_norms=[-1.0])
+
+    source = WindowStats(3, 1)
+    source.update([1.0], [0.1], 0, offset_norms=[1.0])
+    old = {k: v for k, v in source.state_dict().items() if k != "o"}
+    target = WindowStats(3, 1)
+    target.load_state_dict({**old, "version": 2})
+    target.update([1.0], [0.1], 1, offset_norms=[4.0])
+    assert target.update([1.0], [0.1], 2, offset_norms=[4.0]).offset_norm == 4.0
 
 
 def test_window_with_an_equilibrated_tail_is_summarised_on_it() -> None:
