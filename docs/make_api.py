@@ -6,7 +6,7 @@ import inspect
 import os
 
 import online_llc
-from online_llc import cadence, config, groups, heads, heat, losses, plot, settings, theory, toy, tuning, warmup
+from online_llc import cadence, config, groups, heads, heat, losses, plot, settings, sharding, theory, toy, tuning, warmup
 from online_llc.callbacks import hf as cb_hf
 from online_llc.callbacks import lightning as cb_lightning
 
@@ -20,6 +20,7 @@ SECTIONS = [
     ("online_llc.cadence", cadence, ["auto_cadence", "Cadence", "next_step"]),
     ("online_llc.config", config, ["default_estimand", "default_step_size", "relaxation_steps", "resolve_hyperparameters"]),
     ("online_llc.heat", heat, heat.__all__),
+    ("online_llc.sharding", sharding, sharding.__all__),
     ("online_llc.tuning", tuning, [n for n in tuning.__all__ if n != "mala_acceptance"]),
     ("online_llc.warmup", warmup, warmup.__all__),
     ("online_llc.groups", groups, [n for n in groups.__all__ if n not in ("attention_heads", "groups_by_head")]),
@@ -29,6 +30,16 @@ SECTIONS = [
     ("online_llc.toy", toy, toy.__all__),
     ("online_llc.plot", plot, plot.__all__),
 ]
+
+
+def _stable_repr(obj: object) -> str:
+    """``repr`` with functions by their qualified names (no memory addresses, so the file only
+    changes when the API does)."""
+    if isinstance(obj, dict):
+        return "{" + ", ".join(f"{k!r}: {_stable_repr(v)}" for k, v in obj.items()) + "}"
+    if inspect.isfunction(obj):
+        return f"{obj.__module__}.{obj.__qualname__}"
+    return repr(obj)
 
 
 def render(name: str, obj: object) -> str:
@@ -41,7 +52,7 @@ def render(name: str, obj: object) -> str:
         kind = "class" if inspect.isclass(obj) else "def"
         out.append(f"### `{kind} {name}{sig}`\n")
     else:
-        out.append(f"### `{name}`\n\n`{obj!r}`\n")
+        out.append(f"### `{name}`\n\n`{_stable_repr(obj)}`\n")
     doc = inspect.getdoc(obj) if (inspect.isclass(obj) or inspect.isfunction(obj)) else None
     if doc:
         out.append("```text\n" + doc + "\n```\n")
