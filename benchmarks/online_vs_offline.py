@@ -104,6 +104,7 @@ def moving(seed: int, steps: int = 36000, checkpoints: int = 5) -> list:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", choices=["all", "frozen", "step", "moving"], default="all")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds of the moving part")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.part in ("all", "frozen"):
@@ -117,7 +118,7 @@ def main() -> None:
     if args.part in ("all", "moving"):
         print("3. Moving weights: stagewise DLN trained with SGD, live vs offline at five checkpoints")
         covered, total, ratios = 0, 0, []
-        for seed in range(2):
+        for seed in args.seeds:
             for step, m, sd, lo, hi, om, osd, status in moving(seed):
                 inside = lo <= om <= hi
                 covered += inside

@@ -265,11 +265,13 @@ class OnlineLLC:
 
     def group_band(self, name: str, step: Optional[int] = None) -> Tuple[float, float]:
         """Group ``name``'s predicted mean and std at ``step`` (default: the current step): the
-        band widens across the gap since the group was last observed."""
+        band widens across the gap since the group was last observed (and, like every band,
+        with the level's slope: :func:`~online_llc.config.lag_std`)."""
         t = self._group(name)
         if not t.filter.initialized:
             return math.nan, math.inf
-        return t.filter.predict(self.step if step is None else step)
+        mean, std = t.filter.predict(self.step if step is None else step)
+        return mean, math.hypot(std, t.lag())
 
     def _group(self, name: str) -> Track:
         if name not in self._groups:

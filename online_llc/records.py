@@ -33,7 +33,8 @@ class LLCEstimate:
     Attributes:
         step: training step of the window's last draw.
         mean: filtered LLC (the raw window mean while ``warming_up`` or ``diverged``).
-        std: its standard deviation.
+        std: its standard deviation: the filter's, widened while the level moves by how far a
+            co-moving chain can trail it (:func:`online_llc.config.lag_std`).
         lower: lower end of the band (``confidence`` level, default 90%).
         upper: upper end of the band.
         status: one of :data:`STATUSES`.

@@ -34,7 +34,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 import numpy as np
 
 from .cadence import Cadence
-from .config import DEFAULT_HORIZON, MAX_HEAT, default_step_size
+from .config import DEFAULT_HORIZON, MAX_HEAT, default_step_size, lag_std, relaxation_steps
 from .filter import LLCFilter
 from .heat import calibrated_step, max_step_size, pooled_heat
 from .records import LLCEstimate, SmoothedPoint, Transition
@@ -135,6 +135,8 @@ class Track:
         )
 
     def _init(self) -> None:
+        # Training steps per draw of this track, from its last closed window (for lag()).
+        self.stride = math.nan
         self.warmup_left = [0 if self.auto_warmup else self.warmup] * self.num_chains
         self.detectors = [
             EquilibrationDetector(min_draws=self.min_warmup, max_draws=self.max_warmup, tail=self.warmup_tail)
@@ -239,6 +241,10 @@ class Track:
         summary = self.stats.update([0.0] * n, [0.0] * n, step, flags=[1] * n)
         return None if summary is None else self._close_window(summary, shadow_steps)
 
+    def lag(self) -> float:
+        """How far the chains may trail the moving level now (:func:`~online_llc.config.lag_std`)."""
+        return lag_std(self.filter.slope, relaxation_steps(self.sampler.config), self.stride)
+
     # ---- status policy ------------------------------------------------------------------------------
     def _close_window(self, s: WindowSummary, shadow_steps: int) -> LLCEstimate:
         # The chains' spread for the weight-jump test until the next close (gathered: every rank's).
@@ -257,6 +263,9 @@ class Track:
             mean, std, info = self.filter.update(s.mean, r, s.end_step, r_test=r_test, force_jump=self.level_stale)
             self.level_stale = False
             slope, nis = self.filter.slope, info.nis
+            # A co-moving chain trails a moving centre: the band widens with the level's slope.
+            self.stride = (s.end_step - s.start_step) / max(self.stats.window - 1, 1)
+            std = math.hypot(std, self.lag())
             if info.jump or self.last_jump:
                 status = "transition"
             elif mean + self._z * std < 0:

@@ -52,6 +52,21 @@ def test_frozen_online_agrees_with_offline_and_band_covers_it():
     raw = np.array([e.raw_mean for e in after])
     se_avg = math.sqrt(np.mean([e.raw_se**2 for e in after]) / len(after))
     assert abs(raw.mean() - offline.mean) < 4 * math.hypot(se_avg, offline.std)
+    # At rest the lag term (config.lag_std) leaves the band as the filter states it: within 10%.
+    assert final.std <= 1.10 * monitor.filter.std
+
+
+def test_lag_term_grows_with_the_slope_and_vanishes_without_one():
+    """``lag_std = |slope| * LAG_FRACTION * relaxation * stride``: an LLC rising by 1e-3 per
+    training step, read by a chain relaxing over 150 shadow steps taken every 25 training steps,
+    may trail it by 1e-3 * 0.5 * 3750 = 1.875; no slope, no lag; unknown values add nothing."""
+    from online_llc.config import LAG_FRACTION, lag_std
+
+    assert LAG_FRACTION == 0.5
+    assert lag_std(1e-3, 150.0, 25.0) == pytest.approx(1.875)
+    assert lag_std(-1e-3, 150.0, 25.0) == lag_std(1e-3, 150.0, 25.0)
+    assert lag_std(0.0, 150.0, 25.0) == 0.0
+    assert lag_std(math.nan, 150.0, 25.0) == lag_std(1e-3, math.inf, 25.0) == 0.0
 
 
 @pytest.mark.slow
