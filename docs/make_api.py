@@ -18,7 +18,7 @@ SECTIONS = [
     ("online_llc.callbacks.hf", cb_hf, ["OnlineLLCTrainerCallback", "TASKS"]),
     ("online_llc.settings", settings, settings.__all__),
     ("online_llc.cadence", cadence, ["auto_cadence", "Cadence", "next_step"]),
-    ("online_llc.config", config, ["default_estimand", "default_step_size", "relaxation_steps", "resolve_hyperparameters"]),
+    ("online_llc.config", config, ["default_estimand", "default_step_size", "lag_std", "relaxation_steps", "resolve_hyperparameters"]),
     ("online_llc.heat", heat, heat.__all__),
     ("online_llc.sharding", sharding, sharding.__all__),
     ("online_llc.tuning", tuning, [n for n in tuning.__all__ if n != "mala_acceptance"]),
