@@ -33,9 +33,8 @@ from typing import Callable, List, Tuple
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from online_llc.hostreads import HostReads
 from online_llc.sgld import LossEvaluator, SGLDConfig
 from online_llc.shadow import ShadowSampler
 
@@ -86,47 +85,6 @@ def _cuda_profile(fn: Callable[[], None]) -> Tuple[int, int]:
     fn()
     torch.cuda.synchronize()
     return torch.cuda.memory_allocated() - before, torch.cuda.max_memory_allocated() - before
-
-
-class HostReads(TorchFunctionMode):
-    """Counts the reads of tensor values by the host: each is a device sync on an accelerator.
-
-    ``item()``, ``bool()``, ``float()``, ``int()`` reach the dispatcher as
-    ``aten._local_scalar_dense`` (counted by :class:`_ScalarReads`); ``tolist()``, ``numpy()``
-    and ``cpu()`` copy without that op, so they are counted here, at the Python level (one call,
-    one sync, however many values it copies).
-    """
-
-    COPIES = {"tolist", "numpy", "cpu"}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-        self._scalars = _ScalarReads(self)
-
-    def __enter__(self):
-        self._scalars.__enter__()
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        super().__exit__(*exc)
-        self._scalars.__exit__(*exc)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in self.COPIES:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
-class _ScalarReads(TorchDispatchMode):
-    def __init__(self, owner: HostReads) -> None:
-        super().__init__()
-        self.owner = owner
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.owner.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def measure(sampler: str, chains: int, args) -> Tuple[float, float, float, int]:

@@ -8,9 +8,8 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from online_llc.hostreads import HostReads
 from online_llc.sgld import LossEvaluator, SGLDConfig, init_aux, sampler_step
 from online_llc.shadow import ShadowSampler
 
@@ -35,44 +34,6 @@ def deep_mlp(depth=4, width=6, dropout=0.0):
             layers.append(nn.Dropout(dropout))
     layers.append(nn.Linear(width, 3))
     return nn.Sequential(*layers)
-
-
-class HostReads(TorchFunctionMode):
-    """Counts host reads of tensor values (each one a device sync on an accelerator).
-
-    ``item()``, ``bool()``, ``float()`` and ``int()`` reach the dispatcher as
-    ``aten._local_scalar_dense`` and are counted there (whatever Python call led to them);
-    ``tolist()``, ``numpy()`` and ``cpu()`` copy without that op, so they are counted at the Python
-    level, one per call however many values it copies. A CPU run counts the same calls a CUDA run
-    would sync on."""
-
-    COPIES = {"tolist", "numpy", "cpu"}
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-        outer = self
-
-        class Scalars(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if func is torch.ops.aten._local_scalar_dense.default:
-                    outer.count += 1
-                return func(*args, **(kwargs or {}))
-
-        self._scalars = Scalars()
-
-    def __enter__(self):
-        self._scalars.__enter__()
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        super().__exit__(*exc)
-        self._scalars.__exit__(*exc)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in self.COPIES:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def test_host_read_counter_sees_every_kind_of_read():
