@@ -271,7 +271,8 @@ class OnlineLLC:
         if not t.filter.initialized:
             return math.nan, math.inf
         mean, std = t.filter.predict(self.step if step is None else step)
-        return mean, math.hypot(std, t.lag())
+        last = t.history[-1]  # a fed window exists once the filter is initialized
+        return mean, math.hypot(std, t.lag(last.window_start, last.step))
 
     def _group(self, name: str) -> Track:
         if name not in self._groups:

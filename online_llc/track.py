@@ -135,8 +135,6 @@ class Track:
         )
 
     def _init(self) -> None:
-        # Training steps per draw of this track, from its last closed window (for lag()).
-        self.stride = math.nan
         self.warmup_left = [0 if self.auto_warmup else self.warmup] * self.num_chains
         self.detectors = [
             EquilibrationDetector(min_draws=self.min_warmup, max_draws=self.max_warmup, tail=self.warmup_tail)
@@ -241,9 +239,10 @@ class Track:
         summary = self.stats.update([0.0] * n, [0.0] * n, step, flags=[1] * n)
         return None if summary is None else self._close_window(summary, shadow_steps)
 
-    def lag(self) -> float:
-        """How far the chains may trail the moving level now (:func:`~online_llc.config.lag_std`)."""
-        return lag_std(self.filter.slope, relaxation_steps(self.sampler.config), self.stride)
+    def lag(self, first: int, last: int) -> float:
+        """How far the chains may trail the level (``config.lag_std``); a window's steps ``first``..``last`` give the stride."""
+        stride = (last - first) / max(self.stats.window - 1, 1)
+        return lag_std(self.filter.slope, relaxation_steps(self.sampler.config), stride)
 
     # ---- status policy ------------------------------------------------------------------------------
     def _close_window(self, s: WindowSummary, shadow_steps: int) -> LLCEstimate:
@@ -264,8 +263,7 @@ class Track:
             self.level_stale = False
             slope, nis = self.filter.slope, info.nis
             # A co-moving chain trails a moving centre: the band widens with the level's slope.
-            self.stride = (s.end_step - s.start_step) / max(self.stats.window - 1, 1)
-            std = math.hypot(std, self.lag())
+            std = math.hypot(std, self.lag(s.start_step, s.end_step))
             if info.jump or self.last_jump:
                 status = "transition"
             elif mean + self._z * std < 0:
