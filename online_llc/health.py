@@ -3,7 +3,8 @@
 Flow: training loop -> ShadowSampler -> WindowStats -> LLCFilter -> OnlineLLC records ->
 callbacks. Beside the flow: :func:`chain_health` reads one :class:`~online_llc.track.Track`
 (its history, chains and warm-ups) and says whether something needs the user: a chain that runs
-hot (its minibatch heat, :mod:`online_llc.heat`) or keeps diverging.
+hot (its minibatch heat, :mod:`online_llc.heat`), keeps diverging, or relaxes too slowly to
+follow the training weights.
 """
 
 from __future__ import annotations
