@@ -15,7 +15,7 @@ from dataclasses import replace
 
 from .config import relaxation_steps
 from .errors import check_positive_float
-from .heat import pooled_heat
+from .heat import reported_heat
 from .records import ChainHealth
 from .track import Track
 
@@ -57,13 +57,17 @@ def chain_health(track: Track, max_heat: float) -> ChainHealth:
     # history grows without bound.
     fed = (e for e in reversed(track.history) if e.status == "tracking" and e.lower > 0)
     recent = [e for e in itertools.islice(fed, HEALTH_WINDOWS) if math.isfinite(e.heat_bias)]
-    heat = pooled_heat([e.raw_mean for e in recent], [e.heat_bias for e in recent])
+    # inf when the heat bias takes the whole of a clearly positive estimate: hotter than measurable,
+    # which must alarm too (a NaN would have stayed silent at gross heat).
+    heat = reported_heat(sum(e.raw_mean for e in recent), sum(e.heat_bias for e in recent)) if recent else math.nan
     config = track.sampler.config
     alarms = []
-    if math.isfinite(heat) and heat > max_heat:
+    if heat > max_heat:  # NaN is False, inf True
         alarms.append(
-            f"chain runs hot: the minibatch heat is {heat:.3f} > {max_heat:g} (the estimate is about "
-            f"{100 * (heat - 1):.0f}% too high) at step_size {config.step_size:.3g}; "
+            f"chain runs hot: the minibatch heat is {heat:.3f} > {max_heat:g} ("
+            + (f"the estimate is about {100 * (heat - 1):.0f}% too high" if math.isfinite(heat)
+               else "the gradient noise accounts for the whole estimate")
+            + f") at step_size {config.step_size:.3g}; "
             "lower step_size (or leave it to the default calibration) or use larger batches"
         )
     windows, divergences = len(track.history), track.sampler.divergences

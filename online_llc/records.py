@@ -123,7 +123,8 @@ class ChainHealth:
         weight_jumps: jumps of the training weights detected so far (each restarts the warm-up).
         warmup_lengths: shadow steps each completed data-driven warm-up took.
         heat: the minibatch temperature over the last ``HEALTH_WINDOWS`` tracking windows whose
-            band lies above zero, ``sum(raw_mean) / sum(raw_mean - heat_bias)`` (NaN if none).
+            band lies above zero, ``sum(raw_mean) / sum(raw_mean - heat_bias)`` (NaN if none; inf when
+            the heat bias takes the whole estimate).
         relaxation_steps: shadow steps over which the slowest, localization-bound direction
             relaxes at the current step size, ``2 / (step_size * localization)``.
         alarms: what is wrong and what to do, one line per problem (``"<kind>: <details>"``);
@@ -187,6 +188,13 @@ class LLCResult:
         discretization_bias: how much the step's finite size raised ``mean``, measured to first
             order from consecutive updates (:func:`online_llc.heat.discretization_bias`; exact on
             a quadratic loss, high on stiff deep networks at small steps); NaN for SGHMC.
+        total_heat: the temperature of the minibatch noise and the discretization together,
+            ``mean / (mean - heat_bias - discretization_bias)``: exact on a quadratic loss to every
+            order, because the measured discretization bias contains the product of the two heats
+            (:mod:`online_llc.heat`). ``inf`` when the biases take the whole estimate (hotter than
+            measurable); NaN when the estimate is not clearly positive.
+        heat_interval: ``(low, high)``, two batch-means standard errors of the mean and of the
+            biases either side; at gross heat the upper end is ``inf``.
         ess: total effective sample size of the draws.
         init_loss: mean loss at ``w*`` over the batches the chains visited.
         nbeta, localization, step_size: the estimand and the step actually used (``step_size``
@@ -228,6 +236,8 @@ class LLCResult:
     burn_in: int
     seed: int
     discretization_bias: float = math.nan
+    total_heat: float = math.nan
+    heat_interval: Tuple[float, float] = (math.nan, math.nan)
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -241,6 +251,6 @@ class LLCResult:
     def __repr__(self) -> str:
         return (
             f"LLCResult(mean={self.mean:.4g}, std={self.std:.3g}, heat="
-            f"{self.heat:.3g}, chains={self.num_chains}, draws={self.num_draws}, "
+            f"{self.total_heat:.3g}, chains={self.num_chains}, draws={self.num_draws}, "
             f"nbeta={self.nbeta:.4g}, localization={self.localization:g}, step_size={self.step_size:.3g})"
         )

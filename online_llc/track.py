@@ -36,7 +36,7 @@ import numpy as np
 from .cadence import Cadence
 from .config import DEFAULT_HORIZON, MAX_HEAT, default_step_size, lag_std, relaxation_steps
 from .filter import LLCFilter
-from .heat import calibrated_step, max_step_size, pooled_heat
+from .heat import calibrated_step, max_step_size, pooled_heat, reported_heat
 from .records import LLCEstimate, SmoothedPoint, Transition
 from .settings import MonitorSettings
 from .shadow import ShadowSampler
@@ -311,8 +311,10 @@ class Track:
         recent = [e for e in self.history[self.step_changed_at : upto] if e.status == "tracking"][-_HEAT_WINDOWS:]
         if len(recent) < _MIN_HEAT_WINDOWS:
             return
-        heat = pooled_heat([e.raw_mean for e in recent], [e.heat_bias for e in recent])
-        if not (math.isfinite(heat) and heat - 1 > 2 * MAX_HEAT):
+        means, biases = [e.raw_mean for e in recent], [e.heat_bias for e in recent]
+        # Clearly positive windows whose heat bias takes the whole estimate read inf: cool (8x).
+        heat = reported_heat(sum(means), sum(biases)) if all(e.lower > 0 for e in recent) else pooled_heat(means, biases)
+        if not heat - 1 > 2 * MAX_HEAT:
             return
         cfg = self.sampler.config
         new = calibrated_step(cfg.step_size, heat, self.max_step)

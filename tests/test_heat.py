@@ -76,6 +76,103 @@ def test_heat_bias_matches_the_closed_form_and_the_measured_excess() -> None:
     assert res.heat * disc == pytest.approx(ratio, rel=0.10)
 
 
+def _heat_in_closed_form(p, n: int, batch: int, nbeta: float, gamma: float, step: float) -> float:
+    """The exact temperature of SGLD with independent minibatches on linear regression at its
+    optimum, by brute force from the data: along each eigendirection ``j`` of the Hessian ``H``
+    (stiffness ``a_j = nbeta h_j + gamma``, share ``s_j = nbeta h_j / a_j``) the chain is an AR(1)
+    whose stationary variance makes the draw ``s_j (1 + x_j) / (2 (1 - epsilon a_j / 4))`` with
+    ``x_j = epsilon nbeta^2 C_jj / (4 B)`` (``C`` the per-sample gradient covariance, in ``H``'s
+    eigenbasis); the heat is the sum of those over the sum of ``s_j / 2``."""
+    x, y = (t.double() for t in p.dataset.tensors)
+    w = p.model[0].weight.detach().double()
+    resid = y - x @ w.T
+    outputs = y.shape[1]
+    grads = -(resid[:, :, None] * x[:, None, :]).reshape(n, -1)  # per-sample d loss / d W, row-major W
+    cov = torch.cov(grads.T, correction=0)
+    hess = torch.kron(torch.eye(outputs, dtype=torch.float64), x.T @ x / n)
+    h, vecs = torch.linalg.eigh(hess)
+    c = torch.diagonal(vecs.T @ cov @ vecs)
+    a = nbeta * h + gamma
+    share, heat_x, disc = nbeta * h / a, step * nbeta**2 * c / (4 * batch), step * a / 4
+    return float((share * (1 + heat_x) / (1 - disc)).sum() / share.sum())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n, batch, widths", [(20000, 64, (4, 3)), (20000, 256, (8, 4))])
+def test_total_heat_matches_the_discrete_chain_in_closed_form(n: int, batch: int, widths) -> None:
+    """At the old fixed step (0.15 / nbeta, nbeta = n / log n, localization 100) the chain runs
+    hot: about 2.3x at d = 12, batch 64 and 1.35x at d = 32, batch 256. With independent batches
+    the temperature is known exactly (:func:`_heat_in_closed_form`); the reported total heat (the
+    minibatch and the discretization bias together) must match it within 10%, the issue's bar
+    (measured: 2.45 against 2.27 at d = 12, where the ratio of two noisy figures at heat 2.3 has a
+    standard error of about 4%, and 1.37 against 1.35 at d = 32; the measurement also counts every
+    direction at its full share, which localization 100 leaves at about 0.95), its two-standard-
+    error interval must contain it up to 5% (measured: [2.30, 2.63] at d = 12), and the
+    estimate itself must sit at the closed form's heat times the exact target, within three of its
+    reported standard errors plus 3% (what the closed form leaves out: the offset's own share of
+    the gradient noise)."""
+    from online_llc.toy import RandomBatches
+
+    p, h, outputs, _ = _regression_at_optimum(n, batch, widths=widths)
+    nbeta = n / math.log(n)
+    step = 0.15 / nbeta
+    expected = _heat_in_closed_form(p, n, batch, nbeta, 100.0, step)
+    batches = RandomBatches(*p.dataset.tensors, batch_size=batch, seed=2)
+    res = estimate_llc(p.model, p.loss_fn, batches, num_samples=n, nbeta=nbeta, localization=100.0, step_size=step,
+                       num_chains=2, num_draws=3000, burn_in=200, seed=1)
+    low, high = res.heat_interval
+    assert expected > 1.3  # the heat is real
+    assert res.total_heat == pytest.approx(expected, rel=0.10)
+    assert low / 1.05 <= expected <= high * 1.05, (low, expected, high)
+    target = _exact_target(h, outputs, nbeta, 100.0)
+    assert abs(res.mean - expected * target) < 3 * res.std + 0.03 * expected * target, (res.mean, expected * target)
+
+
+@pytest.mark.slow
+def test_shuffled_epochs_read_higher_than_the_heat_at_a_hot_step() -> None:
+    """Within a shuffled epoch the draw's batch holds no sample the chain has recently fitted, so
+    at the old hot step (d = 32, n = 20000, batch 256) the estimate on shuffled epochs reads above
+    the one on independent batches by more than three combined standard errors (measured: 1.444
+    against 1.345 of the target, standard errors 0.014), while the heat, which sees only the
+    gradient noise and the step, is the same on both within 3%. The documented reason
+    :class:`online_llc.toy.RandomBatches` exists."""
+    from online_llc.toy import RandomBatches
+
+    n, batch = 20000, 256
+    p, _, _, _ = _regression_at_optimum(n, batch, widths=(8, 4))
+    nbeta = n / math.log(n)
+    kw = dict(num_samples=n, nbeta=nbeta, localization=100.0, step_size=0.15 / nbeta, num_chains=2, num_draws=3000,
+              burn_in=200, seed=1)
+    shuffled = estimate_llc(p.model, p.loss_fn, p.batches, **kw)
+    independent = estimate_llc(p.model, p.loss_fn, RandomBatches(*p.dataset.tensors, batch_size=batch, seed=2), **kw)
+    assert shuffled.mean - independent.mean > 3 * math.hypot(shuffled.std, independent.std)
+    assert shuffled.total_heat == pytest.approx(independent.total_heat, rel=0.03)
+
+
+def test_heat_interval_reads_inf_when_the_biases_take_the_whole_estimate() -> None:
+    """A report, unlike a calibration input, says ``inf`` when the measured biases exceed a clearly
+    positive mean (hotter than measurable), NaN when the mean is not clearly positive, and an
+    interval that contains the point and narrows as the draws grow."""
+    import numpy as np
+
+    from online_llc.heat import heat_interval, reported_heat
+
+    assert reported_heat(10.0, 12.0) == math.inf and math.isnan(reported_heat(-1.0, 0.5))
+    assert reported_heat(10.0, 5.0) == 2.0
+    g = np.random.default_rng(0)
+    widths = []
+    for steps in (400, 40000):
+        d = 10 + g.standard_normal((2, steps))
+        b = 5 + g.standard_normal((2, steps))
+        heat, low, high = heat_interval(d, b)
+        assert low < heat < high and heat == pytest.approx(2.0, rel=0.02)
+        widths.append(high - low)
+    assert widths[1] < widths[0] / 5
+    hot = heat_interval(10 + g.standard_normal((2, 400)), 10.5 + g.standard_normal((2, 400)))
+    assert hot[0] == math.inf and hot[2] == math.inf and hot[1] > 5
+    assert all(math.isnan(v) for v in heat_interval(g.standard_normal((2, 400)), np.zeros((2, 400))))
+
+
 @pytest.mark.slow
 def test_default_step_is_calibrated_to_the_batch() -> None:
     """n = 200000 with batches of 64 ran 3.4x too hot at the old defaults. The calibrated default
@@ -163,7 +260,11 @@ def test_discretization_bias_matches_the_discrete_chain_in_closed_form(multiple:
     a = nbeta * h.double() + gamma
     excess = float(outputs * torch.sum(eps * nbeta * h / (8 * (1 - eps * a / 4))))
     expected = _exact_target(h, outputs, nbeta, gamma) + excess
-    res = estimate_llc(p.model, p.loss_fn, p.batches, num_samples=n, step_size=eps, seed=3)
+    if multiple == 1:
+        res = estimate_llc(p.model, p.loss_fn, p.batches, num_samples=n, step_size=eps, seed=3)
+    else:  # a given step that runs 9% hot is used as given, and said to be hot
+        with pytest.warns(RuntimeWarning, match="ran hot .* Leave step_size to the default calibration"):
+            res = estimate_llc(p.model, p.loss_fn, p.batches, num_samples=n, step_size=eps, seed=3)
     assert res.nbeta == nbeta and res.localization == pytest.approx(gamma)
     assert res.discretization_bias == pytest.approx(excess, rel=0.05)
     assert abs(res.mean - expected) < 3.5 * res.std, (res.mean, expected, res.std)
