@@ -8,7 +8,10 @@ import warnings
 from online_llc.errors import MonitorError
 from online_llc.estimator import OnlineLLC
 
-__all__ = ["monitor_failed"]
+__all__ = ["monitor_failed", "placeholders_after_failure", "placeholders_stopped"]
+
+# Appended to an adapter's failure description once its placeholder draws raised too.
+_STOPPED = "placeholders stopped"
 
 
 def monitor_failed(
@@ -36,3 +39,27 @@ def monitor_failed(
         stacklevel=3,
     )
     return failure
+
+
+def placeholders_after_failure(adapter: str, monitor: OnlineLLC, step: int, failure: str) -> str:
+    """After a failure under DDP, keep this rank in each window's collective with flagged
+    placeholders (``monitor.skip_step``); call it at every training step. If that raises too (a
+    broken process group, another rank gone), it must not reach training either: one warning,
+    and the returned description (``failure`` with a ``"; placeholders stopped"`` note) tells the
+    adapter to stop calling it (:func:`placeholders_stopped`)."""
+    try:
+        monitor.skip_step(step)
+    except Exception as exc:  # noqa: BLE001 - the monitor must not kill training
+        warnings.warn(
+            f"{adapter}: the placeholder draws after its failure raised at step {step} "
+            f"({type(exc).__name__}: {exc}); it stops joining the other ranks' collectives.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return f"{failure}; {_STOPPED} at step {step}: {type(exc).__name__}: {exc}"
+    return failure
+
+
+def placeholders_stopped(failure: str) -> bool:
+    """Whether :func:`placeholders_after_failure` gave up on this failure."""
+    return _STOPPED in failure

@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, Mapping, Optional
 import numpy as np
 import torch
 
-from online_llc.callbacks._failure import monitor_failed
+from online_llc.callbacks._failure import monitor_failed, placeholders_after_failure, placeholders_stopped
 from online_llc.callbacks._metrics import LOGGED_KEYS, estimate_metrics, group_metrics
 from online_llc.errors import MonitorError
 from online_llc.estimator import OnlineLLC
@@ -310,10 +310,10 @@ class OnlineLLCTrainerCallback(TrainerCallback):
         self._last_step = step
         batch, self._batch = self._batch, None
         if self.failure is not None:
-            if self._world_size > 1:
+            if self._world_size > 1 and not placeholders_stopped(self.failure):
                 # A failed rank keeps joining each window's collective with flagged placeholders:
                 # skipping it would leave the other ranks waiting forever.
-                self.monitor.skip_step(step)
+                self.failure = placeholders_after_failure("OnlineLLCTrainerCallback", self.monitor, step, self.failure)
             return
         shadow_before = self.monitor.shadow_steps
         context = self.trainer.compute_loss_context_manager() if self.trainer is not None else nullcontext()

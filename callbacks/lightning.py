@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from online_llc.cadence import Cadence
-from online_llc.callbacks._failure import monitor_failed
+from online_llc.callbacks._failure import monitor_failed, placeholders_after_failure, placeholders_stopped
 from online_llc.callbacks._metrics import ESTIMATE_KEYS, LOGGED_KEYS, estimate_metrics, group_metrics
 from online_llc.estimator import OnlineLLC
 from online_llc.records import LLCEstimate
@@ -301,10 +301,10 @@ class OnlineLLCCallback(Callback):
             return  # a micro-batch of gradient accumulation: no optimizer step happened
         self._last_global_step = step
         if self.failure is not None:
-            if self._world_size > 1:
+            if self._world_size > 1 and not placeholders_stopped(self.failure):
                 # A failed rank keeps joining each window's collective with flagged placeholders:
                 # skipping it would leave the other ranks waiting forever.
-                self.monitor.skip_step(step)
+                self.failure = placeholders_after_failure("OnlineLLCCallback", self.monitor, step, self.failure)
             return
         shadow_before = self.monitor.shadow_steps
         try:

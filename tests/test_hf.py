@@ -505,3 +505,23 @@ def test_ddp_two_ranks_share_one_filter(tmp_path):
     # the checkpoint is kept, and they still agree.
     assert r0["fallback"] == r1["fallback"] and len(r0["fallback"]) == 2
     assert r0["fallback"][0] == r0["history"][0]
+
+
+def test_placeholders_that_raise_after_a_failure_never_reach_the_trainer():
+    """The Trainer callback's twin of the Lightning test: after a failure under DDP, placeholder
+    draws that raise give one warning and stop, and nothing reaches the Trainer."""
+    import types
+
+    class _Monitor:
+        calls = 0
+
+        def skip_step(self, step: int) -> None:
+            type(self).calls += 1
+            raise RuntimeError("gather failed: peer gone")
+
+    cb = OnlineLLCTrainerCallback(**FAST)
+    cb.monitor, cb.failure, cb._world_size = _Monitor(), "step 1: RuntimeError: boom", 2
+    with pytest.warns(RuntimeWarning, match="peer gone"):
+        cb.on_step_end(None, types.SimpleNamespace(global_step=2), None)
+    cb.on_step_end(None, types.SimpleNamespace(global_step=3), None)
+    assert _Monitor.calls == 1 and "placeholders stopped at step 2" in cb.failure

@@ -968,3 +968,30 @@ def test_a_220_step_run_with_defaults_tracks_and_early_stopping_on_llc_mean_work
     assert len(rows) == len(history)
     for m, e in zip(rows, history):
         assert ("llc/mean" in m) == e.filtered and m["llc/raw_mean"] == e.raw_mean
+
+
+def test_placeholders_that_raise_after_a_failure_never_reach_training():
+    """Under DDP a failed rank keeps adding placeholder draws at every step; when those raise too
+    (a broken process group), the callback must not raise into training: one warning, the
+    failure's description says so, and it stops calling ``skip_step``."""
+
+    class _Monitor:
+        calls = 0
+
+        def skip_step(self, step: int) -> None:
+            type(self).calls += 1
+            if step >= 3:
+                raise RuntimeError("gather failed: peer gone")
+
+    cb = OnlineLLCCallback(per_sample_loss, every_n_steps=1, window=5)
+    cb.monitor, cb.failure, cb._world_size = _Monitor(), "step 1: RuntimeError: boom", 2
+    for step in (2, 3):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            cb.on_train_batch_end(types.SimpleNamespace(global_step=step), None, None, None, step)
+        assert len(seen) == (step == 3)
+    assert _Monitor.calls == 2 and "placeholders stopped at step 3" in cb.failure
+    assert "peer gone" in str(seen[0].message)
+    for step in (4, 5):  # no further calls, no further warnings
+        cb.on_train_batch_end(types.SimpleNamespace(global_step=step), None, None, None, step)
+    assert _Monitor.calls == 2
