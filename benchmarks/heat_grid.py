@@ -8,6 +8,9 @@ at the old fixed defaults (``nbeta = n / log n``, ``gamma = 100``, ``step = 0.15
 the current defaults, with the measured heat (``LLCResult.total_heat``, its interval for the old
 defaults) beside each: on this model the heat should equal the ratio.
 
+``--old-only`` runs only the old defaults, on shuffled epochs and on independent batches, to check
+the heat diagnostic (10 minutes for the whole grid).
+
 Run: ``python benchmarks/heat_grid.py`` (the full grid takes hours on 2 cores: small batches need
 many small steps); ``--dims 12 --sizes 2000,20000,200000 --batches 64,256`` for a subset.
 """

@@ -24,6 +24,13 @@ reaches it, so it is tuned to the user's batch size while the estimand is not.
   networks 5-3-4-6-2 and 8-8-8-8): scale 0.3 gave 1.02 / 1.25 / 0.95, 0.4 gave 1.00 / 1.10 /
   0.90, 0.5 gave 1.00 / 1.01 / 0.86, 1.0 gave 0.91 / 0.86 / 0.74. Too weak a pull lets the
   near-flat directions wander off (up to 2.6x too high at scale 0.1); too strong a pull reads low.
+  Measured again with the heat-calibrated step and a full burn-in (batch 256, n = 1e5, 2 chains,
+  standard errors 2-4%), scales 0.2 / 0.3 / 0.4 gave 10-3-5 1.04 / 1.05 / 1.02, 6-6-6 0.91 / 0.95 /
+  0.97, 5-3-4-6-2 0.92 / 0.90 / 0.91, 8-8-8-8 0.94 / 0.91 / 0.90: within about two standard errors
+  of each other, so the pull is not what keeps the deeper networks 10-15% low. Nor is the burn-in
+  (4x longer: 5-3-4-6-2 0.873 -> 0.863, 4 chains), nor is it cured by a larger nbeta (1024, scale
+  0.4: 0.89 and 0.82; 64: 0.92 and 0.90). Within a run the draws of 5-3-4-6-2 drift down (first
+  half 0.94, second 0.80): the chain keeps wandering along the network's flat directions.
 * ``step_size``: ``min(0.08 / nbeta, 0.08 B / nbeta^2)`` to start with (discretization heat
   ``1 / (1 - epsilon nbeta h / 4)``, about 2% at unit curvature; minibatch heat about 2% at
   unit gradient noise), then calibrated on the measured heat: every shadow or offline step
