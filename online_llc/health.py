@@ -15,7 +15,7 @@ from dataclasses import replace
 
 from .config import relaxation_steps
 from .errors import check_positive_float
-from .heat import reported_heat
+from .heat import pooled_heat
 from .records import ChainHealth
 from .track import Track
 
@@ -59,7 +59,7 @@ def chain_health(track: Track, max_heat: float) -> ChainHealth:
     recent = [e for e in itertools.islice(fed, HEALTH_WINDOWS) if math.isfinite(e.heat_bias)]
     # inf when the heat bias takes the whole of a clearly positive estimate: hotter than measurable,
     # which must alarm too (a NaN would have stayed silent at gross heat).
-    heat = reported_heat(sum(e.raw_mean for e in recent), sum(e.heat_bias for e in recent)) if recent else math.nan
+    heat = pooled_heat([e.raw_mean for e in recent], [e.heat_bias for e in recent], report=True)
     config = track.sampler.config
     alarms = []
     if heat > max_heat:  # NaN is False, inf True

@@ -77,16 +77,18 @@ def heat_from(mean: float, heat_bias: float) -> float:
     return mean / corrected
 
 
-def pooled_heat(means: Iterable[float], heat_biases: Iterable[float]) -> float:
+def pooled_heat(means: Iterable[float], heat_biases: Iterable[float], report: bool = False) -> float:
     """The heat of several windows together, ``sum(mean) / sum(mean - heat_bias)``.
 
     Pooling the sums (rather than averaging the windows' heats) keeps one noisy window with a
-    small mean from dominating. NaN for no windows or a non-positive corrected sum.
+    small mean from dominating. NaN for no windows or a non-positive corrected sum; with
+    ``report`` (windows whose estimate is clearly positive), :func:`reported_heat`'s ``inf`` where
+    the heat bias takes the whole estimate.
     """
     means, heat_biases = list(means), list(heat_biases)
     if not means:
         return math.nan
-    return heat_from(sum(means), sum(heat_biases))
+    return (reported_heat if report else heat_from)(sum(means), sum(heat_biases))
 
 
 def combined_heat(mean: float, heat_bias: float, discretization_bias: float) -> float:

@@ -31,10 +31,10 @@ from .evaluator import MODES, LossEvaluator, LossFn, cuda_devices, derived_seed,
 from .heat import (
     bias_interval,
     calibrated_step,
+    combined_heat,
     discretization_bias,
     heat_from,
     heat_interval,
-    combined_heat,
     max_step_size,
     per_step_bias,
 )
@@ -242,6 +242,8 @@ def estimate_llc(
 
         states: List[Tuple[Any, Any]] = []
         gens: List[torch.Generator] = []
+        burn_in_cap = scaled_cap(MAX_AUTO_BURN_IN, batch_size, CAP_BATCH)
+        draws_cap = scaled_cap(MAX_AUTO_DRAWS, batch_size, CAP_BATCH)
         for c in range(num_chains):
             gen = torch.Generator(device=device).manual_seed(seed * 1000003 + c)
             offset = evaluator.zeros_like_center()
@@ -259,7 +261,7 @@ def estimate_llc(
                         break
                     config = replace(config, step_size=new)
             if c == 0:
-                burn_in = resolve_burn_in(given_burn_in, config, scaled_cap(MAX_AUTO_BURN_IN, batch_size, CAP_BATCH))
+                burn_in = resolve_burn_in(given_burn_in, config, burn_in_cap)
             state, head = run(c, burn_in, state, gen)
             if c == 0 and step_size is None:
                 # The gradient noise grows as the chain spreads (singular directions widen slowly),
@@ -274,10 +276,10 @@ def estimate_llc(
                         break
                     calibration.append((config.step_size, heat))
                     config = replace(config, step_size=new)
-                    burn_in = resolve_burn_in(given_burn_in, config, scaled_cap(MAX_AUTO_BURN_IN, batch_size, CAP_BATCH))
+                    burn_in = resolve_burn_in(given_burn_in, config, burn_in_cap)
                     state, head = run(c, burn_in, state, gen)
             if c == 0:
-                num_draws = resolve_num_draws(given_num_draws, config, scaled_cap(MAX_AUTO_DRAWS, batch_size, CAP_BATCH))
+                num_draws = resolve_num_draws(given_num_draws, config, draws_cap)
             state, keep = run(c, num_draws, state, gen)
             chain_rows.append(np.concatenate([head, keep], axis=1))
             states.append(state)
@@ -287,9 +289,8 @@ def estimate_llc(
             # The first draw count suits curved directions; where the LLC lives in flat ones the
             # chains mix over the localization's relaxation time, so draws are doubled (every
             # chain continues where it stopped) until the multi-chain standard error is small.
-            most = scaled_cap(MAX_AUTO_DRAWS, batch_size, CAP_BATCH)
-            while num_draws < most and _imprecise(chain_rows, burn_in, precision):
-                extra = min(num_draws, most - num_draws)
+            while num_draws < draws_cap and _imprecise(chain_rows, burn_in, precision):
+                extra = min(num_draws, draws_cap - num_draws)
                 for c in range(num_chains):
                     states[c], more = run(c, extra, states[c], gens[c])
                     chain_rows[c] = np.concatenate([chain_rows[c], more], axis=1)

@@ -36,7 +36,7 @@ import numpy as np
 from .cadence import Cadence
 from .config import DEFAULT_HORIZON, MAX_HEAT, default_step_size, lag_std, relaxation_steps
 from .filter import LLCFilter
-from .heat import calibrated_step, max_step_size, pooled_heat, reported_heat
+from .heat import calibrated_step, max_step_size, pooled_heat
 from .records import LLCEstimate, SmoothedPoint, Transition
 from .settings import MonitorSettings
 from .shadow import ShadowSampler
@@ -306,14 +306,14 @@ class Track:
         changed is gross (above twice MAX_HEAT: training reached a regime of larger gradient
         noise). One window's heat is too noisy to act on, and milder heat is reported, not
         chased: each change of the step moves the level a little and slows the chain's
-        relaxation, which a co-moving chain cannot afford. Every rank sees the same gathered
-        windows, so every rank takes the same step."""
+        relaxation, which a co-moving chain cannot afford. Clearly positive windows whose heat bias
+        takes the whole estimate read inf, and cool 8x. Every rank sees the same gathered windows,
+        so every rank takes the same step."""
         recent = [e for e in self.history[self.step_changed_at : upto] if e.status == "tracking"][-_HEAT_WINDOWS:]
         if len(recent) < _MIN_HEAT_WINDOWS:
             return
-        means, biases = [e.raw_mean for e in recent], [e.heat_bias for e in recent]
-        # Clearly positive windows whose heat bias takes the whole estimate read inf: cool (8x).
-        heat = reported_heat(sum(means), sum(biases)) if all(e.lower > 0 for e in recent) else pooled_heat(means, biases)
+        report = all(e.lower > 0 for e in recent)
+        heat = pooled_heat([e.raw_mean for e in recent], [e.heat_bias for e in recent], report=report)
         if not heat - 1 > 2 * MAX_HEAT:
             return
         cfg = self.sampler.config
