@@ -67,7 +67,11 @@ def sketch(tensors: Sequence[Tensor], generator: torch.Generator) -> Tensor:
     ``generator`` is a scratch generator on the tensors' device (reseeded here for every tensor,
     so its state does not matter)."""
     with torch.no_grad():
-        norms = torch.stack(torch._foreach_norm([t.detach() for t in tensors], 2, dtype=torch.float32))
+        # Each norm in float32 at least (a bfloat16 norm rounds at 1e-3), float64 for float64
+        # tensors (a fixed float32 would be a narrowing, which torch refuses).
+        norms = torch.stack(
+            [torch.linalg.vector_norm(t.detach(), dtype=torch.promote_types(t.dtype, torch.float32)).double() for t in tensors]
+        )
         folds = [_fold(t, i, generator) for i, t in enumerate(tensors)]
         return torch.cat([norms] + folds).double()
 

@@ -234,3 +234,24 @@ def test_old_low_precision_offsets_load_as_float32():
         b.load_state_dict(state)
     assert all(t.dtype == torch.float32 for off in b.offsets for t in off.values())
     assert b.step(make_batch(1)).center_shift != b.step(make_batch(2)).center_shift  # NaN, then a number
+
+
+def test_a_float64_model_gets_a_float64_chain_and_a_weight_sketch():
+    """A float64 model (``model.double()``) runs: its chain is float64 and the weight sketch takes
+    its norms in float64 (a fixed float32 norm dtype made every shadow step raise). The sketch's
+    shift is the moved distance: a move of norm 0.3 of one tensor reads within its spread (about
+    18% relative, three times that allowed) and above the norms' lower bound."""
+    model = deep_mlp(depth=2).double()
+    evaluator = LossEvaluator(model, mse_per_sample)
+    sampler = ShadowSampler(evaluator, SGLDConfig(nbeta=50.0, localization=10.0, step_size=1e-3), num_chains=2, seed=0)
+    x, y = make_batch()
+    batch = (x.double(), y.double())
+    first = sampler.step(batch)
+    assert all(t.dtype == torch.float64 for off in sampler.offsets for t in off.values())
+    assert all(i.finite for i in first.infos) and first.center_shift != first.center_shift  # NaN: no previous sketch
+    with torch.no_grad():
+        w = model[0].weight
+        move = torch.randn(w.shape, generator=torch.Generator().manual_seed(1), dtype=w.dtype)
+        w.add_(move * (0.3 / move.norm()))
+    second = sampler.step(batch)
+    assert second.center_shift == pytest.approx(0.3, rel=0.55)
