@@ -30,6 +30,7 @@ from torch import nn
 from .distributed import rank_seed, rejoin
 from .evaluator import check_first_batch
 from .filter import LLCFilter
+from .fsdp import is_fsdp2, make_evaluator
 from .groups import resolve_group_masks
 from .health import HEALTH_WINDOWS, chain_health  # noqa: F401 - HEALTH_WINDOWS also importable from here
 from .records import STATUSES, ChainHealth, LLCEstimate, SmoothedPoint, Transition
@@ -134,7 +135,12 @@ class OnlineLLC:
         self.confidence = float(settings.confidence)
         self._z = float(_normal.ppf(0.5 + self.confidence / 2))
         self.group_budget = settings.group_budget
-        self.evaluator = LossEvaluator(model, loss_fn, mode=settings.mode)
+        if is_fsdp2(model) and gather is not None:
+            raise ValueError(
+                "Expected `gather` to be None for a model sharded by FSDP2: its chains span all ranks (each "
+                "rank holds its shards of every chain), so every rank already holds every draw."
+            )
+        self.evaluator = make_evaluator(model, loss_fn, mode=settings.mode)
 
         def track(evaluator: LossEvaluator, track_seed: int, masks: Optional[Dict[str, Any]] = None) -> Track:
             return Track.build(evaluator, self.config, settings, cadence, seed=track_seed, masks=masks, gather=gather, z=self._z)
@@ -145,7 +151,7 @@ class OnlineLLC:
         resolved = resolve_group_masks(model, groups) if groups is not None else {}
         self._groups: Dict[str, Track] = {
             name: track(
-                LossEvaluator(model, loss_fn, param_names=list(masks), mode=settings.mode), self.seed + 7919 * (i + 1), masks
+                make_evaluator(model, loss_fn, param_names=list(masks), mode=settings.mode), self.seed + 7919 * (i + 1), masks
             )
             for i, (name, masks) in enumerate(resolved.items())
         }
@@ -339,6 +345,10 @@ class OnlineLLC:
         correlated with rank 0's at first, are flagged until it re-equilibrates (see
         :func:`online_llc.distributed.rejoin`).
         """
+        if self.evaluator.sharded:
+            # FSDP2: a chain spans all ranks and each rank restored its own shards of it (a
+            # checkpoint per rank); there is nothing to make its own again.
+            return
         rejoin([self._model, *self._groups.values()], rank)
 
     def _settings(self) -> Dict[str, Any]:

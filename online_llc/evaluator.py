@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.nn.modules.dropout import _DropoutNd
 
 from .sharding import check_unsharded
-from .updates import state_dtype
+from .updates import _norm, state_dtype
 
 __all__ = [
     "LossFn",
@@ -115,6 +115,10 @@ class LossEvaluator:
             substituted weights (:mod:`online_llc.sharding`).
     """
 
+    #: Whether the parameters are sharded over ranks (:class:`online_llc.fsdp.ShardedLossEvaluator`).
+    sharded = False
+    _refuse_sharded = True
+
     def __init__(
         self, model: nn.Module, loss_fn: LossFn, param_names: List[str] | None = None, mode: str = "eval"
     ) -> None:
@@ -122,7 +126,8 @@ class LossEvaluator:
             raise ValueError(f"Expected `mode` to be one of {', '.join(map(repr, MODES))}, got {mode!r}.")
         if not isinstance(model, nn.Module):
             raise TypeError(f"Expected `model` to be a torch.nn.Module, got {type(model).__name__}.")
-        check_unsharded(model)
+        if self._refuse_sharded:
+            check_unsharded(model)
         if not callable(loss_fn):
             raise TypeError(f"Expected `loss_fn` to be callable as loss_fn(model, batch), got {loss_fn!r}.")
         trainable = [name for name, p in model.named_parameters() if p.requires_grad]
@@ -158,6 +163,50 @@ class LossEvaluator:
         """A zero offset for every sampled parameter, in float32, or float64 for a float64 parameter
         (never in bfloat16 or float16: see :mod:`online_llc.updates`)."""
         return {n: torch.zeros_like(t, dtype=state_dtype(t.dtype)) for n, t in self.center().items()}
+
+    def num_sampled(self) -> int:
+        """The number of entries the chain moves (its dimension)."""
+        return sum(t.numel() for t in self.center().values())
+
+    def localize(self, masks: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+        """Per-parameter masks on the parameters' device (the entries the chain may move)."""
+        device = next(iter(self.center().values())).device
+        return {n: m.to(device) for n, m in masks.items()}
+
+    def noise_layouts(self, names: List[str]) -> Optional[List[Any]]:
+        """Where each offset sits in its full parameter when the parameters are sharded (``None``:
+        whole parameters, the noise is drawn at the offsets' own shape)."""
+        return None
+
+    def paired(
+        self,
+        center: Mapping[str, Tensor],
+        offset: Mapping[str, Tensor],
+        batch: Any,
+        rewind: Callable[[], None],
+        center_losses: Optional[Tuple[Tensor, ...]] = None,
+    ) -> Tuple[Tensor, Tensor, List[Optional[Tensor]], List[Optional[Tensor]], Tuple[int, int], Tuple[Tensor, ...]]:
+        """The kernel's passes: :func:`paired_losses_and_grads` with this evaluator."""
+        return paired_losses_and_grads(self, center, offset, batch, rewind, center_losses)
+
+    def step_stats(
+        self, l_center: Tensor, l_sample: Tensor, offsets: List[Tensor], noise_sq: Tensor
+    ) -> Tuple[Tensor, int]:
+        """The kernel's numbers of one step (float64, on the losses' device): the differences'
+        mean and unbiased variance, the two mean losses, ``||xi||`` and the halves' squared
+        gradient difference ``noise_sq``; and the batch size."""
+        diff = l_sample.double() - l_center.double()
+        b = diff.numel()
+        device = diff.device
+        stats = torch.stack(
+            [diff.mean(), diff.var(unbiased=True) if b > 1 else diff.new_zeros(()), l_center.double().mean(),
+             l_sample.double().mean(), _norm(offsets).to(device), noise_sq]
+        )
+        return stats, b
+
+    def all_reduce_sum(self, t: Tensor) -> Tensor:
+        """``t`` summed over the ranks that share the chain: ``t`` itself for whole parameters."""
+        return t
 
     def losses(self, params: Mapping[str, Tensor], batch: Any) -> Tensor:
         """Per-sample losses with ``params`` substituted for the named parameters.

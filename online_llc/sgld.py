@@ -48,8 +48,8 @@ import torch
 from torch import Tensor
 
 from .errors import check_choice, check_nonneg_float, check_positive_float
-from .evaluator import LossEvaluator, LossFn, paired_losses_and_grads, private_rng
-from .updates import SAMPLERS, _combine_halves, _norm, _update, init_aux, state_dtype
+from .evaluator import LossEvaluator, LossFn, private_rng
+from .updates import SAMPLERS, _combine_halves, _update, init_aux, state_dtype
 
 __all__ = [
     "LossFn",
@@ -239,20 +239,16 @@ def _kernel_step(
     # gradient w.r.t. the offset is local and never reaches the model's .grad.
     # The evaluator's mode (eval by default) for the passes only; every flag is restored after.
     with evaluator.mode_context(), private_rng(center, generator, rng_seed) as rewind, torch.enable_grad():
-        l_center, l_sample, g1, g2, halves, center_losses = paired_losses_and_grads(
-            evaluator, center, offset, batch, rewind, center_losses
-        )
+        l_center, l_sample, g1, g2, halves, center_losses = evaluator.paired(center, offset, batch, rewind, center_losses)
     with torch.no_grad():
         device = l_center.device
         grads, noise_sq = _combine_halves(g1, g2, halves, list(offset), aux, config, masks, device)
         del g1, g2
-        diff = l_sample.double() - l_center.double()
-        b = diff.numel()
-        stats = torch.stack(
-            [diff.mean(), diff.var(unbiased=True) if b > 1 else diff.new_zeros(()), l_center.double().mean(),
-             l_sample.double().mean(), _norm(list(offset.values())).to(device), noise_sq]
+        stats, b = evaluator.step_stats(l_center, l_sample, list(offset.values()), noise_sq)
+        _update(
+            offset, aux, grads, config=config, generator=generator, masks=masks, consume_grads=not keep_grads,
+            layouts=evaluator.noise_layouts(list(offset)),
         )
-        _update(offset, aux, grads, config=config, generator=generator, masks=masks, consume_grads=not keep_grads)
     return _Pending(stats, b, halves, center_losses, grads if keep_grads else None)
 
 

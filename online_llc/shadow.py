@@ -44,7 +44,7 @@ from torch import Tensor
 from .errors import check_positive_float
 from .evaluator import derived_seed, deterministic
 from .sgld import LossEvaluator, SGLDConfig, SGLDInfo, _info, _kernel_step, init_aux
-from .sketch import SKETCH_VERSION, sketch, sketch_shift
+from .sketch import SKETCH_VERSION, sketch, sketch_shift, sketch_shift_sharded
 from .updates import state_dtype
 
 __all__ = ["ShadowStep", "ShadowSampler"]
@@ -115,12 +115,12 @@ class ShadowSampler:
         self.evaluator = evaluator
         center = evaluator.center()
         self.device = next(iter(center.values())).device
-        self.masks = {n: m.to(self.device) for n, m in (masks or {}).items() if m is not None}
+        self.masks = evaluator.localize({n: m for n, m in (masks or {}).items() if m is not None})
         self.config = config
         self.num_chains = num_chains
         self.seed = seed
         self.share_center_loss = share_center_loss
-        dim = sum(t.numel() for t in center.values())
+        dim = evaluator.num_sampled()  # over all ranks when the parameters are sharded
         if max_offset_norm is None:
             max_offset_norm = 20.0 * math.sqrt(dim / config.localization) if config.localization > 0 else math.inf
         else:
@@ -175,7 +175,14 @@ class ShadowSampler:
         self.steps += 1
         # Every number of the step (all chains, the shift) reaches the host in one copy.
         parts = [p.stats for p in pending]
-        if old_sketch is not None and old_sketch.shape == new_sketch.shape:
+        if self.evaluator.sharded:
+            # Every rank sketches its shards; the collective runs on every rank at every step (a
+            # rank that has no previous sketch compares the new one with itself: no shift).
+            old = old_sketch if old_sketch is not None and old_sketch.shape == new_sketch.shape else None
+            shift_t = sketch_shift_sharded(new_sketch, new_sketch if old is None else old, len(center), self.evaluator.all_reduce_sum)
+            if old_sketch is not None:
+                parts.append(shift_t.to(parts[0].device).view(1))
+        elif old_sketch is not None and old_sketch.shape == new_sketch.shape:
             parts.append(sketch_shift(new_sketch, old_sketch, len(center)).to(parts[0].device).view(1))
         values = torch.cat(parts).tolist()
         width = pending[0].stats.numel()
@@ -196,15 +203,26 @@ class ShadowSampler:
 
     def state_dict(self) -> Dict[str, Any]:
         """Offsets, sampler state and the sketch (tensors), generator states (uint8 tensors) with
-        their device type, the step and divergence counts."""
+        their device type, the step and divergence counts. For a model sharded by FSDP2 the
+        offsets and sampler state are gathered to full tensors on the CPU (a collective: call it
+        on every rank) and the sketch is left out."""
+        if self.evaluator.sharded:
+            # A chain spans all ranks: the state holds its full tensors (gathered, on the CPU) and
+            # no sketch (each rank's is of its own shards), so that any rank's state restores
+            # every rank, at any world size.
+            offsets = [self.evaluator.gather_full(off) for off in self.offsets]
+            aux = [self.evaluator.gather_full(a) for a in self.aux]
+        else:
+            offsets = [{n: t.detach().clone() for n, t in off.items()} for off in self.offsets]
+            aux = [{n: t.detach().clone() for n, t in a.items()} for a in self.aux]
         return {
-            "offsets": [{n: t.detach().clone() for n, t in off.items()} for off in self.offsets],
-            "aux": [{n: t.detach().clone() for n, t in a.items()} for a in self.aux],
+            "offsets": offsets,
+            "aux": aux,
             "generators": [g.get_state() for g in self.generators],
             "generator_device": self.device.type,
             "steps": self.steps,
             "divergences": self.divergences,
-            "center_sketch": None if self._sketch is None else self._sketch.clone(),
+            "center_sketch": None if self._sketch is None or self.evaluator.sharded else self._sketch.clone(),
             "sketch_version": SKETCH_VERSION,
             # Calibration moves the step during the run: a resumed chain continues with it.
             "step_size": float(self.config.step_size),
@@ -217,9 +235,19 @@ class ShadowSampler:
         if len(offsets) != self.num_chains or len(gens) != self.num_chains:
             raise ValueError(f"Expected a state with {self.num_chains} chains, got {len(offsets)}.")
         names = set(self.offsets[0])
+        if self.evaluator.sharded:
+            offsets = [self.evaluator.take_shards(off) if set(off) == names else off for off in offsets]
+            state = {**state, "aux": [self.evaluator.take_shards(a) for a in state.get("aux", [{} for _ in offsets])]}
         for off in offsets:
             if set(off) != names:
                 raise ValueError(f"Expected offsets for parameters {sorted(names)}, got {sorted(off)}.")
+            wrong = [n for n, t in off.items() if tuple(t.shape) != tuple(self.offsets[0][n].shape)]
+            if wrong:
+                n = wrong[0]
+                raise ValueError(
+                    f"Expected the offset of `{n}` to have shape {tuple(self.offsets[0][n].shape)}, got "
+                    f"{tuple(off[n].shape)}."
+                )
         # Offsets and sampler state in float32 (or float64) on this device, whatever they were saved in.
         like = self.offsets[0]
         self.offsets = [{n: _to_state(t, like[n]) for n, t in off.items()} for off in offsets]
@@ -234,7 +262,7 @@ class ShadowSampler:
             self.config = replace(self.config, step_size=float(state["step_size"]))
         # A sketch of another version (or the norms-only "center_norms" of older states) is not
         # comparable: the first step after loading reports no shift.
-        sk = state.get("center_sketch") if state.get("sketch_version") == SKETCH_VERSION else None
+        sk = state.get("center_sketch") if state.get("sketch_version") == SKETCH_VERSION and not self.evaluator.sharded else None
         self._sketch = None if sk is None else torch.as_tensor(sk).to(self.device)
 
     def reseed(self) -> None:

@@ -7,7 +7,9 @@ manage their own parameter storage defeat that silently:
 * FSDP2 (``torch.distributed.fsdp.fully_shard``): the forward's pre-hook all-gathers the module's
   own shards and swaps them in, so a substituted parameter is ignored. Checked on 2 CPU processes
   (gloo): the substituted forward returned exactly the unperturbed output and the offsets got no
-  gradient, so every draw would read ``L(w*)`` and the estimate would be about zero.
+  gradient, so every draw would read ``L(w*)`` and the estimate would be about zero. The online
+  monitor moves the shards themselves instead (:mod:`online_llc.fsdp`); the offline estimator,
+  which substitutes, refuses FSDP2 through this check.
 * FSDP1 (``FullyShardedDataParallel``): the trainable parameters are flat shards
   (``_flat_param``), one per wrapped unit, not the model's weights.
 * DeepSpeed ZeRO stage 3: parameters are placeholders of size zero between forwards.
@@ -61,6 +63,7 @@ def check_unsharded(model: nn.Module) -> None:
         raise ValueError(
             f"Expected `model` to hold whole parameters on every rank (a single device or DDP), got a model "
             f"sharded by {kind}: its forward uses its own parameter shards and ignores the weights the sampler "
-            "substitutes, so every draw would read the unperturbed loss. Sharded models are not supported yet; "
-            "pass the unwrapped module with DDP, or estimate offline on a gathered copy (estimate_llc)."
+            "substitutes, so every draw would read the unperturbed loss. The online monitor (OnlineLLC) supports "
+            "FSDP2 (fully_shard); otherwise pass the unwrapped module with DDP, or estimate offline on a gathered "
+            "copy of the weights."
         )

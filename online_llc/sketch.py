@@ -31,12 +31,12 @@ detector that looks for moves ten times the usual one.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["SKETCH_VERSION", "sketch", "sketch_shift"]
+__all__ = ["SKETCH_VERSION", "sketch", "sketch_shift", "sketch_shift_sharded"]
 
 #: Buckets per tensor (fewer for tensors with fewer entries); prime, see the module docstring.
 BUCKETS = 61
@@ -83,3 +83,13 @@ def sketch_shift(new: Tensor, old: Tensor, num_tensors: int) -> Tensor:
     bound = torch.linalg.vector_norm(diff[:num_tensors])
     estimate = torch.linalg.vector_norm(diff[num_tensors:])
     return torch.maximum(bound, estimate)
+
+
+def sketch_shift_sharded(new: Tensor, old: Tensor, num_tensors: int, all_reduce_sum: Callable[[Tensor], Tensor]) -> Tensor:
+    """:func:`sketch_shift` of sharded tensors, from each rank's sketch of its shards: the squared
+    bound and squared estimate are sums over shards (each shard's norm change bounds its move from
+    below, and each shard's folds are unbiased for its squared move), so they are summed over the
+    ranks (``all_reduce_sum``) before the square roots."""
+    diff = new - old
+    squares = torch.stack([diff[:num_tensors].square().sum(), diff[num_tensors:].square().sum()])
+    return all_reduce_sum(squares).max().sqrt()

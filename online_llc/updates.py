@@ -21,7 +21,7 @@ preconditioner).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -45,15 +45,32 @@ def _noise_std(config: SGLDConfig) -> float:
 class _Noise:
     """Standard normal draws for the tensors of one update, in the offset's order (the order of
     the draws is part of a seed's trajectory). ``scratch`` (a consumed gradient buffer) is filled
-    in place when given, a new tensor is drawn otherwise; ``None`` without injected noise."""
+    in place when given, a new tensor is drawn otherwise; ``None`` without injected noise.
 
-    def __init__(self, config: SGLDConfig, generator: torch.Generator, reuse: bool) -> None:
+    ``layouts`` (sharded parameters, :mod:`online_llc.fsdp`): one per tensor in the offset's
+    order; each tensor's noise is then drawn at its full parameter's shape and the shard kept, so
+    a sharded chain receives exactly the numbers of the unsharded chain with the same generator
+    (one full tensor of scratch at a time). The update functions call the noise once per tensor,
+    in order."""
+
+    def __init__(
+        self, config: SGLDConfig, generator: torch.Generator, reuse: bool, layouts: Optional[Sequence[Any]] = None
+    ) -> None:
         self.on = _noise_std(config) > 0
         self.generator, self.reuse = generator, reuse
+        self.layouts, self.calls = layouts, 0
 
     def __call__(self, like: Tensor, scratch: Optional[Tensor]) -> Optional[Tensor]:
+        layout = None
+        if self.layouts is not None:
+            layout = self.layouts[self.calls]
+            self.calls += 1
         if not self.on:
             return None
+        if layout is not None:
+            full = torch.empty(layout.shape, device=like.device, dtype=like.dtype).normal_(generator=self.generator)
+            z = layout.take(full)
+            return scratch.copy_(z) if scratch is not None and self.reuse else z
         if scratch is not None and self.reuse:
             return scratch.normal_(generator=self.generator)
         return torch.randn(like.shape, generator=self.generator, device=like.device, dtype=like.dtype)
@@ -209,19 +226,21 @@ def _update(
     generator: torch.Generator,
     masks: Optional[Mapping[str, Tensor]],
     consume_grads: bool = True,
+    layouts: Optional[Sequence[Any]] = None,
 ) -> None:
     """Every parameter's update, in place on ``offset`` and ``aux``, in the offset's order: the
     noise of each is drawn from ``generator`` in that order; the offset and extra state are then
     zeroed outside their masks. With ``consume_grads`` the gradients' buffers receive the drift and
     the noise (they are garbage afterwards); otherwise the noise is drawn into new tensors and the
-    gradients are left as they were (the update dots of :func:`online_llc.sgld.sampler_step`)."""
+    gradients are left as they were (the update dots of :func:`online_llc.sgld.sampler_step`).
+    ``layouts``: the offsets' places in their sharded parameters (see :class:`_Noise`)."""
     names = list(offset)
     xs = [offset[n] for n in names]
     state = [aux[n] for n in names] if aux else []
     grads = list(grads)
     if not consume_grads and config.sampler != "sgld":
         grads = [None if g is None else g.clone() for g in grads]
-    _UPDATES[config.sampler](xs, state, grads, config, _Noise(config, generator, reuse=consume_grads))
+    _UPDATES[config.sampler](xs, state, grads, config, _Noise(config, generator, reuse=consume_grads, layouts=layouts))
     for n in names:
         mask = masks.get(n) if masks else None
         if mask is not None:

@@ -1,0 +1,317 @@
+"""The shadow chain on an FSDP2-sharded model (``fully_shard``), on two CPU processes (gloo).
+
+The oracle is the unsharded monitor: a chain sharded over two ranks must be, to float tolerance,
+the unsharded chain with the same seed stepping on the union of the ranks' batches (ordered so its
+halves are the ranks' halves). Training itself must be bit-identical with and without the monitor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import types
+
+import pytest
+import torch
+
+from online_llc.fsdp import _layout
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys, torch, torch.distributed as dist
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+    from online_llc import OnlineLLC, estimate_llc
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    B, STEPS, N = 8, 60, 4096
+    # float64 throughout, so that the comparison with the unsharded run is sharp: a draw is nbeta
+    # (about 500) times a difference of two losses, and float32 losses summed in another order
+    # (a rank's batch against the union) already differ by ~1e-4 of the draw.
+    torch.set_default_dtype(torch.float64)
+
+    def mlp():
+        torch.manual_seed(0)  # 6 -> 10 -> 4 -> 3: the last layer's 3 rows shard unevenly (2 + 1)
+        return nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 4), nn.Tanh(), nn.Linear(4, 3))
+
+    def mse(model, batch):
+        x, y = batch
+        return 0.5 * ((model(x) - y) ** 2).sum(dim=1)
+
+    def shard(m):
+        for i in (0, 2, 4):
+            fully_shard(m[i])
+        # The root keeps its unsharded parameters after the forward: the evaluator must reshard.
+        return fully_shard(m, reshard_after_forward=False)
+
+    def batches(step):
+        g = torch.Generator().manual_seed(1000 + step)
+        return torch.randn(world, B, 6, generator=g), torch.randn(world, B, 3, generator=g)
+
+    def union(xs, ys):
+        # The ranks' first halves, then their second halves: the union's halves are the ranks'.
+        h = B // 2
+        cat = lambda t: torch.cat([t[:, :h].reshape(-1, t.shape[-1]), t[:, h:].reshape(-1, t.shape[-1])])
+        return cat(xs), cat(ys)
+
+    def train(model, monitor, sharded, steps=range(1, STEPS + 1), opt=None):
+        opt = opt or torch.optim.SGD(model.parameters(), lr=0.05)
+        for t in steps:
+            xs, ys = batches(t)
+            opt.zero_grad()
+            mine = (xs[rank], ys[rank]) if sharded else (xs.reshape(-1, 6), ys.reshape(-1, 3))
+            mse(model, mine).mean().backward()
+            opt.step()
+            if monitor is not None:
+                grads = [p.grad.detach().clone() for p in model.parameters()]
+                monitor.update(mine if sharded else union(xs, ys), t)
+                # The training run's gradients are set aside and put back.
+                assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+        return opt
+
+    def record(mon, group=None):
+        hist = mon.history() if group is None else mon.group_history(group)
+        return [[e.step, e.mean, e.std, e.raw_mean, e.raw_se, e.heat, e.status, e.step_size] for e in hist]
+
+    out = {}
+    plain = shard(mlp())
+    train(plain, None, True)
+    for sampler in ("sgld", "rmsprop_sgld", "sghmc"):
+        opts = dict(num_samples=N, every_n_steps=2, window=5, num_chains=2, seed=3, sampler=sampler, warmup=0)
+        if sampler == "sgld":
+            opts["groups"] = {"first": ["0.*"]}
+        m = shard(mlp())
+        mon = OnlineLLC(m, mse, **opts)
+        train(m, mon, True)
+        ref = mlp()
+        rmon = OnlineLLC(ref, mse, **opts)
+        train(ref, rmon, False)
+        out[sampler] = {
+            "identical": all(torch.equal(a.to_local(), b.to_local()) for a, b in zip(m.parameters(), plain.parameters())),
+            "hist": record(mon), "ref": record(rmon),
+            "divergences": mon.divergences, "shift": mon.sampler.evaluator.num_sampled(),
+        }
+        if sampler == "sgld":
+            out[sampler]["group"], out[sampler]["ref_group"] = record(mon, "first"), record(rmon, "first")
+            out["local_numel"] = sum(t.numel() for t in mon.sampler.offsets[0].values())
+            out["full_numel"] = sum(t.numel() for t in rmon.sampler.offsets[0].values())
+
+    # Resume: every rank's state holds the chains' full tensors, so rank 0's restores every rank.
+    opts = dict(num_samples=N, every_n_steps=2, window=5, num_chains=2, seed=3, warmup=0)
+    m = shard(mlp()); mon = OnlineLLC(m, mse, **opts); train(m, mon, True)
+    m2 = shard(mlp()); mon2 = OnlineLLC(m2, mse, **opts)
+    opt = train(m2, mon2, True, range(1, 31))
+    state = mon2.state_dict()
+    out["state_shapes_full"] = all(
+        tuple(t.shape) == tuple(p.shape) for t, (_, p) in zip(state["sampler"]["offsets"][0].values(), m2.named_parameters())
+    )
+    box = [state]
+    dist.broadcast_object_list(box, src=0)
+    mon3 = OnlineLLC(m2, mse, **opts)
+    mon3.load_state_dict(box[0])
+    mon3.reseed_for_rank(rank)  # a no-op for sharded chains
+    train(m2, mon3, True, range(31, STEPS + 1), opt)
+    out["resumed"], out["uninterrupted"] = record(mon3), record(mon)
+
+    # The unsharded monitor at step 30 holds the same offsets as the gathered sharded state.
+    ref = mlp(); rmon = OnlineLLC(ref, mse, **opts); train(ref, rmon, False, range(1, 31))
+    out["state_vs_unsharded"] = max(
+        float((state["sampler"]["offsets"][c][n] - rmon.sampler.offsets[c][n]).abs().max()) for c in range(2) for n in state["sampler"]["offsets"][c]
+    )
+
+    try:
+        OnlineLLC(shard(mlp()), mse, num_samples=N, gather=lambda a: a)
+        out["gather"] = "accepted"
+    except ValueError as exc:
+        out["gather"] = str(exc)
+    try:
+        estimate_llc(shard(mlp()), mse, [batches(0)[0][rank], batches(0)[1][rank]], num_samples=N, num_draws=5)
+        out["offline"] = "accepted"
+    except ValueError as exc:
+        out["offline"] = str(exc)
+    with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
+        json.dump(out, f)
+    dist.destroy_process_group()
+    """
+)
+
+
+def _run(tmp_path, script: str) -> list:
+    path = tmp_path / "run.py"
+    path.write_text(script)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           str(path), str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def _assert_close_histories(got, want):
+    """Equal window by window: statuses and steps exactly, numbers to float tolerance. The
+    tolerance: the two float64 runs differ only in the order of sums (the ranks' gradients are
+    averaged after, not inside, each rank's mean; the forward passes see batches of another
+    size), about 1e-16 relative per operation; 1e-8 relative (1e-10 absolute) leaves room for its
+    growth over 30 shadow steps and through the heat's ratio, and is many orders below any effect
+    of a wrong shard, noise slice or pooled statistic (whole percents of the draw)."""
+    assert len(got) == len(want) > 0
+    for g, w in zip(got, want):
+        assert g[0] == w[0] and g[6] == w[6]
+        for a, b in zip(g[1:6] + g[7:], w[1:6] + w[7:]):
+            if isinstance(b, float) and b != b:  # NaN (no heat before the calibration)
+                assert a != a
+            else:
+                assert a == pytest.approx(b, rel=1e-8, abs=1e-10)
+
+
+@pytest.mark.slow
+def test_fsdp2_chain_is_the_unsharded_chain_on_the_union_of_the_batches(tmp_path):
+    """Two processes, a model sharded with ``fully_shard`` (unevenly: 3 rows over 2 ranks), 60
+    training steps with the monitor after each: for SGLD (with a parameter group), RMSProp-SGLD
+    and SGHMC, every window of the sharded run (mean, band, raw mean and standard error, heat,
+    step size, status) equals the unsharded monitor's on the union of the ranks' batches, and is
+    the same on both ranks; training is bit-identical to a run without the monitor (and its
+    ``.grad`` fields are untouched, asserted in the script); each rank keeps about half the
+    chain; a checkpoint taken at step 30 holds the full tensors (equal to the unsharded chain's
+    offsets), and restoring it continues exactly; ``gather`` and the offline estimator are refused
+    with messages naming the argument."""
+    ranks = _run(tmp_path, SCRIPT)
+    for out in ranks:
+        for sampler in ("sgld", "rmsprop_sgld", "sghmc"):
+            got = out[sampler]
+            assert got["identical"] is True
+            assert len(got["hist"]) == 6 and got["divergences"] == 0
+            _assert_close_histories(got["hist"], got["ref"])
+            assert got["hist"][-1][6] == "tracking"
+        _assert_close_histories(out["sgld"]["group"], out["sgld"]["ref_group"])
+        assert out["resumed"] == out["uninterrupted"]
+        assert out["state_shapes_full"] is True
+        assert out["state_vs_unsharded"] < 1e-10
+        assert out["gather"].startswith("Expected `gather` to be None for a model sharded by FSDP2")
+        assert out["offline"].startswith("Expected `model`") and "FSDP2 (fully_shard)" in out["offline"]
+    # Both ranks hold the same windows, bit for bit (pooled numbers, no gather).
+    for sampler in ("sgld", "rmsprop_sgld", "sghmc"):
+        assert ranks[0][sampler]["hist"] == ranks[1][sampler]["hist"]
+    # Memory: each rank keeps its shard of every chain, half of the 129 entries give or take the
+    # uneven layer (67 and 62).
+    full = ranks[0]["full_numel"]
+    assert ranks[0]["local_numel"] + ranks[1]["local_numel"] == full == 129
+    assert max(r["local_numel"] for r in ranks) <= 0.53 * full
+
+
+def test_layouts_follow_torch_chunk_and_refuse_two_dimensional_meshes():
+    """A rank's shard of a parameter sharded along ``dim`` over ``R`` ranks is ``torch.chunk``'s
+    piece (FSDP2's rule: ``ceil(n / R)`` rows each, the last ranks shorter or empty); a 2-D mesh
+    (HSDP, tensor parallelism) is refused naming ``model``."""
+    shard = types.SimpleNamespace(is_shard=lambda: True, dim=0)
+
+    def fake(shape, rank, size, ndim=1, placements=(shard,)):
+        mesh = types.SimpleNamespace(ndim=ndim, size=lambda: size, get_local_rank=lambda: rank)
+        t = torch.empty(shape)
+        return types.SimpleNamespace(device_mesh=mesh, placements=placements, shape=t.shape, dim=t.dim)
+
+    for rows, size in ((7, 2), (3, 4), (10, 3), (1, 2)):
+        full = torch.arange(rows * 2).view(rows, 2)
+        pieces = full.chunk(size, 0)
+        for r in range(size):
+            lay = _layout(fake((rows, 2), r, size))
+            want = pieces[r] if r < len(pieces) else full[:0]
+            assert torch.equal(lay.take(full), want)
+    with pytest.raises(ValueError, match=r"Expected `model` to be sharded by FSDP2 over a 1-D device mesh"):
+        _layout(fake((4, 2), 0, 2, ndim=2, placements=(shard, shard)))
+
+
+LIGHTNING_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys, torch
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+    from torch.utils.data import DataLoader, TensorDataset
+    from online_llc.callbacks import OnlineLLCCallback
+
+    out_dir = sys.argv[1]
+
+    class Regressor(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3))
+
+        def configure_model(self):
+            mesh = self.device_mesh["data_parallel"]
+            for m in (self.net[0], self.net[2], self.net):
+                fully_shard(m, mesh=mesh)
+
+        def per_sample_loss(self, batch):
+            x, y = batch
+            return 0.5 * ((self.net(x) - y) ** 2).sum(1)
+
+        def training_step(self, batch, i):
+            return self.per_sample_loss(batch).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    def loader():
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(512, 6, generator=g), torch.randn(512, 3, generator=g)
+        return DataLoader(TensorDataset(x, y), batch_size=16)  # 16 steps per epoch on 2 ranks
+
+    def trainer(callbacks, steps, **kw):
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+        kw.setdefault("enable_checkpointing", False)
+        return pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=steps, callbacks=callbacks,
+                          logger=False, enable_progress_bar=False, enable_model_summary=False,
+                          default_root_dir=out_dir, **kw)
+
+    def record(cb):
+        return [[e.step, e.mean, e.std, e.status] for e in cb.monitor.history()]
+
+    opts = dict(every_n_steps=2, window=5, num_chains=2, seed=3, warmup=0)
+    cb = OnlineLLCCallback(**opts)
+    module = Regressor()
+    t = trainer([cb], 40)
+    t.fit(module, loader())
+    plain = Regressor()
+    trainer([], 40).fit(plain, loader())
+    identical = all(torch.equal(a.to_local(), b.to_local()) for a, b in zip(module.parameters(), plain.parameters()))
+    # A distributed checkpoint at an epoch's end (step 16; Lightning restarts a partial epoch),
+    # then resumed to step 40.
+    first = OnlineLLCCallback(**opts)
+    ckpt = ModelCheckpoint(dirpath=os.path.join(out_dir, "ck"), every_n_train_steps=16, save_top_k=-1)
+    trainer([first, ckpt], 16, enable_checkpointing=True).fit(Regressor(), loader())
+    resumed = OnlineLLCCallback(**opts)
+    path = os.path.join(out_dir, "ck", os.listdir(os.path.join(out_dir, "ck"))[0])
+    trainer([resumed], 40).fit(Regressor(), loader(), ckpt_path=path)
+    with open(os.path.join(out_dir, f"rank{t.global_rank}.json"), "w") as f:
+        json.dump({"hist": record(cb), "identical": identical, "resumed": record(resumed),
+                   "gathers": cb.monitor._model.stats.gather is None}, f)
+    """
+)
+
+
+@pytest.mark.slow
+def test_lightning_model_parallel_strategy_with_fully_shard(tmp_path):
+    """Lightning's ``ModelParallelStrategy`` with ``fully_shard`` applied in ``configure_model``,
+    two CPU processes: the callback runs sharded chains without a gather, both ranks log the same
+    windows, training is bit-identical to a run without the callback, and a run resumed from
+    Lightning's distributed checkpoint (the callback's state is saved from rank 0 only: it holds
+    the chains' full tensors) continues exactly as the uninterrupted one."""
+    pytest.importorskip("lightning.pytorch")
+    ranks = _run(tmp_path, LIGHTNING_SCRIPT)
+    for out in ranks:
+        assert out["identical"] is True and out["gathers"] is True
+        assert len(out["hist"]) == 4 and out["hist"][-1][3] == "tracking"
+        assert out["resumed"] == out["hist"]
+    assert ranks[0]["hist"] == ranks[1]["hist"]
