@@ -43,6 +43,7 @@ from online_llc.callbacks._failure import monitor_failed, placeholders_after_fai
 from online_llc.callbacks._metrics import LOGGED_KEYS, estimate_metrics, group_metrics
 from online_llc.errors import MonitorError
 from online_llc.estimator import OnlineLLC
+from online_llc.fsdp import is_fsdp2
 from online_llc.losses import causal_lm_loss, sequence_classification_loss
 from online_llc.settings import MonitorSettings
 from online_llc.sgld import LossFn
@@ -190,7 +191,8 @@ class OnlineLLCTrainerCallback(TrainerCallback):
             total = int(getattr(state, "max_steps", 0) or 0) or int(getattr(args, "max_steps", 0) or 0)
             if total > 0:
                 options["total_steps"] = total
-        gather = self._gather(args) if self._world_size > 1 else None
+        # FSDP2 (accelerate's fsdp_version=2): the chains span the ranks, every rank holds every draw.
+        gather = self._gather(args) if self._world_size > 1 and not is_fsdp2(model) else None
         self.monitor = OnlineLLC(model, loss_fn, gather=gather, groups=self.groups, **options)
         self.failure = None
         self._restore(args, state)

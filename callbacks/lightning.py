@@ -24,6 +24,7 @@ from online_llc.cadence import Cadence
 from online_llc.callbacks._failure import monitor_failed, placeholders_after_failure, placeholders_stopped
 from online_llc.callbacks._metrics import ESTIMATE_KEYS, LOGGED_KEYS, estimate_metrics, group_metrics
 from online_llc.estimator import OnlineLLC
+from online_llc.fsdp import is_fsdp2
 from online_llc.records import LLCEstimate
 from online_llc.settings import MonitorSettings
 from online_llc.sgld import LossFn
@@ -40,9 +41,10 @@ except ImportError:  # pragma: no cover - exercised only without `lightning`
 
 __all__ = ["OnlineLLCCallback", "LOGGED_KEYS", "ESTIMATE_KEYS"]
 
-# Strategies whose parameters are sharded or partitioned: the shadow pass through
-# torch.func.functional_call would see shards, not the model.
-_UNSUPPORTED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy", "XLAFSDPStrategy")
+# Strategies whose parameters are sharded or partitioned in ways the shadow chain cannot move
+# (FSDP1's flat parameters, DeepSpeed's partitions, XLA). FSDP2 is supported: Lightning's
+# ModelParallelStrategy with fully_shard applied in configure_model (online_llc.fsdp).
+_UNSUPPORTED = ("FSDPStrategy", "DeepSpeedStrategy", "XLAStrategy", "XLAFSDPStrategy")
 
 # The entries of the callback's state key, in order. Checkpoints store the callback's state
 # under that key, so these names and their order stay as they are.
@@ -87,7 +89,10 @@ class OnlineLLCCallback(Callback):
 
     Under DDP every rank runs its own chain(s) with its own seed on its own batch; each window's
     draws are all-gathered in one packed collective, so every rank holds the same filter state and
-    ``R`` ranks give ``R * num_chains`` chains at no extra cost per rank.
+    ``R`` ranks give ``R * num_chains`` chains at no extra cost per rank. Under FSDP2
+    (``ModelParallelStrategy`` with ``fully_shard`` applied in ``configure_model``) each chain
+    spans the ranks, sharded like the parameters, and steps on the union of the ranks' batches
+    (:mod:`online_llc.fsdp`); checkpoints hold the chains' full tensors, gathered on every rank.
 
     Args:
         loss_fn: ``loss_fn(pl_module, batch) -> Tensor[B]`` per-sample losses. ``None``: the
@@ -159,8 +164,9 @@ class OnlineLLCCallback(Callback):
         name = type(trainer.strategy).__name__
         if name in _UNSUPPORTED:
             raise ValueError(
-                f"OnlineLLCCallback does not support the {name} strategy yet (sharded or partitioned "
-                "parameters); use a single device or DDP."
+                f"OnlineLLCCallback does not support the {name} strategy (sharded or partitioned "
+                "parameters it cannot move); use a single device, DDP, or FSDP2: ModelParallelStrategy with "
+                "fully_shard applied in configure_model."
             )
         if self.loss_fn is None and not callable(getattr(pl_module, "per_sample_loss", None)):
             raise ValueError(
@@ -172,7 +178,8 @@ class OnlineLLCCallback(Callback):
         num_samples = self.num_samples if self.num_samples is not None else self._dataset_length(trainer)
         self._world_size = int(getattr(trainer, "world_size", 1) or 1)
         rank = int(getattr(trainer, "global_rank", 0) or 0)
-        gather = self._gather(trainer) if self._world_size > 1 else None
+        # FSDP2: the chains span the ranks and every rank already holds every draw (no gather).
+        gather = self._gather(trainer) if self._world_size > 1 and not is_fsdp2(pl_module) else None
         with warnings.catch_warnings():
             if not trainer.is_global_zero:  # the cadence's one line, from rank 0 only
                 warnings.simplefilter("ignore", UserWarning)

@@ -533,8 +533,9 @@ def test_setup_rejects_sharded_strategies(strategy):
     with pytest.raises(ValueError) as err:
         cb.setup(fake, make_module(), "fit")
     assert str(err.value) == (
-        f"OnlineLLCCallback does not support the {strategy} strategy yet (sharded or partitioned "
-        "parameters); use a single device or DDP."
+        f"OnlineLLCCallback does not support the {strategy} strategy (sharded or partitioned "
+        "parameters it cannot move); use a single device, DDP, or FSDP2: ModelParallelStrategy with "
+        "fully_shard applied in configure_model."
     )
 
 
