@@ -21,14 +21,27 @@ batch (32 x 768 x 6 layers x 2 saved tensors, 0.08 P) are part of the step peak 
 for every sampler. A warm-up step runs before the measured one, so that one-time allocations
 (the lazily created sampler state) count as kept, not as step peak.
 
+With ``--fsdp`` the same model is sharded with FSDP2 (``fully_shard`` on every linear layer and
+the root) over two CPU processes (gloo; the script launches them itself), and rank 0 prints the
+same columns for the sharded chain, still in units of one *full* copy ``P``: ``kept`` is then
+about ``P / 2`` per chain (each rank keeps its shard; counted from the chain's tensors, see
+``measure``), and the step peak includes what FSDP itself allocates in the shadow passes (each
+layer's all-gathered weights and unsharded gradient) besides the chain's saved shard, gradients
+and one tensor's full-shape noise. The profiler misses FSDP's frees, so that peak is an upper
+bound; the same measurement of a plain FSDP training step is printed beside it.
+
 Run:  python benchmarks/memory.py                 (about 2 minutes on 2 busy cores)
       python benchmarks/memory.py --device cuda   (when CUDA is present)
+      python benchmarks/memory.py --fsdp          (two CPU processes, about 1 minute)
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
+import subprocess
+import sys
 from typing import Callable, List, Tuple
 
 import torch
@@ -96,9 +109,24 @@ def measure(sampler: str, chains: int, args) -> Tuple[float, float, float, int]:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch, args.width, generator=g).to(args.device, getattr(torch, args.dtype))
     y = torch.randn(args.batch, 10, generator=g).to(args.device, getattr(torch, args.dtype))
-    ev = LossEvaluator(model, per_sample_mse)
+    if args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        from online_llc.fsdp import ShardedLossEvaluator
+
+        for m in model:
+            if isinstance(m, nn.Linear):
+                fully_shard(m)
+        fully_shard(model)
+        ev: LossEvaluator = ShardedLossEvaluator(model, per_sample_mse)
+    else:
+        ev = LossEvaluator(model, per_sample_mse)
     cfg = SGLDConfig(nbeta=100.0, localization=100.0, step_size=1e-4, sampler=sampler)
     profile_fn = _cuda_profile if args.device == "cuda" else _cpu_profile
+    if args.fsdp:
+        # A training step first: FSDP's own lazy initialisation and buffers are not the chain's.
+        per_sample_mse(model, (x, y)).mean().backward()
+        model.zero_grad(set_to_none=True)
     holder: List[ShadowSampler] = []
 
     def build_and_warm() -> None:
@@ -108,11 +136,40 @@ def measure(sampler: str, chains: int, args) -> Tuple[float, float, float, int]:
 
     gc.collect()
     kept, _ = profile_fn(build_and_warm)
+    if args.fsdp:
+        # The profiler sees FSDP's allocations but not its frees (it releases the unsharded
+        # weights by resizing their storage: a plain training step reads as +0.5 P net, while
+        # the process's memory stays flat over hundreds of steps), so the kept state is counted
+        # from the chain's own tensors.
+        kept = sum(t.numel() * t.element_size() for off in holder[0].offsets + holder[0].aux for t in off.values())
     gc.collect()
     _, transient = profile_fn(lambda: holder[0].step((x, y)))
     with HostReads() as reads:
         holder[0].step((x, y))
     return kept / chains / param_bytes, transient / param_bytes, (kept + transient) / param_bytes, reads.count
+
+
+def train_step_peak(args) -> float:
+    """The profiler's peak of one forward and backward of the FSDP2 model (after one unmeasured),
+    in units of P."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model(args.width, args.depth, getattr(torch, args.dtype), args.device)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    for m in model:
+        if isinstance(m, nn.Linear):
+            fully_shard(m)
+    fully_shard(model)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(args.batch, args.width, generator=g), torch.randn(args.batch, 10, generator=g)
+
+    def step() -> None:
+        per_sample_mse(model, (x, y)).mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    step()
+    gc.collect()
+    return _cpu_profile(step)[1] / param_bytes
 
 
 def main() -> None:
@@ -124,19 +181,37 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--samplers", nargs="+", default=["sgld", "rmsprop_sgld", "sghmc"])
     parser.add_argument("--chains", nargs="+", type=int, default=[1, 4])
+    parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 over 2 CPU processes")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    if args.fsdp and "RANK" not in os.environ:
+        if args.device != "cpu":
+            parser.error("--fsdp runs on two CPU processes (gloo); leave --device at cpu")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", *sys.argv]
+        raise SystemExit(subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode)
+    if args.fsdp:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+        if dist.get_rank() != 0:
+            sys.stdout = open(os.devnull, "w")
+    else:
+        torch.set_num_threads(2)
     model = make_model(args.width, args.depth, getattr(torch, args.dtype), "cpu")
     n = sum(p.numel() for p in model.parameters())
     biggest = max(p.numel() for p in model.parameters())
     print(f"model: {n / 1e6:.2f}M parameters in {len(list(model.parameters()))} tensors ({args.dtype}), "
-          f"largest tensor {biggest / n:.2f} P; batch {args.batch}; device {args.device}")
+          f"largest tensor {biggest / n:.2f} P; batch {args.batch}; device {args.device}"
+          + ("; FSDP2 over 2 processes, figures of rank 0" if args.fsdp else ""))
     print("P = bytes of one copy of the sampled parameters")
+    if args.fsdp:
+        print(f"a plain FSDP training step, measured the same way: peak {train_step_peak(args):.2f}P")
     print(f"{'sampler':<14}{'chains':>7}{'kept/chain':>12}{'step peak':>11}{'total':>8}{'syncs':>7}")
     for sampler in args.samplers:
         for chains in args.chains:
             kept, transient, total, syncs = measure(sampler, chains, args)
             print(f"{sampler:<14}{chains:>7}{kept:>11.2f}P{transient:>10.2f}P{total:>7.2f}P{syncs:>7}")
+    if args.fsdp:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

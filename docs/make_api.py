@@ -6,7 +6,7 @@ import inspect
 import os
 
 import online_llc
-from online_llc import cadence, config, groups, heads, heat, losses, plot, settings, sharding, theory, toy, tuning, warmup
+from online_llc import cadence, config, fsdp, groups, heads, heat, losses, plot, settings, sharding, theory, toy, tuning, warmup
 from online_llc.callbacks import hf as cb_hf
 from online_llc.callbacks import lightning as cb_lightning
 
@@ -21,6 +21,7 @@ SECTIONS = [
     ("online_llc.config", config, ["default_estimand", "default_step_size", "lag_std", "relaxation_steps", "resolve_hyperparameters"]),
     ("online_llc.heat", heat, heat.__all__),
     ("online_llc.sharding", sharding, sharding.__all__),
+    ("online_llc.fsdp", fsdp, fsdp.__all__),
     ("online_llc.tuning", tuning, [n for n in tuning.__all__ if n != "mala_acceptance"]),
     ("online_llc.warmup", warmup, warmup.__all__),
     ("online_llc.groups", groups, [n for n in groups.__all__ if n not in ("attention_heads", "groups_by_head")]),
