@@ -8,7 +8,7 @@ at the old fixed defaults (``nbeta = n / log n``, ``gamma = 100``, ``step = 0.15
 the current defaults, with the measured heat (``LLCResult.total_heat``, its interval for the old
 defaults) beside each: on this model the heat should equal the ratio.
 
-``--old-only`` runs only the old defaults, on shuffled epochs and on independent batches, to check
+``--new-only`` runs only the current defaults. ``--old-only`` runs only the old defaults, on shuffled epochs and on independent batches, to check
 the heat diagnostic (10 minutes for the whole grid).
 
 Run: ``python benchmarks/heat_grid.py`` (the full grid takes hours on 2 cores: small batches need
@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--batches", default="16,64,256,2048")
     ap.add_argument("--old-draws", type=int, default=2000, help="draws per chain at the old defaults")
     ap.add_argument("--old-only", action="store_true", help="only the old defaults (the heat diagnostic's check)")
+    ap.add_argument("--new-only", action="store_true", help="only the calibrated defaults (no old-default columns)")
     ap.add_argument("--full-batch", action="store_true", help="also the full batch where n <= 20000")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -72,15 +73,18 @@ def main() -> None:
                 # epochs users have, and on independent batches (RandomBatches), where the heat is
                 # all there is (within an epoch the draw's batch is one the chain has not fitted).
                 row = []
-                for batches_ in (p.batches, RandomBatches(*p.dataset.tensors, batch_size=min(b, n), seed=2)):
+                for batches_ in () if args.new_only else (p.batches, RandomBatches(*p.dataset.tensors, batch_size=min(b, n), seed=2)):
                     old = estimate_llc(p.model, p.loss_fn, batches_, num_samples=n, nbeta=nb_old, localization=100.0,
                                        step_size=0.15 / nb_old, num_chains=2, num_draws=args.old_draws, burn_in=200,
                                        seed=1)
                     row.append((old.mean / t_old, old.std / t_old, old.total_heat, *old.heat_interval))
-                cells.append(row)
-                (r, se, t, lo, hi), (ri, sei, ti, _, _) = row
-                line = (f"{d:5d} {n:8d} {b:6d} | {r:19.3f} {se:5.3f} {t:7.3f} [{lo:.3f}, {hi:.3f}] | "
-                        f"{ri:26.3f} {sei:5.3f} {ti:6.3f} |")
+                if args.new_only:
+                    line = f"{d:5d} {n:8d} {b:6d} | {'-':>19} | {'-':>26} |"
+                else:
+                    cells.append(row)
+                    (r, se, t, lo, hi), (ri, sei, ti, _, _) = row
+                    line = (f"{d:5d} {n:8d} {b:6d} | {r:19.3f} {se:5.3f} {t:7.3f} [{lo:.3f}, {hi:.3f}] | "
+                            f"{ri:26.3f} {sei:5.3f} {ti:6.3f} |")
                 if args.old_only:
                     print(line, flush=True)
                     continue
@@ -92,6 +96,8 @@ def main() -> None:
                       f"{new.localization:6.2f} {new.step_size:.3g}", flush=True)
     if not args.old_only:
         print(f"calibrated defaults: worst |ratio - 1| = {worst_new:.3f}")
+    if args.new_only:
+        return
     # The heat (LLCResult.total_heat: minibatch and discretization together) against the measured
     # ratio on the old defaults, whose step is fixed and often hot. The alarm (estimate_llc's
     # warning) fires when the heat reads above 1.05 and its lower end above 1.

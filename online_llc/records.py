@@ -46,7 +46,8 @@ class LLCEstimate:
         dispersion: ``var_channel / raw_mean``, the draws' variance over their mean (a secondary
             diagnostic; its healthy baseline depends on the model).
         heat: the window's minibatch temperature ``raw_mean / (raw_mean - heat_bias)``
-            (:mod:`online_llc.heat`; NaN when ``raw_mean <= heat_bias``): 1 when the chain's
+            (:mod:`online_llc.heat`; ``inf`` when ``0 < raw_mean <= heat_bias``, hotter than the
+            window can measure; NaN when ``raw_mean <= 0``): 1 when the chain's
             gradient noise adds nothing, 1.2 when it raises the estimate by 20%.
         heat_bias: how much the gradient noise raised ``raw_mean``, measured from half-batch
             gradients.

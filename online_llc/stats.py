@@ -92,8 +92,9 @@ class WindowSummary:
             Gamma draws, but a window of autocorrelated draws reads it low (0.4-1 on chains
             that were 1.1-2.3x hot), so the health signal is ``heat``.
         heat_bias: mean of the draws' measured heat bias ``b`` (0 when none was given).
-        heat: ``mean / (mean - heat_bias)``, the minibatch temperature; NaN when
-            ``mean <= heat_bias`` or no heat bias was given.
+        heat: ``mean / (mean - heat_bias)``, the minibatch temperature; ``inf`` when
+            ``0 < mean <= heat_bias`` (hotter than the window can measure), NaN when
+            ``mean <= 0`` or no heat bias was given.
         diverged_draws: draws flagged as placeholders for a reset chain (see
             :meth:`online_llc.window.WindowStats.update`), over all chains (all ranks with
             ``gather``).
@@ -219,8 +220,11 @@ def summarize(
         if b.shape != d.shape:
             raise ValueError(f"Expected `heat_biases` to have the shape of `draws` {d.shape}, got {b.shape}.")
         heat_bias = float(b.mean())
-        # The same formula as online_llc.heat.heat_from (this module stays numpy-only).
-        heat = mean / (mean - heat_bias) if mean - heat_bias > 0.0 else math.nan
+        # The same report as online_llc.heat.reported_heat (this module stays numpy-only): inf
+        # where the bias takes the whole of a positive mean (hotter than measurable), NaN where
+        # there is no positive mean to compare the bias with.
+        if mean > 0.0:
+            heat = mean / (mean - heat_bias) if mean - heat_bias > 0.0 else math.inf
 
     return WindowSummary(
         start_step=start_step,

@@ -647,3 +647,19 @@ def test_multichain_standard_error_sees_a_component_slower_than_the_run() -> Non
     assert 1.0 <= ratio < 1.1
     # One chain: nothing to compare with, so it is the within-chain se exactly.
     assert multichain_standard_error(x[0, :1]) == mean_standard_error(x[0, :1])
+
+
+def test_window_heat_reads_inf_when_the_bias_takes_a_positive_mean() -> None:
+    """The window's heat follows :func:`online_llc.heat.reported_heat`: ``mean / (mean - bias)``
+    while the bias leaves part of a positive mean, ``inf`` once it takes all of it (hotter than
+    the window can measure: the alarm must fire, not fall silent on a NaN), NaN when there is no
+    positive mean to compare with."""
+    from online_llc.heat import reported_heat
+
+    d = np.array([[1.0, 3.0, 2.0, 2.0]])  # mean 2
+    v = np.zeros_like(d)
+    for bias, want in ((0.5, 2.0 / 1.5), (2.0, math.inf), (3.0, math.inf)):
+        s = summarize(d, v, heat_biases=np.full_like(d, bias))
+        assert s.heat == pytest.approx(want) and s.heat == reported_heat(s.mean, s.heat_bias)
+    s = summarize(-d, v, heat_biases=np.full_like(d, 0.5))
+    assert math.isnan(s.heat) and math.isnan(reported_heat(s.mean, s.heat_bias))
