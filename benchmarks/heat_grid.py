@@ -23,6 +23,7 @@ import math
 import torch
 
 from online_llc import estimate_llc
+from online_llc.config import default_estimand
 from online_llc.toy import RandomBatches, deep_linear_problem
 
 DIMS = {4: (2, 2), 12: (4, 3), 32: (8, 4)}
@@ -51,6 +52,8 @@ def main() -> None:
     ap.add_argument("--old-draws", type=int, default=2000, help="draws per chain at the old defaults")
     ap.add_argument("--old-only", action="store_true", help="only the old defaults (the heat diagnostic's check)")
     ap.add_argument("--new-only", action="store_true", help="only the calibrated defaults (no old-default columns)")
+    ap.add_argument("--localization-scale", type=float, default=None,
+                    help="calibrated columns at localization = scale * sqrt(nbeta) instead of the default")
     ap.add_argument("--full-batch", action="store_true", help="also the full batch where n <= 20000")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -88,7 +91,11 @@ def main() -> None:
                 if args.old_only:
                     print(line, flush=True)
                     continue
-                new = estimate_llc(p.model, p.loss_fn, p.batches, num_samples=n, num_chains=2, seed=1)
+                extra = {}
+                if args.localization_scale is not None:
+                    nb, _ = default_estimand(n)
+                    extra = {"nbeta": nb, "localization": args.localization_scale * math.sqrt(nb)}
+                new = estimate_llc(p.model, p.loss_fn, p.batches, num_samples=n, num_chains=2, seed=1, **extra)
                 t_new = target(h, dout, new.nbeta, new.localization)
                 r_new = new.mean / t_new
                 worst_new = max(worst_new, abs(r_new - 1))

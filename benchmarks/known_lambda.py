@@ -13,7 +13,8 @@ the estimator). The last block compares batch 32 with batch 1024 on one network,
 their combined reported standard error.
 
 Run: ``python benchmarks/known_lambda.py`` (about an hour on 2 cores); ``--sizes 100000`` for one
-data size; ``--part networks|crossings|invariance`` for one block.
+data size; ``--part networks|crossings|invariance`` for one block; ``--localization-scale 0.2`` for
+localization ``0.2 sqrt(nbeta)`` instead of the default.
 """
 
 from __future__ import annotations
@@ -27,10 +28,20 @@ import torch
 from torch import nn
 
 from online_llc import estimate_llc
+from online_llc.config import default_estimand
 from online_llc.toy import ShuffledBatches, deep_linear_problem
 
 MODELS = [([10, 3, 5], 1), ([6, 6, 6], 2), ([5, 3, 4, 6, 2], 1), ([8, 8, 8, 8], 2)]
 CROSSINGS = [(1, 1), (1, 2)]  # lambda 1/2 (m = 2) and 1/4
+SCALE = None  # --localization-scale: localization = SCALE * sqrt(nbeta), else the default
+
+
+def _estimand(n: int) -> dict:
+    """``nbeta`` and ``localization`` for estimate_llc: the defaults, or the given scale."""
+    if SCALE is None:
+        return {}
+    nbeta, _ = default_estimand(n)
+    return {"nbeta": nbeta, "localization": SCALE * math.sqrt(nbeta)}
 
 
 class CrossingRegression(nn.Module):
@@ -75,7 +86,11 @@ def main() -> None:
     ap.add_argument("--batches", default="32,256")
     ap.add_argument("--chains", type=int, default=2)
     ap.add_argument("--part", choices=["all", "networks", "crossings", "invariance"], default="all")
+    ap.add_argument("--localization-scale", type=float, default=None,
+                    help="localization = scale * sqrt(nbeta) instead of the default (networks and crossings)")
     args = ap.parse_args()
+    global SCALE
+    SCALE = args.localization_scale
     torch.set_num_threads(1)
     sizes = [int(v) for v in args.sizes.split(",")]
     batches = [int(v) for v in args.batches.split(",")]
@@ -95,7 +110,7 @@ def networks(sizes: list[int], batches: list[int], chains: int) -> None:
             for b in batches:
                 p = deep_linear_problem(widths, r, num_samples=n, batch_size=b, seed=0)
                 t = time.time()
-                res = estimate_llc(p.model, p.loss_fn, p.batches, num_samples=n, num_chains=chains, seed=1)
+                res = estimate_llc(p.model, p.loss_fn, p.batches, num_samples=n, num_chains=chains, seed=1, **_estimand(n))
                 rel = res.mean / p.lam
                 worst = max(worst, abs(rel - 1))
                 print(f"{str(widths):20s} {p.lam:6.1f} {n:8d} {b:6d} | {rel:8.3f} {res.std / p.lam:10.3f} {res.heat:7.3f} |"
@@ -114,7 +129,7 @@ def crossings(sizes: list[int], batches: list[int], chains: int) -> None:
             for bs in batches:
                 t = time.time()
                 res = estimate_llc(CrossingRegression(a, b), crossing_loss, ShuffledBatches(x, y, batch_size=bs, seed=0),
-                                   num_samples=n, num_chains=chains, seed=1)
+                                   num_samples=n, num_chains=chains, seed=1, **_estimand(n))
                 target = crossing_target(a, b, c, res.nbeta, res.localization)
                 rel = res.mean / target
                 worst = max(worst, abs(rel - 1))
