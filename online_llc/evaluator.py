@@ -11,7 +11,7 @@ model without changing anything the training run can see.
   evaluator's ``mode`` (:data:`MODES`) for a pass and restores every submodule's flag after it.
 * :func:`paired_losses_and_grads` runs the kernel's passes: per-sample losses at ``w*`` and
   ``w* + xi`` and the gradients of the batch's two halves.
-* :func:`split_halves` cuts a batch into its two halves along the sample dimension, so the kernel
+* :func:`split_halves` (:mod:`online_llc.halves`, re-exported here) cuts a batch into its two halves along the sample dimension, so the kernel
   can take the gradient of each half (their difference measures the gradient noise).
 * :func:`private_rng` forks the global CPU/CUDA generators and reseeds them from the monitor's own
   ``torch.Generator``: any draw the model makes from the global RNG (dropout) is then a function of
@@ -22,7 +22,6 @@ model without changing anything the training run can see.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping as _Mapping
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Protocol, Tuple
 
@@ -30,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.dropout import _DropoutNd
 
+from .halves import _leading_sizes, split_halves
 from .sharding import check_unsharded
 from .updates import _norm, state_dtype
 
@@ -37,10 +37,12 @@ __all__ = [
     "LossFn",
     "LossEvaluator",
     "MODES",
+    "check_per_sample",
     "cuda_devices",
     "derived_seed",
     "deterministic",
     "model_mode",
+    "moved_items",
     "moved_weights",
     "paired_losses_and_grads",
     "private_rng",
@@ -69,6 +71,11 @@ def model_mode(model: nn.Module, mode: str) -> Iterator[None]:
         # Flags are set directly: calling .train() again would push one flag down to every child.
         for m, flag in flags:
             m.training = flag
+
+
+#: What the kernel's passes return: ``(l_center, l_sample, g1, g2, (B1, B2), center_parts)``
+#: (:func:`paired_losses_and_grads`).
+Paired = Tuple[Tensor, Tensor, List[Optional[Tensor]], List[Optional[Tensor]], Tuple[int, int], Tuple[Tensor, ...]]
 
 
 class LossFn(Protocol):
@@ -185,7 +192,7 @@ class LossEvaluator:
         batch: Any,
         rewind: Callable[[], None],
         center_losses: Optional[Tuple[Tensor, ...]] = None,
-    ) -> Tuple[Tensor, Tensor, List[Optional[Tensor]], List[Optional[Tensor]], Tuple[int, int], Tuple[Tensor, ...]]:
+    ) -> Paired:
         """The kernel's passes: :func:`paired_losses_and_grads` with this evaluator."""
         return paired_losses_and_grads(self, center, offset, batch, rewind, center_losses)
 
@@ -217,14 +224,21 @@ class LossEvaluator:
         subst = {"model." + n: t for n, t in params.items()}
         for n, b in self.model.named_buffers():
             subst["model." + n] = b.detach().clone()
-        out = torch.func.functional_call(self._module, subst, (batch,), strict=False)
-        if not isinstance(out, Tensor) or out.dim() != 1 or out.numel() == 0:
-            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(
-                "Expected `loss_fn` to return per-sample losses of shape [B] (one value per sample, "
-                f"reduction='none'), got {shape}."
-            )
-        return out
+        return check_per_sample(torch.func.functional_call(self._module, subst, (batch,), strict=False))
+
+
+def check_per_sample(out: Any) -> Tensor:
+    """``out`` itself when it is a non-empty 1-D tensor (one loss per sample).
+
+    Raises:
+        ValueError: naming ``loss_fn``, for any other output."""
+    if not isinstance(out, Tensor) or out.dim() != 1 or out.numel() == 0:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(
+            "Expected `loss_fn` to return per-sample losses of shape [B] (one value per sample, "
+            f"reduction='none'), got {shape}."
+        )
+    return out
 
 
 def cuda_devices(tensors: Mapping[str, Tensor]) -> List[int]:
@@ -285,57 +299,17 @@ def private_rng(
         yield rewind
 
 
-def _leading_sizes(batch: Any, out: set) -> bool:
-    """Collect the leading sizes of the tensors in ``batch``; False if one cannot be split."""
-    if isinstance(batch, Tensor):
-        if batch.dim() == 0:
-            return False
-        out.add(int(batch.shape[0]))
-        return True
-    if isinstance(batch, _Mapping):
-        return all(_leading_sizes(v, out) for v in batch.values())
-    if isinstance(batch, (tuple, list)):
-        return all(_leading_sizes(v, out) for v in batch)
-    return True  # other leaves (None, numbers, strings) are shared by both halves
-
-
-def _take(batch: Any, lo: int, hi: int) -> Any:
-    if isinstance(batch, Tensor):
-        return batch[lo:hi]
-    if isinstance(batch, _Mapping):
-        parts = {k: _take(v, lo, hi) for k, v in batch.items()}
-        try:
-            return type(batch)(parts)
-        except Exception:  # a mapping type that cannot be rebuilt from a dict: a plain dict
-            return parts
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
-        return type(batch)(*(_take(v, lo, hi) for v in batch))
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_take(v, lo, hi) for v in batch)
-    return batch
-
-
-def split_halves(batch: Any) -> Optional[Tuple[Any, Any, int]]:
-    """``(first, second, size)``: samples ``[0, size // 2)`` and ``[size // 2, size)`` of ``batch``.
-
-    A batch splits when every tensor in it (through tuples, lists, namedtuples and mappings) has
-    the same leading size ``size >= 2``; other leaves go to both halves. ``None`` otherwise: the
-    kernel then takes both half-batch gradients from one pass over the whole batch.
-    """
-    sizes: set = set()
-    if not _leading_sizes(batch, sizes) or len(sizes) != 1:
-        return None
-    size = sizes.pop()
-    if size < 2:
-        return None
-    half = size // 2
-    return _take(batch, 0, half), _take(batch, half, size), size
+def moved_items(center: Mapping[str, Tensor], xi: Mapping[str, Tensor]) -> Iterator[Tuple[str, Tensor]]:
+    """``(name, w* + xi)`` one parameter at a time, in the parameters' dtype: the offsets stay
+    float32 (the sum is formed in the wider dtype, then cast for the forward; the gradient flows
+    back to ``xi`` in float32)."""
+    for n in xi:
+        yield n, (center[n] + xi[n]).to(center[n].dtype)
 
 
 def moved_weights(center: Mapping[str, Tensor], xi: Mapping[str, Tensor]) -> Dict[str, Tensor]:
-    """``w* + xi`` in the parameters' dtype: the offsets stay float32 (the sum is formed in the
-    wider dtype, then cast for the forward; the gradient flows back to ``xi`` in float32)."""
-    return {n: (center[n] + xi[n]).to(center[n].dtype) for n in xi}
+    """``w* + xi`` of every parameter (:func:`moved_items`)."""
+    return dict(moved_items(center, xi))
 
 
 def paired_losses_and_grads(
@@ -345,7 +319,7 @@ def paired_losses_and_grads(
     batch: Any,
     rewind: Callable[[], None],
     center_losses: Optional[Tuple[Tensor, ...]] = None,
-) -> Tuple[Tensor, Tensor, List[Optional[Tensor]], List[Optional[Tensor]], Tuple[int, int], Tuple[Tensor, ...]]:
+) -> Paired:
     """Per-sample losses at ``w*`` and ``w* + xi``, and the gradients of the two halves' mean losses.
 
     When the batch splits (:func:`~online_llc.evaluator.split_halves`), each half runs through the

@@ -54,8 +54,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .evaluator import LossEvaluator, LossFn, _check_same, split_halves
-from .updates import state_dtype
+from .evaluator import LossEvaluator, LossFn, Paired, _check_same, check_per_sample, moved_items, split_halves
+from .updates import _norm, state_dtype
 
 __all__ = ["ShardLayout", "ShardedLossEvaluator", "is_fsdp2", "make_evaluator"]
 
@@ -162,7 +162,7 @@ class ShardedLossEvaluator(LossEvaluator):
         """Per-sample losses of this rank's batch with ``params`` (this rank's shards) in place of
         the sampled parameters' shards; the model's own shards are restored after the pass."""
         with self._weights(params.items()):
-            return self._check(self._pass(batch))
+            return self._pass(batch)
 
     def paired(
         self,
@@ -171,7 +171,7 @@ class ShardedLossEvaluator(LossEvaluator):
         batch: Any,
         rewind: Callable[[], None],
         center_losses: Optional[Tuple[Tensor, ...]] = None,
-    ) -> Tuple[Tensor, Tensor, List[Optional[Tensor]], List[Optional[Tensor]], Tuple[int, int], Tuple[Tensor, ...]]:
+    ) -> Paired:
         """:func:`~online_llc.evaluator.paired_losses_and_grads` on shards: the losses are this
         rank's, the gradients the reduce-scattered mean over ranks (this rank's shards), the
         halves' sizes those of the union of the ranks' batches (``R`` times this rank's)."""
@@ -191,12 +191,12 @@ class ShardedLossEvaluator(LossEvaluator):
         # Each half through the model on its own, as the unsharded kernel does (one pass's FLOPs).
         if center_losses is None:
             with torch.no_grad():
-                center_losses = tuple(self._check(self._pass(p)).detach() for p in pieces)
+                center_losses = tuple(self._pass(p).detach() for p in pieces)
         rewind()
         samples, grads = [], []
-        with self._weights(_moved_items(center, offset)):
+        with self._weights(moved_items(center, offset)):
             for p, c in zip(pieces, center_losses):
-                s = self._check(self._pass(p))
+                s = self._pass(p)
                 _check_same(c, s)
                 s.mean().backward()
                 grads.append(self._take_grads())
@@ -210,15 +210,15 @@ class ShardedLossEvaluator(LossEvaluator):
         # dropout masks: rewound before each).
         if center_losses is None:
             with torch.no_grad():
-                center_losses = (self._check(self._pass(batch)).detach(),)
+                center_losses = (self._pass(batch).detach(),)
         (l_center,) = center_losses
         b = l_center.numel()
         h = b // 2
         grads, l_sample = [], None
-        with self._weights(_moved_items(center, offset)):
+        with self._weights(moved_items(center, offset)):
             for part in ((slice(0, h), slice(h, b)) if b >= 2 else (slice(0, b),)):
                 rewind()
-                s = self._check(self._pass(batch))
+                s = self._pass(batch)
                 _check_same(l_center, s)
                 s[part].mean().backward()
                 grads.append(self._take_grads())
@@ -243,7 +243,7 @@ class ShardedLossEvaluator(LossEvaluator):
                 (diff - mean).square().sum(),
                 l_center.double().sum(),
                 l_sample.double().sum(),
-                _sq_norm(offsets).to(diff.device),
+                _norm(list(offsets)).square().to(diff.device),
                 noise_sq.to(diff.device, torch.float64),
             ]
         )
@@ -303,25 +303,18 @@ class ShardedLossEvaluator(LossEvaluator):
         return self.loss_fn(self.model, batch)
 
     def _pass(self, batch: Any) -> Tensor:
+        """One forward of ``loss_fn``, its output checked (one loss per sample), then every FSDP
+        module resharded."""
         # Buffers are put back after the pass (a BatchNorm in training mode would update its
         # running statistics), as the unsharded evaluator's cloned buffers do.
         buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
         try:
-            return self._forward(batch)
+            return check_per_sample(self._forward(batch))
         finally:
             with torch.no_grad():
                 for b, saved in buffers:
                     b.copy_(saved)
             self._reshard()
-
-    def _check(self, out: Any) -> Tensor:
-        if not isinstance(out, Tensor) or out.dim() != 1 or out.numel() == 0:
-            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(
-                "Expected `loss_fn` to return per-sample losses of shape [B] (one value per sample, "
-                f"reduction='none'), got {shape}."
-            )
-        return out
 
     def _reshard(self) -> None:
         for m in self._fsdp_modules:
@@ -365,7 +358,8 @@ class ShardedLossEvaluator(LossEvaluator):
     @contextmanager
     def _passes(self) -> Iterator[None]:
         """Set the training run's gradients aside and switch FSDP's gradient reduction on for the
-        block; put both back after it."""
+        block; put both back after it. (Resharding is left to :meth:`_pass` and :meth:`_weights`,
+        through which every forward and every change of the shards goes.)"""
         params = list(self.model.parameters())
         grads = [p.grad for p in params]
         flags = _sync_flags(self._fsdp_modules)
@@ -379,14 +373,6 @@ class ShardedLossEvaluator(LossEvaluator):
             for p, g in zip(params, grads):
                 p.grad = g
             _restore_sync_flags(flags)
-            self._reshard()
-
-
-def _moved_items(center: Mapping[str, Tensor], offset: Mapping[str, Tensor]) -> Iterator[Tuple[str, Tensor]]:
-    """``(name, (w* + xi).to(dtype))`` one tensor at a time, as
-    :func:`~online_llc.evaluator.moved_weights` forms them."""
-    for n in offset:
-        yield n, (center[n] + offset[n]).to(center[n].dtype)
 
 
 def is_fsdp2_module(m: nn.Module) -> bool:
@@ -402,12 +388,6 @@ def make_evaluator(
     if isinstance(model, nn.Module) and is_fsdp2(model):
         return ShardedLossEvaluator(model, loss_fn, param_names, mode)
     return LossEvaluator(model, loss_fn, param_names, mode)
-
-
-def _sq_norm(tensors: Sequence[Tensor]) -> Tensor:
-    if not tensors:
-        return torch.zeros((), dtype=torch.float64)
-    return torch.stack(torch._foreach_norm(list(tensors))).double().square().sum()
 
 
 def _sync_flags(modules: Sequence[nn.Module]) -> List[Tuple[Any, bool, bool]]:

@@ -141,7 +141,9 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _run(tmp_path, script: str) -> list:
+def run_two_processes(tmp_path, script: str) -> list:
+    """Run ``script`` on two CPU processes (``torch.distributed.run``, gloo) with ``tmp_path`` as its
+    argument and working directory; each rank writes ``rank<r>.json`` there, returned in rank order."""
     path = tmp_path / "run.py"
     path.write_text(script)
     with socket.socket() as s:
@@ -183,7 +185,7 @@ def test_fsdp2_chain_is_the_unsharded_chain_on_the_union_of_the_batches(tmp_path
     chain; a checkpoint taken at step 30 holds the full tensors (equal to the unsharded chain's
     offsets), and restoring it continues exactly; ``gather`` and the offline estimator are refused
     with messages naming the argument."""
-    ranks = _run(tmp_path, SCRIPT)
+    ranks = run_two_processes(tmp_path, SCRIPT)
     for out in ranks:
         for sampler in ("sgld", "rmsprop_sgld", "sghmc"):
             got = out[sampler]
@@ -309,7 +311,7 @@ def test_lightning_model_parallel_strategy_with_fully_shard(tmp_path):
     Lightning's distributed checkpoint (the callback's state is saved from rank 0 only: it holds
     the chains' full tensors) continues exactly as the uninterrupted one."""
     pytest.importorskip("lightning.pytorch")
-    ranks = _run(tmp_path, LIGHTNING_SCRIPT)
+    ranks = run_two_processes(tmp_path, LIGHTNING_SCRIPT)
     for out in ranks:
         assert out["identical"] is True and out["gathers"] is True
         assert len(out["hist"]) == 4 and out["hist"][-1][3] == "tracking"

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -15,6 +10,7 @@ from torch import nn
 
 from online_llc import OnlineLLC, estimate_llc
 from online_llc.sharding import sharding_of
+from test_fsdp import run_two_processes
 
 
 def mse(model, batch):
@@ -85,18 +81,8 @@ def test_fsdp1_models_are_refused_and_fsdp2_ones_accepted_on_two_processes(tmp_p
     by the online monitor, which moves its shards (``tests/test_fsdp.py``). The script first checks
     why substitution cannot serve FSDP2: its forward returns the unperturbed output for
     substituted weights."""
-    script = tmp_path / "run.py"
-    script.write_text(SCRIPT)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           str(script), str(tmp_path)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    for r in (0, 1):
-        out = json.loads((tmp_path / f"rank{r}.json").read_text())
+    ranks = run_two_processes(tmp_path, SCRIPT)
+    for out in ranks:
         assert out["fsdp2_ignores_substitution"] is True
         assert out["fsdp2"] == "accepted"
         assert out["fsdp1"].startswith("Expected `model`") and "FullyShardedDataParallel" in out["fsdp1"]
