@@ -16,40 +16,36 @@ reaches it, so it is tuned to the user's batch size while the estimand is not.
   (``benchmarks/known_lambda.py``). On the known-lambda models (reduced-rank regressions and
   deep linear networks, n = 1e6, batch 1024) ``nbeta`` from 64 to 1024 gave estimates within
   about 10% of each other at a suitable localization; 256 costs 8x fewer steps than 1024.
-* ``localization = 0.4 * sqrt(nbeta)`` (6.4 at the cap). The pull ``gamma / 2 ||w - w*||^2``
+* ``localization = 0.2 * sqrt(nbeta)`` (3.2 at the cap). The pull ``gamma / 2 ||w - w*||^2``
   confines the flat directions of a singular model but lowers the estimate: a regular direction
   of curvature ``h`` counts ``1 / (1 + gamma / (nbeta h))`` of its share, and a quartic one
   (``K ~ c w^4``, common at singularities) loses about ``gamma / sqrt(nbeta c)``, hence the
-  square root. Measured at ``nbeta = 256`` (estimate / lambda, reduced-rank regression 10-3-5,
-  networks 5-3-4-6-2 and 8-8-8-8): scale 0.3 gave 1.02 / 1.25 / 0.95, 0.4 gave 1.00 / 1.10 /
-  0.90, 0.5 gave 1.00 / 1.01 / 0.86, 1.0 gave 0.91 / 0.86 / 0.74. Too weak a pull lets the
-  near-flat directions wander off (up to 2.6x too high at scale 0.1); too strong a pull reads low.
-  Measured again with the heat-calibrated step and a full burn-in (batch 256, n = 1e5, 2 chains,
-  standard errors 2-4%), scales 0.2 / 0.3 / 0.4 gave 10-3-5 1.04 / 1.05 / 1.02, 6-6-6 0.91 / 0.95 /
-  0.97, 5-3-4-6-2 0.92 / 0.90 / 0.91, 8-8-8-8 0.94 / 0.91 / 0.90: within about two standard errors
-  of each other. The exact estimand (``benchmarks/exact_estimand.py``: MALA on the full batch,
-  n = 1e5) shows that the pull *is* what keeps the deeper networks low, and that SGLD at batch 256
-  over-read at scale 0.4: 8-8-8-8's estimand is 0.827 lambda at scale 0.4, 0.919 at 0.2 and 0.947
-  at 0.1 (5-3-4-6-2: 0.867 at 0.4, 0.923 at 0.1), and SGLD at batch 32 reads 0.852 (0.4) and 1.001
-  times the exact estimand (0.2). A larger nbeta at the same scale does not help (1024, scale 0.4:
-  0.803 exactly). Scale 0.2 would bring the worst known-lambda pull from 17% to 8% at twice the
-  relaxation time; the default stays 0.4 until the known-lambda suite and the heat grid are rerun
-  at 0.2.
+  square root. The exact estimand (``benchmarks/exact_estimand.py``: MALA on the full batch,
+  float64, n = 1e5, nbeta 256) measures the pull on the deep linear networks: 8-8-8-8 reads 0.827
+  lambda at scale 0.4, 0.919 at 0.2 and 0.947 at 0.1; 5-3-4-6-2 0.867 at 0.4, 1.006 +- 0.05 at 0.2
+  and 0.923 +- 0.05 at 0.1. A larger nbeta at the same scale does not help (1024, scale 0.4:
+  0.803). Scale 0.2 halves the worst pull (17% to 8%) at twice the relaxation time
+  ``2 / (epsilon gamma)``; a weaker pull lets near-flat directions wander (up to 2.6x too high at
+  scale 0.1 with a short burn-in) and mixes more slowly still. SGLD at batch 32 reads the exact
+  estimand at 0.2 (8-8-8-8: 1.001 times it; 5-3-4-6-2: 0.999).
 * ``step_size``: ``min(0.08 / nbeta, 0.08 B / nbeta^2)`` to start with (discretization heat
   ``1 / (1 - epsilon nbeta h / 4)``, about 2% at unit curvature; minibatch heat about 2% at
   unit gradient noise), then calibrated on the measured heat: every shadow or offline step
   computes its gradient as the mean of two half-batch gradients, whose difference measures the
-  gradient noise at no extra cost (:mod:`online_llc.heat`), and the step is rescaled until the
-  measured minibatch heat is about :data:`TARGET_HEAT`. The step never exceeds ``0.08 / nbeta``.
+  gradient noise at no extra cost (:mod:`online_llc.heat`), and the step is rescaled towards
+  the heat :data:`TARGET_HEAT` (2%) whenever the measured heat is past :data:`CUT_HEAT` (3%) and
+  its interval clearly above the target. The step never exceeds ``0.08 / nbeta``.
   The offline estimator calibrates during burn-in (:func:`online_llc.estimate_llc`), the monitor
   between windows.
-* ``burn_in`` and ``num_draws`` (offline): the burn-in is one relaxation time ``2 / (epsilon gamma)``
-  of the slowest (localization-bound) direction, at least 500 steps; the draws are 1000 times
-  ``0.08 / (nbeta epsilon)``, the factor by which calibration shortened the step (every direction
-  relaxes that much more slowly). At a fixed heat ``epsilon`` is proportional to ``B``, so small
-  batches take more, cheaper steps: the samples seen are about the same at every batch size.
+* ``burn_in`` and ``num_draws`` (offline): the burn-in is two relaxation times ``2 / (epsilon gamma)``
+  of the slowest (localization-bound) direction (:data:`online_llc.budget.BURN_IN_RELAXATIONS`),
+  at least 500 steps; the draws are 1000 times ``0.08 / (nbeta epsilon)``, the factor by which
+  calibration shortened the step (every direction relaxes that much more slowly), and at least
+  one relaxation time (the flat directions mix over it). At a fixed heat ``epsilon`` is
+  proportional to ``B``, so small batches take more, cheaper steps: the samples seen are about
+  the same at every batch size.
   The draws are then doubled while the multi-chain standard error is above
-  :data:`DEFAULT_PRECISION` (5%) of the estimate, up to 20000 per chain: a model whose LLC lives in
+  :data:`DEFAULT_PRECISION` (5%) of the estimate, up to 50000 per chain: a model whose LLC lives in
   flat directions (a normal crossing ``w1^2 w2^2`` with lambda 1/2, read 0.24 at nbeta 256)
   showed a standard error of 35% after 1000 draws x 4 chains and 6% after 20000
   (``benchmarks/known_lambda.py --part crossings``); the deep linear networks meet 5% at once.
@@ -111,6 +107,7 @@ __all__ = [
     "ONLINE_LOCALIZATION_PER_NBETA",
     "ONLINE_STEP_SCALE",
     "TARGET_HEAT",
+    "CUT_HEAT",
     "MAX_HEAT",
     "DEFAULT_NUM_DRAWS",
     "DEFAULT_PRECISION",
@@ -130,7 +127,7 @@ __all__ = [
 #: The largest default ``nbeta``: ``min(n / log n, DEFAULT_NBETA_CAP)``.
 DEFAULT_NBETA_CAP: float = 256.0
 #: The default localization is ``DEFAULT_LOCALIZATION_SCALE * sqrt(nbeta)``.
-DEFAULT_LOCALIZATION_SCALE: float = 0.4
+DEFAULT_LOCALIZATION_SCALE: float = 0.2
 #: The largest default SGLD step is ``DEFAULT_STEP_SCALE / nbeta`` (``epsilon nbeta``, the step in
 #: units of a unit-curvature direction's stiffness). On stiff deep networks its discretization
 #: heat is not small: on dln[4, 12, 12, 12, 4] r=2 with full batches (n = 10240, nbeta 256, gamma
@@ -146,7 +143,10 @@ ONLINE_LOCALIZATION_PER_NBETA: float = 0.09
 ONLINE_STEP_SCALE: float = 0.15
 #: The heat ``T - 1`` the step is calibrated to (offline: minibatch and discretization together).
 TARGET_HEAT: float = 0.02
-#: Above this measured heat the step is lowered (and, when it cannot be, a warning names it).
+#: Calibration lowers the step when the measured heat's excess is above this and the lower end of
+#: its interval is above :data:`TARGET_HEAT` (:func:`online_llc.heat.calibrated_step`).
+CUT_HEAT: float = 0.03
+#: Above this measured heat a run warns that it ran hot (offline, and ``recommend_step_size``'s bound).
 MAX_HEAT: float = 0.05
 DEFAULT_NUM_DRAWS: int = 1000
 #: Offline: the relative standard error the automatic draw count aims for (draws are doubled
@@ -164,7 +164,7 @@ def default_estimand(
     num_samples: int, nbeta: Optional[float] = None, localization: Optional[float] = None, online: bool = False
 ) -> Tuple[float, float]:
     """``(nbeta, localization)`` with the defaults filled in: ``min(n / log n, 256)`` and
-    ``0.4 * sqrt(nbeta)``, or ``0.09 * nbeta`` for the online monitor (see the module docstring
+    ``0.2 * sqrt(nbeta)``, or ``0.09 * nbeta`` for the online monitor (see the module docstring
     for why)."""
     if nbeta is None:
         nbeta = min(default_nbeta(num_samples), DEFAULT_NBETA_CAP)
@@ -246,7 +246,7 @@ def resolve_hyperparameters(
     Args:
         num_samples: ``n`` (an int >= 2 when ``nbeta`` is None, else >= 1).
         nbeta: ``n * beta`` or ``None`` for ``min(n / log n, 256)``.
-        localization: ``gamma >= 0`` or ``None`` for ``0.4 * sqrt(nbeta)``.
+        localization: ``gamma >= 0`` or ``None`` for ``0.2 * sqrt(nbeta)``.
         step_size: ``epsilon > 0`` or ``None`` for :func:`default_step_size` (which the estimators
             then calibrate on the measured heat).
         sampler: one of :data:`online_llc.sgld.SAMPLERS`.

@@ -177,12 +177,12 @@ def test_heat_interval_reads_inf_when_the_biases_take_the_whole_estimate() -> No
 def test_default_step_is_calibrated_to_the_batch() -> None:
     """n = 200000 with batches of 64 ran 3.4x too hot at the old defaults. The calibrated default
     must keep the measured heat under 1.05 and land within 5% (plus three of its standard errors)
-    of the exact target of the estimand it reports (nbeta 256, localization 6.4). The regular
+    of the exact target of the estimand it reports (nbeta 256, localization 3.2). The regular
     model relaxes within about 100 steps at the calibrated step, so a short burn-in suffices."""
     n, batch = 200000, 64
     p, h, outputs, _ = _regression_at_optimum(n, batch)
     res = estimate_llc(p.model, p.loss_fn, p.batches, num_samples=n, num_chains=2, num_draws=3000, burn_in=600, seed=4)
-    assert res.nbeta == 256 and res.localization == pytest.approx(0.4 * 16)
+    assert res.nbeta == 256 and res.localization == pytest.approx(0.2 * 16)
     assert res.calibration, "the step was calibrated"
     assert res.heat < 1.05
     target = _exact_target(h, outputs, res.nbeta, res.localization)
@@ -255,7 +255,7 @@ def test_discretization_bias_matches_the_discrete_chain_in_closed_form(multiple:
     the discrete chain's expectation within 3.5 of its reported standard errors."""
     n = 10240
     p, h, outputs, _ = _regression_at_optimum(n, batch=n)
-    nbeta, gamma = 256.0, 0.4 * 16.0
+    nbeta, gamma = 256.0, 0.2 * 16.0
     eps = multiple * 0.08 / nbeta
     a = nbeta * h.double() + gamma
     excess = float(outputs * torch.sum(eps * nbeta * h / (8 * (1 - eps * a / 4))))
@@ -287,7 +287,7 @@ def test_defaults_lower_a_step_whose_discretization_bias_is_gross() -> None:
     to two of its reported standard errors (measured: +4.3% +- 2.0% with 2 chains)."""
     n = 10240
     p, h, outputs, _ = _regression_at_optimum(n, batch=1024, input_scale=2.0)
-    target = _exact_target(h, outputs, 256.0, 0.4 * 16.0)
+    target = _exact_target(h, outputs, 256.0, 0.2 * 16.0)
     res = estimate_llc(p.model, p.loss_fn, p.batches, num_samples=n, seed=0)
     assert res.step_size < 0.08 / 256 / 2
     assert res.discretization_bias / res.mean <= 0.04
@@ -296,16 +296,24 @@ def test_defaults_lower_a_step_whose_discretization_bias_is_gross() -> None:
 
 def test_calibration_waits_for_a_measurement_that_decides() -> None:
     """A heat whose two-standard-error interval straddles the bounds leaves the step alone; one
-    clearly above the bound shrinks it, one clearly below the target raises it."""
+    past CUT_HEAT whose interval is clearly above the target shrinks it, one clearly below the
+    target raises it."""
     import numpy as np
 
-    from online_llc.config import MAX_HEAT, TARGET_HEAT
+    from online_llc.config import CUT_HEAT, MAX_HEAT, TARGET_HEAT
     from online_llc.heat import bias_interval, calibrated_step
 
     step, top = 1e-4, 4e-4
     # Point heat 1.5 but the interval reaches below 1: noise, not heat (was an 8x cut before).
     assert calibrated_step(step, 1.5, top, heat_low=0.9, heat_high=4.0) == step
     assert calibrated_step(step, 1.5, top, heat_low=1.0 + 2 * MAX_HEAT, heat_high=2.0) == pytest.approx(step / 8)
+    # A resolved 5.5% heat (interval 1.035..1.075) is cut to the 2% target: the old rule, which
+    # wanted the lower end past MAX_HEAT, let it stand and the estimate read ~5% high.
+    assert calibrated_step(step, 1.055, top, heat_low=1.035, heat_high=1.075) == pytest.approx(step * 0.02 / 0.055)
+    # Past CUT_HEAT but not resolved above the target: left alone; resolved but under CUT_HEAT: too.
+    assert CUT_HEAT < MAX_HEAT
+    assert calibrated_step(step, 1.0 + CUT_HEAT + 0.005, top, heat_low=1.0 + TARGET_HEAT - 0.001, heat_high=1.05) == step
+    assert calibrated_step(step, 1.0 + CUT_HEAT - 0.001, top, heat_low=1.0 + TARGET_HEAT + 0.001, heat_high=1.04) == step
     assert calibrated_step(step, 1.0 + TARGET_HEAT / 10, top, heat_low=0.99, heat_high=1.0 + TARGET_HEAT / 4) == 2 * step
     assert calibrated_step(step, 1.0 + TARGET_HEAT / 10, top, heat_low=0.99, heat_high=1.2) == step
 
