@@ -48,9 +48,9 @@ __all__ = ["LLCResult", "estimate_llc", "CAP_BATCH", "MAX_AUTO_BURN_IN", "MAX_AU
 #: The longest automatic burn-in, in steps per chain of batches of :data:`CAP_BATCH` samples (a
 #: batch of ``B < CAP_BATCH`` gets ``CAP_BATCH / B`` times as many steps); past it a warning names
 #: the relaxation time.
-MAX_AUTO_BURN_IN = 20000
+MAX_AUTO_BURN_IN = 100000
 #: The most draws per chain chosen automatically, in the same units.
-MAX_AUTO_DRAWS = 20000
+MAX_AUTO_DRAWS = 50000
 #: The caps count samples, not steps: the heat-calibrated step, and so every direction's
 #: relaxation in steps, scales with the batch size, so a cap in steps would cut small-batch chains
 #: short (at batch 32 a deep linear network relaxed over 33000 steps, and a normal crossing read
@@ -118,7 +118,7 @@ def estimate_llc(
         batches: any re-iterable of batches (a DataLoader), cycled as needed.
         num_samples: ``n``, the number of training samples the loss is an average over.
         nbeta: ``n * beta``; ``None`` means ``min(n / log n, 256)`` (:mod:`online_llc.config`).
-        localization: ``gamma``, the pull towards ``w*``; ``None`` means ``0.4 * sqrt(nbeta)``.
+        localization: ``gamma``, the pull towards ``w*``; ``None`` means ``0.2 * sqrt(nbeta)``.
         step_size: the sampler's ``epsilon``; ``None`` calibrates it: it starts at
             :func:`online_llc.config.default_step_size` for the batch size, and rounds of
             :data:`CALIBRATION_STEPS` steps on the first chain rescale it until the measured
@@ -131,8 +131,8 @@ def estimate_llc(
             ``precision`` times the estimate (up to :data:`MAX_AUTO_DRAWS`; a warning says when that
             is not enough). Both caps are steps of :data:`CAP_BATCH` samples: batches of ``B`` get
             ``CAP_BATCH / B`` times as many steps when smaller.
-        burn_in: steps per chain discarded first; ``None`` means one relaxation time of the
-            slowest direction, ``2 / (epsilon * gamma)``, at least 500 and at most
+        burn_in: steps per chain discarded first; ``None`` means two relaxation times of the
+            slowest direction, ``2 / (epsilon * gamma)`` each, at least 500 and at most
             :data:`MAX_AUTO_BURN_IN` (scaled like the draws; with a warning when that is shorter
             than the relaxation).
         seed: seeds the chains' private generators (chain ``c`` uses ``seed * 1000003 + c``).

@@ -35,7 +35,7 @@ class MonitorSettings:
             (the Lightning callback then reads it from the train dataloader).
         nbeta: ``n * beta``; ``None`` means ``min(n / log n, 256)``, as offline.
         localization: ``gamma``; ``None`` means ``0.09 * nbeta`` (stronger than offline's
-            ``0.4 * sqrt(nbeta)``, so the co-moving chain relaxes within a few windows; see
+            ``0.2 * sqrt(nbeta)``, so the co-moving chain relaxes within a few windows; see
             :mod:`online_llc.config`).
         step_size: the sampler's ``epsilon``; ``None``: ``min(0.15 / nbeta, 0.15 B / nbeta^2)``
             for the first batch's size ``B``, lowered when a window's measured minibatch heat

@@ -17,7 +17,9 @@ from online_llc.toy import deep_linear_problem
 # The models of the accuracy check: a regular model, two reduced-rank regressions and one deep
 # linear network from the shared reference JSON (their lambdas come from online_llc.theory,
 # which tests/test_theory.py checks against that JSON).
-ACCURACY_MODELS = [([10, 1], 1), ([6, 6, 6], 2), ([10, 3, 5], 1), ([16, 8, 16, 8], 4)]
+# The largest network runs 2 chains instead of the default 4: at the default localization and
+# burn-in (two relaxation times) its 4 chains took 759 s of a suite run on two busy cores.
+ACCURACY_MODELS = [([10, 1], 1, 4), ([6, 6, 6], 2, 4), ([10, 3, 5], 1, 4), ([16, 8, 16, 8], 4, 2)]
 
 
 def run(problem, **kw):
@@ -25,29 +27,29 @@ def run(problem, **kw):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("widths, r", ACCURACY_MODELS, ids=lambda v: str(v))
-def test_defaults_recover_theory_within_15_percent(widths, r):
+@pytest.mark.parametrize("widths, r, chains", ACCURACY_MODELS, ids=lambda v: str(v))
+def test_defaults_recover_theory_within_15_percent(widths, r, chains):
     """At its defaults the estimator lands within 15% of the learning coefficient. Published SGLD
     results are within about 20% on small networks; measured errors here are 1-9% with a
     reported std of 1-3% of lambda, so 15% leaves > 3 sigma of statistical room beyond the bias
     (negative bias from localization, positive from step-size heat)."""
     p = deep_linear_problem(widths, r, seed=0)
-    res = run(p)
+    res = run(p) if chains == 4 else run(p, num_chains=chains)
     assert abs(res.mean / p.lam - 1) < 0.15, (p.name, res.mean, p.lam)
     # The diagnostics are defined and sensible at the defaults: the calibrated step keeps the
     # measured minibatch heat near its 2% target (1.1 leaves room for one window's noise).
     assert 1.0 <= res.heat < 1.1
     assert math.isfinite(res.ratio) and res.ratio > 0
     assert res.burn_in >= 500 and res.num_draws >= 1000
-    assert res.draws.shape == (4, res.num_draws) and res.burn_in_draws.shape == (4, res.burn_in)
+    assert res.draws.shape == (chains, res.num_draws) and res.burn_in_draws.shape == (chains, res.burn_in)
 
 
 @pytest.mark.slow
 def test_ordinality_lower_rank_gives_lower_estimate():
     """Reduced-rank regression 10-3-5: rank 1 has lambda = 11, rank 2 has lambda = 14.5. The gap
     (3.5) is > 10 reported standard errors, so the ordering must hold with 3-sigma room."""
-    low = run(deep_linear_problem([10, 3, 5], 1, seed=0))
-    high = run(deep_linear_problem([10, 3, 5], 2, seed=0))
+    low = run(deep_linear_problem([10, 3, 5], 1, seed=0), num_chains=2)
+    high = run(deep_linear_problem([10, 3, 5], 2, seed=0), num_chains=2)
     assert low.mean + 3 * math.hypot(low.std, high.std) < high.mean
 
 
@@ -139,7 +141,7 @@ def test_same_seed_same_result_and_record_contents():
     assert a.mean == pytest.approx(a.draws.mean())
     np.testing.assert_allclose(a.per_chain, a.draws.mean(axis=1))
     assert a.nbeta == pytest.approx(512 / math.log(512))  # below the cap of 256
-    assert a.localization == pytest.approx(0.4 * math.sqrt(a.nbeta))
+    assert a.localization == pytest.approx(0.2 * math.sqrt(a.nbeta))
     # The step was calibrated from the batch-sized start, never above 0.08 / nbeta.
     assert a.batch_size == 512  # one batch of the whole data set
     assert a.calibration and a.calibration[0][0] == pytest.approx(min(0.08 / a.nbeta, 0.08 * 512 / a.nbeta**2))
