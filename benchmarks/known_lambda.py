@@ -13,7 +13,8 @@ the estimator). The last block compares batch 32 with batch 1024 on one network,
 their combined reported standard error.
 
 Run: ``python benchmarks/known_lambda.py`` (about an hour on 2 cores); ``--sizes 100000`` for one
-data size; ``--part networks|crossings|invariance`` for one block; ``--localization-scale 0.2`` for
+data size; ``--part networks|crossings|invariance`` for one block; ``--models 8-8-8-8`` for some
+networks; ``--localization-scale 0.2`` for
 localization ``0.2 sqrt(nbeta)`` instead of the default.
 """
 
@@ -86,6 +87,7 @@ def main() -> None:
     ap.add_argument("--batches", default="32,256")
     ap.add_argument("--chains", type=int, default=2)
     ap.add_argument("--part", choices=["all", "networks", "crossings", "invariance"], default="all")
+    ap.add_argument("--models", default=None, help="networks to run, e.g. 8-8-8-8,10-3-5 (default: all four)")
     ap.add_argument("--localization-scale", type=float, default=None,
                     help="localization = scale * sqrt(nbeta) instead of the default (networks and crossings)")
     args = ap.parse_args()
@@ -95,17 +97,24 @@ def main() -> None:
     sizes = [int(v) for v in args.sizes.split(",")]
     batches = [int(v) for v in args.batches.split(",")]
     if args.part in ("all", "networks"):
-        networks(sizes, batches, args.chains)
+        models = MODELS
+        if args.models is not None:
+            wanted = args.models.split(",")
+            models = [m for m in MODELS if "-".join(map(str, m[0])) in wanted]
+            unknown = set(wanted) - {"-".join(map(str, m[0])) for m in MODELS}
+            if unknown:
+                ap.error(f"--models: unknown {sorted(unknown)}; choose from {[ '-'.join(map(str, m[0])) for m in MODELS]}")
+        networks(sizes, batches, args.chains, models)
     if args.part in ("all", "crossings"):
         crossings(sizes, batches, args.chains)
     if args.part in ("all", "invariance"):
         invariance()
 
 
-def networks(sizes: list[int], batches: list[int], chains: int) -> None:
-    print("model                 lambda        n  batch | estimate/lambda  se/lambda  heat | nbeta  gamma  step      burn-in")
+def networks(sizes: list[int], batches: list[int], chains: int, models: list = MODELS) -> None:
+    print("model                 lambda        n  batch | estimate/lambda  se/lambda  heat | nbeta  gamma  step      burn-in  draws")
     worst = 0.0
-    for widths, r in MODELS:
+    for widths, r in models:
         for n in sizes:
             for b in batches:
                 p = deep_linear_problem(widths, r, num_samples=n, batch_size=b, seed=0)
@@ -114,8 +123,8 @@ def networks(sizes: list[int], batches: list[int], chains: int) -> None:
                 rel = res.mean / p.lam
                 worst = max(worst, abs(rel - 1))
                 print(f"{str(widths):20s} {p.lam:6.1f} {n:8d} {b:6d} | {rel:8.3f} {res.std / p.lam:10.3f} {res.heat:7.3f} |"
-                      f" {res.nbeta:5.0f} {res.localization:6.2f} {res.step_size:.3g} {res.burn_in:7d}  ({time.time() - t:.0f} s)",
-                      flush=True)
+                      f" {res.nbeta:5.0f} {res.localization:6.2f} {res.step_size:.3g} {res.burn_in:7d} {res.draws.shape[1]:6d}"
+                      f"  ({time.time() - t:.0f} s)", flush=True)
     print(f"worst |estimate / lambda - 1| = {worst:.3f}")
 
 
