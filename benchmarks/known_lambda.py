@@ -33,6 +33,7 @@ from online_llc.config import default_estimand
 from online_llc.toy import ShuffledBatches, deep_linear_problem
 
 MODELS = [([10, 3, 5], 1), ([6, 6, 6], 2), ([5, 3, 4, 6, 2], 1), ([8, 8, 8, 8], 2)]
+BY_NAME = {"-".join(map(str, widths)): (widths, r) for widths, r in MODELS}  # --models picks by name
 CROSSINGS = [(1, 1), (1, 2)]  # lambda 1/2 (m = 2) and 1/4
 SCALE = None  # --localization-scale: localization = SCALE * sqrt(nbeta), else the default
 
@@ -97,14 +98,11 @@ def main() -> None:
     sizes = [int(v) for v in args.sizes.split(",")]
     batches = [int(v) for v in args.batches.split(",")]
     if args.part in ("all", "networks"):
-        models = MODELS
-        if args.models is not None:
-            wanted = args.models.split(",")
-            models = [m for m in MODELS if "-".join(map(str, m[0])) in wanted]
-            unknown = set(wanted) - {"-".join(map(str, m[0])) for m in MODELS}
-            if unknown:
-                ap.error(f"--models: unknown {sorted(unknown)}; choose from {[ '-'.join(map(str, m[0])) for m in MODELS]}")
-        networks(sizes, batches, args.chains, models)
+        wanted = list(BY_NAME) if args.models is None else args.models.split(",")
+        unknown = sorted(set(wanted) - set(BY_NAME))
+        if unknown:
+            ap.error(f"--models: unknown {unknown}; choose from {list(BY_NAME)}")
+        networks(sizes, batches, args.chains, [m for name, m in BY_NAME.items() if name in wanted])
     if args.part in ("all", "crossings"):
         crossings(sizes, batches, args.chains)
     if args.part in ("all", "invariance"):

@@ -53,7 +53,7 @@ from typing import Iterable, Optional, Tuple
 
 import numpy as np
 
-from .config import CUT_HEAT, DEFAULT_STEP_SCALE, MAX_HEAT, ONLINE_STEP_SCALE, TARGET_HEAT
+from .config import CUT_HEAT, DEFAULT_STEP_SCALE, ONLINE_STEP_SCALE, TARGET_HEAT
 
 __all__ = [
     "heat_from",

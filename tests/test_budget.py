@@ -34,8 +34,8 @@ def test_caps_count_samples_so_small_batches_get_proportionally_more_steps():
     assert burn == pytest.approx(BURN_IN_RELAXATIONS * r32, abs=1)
     draws = resolve_num_draws(None, _config(32), scaled_cap(MAX_AUTO_DRAWS, 32, CAP_BATCH))
     # 1000 draws times the step's shrink (32000), or one relaxation time (64000) when longer.
-    assert draws > MAX_AUTO_DRAWS and draws == pytest.approx(max(1000 * 256 / 32 * 4, r32), abs=1)
-    assert draws == pytest.approx(r32, abs=1)
+    assert 1000 * 256 / 32 * 4 < r32
+    assert draws > MAX_AUTO_DRAWS and draws == pytest.approx(r32, abs=1)
 
 
 def test_a_relaxation_beyond_the_cap_is_cut_with_a_warning_naming_it():
