@@ -27,7 +27,8 @@ from .config import (
 )
 from .errors import NonFiniteDrawError, check_choice, check_int, check_nonneg_int, check_positive_int, reject_unknown
 from .groups import resolve_groups
-from .evaluator import MODES, LossEvaluator, LossFn, cuda_devices, derived_seed, split_halves
+from .evaluator import MODES, LossEvaluator, LossFn, split_halves
+from .randomness import cuda_devices, derived_seed
 from .heat import (
     bias_interval,
     calibrated_step,

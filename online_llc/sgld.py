@@ -48,7 +48,8 @@ import torch
 from torch import Tensor
 
 from .errors import check_choice, check_nonneg_float, check_positive_float
-from .evaluator import LossEvaluator, LossFn, private_rng
+from .evaluator import LossEvaluator, LossFn
+from .randomness import private_rng
 from .updates import SAMPLERS, _combine_halves, _update, init_aux, state_dtype
 
 __all__ = [

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from .errors import check_positive_float
-from .evaluator import derived_seed, deterministic
+from .randomness import derived_seed, deterministic
 from .sgld import LossEvaluator, SGLDConfig, SGLDInfo, _info, _kernel_step, init_aux
 from .sketch import SKETCH_VERSION, sketch, sketch_shift, sketch_shift_sharded
 from .updates import state_dtype

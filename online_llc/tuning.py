@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 from .config import MAX_HEAT, resolve_hyperparameters
 from .errors import check_positive_float, check_positive_int, reject_unknown
-from .evaluator import LossEvaluator, LossFn, moved_weights, private_rng, split_halves
+from .evaluator import LossEvaluator, LossFn, moved_weights, split_halves
+from .randomness import private_rng
 from .offline import NonFiniteDrawError, estimate_llc
 from .sgld import SGLDConfig
 
