@@ -28,7 +28,7 @@ from .config import (
 from .errors import NonFiniteDrawError, check_choice, check_int, check_nonneg_int, check_positive_int, reject_unknown
 from .groups import resolve_groups
 from .evaluator import MODES, LossEvaluator, LossFn, split_halves
-from .randomness import cuda_devices, derived_seed
+from .randomness import chain_seed, cuda_devices, derived_seed
 from .heat import (
     bias_interval,
     calibrated_step,
@@ -246,7 +246,7 @@ def estimate_llc(
         burn_in_cap = scaled_cap(MAX_AUTO_BURN_IN, batch_size, CAP_BATCH)
         draws_cap = scaled_cap(MAX_AUTO_DRAWS, batch_size, CAP_BATCH)
         for c in range(num_chains):
-            gen = torch.Generator(device=device).manual_seed(seed * 1000003 + c)
+            gen = torch.Generator(device=device).manual_seed(chain_seed(seed, c))
             offset = evaluator.zeros_like_center()
             state = (offset, init_aux(config, offset))
             top = config.step_size

@@ -19,12 +19,18 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.dropout import _DropoutNd
 
-__all__ = ["cuda_devices", "derived_seed", "deterministic", "private_rng"]
+__all__ = ["chain_seed", "cuda_devices", "derived_seed", "deterministic", "private_rng"]
 
 
 def cuda_devices(tensors: Mapping[str, Tensor]) -> List[int]:
     """The indices of the CUDA devices the tensors live on (empty on CPU)."""
     return sorted({t.device.index or 0 for t in tensors.values() if t.device.type == "cuda"})
+
+
+def chain_seed(seed: int, chain: int) -> int:
+    """The seed of chain ``chain``'s noise generator in a run seeded with ``seed``:
+    ``seed * 1000003 + chain``, distinct for every ``(seed, chain)`` with fewer than 1000003 chains."""
+    return seed * 1000003 + chain
 
 
 def derived_seed(*parts: int) -> int:

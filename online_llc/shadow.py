@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from .errors import check_positive_float
-from .randomness import derived_seed, deterministic
+from .randomness import chain_seed, derived_seed, deterministic
 from .sgld import LossEvaluator, SGLDConfig, SGLDInfo, _info, _kernel_step, init_aux
 from .sketch import SKETCH_VERSION, sketch, sketch_shift, sketch_shift_sharded
 from .updates import state_dtype
@@ -127,7 +127,7 @@ class ShadowSampler:
             max_offset_norm = check_positive_float("max_offset_norm", max_offset_norm)
         self.max_offset_norm = max_offset_norm
         self.generators = [
-            torch.Generator(device=self.device).manual_seed(seed * 1000003 + c) for c in range(num_chains)
+            torch.Generator(device=self.device).manual_seed(chain_seed(seed, c)) for c in range(num_chains)
         ]
         self.offsets: List[Dict[str, Tensor]] = [evaluator.zeros_like_center() for _ in range(num_chains)]
         # The sampler's own chain state (SGHMC momentum, RMSProp moments; empty for SGLD).
@@ -269,8 +269,11 @@ class ShadowSampler:
         """Give every chain a fresh noise stream seeded from ``(seed, chain, step counter)``: a
         fixed function of them, so reproducible (used for generator states that cannot be
         restored, and by a rank that loaded another rank's chains)."""
-        for c, g in enumerate(self.generators):
-            g.manual_seed(derived_seed(_RESEEDS, self.seed, c, self.steps))
+        for c in range(len(self.generators)):
+            self._reseed(c)
+
+    def _reseed(self, c: int) -> None:
+        self.generators[c].manual_seed(derived_seed(_RESEEDS, self.seed, c, self.steps))
 
     def _load_generators(self, states: List[Any], device_type: Optional[str]) -> None:
         reseeded = []
@@ -283,7 +286,7 @@ class ShadowSampler:
                 except RuntimeError:  # a state of another generator type (an untagged older state)
                     ok = False
             if not ok:
-                g.manual_seed(derived_seed(_RESEEDS, self.seed, c, self.steps))
+                self._reseed(c)
                 reseeded.append(c)
         if reseeded:
             warnings.warn(
