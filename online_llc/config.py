@@ -134,7 +134,8 @@ DEFAULT_LOCALIZATION_SCALE: float = 0.2
 #: 6.4) the estimate reads 12.13 at this step, 10.04 at half of it and 8.06 / 8.02 / 8.00 at 1/4,
 #: 1/8, 1/16 (lambda = 8): the excess grows faster than linearly, as the chain's excursions along
 #: the network's scaling valleys reach stiffer regions. Offline, the measured discretization bias
-#: counts towards the heat the step is calibrated on; the online monitor does not measure it yet.
+#: counts towards the heat the step is calibrated on; online, it counts towards the heat the step
+#: is cooled on when gross (``measure_discretization``, the default).
 DEFAULT_STEP_SCALE: float = 0.08
 DEFAULT_RMSPROP_STEP: float = 5e-3
 #: The online monitor's default localization is ``ONLINE_LOCALIZATION_PER_NBETA * nbeta``.

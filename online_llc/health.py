@@ -3,7 +3,7 @@
 Flow: training loop -> ShadowSampler -> WindowStats -> LLCFilter -> OnlineLLC records ->
 callbacks. Beside the flow: :func:`chain_health` reads one :class:`~online_llc.track.Track`
 (its history, chains and warm-ups) and says whether something needs the user: a chain that runs
-hot (its minibatch heat, :mod:`online_llc.heat`), keeps diverging, or relaxes too slowly to
+hot (its minibatch and discretization heat, :mod:`online_llc.heat`), keeps diverging, or relaxes too slowly to
 follow the training weights.
 """
 
@@ -36,9 +36,9 @@ SLOW_RELAXATION_FACTOR = 4.0
 def chain_health(track: Track, max_heat: float) -> ChainHealth:
     """The health of ``track``'s chains, with an alarm when something needs the user.
 
-    The heat alarm fires when the minibatch heat measured over the last :data:`HEALTH_WINDOWS`
-    tracking windows exceeds ``max_heat``: the gradient noise then raises the estimate by more
-    than ``max_heat - 1``. The divergence alarm fires when, after four windows, the chains were
+    The heat alarm fires when the heat measured over the last :data:`HEALTH_WINDOWS` tracking
+    windows (minibatch and discretization together) exceeds ``max_heat``: the gradient noise and
+    the step's finite size then raise the estimate by more than ``max_heat - 1``. The divergence alarm fires when, after four windows, the chains were
     reset more often than there were windows. The lag alarm fires once the step is sized to the
     batch when the slowest direction relaxes over more than :data:`SLOW_RELAXATION_WINDOWS`
     windows and :data:`SLOW_RELAXATION_FACTOR` times its relaxation at the largest step: the
@@ -59,12 +59,12 @@ def chain_health(track: Track, max_heat: float) -> ChainHealth:
     recent = [e for e in itertools.islice(fed, HEALTH_WINDOWS) if math.isfinite(e.heat_bias)]
     # inf when the heat bias takes the whole of a clearly positive estimate: hotter than measurable,
     # which must alarm too (a NaN would have stayed silent at gross heat).
-    heat = pooled_heat([e.raw_mean for e in recent], [e.heat_bias for e in recent], report=True)
+    heat = pooled_heat([e.raw_mean for e in recent], [e.total_bias for e in recent], report=True)
     config = track.sampler.config
     alarms = []
     if heat > max_heat:  # NaN is False, inf True
         alarms.append(
-            f"chain runs hot: the minibatch heat is {heat:.3f} > {max_heat:g} ("
+            f"chain runs hot: the heat (minibatch and discretization) is {heat:.3f} > {max_heat:g} ("
             + (f"the estimate is about {100 * (heat - 1):.0f}% too high" if math.isfinite(heat)
                else "the gradient noise accounts for the whole estimate")
             + f") at step_size {config.step_size:.3g}; "
@@ -85,8 +85,9 @@ def chain_health(track: Track, max_heat: float) -> ChainHealth:
             f"({relax / window:.0f} windows) at step_size {config.step_size:.3g}, so the live estimate trails "
             "changes of the weights by about that much; "
             + (
-                f"the step is small because the batch is small for nbeta {config.nbeta:.4g} (minibatch heat). "
-                "Larger batches, or a smaller nbeta with its localization, shorten it"
+                f"the step was lowered to keep the measured heat down (the minibatch noise of a batch small for "
+                f"nbeta {config.nbeta:.4g}, or the discretization of a stiff model). Larger batches, or a smaller "
+                "nbeta with its localization, shorten it"
                 if track.calibrate
                 else "a larger step_size or localization shortens it"
             )

@@ -22,7 +22,7 @@ Variants: SGHMC with friction ``alpha`` heats by ``1 / alpha`` as much (its mome
 noise), RMSProp-SGLD by the preconditioner ``G_j`` per coordinate.
 
 The discretization heat ``1 / (1 - epsilon a_j / 4)`` of a finite step is not in ``heat``; it is
-measured separately (offline) from consecutive steps. With ``u_t = xi_{t+1} - xi_t`` and ``g_t``
+measured separately from consecutive steps (offline, and by the monitor's chains). With ``u_t = xi_{t+1} - xi_t`` and ``g_t``
 the batch gradient at ``xi_t``, a Taylor step gives ``E[u_t . (g_{t+1} - g_t)] = epsilon tr(H)``
 plus, because ``u_t`` carries ``-(epsilon / 2) nbeta`` times ``g_t``'s own noise,
 ``(epsilon / 2) nbeta tr(C) / B``. On a quadratic loss the draw's expectation rises by
@@ -43,7 +43,8 @@ within the standard errors at the calibrated defaults. On dln[4, 12, 12, 12, 4] 
 256) it read 4.7 / 2.5 / 0.68 / 0.43 / 0.24 against excesses of 4.1 / 2.1 / 0.06 / 0.02 / 0.00
 at steps 1, 1/2, 1/4, 1/8, 1/16 of the largest default: close where the excess is gross,
 several times high where it is small (so a step calibrated on it errs small there). Offline, the
-step is calibrated on the sum of the two biases (:func:`online_llc.estimate_llc`).
+step is calibrated on the sum of the two biases (:func:`online_llc.estimate_llc`); online, a step
+whose pooled total heat is gross is cooled on it (:class:`online_llc.track.Track`).
 """
 
 from __future__ import annotations

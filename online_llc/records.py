@@ -52,6 +52,10 @@ class LLCEstimate:
         heat_bias: how much the gradient noise raised ``raw_mean``, measured from half-batch
             gradients.
         step_size: the sampler's step during this window (calibrated on the heat unless given).
+        discretization_bias: how much the step's finite size raised ``raw_mean``, measured from
+            the chains' consecutive updates (:mod:`online_llc.heat`; noisy in one window, so the
+            step is cooled on it pooled over windows); NaN where not measured. The window's total
+            heat is ``raw_mean / (raw_mean - heat_bias - discretization_bias)``.
         ess: effective sample size of the window.
         nis: normalized innovation squared of the filter update (NaN when not fed).
         window_start: training step of the window's first draw.
@@ -79,6 +83,7 @@ class LLCEstimate:
     heat: float = math.nan
     heat_bias: float = math.nan
     step_size: float = math.nan
+    discretization_bias: float = math.nan
 
     @property
     def filtered(self) -> bool:
@@ -90,6 +95,13 @@ class LLCEstimate:
     def status_code(self) -> int:
         """``STATUSES.index(status)``: a number for loggers that only take floats."""
         return STATUSES.index(self.status)
+
+    @property
+    def total_bias(self) -> float:
+        """``heat_bias + discretization_bias``, an unmeasured discretization bias counted as 0:
+        how much the sampler's heat raised ``raw_mean`` (NaN without a heat measurement)."""
+        disc = self.discretization_bias
+        return self.heat_bias + (disc if math.isfinite(disc) else 0.0)
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain Python values."""
@@ -123,9 +135,11 @@ class ChainHealth:
         divergences: chain resets (non-finite draw or runaway offset) so far.
         weight_jumps: jumps of the training weights detected so far (each restarts the warm-up).
         warmup_lengths: shadow steps each completed data-driven warm-up took.
-        heat: the minibatch temperature over the last ``HEALTH_WINDOWS`` tracking windows whose
-            band lies above zero, ``sum(raw_mean) / sum(raw_mean - heat_bias)`` (NaN if none; inf when
-            the heat bias takes the whole estimate).
+        heat: the sampler's temperature over the last ``HEALTH_WINDOWS`` tracking windows whose
+            band lies above zero, minibatch and discretization together,
+            ``sum(raw_mean) / sum(raw_mean - heat_bias - discretization_bias)`` (an unmeasured
+            discretization bias counts as 0; NaN if no window; inf when the biases take the whole
+            estimate).
         relaxation_steps: shadow steps over which the slowest, localization-bound direction
             relaxes at the current step size, ``2 / (step_size * localization)``.
         alarms: what is wrong and what to do, one line per problem (``"<kind>: <details>"``);

@@ -2,7 +2,8 @@
 
 Flow: training loop -> ShadowSampler -> WindowStats -> LLCFilter -> OnlineLLC records ->
 callbacks. The options reach every stage of that flow: the chains (``num_samples``, ``nbeta``, ``localization``,
-``step_size``, ``sampler``, ``friction``, ``num_chains``, ``seed``, ``max_offset_norm``, ``mode``), the
+``step_size``, ``sampler``, ``friction``, ``num_chains``, ``seed``, ``max_offset_norm``, ``mode``,
+``measure_discretization``), the
 schedule and windows (``every_n_steps``, ``window``, ``total_steps``, ``warmup``, ``group_budget``;
 :mod:`online_llc.cadence` sizes them to the run) and the filter
 (``process_noise``, ``jump_threshold``, ``confidence``). :class:`online_llc.OnlineLLC` and the
@@ -74,6 +75,12 @@ class MonitorSettings:
         group_budget: group shadow steps per shadow step, spent round-robin over the groups:
             the overhead does not grow with the number of groups, each group is observed every
             ``len(groups) / group_budget`` shadow steps, and its band widens in between.
+        measure_discretization: measure how much the step's finite size raises the draws, from
+            each chain's consecutive updates (:mod:`online_llc.heat`), and count it in the heat
+            the step is cooled on (True, the default). It costs one more float32 copy of the
+            sampled parameters per chain (the offset before the last update); False saves it and
+            leaves a stiff model's discretization heat unseen. Not measured for SGHMC or on
+            sharded (FSDP2) models.
 
     Raises:
         ValueError: naming the first invalid option and what it accepts.
@@ -97,6 +104,7 @@ class MonitorSettings:
     group_budget: int = 1
     total_steps: Optional[int] = None
     mode: str = "eval"
+    measure_discretization: bool = True
 
     def __post_init__(self) -> None:
         def normalize(name: str, value: Any) -> None:  # a frozen dataclass: set through object
@@ -119,6 +127,8 @@ class MonitorSettings:
                 raise ValueError(f"Expected `warmup` to be 'auto' or a non-negative int, got {warmup!r}.")
             normalize("warmup", check_nonneg_int("warmup", warmup))
         check_choice("mode", self.mode, MODES)
+        if not isinstance(self.measure_discretization, bool):
+            raise ValueError(f"Expected `measure_discretization` to be a bool, got {self.measure_discretization!r}.")
         confidence = check_positive_float("confidence", self.confidence)
         if confidence >= 1:
             raise ValueError(f"Expected `confidence` to be a float in (0, 1), got {confidence!r}.")

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -223,6 +223,7 @@ def _kernel_step(
     rng_seed: Optional[int] = None,
     center_losses: Optional[Tuple[Tensor, ...]] = None,
     keep_grads: bool = False,
+    pre_update: Optional[Callable[[List[Optional[Tensor]]], None]] = None,
 ) -> _Pending:
     """One step of ``config.sampler`` that updates ``offset`` and ``aux`` in place (whatever the
     losses: the caller discards a non-finite step) and leaves its numbers on the device.
@@ -230,7 +231,8 @@ def _kernel_step(
     ``rng_seed`` seeds the model's randomness (:func:`~online_llc.evaluator.private_rng`; drawn from
     ``generator``, one host read, when None); ``center_losses`` reuses the centre's losses of an
     earlier step on the same batch and centre (deterministic models); ``keep_grads`` keeps the
-    batch gradient intact and returns it (the update dots)."""
+    batch gradient intact and returns it (the update dots); ``pre_update`` is called with the
+    batch gradient just before the offset is updated (with ``keep_grads``: it must not change them)."""
     if torch.is_inference_mode_enabled():
         raise RuntimeError(
             "The SGLD step needs gradients and cannot run inside torch.inference_mode(); "
@@ -246,6 +248,8 @@ def _kernel_step(
         grads, noise_sq = _combine_halves(g1, g2, halves, list(offset), aux, config, masks, device)
         del g1, g2
         stats, b = evaluator.step_stats(l_center, l_sample, list(offset.values()), noise_sq)
+        if pre_update is not None:
+            pre_update(grads)
         _update(
             offset, aux, grads, config=config, generator=generator, masks=masks, consume_grads=not keep_grads,
             layouts=evaluator.noise_layouts(list(offset)),

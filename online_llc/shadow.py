@@ -17,10 +17,12 @@ there is no burn-in per checkpoint. A chain whose draw is non-finite, or whose o
 away (above ``max_offset_norm``), is reset to ``xi = 0`` and counted; its draw is never used.
 
 Lean at scale: each chain keeps one float32 copy of the sampled parameters (plus the sampler's
-state), updated in place; a shadow step of any number of chains reads its numbers on the host
-once (one device sync: every chain's draw, noise variance, heat and offset norm, and the centre's
-shift); a deterministic model's centre loss is computed once per shadow step, not per chain; the
-weights' movement is measured from a sketch (:mod:`online_llc.sketch`), not a copy.
+state), updated in place, and one more, its last update, written in place, to measure the step's
+discretization bias (``measure_discretization``; SGLD and RMSProp-SGLD on unsharded models); a
+shadow step of any number of chains reads its numbers on the host once (one device sync: every
+chain's draw, noise variance, heat, update dots and offset norm, and the centre's shift); a
+deterministic model's centre loss is computed once per shadow step, not per chain; the weights'
+movement is measured from a sketch (:mod:`online_llc.sketch`), not a copy.
 
 Checkpoints: :meth:`ShadowSampler.state_dict` holds the offsets, the sampler's state, the chains'
 generator states (tagged with their device type), the step counter and the weight sketch. Loaded
@@ -35,7 +37,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Mapping, Optional
 
 import torch
@@ -64,11 +66,18 @@ class ShadowStep:
             from a sketch of them (:mod:`online_llc.sketch`: an unbiased estimate of
             ``||w - w'||`` from random signed folds, and at least the per-tensor norms' lower
             bound); NaN at the first step.
+        discretization: per chain, the discretization bias of the chain's previous step,
+            ``(p_t - u_{t-1}) / 8 - b_{t-1} / 2`` from this step's ``prev_update_dot_grad``
+            ``p_t`` and the previous step's ``update_dot_grad`` and ``heat_bias``
+            (:func:`online_llc.heat.discretization_bias`, one term of its mean); NaN where not
+            measured (the first step of a chain and after a reset; SGHMC; sharded
+            models; ``measure_discretization=False``). Empty when no chain measures.
     """
 
     infos: List[SGLDInfo]
     diverged: List[bool]
     center_shift: float = math.nan
+    discretization: List[float] = field(default_factory=list)
 
     @property
     def draws(self) -> List[float]:
@@ -111,8 +120,12 @@ class ShadowSampler:
         max_offset_norm: Optional[float] = None,
         masks: Optional[Mapping[str, Tensor]] = None,
         share_center_loss: Optional[bool] = None,
+        measure_discretization: bool = True,
     ) -> None:
         self.evaluator = evaluator
+        if not isinstance(measure_discretization, bool):
+            raise ValueError(f"Expected `measure_discretization` to be a bool, got {measure_discretization!r}.")
+        self.measure_discretization = measure_discretization
         center = evaluator.center()
         self.device = next(iter(center.values())).device
         self.masks = evaluator.localize({n: m for n, m in (masks or {}).items() if m is not None})
@@ -132,6 +145,11 @@ class ShadowSampler:
         self.offsets: List[Dict[str, Tensor]] = [evaluator.zeros_like_center() for _ in range(num_chains)]
         # The sampler's own chain state (SGHMC momentum, RMSProp moments; empty for SGLD).
         self.aux: List[Dict[str, Tensor]] = [init_aux(config, off) for off in self.offsets]
+        # For the discretization measurement: each chain's last update u = xi_new - xi (None
+        # until it has one), and that update's own dot product and heat bias (ShadowStep.discretization).
+        self._updates: List[Optional[Dict[str, Tensor]]] = [None] * num_chains
+        self._last_dot: List[float] = [math.nan] * num_chains
+        self._last_heat_bias: List[float] = [math.nan] * num_chains
         self.divergences = 0
         #: Shadow steps run (seeds the model's randomness of each step; see load_state_dict).
         self.steps = 0
@@ -144,6 +162,37 @@ class ShadowSampler:
         """Put chain ``c`` back at ``xi = 0`` with a fresh sampler state."""
         self.offsets[c] = self.evaluator.zeros_like_center()
         self.aux[c] = init_aux(self.config, self.offsets[c])
+        self._forget_updates(c)
+
+    def _forget_updates(self, c: int) -> None:
+        self._updates[c] = None
+        self._last_dot[c] = math.nan
+        self._last_heat_bias[c] = math.nan
+
+    def _measuring_hook(self, c: int, dots: List[Tensor]) -> Any:
+        """The kernel's ``pre_update`` for chain ``c``: with the batch gradient ``g`` at ``xi``, the
+        previous update's dot ``u_prev . g`` (appended to ``dots`` when the chain has one), then
+        ``xi`` into the update buffer (one copy of the offset per chain, reused: the step then
+        turns it into ``xi_new - xi``)."""
+
+        def hook(grads: List[Optional[Tensor]]) -> None:
+            upd, offset = self._updates[c], self.offsets[c]
+            if upd is not None:
+                prev = [(u * g).sum(dtype=torch.float64) for u, g in zip(upd.values(), grads) if g is not None]
+                dots.append(torch.stack(prev).sum() if prev else torch.zeros((), dtype=torch.float64, device=self.device))
+                for n, t in offset.items():
+                    upd[n].copy_(t)
+            else:
+                self._updates[c] = {n: t.detach().clone() for n, t in offset.items()}
+
+        return hook
+
+    def _measures(self) -> bool:
+        """Whether this step measures the discretization bias: SGLD and RMSProp-SGLD with injected
+        noise (as offline), on an unsharded model (a sharded chain's update dots would need a
+        collective of their own)."""
+        cfg = self.config
+        return self.measure_discretization and not self.evaluator.sharded and cfg.sampler != "sghmc" and cfg.noise_scale > 0
 
     def step(self, batch: Any) -> ShadowStep:
         """One kernel step of every chain, centred at the model's current weights."""
@@ -156,7 +205,11 @@ class ShadowSampler:
             with self.evaluator.mode_context():
                 share = deterministic(self.evaluator.model)
         pending, shared = [], None
+        measure = self._measures()
+        paired: List[bool] = []
         for c in range(self.num_chains):
+            dots: List[Tensor] = []
+            pre_update = self._measuring_hook(c, dots) if measure else None
             out = _kernel_step(
                 self.evaluator,
                 center,
@@ -168,9 +221,25 @@ class ShadowSampler:
                 masks=self.masks,
                 rng_seed=derived_seed(_DROPOUT_SEEDS, self.seed, c, self.steps),
                 center_losses=shared,
+                keep_grads=measure,
+                pre_update=pre_update,
             )
             if share:
                 shared = out.center_losses
+            if measure:
+                assert out.grads is not None
+                paired.append(bool(dots))
+                dots = dots or [torch.zeros((), dtype=torch.float64, device=out.stats.device)]
+                # The buffer holds xi before the update: it becomes this update, u = xi_new - xi.
+                upd = self._updates[c]
+                assert upd is not None
+                own = []
+                for (n, u), g in zip(upd.items(), out.grads):
+                    u.sub_(self.offsets[c][n]).neg_()
+                    if g is not None:
+                        own.append((u * g).sum(dtype=torch.float64))
+                dots.append(torch.stack(own).sum() if own else torch.zeros((), dtype=torch.float64, device=out.stats.device))
+                out = out._replace(stats=torch.cat([out.stats, torch.stack(dots).to(out.stats.device)]), grads=None)
             pending.append(out)
         self.steps += 1
         # Every number of the step (all chains, the shift) reaches the host in one copy.
@@ -187,9 +256,14 @@ class ShadowSampler:
         values = torch.cat(parts).tolist()
         width = pending[0].stats.numel()
         shift = values[-1] if len(parts) > len(pending) else math.nan
-        infos, diverged = [], []
+        infos, diverged, disc = [], [], []
         for c, p in enumerate(pending):
             info = _info(values[c * width : (c + 1) * width], p, self.config)
+            if measure:
+                # This step's p_t pairs with the previous step's own dot and heat bias.
+                e = (info.prev_update_dot_grad - self._last_dot[c]) / 8.0 - self._last_heat_bias[c] / 2.0
+                disc.append(e if paired[c] and math.isfinite(e) else math.nan)
+                self._last_dot[c], self._last_heat_bias[c] = info.update_dot_grad, info.heat_bias
             # The chain was updated in place whatever its numbers: a non-finite step, or a runaway
             # offset (caught through the norm the kernel reports before its update, one step
             # late), puts it back at zero.
@@ -199,7 +273,10 @@ class ShadowSampler:
                 self.divergences += 1
             infos.append(info)
             diverged.append(bad)
-        return ShadowStep(infos, diverged, shift)
+        if not measure:
+            for c in range(self.num_chains):
+                self._forget_updates(c)
+        return ShadowStep(infos, diverged, shift, disc)
 
     def state_dict(self) -> Dict[str, Any]:
         """Offsets, sampler state and the sketch (tensors), generator states (uint8 tensors) with
@@ -226,6 +303,11 @@ class ShadowSampler:
             "sketch_version": SKETCH_VERSION,
             # Calibration moves the step during the run: a resumed chain continues with it.
             "step_size": float(self.config.step_size),
+            # The discretization measurement's pairing (each chain's last update, its dot and heat
+            # bias), so that a resumed run measures as an uninterrupted one.
+            "updates": [None if upd is None else {n: t.clone() for n, t in upd.items()} for upd in self._updates],
+            "last_dot": [None if math.isnan(x) else float(x) for x in self._last_dot],
+            "last_heat_bias": [None if math.isnan(x) else float(x) for x in self._last_heat_bias],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -256,6 +338,20 @@ class ShadowSampler:
             raise ValueError(f"Expected sampler state for {self.config.sampler!r} in every chain, got {[sorted(a) for a in aux]}.")
         self.aux = [{n: _to_state(t, like[n]) for n, t in a.items()} for a in aux]
         self.steps = int(state.get("steps", 0))
+        # The discretization measurement's pairing, where the state has it for these chains
+        # (states of older versions, other shapes and sharded states restart it at the next step).
+        updates = state.get("updates")
+        for c in range(self.num_chains):
+            self._forget_updates(c)
+            prev = updates[c] if isinstance(updates, list) and len(updates) == self.num_chains else None
+            if self.evaluator.sharded or not isinstance(prev, Mapping) or set(prev) != names:
+                continue
+            if any(tuple(t.shape) != tuple(like[n].shape) for n, t in prev.items()):
+                continue
+            self._updates[c] = {n: _to_state(t, like[n]) for n, t in prev.items()}
+            dot, hb = state.get("last_dot", [None] * self.num_chains)[c], state.get("last_heat_bias", [None] * self.num_chains)[c]
+            self._last_dot[c] = math.nan if dot is None else float(dot)
+            self._last_heat_bias[c] = math.nan if hb is None else float(hb)
         self._load_generators(gens, state.get("generator_device"))
         self.divergences = int(state["divergences"])
         if "step_size" in state:

@@ -104,6 +104,9 @@ class WindowSummary:
         offset_norm: mean of the draws' chain offset norms ``||xi||``, reset placeholders left
             out, over all chains (all ranks with ``gather``, so the same on every rank); NaN when
             no norm was given. The weight-jump detector's measure of the chains' spread.
+        discretization_bias: mean of the draws' measured discretization bias (how much the
+            step's finite size raised them, :mod:`online_llc.heat`), placeholders and unmeasured
+            draws left out; NaN when none was measured.
     """
 
     start_step: int
@@ -125,6 +128,7 @@ class WindowSummary:
     warmup_draws: int = 0
     dropped_draws: int = 0
     offset_norm: float = math.nan
+    discretization_bias: float = math.nan
 
     def to_dict(self) -> dict[str, int | float]:
         """The fields as a dict of plain Python ``int`` (steps, n_draws) and ``float`` values."""

@@ -119,7 +119,8 @@ class Track:
         """A track with the monitor's options: ``settings`` (its chains and filter), ``cadence``
         (its windows and warm-up bounds), its own ``seed``, and ``masks`` for a group's chains."""
         sampler = ShadowSampler(
-            evaluator, config, num_chains=settings.num_chains, seed=seed, max_offset_norm=settings.max_offset_norm, masks=masks
+            evaluator, config, num_chains=settings.num_chains, seed=seed, max_offset_norm=settings.max_offset_norm, masks=masks,
+            measure_discretization=settings.measure_discretization,
         )
         return cls(
             sampler,
@@ -215,13 +216,15 @@ class Track:
         # Every chain adds a draw at every shadow step, so windows close (and, under DDP, their
         # collective runs) at the same step on every rank. A reset chain adds a flagged
         # placeholder (its draw is meaningless and may be non-finite); a warming chain a flagged draw.
-        d, v, b, o, flags = [], [], [], [], []
+        d, v, b, o, e, flags = [], [], [], [], [], []
+        measured = out.discretization or [math.nan] * len(out.infos)
         for c, (info, bad) in enumerate(zip(out.infos, out.diverged)):
             if bad:
                 d.append(0.0)
                 v.append(0.0)
                 b.append(0.0)
                 o.append(0.0)
+                e.append(math.nan)
                 flags.append(1)
                 self._restart_warmup(c)
             else:
@@ -229,8 +232,9 @@ class Track:
                 v.append(info.noise_var)
                 b.append(info.heat_bias)
                 o.append(info.offset_norm)
+                e.append(measured[c])
                 flags.append(2 if self._warming(c, info.draw, info.offset_norm) else 0)
-        summary = self.stats.update(d, v, step, flags=flags, heat_bias=b, offset_norms=o)
+        summary = self.stats.update(d, v, step, flags=flags, heat_bias=b, offset_norms=o, discretization=e)
         return None if summary is None else self._close_window(summary, shadow_steps)
 
     def skip(self, step: int, shadow_steps: int) -> Optional[LLCEstimate]:
@@ -295,6 +299,7 @@ class Track:
             heat=s.heat,
             heat_bias=s.heat_bias,
             step_size=self.sampler.config.step_size,
+            discretization_bias=s.discretization_bias,
         )
         self.history.append(est)
         if self.calibrate and status == "tracking":
@@ -304,7 +309,8 @@ class Track:
     def _cool_if_gross(self, upto: int) -> None:
         """Lower the step when the heat pooled over the last tracking windows since the step last
         changed is gross (above twice MAX_HEAT: training reached a regime of larger gradient
-        noise). One window's heat is too noisy to act on, and milder heat is reported, not
+        noise, or the model is stiff enough for the step's discretization to show; both biases
+        count, as offline). One window's heat is too noisy to act on, and milder heat is reported, not
         chased: each change of the step moves the level a little and slows the chain's
         relaxation, which a co-moving chain cannot afford. Clearly positive windows whose heat bias
         takes the whole estimate read inf, and cool 8x. Every rank sees the same gathered windows,
@@ -313,7 +319,7 @@ class Track:
         if len(recent) < _MIN_HEAT_WINDOWS:
             return
         report = all(e.lower > 0 for e in recent)
-        heat = pooled_heat([e.raw_mean for e in recent], [e.heat_bias for e in recent], report=report)
+        heat = pooled_heat([e.raw_mean for e in recent], [e.total_bias for e in recent], report=report)
         if not heat - 1 > 2 * MAX_HEAT:
             return
         cfg = self.sampler.config

@@ -37,13 +37,17 @@ __all__ = [
     "summarize",
 ]
 
-# Version 3 added the pending draws' offset norms ("o"); a version-2 state loads without them.
-_STATE_VERSION = 3
+# Version 3 added the pending draws' offset norms ("o"), version 4 their measured discretization
+# biases ("e"); older states load without them.
+_STATE_VERSION = 4
 _STATE_KEYS = frozenset(
-    {"version", "window", "num_chains", "horizon", "count", "d", "v", "f", "b", "o", "past", "start_step", "last_step"}
+    {"version", "window", "num_chains", "horizon", "count", "d", "v", "f", "b", "o", "e", "past", "start_step", "last_step"}
 )
-# The rows of the gathered array, in order: draws, noise variances, flags, heat biases, offset norms.
-_ROWS = 5
+# Keys each older version lacks.
+_MISSING_BEFORE = {2: {"o", "e"}, 3: {"e"}}
+# The rows of the gathered array, in order: draws, noise variances, flags, heat biases, offset
+# norms, discretization biases.
+_ROWS = 6
 
 
 class WindowStats:
@@ -94,6 +98,7 @@ class WindowStats:
         self._f = np.zeros((self.num_chains, self.window), dtype=np.float64)  # flags, see update()
         self._b = np.zeros((self.num_chains, self.window), dtype=np.float64)  # heat biases
         self._o = np.full((self.num_chains, self.window), -1.0)  # offset norms (-1: not given)
+        self._e = np.full((self.num_chains, self.window), np.nan)  # discretization biases (NaN: none)
         self._count = 0
         self._start_step: int | None = None
         self._last_step: int | None = None
@@ -160,6 +165,7 @@ class WindowStats:
         flags: Sequence[int] | None = None,
         heat_bias: Sequence[float] | np.ndarray | None = None,
         offset_norms: Sequence[float] | np.ndarray | None = None,
+        discretization: Sequence[float] | np.ndarray | None = None,
     ) -> WindowSummary | None:
         """Add one draw per chain.
 
@@ -177,6 +183,10 @@ class WindowStats:
                 0 for placeholders); the summary's ``heat`` and ``heat_bias`` come from them.
             offset_norms: per chain, the chain's offset norm ``||xi||`` at this draw (finite,
                 ``>= 0``); the summary's ``offset_norm`` comes from them (NaN when not given).
+            discretization: per chain, the discretization bias measured from the chain's last
+                two updates (:class:`online_llc.shadow.ShadowStep`; any real number, NaN where
+                not measured); the summary's ``discretization_bias`` is their mean over the
+                measured, non-placeholder draws.
 
         Returns:
             The window's :class:`WindowSummary` when this call completes a window (the buffer
@@ -214,11 +224,20 @@ class WindowStats:
         o_row = np.full(self.num_chains, -1.0) if offset_norms is None else self._as_row("offset_norms", offset_norms)
         if offset_norms is not None and np.any(o_row < 0.0):
             raise ValueError(f"Expected `offset_norms` to be >= 0, got {o_row.tolist()!r}.")
+        if discretization is None:
+            e_row = np.full(self.num_chains, np.nan)
+        else:
+            e_row = np.asarray(discretization, dtype=np.float64).reshape(-1)
+            if e_row.shape != (self.num_chains,) or np.any(np.isinf(e_row)):
+                raise ValueError(
+                    f"Expected `discretization` to be {self.num_chains} finite values or NaN, got {discretization!r}."
+                )
         self._d[:, self._count] = d_row
         self._v[:, self._count] = v_row
         self._f[:, self._count] = f_row
         self._b[:, self._count] = b_row
         self._o[:, self._count] = o_row
+        self._e[:, self._count] = e_row
         if self._count == 0:
             self._start_step = step
         self._count += 1
@@ -227,11 +246,13 @@ class WindowStats:
             return None
 
         assert self._start_step is not None
-        d_all, v_all, f_all, b_all, o_all = self._d, self._v, self._f, self._b, self._o
+        d_all, v_all, f_all, b_all, o_all, e_all = self._d, self._v, self._f, self._b, self._o, self._e
         if self.gather is not None:
-            # One collective for all five arrays: every rank gets every rank's chains, in rank order.
+            # One collective for all six arrays: every rank gets every rank's chains, in rank order.
             try:
-                packed = np.asarray(self.gather(np.stack([self._d, self._v, self._f, self._b, self._o])), dtype=np.float64)
+                packed = np.asarray(
+                    self.gather(np.stack([self._d, self._v, self._f, self._b, self._o, self._e])), dtype=np.float64
+                )
                 if packed.ndim != 3 or packed.shape[0] != _ROWS or packed.shape[2] != self.window:
                     raise ValueError(
                         f"Expected `gather` to return an array of shape [{_ROWS}, chains, {self.window}], got {packed.shape}."
@@ -242,7 +263,7 @@ class WindowStats:
                 # and the next draw starts a new window; the caller sees the exception.
                 self.drop_pending()
                 raise
-            d_all, v_all, f_all, b_all, o_all = packed
+            d_all, v_all, f_all, b_all, o_all, e_all = packed
         # A chain that finished warming up inside this window: when no draw is a reset
         # placeholder and every chain's trailing run of healthy draws covers at least half the
         # window, the window is summarised on those last draws alone (the same number from every
@@ -254,7 +275,7 @@ class WindowStats:
         dropped = 0
         if not np.any(f_all == 1) and np.any(f_all == 2) and 2 * keep >= self.window:
             dropped = int(f_all.size - keep * f_all.shape[0])
-            d_all, v_all, f_all, b_all, o_all = (a[:, -keep:] for a in (d_all, v_all, f_all, b_all, o_all))
+            d_all, v_all, f_all, b_all, o_all, e_all = (a[:, -keep:] for a in (d_all, v_all, f_all, b_all, o_all, e_all))
         summary = summarize(
             d_all, v_all, start_step=self._start_step, end_step=step, var_of_mean_floor=self._floor(d_all),
             heat_biases=b_all if np.all(b_all >= 0.0) else None,
@@ -265,6 +286,7 @@ class WindowStats:
             warmup_draws=int(np.sum(f_all == 2)),
             dropped_draws=dropped,
             offset_norm=_mean_offset_norm(o_all, f_all),
+            discretization_bias=_mean_discretization(e_all, f_all),
         )
         if self.horizon > 1:
             self._past = (self._past + [d_all.copy()])[-(self.horizon - 1) :]
@@ -287,6 +309,8 @@ class WindowStats:
             "v": self._v[:, : self._count].tolist(),
             "b": self._b[:, : self._count].tolist(),
             "o": self._o[:, : self._count].tolist(),
+            # None where not measured (NaN would not compare equal to itself).
+            "e": [[None if math.isnan(x) else x for x in row] for row in self._e[:, : self._count].tolist()],
             "start_step": None if self._start_step is None else int(self._start_step),
             "last_step": None if self._last_step is None else int(self._last_step),
         }
@@ -299,17 +323,18 @@ class WindowStats:
             ValueError: if ``window`` or ``num_chains`` differ from this object's, or the
                 pending draws are inconsistent with ``count``.
         """
-        # A version-2 state has no offset norms: its pending draws get -1 (none given).
-        keys = _STATE_KEYS - {"o"} if state.get("version") == 2 else _STATE_KEYS
+        # A version-2 state has no offset norms (its pending draws get -1, none given), versions 2
+        # and 3 no discretization biases (NaN, none measured).
+        keys = _STATE_KEYS - _MISSING_BEFORE.get(state.get("version"), set())
         missing = sorted(keys - set(state))
         unexpected = sorted(set(state) - keys)
         if missing or unexpected:
             raise KeyError(
                 f"WindowStats state dict: missing keys {missing}, unexpected keys {unexpected}."
             )
-        if state["version"] not in (2, _STATE_VERSION):
+        if state["version"] not in (2, 3, _STATE_VERSION):
             raise ValueError(
-                f"Expected `state['version']` to be 2 or {_STATE_VERSION}, got {state['version']!r}."
+                f"Expected `state['version']` to be 2, 3 or {_STATE_VERSION}, got {state['version']!r}."
             )
         for key, own in (("window", self.window), ("num_chains", self.num_chains), ("horizon", self.horizon)):
             if state[key] != own:
@@ -324,17 +349,21 @@ class WindowStats:
             )
         shape = (self.num_chains, count)
         arrays = {}
-        for key in ("d", "v", "f", "b", "o"):
+        for key in ("d", "v", "f", "b", "o", "e"):
             expected = f"{self.num_chains} lists of {count} floats (one per chain)"
             try:
-                arr = np.asarray(state.get(key, np.full(shape, -1.0)), dtype=np.float64)
+                raw = state.get(key, np.full(shape, np.nan if key == "e" else -1.0))
+                if key == "e" and isinstance(raw, list):
+                    raw = [[np.nan if x is None else x for x in row] if isinstance(row, list) else row for row in raw]
+                arr = np.asarray(raw, dtype=np.float64)
             except (TypeError, ValueError):
                 raise ValueError(f"Expected `state['{key}']` to be {expected}.") from None
             if arr.shape != shape and not (count == 0 and arr.size == 0):
                 raise ValueError(f"Expected `state['{key}']` to be {expected}, got shape {arr.shape}.")
             arr = arr.reshape(shape)
-            if not np.all(np.isfinite(arr)):
-                raise ValueError(f"Expected `state['{key}']` to be finite.")
+            # Discretization biases are NaN where none was measured.
+            if not np.all(np.isfinite(arr) | (np.isnan(arr) if key == "e" else False)):
+                raise ValueError(f"Expected `state['{key}']` to be finite{' or NaN' if key == 'e' else ''}.")
             arrays[key] = arr
         steps = {}
         for key in ("start_step", "last_step"):
@@ -379,6 +408,7 @@ class WindowStats:
         self._f[:, :count] = arrays["f"]
         self._b[:, :count] = arrays["b"]
         self._o[:, :count] = arrays["o"]
+        self._e[:, :count] = arrays["e"]
         self._count = count
         self._start_step = steps["start_step"]
         self._last_step = steps["last_step"]
@@ -389,3 +419,10 @@ def _mean_offset_norm(norms: np.ndarray, flags: np.ndarray) -> float:
     out (``math.nan`` when none is left)."""
     given = (flags != 1) & (norms >= 0.0)
     return float(norms[given].mean()) if given.any() else math.nan
+
+
+def _mean_discretization(biases: np.ndarray, flags: np.ndarray) -> float:
+    """The mean measured discretization bias of a window's draws, reset placeholders and
+    unmeasured draws (NaN) left out (``math.nan`` when none is left)."""
+    given = (flags != 1) & np.isfinite(biases)
+    return float(biases[given].mean()) if given.any() else math.nan

@@ -40,7 +40,7 @@ def test_state_version_and_chain_count_mismatches():
 def test_gather_must_return_every_rank_row_block():
     ws = WindowStats(2, 1, gather=lambda arr: arr[:2])
     ws.update([1.0], [0.1], 0)
-    with pytest.raises(ValueError, match=r"Expected `gather` to return an array of shape \[5, chains, 2\], got \(2, 1, 2\)\."):
+    with pytest.raises(ValueError, match=r"Expected `gather` to return an array of shape \[6, chains, 2\], got \(2, 1, 2\)\."):
         ws.update([1.0], [0.1], 1)
 
 
