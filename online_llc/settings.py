@@ -78,9 +78,8 @@ class MonitorSettings:
         measure_discretization: measure how much the step's finite size raises the draws, from
             each chain's consecutive updates (:mod:`online_llc.heat`), and count it in the heat
             the step is cooled on (True, the default). It costs one more float32 copy of the
-            sampled parameters per chain (the offset before the last update); False saves it and
-            leaves a stiff model's discretization heat unseen. Not measured for SGHMC or on
-            sharded (FSDP2) models.
+            sampled parameters per chain (its last update); False saves it and
+            leaves a stiff model's discretization heat unseen. Not measured for SGHMC.
 
     Raises:
         ValueError: naming the first invalid option and what it accepts.

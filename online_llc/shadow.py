@@ -18,7 +18,7 @@ away (above ``max_offset_norm``), is reset to ``xi = 0`` and counted; its draw i
 
 Lean at scale: each chain keeps one float32 copy of the sampled parameters (plus the sampler's
 state), updated in place, and one more, its last update, written in place, to measure the step's
-discretization bias (``measure_discretization``; SGLD and RMSProp-SGLD on unsharded models); a
+discretization bias (``measure_discretization``; SGLD and RMSProp-SGLD); a
 shadow step of any number of chains reads its numbers on the host once (one device sync: every
 chain's draw, noise variance, heat, update dots and offset norm, and the centre's shift); a
 deterministic model's centre loss is computed once per shadow step, not per chain; the weights'
@@ -70,8 +70,8 @@ class ShadowStep:
             ``(p_t - u_{t-1}) / 8 - b_{t-1} / 2`` from this step's ``prev_update_dot_grad``
             ``p_t`` and the previous step's ``update_dot_grad`` and ``heat_bias``
             (:func:`online_llc.heat.discretization_bias`, one term of its mean); NaN where not
-            measured (the first step of a chain and after a reset; SGHMC; sharded
-            models; ``measure_discretization=False``). Empty when no chain measures.
+            measured (the first step of a chain and after a reset; SGHMC;
+            ``measure_discretization=False``). Empty when no chain measures.
     """
 
     infos: List[SGLDInfo]
@@ -189,10 +189,9 @@ class ShadowSampler:
 
     def _measures(self) -> bool:
         """Whether this step measures the discretization bias: SGLD and RMSProp-SGLD with injected
-        noise (as offline), on an unsharded model (a sharded chain's update dots would need a
-        collective of their own)."""
+        noise (as offline)."""
         cfg = self.config
-        return self.measure_discretization and not self.evaluator.sharded and cfg.sampler != "sghmc" and cfg.noise_scale > 0
+        return self.measure_discretization and cfg.sampler != "sghmc" and cfg.noise_scale > 0
 
     def step(self, batch: Any) -> ShadowStep:
         """One kernel step of every chain, centred at the model's current weights."""
@@ -207,6 +206,7 @@ class ShadowSampler:
         pending, shared = [], None
         measure = self._measures()
         paired: List[bool] = []
+        dot_pairs: List[Tensor] = []
         for c in range(self.num_chains):
             dots: List[Tensor] = []
             pre_update = self._measuring_hook(c, dots) if measure else None
@@ -239,8 +239,15 @@ class ShadowSampler:
                     if g is not None:
                         own.append((u * g).sum(dtype=torch.float64))
                 dots.append(torch.stack(own).sum() if own else torch.zeros((), dtype=torch.float64, device=out.stats.device))
-                out = out._replace(stats=torch.cat([out.stats, torch.stack(dots).to(out.stats.device)]), grads=None)
+                dot_pairs.append(torch.stack(dots).to(out.stats.device))
+                out = out._replace(grads=None)
             pending.append(out)
+        if measure:
+            pairs = torch.stack(dot_pairs)
+            if self.evaluator.sharded:
+                # Each rank's dots cover its shards: one collective sums them for every chain.
+                pairs = self.evaluator.all_reduce_sum(pairs)
+            pending = [p._replace(stats=torch.cat([p.stats, pair])) for p, pair in zip(pending, pairs)]
         self.steps += 1
         # Every number of the step (all chains, the shift) reaches the host in one copy.
         parts = [p.stats for p in pending]
@@ -289,9 +296,11 @@ class ShadowSampler:
             # every rank, at any world size.
             offsets = [self.evaluator.gather_full(off) for off in self.offsets]
             aux = [self.evaluator.gather_full(a) for a in self.aux]
+            updates = [None if upd is None else self.evaluator.gather_full(upd) for upd in self._updates]
         else:
             offsets = [{n: t.detach().clone() for n, t in off.items()} for off in self.offsets]
             aux = [{n: t.detach().clone() for n, t in a.items()} for a in self.aux]
+            updates = [None if upd is None else {n: t.detach().clone() for n, t in upd.items()} for upd in self._updates]
         return {
             "offsets": offsets,
             "aux": aux,
@@ -305,7 +314,7 @@ class ShadowSampler:
             "step_size": float(self.config.step_size),
             # The discretization measurement's pairing (each chain's last update, its dot and heat
             # bias), so that a resumed run measures as an uninterrupted one.
-            "updates": [None if upd is None else {n: t.clone() for n, t in upd.items()} for upd in self._updates],
+            "updates": updates,
             "last_dot": [None if math.isnan(x) else float(x) for x in self._last_dot],
             "last_heat_bias": [None if math.isnan(x) else float(x) for x in self._last_heat_bias],
         }
@@ -339,13 +348,15 @@ class ShadowSampler:
         self.aux = [{n: _to_state(t, like[n]) for n, t in a.items()} for a in aux]
         self.steps = int(state.get("steps", 0))
         # The discretization measurement's pairing, where the state has it for these chains
-        # (states of older versions, other shapes and sharded states restart it at the next step).
+        # (states of older versions and of other shapes restart it at the next step).
         updates = state.get("updates")
         for c in range(self.num_chains):
             self._forget_updates(c)
             prev = updates[c] if isinstance(updates, list) and len(updates) == self.num_chains else None
-            if self.evaluator.sharded or not isinstance(prev, Mapping) or set(prev) != names:
+            if not isinstance(prev, Mapping) or set(prev) != names:
                 continue
+            if self.evaluator.sharded:
+                prev = self.evaluator.take_shards(prev)
             if any(tuple(t.shape) != tuple(like[n].shape) for n, t in prev.items()):
                 continue
             self._updates[c] = {n: _to_state(t, like[n]) for n, t in prev.items()}
