@@ -4,7 +4,8 @@ A 3.6M-parameter MLP (768 -> 6 x [768 -> 768, tanh] -> 10, fp32, batch 64, 14 pa
 the largest 0.17 P) runs shadow steps with each sampler and 1 and 4 chains. With ``P`` the bytes
 of one copy of the sampled parameters, the script prints, per sampler and chain count:
 
-* ``kept``: bytes the sampler holds between shadow steps (offsets, sampler state, sketch), per chain;
+* ``kept``: bytes the sampler holds between shadow steps (offsets, sampler state, last updates,
+  sketch), per chain;
 * ``step peak``: the peak of the bytes allocated during one shadow step, above what was live
   before it (the training state plus the kept state): the step's own working memory;
 * ``total``: ``kept (all chains) + step peak``, the most the monitor adds to the training state;
@@ -141,7 +142,9 @@ def measure(sampler: str, chains: int, args) -> Tuple[float, float, float, int]:
         # weights by resizing their storage: a plain training step reads as +0.5 P net, while
         # the process's memory stays flat over hundreds of steps), so the kept state is counted
         # from the chain's own tensors.
-        kept = sum(t.numel() * t.element_size() for off in holder[0].offsets + holder[0].aux for t in off.values())
+        # (the last updates, kept for the discretization measurement, included).
+        updates = [u for u in holder[0]._updates if u is not None]
+        kept = sum(t.numel() * t.element_size() for off in holder[0].offsets + holder[0].aux + updates for t in off.values())
     gc.collect()
     _, transient = profile_fn(lambda: holder[0].step((x, y)))
     with HostReads() as reads:
