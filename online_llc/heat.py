@@ -122,7 +122,12 @@ def discretization_bias(prev_update_dot_grad: np.ndarray, update_dot_grad: np.nd
 
 
 def calibrated_step(
-    step: float, heat: float, max_step: float, heat_low: Optional[float] = None, heat_high: Optional[float] = None
+    step: float,
+    heat: float,
+    max_step: float,
+    heat_low: Optional[float] = None,
+    heat_high: Optional[float] = None,
+    target: float = TARGET_HEAT,
 ) -> float:
     """The step to use next, given the minibatch ``heat`` measured at ``step``.
 
@@ -131,6 +136,10 @@ def calibrated_step(
     :data:`~online_llc.config.CUT_HEAT` (1.5 times the target) or below half the target (by at
     most 8x down and 2x up per call, so one noisy measurement cannot throw it far), and never above
     ``max_step``. A heat that is NaN leaves the step alone.
+
+    ``target`` replaces :data:`~online_llc.config.TARGET_HEAT` as the excess a cut aims for (the
+    monitor cools a gross heat to :data:`~online_llc.config.MAX_HEAT` only: a co-moving chain
+    pays for every cut in relaxation time).
 
     ``heat_low`` and ``heat_high`` bound the measurement (e.g. two standard errors either side):
     the step goes down only when ``heat_low`` is above the target too, and up only when
@@ -150,7 +159,7 @@ def calibrated_step(
     if (excess > CUT_HEAT and low - 1.0 > TARGET_HEAT) or (
         math.isfinite(high) and high - 1.0 < TARGET_HEAT / 2 and step < max_step
     ):
-        factor = min(max(TARGET_HEAT / excess, 0.125), 2.0)
+        factor = min(max((target if excess > target else TARGET_HEAT) / excess, 0.125), 2.0)
         return min(step * factor, max_step)
     return step
 

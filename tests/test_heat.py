@@ -277,10 +277,12 @@ def test_online_discretization_bias_matches_the_closed_form_and_cools_a_stiff_mo
     hot) the windows' mean measured bias must match the closed form within 5% (measured: 0.527
     +- 0.005 against 0.530), and the step is kept as given. With inputs scaled by 2 (every
     curvature 4x) the default step, 0.15 / nbeta at a full batch, is grossly hot by its
-    discretization alone, which no minibatch measurement sees: the monitor must cool it
-    (measured: 8x, 5.86e-4 to 7.32e-5), after which the measurement matches the closed form at
-    the new step within 5% (0.116 against 0.1155), the health heat is under 1.05 (1.021) and the
-    windows' mean draw is within 3% of the discrete chain's expectation (measured -1.2%)."""
+    discretization alone (18% in closed form), which no minibatch measurement sees: the monitor
+    must cool it towards a heat of 1.05 (measured: 3.7x, 5.86e-4 to 1.6e-4), after which the
+    measurement matches the closed form at the new step within 5% (0.2588 against 0.2586), the
+    health heat is under 1.065 (1.046; a window's measurement is noisy, so the cut lands near
+    1.05, not on it) and the windows' mean draw is within 3% of the discrete chain's expectation
+    (measured -1.3%; +3.0% over the continuous target)."""
     from online_llc import OnlineLLC
 
     n, nbeta, gamma = 10240, 256.0, 0.09 * 256
@@ -302,7 +304,7 @@ def test_online_discretization_bias_matches_the_closed_form_and_cools_a_stiff_mo
         if step is not None:
             assert eps == step
             continue
-        assert eps < 0.15 / nbeta / 4 and mon.health().heat < 1.05
+        assert eps < 0.15 / nbeta / 3 and mon.health().heat < 1.065
         expected = _exact_target(h, outputs, nbeta, gamma) + excess
         assert sum(e.raw_mean for e in late) / len(late) == pytest.approx(expected, rel=0.03)
 
