@@ -34,6 +34,7 @@ from scipy.stats import norm
 from online_llc import resolve_hyperparameters
 from online_llc import OnlineLLC, estimate_llc
 from online_llc.mcse import mean_standard_error
+from online_llc.offline import _batches_forever  # re-iterates the loader, reshuffling each pass
 from online_llc.toy import ShuffledBatches, deep_linear_problem, stagewise_dln_problem
 
 Z90 = float(norm.ppf(0.95))
@@ -85,13 +86,7 @@ def moving(seed: int, steps: int = 36000, checkpoints: int = 5) -> list:
     mon = OnlineLLC(p.model, p.loss_fn, num_samples=p.num_samples, seed=seed + 7)
     targets = [steps * (k + 1) // (checkpoints + 1) for k in range(checkpoints)]
     rows = []
-    it = iter(p.batches)
-    for step in range(steps):
-        try:
-            batch = next(it)
-        except StopIteration:
-            it = iter(p.batches)
-            batch = next(it)
+    for step, batch in zip(range(steps), _batches_forever(p.batches)):
         opt.zero_grad()
         p.loss_fn(p.model, batch).mean().backward()
         opt.step()
@@ -112,14 +107,8 @@ def invariance(widths, r, shadow_steps: int, n: int = 100000) -> None:
     out = {}
     for b in (32, 1024):
         p = deep_linear_problem(widths, r, num_samples=n, batch_size=b, seed=0)
-        batches = iter(p.batches)
         mon = OnlineLLC(p.model, p.loss_fn, num_samples=n, every_n_steps=1, num_chains=4, seed=3)
-        for _ in range(shadow_steps):
-            try:
-                batch = next(batches)
-            except StopIteration:
-                batches = iter(p.batches)
-                batch = next(batches)
+        for _, batch in zip(range(shadow_steps), _batches_forever(p.batches)):
             mon.update(batch)
         # Windows after the first third: the chain's relaxation at batch 32 (about 1200 shadow
         # steps) is well inside it.

@@ -25,6 +25,7 @@ __all__ = [
     "check_positive_float",
     "check_nonneg_float",
     "check_choice",
+    "check_bool",
     "reject_unknown",
 ]
 
@@ -133,6 +134,13 @@ def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
     choices = tuple(choices)
     if value not in choices:
         raise ValueError(_fmt(name, "one of " + ", ".join(repr(c) for c in choices), value))
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Return ``value`` if it is a ``bool`` (not merely truthy), else raise ``ValueError``."""
+    if not isinstance(value, bool):
+        raise ValueError(_fmt(name, "a bool", value))
     return value
 
 

@@ -50,7 +50,7 @@ whose pooled total heat is gross is cooled on it (:class:`online_llc.track.Track
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional, Tuple
+from typing import Any, Iterable, Optional, Tuple
 
 import numpy as np
 
@@ -64,6 +64,7 @@ __all__ = [
     "heat_interval",
     "per_step_bias",
     "discretization_bias",
+    "discretization_term",
     "calibrated_step",
     "max_step_size",
 ]
@@ -100,6 +101,13 @@ def combined_heat(mean: float, heat_bias: float, discretization_bias: float) -> 
     return heat_from(mean, heat_bias + disc)
 
 
+def discretization_term(next_prev_dot: Any, own_dot: Any, heat_bias: Any) -> Any:
+    """One step's term of :func:`discretization_bias`, ``(p_{t+1} - u_t) / 8 - b_t / 2``, from the
+    next step's ``prev_update_dot_grad`` and this step's ``update_dot_grad`` and ``heat_bias``
+    (floats or arrays of them, elementwise; the monitor's chains report it per step)."""
+    return (next_prev_dot - own_dot) / 8.0 - heat_bias / 2.0
+
+
 def discretization_bias(prev_update_dot_grad: np.ndarray, update_dot_grad: np.ndarray, heat_bias: np.ndarray) -> float:
     """The first-order discretization bias of consecutive draws of one chain, in LLC units.
 
@@ -118,7 +126,7 @@ def discretization_bias(prev_update_dot_grad: np.ndarray, update_dot_grad: np.nd
     ok = np.isfinite(prev) & np.isfinite(own) & np.isfinite(hb)
     if int(ok.sum()) < 2:
         return math.nan
-    return float((prev[ok] - own[ok]).mean() / 8.0 - hb[ok].mean() / 2.0)
+    return float(discretization_term(prev[ok], own[ok], hb[ok]).mean())
 
 
 def calibrated_step(

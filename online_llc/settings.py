@@ -19,7 +19,7 @@ from typing import Any, Mapping, Optional, Tuple, Union
 
 from .cadence import AUTO, Cadence, auto_cadence, check_cadence_option
 from .config import DEFAULT_WARMUP, resolve_hyperparameters
-from .errors import as_int, check_choice, check_int, check_nonneg_int, check_positive_float, check_positive_int, reject_unknown
+from .errors import as_int, check_bool, check_choice, check_int, check_nonneg_int, check_positive_float, check_positive_int, reject_unknown
 from .evaluator import MODES
 from .sgld import SGLDConfig
 
@@ -126,8 +126,7 @@ class MonitorSettings:
                 raise ValueError(f"Expected `warmup` to be 'auto' or a non-negative int, got {warmup!r}.")
             normalize("warmup", check_nonneg_int("warmup", warmup))
         check_choice("mode", self.mode, MODES)
-        if not isinstance(self.measure_discretization, bool):
-            raise ValueError(f"Expected `measure_discretization` to be a bool, got {self.measure_discretization!r}.")
+        check_bool("measure_discretization", self.measure_discretization)
         confidence = check_positive_float("confidence", self.confidence)
         if confidence >= 1:
             raise ValueError(f"Expected `confidence` to be a float in (0, 1), got {confidence!r}.")

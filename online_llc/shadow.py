@@ -43,7 +43,8 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 from torch import Tensor
 
-from .errors import check_positive_float
+from .errors import check_bool, check_positive_float
+from .heat import discretization_term
 from .randomness import chain_seed, derived_seed, deterministic
 from .sgld import LossEvaluator, SGLDConfig, SGLDInfo, _info, _kernel_step, init_aux
 from .sketch import SKETCH_VERSION, sketch, sketch_shift, sketch_shift_sharded
@@ -123,9 +124,7 @@ class ShadowSampler:
         measure_discretization: bool = True,
     ) -> None:
         self.evaluator = evaluator
-        if not isinstance(measure_discretization, bool):
-            raise ValueError(f"Expected `measure_discretization` to be a bool, got {measure_discretization!r}.")
-        self.measure_discretization = measure_discretization
+        self.measure_discretization = check_bool("measure_discretization", measure_discretization)
         center = evaluator.center()
         self.device = next(iter(center.values())).device
         self.masks = evaluator.localize({n: m for n, m in (masks or {}).items() if m is not None})
@@ -178,14 +177,19 @@ class ShadowSampler:
         def hook(grads: List[Optional[Tensor]]) -> None:
             upd, offset = self._updates[c], self.offsets[c]
             if upd is not None:
-                prev = [(u * g).sum(dtype=torch.float64) for u, g in zip(upd.values(), grads) if g is not None]
-                dots.append(torch.stack(prev).sum() if prev else torch.zeros((), dtype=torch.float64, device=self.device))
+                dots.append(self._dot(upd, grads))
                 for n, t in offset.items():
                     upd[n].copy_(t)
             else:
                 self._updates[c] = {n: t.detach().clone() for n, t in offset.items()}
 
         return hook
+
+    def _dot(self, tensors: Dict[str, Tensor], grads: List[Optional[Tensor]]) -> Tensor:
+        """``sum_n tensors[n] . grads[n]`` in float64, on the device (parameters without a gradient
+        left out; 0 when none has one)."""
+        parts = [(t * g).sum(dtype=torch.float64) for t, g in zip(tensors.values(), grads) if g is not None]
+        return torch.stack(parts).sum() if parts else torch.zeros((), dtype=torch.float64, device=self.device)
 
     def _measures(self) -> bool:
         """Whether this step measures the discretization bias: SGLD and RMSProp-SGLD with injected
@@ -205,7 +209,7 @@ class ShadowSampler:
                 share = deterministic(self.evaluator.model)
         pending, shared = [], None
         measure = self._measures()
-        paired: List[bool] = []
+        # Per measuring chain: [u_prev . g, u . g], the first NaN when the chain has no last update.
         dot_pairs: List[Tensor] = []
         for c in range(self.num_chains):
             dots: List[Tensor] = []
@@ -228,18 +232,13 @@ class ShadowSampler:
                 shared = out.center_losses
             if measure:
                 assert out.grads is not None
-                paired.append(bool(dots))
-                dots = dots or [torch.zeros((), dtype=torch.float64, device=out.stats.device)]
                 # The buffer holds xi before the update: it becomes this update, u = xi_new - xi.
                 upd = self._updates[c]
                 assert upd is not None
-                own = []
-                for (n, u), g in zip(upd.items(), out.grads):
+                for n, u in upd.items():
                     u.sub_(self.offsets[c][n]).neg_()
-                    if g is not None:
-                        own.append((u * g).sum(dtype=torch.float64))
-                dots.append(torch.stack(own).sum() if own else torch.zeros((), dtype=torch.float64, device=out.stats.device))
-                dot_pairs.append(torch.stack(dots).to(out.stats.device))
+                prev = dots[0] if dots else torch.full((), math.nan, dtype=torch.float64, device=self.device)
+                dot_pairs.append(torch.stack([prev, self._dot(upd, out.grads)]).to(out.stats.device))
                 out = out._replace(grads=None)
             pending.append(out)
         if measure:
@@ -267,9 +266,10 @@ class ShadowSampler:
         for c, p in enumerate(pending):
             info = _info(values[c * width : (c + 1) * width], p, self.config)
             if measure:
-                # This step's p_t pairs with the previous step's own dot and heat bias.
-                e = (info.prev_update_dot_grad - self._last_dot[c]) / 8.0 - self._last_heat_bias[c] / 2.0
-                disc.append(e if paired[c] and math.isfinite(e) else math.nan)
+                # This step's p_t pairs with the previous step's own dot and heat bias (NaN where
+                # the chain had no last update, or there is no previous step's).
+                e = discretization_term(info.prev_update_dot_grad, self._last_dot[c], self._last_heat_bias[c])
+                disc.append(e if math.isfinite(e) else math.nan)
                 self._last_dot[c], self._last_heat_bias[c] = info.update_dot_grad, info.heat_bias
             # The chain was updated in place whatever its numbers: a non-finite step, or a runaway
             # offset (caught through the norm the kernel reports before its update, one step
@@ -280,9 +280,6 @@ class ShadowSampler:
                 self.divergences += 1
             infos.append(info)
             diverged.append(bad)
-        if not measure:
-            for c in range(self.num_chains):
-                self._forget_updates(c)
         return ShadowStep(infos, diverged, shift, disc)
 
     def state_dict(self) -> Dict[str, Any]:

@@ -44,6 +44,18 @@ def test_gather_must_return_every_rank_row_block():
         ws.update([1.0], [0.1], 1)
 
 
+def test_measure_discretization_must_be_a_bool():
+    """A truthy non-bool (1, "yes") is refused, by the monitor and by the sampler alike, naming the option."""
+    from online_llc.shadow import ShadowSampler
+
+    with pytest.raises(ValueError, match=r"Expected `measure_discretization` to be a bool, got 'yes'\."):
+        monitor(measure_discretization="yes")
+    ev = LossEvaluator(P.model, P.loss_fn)
+    cfg = SGLDConfig(nbeta=10.0, localization=1.0, step_size=1e-3)
+    with pytest.raises(ValueError, match=r"Expected `measure_discretization` to be a bool, got 1\."):
+        ShadowSampler(ev, cfg, num_chains=1, seed=0, measure_discretization=1)
+
+
 def test_inference_mode_is_refused_with_a_reason():
     ev = LossEvaluator(P.model, P.loss_fn)
     cfg = SGLDConfig(nbeta=1.0, localization=0.0, step_size=1e-3)
