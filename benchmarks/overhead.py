@@ -9,6 +9,7 @@ machine noise (other processes, CPU frequency) from landing on one side only.
 
 Run:  python benchmarks/overhead.py            (about 1 minute on 2 cores)
       python benchmarks/overhead.py --blocks 20 --cadences 5 10 20 50
+      python benchmarks/overhead.py --hidden 1024   (a wider MLP: the model's passes dominate)
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ def run_block(model, opt, batches, monitor: Optional[OnlineLLC]) -> float:
     return time.perf_counter() - t
 
 
-def measure(every_n_steps: int, blocks: int, block_steps: int, batch_size: int, threads: int) -> tuple[float, float, float, int]:
+def measure(
+    every_n_steps: int, blocks: int, block_steps: int, batch_size: int, threads: int, hidden: int = 256
+) -> tuple[float, float, float, int]:
     """``(ratio with the default monitor, ratio with measure_discretization=False, ms per plain
     step, shadow steps)``: three copies of the model trained in interleaved blocks."""
     torch.set_num_threads(threads)
@@ -58,7 +61,7 @@ def measure(every_n_steps: int, blocks: int, block_steps: int, batch_size: int, 
     x, y = make_data(n)
     batches = [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, n, batch_size)][:block_steps]
     torch.manual_seed(0)
-    base = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    base = nn.Sequential(nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
     models = [base, copy.deepcopy(base), copy.deepcopy(base)]
     opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in models]
     monitors = [None] + [
@@ -84,14 +87,15 @@ def main() -> None:
     ap.add_argument("--block-steps", type=int, default=60, help="training steps per block (default 60)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--hidden", type=int, default=256, help="hidden width of the MLP (default 256; 1024: 1.8M parameters)")
     ap.add_argument("--cadences", type=int, nargs="+", default=[1, 5, DEFAULT_EVERY_N_STEPS, 50])
     args = ap.parse_args()
-    print(f"MLP 784-256-256-10, Adam, batch {args.batch_size}, {args.threads} thread(s); "
+    print(f"MLP 784-{args.hidden}-{args.hidden}-10, Adam, batch {args.batch_size}, {args.threads} thread(s); "
           f"{args.blocks} interleaved rounds of three blocks of {args.block_steps} steps per cadence")
     print(f"{'every_n_steps':>13s} {'time ratio (with / without)':>28s} {'same, no discretization':>24s} "
           f"{'ms per plain step':>18s} {'shadow steps':>13s}")
     for k in args.cadences:
-        ratio, ratio_lean, plain_step, shadow = measure(k, args.blocks, args.block_steps, args.batch_size, args.threads)
+        ratio, ratio_lean, plain_step, shadow = measure(k, args.blocks, args.block_steps, args.batch_size, args.threads, args.hidden)
         mark = "  <- default" if k == DEFAULT_EVERY_N_STEPS else ""
         print(f"{k:13d} {ratio:28.3f} {ratio_lean:24.3f} {plain_step * 1e3:18.2f} {shadow:13d}{mark}")
 

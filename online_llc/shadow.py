@@ -186,10 +186,13 @@ class ShadowSampler:
         return hook
 
     def _dot(self, tensors: Dict[str, Tensor], grads: List[Optional[Tensor]]) -> Tensor:
-        """``sum_n tensors[n] . grads[n]`` in float64, on the device (parameters without a gradient
-        left out; 0 when none has one)."""
-        parts = [(t * g).sum(dtype=torch.float64) for t, g in zip(tensors.values(), grads) if g is not None]
-        return torch.stack(parts).sum() if parts else torch.zeros((), dtype=torch.float64, device=self.device)
+        """``sum_n tensors[n] . grads[n]``, each tensor's dot summed in float64, on the device
+        (parameters without a gradient left out; 0 when none has one)."""
+        # One BLAS dot per tensor (no product tensor: the elementwise product and its float64 sum
+        # cost 3-5x as much, a tenth of the shadow step on a small MLP); its float32 accumulation
+        # is good to about 1e-6 relative, far inside the measurement's sampling noise.
+        parts = [torch.dot(t.reshape(-1), g.reshape(-1).to(t.dtype)) for t, g in zip(tensors.values(), grads) if g is not None]
+        return torch.stack(parts).double().sum() if parts else torch.zeros((), dtype=torch.float64, device=self.device)
 
     def _measures(self) -> bool:
         """Whether this step measures the discretization bias: SGLD and RMSProp-SGLD with injected
@@ -236,7 +239,7 @@ class ShadowSampler:
                 upd = self._updates[c]
                 assert upd is not None
                 for n, u in upd.items():
-                    u.sub_(self.offsets[c][n]).neg_()
+                    torch.sub(self.offsets[c][n], u, out=u)
                 prev = dots[0] if dots else torch.full((), math.nan, dtype=torch.float64, device=self.device)
                 dot_pairs.append(torch.stack([prev, self._dot(upd, out.grads)]).to(out.stats.device))
                 out = out._replace(grads=None)

@@ -92,6 +92,9 @@ class EquilibrationDetector:
         ``min_draws`` replaces the constructor's floor for this warm-up only."""
         self._min = self.min_draws if min_draws is None else check_positive_int("min_draws", min_draws)
         self.draws: List[List[float]] = []
+        # (whole batches, verdict) of the last _settled: the verdict depends only on the whole
+        # batches, so it is recomputed once per MSER_BATCH draws, not at every draw.
+        self._verdict: tuple[int, bool] = (-1, False)
         self.equilibrated = False
         #: Draws the last warm-up took (``None`` while warming up).
         self.warmup_length: int | None = None
@@ -112,10 +115,14 @@ class EquilibrationDetector:
         n_batches = len(self.draws) // MSER_BATCH
         if n_batches < 2 * max(self.tail // MSER_BATCH, 1):
             return False
+        if self._verdict[0] == n_batches:
+            return self._verdict[1]
         # Settled when MSER's cut is interior for every statistic: it would keep more than the
         # second half.
-        x = np.asarray(self.draws)
-        return all(mser_truncation(x[:, j]) // MSER_BATCH < n_batches // 2 for j in range(x.shape[1]))
+        x = np.asarray(self.draws[: n_batches * MSER_BATCH])
+        settled = all(mser_truncation(x[:, j]) // MSER_BATCH < n_batches // 2 for j in range(x.shape[1]))
+        self._verdict = (n_batches, settled)
+        return settled
 
     def state_dict(self) -> Dict[str, Any]:
         """Plain Python values."""
@@ -129,6 +136,7 @@ class EquilibrationDetector:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`."""
         self.draws = [[float(v) for v in row] for row in state["draws"]]
+        self._verdict = (-1, False)
         self._min = int(state.get("min_draws", self.min_draws))
         self.equilibrated = bool(state["equilibrated"])
         w = state.get("warmup_length")
