@@ -28,6 +28,7 @@ from .stats import (
     mean_standard_error,
     summarize,
 )
+from .window_state import dump_state, parse_state
 
 __all__ = [
     "WindowSummary",
@@ -37,14 +38,6 @@ __all__ = [
     "summarize",
 ]
 
-# Version 3 added the pending draws' offset norms ("o"), version 4 their measured discretization
-# biases ("e"); older states load without them.
-_STATE_VERSION = 4
-_STATE_KEYS = frozenset(
-    {"version", "window", "num_chains", "horizon", "count", "d", "v", "f", "b", "o", "e", "past", "start_step", "last_step"}
-)
-# Keys each older version lacks.
-_MISSING_BEFORE = {2: {"o", "e"}, 3: {"e"}}
 # The rows of the gathered array, in order: draws, noise variances, flags, heat biases, offset
 # norms, discretization biases.
 _ROWS = 6
@@ -296,122 +289,35 @@ class WindowStats:
 
     def state_dict(self) -> dict[str, Any]:
         """The state as plain Python ints, floats, lists and ``None`` (safe for
-        ``torch.load(weights_only=True)``); only the pending draws are stored."""
-        return {
-            "version": _STATE_VERSION,
-            "window": int(self.window),
-            "num_chains": int(self.num_chains),
-            "count": int(self._count),
-            "d": self._d[:, : self._count].tolist(),
-            "f": self._f[:, : self._count].tolist(),
-            "horizon": int(self.horizon),
-            "past": [p.tolist() for p in self._past],
-            "v": self._v[:, : self._count].tolist(),
-            "b": self._b[:, : self._count].tolist(),
-            "o": self._o[:, : self._count].tolist(),
-            # None where not measured (NaN would not compare equal to itself).
-            "e": [[None if math.isnan(x) else x for x in row] for row in self._e[:, : self._count].tolist()],
-            "start_step": None if self._start_step is None else int(self._start_step),
-            "last_step": None if self._last_step is None else int(self._last_step),
-        }
+        ``torch.load(weights_only=True)``); only the pending draws are stored
+        (:func:`~online_llc.window_state.dump_state`)."""
+        pending = {key: buf[:, : self._count] for key, buf in self._buffers().items()}
+        return dump_state(
+            window=self.window, num_chains=self.num_chains, horizon=self.horizon, pending=pending,
+            past=self._past, start_step=self._start_step, last_step=self._last_step,
+        )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict` exactly; validated fully before anything changes.
+        """Restore a :meth:`state_dict` exactly; validated fully before anything changes
+        (:func:`~online_llc.window_state.parse_state`).
 
         Raises:
             KeyError: if keys are missing or unexpected.
             ValueError: if ``window`` or ``num_chains`` differ from this object's, or the
                 pending draws are inconsistent with ``count``.
         """
-        # A version-2 state has no offset norms (its pending draws get -1, none given), versions 2
-        # and 3 no discretization biases (NaN, none measured).
-        keys = _STATE_KEYS - _MISSING_BEFORE.get(state.get("version"), set())
-        missing = sorted(keys - set(state))
-        unexpected = sorted(set(state) - keys)
-        if missing or unexpected:
-            raise KeyError(
-                f"WindowStats state dict: missing keys {missing}, unexpected keys {unexpected}."
-            )
-        if state["version"] not in (2, 3, _STATE_VERSION):
-            raise ValueError(
-                f"Expected `state['version']` to be 2, 3 or {_STATE_VERSION}, got {state['version']!r}."
-            )
-        for key, own in (("window", self.window), ("num_chains", self.num_chains), ("horizon", self.horizon)):
-            if state[key] != own:
-                raise ValueError(
-                    f"Expected `state['{key}']` to be {own} (this WindowStats' {key}), "
-                    f"got {state[key]!r}."
-                )
-        count = state["count"]
-        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count < self.window:
-            raise ValueError(
-                f"Expected `state['count']` to be an int in [0, {self.window - 1}], got {count!r}."
-            )
-        shape = (self.num_chains, count)
-        arrays = {}
-        for key in ("d", "v", "f", "b", "o", "e"):
-            expected = f"{self.num_chains} lists of {count} floats (one per chain)"
-            try:
-                raw = state.get(key, np.full(shape, np.nan if key == "e" else -1.0))
-                if key == "e" and isinstance(raw, list):
-                    raw = [[np.nan if x is None else x for x in row] if isinstance(row, list) else row for row in raw]
-                arr = np.asarray(raw, dtype=np.float64)
-            except (TypeError, ValueError):
-                raise ValueError(f"Expected `state['{key}']` to be {expected}.") from None
-            if arr.shape != shape and not (count == 0 and arr.size == 0):
-                raise ValueError(f"Expected `state['{key}']` to be {expected}, got shape {arr.shape}.")
-            arr = arr.reshape(shape)
-            # Discretization biases are NaN where none was measured.
-            if not np.all(np.isfinite(arr) | (np.isnan(arr) if key == "e" else False)):
-                raise ValueError(f"Expected `state['{key}']` to be finite{' or NaN' if key == 'e' else ''}.")
-            arrays[key] = arr
-        steps = {}
-        for key in ("start_step", "last_step"):
-            value = state[key]
-            if value is not None:
-                check_nonneg_int(f"state['{key}']", value)
-            steps[key] = value
-        start, last = steps["start_step"], steps["last_step"]
-        if start is not None and (last is None or last < start):
-            raise ValueError(
-                f"Expected `state['last_step']` to be >= start_step ({start}), got {last!r}."
-            )
-        if (count > 0) != (start is not None):
-            raise ValueError(
-                f"Expected `state['start_step']` to be set exactly when `count` > 0, "
-                f"got start_step={steps['start_step']!r} with count={count}."
-            )
-
-        past = []
-        for p in state["past"]:
-            arr = np.asarray(p, dtype=np.float64)
-            # With `gather` the past windows hold every rank's chains: any chain count >= ours.
-            # A window summarised on its trailing half holds from window / 2 draws per chain.
-            if (
-                arr.ndim != 2
-                or not 2 * arr.shape[1] >= self.window
-                or arr.shape[1] > self.window
-                or arr.shape[0] < self.num_chains
-                or not np.all(np.isfinite(arr))
-            ):
-                raise ValueError(
-                    f"Expected `state['past']` to hold finite arrays of shape [chains >= {self.num_chains}, "
-                    f"window / 2 .. {self.window}]."
-                )
-            past.append(arr)
-        if len(past) > max(self.horizon - 1, 0):
-            raise ValueError(f"Expected `state['past']` to hold at most {self.horizon - 1} windows, got {len(past)}.")
-
-        self._past = past
-        self._d[:, :count] = arrays["d"]
-        self._v[:, :count] = arrays["v"]
-        self._f[:, :count] = arrays["f"]
-        self._b[:, :count] = arrays["b"]
-        self._o[:, :count] = arrays["o"]
-        self._e[:, :count] = arrays["e"]
+        parsed = parse_state(state, window=self.window, num_chains=self.num_chains, horizon=self.horizon)
+        count = parsed.count
+        self._past = parsed.past
+        for key, buf in self._buffers().items():
+            buf[:, :count] = parsed.pending[key]
         self._count = count
-        self._start_step = steps["start_step"]
-        self._last_step = steps["last_step"]
+        self._start_step = parsed.start_step
+        self._last_step = parsed.last_step
+
+    def _buffers(self) -> dict[str, np.ndarray]:
+        """The current window's buffers by their state key (:data:`~online_llc.window_state.ROW_KEYS`)."""
+        return {"d": self._d, "v": self._v, "f": self._f, "b": self._b, "o": self._o, "e": self._e}
 
 
 def _mean_offset_norm(norms: np.ndarray, flags: np.ndarray) -> float:
