@@ -15,7 +15,9 @@ their combined reported standard error.
 Run: ``python benchmarks/known_lambda.py`` (about an hour on 2 cores); ``--sizes 100000`` for one
 data size; ``--part networks|crossings|invariance`` for one block; ``--models 8-8-8-8`` for some
 networks; ``--localization-scale 0.2`` for
-localization ``0.2 sqrt(nbeta)`` instead of the default.
+localization ``0.2 sqrt(nbeta)`` instead of the default; ``--part invariance --seeds 2 3 4`` repeats
+the invariance block at other chain seeds and prints the spread of the readings beside their
+reported standard errors (``--invariance-batches 1024`` for one batch size).
 """
 
 from __future__ import annotations
@@ -91,6 +93,8 @@ def main() -> None:
     ap.add_argument("--models", default=None, help="networks to run, e.g. 8-8-8-8,10-3-5 (default: all four)")
     ap.add_argument("--localization-scale", type=float, default=None,
                     help="localization = scale * sqrt(nbeta) instead of the default (networks and crossings)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[2], help="chain seeds of the invariance block (default 2)")
+    ap.add_argument("--invariance-batches", default="32,1024", help="batch sizes of the invariance block (default 32,1024)")
     args = ap.parse_args()
     global SCALE
     SCALE = args.localization_scale
@@ -106,7 +110,7 @@ def main() -> None:
     if args.part in ("all", "crossings"):
         crossings(sizes, batches, args.chains)
     if args.part in ("all", "invariance"):
-        invariance()
+        invariance(args.seeds, [int(v) for v in args.invariance_batches.split(",")])
 
 
 def networks(sizes: list[int], batches: list[int], chains: int, models: list = MODELS) -> None:
@@ -146,17 +150,25 @@ def crossings(sizes: list[int], batches: list[int], chains: int) -> None:
     print(f"worst |estimate / target - 1| = {worst:.3f}")
 
 
-def invariance() -> None:
-    print("\nbatch-size invariance, dln [8, 8, 8, 8] r=2, n = 100000")
-    out = {}
-    for b in (32, 1024):
-        p = deep_linear_problem([8, 8, 8, 8], 2, num_samples=100000, batch_size=b, seed=0)
-        res = estimate_llc(p.model, p.loss_fn, p.batches, num_samples=100000, num_chains=4, seed=2)
-        out[b] = res
-        print(f"batch {b:5d}: {res.mean:.3f} +- {res.std:.3f}  heat {res.heat:.3f}  step {res.step_size:.3g}")
-    diff = out[32].mean - out[1024].mean
-    se = math.hypot(out[32].std, out[1024].std)
-    print(f"difference {diff:+.3f} = {diff / se:+.2f} combined standard errors")
+def invariance(seeds: list[int], batches: list[int]) -> None:
+    print("\nbatch-size invariance, dln [8, 8, 8, 8] r=2, n = 100000, 4 chains")
+    out: dict[int, list] = {b: [] for b in batches}
+    for seed in seeds:
+        for b in batches:
+            p = deep_linear_problem([8, 8, 8, 8], 2, num_samples=100000, batch_size=b, seed=0)
+            res = estimate_llc(p.model, p.loss_fn, p.batches, num_samples=100000, num_chains=4, seed=seed)
+            out[b].append(res)
+            print(f"seed {seed} batch {b:5d}: {res.mean:.3f} +- {res.std:.3f}  heat {res.heat:.3f}  step {res.step_size:.3g}", flush=True)
+        if len(batches) == 2:
+            x, y = out[batches[0]][-1], out[batches[1]][-1]
+            diff, se = x.mean - y.mean, math.hypot(x.std, y.std)
+            print(f"seed {seed}: difference {diff:+.3f} = {diff / se:+.2f} combined standard errors")
+    for b, runs in out.items():
+        if len(runs) > 1:
+            means = np.array([r.mean for r in runs])
+            rms_se = float(np.sqrt(np.mean([r.std**2 for r in runs])))
+            print(f"batch {b:5d}: {len(runs)} seeds, mean {means.mean():.3f}, spread {means.std(ddof=1):.3f} "
+                  f"against the reported standard error {rms_se:.3f} (rms)")
 
 
 if __name__ == "__main__":
