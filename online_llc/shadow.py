@@ -206,7 +206,7 @@ class ShadowSampler:
         new_sketch = sketch(list(center.values()), self._sketch_gen)
         old_sketch, self._sketch = self._sketch, new_sketch
         share = self.share_center_loss
-        if share is None:
+        if share is None and self.num_chains > 1:
             # Judged in the mode the passes run in (eval by default: dropout modules are off).
             with self.evaluator.mode_context():
                 share = deterministic(self.evaluator.model)

@@ -217,6 +217,44 @@ def test_dropout_masks_are_paired_so_zero_offset_draws_zero():
     assert info.draw == 0.0 and info.noise_var == 0.0
 
 
+def test_each_point_is_one_substitution_and_halves_stay_paired(monkeypatch):
+    """The four half-batch passes of a step run under two substitutions of the weights (the
+    centre's, the sample's), not four; with BatchNorm and dropout in training mode (per-sample
+    losses that depend on the half and on the mask) each sample is still paired with itself: at
+    xi = 0 the draw is exactly 0, and the gradients equal those of separate passes over each half
+    (computed here by hand on a copy of the model)."""
+    calls = []
+    real = torch.func.functional_call
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.func, "functional_call", counting)
+    model = mlp(dropout=False, bn=True).train()
+    ev = LossEvaluator(model, mse_per_sample, mode="train")
+    cfg = SGLDConfig(nbeta=1.0, localization=0.0, step_size=0.02, noise_scale=0.0)
+    batch = make_batch(3)
+    gen = torch.Generator().manual_seed(0)
+    _, info = sgld_step(ev, ev.center(), ev.zeros_like_center(), batch, config=cfg, generator=gen)
+    assert len(calls) == 2
+    assert info.draw == 0.0 and info.noise_var == 0.0
+
+    offset = random_offset(ev)
+    new, _ = sgld_step(ev, ev.center(), offset, batch, config=cfg, generator=gen)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            p.add_(offset[n])
+    x, y = batch
+    halves = [(x[:16], y[:16]), (x[16:], y[16:])]
+    # The whole batch's gradient is the mean of the halves' (equal halves), each half on its own.
+    total = sum(mse_per_sample(ref, h).mean() for h in halves) / 2
+    total.backward()
+    for n, p in ref.named_parameters():
+        torch.testing.assert_close(new[n], offset[n] - 0.01 * p.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_same_generator_seed_gives_identical_chains():
     model = mlp(dropout=True)
     ev = LossEvaluator(model, mse_per_sample)
