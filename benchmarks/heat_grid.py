@@ -12,7 +12,9 @@ defaults) beside each: on this model the heat should equal the ratio.
 the heat diagnostic (10 minutes for the whole grid).
 
 Run: ``python benchmarks/heat_grid.py`` (the full grid takes hours on 2 cores: small batches need
-many small steps); ``--dims 12 --sizes 2000,20000,200000 --batches 64,256`` for a subset.
+many small steps); ``--dims 12 --sizes 2000,20000,200000 --batches 64,256`` for a subset;
+``--new-only --chains 4 --seeds 1 2 3 4 5 6`` repeats each calibrated cell at the estimator's
+default chains over several chain seeds (their mean and spread beside the reported errors).
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ def main() -> None:
     ap.add_argument("--localization-scale", type=float, default=None,
                     help="calibrated columns at localization = scale * sqrt(nbeta) instead of the default")
     ap.add_argument("--full-batch", action="store_true", help="also the full batch where n <= 20000")
+    ap.add_argument("--chains", type=int, default=2, help="chains of the calibrated columns (default 2; the estimator's default is 4)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1],
+                    help="chain seeds of the calibrated columns, one line each and their mean (default 1)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     dims = [int(v) for v in args.dims.split(",")]
@@ -95,12 +100,20 @@ def main() -> None:
                 if args.localization_scale is not None:
                     nb, _ = default_estimand(n)
                     extra = {"nbeta": nb, "localization": args.localization_scale * math.sqrt(nb)}
-                new = estimate_llc(p.model, p.loss_fn, p.batches, num_samples=n, num_chains=2, seed=1, **extra)
-                t_new = target(h, dout, new.nbeta, new.localization)
-                r_new = new.mean / t_new
-                worst_new = max(worst_new, abs(r_new - 1))
-                print(f"{line} {r_new:26.3f} {new.std / t_new:5.3f} {new.total_heat:6.3f} {new.nbeta:7.1f} "
-                      f"{new.localization:6.2f} {new.step_size:.3g}", flush=True)
+                ratios = []
+                for seed in args.seeds:
+                    new = estimate_llc(p.model, p.loss_fn, p.batches, num_samples=n, num_chains=args.chains, seed=seed, **extra)
+                    t_new = target(h, dout, new.nbeta, new.localization)
+                    r_new = new.mean / t_new
+                    ratios.append(r_new)
+                    worst_new = max(worst_new, abs(r_new - 1))
+                    tag = f"  (seed {seed})" if len(args.seeds) > 1 else ""
+                    print(f"{line} {r_new:26.3f} {new.std / t_new:5.3f} {new.total_heat:6.3f} {new.nbeta:7.1f} "
+                          f"{new.localization:6.2f} {new.step_size:.3g}{tag}", flush=True)
+                if len(ratios) > 1:
+                    mean = sum(ratios) / len(ratios)
+                    spread = math.sqrt(sum((r - mean) ** 2 for r in ratios) / (len(ratios) - 1))
+                    print(f"{d:5d} {n:8d} {b:6d} | mean over {len(ratios)} seeds {mean:.3f}, spread {spread:.3f}", flush=True)
     if not args.old_only:
         print(f"calibrated defaults: worst |ratio - 1| = {worst_new:.3f}")
     if args.new_only:
