@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 
 import torch
 
@@ -111,9 +112,8 @@ def main() -> None:
                     print(f"{line} {r_new:26.3f} {new.std / t_new:5.3f} {new.total_heat:6.3f} {new.nbeta:7.1f} "
                           f"{new.localization:6.2f} {new.step_size:.3g}{tag}", flush=True)
                 if len(ratios) > 1:
-                    mean = sum(ratios) / len(ratios)
-                    spread = math.sqrt(sum((r - mean) ** 2 for r in ratios) / (len(ratios) - 1))
-                    print(f"{d:5d} {n:8d} {b:6d} | mean over {len(ratios)} seeds {mean:.3f}, spread {spread:.3f}", flush=True)
+                    print(f"{d:5d} {n:8d} {b:6d} | mean over {len(ratios)} seeds {statistics.mean(ratios):.3f}, "
+                          f"spread {statistics.stdev(ratios):.3f}", flush=True)
     if not args.old_only:
         print(f"calibrated defaults: worst |ratio - 1| = {worst_new:.3f}")
     if args.new_only:

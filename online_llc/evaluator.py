@@ -83,9 +83,13 @@ class LossFn(Protocol):
 
     def __call__(self, model: nn.Module, batch: Any) -> Tensor:  # pragma: no cover - protocol
         ...
+
+
 class _LossModule(nn.Module):
-    """Makes ``loss_fn(model, batch)`` a module forward so ``functional_call`` can substitute
-    the model's parameters and buffers by name (``model.<name>``) without touching the model."""
+    """Runs a program of passes through ``loss_fn(model, batch)`` as a module forward, so
+    ``functional_call`` can substitute the model's parameters and buffers by name
+    (``model.<name>``) once for all of them without touching the model
+    (:meth:`LossEvaluator.passes`)."""
 
     def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
         super().__init__()
@@ -93,22 +97,8 @@ class _LossModule(nn.Module):
         # Stored in __dict__ to keep it out of nn.Module's registries.
         object.__setattr__(self, "_loss_fn", loss_fn)
 
-    def forward(self, batch: Any) -> Any:  # noqa: D102
-        if isinstance(batch, _Passes):
-            # Several passes under one substitution: the program gets the loss as a function.
-            return batch.program(lambda b: check_per_sample(self._loss_fn(self.model, b)))
-        return self._loss_fn(self.model, batch)
-
-
-class _Passes:
-    """A program run under one substitution of the weights (:meth:`LossEvaluator.passes`): it is
-    called with ``loss(batch) -> per-sample losses``. A class of its own, so that no user batch
-    is ever mistaken for one."""
-
-    __slots__ = ("program",)
-
-    def __init__(self, program: Callable[[Callable[[Any], Tensor]], Any]) -> None:
-        self.program = program
+    def forward(self, program: Callable[[Callable[[Any], Tensor]], Any]) -> Any:  # noqa: D102
+        return program(lambda batch: check_per_sample(self._loss_fn(self.model, batch)))
 
 
 class LossEvaluator:
@@ -243,7 +233,7 @@ class LossEvaluator:
         subst = {"model." + n: t for n, t in params.items()}
         for n, b in self.model.named_buffers():
             subst["model." + n] = b.detach().clone()
-        return torch.func.functional_call(self._module, subst, (_Passes(program),), strict=False)
+        return torch.func.functional_call(self._module, subst, (program,), strict=False)
 
 
 def check_per_sample(out: Any) -> Tensor:

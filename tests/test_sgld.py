@@ -219,10 +219,10 @@ def test_dropout_masks_are_paired_so_zero_offset_draws_zero():
 
 def test_each_point_is_one_substitution_and_halves_stay_paired(monkeypatch):
     """The four half-batch passes of a step run under two substitutions of the weights (the
-    centre's, the sample's), not four; with BatchNorm and dropout in training mode (per-sample
-    losses that depend on the half and on the mask) each sample is still paired with itself: at
-    xi = 0 the draw is exactly 0, and the gradients equal those of separate passes over each half
-    (computed here by hand on a copy of the model)."""
+    centre's, the sample's), not four; with BatchNorm in training mode (per-sample losses that
+    depend on the half) each sample is still paired with itself: at xi = 0 the draw is exactly 0,
+    and the gradients equal those of separate passes over each half (computed here by hand on a
+    copy of the model). Dropout's pairing: test_dropout_masks_are_paired_so_zero_offset_draws_zero."""
     calls = []
     real = torch.func.functional_call
 
