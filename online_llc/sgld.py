@@ -223,7 +223,7 @@ def _kernel_step(
     rng_seed: Optional[int] = None,
     center_losses: Optional[Tuple[Tensor, ...]] = None,
     keep_grads: bool = False,
-    pre_update: Optional[Callable[[List[Optional[Tensor]]], None]] = None,
+    pre_update: Optional[Callable[[List[Optional[Tensor]]], Optional[Mapping[str, Tensor]]]] = None,
 ) -> _Pending:
     """One step of ``config.sampler`` that updates ``offset`` and ``aux`` in place (whatever the
     losses: the caller discards a non-finite step) and leaves its numbers on the device.
@@ -232,7 +232,9 @@ def _kernel_step(
     ``generator``, one host read, when None); ``center_losses`` reuses the centre's losses of an
     earlier step on the same batch and centre (deterministic models); ``keep_grads`` keeps the
     batch gradient intact and returns it (the update dots); ``pre_update`` is called with the
-    batch gradient just before the offset is updated (with ``keep_grads``: it must not change them)."""
+    batch gradient just before the offset is updated (with ``keep_grads``: it must not change them)
+    and may return buffers, one per offset, that then receive the update ``xi_new - xi``
+    (:func:`online_llc.updates._update`'s ``into``)."""
     if torch.is_inference_mode_enabled():
         raise RuntimeError(
             "The SGLD step needs gradients and cannot run inside torch.inference_mode(); "
@@ -248,11 +250,10 @@ def _kernel_step(
         grads, noise_sq = _combine_halves(g1, g2, halves, list(offset), aux, config, masks, device)
         del g1, g2
         stats, b = evaluator.step_stats(l_center, l_sample, list(offset.values()), noise_sq)
-        if pre_update is not None:
-            pre_update(grads)
+        into = pre_update(grads) if pre_update is not None else None
         _update(
             offset, aux, grads, config=config, generator=generator, masks=masks, consume_grads=not keep_grads,
-            layouts=evaluator.noise_layouts(list(offset)),
+            layouts=evaluator.noise_layouts(list(offset)), into=into,
         )
     return _Pending(stats, b, halves, center_losses, grads if keep_grads else None)
 

@@ -170,18 +170,17 @@ class ShadowSampler:
 
     def _measuring_hook(self, c: int, dots: List[Tensor]) -> Any:
         """The kernel's ``pre_update`` for chain ``c``: with the batch gradient ``g`` at ``xi``, the
-        previous update's dot ``u_prev . g`` (appended to ``dots`` when the chain has one), then
-        ``xi`` into the update buffer (one copy of the offset per chain, reused: the step then
-        turns it into ``xi_new - xi``)."""
+        previous update's dot ``u_prev . g`` (appended to ``dots`` when the chain has one); it
+        returns the update buffer (one per chain, the offset's size, reused), which the kernel
+        fills with this step's update ``xi_new - xi``."""
 
-        def hook(grads: List[Optional[Tensor]]) -> None:
-            upd, offset = self._updates[c], self.offsets[c]
+        def hook(grads: List[Optional[Tensor]]) -> Dict[str, Tensor]:
+            upd = self._updates[c]
             if upd is not None:
                 dots.append(self._dot(upd, grads))
-                for n, t in offset.items():
-                    upd[n].copy_(t)
             else:
-                self._updates[c] = {n: t.detach().clone() for n, t in offset.items()}
+                upd = self._updates[c] = {n: torch.zeros_like(t) for n, t in self.offsets[c].items()}
+            return upd
 
         return hook
 
@@ -235,11 +234,9 @@ class ShadowSampler:
                 shared = out.center_losses
             if measure:
                 assert out.grads is not None
-                # The buffer holds xi before the update: it becomes this update, u = xi_new - xi.
+                # The buffer holds this update, u = xi_new - xi.
                 upd = self._updates[c]
                 assert upd is not None
-                for n, u in upd.items():
-                    torch.sub(self.offsets[c][n], u, out=u)
                 prev = dots[0] if dots else torch.full((), math.nan, dtype=torch.float64, device=self.device)
                 dot_pairs.append(torch.stack([prev, self._dot(upd, out.grads)]).to(out.stats.device))
                 out = out._replace(grads=None)

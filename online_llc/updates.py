@@ -15,7 +15,9 @@ the parameters' dtype: in bfloat16 the localization's contraction ``1 - epsilon 
 may be consumed: the batch gradient is formed in the second half's gradient buffers, and the noise
 of each tensor is drawn into its gradient's buffer once the gradient has been used, so the
 combination and the update allocate nothing beyond one tensor's worth of scratch (RMSProp's
-preconditioner).
+preconditioner). When the discretization bias is measured, the gradients must survive the
+update: SGLD then draws its noise into the measurement's own buffer and forms the whole update
+there (:func:`_sgld_update_into`), which allocates nothing either.
 """
 
 from __future__ import annotations
@@ -106,12 +108,17 @@ def _combine_halves(
     grads: List[Optional[Tensor]] = []
     diffs: List[Tensor] = []
     terms: List[Tensor] = []
+    both = [(a, b) for a, b in zip(g1, g2) if a is not None and b is not None]
+    if both:
+        # d = g1 - g2 in g1's buffers, then g = g2 + w1 d in g2's (one call each for all tensors).
+        torch._foreach_sub_([a for a, _ in both], [b for _, b in both])
+        torch._foreach_add_([b for _, b in both], [a for a, _ in both], alpha=w1)
     for name, a, b in zip(names, g1, g2):
         if a is None or b is None:  # the loss of one half does not depend on the parameter
             grads.append(None if a is None and b is None else (a * w1 if b is None else b * w2))
             continue
-        d = a.sub_(b)
-        grads.append(b.add_(d, alpha=w1))  # g2 + w1 (g1 - g2)
+        d = a
+        grads.append(b)
         mask = masks.get(name) if masks else None
         if mask is not None:
             d.mul_(mask)
@@ -147,6 +154,28 @@ def _sgld_update(
         z = noise(x, g)
         if z is not None:
             x.add_(z, alpha=_noise_std(config))
+
+
+def _sgld_update_into(
+    xs: List[Tensor], grads: List[Optional[Tensor]], into: List[Tensor], config: SGLDConfig, noise: _Noise
+) -> None:
+    """SGLD's update formed in ``into`` and then added to the offsets:
+    ``u = sqrt(eps) z - (eps nbeta / 2) grad - (eps gamma / 2) xi``, ``xi <- xi + u``. The noise is
+    drawn into ``into`` (no scratch), the gradients are left intact, and ``into`` holds the
+    update afterwards (the discretization measurement reads it), with no copy of the offsets and
+    no subtraction to recover it. The same maths as :func:`_sgld_update`, with another order of
+    the float operations."""
+    eps = config.step_size
+    for x, u in zip(xs, into):
+        if noise(x, u) is None:
+            u.zero_()
+    torch._foreach_mul_(into, _noise_std(config))
+    pairs = [(u, g) for u, g in zip(into, grads) if g is not None]
+    if pairs:
+        torch._foreach_add_([u for u, _ in pairs], [g for _, g in pairs], alpha=-eps * config.nbeta / 2)
+    if config.localization > 0:
+        torch._foreach_add_(into, xs, alpha=-eps * config.localization / 2)
+    torch._foreach_add_(xs, into)
 
 
 def _rmsprop_precond(second_moments: Tensor, config: SGLDConfig) -> Tensor:
@@ -227,17 +256,34 @@ def _update(
     masks: Optional[Mapping[str, Tensor]],
     consume_grads: bool = True,
     layouts: Optional[Sequence[Any]] = None,
+    into: Optional[Mapping[str, Tensor]] = None,
 ) -> None:
     """Every parameter's update, in place on ``offset`` and ``aux``, in the offset's order: the
     noise of each is drawn from ``generator`` in that order; the offset and extra state are then
     zeroed outside their masks. With ``consume_grads`` the gradients' buffers receive the drift and
     the noise (they are garbage afterwards); otherwise the noise is drawn into new tensors and the
     gradients are left as they were (the update dots of :func:`online_llc.sgld.sampler_step`).
-    ``layouts``: the offsets' places in their sharded parameters (see :class:`_Noise`)."""
+    ``layouts``: the offsets' places in their sharded parameters (see :class:`_Noise`).
+    ``into``: buffers, one per offset (same shape and dtype), that receive the update
+    ``xi_new - xi``; SGLD forms it there directly (:func:`_sgld_update_into`), leaving the
+    gradients intact whatever ``consume_grads`` says; the other samplers copy the offsets in
+    before and subtract after."""
     names = list(offset)
     xs = [offset[n] for n in names]
     state = [aux[n] for n in names] if aux else []
     grads = list(grads)
+    if into is not None and config.sampler == "sgld":
+        us = [into[n] for n in names]
+        _sgld_update_into(xs, grads, us, config, _Noise(config, generator, reuse=True, layouts=layouts))
+        for n, u in zip(names, us):
+            mask = masks.get(n) if masks else None
+            if mask is not None:
+                # xi is zero outside its mask, and u = xi_new - xi must be too.
+                u.mul_(mask)
+                offset[n].mul_(mask)
+        return
+    if into is not None:
+        torch._foreach_copy_([into[n] for n in names], xs)
     if not consume_grads and config.sampler != "sgld":
         grads = [None if g is None else g.clone() for g in grads]
     _UPDATES[config.sampler](xs, state, grads, config, _Noise(config, generator, reuse=consume_grads, layouts=layouts))
@@ -247,3 +293,6 @@ def _update(
             offset[n].mul_(mask)
             if aux:
                 aux[n].mul_(mask)
+    if into is not None:
+        for n, x in zip(names, xs):
+            torch.sub(x, into[n], out=into[n])

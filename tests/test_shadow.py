@@ -3,6 +3,7 @@ that move between devices."""
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -263,3 +264,30 @@ def test_a_float64_model_gets_a_float64_chain_and_a_weight_sketch():
         w.add_(move * (0.3 / move.norm()))
     second = sampler.step(batch)
     assert second.center_shift == pytest.approx(0.3, rel=0.55)
+
+
+@pytest.mark.parametrize("sampler", ["sgld", "rmsprop_sgld"])
+def test_measuring_chain_is_the_plain_chain_and_its_buffer_is_the_last_update(sampler):
+    """Measuring the discretization bias leaves the chain where a chain that does not measure
+    goes (the same noise draws; SGLD forms its update in the measurement's buffer, a different
+    order of the float operations, so equal to float32 rounding), and the buffer holds the last
+    update ``xi_new - xi`` exactly as the two offsets differ (to rounding). A mask keeps both the
+    offset and the update zero outside it."""
+    model = deep_mlp()
+    ev = LossEvaluator(model, mse_per_sample)
+    cfg = SGLDConfig(nbeta=50.0, localization=10.0, step_size=1e-3, sampler=sampler)
+    masks = {"0.weight": torch.rand(6, 6, generator=torch.Generator().manual_seed(3)) > 0.5}
+    plain = ShadowSampler(ev, cfg, num_chains=2, seed=5, masks=masks, measure_discretization=False)
+    measuring = ShadowSampler(ev, cfg, num_chains=2, seed=5, masks=masks)
+    for i in range(6):
+        before = [{n: t.clone() for n, t in off.items()} for off in measuring.offsets]
+        plain.step(make_batch(i))
+        out = measuring.step(make_batch(i))
+        for c in range(2):
+            for n, t in measuring.offsets[c].items():
+                torch.testing.assert_close(t, plain.offsets[c][n], rtol=1e-5, atol=1e-7)
+                torch.testing.assert_close(measuring._updates[c][n], t - before[c][n], rtol=1e-5, atol=1e-7)
+            assert torch.count_nonzero(measuring.offsets[c]["0.weight"][~masks["0.weight"]]) == 0
+            assert torch.count_nonzero(measuring._updates[c]["0.weight"][~masks["0.weight"]]) == 0
+        if i >= 1:
+            assert all(math.isfinite(e) for e in out.discretization)
