@@ -30,9 +30,13 @@ the scenario is therefore also run with four chains per shadow step. "First with
 pure response time.
 
 Run:  python benchmarks/step_change.py      (about 5 minutes on 2 cores)
+      python benchmarks/step_change.py --live-step-levels   (the reference levels, and each at the
+      monitor's starting step: how hot the live chains start; 3 minutes)
 """
 
 from __future__ import annotations
+
+import argparse
 
 import numpy as np
 import torch
@@ -95,6 +99,11 @@ def run(seed: int, problems, levels, chains: int):
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--live-step-levels", action="store_true",
+                    help="also print each regime's offline level at the monitor's starting step (the live "
+                         "chains' heat, which the calibrated reference does not share), then stop")
+    args = ap.parse_args()
     torch.set_num_threads(1)
     print(f"monitor: a shadow step every {EVERY} training steps, windows of {WINDOW} draws "
           f"({WINDOW * EVERY} training steps); {WINDOWS_PER_REGIME} windows per regime")
@@ -108,7 +117,16 @@ def main() -> None:
                                localization=resolve_hyperparameters(num_samples=p.num_samples, nbeta=None, localization=None, step_size=None, online=True).localization)
             levels.append(off.mean)
             print(f"regime {p.name}: theory {p.lam:5.2f}, offline {off.mean:6.2f} ± {off.std:4.2f}")
+            if args.live_step_levels:
+                live = resolve_hyperparameters(num_samples=p.num_samples, nbeta=None, localization=None, step_size=None,
+                                               batch_size=p.batches.batch_size, online=True)
+                hot = estimate_llc(p.model, p.loss_fn, p.batches, num_samples=p.num_samples, num_draws=4000, seed=1,
+                                   localization=live.localization, step_size=live.step_size)
+                print(f"  at the monitor's starting step {live.step_size:.2e}: {hot.mean:6.2f} ± {hot.std:4.2f}, "
+                      f"{hot.mean / off.mean:.3f} times the calibrated level")
         scenarios.append((problems, levels + [levels[0]]))
+    if args.live_step_levels:
+        return
     for chains in CHAINS:
         print(f"\n== {chains} chain(s) per shadow step ==")
         covs, weights, lags, enters, nises = [], [], [], [], []

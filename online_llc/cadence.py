@@ -8,8 +8,9 @@ chooses them from the run's length ``T`` (``total_steps``), a pure function of i
 
 Goals, for a run of ``T`` optimizer steps:
 
-1. the overhead stays within budget: a shadow step costs 1.3-2x a training step, so the overhead
-   is about ``2 / every_n_steps`` per chain, and ``every_n_steps >= 20`` keeps it within 10%;
+1. the overhead stays within budget: a shadow step costs 1.3x (a compute-bound model) to 2.5x
+   (a small CPU MLP) a training step, so the overhead is about ``2 / every_n_steps`` per chain
+   (the estimate the warning quotes), and ``every_n_steps >= 20`` keeps it near 10%;
 2. the warm-up ends within the first :data:`WARMUP_FRACTION` (10%) of the run: its floor of
    :data:`~online_llc.track.MIN_AUTO_WARMUP` (100) shadow steps spans ``100 * every_n_steps``
    training steps;

@@ -74,9 +74,10 @@ Online cadence (``python benchmarks/overhead.py`` prints the overhead):
 
 * ``every_n_steps = 25`` (what ``"auto"`` means for runs of unknown length or of 25000 steps
   and more; :mod:`online_llc.cadence` sizes shorter runs). A shadow step costs one
-  forward+backward and one forward on one batch plus the Gaussian noise for every parameter:
-  about 2x a training step of a small MLP (784-256-256-10, Adam, batch 128, one thread), less
-  for compute-bound models (1.33x). The overhead is about ``shadow cost / every_n_steps``.
+  forward+backward and one forward on one batch (in half batches) plus the Gaussian noise for
+  every parameter: 2.2-2.8x a training step of a small MLP (784-256-256-10, Adam, batch 128, one
+  thread), less for compute-bound models (1.33x). The overhead is about
+  ``shadow cost / every_n_steps``: 1.10-1.11 on that MLP at 25, 1.095 at 1.8M parameters.
 * ``window = 40`` draws: a window then spans 1000 training steps. The estimate follows a step
   change within 3-4 windows (``benchmarks/step_change.py``), so lag is about
   ``4 * every_n_steps * window`` training steps: halve ``every_n_steps`` to halve the lag at twice
