@@ -39,8 +39,9 @@ class MonitorSettings:
             ``0.2 * sqrt(nbeta)``, so the co-moving chain relaxes within a few windows; see
             :mod:`online_llc.config`).
         step_size: the sampler's ``epsilon``; ``None``: ``min(0.15 / nbeta, 0.15 B / nbeta^2)``
-            for the first batch's size ``B``, lowered when a window's measured minibatch heat
-            exceeds 1.1 (:mod:`online_llc.heat`); a given step is used as it is.
+            for the first batch's size ``B``, lowered when the measured heat of recent windows
+            (minibatch and discretization) is past 1.1 for one chain, less for more chains
+            (:func:`online_llc.track.cooling_heat`); a given step is used as it is.
         every_n_steps: training steps between shadow steps (>= 1), or ``"auto"`` (the default):
             sized to ``total_steps`` by :func:`online_llc.cadence.auto_cadence` (25 when the
             length is unknown or 25000 steps and more; denser for shorter runs, down to every
