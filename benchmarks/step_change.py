@@ -112,14 +112,15 @@ def main() -> None:
         problems = [deep_linear_problem(widths, r, seed=0) for r in ranks]
         levels = []
         for p in problems[:2]:
-            # The monitor's own estimand (its default localization is stronger than offline's).
+            # The monitor's own estimand (its default localization is stronger than offline's) and
+            # starting step.
+            live = resolve_hyperparameters(num_samples=p.num_samples, nbeta=None, localization=None, step_size=None,
+                                           batch_size=p.batches.batch_size, online=True)
             off = estimate_llc(p.model, p.loss_fn, p.batches, num_samples=p.num_samples, num_draws=4000, seed=1,
-                               localization=resolve_hyperparameters(num_samples=p.num_samples, nbeta=None, localization=None, step_size=None, online=True).localization)
+                               localization=live.localization)
             levels.append(off.mean)
             print(f"regime {p.name}: theory {p.lam:5.2f}, offline {off.mean:6.2f} ± {off.std:4.2f}")
             if args.live_step_levels:
-                live = resolve_hyperparameters(num_samples=p.num_samples, nbeta=None, localization=None, step_size=None,
-                                               batch_size=p.batches.batch_size, online=True)
                 hot = estimate_llc(p.model, p.loss_fn, p.batches, num_samples=p.num_samples, num_draws=4000, seed=1,
                                    localization=live.localization, step_size=live.step_size)
                 print(f"  at the monitor's starting step {live.step_size:.2e}: {hot.mean:6.2f} ± {hot.std:4.2f}, "

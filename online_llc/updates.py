@@ -272,27 +272,25 @@ def _update(
     xs = [offset[n] for n in names]
     state = [aux[n] for n in names] if aux else []
     grads = list(grads)
-    if into is not None and config.sampler == "sgld":
-        us = [into[n] for n in names]
-        _sgld_update_into(xs, grads, us, config, _Noise(config, generator, reuse=True, layouts=layouts))
-        for n, u in zip(names, us):
-            mask = masks.get(n) if masks else None
-            if mask is not None:
-                # xi is zero outside its mask, and u = xi_new - xi must be too.
-                u.mul_(mask)
-                offset[n].mul_(mask)
-        return
-    if into is not None:
-        torch._foreach_copy_([into[n] for n in names], xs)
-    if not consume_grads and config.sampler != "sgld":
-        grads = [None if g is None else g.clone() for g in grads]
-    _UPDATES[config.sampler](xs, state, grads, config, _Noise(config, generator, reuse=consume_grads, layouts=layouts))
+    formed_into = into is not None and config.sampler == "sgld"
+    if formed_into:
+        assert into is not None
+        _sgld_update_into(xs, grads, [into[n] for n in names], config, _Noise(config, generator, reuse=True, layouts=layouts))
+    else:
+        if into is not None:
+            torch._foreach_copy_([into[n] for n in names], xs)
+        if not consume_grads and config.sampler != "sgld":
+            grads = [None if g is None else g.clone() for g in grads]
+        _UPDATES[config.sampler](xs, state, grads, config, _Noise(config, generator, reuse=consume_grads, layouts=layouts))
     for n in names:
         mask = masks.get(n) if masks else None
         if mask is not None:
             offset[n].mul_(mask)
             if aux:
                 aux[n].mul_(mask)
-    if into is not None:
+            if formed_into:
+                # xi was zero outside its mask, and u = xi_new - xi must be too.
+                into[n].mul_(mask)
+    if into is not None and not formed_into:
         for n, x in zip(names, xs):
             torch.sub(x, into[n], out=into[n])

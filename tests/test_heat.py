@@ -270,6 +270,20 @@ def test_discretization_bias_matches_the_discrete_chain_in_closed_form(multiple:
     assert abs(res.mean - expected) < 3.5 * res.std, (res.mean, expected, res.std)
 
 
+def _full_batch_monitor(n: int, input_scale: float, chains: int, step_size=None):
+    """``(monitor, h, outputs)``: the monitor's 1200 shadow steps at every training step on the
+    full-batch quadratic of :func:`_regression_at_optimum` (windows of 40, warm-up 50, seed 1)."""
+    from online_llc import OnlineLLC
+
+    p, h, outputs, _ = _regression_at_optimum(n, batch=n, input_scale=input_scale)
+    kw = {} if step_size is None else {"step_size": step_size}
+    mon = OnlineLLC(p.model, p.loss_fn, num_samples=n, every_n_steps=1, window=40, warmup=50, num_chains=chains, seed=1, **kw)
+    batch = next(iter(p.batches))
+    for t in range(1, 1201):
+        mon.update(batch, step=t)
+    return mon, h, outputs
+
+
 def test_online_discretization_bias_matches_the_closed_form_and_cools_a_stiff_model() -> None:
     """The monitor measures the discretization bias from each chain's consecutive updates, as
     offline. Full batch at frozen weights (a quadratic loss, the exact linear recursion of the test
@@ -284,16 +298,9 @@ def test_online_discretization_bias_matches_the_closed_form_and_cools_a_stiff_mo
     measurement is noisy, so the cut lands near its target, not on it) and the windows' mean draw
     is within 3% of the discrete chain's expectation. (With one chain towards 1.05, before the
     target depended on the chains: 3.7x, heat 1.046, the draw -1.3%.)"""
-    from online_llc import OnlineLLC
-
     n, nbeta, gamma = 10240, 256.0, 0.09 * 256
     for scale, step in ((1.0, 4 * 0.08 / 256), (2.0, None)):
-        p, h, outputs, _ = _regression_at_optimum(n, batch=n, input_scale=scale)
-        kw = {} if step is None else {"step_size": step}
-        mon = OnlineLLC(p.model, p.loss_fn, num_samples=n, every_n_steps=1, window=40, warmup=50, num_chains=2, seed=1, **kw)
-        batch = next(iter(p.batches))
-        for t in range(1, 1201):
-            mon.update(batch, step=t)
+        mon, h, outputs = _full_batch_monitor(n, scale, chains=2, step_size=step)
         tracking = [e for e in mon.history() if e.status == "tracking"]
         eps = tracking[-1].step_size
         late = [e for e in tracking if e.step_size == eps]
@@ -317,17 +324,11 @@ def test_the_monitor_cools_a_hot_step_further_the_more_chains_its_band_pools() -
     (:func:`online_llc.track.cooling_heat`); each must end under 1 + 1.3 times its target's
     excess and above a third of it (cooled towards its target, not past it), and four chains at
     a step at most 0.7 times one chain's (measured: heat 1.042 at 1.58e-4, 1.028 at 9.68e-5)."""
-    from online_llc import OnlineLLC
     from online_llc.track import cooling_heat
 
-    n = 10240
     ends = {}
     for chains in (1, 4):
-        p, _, _, _ = _regression_at_optimum(n, batch=n, input_scale=2.0)
-        mon = OnlineLLC(p.model, p.loss_fn, num_samples=n, every_n_steps=1, window=40, warmup=50, num_chains=chains, seed=1)
-        batch = next(iter(p.batches))
-        for t in range(1, 1201):
-            mon.update(batch, step=t)
+        mon, _, _ = _full_batch_monitor(10240, 2.0, chains)
         excess = cooling_heat(chains)
         heat = mon.health().heat
         assert 1 + excess / 3 < heat < 1 + 1.3 * excess, (chains, heat)
