@@ -62,7 +62,7 @@ with a pull of about 9% per unit-curvature direction that the 4% discretization 
 step partly offsets. Online the step starts at ``min(0.15 / nbeta, 0.15 B / nbeta^2)`` (minibatch
 heat 3.75% at unit gradient noise) and is lowered only when the heat pooled over recent windows
 is gross, past ``1 + 2 * MAX_HEAT / sqrt(C)`` for a band of ``C`` chains (1.1 for one chain), and
-then towards ``1 + MAX_HEAT / sqrt(C)`` (:func:`online_llc.track.cooling_heat`; at least
+then towards ``1 + MAX_HEAT / sqrt(C)`` (:func:`online_llc.heat.cooling_heat`; at least
 ``1 + CUT_HEAT``): each change of the step moves the level a little and slows the relaxation, and
 the heat left in the level is kept to a fixed share of the band. Compare the
 live estimate with ``estimate_llc`` at the monitor's own settings (``monitor.config``).

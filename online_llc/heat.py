@@ -54,7 +54,7 @@ from typing import Any, Iterable, Optional, Tuple
 
 import numpy as np
 
-from .config import CUT_HEAT, DEFAULT_STEP_SCALE, ONLINE_STEP_SCALE, TARGET_HEAT
+from .config import CUT_HEAT, DEFAULT_STEP_SCALE, MAX_HEAT, ONLINE_STEP_SCALE, TARGET_HEAT
 
 __all__ = [
     "heat_from",
@@ -66,6 +66,7 @@ __all__ = [
     "discretization_bias",
     "discretization_term",
     "calibrated_step",
+    "cooling_heat",
     "max_step_size",
 ]
 
@@ -258,3 +259,19 @@ def max_step_size(nbeta: float, sampler: str, friction: float, step_size: float,
         return step_size
     bound = (ONLINE_STEP_SCALE if online else DEFAULT_STEP_SCALE) / nbeta
     return friction * bound if sampler == "sghmc" else bound
+
+
+def cooling_heat(chains: int) -> float:
+    """The heat excess the monitor cools its step towards when the band pools ``chains`` chains:
+    ``max(CUT_HEAT, MAX_HEAT / sqrt(chains))`` (5% for one chain, 3.5% for two, 3% from three);
+    the monitor (:class:`online_llc.track.Track`) cools a step once the pooled heat's excess is
+    past twice that.
+
+    The heat's bias stays a share of the band, whose width goes as ``1 / sqrt(chains)``, down to
+    the heat offline calibration accepts without a cut: each cut slows a co-moving chain. On the
+    step-change benchmark (``benchmarks/step_change.py``) four chains cooled like one (past 10%,
+    towards 5%) left a few percent of heat in the live level, which their narrower band resolved
+    (coverage 0.829); past 6% towards 3%, 0.936 at the same lag (first within 10% at window 3.5,
+    median); towards 2.5%, 0.948 but a window slower (4.0). One chain cooled towards 3% tracked
+    more slowly (window 4.5 instead of 3)."""
+    return max(CUT_HEAT, MAX_HEAT / math.sqrt(max(chains, 1)))

@@ -41,7 +41,7 @@ class MonitorSettings:
         step_size: the sampler's ``epsilon``; ``None``: ``min(0.15 / nbeta, 0.15 B / nbeta^2)``
             for the first batch's size ``B``, lowered when the measured heat of recent windows
             (minibatch and discretization) is past 1.1 for one chain, less for more chains
-            (:func:`online_llc.track.cooling_heat`); a given step is used as it is.
+            (:func:`online_llc.heat.cooling_heat`); a given step is used as it is.
         every_n_steps: training steps between shadow steps (>= 1), or ``"auto"`` (the default):
             sized to ``total_steps`` by :func:`online_llc.cadence.auto_cadence` (25 when the
             length is unknown or 25000 steps and more; denser for shorter runs, down to every

@@ -34,9 +34,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 import numpy as np
 
 from .cadence import Cadence
-from .config import CUT_HEAT, DEFAULT_HORIZON, MAX_HEAT, default_step_size, lag_std, relaxation_steps
+from .config import DEFAULT_HORIZON, default_step_size, lag_std, relaxation_steps
 from .filter import LLCFilter
-from .heat import calibrated_step, max_step_size, pooled_heat
+from .heat import calibrated_step, cooling_heat, max_step_size, pooled_heat
 from .records import LLCEstimate, SmoothedPoint, Transition
 from .settings import MonitorSettings
 from .shadow import ShadowSampler
@@ -56,22 +56,6 @@ MIN_REWARMUP = 60
 # Tracking windows whose pooled heat can lower the step, and the fewest that may.
 _HEAT_WINDOWS = 10
 _MIN_HEAT_WINDOWS = 3
-
-
-def cooling_heat(chains: int) -> float:
-    """The heat excess the monitor cools its step towards when the band pools ``chains`` chains:
-    ``max(CUT_HEAT, MAX_HEAT / sqrt(chains))`` (5% for one chain, 3.5% for two, 3% from three);
-    a step is cooled once the pooled heat's excess is past twice that.
-
-    The heat's bias stays a share of the band, whose width goes as ``1 / sqrt(chains)``, down to
-    the heat offline calibration accepts without a cut: each cut slows a co-moving chain. On the
-    step-change benchmark (``benchmarks/step_change.py``) four chains cooled like one (past 10%,
-    towards 5%) left a few percent of heat in the live level, which their narrower band resolved
-    (coverage 0.829); past 6% towards 3%, 0.936 at the same lag (first within 10% at window 3.5,
-    median); towards 2.5%, 0.948 but a window slower (4.0). One chain cooled towards 3% tracked
-    more slowly (window 4.5 instead of 3)."""
-    return max(CUT_HEAT, MAX_HEAT / math.sqrt(max(chains, 1)))
-
 
 # Shadow steps of centre movement seen before a weight jump can be declared.
 _MIN_SHIFT_HISTORY = 10

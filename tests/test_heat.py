@@ -292,7 +292,7 @@ def test_online_discretization_bias_matches_the_closed_form_and_cools_a_stiff_mo
     +- 0.005 against 0.530), and the step is kept as given. With inputs scaled by 2 (every
     curvature 4x) the default step, 0.15 / nbeta at a full batch, is grossly hot by its
     discretization alone (18% in closed form), which no minibatch measurement sees: the monitor
-    must cool it, with two chains towards a heat of 1.035 (:func:`online_llc.track.cooling_heat`;
+    must cool it, with two chains towards a heat of 1.035 (:func:`online_llc.heat.cooling_heat`;
     measured: 5.2x, 5.86e-4 to 1.13e-4), after which the measurement matches the closed form at
     the new step within 5%, the health heat is under 1.065 (measured 1.032; a window's
     measurement is noisy, so the cut lands near its target, not on it) and the windows' mean draw
@@ -321,10 +321,10 @@ def test_the_monitor_cools_a_hot_step_further_the_more_chains_its_band_pools() -
     """The stiff full-batch quadratic of the test above (18% hot at the default step by its
     discretization): the band of four chains is half as wide as one chain's, so the heat left in
     the level must be smaller. One chain is cooled towards a heat of 1.05, four towards 1.03
-    (:func:`online_llc.track.cooling_heat`); each must end under 1 + 1.3 times its target's
+    (:func:`online_llc.heat.cooling_heat`); each must end under 1 + 1.3 times its target's
     excess and above a third of it (cooled towards its target, not past it), and four chains at
     a step at most 0.7 times one chain's (measured: heat 1.042 at 1.58e-4, 1.028 at 9.68e-5)."""
-    from online_llc.track import cooling_heat
+    from online_llc.heat import cooling_heat
 
     ends = {}
     for chains in (1, 4):
