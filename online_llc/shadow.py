@@ -47,7 +47,7 @@ from .errors import check_bool, check_positive_float
 from .heat import discretization_term
 from .randomness import chain_seed, derived_seed, deterministic
 from .sgld import LossEvaluator, SGLDConfig, SGLDInfo, _info, _kernel_step, init_aux
-from .sketch import SKETCH_VERSION, sketch, sketch_shift, sketch_shift_sharded
+from .sketch import SKETCH_VERSION, Sketcher, sketch_shift, sketch_shift_sharded
 from .updates import state_dtype
 
 __all__ = ["ShadowStep", "ShadowSampler"]
@@ -155,7 +155,7 @@ class ShadowSampler:
         # The sketch of the centre at the previous step (norms and random signed folds per tensor):
         # detects the weights' jumps without a second copy of them.
         self._sketch: Optional[Tensor] = None
-        self._sketch_gen = torch.Generator(device=self.device)
+        self._sketcher = Sketcher(self.device)
 
     def reset_chain(self, c: int) -> None:
         """Put chain ``c`` back at ``xi = 0`` with a fresh sampler state."""
@@ -202,7 +202,7 @@ class ShadowSampler:
     def step(self, batch: Any) -> ShadowStep:
         """One kernel step of every chain, centred at the model's current weights."""
         center = self.evaluator.center()
-        new_sketch = sketch(list(center.values()), self._sketch_gen)
+        new_sketch = self._sketcher(list(center.values()))
         old_sketch, self._sketch = self._sketch, new_sketch
         share = self.share_center_loss
         if share is None and self.num_chains > 1:

@@ -206,6 +206,24 @@ def test_weight_sketch_estimates_the_distance_moved() -> None:
     assert np.mean(ratios) == pytest.approx(1.0, abs=0.05)
 
 
+def test_sketcher_keeps_the_signs_within_its_budget_and_sketches_as_the_function_does() -> None:
+    """The shadow sampler's :class:`Sketcher` keeps each tensor's random signs between steps, up to
+    its budget: its sketches equal :func:`sketch`'s exactly (same signs, same sums), call after call
+    and as the weights move, for tensors inside the budget (kept) and past it (redrawn)."""
+    from online_llc.sketch import BUCKETS, Sketcher, sketch
+
+    g = torch.Generator().manual_seed(1)
+    w = [torch.randn(20, 30, generator=g), torch.randn(30, generator=g), torch.randn(7, 200, generator=g)]
+    signs = [t.numel() // min(BUCKETS, t.numel()) + 1 for t in w]
+    # Room for the first two tensors' signs only: the third's are redrawn at every call.
+    sketcher = Sketcher(torch.device("cpu"), max_cached=signs[0] + signs[1])
+    for k in range(3):
+        moved = [t + 0.1 * k * torch.randn(t.shape, generator=g) for t in w]
+        assert torch.equal(sketcher(moved), sketch(moved, torch.Generator()))
+    assert sketcher._kept == signs[0] + signs[1]
+    assert sorted(sketcher._signs) == [(0, 600), (1, 30)]
+
+
 def test_jump_detector_state_of_the_norm_only_version_relearns_the_usual_move() -> None:
     """A detector state saved before the sketch had projections (no version) describes a smaller
     measure of the movement: loading it learns the usual move again. Its spread was rank-local (as
