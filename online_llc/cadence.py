@@ -8,9 +8,10 @@ chooses them from the run's length ``T`` (``total_steps``), a pure function of i
 
 Goals, for a run of ``T`` optimizer steps:
 
-1. the overhead stays within budget: a shadow step costs 1.3x (a compute-bound model) to 2.5x
-   (a small CPU MLP) a training step, so the overhead is about ``2 / every_n_steps`` per chain
-   (the estimate the warning quotes), and ``every_n_steps >= 20`` keeps it near 10%;
+1. the overhead stays within budget: a shadow step costs 1.3x (a compute-bound model) to 3x
+   (a small CPU MLP: :data:`SHADOW_STEP_COST`) a training step, so the overhead is at most about
+   ``3 / every_n_steps`` per chain (the estimate the warning quotes), ``every_n_steps >= 30``
+   keeps it within 10%, and the default 35 within 9% (1.08-1.09 measured on that MLP);
 2. the warm-up ends within the first :data:`WARMUP_FRACTION` (10%) of the run: its floor of
    :data:`~online_llc.track.MIN_AUTO_WARMUP` (100) shadow steps spans ``100 * every_n_steps``
    training steps;
@@ -18,10 +19,10 @@ Goals, for a run of ``T`` optimizer steps:
 
 The rule, in that order:
 
-* ``every_n_steps = clamp(min(T // 1000, 0.9 T // (20 W)), 1, 25)``, ``W`` the window (40 unless
-  given): the sparsest cadence up to the default 25 whose 100-step warm-up fits in 10% of the run
-  and whose windows number 20. Runs of ``T >= 20000`` steps are within the overhead budget
-  (25 from ``T = 25000`` on: the defaults); shorter runs get a denser cadence, down to every
+* ``every_n_steps = clamp(min(T // 1000, 0.9 T // (20 W)), 1, 35)``, ``W`` the window (40 unless
+  given): the sparsest cadence up to the default 35 whose 100-step warm-up fits in 10% of the run
+  and whose windows number 20. Runs of ``T >= 30000`` steps are within the overhead budget
+  (35 from ``T = 35000`` on: the defaults); shorter runs get a denser cadence, down to every
   step, rather than no estimate, and one warning says what it costs.
 * With ``S = T // every_n_steps`` shadow steps, the warm-up floor is
   ``clamp(S // 10, 20, 100)``: it shrinks below 100 only when even a shadow step at every
@@ -36,7 +37,7 @@ The rule, in that order:
 Given values rule: an ``every_n_steps`` or ``window`` passed as an int is used as it is (the other
 is derived with it; with both given, only a run too short for any estimate is warned about), and
 a fixed ``warmup`` count replaces the warm-up floor in the plan.
-Unknown ``T``: the defaults (25, 40, warm-up from 100 shadow steps).
+Unknown ``T``: the defaults (35, 40, warm-up from 100 shadow steps).
 A run shorter than one warm-up floor and one window, even at every step, yields no estimate at
 all; the warning says so.
 """
@@ -55,6 +56,7 @@ __all__ = [
     "MIN_WARMUP_FLOOR",
     "MIN_WINDOW",
     "OVERHEAD_BUDGET_STEPS",
+    "SHADOW_STEP_COST",
     "TARGET_WINDOWS",
     "WARMUP_FRACTION",
     "auto_cadence",
@@ -64,9 +66,14 @@ __all__ = [
 
 #: The value of ``every_n_steps`` and ``window`` that asks :func:`auto_cadence` to choose.
 AUTO = "auto"
-#: The sparsest cadence (the default) and the densest one within the overhead budget: ``2 / 20``
-#: is 10% of training compute per chain.
-OVERHEAD_BUDGET_STEPS = 20
+#: A shadow step's cost in training steps, the most measured: a small CPU MLP (784-256-256-10,
+#: Adam, batch 128, one thread), where the monitor's fixed per-step work weighs most; 2.5-3.0x
+#: there (``python benchmarks/overhead.py``: ms per shadow step over ms per plain step), about
+#: 1.3x on compute-bound models. The overhead the plan quotes is ``SHADOW_STEP_COST / every_n_steps``.
+SHADOW_STEP_COST = 3.0
+#: The densest cadence within the overhead budget: ``3 / 30`` is 10% of training compute per
+#: chain (the default, 35, is sparser).
+OVERHEAD_BUDGET_STEPS = 30
 #: Tracking windows a run of known length should yield.
 TARGET_WINDOWS = 20
 #: The share of the run the warm-up floor may take.
@@ -96,7 +103,8 @@ class Cadence:
         min_rewarmup: the shortest one after a jump of the training weights.
         warmup_tail: draws of stationary tail the equilibrium test needs (a multiple of 5).
         total_steps: the run's length it was sized for (``None``: unknown).
-        overhead: the estimated monitor overhead per chain, ``2 / every_n_steps`` of training compute.
+        overhead: the estimated monitor overhead per chain, ``SHADOW_STEP_COST / every_n_steps`` of
+            training compute (at most about that: compute-bound models pay less).
         warmup: the warm-up the plan counts on: ``min_warmup``, or the fixed number of shadow
             steps when ``warmup`` is an int.
         expected_windows: windows after that warm-up, ``(S - warmup) // window`` for
@@ -113,7 +121,7 @@ class Cadence:
     min_rewarmup: int = _REWARMUP
     warmup_tail: int = _TAIL
     total_steps: Optional[int] = None
-    overhead: float = 2.0 / DEFAULT_EVERY_N_STEPS
+    overhead: float = SHADOW_STEP_COST / DEFAULT_EVERY_N_STEPS
     warmup: int = _WARMUP
     expected_windows: Optional[int] = None
     message: Optional[str] = None
@@ -168,7 +176,7 @@ def auto_cadence(
 
     Args:
         total_steps: the run's length in optimizer steps; ``None`` when unknown (then
-            :data:`AUTO` means the defaults, 25 and 40).
+            :data:`AUTO` means the defaults, 35 and 40).
         every_n_steps: training steps per shadow step, or :data:`AUTO`.
         window: draws per window, or :data:`AUTO`.
         warmup: the monitor's warm-up policy: :data:`AUTO` (data-driven, from at least 100 shadow
@@ -181,7 +189,7 @@ def auto_cadence(
     Example:
         >>> c = auto_cadence(100_000)
         >>> c.every_n_steps, c.window, c.min_warmup, c.message
-        (25, 40, 100, None)
+        (35, 40, 100, None)
         >>> c = auto_cadence(220)
         >>> c.every_n_steps, c.window, c.min_warmup, c.expected_windows
         (1, 10, 22, 19)
@@ -192,7 +200,7 @@ def auto_cadence(
     if total_steps is None:
         k = DEFAULT_EVERY_N_STEPS if k_given == AUTO else k_given
         w = DEFAULT_WINDOW if w_given == AUTO else w_given
-        return Cadence(every_n_steps=k, window=w, overhead=2.0 / k, warmup=_WARMUP if fixed is None else fixed)
+        return Cadence(every_n_steps=k, window=w, overhead=SHADOW_STEP_COST / k, warmup=_WARMUP if fixed is None else fixed)
     t = check_positive_int("total_steps", total_steps)
 
     if k_given == AUTO:
@@ -216,7 +224,7 @@ def auto_cadence(
         min_rewarmup=max(_REWARMUP * floor // _WARMUP, 5),
         warmup_tail=_clamp(5 * (floor // 10), 5, _TAIL),
         total_steps=t,
-        overhead=2.0 / k,
+        overhead=SHADOW_STEP_COST / k,
         warmup=warm,
         expected_windows=windows,
     )
@@ -236,7 +244,7 @@ def _with_message(c: Cadence, *, k_auto: bool, w_auto: bool, shrunk: bool) -> Ca
             "every_n_steps or window, or train longer."
         )
     elif (k_auto or w_auto) and ((k_auto and k < OVERHEAD_BUDGET_STEPS) or windows < TARGET_WINDOWS or shrunk):
-        budget = f"{100 * 2 / OVERHEAD_BUDGET_STEPS:.0f}%"
+        budget = f"{100 * SHADOW_STEP_COST / OVERHEAD_BUDGET_STEPS:.0f}%"
         if k_auto and k < OVERHEAD_BUDGET_STEPS:
             head = f"is too short for the {budget} overhead budget (every_n_steps >= {OVERHEAD_BUDGET_STEPS}): every_n_steps={k} costs {cost}"
         else:

@@ -56,10 +56,10 @@ class OnlineLLC:
     ``nbeta``, ``localization`` and ``step_size``.
 
     Cost: one forward+backward and one forward pass on one batch per shadow step, plus Gaussian
-    noise for every parameter: about 1.3x a training step on a compute-bound model, 2.2-2.8x on
+    noise for every parameter: about 1.3x a training step on a compute-bound model, 2.5-3.0x on
     a small CPU MLP, where per-call costs and the serial CPU noise weigh more; the overhead is
-    that ratio over ``every_n_steps``, per chain (measured 1.10-1.11 at the default 25 on the small MLP
-    of ``benchmarks/overhead.py``, 1.095 on a 1.8M-parameter one). ``every_n_steps`` and ``window``
+    that ratio over ``every_n_steps``, per chain (measured 1.08-1.09 at the default 35 on the
+    small MLP of ``benchmarks/overhead.py``). ``every_n_steps`` and ``window``
     trade overhead against lag: a window spans ``every_n_steps * window`` training steps, and
     the estimate follows a change within one or two windows. Given ``total_steps``, the
     ``"auto"`` defaults fit them to the run (:mod:`online_llc.cadence`; one warning when the run

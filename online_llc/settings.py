@@ -43,9 +43,9 @@ class MonitorSettings:
             (minibatch and discretization) is past 1.1 for one chain, less for more chains
             (:func:`online_llc.heat.cooling_heat`); a given step is used as it is.
         every_n_steps: training steps between shadow steps (>= 1), or ``"auto"`` (the default):
-            sized to ``total_steps`` by :func:`online_llc.cadence.auto_cadence` (25 when the
-            length is unknown or 25000 steps and more; denser for shorter runs, down to every
-            step, and over the 10% overhead budget below 20000 steps, which one warning states).
+            sized to ``total_steps`` by :func:`online_llc.cadence.auto_cadence` (35 when the
+            length is unknown or 35000 steps and more; denser for shorter runs, down to every
+            step, and over the 10% overhead budget below 30000 steps, which one warning states).
         window: draws per chain per window (>= 2), or ``"auto"`` (the default): sized to
             ``total_steps`` (40 when the length is unknown, at least 10).
         total_steps: the run's length in optimizer steps, when known (the Lightning callback

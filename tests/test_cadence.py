@@ -13,6 +13,7 @@ from online_llc import OnlineLLC
 from online_llc.cadence import (
     MIN_WINDOW,
     OVERHEAD_BUDGET_STEPS,
+    SHADOW_STEP_COST,
     TARGET_WINDOWS,
     WARMUP_FRACTION,
     Cadence,
@@ -21,11 +22,11 @@ from online_llc.cadence import (
 )
 from online_llc.toy import deep_linear_problem
 
-LENGTHS = [30, 100, 220, 500, 999, 1000, 2500, 10_000, 19_999, 20_000, 24_999, 25_000, 10**6]
+LENGTHS = [30, 100, 220, 500, 999, 1000, 2500, 10_000, 19_999, 20_000, 29_999, 30_000, 34_999, 35_000, 10**6]
 
 
 def test_unknown_length_means_the_defaults():
-    assert auto_cadence(None) == Cadence(every_n_steps=25, window=40, min_warmup=100, max_warmup=400, min_rewarmup=60)
+    assert auto_cadence(None) == Cadence(every_n_steps=35, window=40, min_warmup=100, max_warmup=400, min_rewarmup=60)
     assert auto_cadence(None).message is None
     c = auto_cadence(None, every_n_steps=3, window=7)
     assert (c.every_n_steps, c.window, c.min_warmup, c.total_steps) == (3, 7, 100, None)
@@ -45,27 +46,27 @@ def test_the_goals_hold_at_every_length(t):
     if t >= 220:
         assert c.expected_windows >= TARGET_WINDOWS - 1
     # Within the overhead budget exactly when the run is long enough.
-    assert (c.every_n_steps >= OVERHEAD_BUDGET_STEPS) == (t >= 20_000)
-    assert c.overhead == pytest.approx(2 / c.every_n_steps)
+    assert (c.every_n_steps >= OVERHEAD_BUDGET_STEPS) == (t >= 30_000)
+    assert c.overhead == pytest.approx(SHADOW_STEP_COST / c.every_n_steps)
     # The warm-up's other bounds shrink in proportion.
     assert c.max_warmup == 4 * c.min_warmup and 5 <= c.warmup_tail <= 30 and c.warmup_tail % 5 == 0
     # One line exactly when the run is too short for the defaults.
-    assert (c.message is None) == (t >= 20_000)
+    assert (c.message is None) == (t >= 30_000)
     if c.message is not None:
         assert "\n" not in c.message and f"a {t}-step run" in c.message and f"{100 * c.overhead:.0f}%" in c.message
 
 
 def test_long_runs_get_the_defaults_and_short_ones_a_denser_cadence():
-    assert [auto_cadence(t).every_n_steps for t in (1000, 2000, 5000, 10_000, 20_000, 25_000, 10**7)] == [
-        1, 2, 5, 10, 20, 25, 25
+    assert [auto_cadence(t).every_n_steps for t in (1000, 2000, 5000, 10_000, 20_000, 30_000, 35_000, 10**7)] == [
+        1, 2, 5, 10, 20, 30, 35, 35
     ]
     long = auto_cadence(10**6)
-    assert (long.every_n_steps, long.window, long.min_warmup, long.max_warmup, long.min_rewarmup) == (25, 40, 100, 400, 60)
+    assert (long.every_n_steps, long.window, long.min_warmup, long.max_warmup, long.min_rewarmup) == (35, 40, 100, 400, 60)
     short = auto_cadence(220)
     assert (short.every_n_steps, short.window, short.min_warmup, short.expected_windows) == (1, 10, 22, 19)
     assert short.message == (
-        "OnlineLLC: a 220-step run is too short for the 10% overhead budget (every_n_steps >= 20): "
-        "every_n_steps=1 costs about 200% of training compute per chain; windows of 10 draws, warm-up from "
+        "OnlineLLC: a 220-step run is too short for the 10% overhead budget (every_n_steps >= 30): "
+        "every_n_steps=1 costs about 300% of training compute per chain; windows of 10 draws, warm-up from "
         "22 shadow steps; about 19 estimates after warm-up. Pass every_n_steps= and window= to choose otherwise."
     )
 
@@ -73,7 +74,7 @@ def test_long_runs_get_the_defaults_and_short_ones_a_denser_cadence():
 def test_explicit_values_rule():
     c = auto_cadence(1000, every_n_steps=25)
     assert (c.every_n_steps, c.window, c.min_warmup) == (25, 10, 20)
-    assert c.message is not None and "is short for the monitor's defaults: every_n_steps=25 costs about 8%" in c.message
+    assert c.message is not None and "is short for the monitor's defaults: every_n_steps=25 costs about 12%" in c.message
     c = auto_cadence(100_000, window=200)
     assert (c.every_n_steps, c.window) == (22, 200)  # 20 windows of 200 draws need 4000 shadow steps
     both = auto_cadence(1000, every_n_steps=5, window=20)
@@ -146,5 +147,5 @@ def test_online_llc_uses_the_cadence_and_warns_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         quiet = OnlineLLC(p.model, p.loss_fn, num_samples=512)
-        assert (quiet.every_n_steps, quiet.window, quiet._model.detectors[0].min_draws) == (25, 40, 100)
-        assert OnlineLLC(p.model, p.loss_fn, num_samples=512, total_steps=50_000).every_n_steps == 25
+        assert (quiet.every_n_steps, quiet.window, quiet._model.detectors[0].min_draws) == (35, 40, 100)
+        assert OnlineLLC(p.model, p.loss_fn, num_samples=512, total_steps=50_000).every_n_steps == 35
