@@ -45,11 +45,11 @@ def overhead(groups, blocks: int = 8, block_steps: int = 60) -> float:
     tp, tw = 0.0, 0.0
     for b in range(blocks):
         if b % 2 == 0:
-            tp += run_block(plain, opt_p, batches, None)
-            tw += run_block(watched, opt_w, batches, monitor)
+            tp += run_block(plain, opt_p, batches, None)[0]
+            tw += run_block(watched, opt_w, batches, monitor)[0]
         else:
-            tw += run_block(watched, opt_w, batches, monitor)
-            tp += run_block(plain, opt_p, batches, None)
+            tw += run_block(watched, opt_w, batches, monitor)[0]
+            tp += run_block(plain, opt_p, batches, None)[0]
     return tw / tp
 
 
