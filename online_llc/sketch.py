@@ -37,6 +37,8 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .errors import check_nonneg_int
+
 __all__ = ["SIGN_CACHE_ENTRIES", "SKETCH_VERSION", "Sketcher", "sketch", "sketch_shift", "sketch_shift_sharded"]
 
 #: Buckets per tensor (fewer for tensors with fewer entries); prime, see the module docstring.
@@ -54,10 +56,16 @@ SKETCH_VERSION = 1
 SIGN_CACHE_ENTRIES = 1 << 22
 
 
+def _sign_count(n: int) -> int:
+    """How many random signs a tensor of ``n`` entries folds with: one per block of ``m`` entries
+    and one for the remainder, ``n // m + 1``."""
+    return n // min(BUCKETS, n) + 1
+
+
 def _signs(n: int, index: int, generator: torch.Generator, device: torch.device) -> Tensor:
-    """The ``n // m + 1`` random signs (float32, +-1) of tensor ``index`` with ``n`` entries."""
+    """The :func:`_sign_count` random signs (float32, +-1) of tensor ``index`` with ``n`` entries."""
     generator.manual_seed(SKETCH_SEED + index)
-    return torch.randint(0, 2, (n // min(BUCKETS, n) + 1,), generator=generator, device=device).float().mul_(2).sub_(1)
+    return torch.randint(0, 2, (_sign_count(n),), generator=generator, device=device).float().mul_(2).sub_(1)
 
 
 def _fold(t: Tensor, index: int, generator: torch.Generator, signs: Optional[Tensor] = None) -> Tensor:
@@ -102,12 +110,16 @@ class Sketcher:
 
     Args:
         device: where the tensors to sketch live (the scratch generator's device).
-        max_cached: the most signs kept (default :data:`SIGN_CACHE_ENTRIES`).
+        max_cached: the most signs kept (an int >= 0; default :data:`SIGN_CACHE_ENTRIES`; 0 keeps
+            none).
+
+    Raises:
+        ValueError: naming ``max_cached``, for anything but a non-negative int.
     """
 
     def __init__(self, device: torch.device, max_cached: int = SIGN_CACHE_ENTRIES) -> None:
+        self.max_cached = check_nonneg_int("max_cached", max_cached)
         self.generator = torch.Generator(device=device)
-        self.max_cached = max_cached
         self._signs: Dict[Tuple[int, int], Tensor] = {}
         self._kept = 0
 
@@ -118,7 +130,7 @@ class Sketcher:
     def _cached_signs(self, n: int, index: int, device: torch.device) -> Optional[Tensor]:
         key = (index, n)
         signs = self._signs.get(key)
-        if signs is None and self._kept + n // min(BUCKETS, n) + 1 <= self.max_cached:
+        if signs is None and self._kept + _sign_count(n) <= self.max_cached:
             signs = self._signs[key] = _signs(n, index, self.generator, device)
             self._kept += signs.numel()
         return signs if signs is not None and signs.device == device else None

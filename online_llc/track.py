@@ -56,7 +56,6 @@ MIN_REWARMUP = 60
 # Tracking windows whose pooled heat can lower the step, and the fewest that may.
 _HEAT_WINDOWS = 10
 _MIN_HEAT_WINDOWS = 3
-
 # Shadow steps of centre movement seen before a weight jump can be declared.
 _MIN_SHIFT_HISTORY = 10
 

@@ -222,6 +222,9 @@ def test_sketcher_keeps_the_signs_within_its_budget_and_sketches_as_the_function
         assert torch.equal(sketcher(moved), sketch(moved, torch.Generator()))
     assert sketcher._kept == signs[0] + signs[1]
     assert sorted(sketcher._signs) == [(0, 600), (1, 30)]
+    for bad in (-1, 2.5, "many"):
+        with pytest.raises(ValueError, match=r"^Expected `max_cached` to be a non-negative int, got "):
+            Sketcher(torch.device("cpu"), max_cached=bad)
 
 
 def test_jump_detector_state_of_the_norm_only_version_relearns_the_usual_move() -> None:
