@@ -2,7 +2,7 @@
 
 On a deep linear network with full batches (no minibatch heat), the estimate at a fraction of the
 largest default step (``0.08 / nbeta``), the measured ``discretization_bias``
-(:func:`online_llc.heat.discretization_bias`) and the excess over the smallest step's estimate.
+(:func:`online_llc.calibration.heat.discretization_bias`) and the excess over the smallest step's estimate.
 
 Run:  python benchmarks/discretization.py                       (about 10 minutes on 2 cores)
       python benchmarks/discretization.py --widths 6 6 6 --rank 2
@@ -16,8 +16,9 @@ import time
 import torch
 
 from online_llc import estimate_llc
-from online_llc.config import DEFAULT_NBETA_CAP, DEFAULT_STEP_SCALE
-from online_llc.toy import deep_linear_problem
+from online_llc.config import DEFAULT_NBETA_CAP
+from online_llc.calibration.step import DEFAULT_STEP_SCALE
+from online_llc.models.toy import deep_linear_problem
 
 
 def main() -> None:

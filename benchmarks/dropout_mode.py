@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from online_llc import OnlineLLC, estimate_llc
-from online_llc.toy import deep_linear_problem
+from online_llc.models.toy import deep_linear_problem
 
 
 def with_dropout(model: nn.Sequential, p: float) -> nn.Sequential:

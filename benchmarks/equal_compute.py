@@ -62,7 +62,7 @@ import torch
 
 from online_llc import OnlineLLC, estimate_llc
 from online_llc.demos.stagewise_dln import train
-from online_llc.toy import ShuffledBatches, stagewise_dln_problem
+from online_llc.models.toy import ShuffledBatches, stagewise_dln_problem
 
 STEPS = 30000
 LR = 0.003

@@ -30,7 +30,7 @@ import torch
 
 from online_llc import estimate_llc
 from online_llc.config import default_estimand
-from online_llc.toy import deep_linear_problem
+from online_llc.models.toy import deep_linear_problem
 
 
 def exact_estimand(widths, rank: int, n: int, nbeta: float, gamma: float, steps: int, seed: int = 0):

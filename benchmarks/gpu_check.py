@@ -3,7 +3,7 @@
 1. ``tests``: runs the test suite's CUDA variants (``pytest -k cuda``; they are skipped on CPU).
 2. ``syncs``: counts the device syncs of one shadow step with ``torch.cuda.set_sync_debug_mode``
    ("warn": every synchronizing call emits a warning, counted here) and with
-   :class:`online_llc.hostreads.HostReads`, for SGLD and RMSProp-SGLD with 1 and 4 chains, on
+   :class:`online_llc.kernel.hostreads.HostReads`, for SGLD and RMSProp-SGLD with 1 and 4 chains, on
    the transformer below. The kernel reads its numbers on the host once per shadow step.
 3. ``overhead``: a decoder-only transformer of about 110M parameters (d 768, 12 layers, 12 heads,
    vocabulary 32000, sequences of 256) trained with AdamW under bf16 autocast ("bf16-mixed"),
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from online_llc import OnlineLLC
-from online_llc.hostreads import HostReads
+from online_llc.kernel.hostreads import HostReads
 
 
 class Decoder(nn.Module):

@@ -27,7 +27,7 @@ import torch
 
 from online_llc import estimate_llc
 from online_llc.config import default_estimand
-from online_llc.toy import RandomBatches, deep_linear_problem
+from online_llc.models.toy import RandomBatches, deep_linear_problem
 
 DIMS = {4: (2, 2), 12: (4, 3), 32: (8, 4)}
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from online_llc import estimate_llc
 from online_llc.config import default_estimand
-from online_llc.toy import ShuffledBatches, deep_linear_problem
+from online_llc.models.toy import ShuffledBatches, deep_linear_problem
 
 MODELS = [([10, 3, 5], 1), ([6, 6, 6], 2), ([5, 3, 4, 6, 2], 1), ([8, 8, 8, 8], 2)]
 BY_NAME = {"-".join(map(str, widths)): (widths, r) for widths, r in MODELS}  # --models picks by name

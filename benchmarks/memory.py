@@ -48,9 +48,10 @@ from typing import Callable, List, Tuple
 import torch
 from torch import nn
 
-from online_llc.hostreads import HostReads
-from online_llc.sgld import LossEvaluator, SGLDConfig
-from online_llc.shadow import ShadowSampler
+from online_llc.kernel.hostreads import HostReads
+from online_llc.kernel.evaluator import LossEvaluator
+from online_llc.config import SGLDConfig
+from online_llc.monitor.shadow import ShadowSampler
 
 
 def make_model(width: int, depth: int, dtype: torch.dtype, device: str) -> nn.Module:
@@ -113,7 +114,7 @@ def measure(sampler: str, chains: int, args) -> Tuple[float, float, float, int]:
     if args.fsdp:
         from torch.distributed.fsdp import fully_shard
 
-        from online_llc.fsdp import ShardedLossEvaluator
+        from online_llc.kernel.fsdp import ShardedLossEvaluator
 
         for m in model:
             if isinstance(m, nn.Linear):

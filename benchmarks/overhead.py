@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from online_llc import OnlineLLC
-from online_llc.config import DEFAULT_EVERY_N_STEPS, DEFAULT_WINDOW
+from online_llc.monitor.cadence import DEFAULT_EVERY_N_STEPS, DEFAULT_WINDOW
 
 
 def make_data(n: int, seed: int = 0):

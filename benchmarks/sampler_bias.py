@@ -3,7 +3,7 @@
 For each sampler and three step sizes (0.5x, 1x, 2x its default), the offline estimate
 (4 chains x 1000 draws after 500 burn-in, localization 100, nbeta = n / log n) on linear
 regression, two reduced-rank regressions and two deep linear networks (lambda from
-online_llc.theory, checked against the reference JSON), and on two normal-crossing potentials
+online_llc.models.theory, checked against the reference JSON), and on two normal-crossing potentials
 ``K = w1^(2a) w2^(2b)`` against the exact finite-nbeta target ``nbeta E[K]`` under a uniform prior
 on [-1, 1]^2 (the box is a steep wall; no localization there). Prints relative error, the
 effective temperature, and whether the diagnostic flags the setting (effective temperature
@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from online_llc import estimate_llc
-from online_llc.config import resolve_hyperparameters
-from online_llc.theory import normal_crossing_target
-from online_llc.toy import deep_linear_problem
+from online_llc.calibration.step import resolve_hyperparameters
+from online_llc.models.theory import normal_crossing_target
+from online_llc.models.toy import deep_linear_problem
 
 MODELS = [([10, 1], 1), ([6, 6, 6], 2), ([10, 3, 5], 1), ([16, 8, 16, 8], 4), ([4, 12, 12, 12, 4], 2)]
 CROSSINGS = [(1, 1, 1000.0), (1, 2, 1000.0)]  # (a, b, nbeta): targets 0.3873 and 0.2262 in the JSON

@@ -14,7 +14,7 @@ import torch
 
 from online_llc import OnlineLLC, estimate_llc
 from online_llc.demos.stagewise_dln import train
-from online_llc.toy import stagewise_dln_problem
+from online_llc.models.toy import stagewise_dln_problem
 
 CHECKPOINTS = [3000, 10000, 14000, 30000]  # late on the rank-0, 1, 2 plateaus, and the final minimum
 

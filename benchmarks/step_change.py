@@ -6,7 +6,7 @@ optima, A -> B -> A:
 
 * 10-3-5 at rank 1 (lambda 11, an entry of the reference table
   ``shared/reference/learning_coefficients.json``) and rank 3 (lambda 18 from
-  :mod:`online_llc.theory`, which the tests check against that table);
+  :mod:`online_llc.models.theory`, which the tests check against that table);
 * 12-4-12 at rank 1 (lambda 27) and rank 4 (lambda 40), where the LLC is larger and a window's
   relative noise smaller.
 
@@ -41,9 +41,9 @@ import argparse
 import numpy as np
 import torch
 
-from online_llc import resolve_hyperparameters
+from online_llc.calibration.step import resolve_hyperparameters
 from online_llc import OnlineLLC, estimate_llc
-from online_llc.toy import deep_linear_problem
+from online_llc.models.toy import deep_linear_problem
 
 SCENARIOS = [([10, 3, 5], [1, 3, 1]), ([12, 4, 12], [1, 4, 1])]  # widths, ranks of the regimes in order
 SETTLE = 3  # consecutive windows within 10% that count as settled

@@ -1,6 +1,6 @@
 """Step-size alarm validation: which step sizes bias the estimate, and which diagnostics see it.
 
-On four models with a known learning coefficient (reference table / :mod:`online_llc.theory`),
+On four models with a known learning coefficient (reference table / :mod:`online_llc.models.theory`),
 ``estimate_llc`` runs at multiples of the default SGLD step (4 chains x 1000 draws, burn-in
 500 / multiple so that small steps equilibrate too). Per step it prints the error against theory,
 against the sampler's own small-step limit (a straight-line fit of the estimate against the step
@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from online_llc import estimate_llc, recommend_step_size
-from online_llc.config import resolve_hyperparameters
-from online_llc.tuning import DEFAULT_MAX_HEAT
-from online_llc.toy import deep_linear_problem
+from online_llc.calibration.step import resolve_hyperparameters
+from online_llc.calibration.step import DEFAULT_MAX_HEAT
+from online_llc.models.toy import deep_linear_problem
 
 MODELS = [([10, 1], 1), ([10, 3, 5], 1), ([16, 8, 16, 8], 4), ([4, 12, 12, 12, 4], 2)]
 MULTS = [0.25, 0.5, 1.0, 2.0, 3.0, 4.0]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import warnings
 
 from online_llc.errors import MonitorError
-from online_llc.estimator import OnlineLLC
+from online_llc.monitor.estimator import OnlineLLC
 
 __all__ = ["monitor_failed", "placeholders_after_failure", "placeholders_stopped"]
 

@@ -42,11 +42,11 @@ import torch
 from online_llc.callbacks._failure import monitor_failed, placeholders_after_failure, placeholders_stopped
 from online_llc.callbacks._metrics import LOGGED_KEYS, estimate_metrics, group_metrics
 from online_llc.errors import MonitorError
-from online_llc.estimator import OnlineLLC
-from online_llc.fsdp import is_fsdp2
-from online_llc.losses import causal_lm_loss, sequence_classification_loss
-from online_llc.settings import MonitorSettings
-from online_llc.sgld import LossFn
+from online_llc.monitor.estimator import OnlineLLC
+from online_llc.kernel.fsdp import is_fsdp2
+from online_llc.models.losses import causal_lm_loss, sequence_classification_loss
+from online_llc.monitor.settings import MonitorSettings
+from online_llc.kernel.evaluator import LossFn
 
 try:
     from transformers import TrainerCallback
@@ -97,15 +97,15 @@ class OnlineLLCTrainerCallback(TrainerCallback):
             ``labels``, ...). ``None``: the default of ``task``.
         task: ``"auto"`` (from the model's class: ``...ForCausalLM`` / ``...LMHeadModel`` or
             ``...ForSequenceClassification``), ``"causal_lm"``
-            (:func:`online_llc.losses.causal_lm_loss`) or ``"sequence_classification"``
-            (:func:`online_llc.losses.sequence_classification_loss`). Ignored with a ``loss_fn``.
+            (:func:`online_llc.models.losses.causal_lm_loss`) or ``"sequence_classification"``
+            (:func:`online_llc.models.losses.sequence_classification_loss`). Ignored with a ``loss_fn``.
         groups: parameter groups tracked beside the whole model, as in
-            :class:`online_llc.OnlineLLC` (see :mod:`online_llc.groups`; names are the model's).
+            :class:`online_llc.OnlineLLC` (see :mod:`online_llc.models.groups`; names are the model's).
         strict: re-raise a failure of the monitor instead of warning once and disabling it.
         name: the checkpoint file's stem (``<name>.rank<r>.pt``); give each of several
             callbacks its own.
         **options: the monitor's options, as in :class:`online_llc.OnlineLLC` (each a field of
-            :class:`online_llc.settings.MonitorSettings`), validated now. ``num_samples`` may be
+            :class:`online_llc.monitor.settings.MonitorSettings`), validated now. ``num_samples`` may be
             left out: it is then the length of the train dataloader's dataset. When the monitor
             has a ``total_steps`` option and it is left out, the Trainer's ``max_steps`` is used.
 

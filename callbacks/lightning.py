@@ -4,7 +4,7 @@ Flow: training loop -> ShadowSampler -> WindowStats -> LLCFilter -> OnlineLLC re
 **callbacks**. A thin adapter over :class:`online_llc.OnlineLLC`, at the end of the flow: hooks
 translate into ``monitor.update`` calls, closed windows into logger calls, and the monitor's
 ``state_dict`` into the checkpoint. Its options are the monitor's own
-(:class:`online_llc.settings.MonitorSettings`), validated when the callback is built.
+(:class:`online_llc.monitor.settings.MonitorSettings`), validated when the callback is built.
 
 Works with the ``lightning`` package (``lightning.pytorch``) and, because Lightning callbacks are
 duck-typed, with a ``pytorch_lightning`` Trainer too: pass the same object to either.
@@ -20,14 +20,14 @@ from typing import Any, Callable, Dict, Mapping, Optional
 import numpy as np
 import torch
 
-from online_llc.cadence import Cadence
+from online_llc.monitor.cadence import Cadence
 from online_llc.callbacks._failure import monitor_failed, placeholders_after_failure, placeholders_stopped
 from online_llc.callbacks._metrics import ESTIMATE_KEYS, LOGGED_KEYS, estimate_metrics, group_metrics
-from online_llc.estimator import OnlineLLC
-from online_llc.fsdp import is_fsdp2
+from online_llc.monitor.estimator import OnlineLLC
+from online_llc.kernel.fsdp import is_fsdp2
 from online_llc.records import LLCEstimate
-from online_llc.settings import MonitorSettings
-from online_llc.sgld import LossFn
+from online_llc.monitor.settings import MonitorSettings
+from online_llc.kernel.evaluator import LossFn
 
 try:  # the `lightning` package first; `pytorch_lightning` is the same code under another name
     from lightning.pytorch import Callback
@@ -43,7 +43,7 @@ __all__ = ["OnlineLLCCallback", "LOGGED_KEYS", "ESTIMATE_KEYS"]
 
 # Strategies whose parameters are sharded or partitioned in ways the shadow chain cannot move
 # (FSDP1's flat parameters, DeepSpeed's partitions, XLA). FSDP2 is supported: Lightning's
-# ModelParallelStrategy with fully_shard applied in configure_model (online_llc.fsdp).
+# ModelParallelStrategy with fully_shard applied in configure_model (online_llc.kernel.fsdp).
 _UNSUPPORTED = ("FSDPStrategy", "DeepSpeedStrategy", "XLAStrategy", "XLAFSDPStrategy")
 
 # The entries of the callback's state key, in order. Checkpoints store the callback's state
@@ -80,7 +80,7 @@ class OnlineLLCCallback(Callback):
     accumulation gives one shadow step per optimizer step, never per micro-batch) it runs one
     shadow SGLD step on that step's batch, under the trainer's precision context. With the
     ``"auto"`` defaults, ``every_n_steps`` and ``window`` are sized to the run's length,
-    ``trainer.estimated_stepping_batches`` (:mod:`online_llc.cadence`). When a window closes it
+    ``trainer.estimated_stepping_batches`` (:mod:`online_llc.monitor.cadence`). When a window closes it
     logs :data:`LOGGED_KEYS` through every logger of the trainer (rank 0, step =
     ``trainer.global_step``) and puts them in ``trainer.callback_metrics``, so another callback
     can use them; warm-up and diverged windows log no ``llc/mean`` (nor its band).
@@ -92,7 +92,7 @@ class OnlineLLCCallback(Callback):
     ``R`` ranks give ``R * num_chains`` chains at no extra cost per rank. Under FSDP2
     (``ModelParallelStrategy`` with ``fully_shard`` applied in ``configure_model``) each chain
     spans the ranks, sharded like the parameters, and steps on the union of the ranks' batches
-    (:mod:`online_llc.fsdp`); checkpoints hold the chains' full tensors, gathered on every rank.
+    (:mod:`online_llc.kernel.fsdp`); checkpoints hold the chains' full tensors, gathered on every rank.
 
     Args:
         loss_fn: ``loss_fn(pl_module, batch) -> Tensor[B]`` per-sample losses. ``None``: the
@@ -104,7 +104,7 @@ class OnlineLLCCallback(Callback):
         prog_bar: also show ``llc`` in the progress bar.
         strict: re-raise a failure of the monitor instead of warning once and disabling it.
         **options: the monitor's options, as in :class:`online_llc.OnlineLLC` (each a field of
-            :class:`online_llc.settings.MonitorSettings`), validated now. ``num_samples`` may be
+            :class:`online_llc.monitor.settings.MonitorSettings`), validated now. ``num_samples`` may be
             left out (``None``): it is then the length of the train dataloader's dataset.
 
     Attributes:

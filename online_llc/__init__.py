@@ -1,75 +1,61 @@
 """online-llc: the local learning coefficient (LLC) as a live training metric.
 
-The package's public API, gathered from the modules of the flow: training loop -> ShadowSampler
-(sgld kernel) -> WindowStats -> LLCFilter -> OnlineLLC records -> callbacks
-(:mod:`online_llc.callbacks`).
+The package is laid out along the flow of the estimate, one wing per stage; each wing imports
+only the wings below it (``lint-imports`` checks it)::
 
-Public API:
+    faces        online_llc.callbacks, online_llc.cli, online_llc.plot, online_llc.demos
+    estimators   online_llc.monitor (OnlineLLC), online_llc.offline (estimate_llc)
+    calibration  online_llc.calibration (the heat measured; the step and budget sized from it)
+    kernel       online_llc.kernel (one SGLD step at w* + xi: passes, updates, noise, sharding)
+    ground       online_llc.stats (draws, MCSE, the filter), online_llc.models (theory, toy
+                 models, groups, heads, losses), online_llc.config (the estimand),
+                 online_llc.records, online_llc.errors
 
-* :class:`OnlineLLC` - the running estimate; :class:`LLCEstimate` - its records
-  (:data:`FILTERED_STATUSES`: the windows whose ``mean`` is the filtered LLC).
+The names below are what a user needs; everything else is importable from its wing.
+
+* :class:`OnlineLLC` - the running estimate, configured by :class:`MonitorSettings`'s options;
+  :class:`LLCEstimate` - its records (:data:`STATUSES`); :class:`ChainHealth` - its chains' health.
 * :func:`auto_cadence` - the schedule (``every_n_steps``, ``window``, warm-up) for a run's length.
-* :func:`estimate_llc` - offline reference estimator (C SGLD chains at fixed weights).
-* :class:`LLCResult` - its result record.
+* :func:`estimate_llc` - the offline reference estimator; :class:`LLCResult` - its result.
 * :func:`recommend_step_size` - a short pilot that recommends the sampler's step size.
-* :class:`ChainHealth` - :meth:`OnlineLLC.health`'s record: divergences, weight jumps, warm-ups,
-  the step-size alarm.
-* :mod:`online_llc.theory` - theoretical learning coefficients of known models.
-* :mod:`online_llc.toy` - models with a known learning coefficient, for validation.
+* :func:`groups_by_head`, :func:`groups_by_child`, :func:`groups_by_linear` - parameter groups for
+  per-module LLCs (``groups=``).
+* :class:`LossFn` - the per-sample loss protocol; the errors the package raises.
 """
 
 from __future__ import annotations
 
-from .cadence import Cadence, auto_cadence
-from .config import DEFAULT_LOCALIZATION_SCALE, DEFAULT_NBETA_CAP, DEFAULT_STEP_SCALE, resolve_hyperparameters
-from .errors import MonitorError, NonFiniteDrawError, OnlineLLCError
-from .estimator import STATUSES, ChainHealth, LLCEstimate, OnlineLLC, SmoothedPoint, Transition
-from .evaluator import LossFn
-from .filter import FilterInfo, LLCFilter
-from .groups import ParamSlice, attention_heads, groups_by_child, groups_by_head, groups_by_linear, resolve_groups
-from .offline import LLCResult, estimate_llc
-from .records import FILTERED_STATUSES
-from .sgld import SAMPLERS, SGLDConfig, SGLDInfo, default_nbeta, sampler_step, sgld_step
-from .tuning import PilotRun, StepSizeRecommendation, mala_acceptance, recommend_step_size
+from online_llc.config import SGLDConfig
+from online_llc.errors import MonitorError, NonFiniteDrawError, OnlineLLCError
+from online_llc.kernel.evaluator import LossFn
+from online_llc.models.groups import groups_by_child, groups_by_linear
+from online_llc.models.heads import groups_by_head
+from online_llc.monitor.cadence import auto_cadence
+from online_llc.monitor.estimator import OnlineLLC
+from online_llc.monitor.settings import MonitorSettings
+from online_llc.offline.estimate import estimate_llc
+from online_llc.offline.recommend import StepSizeRecommendation, recommend_step_size
+from online_llc.records import STATUSES, ChainHealth, LLCEstimate, LLCResult
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "__version__",
     "OnlineLLC",
+    "MonitorSettings",
     "LLCEstimate",
     "STATUSES",
-    "FILTERED_STATUSES",
-    "auto_cadence",
-    "Cadence",
-    "SmoothedPoint",
-    "Transition",
     "ChainHealth",
-    "recommend_step_size",
-    "StepSizeRecommendation",
-    "PilotRun",
-    "mala_acceptance",
-    "LLCFilter",
-    "resolve_groups",
-    "ParamSlice",
-    "attention_heads",
-    "groups_by_child",
-    "groups_by_linear",
-    "groups_by_head",
-    "FilterInfo",
+    "auto_cadence",
     "estimate_llc",
     "LLCResult",
-    "LossFn",
+    "recommend_step_size",
+    "StepSizeRecommendation",
     "SGLDConfig",
-    "SGLDInfo",
-    "sgld_step",
-    "sampler_step",
-    "SAMPLERS",
-    "default_nbeta",
-    "resolve_hyperparameters",
-    "DEFAULT_LOCALIZATION_SCALE",
-    "DEFAULT_NBETA_CAP",
-    "DEFAULT_STEP_SCALE",
+    "groups_by_head",
+    "groups_by_child",
+    "groups_by_linear",
+    "LossFn",
     "OnlineLLCError",
     "NonFiniteDrawError",
     "MonitorError",

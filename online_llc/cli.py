@@ -66,7 +66,7 @@ def _fail(msg: str) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from .plot import plot_llc, read_loss, read_run
+    from online_llc.plot import plot_llc, read_loss, read_run
 
     if not os.path.isfile(args.csv):
         return _fail(f"no such file: {args.csv}")

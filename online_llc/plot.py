@@ -9,7 +9,7 @@ import csv
 import math
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .estimator import STATUSES, LLCEstimate
+from online_llc.records import STATUSES, LLCEstimate
 
 __all__ = ["plot_llc", "plot_groups", "write_csv", "read_run", "read_loss", "CSV_FIELDS"]
 

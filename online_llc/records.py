@@ -46,14 +46,14 @@ class LLCEstimate:
         dispersion: ``var_channel / raw_mean``, the draws' variance over their mean (a secondary
             diagnostic; its healthy baseline depends on the model).
         heat: the window's minibatch temperature ``raw_mean / (raw_mean - heat_bias)``
-            (:mod:`online_llc.heat`; ``inf`` when ``0 < raw_mean <= heat_bias``, hotter than the
+            (:mod:`online_llc.calibration.heat`; ``inf`` when ``0 < raw_mean <= heat_bias``, hotter than the
             window can measure; NaN when ``raw_mean <= 0``): 1 when the chain's
             gradient noise adds nothing, 1.2 when it raises the estimate by 20%.
         heat_bias: how much the gradient noise raised ``raw_mean``, measured from half-batch
             gradients.
         step_size: the sampler's step during this window (calibrated on the heat unless given).
         discretization_bias: how much the step's finite size raised ``raw_mean``, measured from
-            the chains' consecutive updates (:mod:`online_llc.heat`; noisy in one window, so the
+            the chains' consecutive updates (:mod:`online_llc.calibration.heat`; noisy in one window, so the
             step is cooled on it pooled over windows); NaN where not measured. The window's total
             heat is ``raw_mean / (raw_mean - heat_bias - discretization_bias)``.
         ess: effective sample size of the window.
@@ -184,7 +184,7 @@ class LLCResult:
     Attributes:
         mean: the LLC estimate, the mean of all draws after burn-in.
         std: its standard error, autocorrelation-aware and counting the chains' disagreement
-            (:func:`online_llc.stats.multichain_standard_error`): a run of few relaxation times
+            (:func:`online_llc.stats.draws.multichain_standard_error`): a run of few relaxation times
             reads its slow directions' correlation from the spread between chains.
         per_chain: per-chain means, shape ``[C]``.
         per_chain_std: per-chain standard errors, shape ``[C]``.
@@ -196,17 +196,17 @@ class LLCResult:
         dispersion: ``var_channel / mean``, the draws' variance over their mean (1 for a Gamma
             draw at unit temperature; its baseline depends on the model and the window, so it is
             kept as a secondary diagnostic; ``heat`` measures the temperature).
-        heat: the minibatch temperature ``mean / (mean - heat_bias)`` (:mod:`online_llc.heat`;
+        heat: the minibatch temperature ``mean / (mean - heat_bias)`` (:mod:`online_llc.calibration.heat`;
             NaN when ``mean <= heat_bias``): 1 when the gradient noise adds nothing.
         heat_bias: how much the gradient noise raised ``mean``, measured from half-batch
             gradients (an upper bound, tight for the directions that carry the draw).
         discretization_bias: how much the step's finite size raised ``mean``, measured to first
-            order from consecutive updates (:func:`online_llc.heat.discretization_bias`; exact on
+            order from consecutive updates (:func:`online_llc.calibration.heat.discretization_bias`; exact on
             a quadratic loss, high on stiff deep networks at small steps); NaN for SGHMC.
         total_heat: the temperature of the minibatch noise and the discretization together,
             ``mean / (mean - heat_bias - discretization_bias)``: exact on a quadratic loss to every
             order, because the measured discretization bias contains the product of the two heats
-            (:mod:`online_llc.heat`). ``inf`` when the biases take the whole estimate (hotter than
+            (:mod:`online_llc.calibration.heat`). ``inf`` when the biases take the whole estimate (hotter than
             measurable); NaN when the estimate is not clearly positive.
         heat_interval: ``(low, high)``, two batch-means standard errors of the mean and of the
             biases either side; at gross heat the upper end is ``inf``.

@@ -6,9 +6,9 @@ import warnings
 
 import pytest
 
-from online_llc.budget import BURN_IN_RELAXATIONS, resolve_burn_in, resolve_num_draws, scaled_cap
-from online_llc.config import relaxation_steps, resolve_hyperparameters
-from online_llc.offline import CAP_BATCH, MAX_AUTO_BURN_IN, MAX_AUTO_DRAWS
+from online_llc.calibration.budget import BURN_IN_RELAXATIONS, resolve_burn_in, resolve_num_draws, scaled_cap
+from online_llc.calibration.step import relaxation_steps, resolve_hyperparameters
+from online_llc.offline.estimate import CAP_BATCH, MAX_AUTO_BURN_IN, MAX_AUTO_DRAWS
 
 
 def _config(batch_size: int, shrink: float = 4.0):

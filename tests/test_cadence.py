@@ -1,4 +1,4 @@
-"""The schedule sized to the run (`online_llc.cadence`): the pure rule, pinned on its goals, and its
+"""The schedule sized to the run (`online_llc.monitor.cadence`): the pure rule, pinned on its goals, and its
 wiring into OnlineLLC (total_steps, shortened warm-ups, the one warning)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from online_llc import OnlineLLC
-from online_llc.cadence import (
+from online_llc.monitor.cadence import (
     MIN_WINDOW,
     OVERHEAD_BUDGET_STEPS,
     SHADOW_STEP_COST,
@@ -20,7 +20,7 @@ from online_llc.cadence import (
     auto_cadence,
     next_step,
 )
-from online_llc.toy import deep_linear_problem
+from online_llc.models.toy import deep_linear_problem
 
 LENGTHS = [30, 100, 220, 500, 999, 1000, 2500, 10_000, 19_999, 20_000, 29_999, 30_000, 34_999, 35_000, 10**6]
 

@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from online_llc import OnlineLLC
-from online_llc.filter import LLCFilter
+from online_llc.stats.filter import LLCFilter
 from online_llc.plot import write_csv
-from online_llc.sgld import LossEvaluator, SGLDConfig, sgld_step
-from online_llc.toy import ShuffledBatches, deep_linear_problem
-from online_llc.window import WindowStats
+from online_llc.kernel.evaluator import LossEvaluator
+from online_llc.config import SGLDConfig
+from online_llc.kernel.step import sgld_step
+from online_llc.models.toy import ShuffledBatches, deep_linear_problem
+from online_llc.monitor.window import WindowStats
 
 P = deep_linear_problem([3, 2], 2, num_samples=256, batch_size=32, seed=0)
 
@@ -46,7 +48,7 @@ def test_gather_must_return_every_rank_row_block():
 
 def test_measure_discretization_must_be_a_bool():
     """A truthy non-bool (1, "yes") is refused, by the monitor and by the sampler alike, naming the option."""
-    from online_llc.shadow import ShadowSampler
+    from online_llc.monitor.shadow import ShadowSampler
 
     with pytest.raises(ValueError, match=r"Expected `measure_discretization` to be a bool, got 'yes'\."):
         monitor(measure_discretization="yes")

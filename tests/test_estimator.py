@@ -10,9 +10,9 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from online_llc import resolve_hyperparameters
+from online_llc.calibration.step import resolve_hyperparameters
 from online_llc import STATUSES, OnlineLLC, estimate_llc
-from online_llc.toy import deep_linear_problem, stagewise_dln_problem
+from online_llc.models.toy import deep_linear_problem, stagewise_dln_problem
 
 Z90 = float(norm.ppf(0.95))
 
@@ -62,7 +62,7 @@ def test_lag_term_grows_with_the_slope_and_vanishes_without_one():
     """``lag_std = |slope| * LAG_FRACTION * relaxation * stride``: an LLC rising by 1e-3 per
     training step, read by a chain relaxing over 150 shadow steps taken every 25 training steps,
     may trail it by 1e-3 * 0.5 * 3750 = 1.875; no slope, no lag; unknown values add nothing."""
-    from online_llc.config import LAG_FRACTION, lag_std
+    from online_llc.monitor.policy import LAG_FRACTION, lag_std
 
     assert LAG_FRACTION == 0.5
     assert lag_std(1e-3, 150.0, 25.0) == pytest.approx(1.875)
@@ -282,8 +282,8 @@ def test_transitions_group_runs_and_bridge_a_single_quiet_window() -> None:
     """Scripted statuses: runs of transition windows become boundaries; two runs one quiet window
     apart are one boundary (a ramp seen as jumps with a pause), two quiet windows keep them apart.
     Levels come from the smoothed curve at the nearest quiet window on either side."""
-    from online_llc import SmoothedPoint
-    from online_llc.estimator import LLCEstimate
+    from online_llc.records import SmoothedPoint
+    from online_llc.records import LLCEstimate
 
     p = deep_linear_problem([6, 6, 6], 2, num_samples=512, seed=0)
     monitor = OnlineLLC(p.model, p.loss_fn, num_samples=512)
@@ -442,7 +442,7 @@ def test_eval_mode_is_the_default_and_differs_from_train_mode():
 
 
 def test_mode_flags_are_restored_exactly_also_on_error():
-    from online_llc.evaluator import model_mode
+    from online_llc.kernel.evaluator import model_mode
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Dropout(0.5), torch.nn.Sequential(torch.nn.Dropout(0.1)))
     model.train()

@@ -1,4 +1,4 @@
-"""Tests for online_llc.filter: the local-linear-trend Kalman filter over training-step time.
+"""Tests for online_llc.stats.filter: the local-linear-trend Kalman filter over training-step time.
 
 Every check is against an independent oracle written here (a from-scratch NumPy Kalman filter, the
 discrete algebraic Riccati equation, Van Loan's matrix exponential, the exact innovation statistics
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import scipy.linalg as sl
 
-from online_llc.filter import FilterInfo, LLCFilter, transition_matrices
+from online_llc.stats.filter import FilterInfo, LLCFilter, transition_matrices
 
 # Oracle replays do the same arithmetic in a different order (standard-form covariance update
 # instead of filterpy's Joseph form, hand-written products): agreement is to rounding, far

@@ -18,7 +18,7 @@ import types
 import pytest
 import torch
 
-from online_llc.fsdp import _layout
+from online_llc.kernel.fsdp import _layout
 
 SCRIPT = textwrap.dedent(
     """

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from online_llc import resolve_hyperparameters
+from online_llc.calibration.step import resolve_hyperparameters
 from online_llc import OnlineLLC, estimate_llc
-from online_llc.groups import groups_by_child, groups_by_linear, resolve_groups
-from online_llc.toy import block_problem
+from online_llc.models.groups import groups_by_child, groups_by_linear, resolve_groups
+from online_llc.models.toy import block_problem
 
 BLOCKS = {"a": ([6, 6, 6], 2), "b": ([10, 3, 5], 1)}  # theory 16 and 11: the whole model's is 27
 
@@ -262,7 +262,7 @@ class TinyAttention(nn.Module):
 
 
 def test_attention_heads_move_only_their_slices():
-    from online_llc.groups import attention_heads
+    from online_llc.models.heads import attention_heads
 
     model = TinyAttention()
     heads = attention_heads(model.attn, "attn")
@@ -297,7 +297,7 @@ def test_the_core_imports_no_framework():
     import subprocess
     import sys
 
-    code = ("import sys, online_llc, online_llc.groups, online_llc.heads, online_llc.losses, online_llc.callbacks; "
+    code = ("import sys, online_llc, online_llc.models.groups, online_llc.models.heads, online_llc.models.losses, online_llc.callbacks; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'transformers', 'accelerate', 'lightning', "
             "'pytorch_lightning'}))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from online_llc import estimate_llc
-from online_llc.evaluator import split_halves
-from online_llc.toy import deep_linear_problem
+from online_llc.kernel.halves import split_halves
+from online_llc.models.toy import deep_linear_problem
 
 
 def _regression_at_optimum(n: int, batch: int, widths=(4, 3), seed: int = 0, input_scale: float = 1.0):
@@ -111,7 +111,7 @@ def test_total_heat_matches_the_discrete_chain_in_closed_form(n: int, batch: int
     estimate itself must sit at the closed form's heat times the exact target, within three of its
     reported standard errors plus 3% (what the closed form leaves out: the offset's own share of
     the gradient noise)."""
-    from online_llc.toy import RandomBatches
+    from online_llc.models.toy import RandomBatches
 
     p, h, outputs, _ = _regression_at_optimum(n, batch, widths=widths)
     nbeta = n / math.log(n)
@@ -135,8 +135,8 @@ def test_shuffled_epochs_read_higher_than_the_heat_at_a_hot_step() -> None:
     the one on independent batches by more than three combined standard errors (measured: 1.444
     against 1.345 of the target, standard errors 0.014), while the heat, which sees only the
     gradient noise and the step, is the same on both within 3%. The documented reason
-    :class:`online_llc.toy.RandomBatches` exists."""
-    from online_llc.toy import RandomBatches
+    :class:`online_llc.models.toy.RandomBatches` exists."""
+    from online_llc.models.toy import RandomBatches
 
     n, batch = 20000, 256
     p, _, _, _ = _regression_at_optimum(n, batch, widths=(8, 4))
@@ -155,7 +155,7 @@ def test_heat_interval_reads_inf_when_the_biases_take_the_whole_estimate() -> No
     interval that contains the point and narrows as the draws grow."""
     import numpy as np
 
-    from online_llc.heat import heat_interval, reported_heat
+    from online_llc.calibration.heat import heat_interval, reported_heat
 
     assert reported_heat(10.0, 12.0) == math.inf and math.isnan(reported_heat(-1.0, 0.5))
     assert reported_heat(10.0, 5.0) == 2.0
@@ -292,7 +292,7 @@ def test_online_discretization_bias_matches_the_closed_form_and_cools_a_stiff_mo
     +- 0.005 against 0.530), and the step is kept as given. With inputs scaled by 2 (every
     curvature 4x) the default step, 0.15 / nbeta at a full batch, is grossly hot by its
     discretization alone (18% in closed form), which no minibatch measurement sees: the monitor
-    must cool it, with two chains towards a heat of 1.035 (:func:`online_llc.heat.cooling_heat`;
+    must cool it, with two chains towards a heat of 1.035 (:func:`online_llc.calibration.heat.cooling_excess`;
     measured: 5.2x, 5.86e-4 to 1.13e-4), after which the measurement matches the closed form at
     the new step within 5%, the health heat is under 1.065 (measured 1.032; a window's
     measurement is noisy, so the cut lands near its target, not on it) and the windows' mean draw
@@ -321,19 +321,19 @@ def test_the_monitor_cools_a_hot_step_further_the_more_chains_its_band_pools() -
     """The stiff full-batch quadratic of the test above (18% hot at the default step by its
     discretization): the band of four chains is half as wide as one chain's, so the heat left in
     the level must be smaller. One chain is cooled towards a heat of 1.05, four towards 1.03
-    (:func:`online_llc.heat.cooling_heat`); each must end under 1 + 1.3 times its target's
+    (:func:`online_llc.calibration.heat.cooling_excess`); each must end under 1 + 1.3 times its target's
     excess and above a third of it (cooled towards its target, not past it), and four chains at
     a step at most 0.7 times one chain's (measured: heat 1.042 at 1.58e-4, 1.028 at 9.68e-5)."""
-    from online_llc.heat import cooling_heat
+    from online_llc.calibration.step import cooling_excess
 
     ends = {}
     for chains in (1, 4):
         mon, _, _ = _full_batch_monitor(10240, 2.0, chains)
-        excess = cooling_heat(chains)
+        excess = cooling_excess(chains)
         heat = mon.health().heat
         assert 1 + excess / 3 < heat < 1 + 1.3 * excess, (chains, heat)
         ends[chains] = mon.history()[-1].step_size
-    assert cooling_heat(1) == 0.05 and cooling_heat(4) == 0.03
+    assert cooling_excess(1) == 0.05 and cooling_excess(4) == 0.03
     assert ends[4] <= 0.7 * ends[1], ends
 
 
@@ -364,26 +364,27 @@ def test_defaults_lower_a_step_whose_discretization_bias_is_gross() -> None:
 
 def test_calibration_waits_for_a_measurement_that_decides() -> None:
     """A heat whose two-standard-error interval straddles the bounds leaves the step alone; one
-    past CUT_HEAT whose interval is clearly above the target shrinks it, one clearly below the
+    past CUT_EXCESS whose interval is clearly above the target shrinks it, one clearly below the
     target raises it."""
     import numpy as np
 
-    from online_llc.config import CUT_HEAT, MAX_HEAT, TARGET_HEAT
-    from online_llc.heat import bias_interval, calibrated_step
+    from online_llc.calibration.step import CUT_EXCESS, MAX_EXCESS, TARGET_EXCESS
+    from online_llc.calibration.heat import bias_interval
+    from online_llc.calibration.step import calibrated_step
 
     step, top = 1e-4, 4e-4
     # Point heat 1.5 but the interval reaches below 1: noise, not heat (was an 8x cut before).
     assert calibrated_step(step, 1.5, top, heat_low=0.9, heat_high=4.0) == step
-    assert calibrated_step(step, 1.5, top, heat_low=1.0 + 2 * MAX_HEAT, heat_high=2.0) == pytest.approx(step / 8)
+    assert calibrated_step(step, 1.5, top, heat_low=1.0 + 2 * MAX_EXCESS, heat_high=2.0) == pytest.approx(step / 8)
     # A resolved 5.5% heat (interval 1.035..1.075) is cut to the 2% target: the old rule, which
-    # wanted the lower end past MAX_HEAT, let it stand and the estimate read ~5% high.
+    # wanted the lower end past MAX_EXCESS, let it stand and the estimate read ~5% high.
     assert calibrated_step(step, 1.055, top, heat_low=1.035, heat_high=1.075) == pytest.approx(step * 0.02 / 0.055)
-    # Past CUT_HEAT but not resolved above the target: left alone; resolved but under CUT_HEAT: too.
-    assert CUT_HEAT < MAX_HEAT
-    assert calibrated_step(step, 1.0 + CUT_HEAT + 0.005, top, heat_low=1.0 + TARGET_HEAT - 0.001, heat_high=1.05) == step
-    assert calibrated_step(step, 1.0 + CUT_HEAT - 0.001, top, heat_low=1.0 + TARGET_HEAT + 0.001, heat_high=1.04) == step
-    assert calibrated_step(step, 1.0 + TARGET_HEAT / 10, top, heat_low=0.99, heat_high=1.0 + TARGET_HEAT / 4) == 2 * step
-    assert calibrated_step(step, 1.0 + TARGET_HEAT / 10, top, heat_low=0.99, heat_high=1.2) == step
+    # Past CUT_EXCESS but not resolved above the target: left alone; resolved but under CUT_EXCESS: too.
+    assert CUT_EXCESS < MAX_EXCESS
+    assert calibrated_step(step, 1.0 + CUT_EXCESS + 0.005, top, heat_low=1.0 + TARGET_EXCESS - 0.001, heat_high=1.05) == step
+    assert calibrated_step(step, 1.0 + CUT_EXCESS - 0.001, top, heat_low=1.0 + TARGET_EXCESS + 0.001, heat_high=1.04) == step
+    assert calibrated_step(step, 1.0 + TARGET_EXCESS / 10, top, heat_low=0.99, heat_high=1.0 + TARGET_EXCESS / 4) == 2 * step
+    assert calibrated_step(step, 1.0 + TARGET_EXCESS / 10, top, heat_low=0.99, heat_high=1.2) == step
 
     # The interval from per-step rows: draws of mean 10 and a bias of mean 1 per step, each with
     # noise; hb alone (no update products) gives heat 10 / 9, and the interval narrows as the
@@ -406,7 +407,7 @@ def test_calibration_waits_for_a_measurement_that_decides() -> None:
 def test_draws_grow_until_the_standard_error_is_small(monkeypatch: pytest.MonkeyPatch) -> None:
     """The automatic draw count doubles while the multi-chain standard error is above
     ``precision`` times the estimate, stops at the cap, and then says so."""
-    import online_llc.offline as offline
+    import online_llc.offline.estimate as offline
 
     monkeypatch.setattr(offline, "MAX_AUTO_DRAWS", 2000)  # one doubling at most, to keep it fast
     def problem():  # fresh batches each time (the shuffling generator advances with use)

@@ -29,9 +29,9 @@ from online_llc import MonitorError, OnlineLLC  # noqa: E402
 from online_llc.callbacks import LOGGED_KEYS  # noqa: E402
 from online_llc.callbacks import hf  # noqa: E402
 from online_llc.callbacks.hf import OnlineLLCTrainerCallback  # noqa: E402
-from online_llc.groups import attention_heads  # noqa: E402
-from online_llc.losses import causal_lm_loss, sequence_classification_loss  # noqa: E402
-from online_llc.settings import MonitorSettings  # noqa: E402
+from online_llc.models.heads import attention_heads  # noqa: E402
+from online_llc.models.losses import causal_lm_loss, sequence_classification_loss  # noqa: E402
+from online_llc.monitor.settings import MonitorSettings  # noqa: E402
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),

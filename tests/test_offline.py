@@ -12,10 +12,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from online_llc import NonFiniteDrawError, estimate_llc
-from online_llc.toy import deep_linear_problem
+from online_llc.models.toy import deep_linear_problem
 
 # The models of the accuracy check: a regular model, two reduced-rank regressions and one deep
-# linear network from the shared reference JSON (their lambdas come from online_llc.theory,
+# linear network from the shared reference JSON (their lambdas come from online_llc.models.theory,
 # which tests/test_theory.py checks against that JSON).
 # dln[16, 8, 16, 8] r=4 left this check when the default budget grew (two relaxation times of
 # burn-in at localization 3.2: its 4 chains took 759 s of a suite run on two busy cores); the deep

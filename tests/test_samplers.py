@@ -12,8 +12,11 @@ import torch
 from torch import nn
 
 from online_llc import OnlineLLC, estimate_llc
-from online_llc.sgld import LossEvaluator, SGLDConfig, init_aux, sampler_step, sgld_step
-from online_llc.toy import deep_linear_problem
+from online_llc.kernel.evaluator import LossEvaluator
+from online_llc.config import SGLDConfig
+from online_llc.kernel.updates import init_aux
+from online_llc.kernel.step import sampler_step, sgld_step
+from online_llc.models.toy import deep_linear_problem
 
 
 def mse(model, batch):

@@ -9,8 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from online_llc.sgld import LossEvaluator, SGLDConfig, default_nbeta, sgld_step
-from online_llc.shadow import ShadowSampler
+from online_llc.kernel.evaluator import LossEvaluator
+
+from online_llc.config import SGLDConfig, default_nbeta
+
+from online_llc.kernel.step import sgld_step
+from online_llc.monitor.shadow import ShadowSampler
 
 
 def mse_per_sample(model, batch):

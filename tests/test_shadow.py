@@ -10,9 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from online_llc.hostreads import HostReads
-from online_llc.sgld import LossEvaluator, SGLDConfig, init_aux, sampler_step
-from online_llc.shadow import ShadowSampler
+from online_llc.kernel.hostreads import HostReads
+from online_llc.kernel.evaluator import LossEvaluator
+from online_llc.config import SGLDConfig
+from online_llc.kernel.updates import init_aux
+from online_llc.kernel.step import sampler_step
+from online_llc.monitor.shadow import ShadowSampler
 
 
 def mse_per_sample(model, batch):
@@ -122,7 +125,7 @@ def test_memory_kept_and_peak_per_shadow_step(sampler, measure, kept_p):
     discretization bias (the default for SGLD and RMSProp-SGLD) keeps one more P per chain, the
     last update, written in place: the peak stays within the same bound. The weight sketch keeps
     its random signs between steps (0.016 P, once per sampler)."""
-    from online_llc.sketch import BUCKETS
+    from online_llc.monitor.sketch import BUCKETS
 
     torch.set_num_threads(1)
     model = deep_mlp(depth=6, width=96)

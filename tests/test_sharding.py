@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from online_llc import OnlineLLC, estimate_llc
-from online_llc.sharding import sharding_of
+from online_llc.kernel.sharding import sharding_of
 from test_fsdp import run_two_processes
 
 

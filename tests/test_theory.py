@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from online_llc import theory
-from online_llc.theory import (
+from online_llc.models import theory
+from online_llc.models.theory import (
     deep_linear_network,
     normal_crossing_target,
     reduced_rank_regression,

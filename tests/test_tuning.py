@@ -11,10 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from online_llc import OnlineLLC, mala_acceptance, recommend_step_size
-from online_llc.config import resolve_hyperparameters
-from online_llc.sgld import LossEvaluator
-from online_llc.toy import deep_linear_problem
+from online_llc import OnlineLLC, recommend_step_size
+
+from online_llc.kernel.diagnostics import mala_acceptance
+from online_llc.calibration.step import resolve_hyperparameters
+from online_llc.kernel.evaluator import LossEvaluator
+from online_llc.models.toy import deep_linear_problem
 
 
 def linear_setup(n: int = 64, d: int = 3, seed: int = 0):

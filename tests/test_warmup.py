@@ -1,4 +1,4 @@
-"""Tests for online_llc.warmup: MSER truncation against a brute-force oracle, the equilibration
+"""Tests for online_llc.monitor.warmup: MSER truncation against a brute-force oracle, the equilibration
 detector on synthetic transients with known relaxation, and the monitor's use of it (data-driven
 warm-up at the start, restart after a jump of the training weights, checkpointing)."""
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from online_llc import OnlineLLC
-from online_llc.toy import deep_linear_problem
-from online_llc.warmup import MSER_BATCH, EquilibrationDetector, WeightJumpDetector, mser_truncation
+from online_llc.models.toy import deep_linear_problem
+from online_llc.monitor.warmup import MSER_BATCH, EquilibrationDetector, WeightJumpDetector, mser_truncation
 
 
 def brute_mser(x: np.ndarray, batch: int, max_cut: int) -> int:
@@ -191,7 +191,7 @@ def test_weight_sketch_estimates_the_distance_moved() -> None:
     estimate has a relative spread ~ sqrt(2 / 61) = 18%, the distance's half that, less than 1%
     for the mean of 200 moves; the square root biases it low by ~0.4%; the 30 weight's fold is
     exact)."""
-    from online_llc.sketch import sketch, sketch_shift
+    from online_llc.monitor.sketch import sketch, sketch_shift
 
     g = torch.Generator().manual_seed(0)
     w = [torch.randn(20, 30, generator=g), torch.randn(30, generator=g)]
@@ -210,7 +210,7 @@ def test_sketcher_keeps_the_signs_within_its_budget_and_sketches_as_the_function
     """The shadow sampler's :class:`Sketcher` keeps each tensor's random signs between steps, up to
     its budget: its sketches equal :func:`sketch`'s exactly (same signs, same sums), call after call
     and as the weights move, for tensors inside the budget (kept) and past it (redrawn)."""
-    from online_llc.sketch import BUCKETS, Sketcher, sketch
+    from online_llc.monitor.sketch import BUCKETS, Sketcher, sketch
 
     g = torch.Generator().manual_seed(1)
     w = [torch.randn(20, 30, generator=g), torch.randn(30, generator=g), torch.randn(7, 200, generator=g)]

@@ -1,4 +1,4 @@
-"""Tests for online_llc.window: windowed statistics of the shadow chain's draws.
+"""Tests for online_llc.monitor.window: windowed statistics of the shadow chain's draws.
 
 Statistical tests are seeded; every tolerance states the Monte-Carlo spread it is set against.
 """
@@ -11,14 +11,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from online_llc.window import (
-    WindowStats,
-    WindowSummary,
-    effective_sample_size,
-    mean_standard_error,
-    summarize,
-)
-from online_llc.stats import multichain_standard_error
+from online_llc.monitor.window import WindowStats
+
+from online_llc.stats.draws import WindowSummary, summarize
+
+from online_llc.stats.mcse import effective_sample_size, mean_standard_error
+from online_llc.stats.mcse import multichain_standard_error
 
 # Float tolerance for comparisons against brute-force re-computations of the same formulas:
 # only the summation order differs, so agreement is to a few ulps of the values involved.
@@ -686,11 +684,11 @@ def test_multichain_standard_error_sees_a_component_slower_than_the_run() -> Non
 
 
 def test_window_heat_reads_inf_when_the_bias_takes_a_positive_mean() -> None:
-    """The window's heat follows :func:`online_llc.heat.reported_heat`: ``mean / (mean - bias)``
+    """The window's heat follows :func:`online_llc.calibration.heat.reported_heat`: ``mean / (mean - bias)``
     while the bias leaves part of a positive mean, ``inf`` once it takes all of it (hotter than
     the window can measure: the alarm must fire, not fall silent on a NaN), NaN when there is no
     positive mean to compare with."""
-    from online_llc.heat import reported_heat
+    from online_llc.calibration.heat import reported_heat
 
     d = np.array([[1.0, 3.0, 2.0, 2.0]])  # mean 2
     v = np.zeros_like(d)

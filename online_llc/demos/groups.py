@@ -29,7 +29,7 @@ from typing import List
 import torch
 
 from online_llc import OnlineLLC
-from online_llc.toy import BlockModel, GaussianNLL, ShuffledBatches, stagewise_dln_problem
+from online_llc.models.toy import BlockModel, GaussianNLL, ShuffledBatches, stagewise_dln_problem
 
 
 def main(argv: List[str] | None = None, prog: str | None = None) -> int:

@@ -42,13 +42,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from online_llc import FILTERED_STATUSES, OnlineLLC
-from online_llc.groups import attention_heads
+from online_llc.records import FILTERED_STATUSES
+
+from online_llc import OnlineLLC
+from online_llc.models.heads import attention_heads
 
 
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with separate, bias-free q/k/v/o projections (the layout
-    :func:`online_llc.groups.attention_heads` splits into heads)."""
+    :func:`online_llc.models.groups.attention_heads` splits into heads)."""
 
     def __init__(self, d_model: int, num_heads: int) -> None:
         super().__init__()

@@ -34,7 +34,7 @@ from typing import List
 import torch
 
 from online_llc import LLCEstimate, OnlineLLC
-from online_llc.toy import StagewiseProblem, stagewise_dln_problem
+from online_llc.models.toy import StagewiseProblem, stagewise_dln_problem
 
 
 def train(

@@ -1,0 +1,374 @@
+"""Model plumbing for the kernel: per-sample losses at substituted weights.
+
+Flow: training loop -> ShadowSampler (sgld kernel) -> WindowStats -> LLCFilter -> OnlineLLC
+records -> callbacks. This module sits under the sgld kernel (:mod:`online_llc.kernel.step`), and under
+the MALA diagnostic (:func:`online_llc.offline.recommend.mala_acceptance`): it is how they call the user's
+model without changing anything the training run can see.
+
+* :class:`LossEvaluator` computes per-sample losses through ``torch.func.functional_call`` on
+  substituted parameters and cloned buffers, so the model object, its ``.grad`` fields and its
+  buffers are never modified; :meth:`LossEvaluator.mode_context` puts the model in the
+  evaluator's ``mode`` (:data:`MODES`) for a pass and restores every submodule's flag after it.
+* :func:`paired_losses_and_grads` runs the kernel's passes: per-sample losses at ``w*`` and
+  ``w* + xi`` and the gradients of the batch's two halves.
+* :func:`split_halves` (:mod:`online_llc.kernel.halves`, re-exported here) cuts a batch into its two halves along the sample dimension, so the kernel
+  can take the gradient of each half (their difference measures the gradient noise).
+* The passes run under :func:`online_llc.kernel.randomness.private_rng`, so the model's own random
+  draws (dropout) are the monitor's and the training run's random streams are untouched.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Protocol, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from online_llc.kernel.halves import _leading_sizes, split_halves
+from online_llc.kernel.randomness import private_rng
+from online_llc.kernel.sharding import check_unsharded
+from online_llc.kernel.updates import _norm, state_dtype
+
+__all__ = [
+    "LossFn",
+    "LossEvaluator",
+    "MODES",
+    "check_per_sample",
+    "model_mode",
+    "moved_items",
+    "moved_weights",
+    "paired_losses_and_grads",
+    "split_halves",
+]
+
+#: The model's mode during the sampler's passes: ``"eval"`` (``model.eval()``: dropout off,
+#: BatchNorm on its running statistics), ``"train"`` (``model.train()``) or ``"as_is"`` (the mode
+#: the model is in).
+MODES = ("eval", "train", "as_is")
+
+
+@contextmanager
+def model_mode(model: nn.Module, mode: str) -> Iterator[None]:
+    """Put ``model`` in ``mode`` (one of :data:`MODES`) for the block; afterwards, also when the
+    block raises, every submodule's ``training`` flag is exactly what it was before (a model in
+    train mode with a frozen, eval-mode submodule gets both back)."""
+    if mode == "as_is":
+        yield
+        return
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.train(mode == "train")
+        yield
+    finally:
+        # Flags are set directly: calling .train() again would push one flag down to every child.
+        for m, flag in flags:
+            m.training = flag
+
+
+#: What the kernel's passes return: ``(l_center, l_sample, g1, g2, (B1, B2), center_parts)``
+#: (:func:`paired_losses_and_grads`).
+Paired = Tuple[Tensor, Tensor, List[Optional[Tensor]], List[Optional[Tensor]], Tuple[int, int], Tuple[Tensor, ...]]
+
+
+class LossFn(Protocol):
+    """A per-sample loss: ``loss_fn(model, batch)`` returns a tensor of shape ``[B]``.
+
+    The model passed in is the user's model (its parameters temporarily substituted by the
+    sampler), so ``loss_fn`` must compute the loss by calling the model, not from captured
+    tensors. For the LLC to match theory the loss should be the per-sample negative log
+    likelihood (e.g. ``0.5 * ((y - model(x)) ** 2).sum(-1) / sigma**2`` for Gaussian noise,
+    ``F.cross_entropy(..., reduction="none")`` for classification).
+    """
+
+    def __call__(self, model: nn.Module, batch: Any) -> Tensor:  # pragma: no cover - protocol
+        ...
+
+
+class _LossModule(nn.Module):
+    """Runs a program of passes through ``loss_fn(model, batch)`` as a module forward, so
+    ``functional_call`` can substitute the model's parameters and buffers by name
+    (``model.<name>``) once for all of them without touching the model
+    (:meth:`LossEvaluator.passes`)."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        # Stored in __dict__ to keep it out of nn.Module's registries.
+        object.__setattr__(self, "_loss_fn", loss_fn)
+
+    def forward(self, program: Callable[[Callable[[Any], Tensor]], Any]) -> Any:  # noqa: D102
+        return program(lambda batch: check_per_sample(self._loss_fn(self.model, batch)))
+
+
+class LossEvaluator:
+    """Evaluates per-sample losses of ``model`` at substituted weights, leaving ``model`` alone.
+
+    Holds the names of the trainable parameters (the ones the chain moves) and checks the loss
+    shape on every call.
+
+    Args:
+        model: the user's model.
+        loss_fn: per-sample loss, see :class:`LossFn`.
+        param_names: restrict the chain to these trainable parameters (default: all trainable).
+        mode: the model's mode during the sampler's passes, one of :data:`MODES` (see
+            :meth:`mode_context`).
+
+    Raises:
+        ValueError: a model sharded by FSDP, FSDP2 or DeepSpeed, whose forward would ignore the
+            substituted weights (:mod:`online_llc.kernel.sharding`).
+    """
+
+    #: Whether the parameters are sharded over ranks (:class:`online_llc.kernel.fsdp.ShardedLossEvaluator`).
+    sharded = False
+    _refuse_sharded = True
+
+    def __init__(
+        self, model: nn.Module, loss_fn: LossFn, param_names: List[str] | None = None, mode: str = "eval"
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"Expected `mode` to be one of {', '.join(map(repr, MODES))}, got {mode!r}.")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Expected `model` to be a torch.nn.Module, got {type(model).__name__}.")
+        if self._refuse_sharded:
+            check_unsharded(model)
+        if not callable(loss_fn):
+            raise TypeError(f"Expected `loss_fn` to be callable as loss_fn(model, batch), got {loss_fn!r}.")
+        trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError(
+                "Expected `model` to have at least one trainable parameter (requires_grad=True), got none."
+            )
+        if param_names is None:
+            param_names = trainable
+        else:
+            unknown = [n for n in param_names if n not in trainable]
+            if unknown or not param_names:
+                raise ValueError(
+                    f"Expected `param_names` to be a non-empty subset of the trainable parameters, got {param_names!r}."
+                )
+        self.model = model
+        self.loss_fn = loss_fn
+        self.param_names: List[str] = list(param_names)
+        self.mode = mode
+        self._module = _LossModule(model, loss_fn)
+
+    def mode_context(self) -> Any:
+        """A context manager that puts the model in this evaluator's ``mode`` for a pass
+        (:func:`model_mode`)."""
+        return model_mode(self.model, self.mode)
+
+    def center(self) -> Dict[str, Tensor]:
+        """The model's current trainable parameters, detached (no copy)."""
+        params = dict(self.model.named_parameters())
+        return {n: params[n].detach() for n in self.param_names}
+
+    def zeros_like_center(self) -> Dict[str, Tensor]:
+        """A zero offset for every sampled parameter, in float32, or float64 for a float64 parameter
+        (never in bfloat16 or float16: see :mod:`online_llc.kernel.updates`)."""
+        return {n: torch.zeros_like(t, dtype=state_dtype(t.dtype)) for n, t in self.center().items()}
+
+    def num_sampled(self) -> int:
+        """The number of entries the chain moves (its dimension)."""
+        return sum(t.numel() for t in self.center().values())
+
+    def localize(self, masks: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+        """Per-parameter masks on the parameters' device (the entries the chain may move)."""
+        device = next(iter(self.center().values())).device
+        return {n: m.to(device) for n, m in masks.items()}
+
+    def noise_layouts(self, names: List[str]) -> Optional[List[Any]]:
+        """Where each offset sits in its full parameter when the parameters are sharded (``None``:
+        whole parameters, the noise is drawn at the offsets' own shape)."""
+        return None
+
+    def paired(
+        self,
+        center: Mapping[str, Tensor],
+        offset: Mapping[str, Tensor],
+        batch: Any,
+        rewind: Callable[[], None],
+        center_losses: Optional[Tuple[Tensor, ...]] = None,
+    ) -> Paired:
+        """The kernel's passes: :func:`paired_losses_and_grads` with this evaluator."""
+        return paired_losses_and_grads(self, center, offset, batch, rewind, center_losses)
+
+    def step_stats(
+        self, l_center: Tensor, l_sample: Tensor, offsets: List[Tensor], noise_sq: Tensor
+    ) -> Tuple[Tensor, int]:
+        """The kernel's numbers of one step (float64, on the losses' device): the differences'
+        mean and unbiased variance, the two mean losses, ``||xi||`` and the halves' squared
+        gradient difference ``noise_sq``; and the batch size."""
+        diff = l_sample.double() - l_center.double()
+        b = diff.numel()
+        device = diff.device
+        stats = torch.stack(
+            [diff.mean(), diff.var(unbiased=True) if b > 1 else diff.new_zeros(()), l_center.double().mean(),
+             l_sample.double().mean(), _norm(offsets).to(device), noise_sq]
+        )
+        return stats, b
+
+    def all_reduce_sum(self, t: Tensor) -> Tensor:
+        """``t`` summed over the ranks that share the chain: ``t`` itself for whole parameters."""
+        return t
+
+    def losses(self, params: Mapping[str, Tensor], batch: Any) -> Tensor:
+        """Per-sample losses with ``params`` substituted for the named parameters.
+
+        Buffers are cloned so that, e.g., BatchNorm in training mode updates the clones and not
+        the model's running statistics.
+        """
+        return self.passes(params, lambda loss: loss(batch))
+
+    def passes(self, params: Mapping[str, Tensor], program: Callable[[Callable[[Any], Tensor]], Any]) -> Any:
+        """``program(loss)`` with ``params`` substituted once for all the passes it makes, where
+        ``loss(batch)`` gives the per-sample losses of ``batch`` (checked by
+        :func:`check_per_sample`); returns what ``program`` returns.
+
+        One substitution (and one set of buffer clones) instead of one per pass: on a small model
+        the substitution's bookkeeping costs about a third of a forward pass. The passes share
+        the cloned buffers, so a pass sees what an earlier one wrote to them (BatchNorm's running
+        statistics in training mode, which that mode does not read).
+        """
+        subst = {"model." + n: t for n, t in params.items()}
+        for n, b in self.model.named_buffers():
+            subst["model." + n] = b.detach().clone()
+        return torch.func.functional_call(self._module, subst, (program,), strict=False)
+
+
+def check_per_sample(out: Any) -> Tensor:
+    """``out`` itself when it is a non-empty 1-D tensor (one loss per sample).
+
+    Raises:
+        ValueError: naming ``loss_fn``, for any other output."""
+    if not isinstance(out, Tensor) or out.dim() != 1 or out.numel() == 0:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(
+            "Expected `loss_fn` to return per-sample losses of shape [B] (one value per sample, "
+            f"reduction='none'), got {shape}."
+        )
+    return out
+
+
+def moved_items(center: Mapping[str, Tensor], xi: Mapping[str, Tensor]) -> Iterator[Tuple[str, Tensor]]:
+    """``(name, w* + xi)`` one parameter at a time, in the parameters' dtype: the offsets stay
+    float32 (the sum is formed in the wider dtype, then cast for the forward; the gradient flows
+    back to ``xi`` in float32)."""
+    for n in xi:
+        yield n, (center[n] + xi[n]).to(center[n].dtype)
+
+
+def moved_weights(center: Mapping[str, Tensor], xi: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+    """``w* + xi`` of every parameter (:func:`moved_items`)."""
+    return dict(moved_items(center, xi))
+
+
+def paired_losses_and_grads(
+    evaluator: LossEvaluator,
+    center: Mapping[str, Tensor],
+    offset: Mapping[str, Tensor],
+    batch: Any,
+    rewind: Callable[[], None],
+    center_losses: Optional[Tuple[Tensor, ...]] = None,
+) -> Paired:
+    """Per-sample losses at ``w*`` and ``w* + xi``, and the gradients of the two halves' mean losses.
+
+    When the batch splits (:func:`~online_llc.kernel.evaluator.split_halves`), each half runs through the
+    model on its own (the same FLOPs as one pass over the whole batch), the centre's halves too, so
+    that a model whose per-sample losses depend on the batch (BatchNorm in training mode) still
+    pairs each sample with itself; the two halves of a point share one substitution of its
+    weights (:meth:`LossEvaluator.passes`). Otherwise one pass over the whole batch is
+    differentiated twice.
+    The dropout masks of the centre's and the sample's passes match (``rewind``).
+
+    ``center_losses``: the centre's per-sample losses from an earlier call on the same batch and
+    centre (the last element of its result), reused instead of recomputed: only valid when the
+    model is deterministic (:func:`deterministic`).
+
+    Memory: the perturbed weights ``w* + xi`` are referenced only by the autograd graph during the
+    last backward pass, which frees them tensor by tensor as it produces the gradients, so the
+    passes hold about two copies of the parameters at their peak (the perturbed weights, then the
+    second gradient, next to the first gradient).
+
+    Returns:
+        ``(l_center, l_sample, g1, g2, (B1, B2), center_parts)``.
+    """
+    xi = {n: t.detach().requires_grad_(True) for n, t in offset.items()}
+    leaves = list(xi.values())
+    parts = split_halves(batch)
+    if parts is not None:
+        first, second, _ = parts
+        if center_losses is None:
+            with torch.no_grad():
+                center_losses = evaluator.passes(center, lambda loss: (loss(first).detach(), loss(second).detach()))
+        c1, c2 = center_losses
+
+        def sample_passes(loss: Callable[[Any], Tensor]) -> Tuple[Tensor, List[Optional[Tensor]], Tensor]:
+            s1 = loss(first)
+            _check_same(c1, s1)
+            g1 = list(torch.autograd.grad(s1.mean(), leaves, allow_unused=True))
+            s2 = loss(second)
+            _check_same(c2, s2)
+            return s1.detach(), g1, s2
+
+        rewind()
+        s1, g1, s2 = evaluator.passes(moved_weights(center, xi), sample_passes)
+        # The second half's backward runs after the substitution ends: the perturbed weights are
+        # then referenced only by its graph, which frees them as it goes (see Memory above).
+        g2 = list(torch.autograd.grad(s2.mean(), leaves, allow_unused=True))
+        return torch.cat([c1, c2]), torch.cat([s1, s2.detach()]), g1, g2, (c1.numel(), c2.numel()), center_losses
+    if center_losses is None:
+        with torch.no_grad():
+            center_losses = (evaluator.losses(center, batch).detach(),)
+    (l_center,) = center_losses
+    rewind()
+    moved = moved_weights(center, xi)
+    l_sample = evaluator.losses(moved, batch)
+    del moved
+    _check_same(l_center, l_sample)
+    b = l_sample.numel()
+    if b < 2:
+        g = list(torch.autograd.grad(l_sample.mean(), leaves, allow_unused=True))
+        return l_center, l_sample.detach(), g, g, (b, 0), center_losses
+    h = b // 2
+    g1 = list(torch.autograd.grad(l_sample[:h].mean(), leaves, allow_unused=True, retain_graph=True))
+    g2 = list(torch.autograd.grad(l_sample[h:].mean(), leaves, allow_unused=True))
+    return l_center, l_sample.detach(), g1, g2, (h, b - h), center_losses
+
+
+def _check_same(center: Tensor, sample: Tensor) -> None:
+    if sample.shape != center.shape:
+        raise ValueError(
+            "Expected `loss_fn` to return the same number of per-sample losses at every weight, "
+            f"got {tuple(center.shape)} and {tuple(sample.shape)}."
+        )
+
+
+def check_first_batch(evaluator: LossEvaluator, batch: Any, num_samples: int, generator: torch.Generator) -> int:
+    """Check ``loss_fn``'s output and ``num_samples`` on the first batch; return its size ``B``.
+
+    One forward pass at the current weights (no gradient, cloned buffers, the evaluator's mode,
+    randomness from ``generator``): the per-sample losses must form a 1-D tensor with one value
+    per sample (``B``, the leading size of the batch's tensors, when they share one) and ``B``
+    may not exceed ``num_samples``, the training set's size.
+
+    Raises:
+        ValueError: naming ``loss_fn`` or ``num_samples``.
+    """
+    center = evaluator.center()
+    with torch.no_grad(), evaluator.mode_context(), private_rng(center, generator):
+        out = evaluator.losses(center, batch)
+    sizes: set = set()
+    expected = sizes.pop() if _leading_sizes(batch, sizes) and len(sizes) == 1 else None
+    if expected is not None and tuple(out.shape) != (expected,):
+        raise ValueError(
+            f"Expected `loss_fn` to return per-sample losses of shape [B] = [{expected}] (one value per sample of "
+            f"the batch, reduction='none'), got {tuple(out.shape)}."
+        )
+    size = int(out.numel())
+    if size > num_samples:
+        raise ValueError(
+            f"Expected `num_samples` (n, the size of the training set) to be at least the batch size {size}, "
+            f"got {num_samples}."
+        )
+    return size

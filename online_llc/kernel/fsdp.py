@@ -1,0 +1,410 @@
+"""The shadow chain on a model sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+Flow: training loop -> ShadowSampler (sgld kernel, **sharded evaluator**) -> WindowStats ->
+LLCFilter -> OnlineLLC records -> callbacks. :class:`ShardedLossEvaluator` stands in for
+:class:`~online_llc.kernel.evaluator.LossEvaluator` when the model is sharded by FSDP2; the kernel and
+the sampler are the same.
+
+Why not substitution. FSDP2's forward pre-hook all-gathers each module's own parameter shards and
+swaps them in, so weights substituted through ``torch.func.functional_call`` are ignored (checked:
+the output is exactly the unperturbed one). The sharded evaluator therefore moves the shards
+themselves, for the duration of the passes only::
+
+    saved <- local shard of w*                      (a copy of 1/R of the parameters per rank)
+    local shard <- (saved + xi_local).to(dtype)     (FSDP all-gathers w* + xi in its forward)
+    forward, backward on each half-batch           (the gradient is reduce-scattered: mean over ranks)
+    local shard <- saved                            (bit-exact, also when a pass raises)
+
+The training run's ``.grad`` fields are set aside before the passes and put back after them, and
+every FSDP module is resharded after each pass (a module that keeps its unsharded parameters after
+the forward, ``reshard_after_forward=False``, would otherwise serve the next pass stale weights).
+Gradient synchronisation is switched on for the passes and restored after them, so the chain's
+gradient is reduced even inside a user's ``set_requires_gradient_sync(False)`` block.
+
+One chain spans all ranks. Chain ``c`` is one offset ``xi``, sharded like the parameters (each
+rank keeps its shard, in float32); its step is the step of the unsharded chain on the union of
+the ranks' batches:
+
+* the gradient is FSDP's reduce-scattered mean over ranks of each rank's mean-loss gradient (the
+  union's mean gradient when the ranks' batches have equal sizes, which ``DistributedSampler``
+  ensures);
+* the draw, its variance and the norms are combined over ranks from per-rank counts, means and
+  centred sums of squares (one ``all_gather`` of seven numbers per rank and chain);
+* the noise of each tensor is drawn at its full shape from the chain's generator (the same seed on
+  every rank) and each rank keeps its shard: the chain is the unsharded chain with the same seed,
+  to float tolerance (tested on two processes). The cost is one tensor's full-size noise draw at a
+  time, not a copy of the model.
+
+Every rank therefore holds the same draws, windows and filter state without a ``gather``; the
+chain's memory per rank is ``1/R`` of the unsharded chain's. Checkpoints are per rank (each holds
+its shards of the offsets).
+
+Supported: a 1-D mesh with ``Shard(dim)`` placements (``fully_shard`` with its default mesh, or a
+``shard_placement_fn``). Refused with a clear error: 2-D meshes (HSDP, tensor parallelism), and
+head masks (:mod:`online_llc.models.heads`); parameter groups by name are supported.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from online_llc.kernel.evaluator import LossEvaluator, LossFn, Paired, _check_same, check_per_sample, moved_items
+
+from online_llc.kernel.halves import split_halves
+from online_llc.kernel.updates import _norm, state_dtype
+
+__all__ = ["ShardLayout", "ShardedLossEvaluator", "is_fsdp2", "make_evaluator"]
+
+
+def is_fsdp2(model: nn.Module) -> bool:
+    """Whether ``model`` is, or contains, a module sharded by FSDP2 (``fully_shard``)."""
+    return any(is_fsdp2_module(m) for m in model.modules())
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Where a rank's shard sits in a parameter: ``full[... start : start + length ...]`` along
+    ``dim`` of the full tensor of shape ``shape`` (``torch.chunk`` over the ``size`` ranks of the
+    mesh, FSDP2's rule)."""
+
+    shape: torch.Size
+    dim: int
+    start: int
+    length: int
+
+    def take(self, full: Tensor) -> Tensor:
+        """This rank's shard of a full-shape tensor (a view)."""
+        return full.narrow(self.dim, self.start, self.length)
+
+
+def _layout(p: Tensor) -> ShardLayout:
+    mesh, placements = p.device_mesh, p.placements  # type: ignore[attr-defined]
+    if mesh.ndim != 1 or len(placements) != 1 or not placements[0].is_shard():
+        raise ValueError(
+            "Expected `model` to be sharded by FSDP2 over a 1-D device mesh with Shard placements, got "
+            f"placements {tuple(placements)} on a {mesh.ndim}-D mesh: HSDP and tensor parallelism are not "
+            "supported by the shadow chain yet."
+        )
+    dim = placements[0].dim % p.dim()
+    size, rank = mesh.size(), mesh.get_local_rank()
+    full = p.shape[dim]
+    # torch.chunk's rule: ceil(full / size) per rank, the last ranks shorter or empty.
+    chunk = -(-full // size) if full else 0
+    start = min(rank * chunk, full)
+    length = max(0, min(chunk, full - start))
+    return ShardLayout(torch.Size(p.shape), dim, start, length)
+
+
+class ShardedLossEvaluator(LossEvaluator):
+    """Per-sample losses and gradients of an FSDP2-sharded model at ``w* + xi`` (see the module
+    docstring): the same interface as :class:`~online_llc.kernel.evaluator.LossEvaluator`, on each
+    rank's shards.
+
+    Args:
+        model: the model, sharded by ``fully_shard`` (its parameters are DTensors).
+        loss_fn, param_names, mode: as for :class:`~online_llc.kernel.evaluator.LossEvaluator`.
+
+    Raises:
+        ValueError: parameters that are not sharded over a 1-D mesh, or no FSDP2 module.
+    """
+
+    sharded = True
+    _refuse_sharded = False
+
+    def __init__(
+        self, model: nn.Module, loss_fn: LossFn, param_names: Optional[List[str]] = None, mode: str = "eval"
+    ) -> None:
+        if not is_fsdp2(model):
+            raise ValueError("Expected `model` to be sharded by FSDP2 (fully_shard), got an unsharded model.")
+        super().__init__(model, loss_fn, param_names, mode)
+        params = dict(model.named_parameters())
+        bad = [n for n in self.param_names if not hasattr(params[n], "to_local")]
+        if bad:
+            raise ValueError(
+                f"Expected every sampled parameter of `model` to be sharded by FSDP2, got whole parameters {bad[:3]}: "
+                "shard the modules that own them with fully_shard (the root module included)."
+            )
+        self.layouts: Dict[str, ShardLayout] = {n: _layout(params[n]) for n in self.param_names}
+        mesh = params[self.param_names[0]].device_mesh
+        self.group = mesh.get_group()
+        self.world = int(mesh.size())
+        self._fsdp_modules = [m for m in model.modules() if is_fsdp2_module(m)]
+
+    # ---- the evaluator's interface on shards -------------------------------------------------------
+    def center(self) -> Dict[str, Tensor]:
+        """This rank's shards of the current trainable parameters, detached (no copy)."""
+        params = dict(self.model.named_parameters())
+        return {n: params[n].to_local().detach() for n in self.param_names}
+
+    def num_sampled(self) -> int:
+        """The number of sampled entries over all ranks (the chain's dimension)."""
+        return sum(int(torch.Size(l.shape).numel()) for l in self.layouts.values())
+
+    def localize(self, masks: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+        """Masks of full parameter shape cut to this rank's shards."""
+        if masks:
+            raise ValueError(
+                "Expected no head masks (`heads`) for a model sharded by FSDP2: masked groups are not supported "
+                "on sharded models yet; group whole parameters by name instead."
+            )
+        return {}
+
+    def noise_layouts(self, names: Sequence[str]) -> List[ShardLayout]:
+        """The shard layouts of ``names``, in order (the kernel draws each tensor's noise at its
+        full shape and keeps this rank's shard)."""
+        return [self.layouts[n] for n in names]
+
+    def losses(self, params: Mapping[str, Tensor], batch: Any) -> Tensor:
+        """Per-sample losses of this rank's batch with ``params`` (this rank's shards) in place of
+        the sampled parameters' shards; the model's own shards are restored after the pass."""
+        with self._weights(params.items()):
+            return self._pass(batch)
+
+    def paired(
+        self,
+        center: Mapping[str, Tensor],
+        offset: Mapping[str, Tensor],
+        batch: Any,
+        rewind: Callable[[], None],
+        center_losses: Optional[Tuple[Tensor, ...]] = None,
+    ) -> Paired:
+        """:func:`~online_llc.kernel.evaluator.paired_losses_and_grads` on shards: the losses are this
+        rank's, the gradients the reduce-scattered mean over ranks (this rank's shards), the
+        halves' sizes those of the union of the ranks' batches (``R`` times this rank's)."""
+        parts = split_halves(batch)
+        with self._passes():
+            if parts is not None:
+                l_center, l_sample, g1, g2, halves, center_losses = self._paired_halves(
+                    center, offset, [parts[0], parts[1]], rewind, center_losses
+                )
+            else:
+                l_center, l_sample, g1, g2, halves, center_losses = self._paired_whole(
+                    center, offset, batch, rewind, center_losses
+                )
+        return l_center, l_sample, g1, g2, (halves[0] * self.world, halves[1] * self.world), center_losses
+
+    def _paired_halves(self, center, offset, pieces, rewind, center_losses):  # type: ignore[no-untyped-def]
+        # Each half through the model on its own, as the unsharded kernel does (one pass's FLOPs).
+        if center_losses is None:
+            with torch.no_grad():
+                center_losses = tuple(self._pass(p).detach() for p in pieces)
+        rewind()
+        samples, grads = [], []
+        with self._weights(moved_items(center, offset)):
+            for p, c in zip(pieces, center_losses):
+                s = self._pass(p)
+                _check_same(c, s)
+                s.mean().backward()
+                grads.append(self._take_grads())
+                samples.append(s.detach())
+        l_center, l_sample = torch.cat(center_losses), torch.cat(samples)
+        return l_center, l_sample, grads[0], grads[1], (center_losses[0].numel(), center_losses[1].numel()), center_losses
+
+    def _paired_whole(self, center, offset, batch, rewind, center_losses):  # type: ignore[no-untyped-def]
+        # A batch that does not split: the unsharded kernel differentiates one pass twice; FSDP
+        # reshards after a backward, so here each half's gradient gets its own pass (with the same
+        # dropout masks: rewound before each).
+        if center_losses is None:
+            with torch.no_grad():
+                center_losses = (self._pass(batch).detach(),)
+        (l_center,) = center_losses
+        b = l_center.numel()
+        h = b // 2
+        grads, l_sample = [], None
+        with self._weights(moved_items(center, offset)):
+            for part in ((slice(0, h), slice(h, b)) if b >= 2 else (slice(0, b),)):
+                rewind()
+                s = self._pass(batch)
+                _check_same(l_center, s)
+                s[part].mean().backward()
+                grads.append(self._take_grads())
+                if l_sample is None:
+                    l_sample = s.detach()
+        assert l_sample is not None
+        if b < 2:
+            return l_center, l_sample, grads[0], grads[0], (b, 0), center_losses
+        return l_center, l_sample, grads[0], grads[1], (h, b - h), center_losses
+
+    def step_stats(self, l_center: Tensor, l_sample: Tensor, offsets: Sequence[Tensor], noise_sq: Tensor) -> Tuple[Tensor, int]:
+        """The kernel's numbers over the union of the ranks' batches and the whole offset: every
+        rank's count, mean and centred sum of squares of the differences, mean losses and squared
+        norms are all-gathered (one collective) and combined like one batch (Chan et al.)."""
+        diff = l_sample.double() - l_center.double()
+        n = diff.numel()
+        mean = diff.mean()
+        local = torch.stack(
+            [
+                torch.tensor(float(n), dtype=torch.float64, device=diff.device),
+                mean,
+                (diff - mean).square().sum(),
+                l_center.double().sum(),
+                l_sample.double().sum(),
+                _norm(list(offsets)).square().to(diff.device),
+                noise_sq.to(diff.device, torch.float64),
+            ]
+        )
+        rows = [torch.empty_like(local) for _ in range(self.world)]
+        dist.all_gather(rows, local, group=self.group)
+        table = torch.stack(rows)
+        counts, means = table[:, 0], table[:, 1]
+        total = counts.sum()
+        grand = (counts * means).sum() / total
+        m2 = table[:, 2].sum() + (counts * (means - grand).square()).sum()
+        var = m2 / (total - 1) if n * self.world > 1 else m2.new_zeros(())
+        stats = torch.stack(
+            [grand, var, table[:, 3].sum() / total, table[:, 4].sum() / total, table[:, 5].sum().sqrt(), table[:, 6].sum()]
+        )
+        return stats, n * self.world
+
+    def gather_full(self, tensors: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+        """Full-shape copies, on the CPU, of per-rank shards (offsets or sampler state): a
+        collective, every rank must call it; one tensor is gathered at a time."""
+        out = {}
+        for n, t in tensors.items():
+            lay = self.layouts[n]
+            chunk = -(-lay.shape[lay.dim] // self.world) if lay.shape[lay.dim] else 0
+            pad_shape = list(lay.shape)
+            pad_shape[lay.dim] = chunk
+            padded = t.new_zeros(pad_shape)
+            padded.narrow(lay.dim, 0, lay.length).copy_(t)
+            parts = [torch.empty_like(padded) for _ in range(self.world)]
+            dist.all_gather(parts, padded.contiguous(), group=self.group)
+            out[n] = torch.cat(parts, dim=lay.dim).narrow(lay.dim, 0, lay.shape[lay.dim]).cpu()
+        return out
+
+    def take_shards(self, tensors: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+        """This rank's shards of full-shape tensors (copies).
+
+        Raises:
+            ValueError: a tensor whose shape is not its parameter's full shape."""
+        out = {}
+        for n, t in tensors.items():
+            lay = self.layouts[n]
+            if tuple(t.shape) != tuple(lay.shape):
+                raise ValueError(
+                    f"Expected the state of `{n}` to have the parameter's full shape {tuple(lay.shape)}, got "
+                    f"{tuple(t.shape)}: a sharded monitor's state holds full tensors (OnlineLLC.state_dict gathers them)."
+                )
+            out[n] = lay.take(t).clone()
+        return out
+
+    def all_reduce_sum(self, t: Tensor) -> Tensor:
+        """``t`` summed over the ranks (a new tensor)."""
+        out = t.clone()
+        dist.all_reduce(out, group=self.group)
+        return out
+
+    # ---- the passes -------------------------------------------------------------------------------
+    def _forward(self, batch: Any) -> Tensor:
+        return self.loss_fn(self.model, batch)
+
+    def _pass(self, batch: Any) -> Tensor:
+        """One forward of ``loss_fn``, its output checked (one loss per sample), then every FSDP
+        module resharded."""
+        # Buffers are put back after the pass (a BatchNorm in training mode would update its
+        # running statistics), as the unsharded evaluator's cloned buffers do.
+        buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        try:
+            return check_per_sample(self._forward(batch))
+        finally:
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+            self._reshard()
+
+    def _reshard(self) -> None:
+        for m in self._fsdp_modules:
+            m.reshard()
+
+    def _take_grads(self) -> List[Optional[Tensor]]:
+        """This pass's gradients (this rank's shards, in the chain's dtype), the ``.grad`` fields
+        emptied for the next pass."""
+        params = dict(self.model.named_parameters())
+        out: List[Optional[Tensor]] = []
+        for n in self.param_names:
+            g = params[n].grad
+            out.append(None if g is None else g.to_local().to(state_dtype(g.dtype)))
+        for p in params.values():
+            p.grad = None
+        return out
+
+    @contextmanager
+    def _weights(self, values: Iterable[Tuple[str, Tensor]]) -> Iterator[None]:
+        """This rank's shards of the sampled parameters set to ``values`` (name, tensor pairs,
+        consumed one at a time: a generator keeps one moved tensor alive, not a copy of the
+        shards) for the block; the saved shards are copied back after it, also when it raises
+        (bit-exact)."""
+        params = dict(self.model.named_parameters())
+        saved: Dict[str, Tensor] = {}
+        try:
+            with torch.no_grad():
+                for n, v in values:
+                    local = params[n].to_local()
+                    if v.data_ptr() != local.data_ptr():
+                        saved[n] = local.clone()
+                        local.copy_(v)
+                    del v
+            yield
+        finally:
+            with torch.no_grad():
+                for n, s in saved.items():
+                    params[n].to_local().copy_(s)
+            self._reshard()
+
+    @contextmanager
+    def _passes(self) -> Iterator[None]:
+        """Set the training run's gradients aside and switch FSDP's gradient reduction on for the
+        block; put both back after it. (Resharding is left to :meth:`_pass` and :meth:`_weights`,
+        through which every forward and every change of the shards goes.)"""
+        params = list(self.model.parameters())
+        grads = [p.grad for p in params]
+        flags = _sync_flags(self._fsdp_modules)
+        for p in params:
+            p.grad = None
+        for m in self._fsdp_modules:
+            m.set_requires_gradient_sync(True, recurse=False)
+        try:
+            yield
+        finally:
+            for p, g in zip(params, grads):
+                p.grad = g
+            _restore_sync_flags(flags)
+
+
+def is_fsdp2_module(m: nn.Module) -> bool:
+    """Whether ``m`` itself was passed to ``fully_shard`` (its class derives from ``FSDPModule``)."""
+    return any(c.__name__ == "FSDPModule" for c in type(m).__mro__)
+
+
+def make_evaluator(
+    model: nn.Module, loss_fn: LossFn, param_names: Optional[List[str]] = None, mode: str = "eval"
+) -> LossEvaluator:
+    """The online monitor's evaluator: :class:`ShardedLossEvaluator` for a model sharded by FSDP2,
+    else :class:`~online_llc.kernel.evaluator.LossEvaluator` (which refuses the other sharded models)."""
+    if isinstance(model, nn.Module) and is_fsdp2(model):
+        return ShardedLossEvaluator(model, loss_fn, param_names, mode)
+    return LossEvaluator(model, loss_fn, param_names, mode)
+
+
+def _sync_flags(modules: Sequence[nn.Module]) -> List[Tuple[Any, bool, bool]]:
+    """The gradient-sync flags of every FSDP parameter group (private FSDP2 state, read where it
+    exists: there is no public getter; where it is missing, the flags are left as they are)."""
+    out = []
+    for m in modules:
+        try:
+            for group in m._get_fsdp_state()._fsdp_param_groups:  # type: ignore[attr-defined]
+                out.append((group, bool(group.reduce_grads), bool(group.all_reduce_grads)))
+        except AttributeError:
+            continue
+    return out
+
+
+def _restore_sync_flags(flags: Sequence[Tuple[Any, bool, bool]]) -> None:
+    for group, reduce, all_reduce in flags:
+        group.reduce_grads, group.all_reduce_grads = reduce, all_reduce

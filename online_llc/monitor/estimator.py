@@ -1,0 +1,408 @@
+"""The online estimator's facade: one object that wires chains -> windows -> filter -> records.
+
+Flow: training loop -> ShadowSampler -> WindowStats -> LLCFilter -> OnlineLLC records ->
+callbacks. :class:`OnlineLLC` is the user's handle on that flow::
+
+    OnlineLLC.update(batch, step)
+      -> ShadowSampler.step(batch)            every `every_n_steps` training steps: draws d, v
+      -> WindowStats.update(d, v, step)       every `window` draws: a WindowSummary
+      -> LLCFilter.update(mean, se^2, step)   level, band, jump flag
+      -> LLCEstimate                          returned, kept in history()
+
+It owns one :class:`~online_llc.monitor.track.Track` for the whole model and one per parameter group
+(each track holds its chains, windows, filter, warm-up and status policy; the statuses are
+described in :mod:`online_llc.monitor.track`), schedules their shadow steps, and reports the results:
+the records of :mod:`online_llc.records`, the chains' health, checkpoints. Its options are
+listed and validated in :mod:`online_llc.monitor.settings`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
+import torch
+from scipy.stats import norm as _normal
+from torch import nn
+
+from online_llc.monitor.distributed import rank_seed, rejoin
+from online_llc.kernel.evaluator import check_first_batch
+from online_llc.stats.filter import LLCFilter
+from online_llc.kernel.fsdp import is_fsdp2, make_evaluator
+from online_llc.models.groups import resolve_group_masks
+from online_llc.monitor.health import HEALTH_WINDOWS, chain_health  # noqa: F401 - HEALTH_WINDOWS also importable from here
+from online_llc.records import STATUSES, ChainHealth, LLCEstimate, SmoothedPoint, Transition
+from online_llc.monitor.schedule import Schedule
+from online_llc.monitor.settings import MonitorSettings
+from online_llc.monitor.shadow import ShadowSampler
+from online_llc.kernel.evaluator import LossEvaluator, LossFn
+from online_llc.monitor.track import MAX_AUTO_WARMUP, MIN_AUTO_WARMUP, MIN_REWARMUP, Track  # noqa: F401 - also importable from here
+from online_llc.calibration.step import DEFAULT_MAX_HEAT
+from online_llc.monitor.window import WindowStats
+
+__all__ = ["ChainHealth", "LLCEstimate", "OnlineLLC", "STATUSES", "SmoothedPoint", "Transition"]
+
+
+class OnlineLLC:
+    """A running estimate of the local learning coefficient of a model while it trains.
+
+    Call :meth:`update` after every optimizer step with that step's batch. Every
+    ``every_n_steps`` steps it runs one SGLD step of a shadow chain centred at the current weights
+    (see :mod:`online_llc.monitor.shadow`); every ``window`` shadow steps it summarizes the draws and
+    feeds the window mean to a local-linear-trend filter, returning an :class:`LLCEstimate`.
+    The estimated quantity is the same as :func:`online_llc.estimate_llc`'s at the same
+    ``nbeta``, ``localization`` and ``step_size``.
+
+    Cost: one forward+backward and one forward pass on one batch per shadow step, plus Gaussian
+    noise for every parameter: about 1.3x a training step on a compute-bound model, 2.5-3.0x on
+    a small CPU MLP, where per-call costs and the serial CPU noise weigh more; the overhead is
+    that ratio over ``every_n_steps``, per chain (measured 1.08-1.09 at the default 35 on the
+    small MLP of ``benchmarks/overhead.py``). ``every_n_steps`` and ``window``
+    trade overhead against lag: a window spans ``every_n_steps * window`` training steps, and
+    the estimate follows a change within one or two windows. Given ``total_steps``, the
+    ``"auto"`` defaults fit them to the run (:mod:`online_llc.monitor.cadence`; one warning when the run
+    is too short for the 10% overhead budget says what it costs).
+
+    The shadow passes run with the model in eval mode (``mode="eval"``: no dropout, BatchNorm
+    on its running statistics), so the estimate is the deterministic model's; every submodule's
+    ``training`` flag is restored after each pass.
+
+    The model, its ``.grad`` fields, its buffers, the optimizer and the global RNG streams are
+    never touched: training with the monitor is bit-identical to training without it.
+
+    Args:
+        model: the network being trained.
+        loss_fn: ``loss_fn(model, batch) -> Tensor[B]`` per-sample losses.
+        num_samples: ``n``, the size of the training set.
+        groups: parameter groups whose weight-refined LLC is tracked beside the whole model's
+            (Wang et al. 2024: sample only the group's weights, the rest held at the current
+            weights): a mapping of name to parameter-name patterns (``fnmatch``), modules or
+            parameters; see :mod:`online_llc.models.groups` for helpers. Groups must be disjoint.
+        gather: for distributed training, a collective that concatenates every rank's window
+            draws along the chain axis (see :class:`online_llc.monitor.window.WindowStats`); every rank
+            then holds the same window summaries and the same filter state. In an initialized
+            ``torch.distributed`` process group the chains of rank ``r`` are then seeded from
+            ``seed + 104729 r`` (:func:`online_llc.monitor.distributed.rank_seed`), so the same ``seed``
+            on every rank still gives independent chains; outside one, give each rank its own
+            ``seed``. After resuming every rank from one rank's checkpoint, call
+            :meth:`reseed_for_rank`.
+        **options: the monitor's options (the sampler's knobs, the chains, the cadence, the
+            filter), each a field of :class:`online_llc.monitor.settings.MonitorSettings`, where they are
+            described, defaulted and validated. An unknown name raises ``TypeError``. ``seed``
+            is the user's seed: rank 0 (and a run without ``gather``) uses it as it is.
+
+    Attributes:
+        settings: the validated options (a :class:`~online_llc.monitor.settings.MonitorSettings`).
+        config: the sampler's hyperparameters, defaults filled in.
+        seed: the chains' seed of this process (the user's, or derived from it and the rank).
+
+    Example:
+        >>> import torch
+        >>> from online_llc import OnlineLLC
+        >>> from online_llc.models.toy import deep_linear_problem
+        >>> p = deep_linear_problem([6, 6, 6], r=2, num_samples=2048, seed=0)
+        >>> monitor = OnlineLLC(p.model, p.loss_fn, num_samples=2048, every_n_steps=1, window=50)
+        >>> batches = list(p.batches)
+        >>> for step in range(300):          # frozen weights (lr = 0): 300 shadow steps, 6 windows
+        ...     est = monitor.update(batches[step % len(batches)])
+        >>> monitor.estimate.status, len(monitor.history())
+        ('tracking', 6)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        *,
+        num_samples: int,
+        groups: Optional[Mapping[str, Any]] = None,
+        gather: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+        **options: Any,
+    ) -> None:
+        MonitorSettings.reject_unknown("OnlineLLC()", options)
+        self.settings = settings = MonitorSettings(num_samples=num_samples, **options)
+        self.config = settings.sgld_config()  # raises for a missing num_samples
+        self.num_samples: int = settings.num_samples  # type: ignore[assignment]
+        #: The schedule (:class:`online_llc.monitor.cadence.Cadence`): ``"auto"`` options resolved.
+        self.cadence = cadence = settings.cadence()
+        if cadence.message is not None:
+            warnings.warn(cadence.message, UserWarning, stacklevel=2)
+        self.every_n_steps = cadence.every_n_steps
+        self.window = cadence.window
+        self.num_chains = settings.num_chains
+        self.seed = rank_seed(settings.seed, gather)
+        self.warmup = settings.warmup_policy
+        self.confidence = float(settings.confidence)
+        self._z = float(_normal.ppf(0.5 + self.confidence / 2))
+        self.group_budget = settings.group_budget
+        if is_fsdp2(model) and gather is not None:
+            raise ValueError(
+                "Expected `gather` to be None for a model sharded by FSDP2: its chains span all ranks (each "
+                "rank holds its shards of every chain), so every rank already holds every draw."
+            )
+        self.evaluator = make_evaluator(model, loss_fn, mode=settings.mode)
+
+        def track(evaluator: LossEvaluator, track_seed: int, masks: Optional[Dict[str, Any]] = None) -> Track:
+            return Track.build(evaluator, self.config, settings, cadence, seed=track_seed, masks=masks, gather=gather, z=self._z)
+
+        self._model = track(self.evaluator, self.seed)
+        # Each group's chains move only its own parameters (disjoint groups: together their
+        # offsets are one copy of the model's trainable parameters).
+        resolved = resolve_group_masks(model, groups) if groups is not None else {}
+        self._groups: Dict[str, Track] = {
+            name: track(
+                make_evaluator(model, loss_fn, param_names=list(masks), mode=settings.mode), self.seed + 7919 * (i + 1), masks
+            )
+            for i, (name, masks) in enumerate(resolved.items())
+        }
+        self._init_counters()
+
+    def _init_counters(self) -> None:
+        #: The step counters and the tracks' draws (:class:`online_llc.monitor.schedule.Schedule`).
+        self.schedule = Schedule(self.every_n_steps, list(self._groups), self.group_budget)
+        self._checked = False  # whether the first batch was checked
+        self.last_group_estimates: Dict[str, LLCEstimate] = {}
+
+    @property
+    def step(self) -> int:
+        """The last training step recorded (0 before the first)."""
+        return self.schedule.step
+
+    @property
+    def shadow_steps(self) -> int:
+        """Shadow steps so far (a placeholder step of :meth:`skip_step` counts)."""
+        return self.schedule.shadow_steps
+
+    # ---- the public loop --------------------------------------------------------------------------
+    def update(self, batch: Any, step: Optional[int] = None) -> Optional[LLCEstimate]:
+        """Record that an optimizer step happened; run a shadow step when one is due.
+
+        The first call checks ``loss_fn`` on its batch (one extra forward pass): one loss per sample
+        of the batch, and no more samples than ``num_samples``.
+
+        Args:
+            batch: the batch of the optimizer step (what ``loss_fn`` takes).
+            step: the training step just completed (1 after the first optimizer step; any
+                integer type); ``None`` counts calls. Each step is recorded once: a step equal to
+                or before the previous one raises ``ValueError``.
+
+        Returns:
+            An :class:`LLCEstimate` when a window closed at this step, else ``None``.
+
+        Raises:
+            ValueError: a repeated or decreasing ``step``; at the first call, a ``loss_fn`` that
+                does not return one loss per sample, or a batch larger than ``num_samples``.
+        """
+        step = self.schedule.advance(step)
+        if not self._checked:
+            gen = torch.Generator(device=self.sampler.device).manual_seed(self.seed)
+            check_first_batch(self.evaluator, batch, self.num_samples, gen)
+            self._checked = True
+        return None if step is None else self._draw(step, lambda t, k: t.shadow_step(batch, step, k))
+
+    def _draw(self, step: int, draw: Callable[[Track, int], Optional[LLCEstimate]]) -> Optional[LLCEstimate]:
+        self.last_group_estimates = {}  # stays empty when a draw raises
+        est, self.last_group_estimates = self.schedule.draw(step, {None: self._model, **self._groups}, draw)
+        return est
+
+    def skip_step(self, step: Optional[int] = None) -> Optional[LLCEstimate]:
+        """Advance the step counter without sampling, adding flagged placeholder draws when a
+        shadow step is due.
+
+        For distributed training: a rank whose monitor failed keeps calling this instead of
+        :meth:`update`, so that every rank still closes each window, and joins its collective,
+        at the same step. The windows it touches are reported as ``diverged`` on every rank.
+        Called with the step of an :meth:`update` that raised (see :attr:`owes_draw`), it adds
+        placeholders for exactly the tracks (the whole model, the due groups) whose draw is still
+        owed: the step is not recorded twice, nor the groups' round-robin advanced twice.
+        """
+        if not self.schedule.is_owed(step):
+            step = self.schedule.advance(step)
+            if step is None:
+                return None
+        return self._draw(step, lambda t, k: t.skip(step, k))
+
+    @property
+    def owes_draw(self) -> bool:
+        """Whether the latest due step still owes draws: an :meth:`update` raised before every due
+        track (the whole model, the due groups) added its draw. Under DDP, call
+        ``skip_step(step)`` with that step then, so that every track's windows close, and join
+        their collectives, at the same steps on every rank."""
+        return bool(self.schedule.owed)
+
+    # ---- results ----------------------------------------------------------------------------------
+    @property
+    def sampler(self) -> ShadowSampler:
+        """The whole-model chains."""
+        return self._model.sampler
+
+    @property
+    def stats(self) -> WindowStats:
+        """The whole-model window statistics."""
+        return self._model.stats
+
+    @property
+    def filter(self) -> LLCFilter:
+        """The whole-model filter."""
+        return self._model.filter
+
+    @property
+    def estimate(self) -> Optional[LLCEstimate]:
+        """The latest whole-model estimate (``None`` before the first window closes)."""
+        return self._model.history[-1] if self._model.history else None
+
+    def history(self) -> List[LLCEstimate]:
+        """All whole-model estimates so far, oldest first (one per window: memory grows by one
+        record per ``every_n_steps * window`` training steps)."""
+        return list(self._model.history)
+
+    @property
+    def groups(self) -> Dict[str, List[str]]:
+        """The parameter groups (name -> parameter names) tracked beside the whole model."""
+        return {name: list(t.sampler.evaluator.param_names) for name, t in self._groups.items()}
+
+    def group_history(self, name: str) -> List[LLCEstimate]:
+        """All estimates of group ``name``'s weight-refined LLC, oldest first."""
+        return list(self._group(name).history)
+
+    def group_estimates(self) -> Dict[str, Optional[LLCEstimate]]:
+        """The latest estimate of every group (``None`` for a group with no window yet)."""
+        return {name: (t.history[-1] if t.history else None) for name, t in self._groups.items()}
+
+    def group_band(self, name: str, step: Optional[int] = None) -> Tuple[float, float]:
+        """Group ``name``'s predicted mean and std at ``step`` (default: the current step): the
+        band widens across the gap since the group was last observed (and, like every band,
+        with the level's slope: :func:`~online_llc.config.lag_std`)."""
+        t = self._group(name)
+        if not t.filter.initialized:
+            return math.nan, math.inf
+        mean, std = t.filter.predict(self.step if step is None else step)
+        last = t.history[-1]  # a fed window exists once the filter is initialized
+        return mean, math.hypot(std, t.lag(last.window_start, last.step))
+
+    def _group(self, name: str) -> Track:
+        if name not in self._groups:
+            raise KeyError(f"No group {name!r}; the groups are {list(self._groups)}.")
+        return self._groups[name]
+
+    def smoothed(self, group: Optional[str] = None) -> List[SmoothedPoint]:
+        """The retrospective curve: the Rauch-Tung-Striebel smoothing of every window the filter
+        absorbed (warm-up and diverged windows are not part of it). Each point uses all windows,
+        so the curve has no lag and a narrower band than the live one; it changes as windows
+        arrive. Memory is bounded by the filter's ``max_history``. ``group``: a group's curve
+        instead of the whole model's."""
+        return (self._model if group is None else self._group(group)).smoothed()
+
+    def transitions(self, group: Optional[str] = None) -> List[Transition]:
+        """Stage boundaries: maximal runs of ``transition`` windows (two runs one quiet window
+        apart count as one: a ramp shows as jumps with a pause), with the smoothed level just
+        before and just after each (what one would mark by eye on the smoothed curve)."""
+        return (self._model if group is None else self._group(group)).transitions()
+
+    @property
+    def divergences(self) -> int:
+        """Number of whole-model chain resets so far."""
+        return self.sampler.divergences
+
+    def health(self, max_heat: float = DEFAULT_MAX_HEAT) -> ChainHealth:
+        """The whole-model chains' health, with an alarm when something needs the user.
+
+        The heat alarm fires when the minibatch heat measured over the last ``HEALTH_WINDOWS``
+        tracking windows (:mod:`online_llc.calibration.heat`) exceeds ``max_heat``: the gradient noise then
+        raises the estimate by more than ``max_heat - 1``. With the calibrated default step it
+        fires only when the step cannot be lowered enough (a ``step_size`` given by hand, or a
+        step already at the calibration's floor). The discretization heat is not in it
+        (:func:`online_llc.offline.recommend.recommend_step_size` measures it by step halving).
+        See :func:`online_llc.monitor.health.chain_health`.
+        """
+        return chain_health(self._model, max_heat)
+
+    @property
+    def weight_jumps(self) -> int:
+        """Number of jumps of the training weights detected so far (each restarts the warm-up)."""
+        return self._model.weight_jumps
+
+    @property
+    def warmup_lengths(self) -> List[int]:
+        """Shadow steps each completed data-driven warm-up of a whole-model chain took, oldest
+        first (empty with a fixed ``warmup``)."""
+        return list(self._model.warmup_lengths)
+
+    def reset(self) -> None:
+        """Start over: chains at zero offset, empty windows, fresh filters, empty histories."""
+        for t in [self._model, *self._groups.values()]:
+            t.reset()
+        self._init_counters()
+
+    # ---- checkpointing ----------------------------------------------------------------------------
+    def reseed_for_rank(self, rank: int) -> None:
+        """Make this rank's chains its own again after every rank loaded the same checkpoint.
+
+        Call it on every rank right after :meth:`load_state_dict` when the ranks restored one
+        rank's state (Lightning saves rank 0's only). Every track (the whole model and each
+        group) reseeds its generators from this monitor's seed and drops its half-filled window;
+        on ``rank > 0`` every chain restarts its warm-up, keeping its offsets, so its draws,
+        correlated with rank 0's at first, are flagged until it re-equilibrates (see
+        :func:`online_llc.monitor.distributed.rejoin`).
+        """
+        if self.evaluator.sharded:
+            # FSDP2: a chain spans all ranks and each rank restored its own shards of it (a
+            # checkpoint per rank); there is nothing to make its own again.
+            return
+        rejoin([self._model, *self._groups.values()], rank)
+
+    def _settings(self) -> Dict[str, Any]:
+        """The settings a checkpoint must share with the monitor that restores it, as resolved
+        (the sampler's defaults filled in); saved in every state and compared on load."""
+        return {
+            "sampler": self.config.sampler,
+            "nbeta": self.config.nbeta,
+            "localization": self.config.localization,
+            "step_size": self.config.step_size,
+            "every_n_steps": self.every_n_steps,
+            "window": self.window,
+            "min_warmup": self.cadence.min_warmup,
+            "mode": self.settings.mode,
+            # Not compared on load (the resolved cadence is): the Lightning callback reads it back
+            # so that a resumed "auto" run keeps the schedule it was sized for.
+            "total_steps": self.cadence.total_steps,
+            "num_chains": self.num_chains,
+            "warmup": self.warmup,
+            "groups": sorted(self._groups),
+            "group_budget": self.group_budget,
+        }
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to continue exactly: chains (offsets and generator states, as
+        tensors), windows, filters, counters and histories (plain Python values)."""
+        state = {
+            "version": 1,
+            "settings": self._settings(),
+            "step": self.step,
+            "recorded": self.schedule.recorded,
+            "shadow_steps": self.shadow_steps,
+            "next_group": self.schedule.next_group,
+            "groups": {name: t.state_dict() for name, t in self._groups.items()},
+        }
+        state.update(self._model.state_dict())
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict` taken from a monitor with the same settings."""
+        if state.get("version") != 1:
+            raise ValueError(f"Expected an OnlineLLC state of version 1, got {state.get('version')!r}.")
+        mine = self._settings()
+        for k, v in state["settings"].items():
+            if k == "total_steps":
+                continue
+            if k not in mine or (mine[k] != v and not (isinstance(v, float) and math.isclose(v, mine[k]))):
+                raise ValueError(f"Expected the state's `{k}` to be {mine.get(k)!r} like this monitor's, got {v!r}.")
+        self._model.load_state_dict(state)
+        for name, t in self._groups.items():
+            t.load_state_dict(state["groups"][name])
+        step, shadow_steps = int(state["step"]), int(state["shadow_steps"])
+        recorded = bool(state.get("recorded", step > 0 or shadow_steps > 0))
+        self.schedule.restart(step, shadow_steps, recorded, int(state.get("next_group", 0)))
+        self._checked = recorded

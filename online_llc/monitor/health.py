@@ -1,0 +1,102 @@
+"""The chains' health: what :meth:`online_llc.OnlineLLC.health` reports, and its alarms.
+
+Flow: training loop -> ShadowSampler -> WindowStats -> LLCFilter -> OnlineLLC records ->
+callbacks. Beside the flow: :func:`chain_health` reads one :class:`~online_llc.monitor.track.Track`
+(its history, chains and warm-ups) and says whether something needs the user: a chain that runs
+hot (its minibatch and discretization heat, :mod:`online_llc.calibration.heat`), keeps diverging, or relaxes too slowly to
+follow the training weights.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import replace
+
+from online_llc.calibration.step import relaxation_steps
+from online_llc.errors import check_positive_float
+from online_llc.calibration.heat import pooled_heat
+from online_llc.records import ChainHealth
+from online_llc.monitor.track import Track
+
+__all__ = ["HEALTH_WINDOWS", "SLOW_RELAXATION_FACTOR", "SLOW_RELAXATION_WINDOWS", "chain_health"]
+
+#: Tracking windows whose heat :func:`chain_health` pools.
+HEALTH_WINDOWS = 10
+#: The lag alarm fires when the slowest direction relaxes over more windows than this, and over
+#: :data:`SLOW_RELAXATION_FACTOR` times as many shadow steps as at the largest step. At the online
+#: defaults and a large enough batch it relaxes over about 150 shadow steps (4 windows of 40)
+#: whatever nbeta; the heat-calibrated step shrinks with the batch (``~ B / nbeta^2``) and the
+#: relaxation grows as the step shrinks: 1200 shadow steps (30 windows) at batch 32, nbeta 256.
+SLOW_RELAXATION_WINDOWS = 10
+#: Only a step cut this much below its cap counts as slow (short windows alone do not).
+SLOW_RELAXATION_FACTOR = 4.0
+
+
+def chain_health(track: Track, max_heat: float) -> ChainHealth:
+    """The health of ``track``'s chains, with an alarm when something needs the user.
+
+    The heat alarm fires when the heat measured over the last :data:`HEALTH_WINDOWS` tracking
+    windows (minibatch and discretization together) exceeds ``max_heat``: the gradient noise and
+    the step's finite size then raise the estimate by more than ``max_heat - 1``. The divergence alarm fires when, after four windows, the chains were
+    reset more often than there were windows. The lag alarm fires once the step is sized to the
+    batch when the slowest direction relaxes over more than :data:`SLOW_RELAXATION_WINDOWS`
+    windows and :data:`SLOW_RELAXATION_FACTOR` times its relaxation at the largest step: the
+    co-moving chain then trails moving weights by about that many shadow steps.
+
+    Raises:
+        ValueError: ``max_heat`` is not a finite float > 1.
+    """
+    max_heat = check_positive_float("max_heat", max_heat)
+    if max_heat <= 1:
+        raise ValueError(f"Expected `max_heat` to be a float > 1, got {max_heat!r}.")
+    # The heat reads as a temperature only where the LLC is clearly positive (at a minimum):
+    # near zero or below (saddles, plateaus) the ratio is meaningless. Pooled over windows
+    # (sum of means over sum of corrected means), so one noisy window cannot dominate.
+    # Newest first, stopping at HEALTH_WINDOWS: the callback asks at every window, and the
+    # history grows without bound.
+    fed = (e for e in reversed(track.history) if e.status == "tracking" and e.lower > 0)
+    recent = [e for e in itertools.islice(fed, HEALTH_WINDOWS) if math.isfinite(e.heat_bias)]
+    # inf when the heat bias takes the whole of a clearly positive estimate: hotter than measurable,
+    # which must alarm too (a NaN would have stayed silent at gross heat).
+    heat = pooled_heat([e.raw_mean for e in recent], [e.total_bias for e in recent], report=True)
+    config = track.sampler.config
+    alarms = []
+    if heat > max_heat:  # NaN is False, inf True
+        alarms.append(
+            f"chain runs hot: the heat (minibatch and discretization) is {heat:.3f} > {max_heat:g} ("
+            + (f"the estimate is about {100 * (heat - 1):.0f}% too high" if math.isfinite(heat)
+               else "the gradient noise accounts for the whole estimate")
+            + f") at step_size {config.step_size:.3g}; "
+            "lower step_size (or leave it to the default calibration) or use larger batches"
+        )
+    windows, divergences = len(track.history), track.sampler.divergences
+    if windows >= 4 and divergences > windows:
+        alarms.append(
+            f"chains keep diverging: {divergences} resets in {windows} windows, lower step_size or raise "
+            "localization"
+        )
+    relax, window = relaxation_steps(config), track.stats.window
+    fastest = relaxation_steps(replace(config, step_size=track.max_step))
+    if track.sized and relax > SLOW_RELAXATION_WINDOWS * window and relax > SLOW_RELAXATION_FACTOR * fastest:
+        # The heat keeps the estimate right at frozen weights; what suffers is the lag.
+        alarms.append(
+            f"chains relax slowly: the localization-bound directions relax over {relax:.0f} shadow steps "
+            f"({relax / window:.0f} windows) at step_size {config.step_size:.3g}, so the live estimate trails "
+            "changes of the weights by about that much; "
+            + (
+                f"the step was lowered to keep the measured heat down (the minibatch noise of a batch small for "
+                f"nbeta {config.nbeta:.4g}, or the discretization of a stiff model). Larger batches, or a smaller "
+                "nbeta with its localization, shorten it"
+                if track.calibrate
+                else "a larger step_size or localization shortens it"
+            )
+        )
+    return ChainHealth(
+        divergences=divergences,
+        weight_jumps=track.weight_jumps,
+        warmup_lengths=list(track.warmup_lengths),
+        heat=heat,
+        alarms=alarms,
+        relaxation_steps=relax,
+    )

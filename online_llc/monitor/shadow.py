@@ -1,0 +1,410 @@
+"""The shadow chain: SGLD offsets that ride along with the training weights (co-moving frame).
+
+Flow: training loop -> **ShadowSampler** -> WindowStats -> LLCFilter -> OnlineLLC records ->
+callbacks. A :class:`ShadowSampler` turns each due training step into one draw ``d`` (and its
+batch-noise variance ``v``) per chain; :class:`online_llc.monitor.track.Track` passes them on to the
+window statistics.
+
+Each chain keeps an offset ``xi`` (one tensor per sampled parameter), never a second copy of the
+weights. A shadow step at training step ``t`` runs one kernel step (:func:`online_llc.kernel.step.sgld_step`)
+centred at the *current* weights ``w_t``::
+
+    d_t = nbeta * mean_i( l_i(w_t + xi) - l_i(w_t) ),
+    xi <- xi - (epsilon / 2) * ( nbeta * grad L_B(w_t + xi) + gamma * xi ) + sqrt(epsilon) * N(0, I).
+
+Because ``xi`` is relative to ``w_t`` the chain stays near equilibrium as training moves slowly, so
+there is no burn-in per checkpoint. A chain whose draw is non-finite, or whose offset norm runs
+away (above ``max_offset_norm``), is reset to ``xi = 0`` and counted; its draw is never used.
+
+Lean at scale: each chain keeps one float32 copy of the sampled parameters (plus the sampler's
+state), updated in place, and one more, its last update, written in place, to measure the step's
+discretization bias (``measure_discretization``; SGLD and RMSProp-SGLD); a
+shadow step of any number of chains reads its numbers on the host once (one device sync: every
+chain's draw, noise variance, heat, update dots and offset norm, and the centre's shift); a
+deterministic model's centre loss is computed once per shadow step, not per chain; the weights'
+movement is measured from a sketch (:mod:`online_llc.monitor.sketch`), not a copy.
+
+Checkpoints: :meth:`ShadowSampler.state_dict` holds the offsets, the sampler's state, the chains'
+generator states (tagged with their device type), the step counter and the weight sketch. Loaded
+on the same device type, the chains continue exactly. Generator states do not carry over between
+device types (a CUDA generator's state is a Philox seed and offset, a CPU one a Mersenne twister),
+so loaded on another device type each chain's generator is reseeded from ``(seed, chain, step
+counter)`` with a warning: the chains continue from their offsets with a fresh, reproducible noise
+stream (the same distribution, not the same numbers).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+from torch import Tensor
+
+from online_llc.errors import check_bool, check_positive_float
+from online_llc.calibration.heat import discretization_term
+from online_llc.kernel.randomness import chain_seed, derived_seed, deterministic
+from online_llc.kernel.evaluator import LossEvaluator
+from online_llc.config import SGLDConfig
+from online_llc.kernel.step import SGLDInfo, _info, _kernel_step
+from online_llc.kernel.updates import init_aux
+from online_llc.monitor.sketch import SKETCH_VERSION, Sketcher, sketch_shift, sketch_shift_sharded
+from online_llc.kernel.updates import state_dtype
+
+__all__ = ["ShadowStep", "ShadowSampler"]
+
+# Domain tags of derived_seed: the model's randomness per step, and a generator reseeded on load.
+_DROPOUT_SEEDS, _RESEEDS = 1, 2
+
+
+@dataclass(frozen=True)
+class ShadowStep:
+    """One shadow step of every chain.
+
+    Attributes:
+        infos: the kernel's record per chain (at the offset before the update).
+        diverged: per chain, whether it was reset at this step (its draw must not be used).
+        center_shift: how far the training weights moved since the previous shadow step, measured
+            from a sketch of them (:mod:`online_llc.monitor.sketch`: an unbiased estimate of
+            ``||w - w'||`` from random signed folds, and at least the per-tensor norms' lower
+            bound); NaN at the first step.
+        discretization: per chain, the discretization bias of the chain's previous step,
+            ``(p_t - u_{t-1}) / 8 - b_{t-1} / 2`` from this step's ``prev_update_dot_grad``
+            ``p_t`` and the previous step's ``update_dot_grad`` and ``heat_bias``
+            (:func:`online_llc.calibration.heat.discretization_bias`, one term of its mean); NaN where not
+            measured (the first step of a chain and after a reset; SGHMC;
+            ``measure_discretization=False``). Empty when no chain measures.
+    """
+
+    infos: List[SGLDInfo]
+    diverged: List[bool]
+    center_shift: float = math.nan
+    discretization: List[float] = field(default_factory=list)
+
+    @property
+    def draws(self) -> List[float]:
+        """``d`` per chain."""
+        return [i.draw for i in self.infos]
+
+    @property
+    def noise_vars(self) -> List[float]:
+        """``v`` per chain."""
+        return [i.noise_var for i in self.infos]
+
+
+class ShadowSampler:
+    """``num_chains`` co-moving SGLD chains with private generators.
+
+    Args:
+        evaluator: the model and per-sample loss.
+        config: ``nbeta``, ``localization``, ``step_size``.
+        num_chains: number of chains.
+        seed: chain ``c`` draws from a generator seeded with ``seed * 1000003 + c``.
+        masks: per parameter, the entries the chains may move (see :func:`~online_llc.kernel.step.sampler_step`).
+        max_offset_norm: reset a chain whose ``||xi||`` exceeds this. ``None``: ``20 * sqrt(d / gamma)``,
+            twenty times the offset norm of the localization prior alone (``d`` sampled
+            parameters), or no limit when ``gamma = 0``.
+        share_center_loss: compute the loss at the centre once per shadow step for all chains
+            (True), or once per chain with that chain's dropout masks (False). ``None``: share it
+            when the model is deterministic as far as its modules tell in the evaluator's mode
+            (:func:`~online_llc.kernel.evaluator.deterministic`: no dropout module in training mode),
+            decided at every step. Sharing with a random model leaves the draws unbiased but
+            unpairs the dropout noise of chains after the first.
+    """
+
+    def __init__(
+        self,
+        evaluator: LossEvaluator,
+        config: SGLDConfig,
+        *,
+        num_chains: int,
+        seed: int,
+        max_offset_norm: Optional[float] = None,
+        masks: Optional[Mapping[str, Tensor]] = None,
+        share_center_loss: Optional[bool] = None,
+        measure_discretization: bool = True,
+    ) -> None:
+        self.evaluator = evaluator
+        self.measure_discretization = check_bool("measure_discretization", measure_discretization)
+        center = evaluator.center()
+        self.device = next(iter(center.values())).device
+        self.masks = evaluator.localize({n: m for n, m in (masks or {}).items() if m is not None})
+        self.config = config
+        self.num_chains = num_chains
+        self.seed = seed
+        self.share_center_loss = share_center_loss
+        dim = evaluator.num_sampled()  # over all ranks when the parameters are sharded
+        if max_offset_norm is None:
+            max_offset_norm = 20.0 * math.sqrt(dim / config.localization) if config.localization > 0 else math.inf
+        else:
+            max_offset_norm = check_positive_float("max_offset_norm", max_offset_norm)
+        self.max_offset_norm = max_offset_norm
+        self.generators = [
+            torch.Generator(device=self.device).manual_seed(chain_seed(seed, c)) for c in range(num_chains)
+        ]
+        self.offsets: List[Dict[str, Tensor]] = [evaluator.zeros_like_center() for _ in range(num_chains)]
+        # The sampler's own chain state (SGHMC momentum, RMSProp moments; empty for SGLD).
+        self.aux: List[Dict[str, Tensor]] = [init_aux(config, off) for off in self.offsets]
+        # For the discretization measurement: each chain's last update u = xi_new - xi (None
+        # until it has one), and that update's own dot product and heat bias (ShadowStep.discretization).
+        self._updates: List[Optional[Dict[str, Tensor]]] = [None] * num_chains
+        self._last_dot: List[float] = [math.nan] * num_chains
+        self._last_heat_bias: List[float] = [math.nan] * num_chains
+        self.divergences = 0
+        #: Shadow steps run (seeds the model's randomness of each step; see load_state_dict).
+        self.steps = 0
+        # The sketch of the centre at the previous step (norms and random signed folds per tensor):
+        # detects the weights' jumps without a second copy of them.
+        self._sketch: Optional[Tensor] = None
+        self._sketcher = Sketcher(self.device)
+
+    def reset_chain(self, c: int) -> None:
+        """Put chain ``c`` back at ``xi = 0`` with a fresh sampler state."""
+        self.offsets[c] = self.evaluator.zeros_like_center()
+        self.aux[c] = init_aux(self.config, self.offsets[c])
+        self._forget_updates(c)
+
+    def _forget_updates(self, c: int) -> None:
+        self._updates[c] = None
+        self._last_dot[c] = math.nan
+        self._last_heat_bias[c] = math.nan
+
+    def _measuring_hook(self, c: int, dots: List[Tensor]) -> Any:
+        """The kernel's ``pre_update`` for chain ``c``: with the batch gradient ``g`` at ``xi``, the
+        previous update's dot ``u_prev . g`` (appended to ``dots`` when the chain has one); it
+        returns the update buffer (one per chain, the offset's size, reused), which the kernel
+        fills with this step's update ``xi_new - xi``."""
+
+        def hook(grads: List[Optional[Tensor]]) -> Dict[str, Tensor]:
+            upd = self._updates[c]
+            if upd is not None:
+                dots.append(self._dot(upd, grads))
+            else:
+                upd = self._updates[c] = {n: torch.zeros_like(t) for n, t in self.offsets[c].items()}
+            return upd
+
+        return hook
+
+    def _dot(self, tensors: Dict[str, Tensor], grads: List[Optional[Tensor]]) -> Tensor:
+        """``sum_n tensors[n] . grads[n]``, each tensor's dot summed in float64, on the device
+        (parameters without a gradient left out; 0 when none has one)."""
+        # One BLAS dot per tensor (no product tensor: the elementwise product and its float64 sum
+        # cost 3-5x as much, a tenth of the shadow step on a small MLP); its float32 accumulation
+        # is good to about 1e-6 relative, far inside the measurement's sampling noise.
+        parts = [torch.dot(t.reshape(-1), g.reshape(-1).to(t.dtype)) for t, g in zip(tensors.values(), grads) if g is not None]
+        return torch.stack(parts).double().sum() if parts else torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def _measures(self) -> bool:
+        """Whether this step measures the discretization bias: SGLD and RMSProp-SGLD with injected
+        noise (as offline)."""
+        cfg = self.config
+        return self.measure_discretization and cfg.sampler != "sghmc" and cfg.noise_scale > 0
+
+    def step(self, batch: Any) -> ShadowStep:
+        """One kernel step of every chain, centred at the model's current weights."""
+        center = self.evaluator.center()
+        new_sketch = self._sketcher(list(center.values()))
+        old_sketch, self._sketch = self._sketch, new_sketch
+        share = self.share_center_loss
+        if share is None and self.num_chains > 1:
+            # Judged in the mode the passes run in (eval by default: dropout modules are off).
+            with self.evaluator.mode_context():
+                share = deterministic(self.evaluator.model)
+        pending, shared = [], None
+        measure = self._measures()
+        # Per measuring chain: [u_prev . g, u . g], the first NaN when the chain has no last update.
+        dot_pairs: List[Tensor] = []
+        for c in range(self.num_chains):
+            dots: List[Tensor] = []
+            pre_update = self._measuring_hook(c, dots) if measure else None
+            out = _kernel_step(
+                self.evaluator,
+                center,
+                self.offsets[c],
+                self.aux[c],
+                batch,
+                config=self.config,
+                generator=self.generators[c],
+                masks=self.masks,
+                rng_seed=derived_seed(_DROPOUT_SEEDS, self.seed, c, self.steps),
+                center_losses=shared,
+                keep_grads=measure,
+                pre_update=pre_update,
+            )
+            if share:
+                shared = out.center_losses
+            if measure:
+                assert out.grads is not None
+                # The buffer holds this update, u = xi_new - xi.
+                upd = self._updates[c]
+                assert upd is not None
+                prev = dots[0] if dots else torch.full((), math.nan, dtype=torch.float64, device=self.device)
+                dot_pairs.append(torch.stack([prev, self._dot(upd, out.grads)]).to(out.stats.device))
+                out = out._replace(grads=None)
+            pending.append(out)
+        if measure:
+            pairs = torch.stack(dot_pairs)
+            if self.evaluator.sharded:
+                # Each rank's dots cover its shards: one collective sums them for every chain.
+                pairs = self.evaluator.all_reduce_sum(pairs)
+            pending = [p._replace(stats=torch.cat([p.stats, pair])) for p, pair in zip(pending, pairs)]
+        self.steps += 1
+        # Every number of the step (all chains, the shift) reaches the host in one copy.
+        parts = [p.stats for p in pending]
+        if self.evaluator.sharded:
+            # Every rank sketches its shards; the collective runs on every rank at every step (a
+            # rank that has no previous sketch compares the new one with itself: no shift).
+            old = old_sketch if old_sketch is not None and old_sketch.shape == new_sketch.shape else None
+            shift_t = sketch_shift_sharded(new_sketch, new_sketch if old is None else old, len(center), self.evaluator.all_reduce_sum)
+            if old_sketch is not None:
+                parts.append(shift_t.to(parts[0].device).view(1))
+        elif old_sketch is not None and old_sketch.shape == new_sketch.shape:
+            parts.append(sketch_shift(new_sketch, old_sketch, len(center)).to(parts[0].device).view(1))
+        values = torch.cat(parts).tolist()
+        width = pending[0].stats.numel()
+        shift = values[-1] if len(parts) > len(pending) else math.nan
+        infos, diverged, disc = [], [], []
+        for c, p in enumerate(pending):
+            info = _info(values[c * width : (c + 1) * width], p, self.config)
+            if measure:
+                # This step's p_t pairs with the previous step's own dot and heat bias (NaN where
+                # the chain had no last update, or there is no previous step's).
+                e = discretization_term(info.prev_update_dot_grad, self._last_dot[c], self._last_heat_bias[c])
+                disc.append(e if math.isfinite(e) else math.nan)
+                self._last_dot[c], self._last_heat_bias[c] = info.update_dot_grad, info.heat_bias
+            # The chain was updated in place whatever its numbers: a non-finite step, or a runaway
+            # offset (caught through the norm the kernel reports before its update, one step
+            # late), puts it back at zero.
+            bad = not info.finite or info.offset_norm > self.max_offset_norm
+            if bad:
+                self.reset_chain(c)
+                self.divergences += 1
+            infos.append(info)
+            diverged.append(bad)
+        return ShadowStep(infos, diverged, shift, disc)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Offsets, sampler state and the sketch (tensors), generator states (uint8 tensors) with
+        their device type, the step and divergence counts. For a model sharded by FSDP2 the
+        offsets and sampler state are gathered to full tensors on the CPU (a collective: call it
+        on every rank) and the sketch is left out."""
+        if self.evaluator.sharded:
+            # A chain spans all ranks: the state holds its full tensors (gathered, on the CPU) and
+            # no sketch (each rank's is of its own shards), so that any rank's state restores
+            # every rank, at any world size.
+            offsets = [self.evaluator.gather_full(off) for off in self.offsets]
+            aux = [self.evaluator.gather_full(a) for a in self.aux]
+            updates = [None if upd is None else self.evaluator.gather_full(upd) for upd in self._updates]
+        else:
+            offsets = [{n: t.detach().clone() for n, t in off.items()} for off in self.offsets]
+            aux = [{n: t.detach().clone() for n, t in a.items()} for a in self.aux]
+            updates = [None if upd is None else {n: t.detach().clone() for n, t in upd.items()} for upd in self._updates]
+        return {
+            "offsets": offsets,
+            "aux": aux,
+            "generators": [g.get_state() for g in self.generators],
+            "generator_device": self.device.type,
+            "steps": self.steps,
+            "divergences": self.divergences,
+            "center_sketch": None if self._sketch is None or self.evaluator.sharded else self._sketch.clone(),
+            "sketch_version": SKETCH_VERSION,
+            # Calibration moves the step during the run: a resumed chain continues with it.
+            "step_size": float(self.config.step_size),
+            # The discretization measurement's pairing (each chain's last update, its dot and heat
+            # bias), so that a resumed run measures as an uninterrupted one.
+            "updates": updates,
+            "last_dot": [None if math.isnan(x) else float(x) for x in self._last_dot],
+            "last_heat_bias": [None if math.isnan(x) else float(x) for x in self._last_heat_bias],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (same number of chains and parameter names), onto this
+        sampler's device; see the module docstring for generator states of another device type."""
+        offsets, gens = state["offsets"], state["generators"]
+        if len(offsets) != self.num_chains or len(gens) != self.num_chains:
+            raise ValueError(f"Expected a state with {self.num_chains} chains, got {len(offsets)}.")
+        names = set(self.offsets[0])
+        if self.evaluator.sharded:
+            offsets = [self.evaluator.take_shards(off) if set(off) == names else off for off in offsets]
+            state = {**state, "aux": [self.evaluator.take_shards(a) for a in state.get("aux", [{} for _ in offsets])]}
+        for off in offsets:
+            if set(off) != names:
+                raise ValueError(f"Expected offsets for parameters {sorted(names)}, got {sorted(off)}.")
+            wrong = [n for n, t in off.items() if tuple(t.shape) != tuple(self.offsets[0][n].shape)]
+            if wrong:
+                n = wrong[0]
+                raise ValueError(
+                    f"Expected the offset of `{n}` to have shape {tuple(self.offsets[0][n].shape)}, got "
+                    f"{tuple(off[n].shape)}."
+                )
+        # Offsets and sampler state in float32 (or float64) on this device, whatever they were saved in.
+        like = self.offsets[0]
+        self.offsets = [{n: _to_state(t, like[n]) for n, t in off.items()} for off in offsets]
+        aux = state.get("aux", [{} for _ in offsets])
+        if len(aux) != self.num_chains or any(set(a) != set(init_aux(self.config, self.offsets[0])) for a in aux):
+            raise ValueError(f"Expected sampler state for {self.config.sampler!r} in every chain, got {[sorted(a) for a in aux]}.")
+        self.aux = [{n: _to_state(t, like[n]) for n, t in a.items()} for a in aux]
+        self.steps = int(state.get("steps", 0))
+        # The discretization measurement's pairing, where the state has it for these chains
+        # (states of older versions and of other shapes restart it at the next step).
+        updates = state.get("updates")
+        for c in range(self.num_chains):
+            self._forget_updates(c)
+            prev = updates[c] if isinstance(updates, list) and len(updates) == self.num_chains else None
+            if not isinstance(prev, Mapping) or set(prev) != names:
+                continue
+            if self.evaluator.sharded:
+                prev = self.evaluator.take_shards(prev)
+            if any(tuple(t.shape) != tuple(like[n].shape) for n, t in prev.items()):
+                continue
+            self._updates[c] = {n: _to_state(t, like[n]) for n, t in prev.items()}
+            dot, hb = state.get("last_dot", [None] * self.num_chains)[c], state.get("last_heat_bias", [None] * self.num_chains)[c]
+            self._last_dot[c] = math.nan if dot is None else float(dot)
+            self._last_heat_bias[c] = math.nan if hb is None else float(hb)
+        self._load_generators(gens, state.get("generator_device"))
+        self.divergences = int(state["divergences"])
+        if "step_size" in state:
+            self.config = replace(self.config, step_size=float(state["step_size"]))
+        # A sketch of another version (or the norms-only "center_norms" of older states) is not
+        # comparable: the first step after loading reports no shift.
+        sk = state.get("center_sketch") if state.get("sketch_version") == SKETCH_VERSION and not self.evaluator.sharded else None
+        self._sketch = None if sk is None else torch.as_tensor(sk).to(self.device)
+
+    def reseed(self) -> None:
+        """Give every chain a fresh noise stream seeded from ``(seed, chain, step counter)``: a
+        fixed function of them, so reproducible (used for generator states that cannot be
+        restored, and by a rank that loaded another rank's chains)."""
+        for c in range(len(self.generators)):
+            self._reseed(c)
+
+    def _reseed(self, c: int) -> None:
+        self.generators[c].manual_seed(derived_seed(_RESEEDS, self.seed, c, self.steps))
+
+    def _load_generators(self, states: List[Any], device_type: Optional[str]) -> None:
+        reseeded = []
+        for c, (g, s) in enumerate(zip(self.generators, states)):
+            s = s.cpu() if isinstance(s, Tensor) else torch.tensor(s, dtype=torch.uint8)
+            ok = device_type in (None, self.device.type)
+            if ok:
+                try:
+                    g.set_state(s)
+                except RuntimeError:  # a state of another generator type (an untagged older state)
+                    ok = False
+            if not ok:
+                self._reseed(c)
+                reseeded.append(c)
+        if reseeded:
+            warnings.warn(
+                f"ShadowSampler: the generator states were saved on {device_type or 'another device type'} "
+                f"and cannot be restored on {self.device.type}; chains {reseeded} continue from their "
+                "offsets with fresh noise streams seeded from (seed, chain, step), so the run is "
+                "reproducible but its noise differs from an uninterrupted one.",
+                stacklevel=3,
+            )
+
+
+def _to_state(t: Tensor, like: Tensor) -> Tensor:
+    """A loaded chain tensor on ``like``'s device, in the chain state's dtype (at least float32)."""
+    return t.detach().to(device=like.device, dtype=state_dtype(like.dtype), copy=True)

@@ -1,0 +1,422 @@
+"""One tracked quantity's state machine: from each shadow step's draws to a window's status.
+
+Flow: training loop -> ShadowSampler -> WindowStats -> LLCFilter -> OnlineLLC records ->
+callbacks. A :class:`Track` owns one quantity (the whole model's LLC, or one parameter group's
+weight-refined LLC): its chains, window statistics, filter and history, and the policy that
+joins them. At every shadow step it flags each chain's draw (healthy, warming up, or a reset
+chain's placeholder), restarts the warm-up when the training weights jump; when a window closes
+it decides the window's status, feeds the filter or not, and records an :class:`LLCEstimate`.
+:class:`online_llc.OnlineLLC` owns the tracks and schedules their shadow steps.
+
+Statuses (``LLCEstimate.status``):
+
+* ``warming_up``: the window holds draws from a chain that has not yet equilibrated: at the
+  start, after a chain reset, or after the training weights jumped (see
+  :mod:`online_llc.monitor.warmup`; with ``warmup="auto"`` equilibrium is detected from the draws and the
+  offset norm, otherwise it is a fixed count of shadow steps). The record shows the raw window
+  mean; the filter is not fed.
+* ``diverged``: a chain produced a non-finite draw or ran away during this window; it was reset
+  (counted in ``divergences``), its draw replaced by a flagged placeholder, and the window was
+  not fed to the filter (its raw mean includes the placeholders' zeros).
+* ``transition``: the window was a jump (a many-sigma surprise, or the first window after a jump
+  of the training weights) or followed one: the LLC is moving fast.
+* ``not_at_minimum``: the band lies entirely below zero: the sampler finds lower loss nearby, as
+  at saddles and plateaus; the LLC is not defined there in the usual sense.
+* ``tracking``: otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any, Callable, Dict, List, Mapping, Optional, Union
+
+import numpy as np
+
+from online_llc.monitor.cadence import Cadence
+from online_llc.monitor.cadence import DEFAULT_HORIZON
+from online_llc.calibration.step import default_step_size, relaxation_steps
+from online_llc.monitor.policy import lag_std
+from online_llc.stats.filter import LLCFilter
+from online_llc.calibration.step import calibrated_step, cooling_excess, max_step_size
+from online_llc.calibration.heat import pooled_heat
+from online_llc.records import LLCEstimate, SmoothedPoint, Transition
+from online_llc.monitor.settings import MonitorSettings
+from online_llc.monitor.shadow import ShadowSampler
+from online_llc.kernel.evaluator import LossEvaluator
+from online_llc.config import SGLDConfig
+from online_llc.monitor.warmup import EquilibrationDetector, WeightJumpDetector
+from online_llc.monitor.window import WindowStats
+from online_llc.stats.draws import WindowSummary
+
+__all__ = ["MAX_AUTO_WARMUP", "MIN_AUTO_WARMUP", "MIN_REWARMUP", "Track"]
+
+#: The longest data-driven warm-up, in shadow steps: a chain that never looks settled (one that
+#: keeps following fast training, say) is used after this many draws anyway.
+MAX_AUTO_WARMUP = 400
+#: The shortest data-driven warm-up of a chain that starts at zero offset (start, reset).
+MIN_AUTO_WARMUP = 100
+#: The shortest one after a jump of the weights (the chains keep their offsets).
+MIN_REWARMUP = 60
+# Tracking windows whose pooled heat can lower the step, and the fewest that may.
+_HEAT_WINDOWS = 10
+_MIN_HEAT_WINDOWS = 3
+# Shadow steps of centre movement seen before a weight jump can be declared.
+_MIN_SHIFT_HISTORY = 10
+
+
+class Track:
+    """One estimated quantity (the whole model's LLC, or one group's weight-refined LLC): its
+    chains, window statistics, filter and history. Owned by :class:`online_llc.OnlineLLC`.
+
+    Args:
+        sampler: the quantity's chains.
+        stats: its window statistics.
+        filt: its filter.
+        warmup: ``"auto"`` (data-driven warm-up) or a fixed number of shadow steps.
+        z: the band's half-width in standard deviations.
+        calibrate: size the step to the batch at the first shadow step, then lower it after a
+            window whose measured minibatch heat is gross (:mod:`online_llc.calibration.heat`); the estimand
+            (``nbeta``, ``localization``) never changes.
+        min_warmup, max_warmup, min_rewarmup, warmup_tail: the data-driven warm-up's bounds
+            (shadow steps from a zero offset, at most, after a weight jump) and the stationary
+            tail its test needs; :func:`online_llc.monitor.cadence.auto_cadence` shortens them for short runs.
+    """
+
+    def __init__(
+        self,
+        sampler: ShadowSampler,
+        stats: WindowStats,
+        filt: LLCFilter,
+        *,
+        warmup: Union[int, str],
+        z: float,
+        calibrate: bool = False,
+        min_warmup: int = MIN_AUTO_WARMUP,
+        max_warmup: int = MAX_AUTO_WARMUP,
+        min_rewarmup: int = MIN_REWARMUP,
+        warmup_tail: int = 30,
+    ) -> None:
+        self.sampler, self.stats, self.filter = sampler, stats, filt
+        # The chains the band pools (every rank's, from the gathered windows): sets how far a hot
+        # step is cooled (cooling_excess).
+        self._band_chains = sampler.num_chains
+        self.min_warmup, self.max_warmup = min_warmup, max_warmup
+        self.min_rewarmup, self.warmup_tail = min_rewarmup, warmup_tail
+        self.warmup, self._z = warmup, z
+        self.calibrate = calibrate
+        cfg = sampler.config
+        self.max_step = max_step_size(cfg.nbeta, cfg.sampler, cfg.friction, cfg.step_size, online=True)
+        self.auto_warmup = warmup == "auto"
+        self.num_chains = sampler.num_chains
+        self._init()
+
+    @classmethod
+    def build(
+        cls,
+        evaluator: LossEvaluator,
+        config: SGLDConfig,
+        settings: MonitorSettings,
+        cadence: Cadence,
+        *,
+        seed: int,
+        z: float,
+        masks: Optional[Dict[str, Any]] = None,
+        gather: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+    ) -> "Track":
+        """A track with the monitor's options: ``settings`` (its chains and filter), ``cadence``
+        (its windows and warm-up bounds), its own ``seed``, and ``masks`` for a group's chains."""
+        sampler = ShadowSampler(
+            evaluator, config, num_chains=settings.num_chains, seed=seed, max_offset_norm=settings.max_offset_norm, masks=masks,
+            measure_discretization=settings.measure_discretization,
+        )
+        return cls(
+            sampler,
+            WindowStats(cadence.window, settings.num_chains, horizon=DEFAULT_HORIZON, gather=gather),
+            LLCFilter(process_noise=settings.process_noise, jump_threshold=settings.jump_threshold),
+            warmup=settings.warmup_policy,
+            z=z,
+            calibrate=settings.step_size is None,
+            min_warmup=cadence.min_warmup,
+            max_warmup=cadence.max_warmup,
+            min_rewarmup=cadence.min_rewarmup,
+            warmup_tail=cadence.warmup_tail,
+        )
+
+    def _init(self) -> None:
+        self.warmup_left = [0 if self.auto_warmup else self.warmup] * self.num_chains
+        self.detectors = [
+            EquilibrationDetector(min_draws=self.min_warmup, max_draws=self.max_warmup, tail=self.warmup_tail)
+            for _ in range(self.num_chains)
+        ]
+        self.jumps = WeightJumpDetector(min_history=_MIN_SHIFT_HISTORY)
+        self.last_jump = False
+        # Set by a jump of the weights: the filter's level is stale, the next fed window resets it.
+        self.level_stale = False
+        self.weight_jumps = 0
+        self.warmup_lengths: List[int] = []
+        self.history: List[LLCEstimate] = []
+        # Whether the step was sized to the batch yet (at the first shadow step).
+        self.sized = not self.calibrate
+        # History index from which the heat is pooled (the step last changed there).
+        self.step_changed_at = 0
+
+    # ---- warm-up policy ---------------------------------------------------------------------------
+    def _restart_warmup(self, c: int, from_zero: bool = True) -> None:
+        if self.auto_warmup:
+            # A chain restarted at zero offset may sit at a saddle, where it leaves along the
+            # unstable directions slowly at first, exponentially later: no test on its first
+            # draws can tell that from stationarity (the stagewise demo's chain looked settled
+            # after 60 draws and fell from -6 to -2800 over the next 150), so the floor is
+            # MIN_AUTO_WARMUP (shorter only for runs too short for it, online_llc.monitor.cadence). A
+            # chain whose offsets were kept through a weight jump is already spread out and only
+            # needs MSER's own minimum.
+            self.detectors[c].restart(None if from_zero else self.min_rewarmup)
+        else:
+            self.warmup_left[c] = self.warmup
+
+    def restart_warmups(self, from_zero: bool = False) -> None:
+        """Put every chain back into warm-up (after a jump of the weights, or on a rank whose
+        chains were copied from another's): its draws are flagged until it has re-equilibrated.
+        ``from_zero``: the chains restart at zero offset (else they keep their offsets)."""
+        for c in range(self.num_chains):
+            self._restart_warmup(c, from_zero)
+
+    def _warming(self, c: int, draw: float, offset_norm: float) -> bool:
+        """Whether this draw of chain ``c`` is a warm-up draw (and advance its warm-up)."""
+        if self.auto_warmup:
+            det = self.detectors[c]
+            was = det.equilibrated
+            warming = det.add(draw, offset_norm**2)
+            if det.equilibrated and not was and det.warmup_length is not None:
+                self.warmup_lengths.append(det.warmup_length)
+            return warming
+        warming = self.warmup_left[c] > 0
+        self.warmup_left[c] = max(self.warmup_left[c] - 1, 0)
+        return warming
+
+    def reset(self) -> None:
+        """Start over: chains at zero offset, empty windows, a fresh filter, an empty history."""
+        for c in range(self.num_chains):
+            self.sampler.reset_chain(c)
+        self.sampler.divergences = 0
+        self.stats.reset()
+        self.filter.reset()
+        self._init()
+
+    # ---- one shadow step ----------------------------------------------------------------------------
+    def shadow_step(self, batch: Any, step: int, shadow_steps: int) -> Optional[LLCEstimate]:
+        """Run the chains on ``batch`` at training step ``step``; the estimate when a window closed."""
+        out = self.sampler.step(batch)
+        if not self.sized:
+            # The batch size is known now: start from the step whose minibatch heat is about the
+            # target at unit gradient noise; later windows' measured heat refines it.
+            cfg = self.sampler.config
+            start = default_step_size(cfg.nbeta, out.infos[0].batch_size, cfg.sampler, cfg.friction, online=True)
+            self.sampler.config = replace(cfg, step_size=min(cfg.step_size, start))
+            self.sized = True
+        # Decided from the weights' movement and the last gathered window: the same on every rank.
+        if self.jumps.add(out.center_shift):
+            # The chains' offsets were drawn for the old weights: re-equilibrate all of them.
+            self.weight_jumps += 1
+            self.level_stale = True
+            self.restart_warmups(from_zero=False)
+        # Every chain adds a draw at every shadow step, so windows close (and, under DDP, their
+        # collective runs) at the same step on every rank. A reset chain adds a flagged
+        # placeholder (its draw is meaningless and may be non-finite); a warming chain a flagged draw.
+        d, v, b, o, e, flags = [], [], [], [], [], []
+        measured = out.discretization or [math.nan] * len(out.infos)
+        for c, (info, bad) in enumerate(zip(out.infos, out.diverged)):
+            if bad:
+                d.append(0.0)
+                v.append(0.0)
+                b.append(0.0)
+                o.append(0.0)
+                e.append(math.nan)
+                flags.append(1)
+                self._restart_warmup(c)
+            else:
+                d.append(info.draw)
+                v.append(info.noise_var)
+                b.append(info.heat_bias)
+                o.append(info.offset_norm)
+                e.append(measured[c])
+                flags.append(2 if self._warming(c, info.draw, info.offset_norm) else 0)
+        summary = self.stats.update(d, v, step, flags=flags, heat_bias=b, offset_norms=o, discretization=e)
+        return None if summary is None else self._close_window(summary, shadow_steps)
+
+    def skip(self, step: int, shadow_steps: int) -> Optional[LLCEstimate]:
+        """Add flagged placeholder draws instead of running the chains (see ``OnlineLLC.skip_step``)."""
+        n = self.num_chains
+        summary = self.stats.update([0.0] * n, [0.0] * n, step, flags=[1] * n)
+        return None if summary is None else self._close_window(summary, shadow_steps)
+
+    def lag(self, first: int, last: int) -> float:
+        """How far the chains may trail the level (``config.lag_std``); a window's steps ``first``..``last`` give the stride."""
+        stride = (last - first) / max(self.stats.window - 1, 1)
+        return lag_std(self.filter.slope, relaxation_steps(self.sampler.config), stride)
+
+    # ---- status policy ------------------------------------------------------------------------------
+    def _close_window(self, s: WindowSummary, shadow_steps: int) -> LLCEstimate:
+        # The chains' spread for the weight-jump test until the next close (gathered: every rank's).
+        self.jumps.set_spread(s.offset_norm)
+        self._band_chains = max(1, s.n_draws // self.stats.window)
+        status: str
+        nis = math.nan
+        if s.diverged_draws or s.warmup_draws:
+            # Decided from the (gathered) flags: the same verdict on every rank.
+            status = "diverged" if s.diverged_draws else "warming_up"
+            mean, std, slope = s.mean, s.se, math.nan
+            # Unequilibrated draws must not inform later windows' autocorrelation estimates.
+            self.stats.clear_history()
+        else:
+            r = max(s.se**2, 1e-300)
+            r_test = max(s.se_window**2, 1e-300)
+            mean, std, info = self.filter.update(s.mean, r, s.end_step, r_test=r_test, force_jump=self.level_stale)
+            self.level_stale = False
+            slope, nis = self.filter.slope, info.nis
+            # A co-moving chain trails a moving centre: the band widens with the level's slope.
+            std = math.hypot(std, self.lag(s.start_step, s.end_step))
+            if info.jump or self.last_jump:
+                status = "transition"
+            elif mean + self._z * std < 0:
+                status = "not_at_minimum"
+            else:
+                status = "tracking"
+            self.last_jump = info.jump
+            if info.jump:
+                # The past windows describe the old level: they would read the jump as correlation.
+                self.stats.clear_history()
+        est = LLCEstimate(
+            step=s.end_step,
+            mean=mean,
+            std=std,
+            lower=mean - self._z * std,
+            upper=mean + self._z * std,
+            status=status,
+            raw_mean=s.mean,
+            raw_se=s.se,
+            slope=slope,
+            var_channel=s.var_channel,
+            ratio=s.ratio,
+            dispersion=s.dispersion,
+            ess=s.ess,
+            nis=nis,
+            window_start=s.start_step,
+            shadow_steps=shadow_steps,
+            divergences=self.sampler.divergences,
+            heat=s.heat,
+            heat_bias=s.heat_bias,
+            step_size=self.sampler.config.step_size,
+            discretization_bias=s.discretization_bias,
+        )
+        self.history.append(est)
+        if self.calibrate and status == "tracking":
+            self._cool_if_gross(len(self.history))
+        return est
+
+    def _cool_if_gross(self, upto: int) -> None:
+        """Lower the step when the heat pooled over the last tracking windows since the step last
+        changed is gross (its excess above twice :func:`cooling_excess` of the band's chains, 10%
+        for one chain: training reached a regime of larger gradient noise, or the model is stiff
+        enough for the step's discretization to show; both biases count, as offline), towards
+        that excess (5% for one chain, 3% for four). One window's heat is too noisy to act on, and milder heat is reported, not
+        chased: each change of the step moves the level a little and slows the chain's
+        relaxation, which a co-moving chain cannot afford. Clearly positive windows whose heat bias
+        takes the whole estimate read inf, and cool 8x. Every rank sees the same gathered windows,
+        so every rank takes the same step."""
+        recent = [e for e in self.history[self.step_changed_at : upto] if e.status == "tracking"][-_HEAT_WINDOWS:]
+        if len(recent) < _MIN_HEAT_WINDOWS:
+            return
+        report = all(e.lower > 0 for e in recent)
+        heat = pooled_heat([e.raw_mean for e in recent], [e.total_bias for e in recent], report=report)
+        excess = cooling_excess(self._band_chains)
+        if not heat - 1 > 2 * excess:
+            return
+        cfg = self.sampler.config
+        # Down to the band's share (MAX_EXCESS for one chain), not the offline target: one chain's
+        # level is then within 5%, and it relaxes 2.5x faster than at the target (a 13% heat, cut
+        # to 2%, cost 6x).
+        new = calibrated_step(cfg.step_size, heat, self.max_step, target=excess)
+        if new != cfg.step_size:
+            self.sampler.config = replace(cfg, step_size=new)
+            self.step_changed_at = upto
+
+    # ---- retrospective ------------------------------------------------------------------------------
+    def smoothed(self) -> List[SmoothedPoint]:
+        """The RTS-smoothed curve over every window the filter absorbed."""
+        steps, mean, std, slope = self.filter.smooth()
+        z = self._z
+        return [
+            SmoothedPoint(int(t), float(m), float(s), float(m - z * s), float(m + z * s), float(b))
+            for t, m, s, b in zip(steps, mean, std, slope)
+        ]
+
+    def transitions(self) -> List[Transition]:
+        """Runs of ``transition`` windows, with the smoothed level before and after each."""
+        smooth = {p.step: p.mean for p in self.smoothed()}
+        hist = self.history
+        # Runs of consecutive transition windows, as [first, last] indices into the history; two
+        # runs one quiet window apart are one boundary (a ramp shows as jumps with a pause).
+        runs: List[List[int]] = []
+        for i, e in enumerate(hist):
+            if e.status != "transition":
+                continue
+            if runs and i - runs[-1][1] <= 2:
+                runs[-1][1] = i
+            else:
+                runs.append([i, i])
+        out: List[Transition] = []
+        for first, last in runs:
+            before = [e for e in hist[:first] if e.step in smooth and e.status != "transition"]
+            after = [e for e in hist[last + 1 :] if e.step in smooth and e.status != "transition"]
+            out.append(
+                Transition(
+                    start=hist[first].window_start,
+                    end=hist[last].step,
+                    level_before=smooth[before[-1].step] if before else math.nan,
+                    level_after=smooth[after[0].step] if after else smooth.get(hist[last].step, hist[last].mean),
+                )
+            )
+        return out
+
+    # ---- checkpointing ------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """Chains (tensors), windows, filter, warm-up and jump state, history (plain values)."""
+        jumps = self.jumps.state_dict()
+        return {
+            "warmup_left": list(self.warmup_left),
+            "detectors": [det.state_dict() for det in self.detectors],
+            "weight_jumps": self.weight_jumps,
+            "level_stale": self.level_stale,
+            "warmup_lengths": list(self.warmup_lengths),
+            # The jump detector's state, in the checkpoint's original layout (plus its version).
+            "shift": [jumps["shift_mean"], jumps["offset_mean"], jumps["count"], jumps["version"]],
+            "last_jump": self.last_jump,
+            "sized": self.sized,
+            "step_changed_at": self.step_changed_at,
+            "sampler": self.sampler.state_dict(),
+            "window_stats": self.stats.state_dict(),
+            "filter": self.filter.state_dict(),
+            "history": [e.to_dict() for e in self.history],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`."""
+        self.sampler.load_state_dict(state["sampler"])
+        self.stats.load_state_dict(state["window_stats"])
+        self.filter.load_state_dict(state["filter"])
+        self.warmup_left = [int(w) for w in state["warmup_left"]]
+        for det, st in zip(self.detectors, state["detectors"]):
+            det.load_state_dict(st)
+        self.weight_jumps = int(state["weight_jumps"])
+        self.level_stale = bool(state["level_stale"])
+        self.warmup_lengths = [int(k) for k in state["warmup_lengths"]]
+        shift = state["shift"]
+        self.jumps.load_state_dict(
+            {"shift_mean": shift[0], "offset_mean": shift[1], "count": shift[2], "version": shift[3] if len(shift) > 3 else 1}
+        )
+        self.last_jump = bool(state["last_jump"])
+        self.sized = bool(state.get("sized", True))
+        self.step_changed_at = int(state.get("step_changed_at", 0))
+        self.history = [LLCEstimate(**e) for e in state["history"]]

@@ -1,0 +1,392 @@
+"""The offline reference estimator: C independent SGLD chains of D draws at fixed weights ``w*``.
+
+It stands beside the online flow (training loop -> ShadowSampler (sgld kernel) -> WindowStats ->
+LLCFilter -> OnlineLLC records -> callbacks), not in it: it runs the same kernel as the online
+monitor (:func:`online_llc.kernel.step.sampler_step`) and summarizes the draws with the same statistics
+(:func:`online_llc.stats.draws.summarize`), so online and offline estimates differ only in where the
+centre sits and how the draws are aggregated. The step-size pilot (:mod:`online_llc.offline.recommend`) and
+the tests use it as the reference.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import replace
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from online_llc.calibration.budget import DEFAULT_PRECISION
+
+from online_llc.calibration.step import MAX_EXCESS, relaxation_steps, resolve_hyperparameters
+from online_llc.errors import NonFiniteDrawError, check_choice, check_int, check_nonneg_int, check_positive_int, reject_unknown
+from online_llc.models.groups import resolve_groups
+from online_llc.kernel.evaluator import MODES, LossEvaluator, LossFn
+from online_llc.kernel.halves import split_halves
+from online_llc.kernel.randomness import chain_seed, cuda_devices, derived_seed
+from online_llc.calibration.heat import bias_interval, combined_heat, discretization_bias, heat_from, heat_interval, per_step_bias
+from online_llc.calibration.step import calibrated_step, max_step_size
+from online_llc.kernel.updates import init_aux
+from online_llc.kernel.step import sampler_step
+from online_llc.calibration.budget import resolve_burn_in, resolve_num_draws, scaled_cap
+from online_llc.records import LLCResult
+from online_llc.stats.mcse import multichain_standard_error
+from online_llc.stats.draws import summarize
+
+__all__ = ["LLCResult", "estimate_llc", "CAP_BATCH", "MAX_AUTO_BURN_IN", "MAX_AUTO_DRAWS", "CALIBRATION_STEPS", "MAX_CALIBRATION_ROUNDS"]
+
+#: The longest automatic burn-in, in steps per chain of batches of :data:`CAP_BATCH` samples (a
+#: batch of ``B < CAP_BATCH`` gets ``CAP_BATCH / B`` times as many steps); past it a warning names
+#: the relaxation time.
+MAX_AUTO_BURN_IN = 100000
+#: The most draws per chain chosen automatically, in the same units.
+MAX_AUTO_DRAWS = 50000
+#: The caps count samples, not steps: the heat-calibrated step, and so every direction's
+#: relaxation in steps, scales with the batch size, so a cap in steps would cut small-batch chains
+#: short (at batch 32 a deep linear network relaxed over 33000 steps, and a normal crossing read
+#: 0.75 of its target at batch 32 against 1.06 at batch 256 with the same step cap).
+CAP_BATCH = 256
+#: Steps per calibration round (the heat is read on the second half of them).
+CALIBRATION_STEPS = 200
+#: Calibration rounds at most (each rescales the step by 1/8 to 2).
+MAX_CALIBRATION_ROUNDS = 6
+
+# The rows each chain's run records per step: the draw, its noise variance, the heat bias, and the
+# two update-gradient products of the discretization bias (SGLDInfo's fields of the same names).
+_DRAW, _NOISE_VAR, _HEAT_BIAS, _PREV_DOT, _OWN_DOT = range(5)
+_ROWS = 5
+
+
+def _batches_forever(batches: Iterable[Any]) -> Iterator[Any]:
+    """Cycle through a re-iterable (a DataLoader reshuffles on each pass)."""
+    while True:
+        empty = True
+        for b in batches:
+            empty = False
+            yield b
+        if empty:
+            raise ValueError("Expected `batches` to yield at least one batch, got an empty iterable.")
+
+
+def estimate_llc(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[Any],
+    *,
+    num_samples: int,
+    nbeta: Optional[float] = None,
+    localization: Optional[float] = None,
+    step_size: Optional[float] = None,
+    num_chains: int = 4,
+    num_draws: Optional[int] = None,
+    burn_in: Optional[int] = None,
+    seed: int = 0,
+    sampler: str = "sgld",
+    friction: float = 0.1,
+    params: Optional[Sequence[Any]] = None,
+    mode: str = "eval",
+    precision: Optional[float] = DEFAULT_PRECISION,
+    **kwargs: Any,
+) -> LLCResult:
+    """Estimate the local learning coefficient of ``model`` at its current weights ``w*``.
+
+    Runs ``num_chains`` chains of localized, tempered SGLD (one after another), each for
+    ``burn_in + num_draws`` steps from ``w*``, and averages the paired draws
+    ``d = nbeta * mean_i(l_i(w) - l_i(w*))`` after burn-in::
+
+        lambda_hat = nbeta * ( E_{w ~ p}[L_n(w)] - L_n(w*) ),
+        p(w) ∝ exp( -nbeta * L_n(w) - (localization / 2) * ||w - w*||^2 ).
+
+    The model's weights, buffers, ``.grad`` fields and the global RNG streams are unchanged
+    afterwards (the global CPU/CUDA generators are forked and seeded from ``seed``, so a shuffling
+    DataLoader without its own generator is reproducible too).
+
+    Args:
+        model: the network; its trainable parameters are sampled.
+        loss_fn: ``loss_fn(model, batch) -> Tensor[B]`` per-sample losses (the per-sample negative
+            log likelihood for the estimate to match theory).
+        batches: any re-iterable of batches (a DataLoader), cycled as needed.
+        num_samples: ``n``, the number of training samples the loss is an average over.
+        nbeta: ``n * beta``; ``None`` means ``min(n / log n, 256)`` (:mod:`online_llc.config`).
+        localization: ``gamma``, the pull towards ``w*``; ``None`` means ``0.2 * sqrt(nbeta)``.
+        step_size: the sampler's ``epsilon``; ``None`` calibrates it: it starts at
+            :func:`online_llc.config.default_step_size` for the batch size, and rounds of
+            :data:`CALIBRATION_STEPS` steps on the first chain rescale it until the measured
+            minibatch heat is near :data:`online_llc.config.TARGET_EXCESS` (a warning says when it
+            stays above :data:`online_llc.config.MAX_EXCESS`). A given step is used as it is.
+        num_chains: independent chains ``C``.
+        num_draws: draws per chain kept after burn-in ``D``; ``None`` means 1000 times the factor by
+            which the step is below ``0.08 / nbeta`` (a smaller step mixes that much more slowly),
+            at most :data:`MAX_AUTO_DRAWS`, then doubled while the standard error is above
+            ``precision`` times the estimate (up to :data:`MAX_AUTO_DRAWS`; a warning says when that
+            is not enough). Both caps are steps of :data:`CAP_BATCH` samples: batches of ``B`` get
+            ``CAP_BATCH / B`` times as many steps when smaller.
+        burn_in: steps per chain discarded first; ``None`` means two relaxation times of the
+            slowest direction, ``2 / (epsilon * gamma)`` each, at least 500 and at most
+            :data:`MAX_AUTO_BURN_IN` (scaled like the draws; with a warning when that is shorter
+            than the relaxation).
+        seed: seeds the chains' private generators (chain ``c`` uses ``seed * 1000003 + c``).
+        sampler: ``"sgld"`` (default), ``"rmsprop_sgld"`` or ``"sghmc"``; see
+            :class:`online_llc.kernel.step.SGLDConfig`.
+        friction: SGHMC's friction ``alpha`` in (0, 1] (1 is SGLD).
+        params: sample only these parameters (parameter-name patterns, modules or parameters, as
+            in :mod:`online_llc.models.groups`), the rest held at ``w*``: the weight-refined LLC of that
+            group (Wang et al. 2024). ``None``: all trainable parameters.
+        mode: the model's mode during the sampler's passes: ``"eval"`` (the default: dropout
+            off, BatchNorm on its running statistics), ``"train"`` or ``"as_is"``; every
+            submodule's ``training`` flag is restored afterwards.
+        precision: the relative standard error the automatic ``num_draws`` aims for, in (0, 1);
+            ``None`` keeps the first draw count. Models whose LLC lives in flat directions (normal
+            crossings) mix over the localization's relaxation time, so 1000 draws can leave a
+            standard error of 30% or more; ignored when ``num_draws`` is given.
+
+    Returns:
+        An :class:`LLCResult` with the estimate, its standard error, the draws, the measured heat
+        and the estimand (``nbeta``, ``localization``, ``step_size``) actually used.
+
+    Raises:
+        ValueError: an argument is out of range (the message names it), or ``loss_fn`` does not
+            return per-sample losses of shape ``[B]``.
+        TypeError: an unknown keyword argument.
+        NonFiniteDrawError: a chain produced a non-finite loss (it diverged); the message says
+            which chain and draw.
+
+    Example:
+        >>> from online_llc import estimate_llc
+        >>> from online_llc.models.toy import deep_linear_problem
+        >>> p = deep_linear_problem([4, 2], r=2, seed=0)   # regular: lambda = 4, n = 10240
+        >>> res = estimate_llc(p.model, p.loss_fn, p.batches, num_samples=p.num_samples,
+        ...                    num_chains=2, num_draws=200, burn_in=100)
+        >>> abs(res.mean - p.lam) < 0.3 * p.lam
+        True
+    """
+    reject_unknown("estimate_llc()", kwargs)
+    num_chains = check_positive_int("num_chains", num_chains)
+    if num_draws is not None:
+        num_draws = check_positive_int("num_draws", num_draws)
+    if burn_in is not None:
+        burn_in = check_nonneg_int("burn_in", burn_in)
+    seed = check_int("seed", seed)
+    check_choice("mode", mode, MODES)
+    if precision is not None and not (isinstance(precision, (int, float)) and not isinstance(precision, bool)
+                                      and 0.0 < float(precision) < 1.0):
+        raise ValueError(f"Expected `precision` to be None or a float in (0, 1), got {precision!r}.")
+    config = resolve_hyperparameters(
+        num_samples=num_samples,
+        nbeta=nbeta,
+        localization=localization,
+        step_size=step_size,
+        sampler=sampler,
+        friction=friction,
+    )
+    names = None if params is None else resolve_groups(model, {"params": list(params)})["params"]
+    evaluator = LossEvaluator(model, loss_fn, param_names=names, mode=mode)
+    center = {n: t.clone() for n, t in evaluator.center().items()}
+    device = next(iter(center.values())).device
+    devices = cuda_devices(center)
+
+    given_burn_in, given_num_draws = burn_in, num_draws
+    chain_rows: List[np.ndarray] = []
+    calibration: List[Tuple[float, float]] = []
+    center_loss_sum, center_loss_count = 0.0, 0
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(seed)
+        for d in devices:
+            torch.cuda.default_generators[d].manual_seed(seed)
+        stream = _batches_forever(batches)
+        first = next(stream)
+        batch_size = _batch_size(evaluator, center, first)
+        if step_size is None:
+            config = resolve_hyperparameters(
+                num_samples=num_samples, nbeta=nbeta, localization=localization, step_size=None,
+                sampler=sampler, friction=friction, batch_size=batch_size,
+            )
+        pending = [first]
+
+        def next_batch() -> Any:
+            return pending.pop() if pending else next(stream)
+
+        steps_run = [0] * num_chains
+
+        def run(c: int, steps: int, state: Tuple[Any, Any], gen: torch.Generator) -> Tuple[Any, np.ndarray]:
+            nonlocal center_loss_sum, center_loss_count
+            offset, aux = state
+            previous = None
+            out = np.empty((_ROWS, steps))
+            for s in range(steps):
+                before = offset
+                # The model's randomness (dropout) is seeded from (seed, chain, step) on the host,
+                # so a step reads its numbers once (one device sync).
+                offset, aux, info = sampler_step(
+                    evaluator, center, offset, aux, next_batch(), config=config, generator=gen,
+                    previous_offset=previous, rng_seed=derived_seed(seed, c, steps_run[c]),
+                )
+                steps_run[c] += 1
+                previous = before
+                if not info.finite:
+                    raise NonFiniteDrawError(c, s, f"draw={info.draw}, loss at w*+xi={info.loss_sample}")
+                out[:, s] = (info.draw, info.noise_var, info.heat_bias, info.prev_update_dot_grad, info.update_dot_grad)
+                center_loss_sum += info.loss_center
+                center_loss_count += 1
+            return (offset, aux), out
+
+        states: List[Tuple[Any, Any]] = []
+        gens: List[torch.Generator] = []
+        burn_in_cap = scaled_cap(MAX_AUTO_BURN_IN, batch_size, CAP_BATCH)
+        draws_cap = scaled_cap(MAX_AUTO_DRAWS, batch_size, CAP_BATCH)
+        for c in range(num_chains):
+            gen = torch.Generator(device=device).manual_seed(chain_seed(seed, c))
+            offset = evaluator.zeros_like_center()
+            state = (offset, init_aux(config, offset))
+            top = config.step_size
+            if c == 0 and step_size is None:
+                # Calibration rounds on the first chain: the excess heat is proportional to the
+                # step at a fixed estimand, so each round rescales the step towards the target.
+                top = max_step_size(config.nbeta, config.sampler, config.friction, config.step_size)
+                for _ in range(MAX_CALIBRATION_ROUNDS):
+                    state, out = run(c, CALIBRATION_STEPS, state, gen)
+                    heat, new = _recalibrated(out[:, CALIBRATION_STEPS // 2 :], config.step_size, top)
+                    calibration.append((config.step_size, heat))
+                    if new == config.step_size:
+                        break
+                    config = replace(config, step_size=new)
+            if c == 0:
+                burn_in = resolve_burn_in(given_burn_in, config, burn_in_cap)
+            state, head = run(c, burn_in, state, gen)
+            if c == 0 and step_size is None:
+                # The gradient noise grows as the chain spreads (singular directions widen slowly),
+                # so the heat at the end of the burn-in is checked too, and the burn-in rerun at a
+                # recalibrated step while it is hot.
+                for _ in range(MAX_CALIBRATION_ROUNDS):
+                    tail = head[:, burn_in // 2 :]
+                    if tail.shape[1] < CALIBRATION_STEPS // 2:
+                        break
+                    heat, new = _recalibrated(tail, config.step_size, top, lower_only=True)
+                    if new == config.step_size:
+                        break
+                    calibration.append((config.step_size, heat))
+                    config = replace(config, step_size=new)
+                    burn_in = resolve_burn_in(given_burn_in, config, burn_in_cap)
+                    state, head = run(c, burn_in, state, gen)
+            if c == 0:
+                num_draws = resolve_num_draws(given_num_draws, config, draws_cap)
+            state, keep = run(c, num_draws, state, gen)
+            chain_rows.append(np.concatenate([head, keep], axis=1))
+            states.append(state)
+            gens.append(gen)
+        assert burn_in is not None and num_draws is not None
+        if given_num_draws is None and precision is not None:
+            # The first draw count suits curved directions; where the LLC lives in flat ones the
+            # chains mix over the localization's relaxation time, so draws are doubled (every
+            # chain continues where it stopped) until the multi-chain standard error is small.
+            while num_draws < draws_cap and _imprecise(chain_rows, burn_in, precision):
+                extra = min(num_draws, draws_cap - num_draws)
+                for c in range(num_chains):
+                    states[c], more = run(c, extra, states[c], gens[c])
+                    chain_rows[c] = np.concatenate([chain_rows[c], more], axis=1)
+                num_draws += extra
+
+    rows = np.stack(chain_rows)  # [chains, _ROWS, burn_in + num_draws]
+    draws = rows[:, _DRAW]
+    kept, kept_noise = draws[:, burn_in:], rows[:, _NOISE_VAR, burn_in:]
+    summary = summarize(kept, kept_noise)
+    per_chain_std = np.array([summarize(kept[c : c + 1], kept_noise[c : c + 1]).se for c in range(num_chains)])
+    heat_bias = float(rows[:, _HEAT_BIAS, burn_in:].mean())
+    heat = heat_from(float(summary.mean), heat_bias)
+    per_chain_disc = [_discretization_bias(chain[:, burn_in:]) for chain in rows]
+    per_chain_disc = [b for b in per_chain_disc if math.isfinite(b)]
+    disc_bias = float(np.mean(per_chain_disc)) if per_chain_disc else math.nan
+    biases = np.stack([per_step_bias(c[_PREV_DOT], c[_OWN_DOT], c[_HEAT_BIAS]) for c in rows[:, :, burn_in:]])
+    total_heat, heat_low, heat_high = heat_interval(kept, biases)
+    # Warn when the heat reads above the bound and is clearly above 1 (its lower end), so that pure
+    # noise on a calibrated chain does not cry wolf; a given step gets the same check.
+    if total_heat > 1 + MAX_EXCESS and heat_low > 1:
+        total_bias = heat_bias + (disc_bias if math.isfinite(disc_bias) else 0.0)
+        warnings.warn(
+            f"estimate_llc: the chains ran hot{' after calibration' if step_size is None else ''} (heat "
+            f"{total_heat:.3g}, at least {heat_low:.3g}, at step_size {config.step_size:.3g}, batch {batch_size}); "
+            f"the estimate is about {total_bias:.3g} too high ({heat_bias:.3g} from the minibatch noise, "
+            f"{disc_bias:.3g} from the step's discretization). "
+            + (
+                "Use larger batches or pass a smaller step_size (and a longer burn_in)."
+                if step_size is None
+                else "Leave step_size to the default calibration, or pass a smaller one (and a longer burn_in)."
+            ),
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    std = multichain_standard_error(kept)
+    if given_num_draws is None and precision is not None and std > precision * abs(float(summary.mean)):
+        warnings.warn(
+            f"estimate_llc: the standard error {std:.3g} is {std / abs(float(summary.mean)):.0%} of the estimate "
+            f"{float(summary.mean):.3g} after {num_draws} draws per chain (the most chosen automatically); the "
+            f"chains mix over about {relaxation_steps(config):.0f} steps. Pass a larger num_draws or num_chains.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return LLCResult(
+        mean=float(summary.mean),
+        std=std,
+        per_chain=kept.mean(axis=1),
+        per_chain_std=per_chain_std,
+        draws=kept.copy(),
+        noise_vars=kept_noise.copy(),
+        burn_in_draws=draws[:, :burn_in].copy(),
+        var_channel=float(summary.var_channel),
+        ratio=float(summary.ratio),
+        dispersion=float(summary.dispersion),
+        heat=heat,
+        heat_bias=heat_bias,
+        discretization_bias=disc_bias,
+        total_heat=total_heat,
+        heat_interval=(heat_low, heat_high),
+        ess=float(summary.ess),
+        init_loss=center_loss_sum / max(center_loss_count, 1),
+        nbeta=config.nbeta,
+        localization=config.localization,
+        step_size=config.step_size,
+        sampler=config.sampler,
+        batch_size=batch_size,
+        relaxation_steps=relaxation_steps(config),
+        calibration=calibration,
+        num_samples=num_samples,
+        num_chains=num_chains,
+        num_draws=num_draws,
+        burn_in=burn_in,
+        seed=seed,
+    )
+
+
+def _batch_size(evaluator: LossEvaluator, center: Dict[str, torch.Tensor], batch: Any) -> int:
+    """Samples in ``batch``: the leading size of its tensors, or the length of its per-sample losses."""
+    parts = split_halves(batch)
+    if parts is not None:
+        return parts[2]
+    with torch.no_grad(), evaluator.mode_context():
+        return int(evaluator.losses(center, batch).numel())
+
+
+def _recalibrated(tail: np.ndarray, step: float, top: float, lower_only: bool = False) -> Tuple[float, float]:
+    """``(heat, next step)`` from the rows of :func:`estimate_llc`'s ``run`` over a stretch of one
+    chain. ``heat`` counts the minibatch and the discretization bias together,
+    ``mean / (mean - heat_bias - discretization_bias)``: both grow in proportion to the step, so
+    the step moves towards the target of their sum (only down when ``lower_only``), and only when
+    two standard errors of the measurement agree on the direction (:func:`heat.bias_interval`)."""
+    heat = combined_heat(float(tail[_DRAW].mean()), float(tail[_HEAT_BIAS].mean()), _discretization_bias(tail))
+    _, low, high = bias_interval(tail[_DRAW], tail[_PREV_DOT], tail[_OWN_DOT], tail[_HEAT_BIAS])
+    new = calibrated_step(step, heat, top, heat_low=low, heat_high=high)
+    return heat, (min(new, step) if lower_only else new)
+
+
+def _imprecise(chain_rows: List[np.ndarray], burn_in: int, precision: float) -> bool:
+    """Whether the kept draws' multi-chain standard error is above ``precision`` times their mean."""
+    kept = np.stack([rows[_DRAW, burn_in:] for rows in chain_rows])
+    return bool(multichain_standard_error(kept) > precision * abs(float(kept.mean())))
+
+
+def _discretization_bias(rows: np.ndarray) -> float:
+    """:func:`online_llc.calibration.heat.discretization_bias` of one chain's stretch of ``run`` rows."""
+    return discretization_bias(rows[_PREV_DOT], rows[_OWN_DOT], rows[_HEAT_BIAS])
