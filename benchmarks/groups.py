@@ -18,14 +18,13 @@ import time
 
 import numpy as np
 import torch
+from overhead import make_data, per_sample_ce, run_block  # noqa: E402  (script in the same folder)
 from torch import nn
 
 from online_llc import OnlineLLC
+from online_llc.models.groups import groups_by_linear
 from online_llc.monitor.cadence import DEFAULT_EVERY_N_STEPS
 from online_llc.stats.filter import LLCFilter
-from online_llc.models.groups import groups_by_linear
-
-from overhead import make_data, per_sample_ce, run_block  # noqa: E402  (script in the same folder)
 
 
 def overhead(groups, blocks: int = 8, block_steps: int = 60) -> float:

@@ -48,9 +48,9 @@ from typing import Callable, List, Tuple
 import torch
 from torch import nn
 
-from online_llc.kernel.hostreads import HostReads
-from online_llc.kernel.evaluator import LossEvaluator
 from online_llc.config import SGLDConfig
+from online_llc.kernel.evaluator import LossEvaluator
+from online_llc.kernel.hostreads import HostReads
 from online_llc.monitor.shadow import ShadowSampler
 
 

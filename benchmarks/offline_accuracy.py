@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from online_llc import estimate_llc
-from online_llc.config import DEFAULT_LOCALIZATION_SCALE, DEFAULT_NBETA_CAP
 from online_llc.calibration.step import DEFAULT_STEP_SCALE
+from online_llc.config import DEFAULT_LOCALIZATION_SCALE, DEFAULT_NBETA_CAP
 from online_llc.models.toy import deep_linear_problem
 
 MODELS = [

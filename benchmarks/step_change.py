@@ -41,8 +41,8 @@ import argparse
 import numpy as np
 import torch
 
-from online_llc.calibration.step import resolve_hyperparameters
 from online_llc import OnlineLLC, estimate_llc
+from online_llc.calibration.step import resolve_hyperparameters
 from online_llc.models.toy import deep_linear_problem
 
 SCENARIOS = [([10, 3, 5], [1, 3, 1]), ([12, 4, 12], [1, 4, 1])]  # widths, ranks of the regimes in order

@@ -25,8 +25,7 @@ import numpy as np
 import torch
 
 from online_llc import estimate_llc, recommend_step_size
-from online_llc.calibration.step import resolve_hyperparameters
-from online_llc.calibration.step import DEFAULT_MAX_HEAT
+from online_llc.calibration.step import DEFAULT_MAX_HEAT, resolve_hyperparameters
 from online_llc.models.toy import deep_linear_problem
 
 MODELS = [([10, 1], 1), ([10, 3, 5], 1), ([16, 8, 16, 8], 4), ([4, 12, 12, 12, 4], 2)]

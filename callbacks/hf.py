@@ -42,11 +42,11 @@ import torch
 from online_llc.callbacks._failure import monitor_failed, placeholders_after_failure, placeholders_stopped
 from online_llc.callbacks._metrics import LOGGED_KEYS, estimate_metrics, group_metrics
 from online_llc.errors import MonitorError
-from online_llc.monitor.estimator import OnlineLLC
+from online_llc.kernel.evaluator import LossFn
 from online_llc.kernel.fsdp import is_fsdp2
 from online_llc.models.losses import causal_lm_loss, sequence_classification_loss
+from online_llc.monitor.estimator import OnlineLLC
 from online_llc.monitor.settings import MonitorSettings
-from online_llc.kernel.evaluator import LossFn
 
 try:
     from transformers import TrainerCallback

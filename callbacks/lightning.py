@@ -20,14 +20,14 @@ from typing import Any, Callable, Dict, Mapping, Optional
 import numpy as np
 import torch
 
-from online_llc.monitor.cadence import Cadence
 from online_llc.callbacks._failure import monitor_failed, placeholders_after_failure, placeholders_stopped
 from online_llc.callbacks._metrics import ESTIMATE_KEYS, LOGGED_KEYS, estimate_metrics, group_metrics
-from online_llc.monitor.estimator import OnlineLLC
-from online_llc.kernel.fsdp import is_fsdp2
-from online_llc.records import LLCEstimate
-from online_llc.monitor.settings import MonitorSettings
 from online_llc.kernel.evaluator import LossFn
+from online_llc.kernel.fsdp import is_fsdp2
+from online_llc.monitor.cadence import Cadence
+from online_llc.monitor.estimator import OnlineLLC
+from online_llc.monitor.settings import MonitorSettings
+from online_llc.records import LLCEstimate
 
 try:  # the `lightning` package first; `pytorch_lightning` is the same code under another name
     from lightning.pytorch import Callback

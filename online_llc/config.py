@@ -35,11 +35,11 @@ the cap) so that its co-moving chain relaxes within a few windows (:mod:`online_
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import math
-from typing import Any, Optional, Tuple
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
-from online_llc.errors import check_choice, check_nonneg_float, check_positive_float, check_positive_int
+from online_llc.errors import check_choice, check_nonneg_float, check_positive_float
 
 __all__ = [
     "SAMPLERS",

@@ -10,7 +10,6 @@ is a :class:`ChainHealth`; the offline estimator's result is an :class:`LLCResul
 from __future__ import annotations
 
 import math
-
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -34,7 +33,7 @@ class LLCEstimate:
         step: training step of the window's last draw.
         mean: filtered LLC (the raw window mean while ``warming_up`` or ``diverged``).
         std: its standard deviation: the filter's, widened while the level moves by how far a
-            co-moving chain can trail it (:func:`online_llc.config.lag_std`).
+            co-moving chain can trail it (:func:`online_llc.monitor.policy.lag_std`).
         lower: lower end of the band (``confidence`` level, default 90%).
         upper: upper end of the band.
         status: one of :data:`STATUSES`.

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from online_llc import OnlineLLC
+from online_llc.models.toy import deep_linear_problem
 from online_llc.monitor.cadence import (
     MIN_WINDOW,
     OVERHEAD_BUDGET_STEPS,
@@ -20,7 +21,6 @@ from online_llc.monitor.cadence import (
     auto_cadence,
     next_step,
 )
-from online_llc.models.toy import deep_linear_problem
 
 LENGTHS = [30, 100, 220, 500, 999, 1000, 2500, 10_000, 19_999, 20_000, 29_999, 30_000, 34_999, 35_000, 10**6]
 

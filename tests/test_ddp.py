@@ -21,8 +21,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from online_llc import OnlineLLC
-from online_llc.monitor.sketch import sketch, sketch_shift
 from online_llc.models.toy import deep_linear_problem
+from online_llc.monitor.sketch import sketch, sketch_shift
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

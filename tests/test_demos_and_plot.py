@@ -8,8 +8,9 @@ import math
 import pytest
 
 from online_llc import OnlineLLC
-from online_llc.plot import read_run, write_csv
 from online_llc.models.toy import ShuffledBatches, deep_linear_problem, stagewise_dln_problem
+from online_llc.plot import read_run, write_csv
+
 
 def test_main_demo_runs_and_writes_csv_and_png(tmp_path):
     pytest.importorskip("matplotlib")
@@ -166,8 +167,8 @@ def test_induction_model_heads_are_disjoint_groups():
     import torch
 
     from online_llc.demos.induction import AttentionOnlyTransformer, per_sample_ce, repeated_sequences
-    from online_llc.models.heads import attention_heads
     from online_llc.models.groups import resolve_group_masks
+    from online_llc.models.heads import attention_heads
 
     model = AttentionOnlyTransformer(vocab=8, seq_len=8, d_model=8, num_heads=2)
     seqs = repeated_sequences(5, 8, 4, seed=0)

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from online_llc import OnlineLLC
-from online_llc.stats.filter import LLCFilter
-from online_llc.plot import write_csv
-from online_llc.kernel.evaluator import LossEvaluator
 from online_llc.config import SGLDConfig
+from online_llc.kernel.evaluator import LossEvaluator
 from online_llc.kernel.step import sgld_step
 from online_llc.models.toy import ShuffledBatches, deep_linear_problem
 from online_llc.monitor.window import WindowStats
+from online_llc.plot import write_csv
+from online_llc.stats.filter import LLCFilter
 
 P = deep_linear_problem([3, 2], 2, num_samples=256, batch_size=32, seed=0)
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from online_llc.calibration.step import resolve_hyperparameters
 from online_llc import STATUSES, OnlineLLC, estimate_llc
+from online_llc.calibration.step import resolve_hyperparameters
 from online_llc.models.toy import deep_linear_problem, stagewise_dln_problem
 
 Z90 = float(norm.ppf(0.95))
@@ -282,8 +282,7 @@ def test_transitions_group_runs_and_bridge_a_single_quiet_window() -> None:
     """Scripted statuses: runs of transition windows become boundaries; two runs one quiet window
     apart are one boundary (a ramp seen as jumps with a pause), two quiet windows keep them apart.
     Levels come from the smoothed curve at the nearest quiet window on either side."""
-    from online_llc.records import SmoothedPoint
-    from online_llc.records import LLCEstimate
+    from online_llc.records import LLCEstimate, SmoothedPoint
 
     p = deep_linear_problem([6, 6, 6], 2, num_samples=512, seed=0)
     monitor = OnlineLLC(p.model, p.loss_fn, num_samples=512)

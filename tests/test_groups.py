@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from online_llc.calibration.step import resolve_hyperparameters
 from online_llc import OnlineLLC, estimate_llc
+from online_llc.calibration.step import resolve_hyperparameters
 from online_llc.models.groups import groups_by_child, groups_by_linear, resolve_groups
 from online_llc.models.toy import block_problem
 

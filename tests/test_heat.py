@@ -155,10 +155,11 @@ def test_heat_interval_reads_inf_when_the_biases_take_the_whole_estimate() -> No
     interval that contains the point and narrows as the draws grow."""
     import numpy as np
 
-    from online_llc.calibration.heat import heat_interval, reported_heat
+    from online_llc.calibration.heat import heat_interval
+    from online_llc.stats.draws import heat_ratio
 
-    assert reported_heat(10.0, 12.0) == math.inf and math.isnan(reported_heat(-1.0, 0.5))
-    assert reported_heat(10.0, 5.0) == 2.0
+    assert heat_ratio(10.0, 12.0) == math.inf and math.isnan(heat_ratio(-1.0, 0.5))
+    assert heat_ratio(10.0, 5.0) == 2.0
     g = np.random.default_rng(0)
     widths = []
     for steps in (400, 40000):
@@ -292,7 +293,7 @@ def test_online_discretization_bias_matches_the_closed_form_and_cools_a_stiff_mo
     +- 0.005 against 0.530), and the step is kept as given. With inputs scaled by 2 (every
     curvature 4x) the default step, 0.15 / nbeta at a full batch, is grossly hot by its
     discretization alone (18% in closed form), which no minibatch measurement sees: the monitor
-    must cool it, with two chains towards a heat of 1.035 (:func:`online_llc.calibration.heat.cooling_excess`;
+    must cool it, with two chains towards a heat of 1.035 (:func:`online_llc.calibration.step.cooling_excess`;
     measured: 5.2x, 5.86e-4 to 1.13e-4), after which the measurement matches the closed form at
     the new step within 5%, the health heat is under 1.065 (measured 1.032; a window's
     measurement is noisy, so the cut lands near its target, not on it) and the windows' mean draw
@@ -321,7 +322,7 @@ def test_the_monitor_cools_a_hot_step_further_the_more_chains_its_band_pools() -
     """The stiff full-batch quadratic of the test above (18% hot at the default step by its
     discretization): the band of four chains is half as wide as one chain's, so the heat left in
     the level must be smaller. One chain is cooled towards a heat of 1.05, four towards 1.03
-    (:func:`online_llc.calibration.heat.cooling_excess`); each must end under 1 + 1.3 times its target's
+    (:func:`online_llc.calibration.step.cooling_excess`); each must end under 1 + 1.3 times its target's
     excess and above a third of it (cooled towards its target, not past it), and four chains at
     a step at most 0.7 times one chain's (measured: heat 1.042 at 1.58e-4, 1.028 at 9.68e-5)."""
     from online_llc.calibration.step import cooling_excess
@@ -368,9 +369,8 @@ def test_calibration_waits_for_a_measurement_that_decides() -> None:
     target raises it."""
     import numpy as np
 
-    from online_llc.calibration.step import CUT_EXCESS, MAX_EXCESS, TARGET_EXCESS
     from online_llc.calibration.heat import bias_interval
-    from online_llc.calibration.step import calibrated_step
+    from online_llc.calibration.step import CUT_EXCESS, MAX_EXCESS, TARGET_EXCESS, calibrated_step
 
     step, top = 1e-4, 4e-4
     # Point heat 1.5 but the interval reaches below 1: noise, not heat (was an 8x cut before).

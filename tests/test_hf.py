@@ -23,11 +23,20 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import (  # noqa: E402
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 from online_llc import MonitorError, OnlineLLC  # noqa: E402
-from online_llc.callbacks import LOGGED_KEYS  # noqa: E402
-from online_llc.callbacks import hf  # noqa: E402
+from online_llc.callbacks import (
+    LOGGED_KEYS,  # noqa: E402
+    hf,  # noqa: E402
+)
 from online_llc.callbacks.hf import OnlineLLCTrainerCallback  # noqa: E402
 from online_llc.models.heads import attention_heads  # noqa: E402
 from online_llc.models.losses import causal_lm_loss, sequence_classification_loss  # noqa: E402

@@ -13,9 +13,13 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 from online_llc import OnlineLLC  # noqa: E402
-from online_llc.models.heads import ParamSlice, attention_heads, groups_by_head
 from online_llc.models.groups import groups_by_child, groups_by_linear, resolve_group_masks
-from online_llc.models.heads import is_conv1d  # noqa: E402
+from online_llc.models.heads import (
+    ParamSlice,
+    attention_heads,
+    groups_by_head,
+    is_conv1d,  # noqa: E402
+)
 from online_llc.models.losses import causal_lm_loss  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

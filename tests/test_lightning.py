@@ -33,8 +33,8 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset  # noqa: E402
 
 from online_llc import STATUSES, LLCEstimate, MonitorError, OnlineLLC  # noqa: E402
-from online_llc.monitor.cadence import auto_cadence  # noqa: E402
 from online_llc.callbacks import ESTIMATE_KEYS, LOGGED_KEYS, OnlineLLCCallback  # noqa: E402
+from online_llc.monitor.cadence import auto_cadence  # noqa: E402
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),

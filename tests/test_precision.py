@@ -10,8 +10,9 @@ import torch
 
 pl = pytest.importorskip("lightning.pytorch")
 
-from online_llc.callbacks import OnlineLLCCallback  # noqa: E402
 from test_lightning import FAST, loader, make_module, make_trainer, per_sample_loss  # noqa: E402
+
+from online_llc.callbacks import OnlineLLCCallback  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("one_thread")]
 

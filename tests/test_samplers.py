@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from online_llc import OnlineLLC, estimate_llc
-from online_llc.kernel.evaluator import LossEvaluator
 from online_llc.config import SGLDConfig
-from online_llc.kernel.updates import init_aux
+from online_llc.kernel.evaluator import LossEvaluator
 from online_llc.kernel.step import sampler_step, sgld_step
+from online_llc.kernel.updates import init_aux
 from online_llc.models.toy import deep_linear_problem
 
 

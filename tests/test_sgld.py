@@ -9,10 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from online_llc.kernel.evaluator import LossEvaluator
-
 from online_llc.config import SGLDConfig, default_nbeta
-
+from online_llc.kernel.evaluator import LossEvaluator
 from online_llc.kernel.step import sgld_step
 from online_llc.monitor.shadow import ShadowSampler
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from online_llc.kernel.hostreads import HostReads
-from online_llc.kernel.evaluator import LossEvaluator
 from online_llc.config import SGLDConfig
-from online_llc.kernel.updates import init_aux
+from online_llc.kernel.evaluator import LossEvaluator
+from online_llc.kernel.hostreads import HostReads
 from online_llc.kernel.step import sampler_step
+from online_llc.kernel.updates import init_aux
 from online_llc.monitor.shadow import ShadowSampler
 
 

@@ -6,11 +6,11 @@ import textwrap
 
 import pytest
 import torch
+from test_fsdp import run_two_processes
 from torch import nn
 
 from online_llc import OnlineLLC, estimate_llc
 from online_llc.kernel.sharding import sharding_of
-from test_fsdp import run_two_processes
 
 
 def mse(model, batch):

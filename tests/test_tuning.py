@@ -12,9 +12,8 @@ import torch
 from torch import nn
 
 from online_llc import OnlineLLC, recommend_step_size
-
-from online_llc.kernel.diagnostics import mala_acceptance
 from online_llc.calibration.step import resolve_hyperparameters
+from online_llc.kernel.diagnostics import mala_acceptance
 from online_llc.kernel.evaluator import LossEvaluator
 from online_llc.models.toy import deep_linear_problem
 

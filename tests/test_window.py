@@ -12,11 +12,8 @@ import numpy as np
 import pytest
 
 from online_llc.monitor.window import WindowStats
-
 from online_llc.stats.draws import WindowSummary, summarize
-
-from online_llc.stats.mcse import effective_sample_size, mean_standard_error
-from online_llc.stats.mcse import multichain_standard_error
+from online_llc.stats.mcse import effective_sample_size, mean_standard_error, multichain_standard_error
 
 # Float tolerance for comparisons against brute-force re-computations of the same formulas:
 # only the summation order differs, so agreement is to a few ulps of the values involved.
@@ -684,16 +681,16 @@ def test_multichain_standard_error_sees_a_component_slower_than_the_run() -> Non
 
 
 def test_window_heat_reads_inf_when_the_bias_takes_a_positive_mean() -> None:
-    """The window's heat follows :func:`online_llc.calibration.heat.reported_heat`: ``mean / (mean - bias)``
+    """The window's heat follows :func:`online_llc.stats.draws.heat_ratio`: ``mean / (mean - bias)``
     while the bias leaves part of a positive mean, ``inf`` once it takes all of it (hotter than
     the window can measure: the alarm must fire, not fall silent on a NaN), NaN when there is no
     positive mean to compare with."""
-    from online_llc.calibration.heat import reported_heat
+    from online_llc.stats.draws import heat_ratio
 
     d = np.array([[1.0, 3.0, 2.0, 2.0]])  # mean 2
     v = np.zeros_like(d)
     for bias, want in ((0.5, 2.0 / 1.5), (2.0, math.inf), (3.0, math.inf)):
         s = summarize(d, v, heat_biases=np.full_like(d, bias))
-        assert s.heat == pytest.approx(want) and s.heat == reported_heat(s.mean, s.heat_bias)
+        assert s.heat == pytest.approx(want) and s.heat == heat_ratio(s.mean, s.heat_bias)
     s = summarize(-d, v, heat_biases=np.full_like(d, 0.5))
-    assert math.isnan(s.heat) and math.isnan(reported_heat(s.mean, s.heat_bias))
+    assert math.isnan(s.heat) and math.isnan(heat_ratio(s.mean, s.heat_bias))

@@ -1,8 +1,8 @@
 """The minibatch heat of the sampler, measured from two half-batch gradients at no extra cost.
 
 Where it sits: the kernel (:mod:`online_llc.kernel.step`) computes its minibatch gradient as the mean of
-the gradients of the batch's two halves; the batch is split by :func:`online_llc.kernel.evaluator.split_halves`; this module turns the halves'
-difference into the heat the step adds to the draw, and calibrates the step on it.
+the gradients of the batch's two halves; the batch is split by :func:`online_llc.kernel.halves.split_halves`; this module turns the halves'
+difference into the heat the step adds to the draw (:mod:`online_llc.calibration.step` sizes the step on it).
 
 With a batch of ``B`` samples, SGLD's gradient noise adds ``(epsilon / 2)^2 nbeta^2 C / B`` (``C``
 the per-sample gradient covariance) to the injected ``epsilon I``. Along a direction ``j`` of
@@ -50,56 +50,32 @@ whose pooled total heat is gross is cooled on it (:class:`online_llc.monitor.tra
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Optional, Tuple
+from typing import Any, Iterable, Tuple
 
 import numpy as np
 
-from online_llc.calibration.step import CUT_EXCESS, DEFAULT_STEP_SCALE, MAX_EXCESS, ONLINE_STEP_SCALE, TARGET_EXCESS
+from online_llc.stats.draws import heat_ratio
 
 __all__ = [
-    "heat_from",
     "pooled_heat",
-    "combined_heat",
-    "reported_heat",
     "heat_interval",
     "per_step_bias",
     "discretization_bias",
     "discretization_term",
-    "calibrated_step",
-    "cooling_excess",
-    "max_step_size",
 ]
 
 
-def heat_from(mean: float, heat_bias: float) -> float:
-    """``mean / (mean - heat_bias)``: the minibatch temperature of draws whose mean is ``mean``;
-    NaN when ``mean - heat_bias <= 0`` (no positive LLC to compare the heat with)."""
-    corrected = mean - heat_bias
-    if not (math.isfinite(corrected) and corrected > 0):
-        return math.nan
-    return mean / corrected
-
-
-def pooled_heat(means: Iterable[float], heat_biases: Iterable[float], report: bool = False) -> float:
+def pooled_heat(means: Iterable[float], heat_biases: Iterable[float]) -> float:
     """The heat of several windows together, ``sum(mean) / sum(mean - heat_bias)``.
 
     Pooling the sums (rather than averaging the windows' heats) keeps one noisy window with a
-    small mean from dominating. NaN for no windows or a non-positive corrected sum; with
-    ``report`` (windows whose estimate is clearly positive), :func:`reported_heat`'s ``inf`` where
-    the heat bias takes the whole estimate.
+    small mean from dominating. NaN for no windows; otherwise :func:`~online_llc.stats.draws.heat_ratio`
+    of the sums.
     """
     means, heat_biases = list(means), list(heat_biases)
     if not means:
         return math.nan
-    return (reported_heat if report else heat_from)(sum(means), sum(heat_biases))
-
-
-def combined_heat(mean: float, heat_bias: float, discretization_bias: float) -> float:
-    """``mean / (mean - heat_bias - discretization_bias)``: the heat of the minibatch noise and the
-    step's discretization together (both grow in proportion to the step); an unmeasured (NaN)
-    discretization bias counts as 0."""
-    disc = discretization_bias if math.isfinite(discretization_bias) else 0.0
-    return heat_from(mean, heat_bias + disc)
+    return heat_ratio(sum(means), sum(heat_biases))
 
 
 def discretization_term(next_prev_dot: Any, own_dot: Any, heat_bias: Any) -> Any:
@@ -169,15 +145,7 @@ def bias_interval(
     if d.size < 2 * batches:
         return math.nan, math.nan, math.nan
     (m, m_se), (b, b_se) = _batch_mean_se(d[None], batches), _batch_mean_se(per_step[None], batches)
-    return heat_from(m, b), heat_from(m + z * m_se, b - z * b_se), heat_from(m - z * m_se, b + z * b_se)
-
-
-def reported_heat(mean: float, bias: float) -> float:
-    """:func:`heat_from` as a report: ``inf`` where the bias takes the whole of a positive
-    ``mean`` (the chain is hotter than the measurement can resolve), NaN when ``mean <= 0``."""
-    if not (math.isfinite(mean) and math.isfinite(bias)) or mean <= 0:
-        return math.nan
-    return mean / (mean - bias) if mean - bias > 0 else math.inf
+    return heat_ratio(m, b), heat_ratio(m + z * m_se, b - z * b_se), heat_ratio(m - z * m_se, b + z * b_se)
 
 
 def heat_interval(draws: np.ndarray, biases: np.ndarray, z: float = 2.0, batches: int = 10) -> Tuple[float, float, float]:
@@ -199,9 +167,9 @@ def heat_interval(draws: np.ndarray, biases: np.ndarray, z: float = 2.0, batches
     if m - z * m_se <= 0:
         return math.nan, math.nan, math.nan
     return (
-        reported_heat(m, bias),
-        reported_heat(m + z * m_se, bias - z * b_se),
-        reported_heat(m - z * m_se, bias + z * b_se),
+        heat_ratio(m, bias),
+        heat_ratio(m + z * m_se, bias - z * b_se),
+        heat_ratio(m - z * m_se, bias + z * b_se),
     )
 
 

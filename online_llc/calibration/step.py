@@ -23,7 +23,7 @@ with a pull of about 9% per unit-curvature direction that the 4% discretization 
 step partly offsets. Online the step starts at ``min(0.15 / nbeta, 0.15 B / nbeta^2)`` (minibatch
 heat 3.75% at unit gradient noise) and is lowered only when the heat pooled over recent windows
 is gross, past ``1 + 2 * MAX_EXCESS / sqrt(C)`` for a band of ``C`` chains (1.1 for one chain), and
-then towards ``1 + MAX_EXCESS / sqrt(C)`` (:func:`online_llc.calibration.heat.cooling_excess`; at least
+then towards ``1 + MAX_EXCESS / sqrt(C)`` (:func:`online_llc.calibration.step.cooling_excess`; at least
 ``1 + CUT_EXCESS``): each change of the step moves the level a little and slows the relaxation, and
 the heat left in the level is kept to a fixed share of the band. Compare the
 live estimate with ``estimate_llc`` at the monitor's own settings (``monitor.config``).
@@ -75,7 +75,7 @@ ONLINE_STEP_SCALE: float = 0.15
 #: The heat ``T - 1`` the step is calibrated to (offline: minibatch and discretization together).
 TARGET_EXCESS: float = 0.02
 #: Calibration lowers the step when the measured heat's excess is above this and the lower end of
-#: its interval is above :data:`TARGET_EXCESS` (:func:`online_llc.calibration.heat.calibrated_step`).
+#: its interval is above :data:`TARGET_EXCESS` (:func:`online_llc.calibration.step.calibrated_step`).
 CUT_EXCESS: float = 0.03
 #: Above this measured heat a run warns that it ran hot (offline, and ``recommend_step_size``'s bound).
 MAX_EXCESS: float = 0.05
@@ -173,14 +173,14 @@ def calibrated_step(
 
 
     The heat's excess ``heat - 1`` is proportional to the step at a fixed ``nbeta``, so the step
-    is rescaled towards :data:`~online_llc.config.TARGET_EXCESS` when the excess is above
-    :data:`~online_llc.config.CUT_EXCESS` (1.5 times the target) or below half the target (by at
+    is rescaled towards :data:`~online_llc.calibration.step.TARGET_EXCESS` when the excess is above
+    :data:`~online_llc.calibration.step.CUT_EXCESS` (1.5 times the target) or below half the target (by at
     most 8x down and 2x up per call, so one noisy measurement cannot throw it far), and never above
     ``max_step``. A heat that is NaN leaves the step alone.
 
 
-    ``target`` replaces :data:`~online_llc.config.TARGET_EXCESS` as the excess a cut aims for (the
-    monitor cools a gross heat to :data:`~online_llc.config.MAX_EXCESS` only: a co-moving chain
+    ``target`` replaces :data:`~online_llc.calibration.step.TARGET_EXCESS` as the excess a cut aims for (the
+    monitor cools a gross heat to :data:`~online_llc.calibration.step.MAX_EXCESS` only: a co-moving chain
     pays for every cut in relaxation time).
 
 

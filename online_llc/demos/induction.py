@@ -42,10 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from online_llc.records import FILTERED_STATUSES
-
 from online_llc import OnlineLLC
 from online_llc.models.heads import attention_heads
+from online_llc.records import FILTERED_STATUSES
 
 
 class CausalSelfAttention(nn.Module):

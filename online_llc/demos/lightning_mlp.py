@@ -17,13 +17,12 @@ import sys
 import warnings
 from typing import List
 
+import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
-import lightning as L
-from lightning.pytorch.loggers import CSVLogger
 
 from online_llc.callbacks import OnlineLLCCallback
 

@@ -2,15 +2,16 @@
 
 Flow: training loop -> ShadowSampler (sgld kernel) -> WindowStats -> LLCFilter -> OnlineLLC
 records -> callbacks. This module sits under the sgld kernel (:mod:`online_llc.kernel.step`), and under
-the MALA diagnostic (:func:`online_llc.offline.recommend.mala_acceptance`): it is how they call the user's
+the MALA diagnostic (:func:`online_llc.kernel.diagnostics.mala_acceptance`): it is how they call the user's
 model without changing anything the training run can see.
 
 * :class:`LossEvaluator` computes per-sample losses through ``torch.func.functional_call`` on
   substituted parameters and cloned buffers, so the model object, its ``.grad`` fields and its
   buffers are never modified; :meth:`LossEvaluator.mode_context` puts the model in the
   evaluator's ``mode`` (:data:`MODES`) for a pass and restores every submodule's flag after it.
-* :func:`paired_losses_and_grads` runs the kernel's passes: per-sample losses at ``w*`` and
-  ``w* + xi`` and the gradients of the batch's two halves.
+* :meth:`LossEvaluator.paired` runs the kernel's passes (:mod:`online_llc.kernel.passes`, one
+  program for whole and sharded parameters): per-sample losses at ``w*`` and ``w* + xi`` and the
+  gradients of the batch's two halves.
 * :func:`split_halves` (:mod:`online_llc.kernel.halves`, re-exported here) cuts a batch into its two halves along the sample dimension, so the kernel
   can take the gradient of each half (their difference measures the gradient noise).
 * The passes run under :func:`online_llc.kernel.randomness.private_rng`, so the model's own random
@@ -19,13 +20,14 @@ model without changing anything the training run can see.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Protocol, Tuple
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from online_llc.kernel.halves import _leading_sizes, split_halves
+from online_llc.kernel.passes import Paired, combine_step_stats, moved_items, paired_losses_and_grads, step_rows
 from online_llc.kernel.randomness import private_rng
 from online_llc.kernel.sharding import check_unsharded
 from online_llc.kernel.updates import _norm, state_dtype
@@ -38,7 +40,6 @@ __all__ = [
     "model_mode",
     "moved_items",
     "moved_weights",
-    "paired_losses_and_grads",
     "split_halves",
 ]
 
@@ -46,6 +47,9 @@ __all__ = [
 #: BatchNorm on its running statistics), ``"train"`` (``model.train()``) or ``"as_is"`` (the mode
 #: the model is in).
 MODES = ("eval", "train", "as_is")
+
+#: Substituted weights: a mapping from parameter name to tensor, or (name, tensor) pairs.
+Params = Union[Mapping[str, Tensor], Iterable[Tuple[str, Tensor]]]
 
 
 @contextmanager
@@ -64,11 +68,6 @@ def model_mode(model: nn.Module, mode: str) -> Iterator[None]:
         # Flags are set directly: calling .train() again would push one flag down to every child.
         for m, flag in flags:
             m.training = flag
-
-
-#: What the kernel's passes return: ``(l_center, l_sample, g1, g2, (B1, B2), center_parts)``
-#: (:func:`paired_losses_and_grads`).
-Paired = Tuple[Tensor, Tensor, List[Optional[Tensor]], List[Optional[Tensor]], Tuple[int, int], Tuple[Tensor, ...]]
 
 
 class LossFn(Protocol):
@@ -182,6 +181,14 @@ class LossEvaluator:
         whole parameters, the noise is drawn at the offsets' own shape)."""
         return None
 
+    # ---- the primitives of the kernel's pass program (online_llc.kernel.passes) -------------------
+    #: A backward needs the moved weights in place (False: it may run after the substitution).
+    grads_inside_passes = False
+    #: A pass's graph cannot be differentiated twice (False: one pass serves both halves).
+    one_gradient_per_pass = False
+    #: Ranks whose batches together form the step's batch.
+    world = 1
+
     def paired(
         self,
         center: Mapping[str, Tensor],
@@ -190,47 +197,57 @@ class LossEvaluator:
         rewind: Callable[[], None],
         center_losses: Optional[Tuple[Tensor, ...]] = None,
     ) -> Paired:
-        """The kernel's passes: :func:`paired_losses_and_grads` with this evaluator."""
+        """The kernel's passes: :func:`~online_llc.kernel.passes.paired_losses_and_grads` with this
+        evaluator."""
         return paired_losses_and_grads(self, center, offset, batch, rewind, center_losses)
 
     def step_stats(
-        self, l_center: Tensor, l_sample: Tensor, offsets: List[Tensor], noise_sq: Tensor
+        self, l_center: Tensor, l_sample: Tensor, offsets: Sequence[Tensor], noise_sq: Tensor
     ) -> Tuple[Tensor, int]:
-        """The kernel's numbers of one step (float64, on the losses' device): the differences'
-        mean and unbiased variance, the two mean losses, ``||xi||`` and the halves' squared
-        gradient difference ``noise_sq``; and the batch size."""
-        diff = l_sample.double() - l_center.double()
-        b = diff.numel()
-        device = diff.device
-        stats = torch.stack(
-            [diff.mean(), diff.var(unbiased=True) if b > 1 else diff.new_zeros(()), l_center.double().mean(),
-             l_sample.double().mean(), _norm(offsets).to(device), noise_sq]
-        )
-        return stats, b
+        """The kernel's numbers of one step (float64, on the losses' device) over every rank's
+        batch (:func:`~online_llc.kernel.passes.combine_step_stats`), and the number of samples."""
+        row = step_rows(l_center, l_sample, _norm(list(offsets)).square(), noise_sq)
+        size = l_center.numel() * self.world
+        return combine_step_stats(self.gather_rows(row), size), size
+
+    def gather_rows(self, row: Tensor) -> Tensor:
+        """Every rank's row of a step's numbers, stacked ``[R, 7]``: this rank's alone here."""
+        return row[None]
 
     def all_reduce_sum(self, t: Tensor) -> Tensor:
         """``t`` summed over the ranks that share the chain: ``t`` itself for whole parameters."""
         return t
 
-    def losses(self, params: Mapping[str, Tensor], batch: Any) -> Tensor:
-        """Per-sample losses with ``params`` substituted for the named parameters.
+    def pass_session(self) -> Any:
+        """What holds around all the passes of one step: nothing for whole parameters."""
+        return nullcontext()
+
+    def grads(self, out: Tensor, leaves: List[Tensor], retain_graph: bool = False) -> List[Optional[Tensor]]:
+        """The gradient of the scalar ``out`` with respect to the offsets ``leaves`` (None for an
+        offset the loss does not reach)."""
+        return list(torch.autograd.grad(out, leaves, allow_unused=True, retain_graph=retain_graph))
+
+    def losses(self, params: Params, batch: Any) -> Tensor:
+        """Per-sample losses with ``params`` (a mapping, or name, tensor pairs) substituted for the
+        named parameters.
 
         Buffers are cloned so that, e.g., BatchNorm in training mode updates the clones and not
         the model's running statistics.
         """
         return self.passes(params, lambda loss: loss(batch))
 
-    def passes(self, params: Mapping[str, Tensor], program: Callable[[Callable[[Any], Tensor]], Any]) -> Any:
-        """``program(loss)`` with ``params`` substituted once for all the passes it makes, where
-        ``loss(batch)`` gives the per-sample losses of ``batch`` (checked by
-        :func:`check_per_sample`); returns what ``program`` returns.
+    def passes(self, params: Params, program: Callable[[Callable[[Any], Tensor]], Any]) -> Any:
+        """``program(loss)`` with ``params`` (a mapping, or name, tensor pairs) substituted once for
+        all the passes it makes, where ``loss(batch)`` gives the per-sample losses of ``batch``
+        (checked by :func:`check_per_sample`); returns what ``program`` returns.
 
         One substitution (and one set of buffer clones) instead of one per pass: on a small model
         the substitution's bookkeeping costs about a third of a forward pass. The passes share
         the cloned buffers, so a pass sees what an earlier one wrote to them (BatchNorm's running
         statistics in training mode, which that mode does not read).
         """
-        subst = {"model." + n: t for n, t in params.items()}
+        items = params.items() if isinstance(params, Mapping) else params
+        subst = {"model." + n: t for n, t in items}
         for n, b in self.model.named_buffers():
             subst["model." + n] = b.detach().clone()
         return torch.func.functional_call(self._module, subst, (program,), strict=False)
@@ -250,98 +267,9 @@ def check_per_sample(out: Any) -> Tensor:
     return out
 
 
-def moved_items(center: Mapping[str, Tensor], xi: Mapping[str, Tensor]) -> Iterator[Tuple[str, Tensor]]:
-    """``(name, w* + xi)`` one parameter at a time, in the parameters' dtype: the offsets stay
-    float32 (the sum is formed in the wider dtype, then cast for the forward; the gradient flows
-    back to ``xi`` in float32)."""
-    for n in xi:
-        yield n, (center[n] + xi[n]).to(center[n].dtype)
-
-
 def moved_weights(center: Mapping[str, Tensor], xi: Mapping[str, Tensor]) -> Dict[str, Tensor]:
     """``w* + xi`` of every parameter (:func:`moved_items`)."""
     return dict(moved_items(center, xi))
-
-
-def paired_losses_and_grads(
-    evaluator: LossEvaluator,
-    center: Mapping[str, Tensor],
-    offset: Mapping[str, Tensor],
-    batch: Any,
-    rewind: Callable[[], None],
-    center_losses: Optional[Tuple[Tensor, ...]] = None,
-) -> Paired:
-    """Per-sample losses at ``w*`` and ``w* + xi``, and the gradients of the two halves' mean losses.
-
-    When the batch splits (:func:`~online_llc.kernel.evaluator.split_halves`), each half runs through the
-    model on its own (the same FLOPs as one pass over the whole batch), the centre's halves too, so
-    that a model whose per-sample losses depend on the batch (BatchNorm in training mode) still
-    pairs each sample with itself; the two halves of a point share one substitution of its
-    weights (:meth:`LossEvaluator.passes`). Otherwise one pass over the whole batch is
-    differentiated twice.
-    The dropout masks of the centre's and the sample's passes match (``rewind``).
-
-    ``center_losses``: the centre's per-sample losses from an earlier call on the same batch and
-    centre (the last element of its result), reused instead of recomputed: only valid when the
-    model is deterministic (:func:`deterministic`).
-
-    Memory: the perturbed weights ``w* + xi`` are referenced only by the autograd graph during the
-    last backward pass, which frees them tensor by tensor as it produces the gradients, so the
-    passes hold about two copies of the parameters at their peak (the perturbed weights, then the
-    second gradient, next to the first gradient).
-
-    Returns:
-        ``(l_center, l_sample, g1, g2, (B1, B2), center_parts)``.
-    """
-    xi = {n: t.detach().requires_grad_(True) for n, t in offset.items()}
-    leaves = list(xi.values())
-    parts = split_halves(batch)
-    if parts is not None:
-        first, second, _ = parts
-        if center_losses is None:
-            with torch.no_grad():
-                center_losses = evaluator.passes(center, lambda loss: (loss(first).detach(), loss(second).detach()))
-        c1, c2 = center_losses
-
-        def sample_passes(loss: Callable[[Any], Tensor]) -> Tuple[Tensor, List[Optional[Tensor]], Tensor]:
-            s1 = loss(first)
-            _check_same(c1, s1)
-            g1 = list(torch.autograd.grad(s1.mean(), leaves, allow_unused=True))
-            s2 = loss(second)
-            _check_same(c2, s2)
-            return s1.detach(), g1, s2
-
-        rewind()
-        s1, g1, s2 = evaluator.passes(moved_weights(center, xi), sample_passes)
-        # The second half's backward runs after the substitution ends: the perturbed weights are
-        # then referenced only by its graph, which frees them as it goes (see Memory above).
-        g2 = list(torch.autograd.grad(s2.mean(), leaves, allow_unused=True))
-        return torch.cat([c1, c2]), torch.cat([s1, s2.detach()]), g1, g2, (c1.numel(), c2.numel()), center_losses
-    if center_losses is None:
-        with torch.no_grad():
-            center_losses = (evaluator.losses(center, batch).detach(),)
-    (l_center,) = center_losses
-    rewind()
-    moved = moved_weights(center, xi)
-    l_sample = evaluator.losses(moved, batch)
-    del moved
-    _check_same(l_center, l_sample)
-    b = l_sample.numel()
-    if b < 2:
-        g = list(torch.autograd.grad(l_sample.mean(), leaves, allow_unused=True))
-        return l_center, l_sample.detach(), g, g, (b, 0), center_losses
-    h = b // 2
-    g1 = list(torch.autograd.grad(l_sample[:h].mean(), leaves, allow_unused=True, retain_graph=True))
-    g2 = list(torch.autograd.grad(l_sample[h:].mean(), leaves, allow_unused=True))
-    return l_center, l_sample.detach(), g1, g2, (h, b - h), center_losses
-
-
-def _check_same(center: Tensor, sample: Tensor) -> None:
-    if sample.shape != center.shape:
-        raise ValueError(
-            "Expected `loss_fn` to return the same number of per-sample losses at every weight, "
-            f"got {tuple(center.shape)} and {tuple(sample.shape)}."
-        )
 
 
 def check_first_batch(evaluator: LossEvaluator, batch: Any, num_samples: int, generator: torch.Generator) -> int:

@@ -54,10 +54,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from online_llc.kernel.evaluator import LossEvaluator, LossFn, Paired, _check_same, check_per_sample, moved_items
-
-from online_llc.kernel.halves import split_halves
-from online_llc.kernel.updates import _norm, state_dtype
+from online_llc.kernel.evaluator import LossEvaluator, LossFn, Params, check_per_sample
+from online_llc.kernel.updates import state_dtype
 
 __all__ = ["ShardLayout", "ShardedLossEvaluator", "is_fsdp2", "make_evaluator"]
 
@@ -160,107 +158,38 @@ class ShardedLossEvaluator(LossEvaluator):
         full shape and keeps this rank's shard)."""
         return [self.layouts[n] for n in names]
 
-    def losses(self, params: Mapping[str, Tensor], batch: Any) -> Tensor:
-        """Per-sample losses of this rank's batch with ``params`` (this rank's shards) in place of
-        the sampled parameters' shards; the model's own shards are restored after the pass."""
-        with self._weights(params.items()):
-            return self._pass(batch)
+    # ---- the primitives of the kernel's pass program (online_llc.kernel.passes) -------------------
+    # FSDP2's backward all-gathers the (moved) shards again, and reshards after it.
+    grads_inside_passes = True
+    one_gradient_per_pass = True
 
-    def paired(
-        self,
-        center: Mapping[str, Tensor],
-        offset: Mapping[str, Tensor],
-        batch: Any,
-        rewind: Callable[[], None],
-        center_losses: Optional[Tuple[Tensor, ...]] = None,
-    ) -> Paired:
-        """:func:`~online_llc.kernel.evaluator.paired_losses_and_grads` on shards: the losses are this
-        rank's, the gradients the reduce-scattered mean over ranks (this rank's shards), the
-        halves' sizes those of the union of the ranks' batches (``R`` times this rank's)."""
-        parts = split_halves(batch)
-        with self._passes():
-            if parts is not None:
-                l_center, l_sample, g1, g2, halves, center_losses = self._paired_halves(
-                    center, offset, [parts[0], parts[1]], rewind, center_losses
-                )
-            else:
-                l_center, l_sample, g1, g2, halves, center_losses = self._paired_whole(
-                    center, offset, batch, rewind, center_losses
-                )
-        return l_center, l_sample, g1, g2, (halves[0] * self.world, halves[1] * self.world), center_losses
+    def passes(self, params: Params, program: Callable[[Callable[[Any], Tensor]], Any]) -> Any:
+        """``program(loss)`` with this rank's shards of the sampled parameters set to ``params``
+        (this rank's shards; a mapping or name, tensor pairs) for all its passes; the model's own
+        shards are restored after them, also when a pass raises (bit-exact)."""
+        with self._weights(params.items() if isinstance(params, Mapping) else params):
+            return program(self._pass)
 
-    def _paired_halves(self, center, offset, pieces, rewind, center_losses):  # type: ignore[no-untyped-def]
-        # Each half through the model on its own, as the unsharded kernel does (one pass's FLOPs).
-        if center_losses is None:
-            with torch.no_grad():
-                center_losses = tuple(self._pass(p).detach() for p in pieces)
-        rewind()
-        samples, grads = [], []
-        with self._weights(moved_items(center, offset)):
-            for p, c in zip(pieces, center_losses):
-                s = self._pass(p)
-                _check_same(c, s)
-                s.mean().backward()
-                grads.append(self._take_grads())
-                samples.append(s.detach())
-        l_center, l_sample = torch.cat(center_losses), torch.cat(samples)
-        return l_center, l_sample, grads[0], grads[1], (center_losses[0].numel(), center_losses[1].numel()), center_losses
+    def grads(self, out: Tensor, leaves: List[Tensor], retain_graph: bool = False) -> List[Optional[Tensor]]:
+        """The gradient of ``out`` as FSDP reduces it: the mean over ranks of each rank's gradient
+        (the union's mean gradient when the ranks' batches have equal sizes), this rank's shards,
+        taken from the parameters' ``.grad`` (the offsets ``leaves`` are not in the graph: the
+        shards themselves moved)."""
+        out.backward(retain_graph=retain_graph)
+        return self._take_grads()
 
-    def _paired_whole(self, center, offset, batch, rewind, center_losses):  # type: ignore[no-untyped-def]
-        # A batch that does not split: the unsharded kernel differentiates one pass twice; FSDP
-        # reshards after a backward, so here each half's gradient gets its own pass (with the same
-        # dropout masks: rewound before each).
-        if center_losses is None:
-            with torch.no_grad():
-                center_losses = (self._pass(batch).detach(),)
-        (l_center,) = center_losses
-        b = l_center.numel()
-        h = b // 2
-        grads, l_sample = [], None
-        with self._weights(moved_items(center, offset)):
-            for part in ((slice(0, h), slice(h, b)) if b >= 2 else (slice(0, b),)):
-                rewind()
-                s = self._pass(batch)
-                _check_same(l_center, s)
-                s[part].mean().backward()
-                grads.append(self._take_grads())
-                if l_sample is None:
-                    l_sample = s.detach()
-        assert l_sample is not None
-        if b < 2:
-            return l_center, l_sample, grads[0], grads[0], (b, 0), center_losses
-        return l_center, l_sample, grads[0], grads[1], (h, b - h), center_losses
+    def pass_session(self) -> Any:
+        """The training run's gradients set aside and FSDP's gradient reduction switched on for
+        the passes (:meth:`_passes`)."""
+        return self._passes()
 
-    def step_stats(self, l_center: Tensor, l_sample: Tensor, offsets: Sequence[Tensor], noise_sq: Tensor) -> Tuple[Tensor, int]:
-        """The kernel's numbers over the union of the ranks' batches and the whole offset: every
-        rank's count, mean and centred sum of squares of the differences, mean losses and squared
-        norms are all-gathered (one collective) and combined like one batch (Chan et al.)."""
-        diff = l_sample.double() - l_center.double()
-        n = diff.numel()
-        mean = diff.mean()
-        local = torch.stack(
-            [
-                torch.tensor(float(n), dtype=torch.float64, device=diff.device),
-                mean,
-                (diff - mean).square().sum(),
-                l_center.double().sum(),
-                l_sample.double().sum(),
-                _norm(list(offsets)).square().to(diff.device),
-                noise_sq.to(diff.device, torch.float64),
-            ]
-        )
-        rows = [torch.empty_like(local) for _ in range(self.world)]
-        dist.all_gather(rows, local, group=self.group)
-        table = torch.stack(rows)
-        counts, means = table[:, 0], table[:, 1]
-        total = counts.sum()
-        grand = (counts * means).sum() / total
-        m2 = table[:, 2].sum() + (counts * (means - grand).square()).sum()
-        var = m2 / (total - 1) if n * self.world > 1 else m2.new_zeros(())
-        stats = torch.stack(
-            [grand, var, table[:, 3].sum() / total, table[:, 4].sum() / total, table[:, 5].sum().sqrt(), table[:, 6].sum()]
-        )
-        return stats, n * self.world
+    def gather_rows(self, row: Tensor) -> Tensor:
+        """Every rank's row of a step's numbers (one ``all_gather``), stacked ``[R, 7]``: the
+        draw, its variance and the norms are then combined over the union of the ranks' batches
+        and the whole offset."""
+        rows = [torch.empty_like(row) for _ in range(self.world)]
+        dist.all_gather(rows, row, group=self.group)
+        return torch.stack(rows)
 
     def gather_full(self, tensors: Mapping[str, Tensor]) -> Dict[str, Tensor]:
         """Full-shape copies, on the CPU, of per-rank shards (offsets or sampler state): a

@@ -47,10 +47,9 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Seq
 import torch
 from torch import Tensor
 
-from online_llc.errors import check_choice, check_nonneg_float, check_positive_float
+from online_llc.config import SAMPLERS, SGLDConfig
 from online_llc.kernel.evaluator import LossEvaluator, LossFn
 from online_llc.kernel.randomness import private_rng
-from online_llc.config import SAMPLERS, SGLDConfig
 from online_llc.kernel.updates import _combine_halves, _update, init_aux, state_dtype
 
 __all__ = [
@@ -219,7 +218,7 @@ def sampler_step(
             ``info.update_dot_grad`` (SGLD and RMSProp-SGLD with injected noise).
         rng_seed: seeds the model's own randomness (dropout) for this step; by default an integer
             drawn from ``generator``, which costs a second host read per step
-            (:func:`~online_llc.kernel.evaluator.derived_seed` gives one from a step counter).
+            (:func:`~online_llc.kernel.randomness.derived_seed` gives one from a step counter).
 
     Returns:
         ``(new_offset, new_aux, info)``, new tensors in float32 (float64 for float64 offsets);

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

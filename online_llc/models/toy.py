@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from online_llc.models import theory
 from online_llc.errors import check_nonneg_int, check_positive_float, check_positive_int
+from online_llc.models import theory
 
 __all__ = [
     "KnownLambdaProblem",

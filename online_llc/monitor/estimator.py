@@ -27,20 +27,19 @@ import torch
 from scipy.stats import norm as _normal
 from torch import nn
 
-from online_llc.monitor.distributed import rank_seed, rejoin
-from online_llc.kernel.evaluator import check_first_batch
-from online_llc.stats.filter import LLCFilter
+from online_llc.calibration.step import DEFAULT_MAX_HEAT
+from online_llc.kernel.evaluator import LossEvaluator, LossFn, check_first_batch
 from online_llc.kernel.fsdp import is_fsdp2, make_evaluator
 from online_llc.models.groups import resolve_group_masks
+from online_llc.monitor.distributed import rank_seed, rejoin
 from online_llc.monitor.health import HEALTH_WINDOWS, chain_health  # noqa: F401 - HEALTH_WINDOWS also importable from here
-from online_llc.records import STATUSES, ChainHealth, LLCEstimate, SmoothedPoint, Transition
 from online_llc.monitor.schedule import Schedule
 from online_llc.monitor.settings import MonitorSettings
 from online_llc.monitor.shadow import ShadowSampler
-from online_llc.kernel.evaluator import LossEvaluator, LossFn
 from online_llc.monitor.track import MAX_AUTO_WARMUP, MIN_AUTO_WARMUP, MIN_REWARMUP, Track  # noqa: F401 - also importable from here
-from online_llc.calibration.step import DEFAULT_MAX_HEAT
 from online_llc.monitor.window import WindowStats
+from online_llc.records import STATUSES, ChainHealth, LLCEstimate, SmoothedPoint, Transition
+from online_llc.stats.filter import LLCFilter
 
 __all__ = ["ChainHealth", "LLCEstimate", "OnlineLLC", "STATUSES", "SmoothedPoint", "Transition"]
 
@@ -274,7 +273,7 @@ class OnlineLLC:
     def group_band(self, name: str, step: Optional[int] = None) -> Tuple[float, float]:
         """Group ``name``'s predicted mean and std at ``step`` (default: the current step): the
         band widens across the gap since the group was last observed (and, like every band,
-        with the level's slope: :func:`~online_llc.config.lag_std`)."""
+        with the level's slope: :func:`~online_llc.monitor.policy.lag_std`)."""
         t = self._group(name)
         if not t.filter.initialized:
             return math.nan, math.inf

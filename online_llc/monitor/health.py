@@ -13,11 +13,11 @@ import itertools
 import math
 from dataclasses import replace
 
+from online_llc.calibration.heat import pooled_heat
 from online_llc.calibration.step import relaxation_steps
 from online_llc.errors import check_positive_float
-from online_llc.calibration.heat import pooled_heat
-from online_llc.records import ChainHealth
 from online_llc.monitor.track import Track
+from online_llc.records import ChainHealth
 
 __all__ = ["HEALTH_WINDOWS", "SLOW_RELAXATION_FACTOR", "SLOW_RELAXATION_WINDOWS", "chain_health"]
 
@@ -59,7 +59,7 @@ def chain_health(track: Track, max_heat: float) -> ChainHealth:
     recent = [e for e in itertools.islice(fed, HEALTH_WINDOWS) if math.isfinite(e.heat_bias)]
     # inf when the heat bias takes the whole of a clearly positive estimate: hotter than measurable,
     # which must alarm too (a NaN would have stayed silent at gross heat).
-    heat = pooled_heat([e.raw_mean for e in recent], [e.total_bias for e in recent], report=True)
+    heat = pooled_heat([e.raw_mean for e in recent], [e.total_bias for e in recent])
     config = track.sampler.config
     alarms = []
     if heat > max_heat:  # NaN is False, inf True

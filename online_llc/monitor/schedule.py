@@ -18,8 +18,8 @@ from __future__ import annotations
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from online_llc.monitor.cadence import next_step
-from online_llc.records import LLCEstimate
 from online_llc.monitor.track import Track
+from online_llc.records import LLCEstimate
 
 __all__ = ["Schedule"]
 

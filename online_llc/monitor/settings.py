@@ -17,12 +17,20 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional, Tuple, Union
 
-from online_llc.monitor.cadence import AUTO, Cadence, auto_cadence, check_cadence_option
-from online_llc.monitor.cadence import DEFAULT_WARMUP
 from online_llc.calibration.step import resolve_hyperparameters
-from online_llc.errors import as_int, check_bool, check_choice, check_int, check_nonneg_int, check_positive_float, check_positive_int, reject_unknown
-from online_llc.kernel.evaluator import MODES
 from online_llc.config import SGLDConfig
+from online_llc.errors import (
+    as_int,
+    check_bool,
+    check_choice,
+    check_int,
+    check_nonneg_int,
+    check_positive_float,
+    check_positive_int,
+    reject_unknown,
+)
+from online_llc.kernel.evaluator import MODES
+from online_llc.monitor.cadence import AUTO, DEFAULT_WARMUP, Cadence, auto_cadence, check_cadence_option
 
 __all__ = ["MonitorSettings"]
 
@@ -42,7 +50,7 @@ class MonitorSettings:
         step_size: the sampler's ``epsilon``; ``None``: ``min(0.15 / nbeta, 0.15 B / nbeta^2)``
             for the first batch's size ``B``, lowered when the measured heat of recent windows
             (minibatch and discretization) is past 1.1 for one chain, less for more chains
-            (:func:`online_llc.calibration.heat.cooling_excess`); a given step is used as it is.
+            (:func:`online_llc.calibration.step.cooling_excess`); a given step is used as it is.
         every_n_steps: training steps between shadow steps (>= 1), or ``"auto"`` (the default):
             sized to ``total_steps`` by :func:`online_llc.monitor.cadence.auto_cadence` (35 when the
             length is unknown or 35000 steps and more; denser for shorter runs, down to every

@@ -43,15 +43,14 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 from torch import Tensor
 
-from online_llc.errors import check_bool, check_positive_float
 from online_llc.calibration.heat import discretization_term
-from online_llc.kernel.randomness import chain_seed, derived_seed, deterministic
-from online_llc.kernel.evaluator import LossEvaluator
 from online_llc.config import SGLDConfig
+from online_llc.errors import check_bool, check_positive_float
+from online_llc.kernel.evaluator import LossEvaluator
+from online_llc.kernel.randomness import chain_seed, derived_seed, deterministic
 from online_llc.kernel.step import SGLDInfo, _info, _kernel_step
-from online_llc.kernel.updates import init_aux
+from online_llc.kernel.updates import init_aux, state_dtype
 from online_llc.monitor.sketch import SKETCH_VERSION, Sketcher, sketch_shift, sketch_shift_sharded
-from online_llc.kernel.updates import state_dtype
 
 __all__ = ["ShadowStep", "ShadowSampler"]
 
@@ -109,7 +108,7 @@ class ShadowSampler:
         share_center_loss: compute the loss at the centre once per shadow step for all chains
             (True), or once per chain with that chain's dropout masks (False). ``None``: share it
             when the model is deterministic as far as its modules tell in the evaluator's mode
-            (:func:`~online_llc.kernel.evaluator.deterministic`: no dropout module in training mode),
+            (:func:`~online_llc.kernel.randomness.deterministic`: no dropout module in training mode),
             decided at every step. Sharing with a random model leaves the draws unbiased but
             unpairs the dropout noise of chains after the first.
     """

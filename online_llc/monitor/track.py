@@ -33,21 +33,25 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
 import numpy as np
 
-from online_llc.monitor.cadence import Cadence
-from online_llc.monitor.cadence import DEFAULT_HORIZON
-from online_llc.calibration.step import default_step_size, relaxation_steps
-from online_llc.monitor.policy import lag_std
-from online_llc.stats.filter import LLCFilter
-from online_llc.calibration.step import calibrated_step, cooling_excess, max_step_size
 from online_llc.calibration.heat import pooled_heat
-from online_llc.records import LLCEstimate, SmoothedPoint, Transition
+from online_llc.calibration.step import (
+    calibrated_step,
+    cooling_excess,
+    default_step_size,
+    max_step_size,
+    relaxation_steps,
+)
+from online_llc.config import SGLDConfig
+from online_llc.kernel.evaluator import LossEvaluator
+from online_llc.monitor.cadence import DEFAULT_HORIZON, Cadence
+from online_llc.monitor.policy import lag_std
 from online_llc.monitor.settings import MonitorSettings
 from online_llc.monitor.shadow import ShadowSampler
-from online_llc.kernel.evaluator import LossEvaluator
-from online_llc.config import SGLDConfig
 from online_llc.monitor.warmup import EquilibrationDetector, WeightJumpDetector
 from online_llc.monitor.window import WindowStats
+from online_llc.records import LLCEstimate, SmoothedPoint, Transition
 from online_llc.stats.draws import WindowSummary
+from online_llc.stats.filter import LLCFilter
 
 __all__ = ["MAX_AUTO_WARMUP", "MIN_AUTO_WARMUP", "MIN_REWARMUP", "Track"]
 
@@ -328,8 +332,7 @@ class Track:
         recent = [e for e in self.history[self.step_changed_at : upto] if e.status == "tracking"][-_HEAT_WINDOWS:]
         if len(recent) < _MIN_HEAT_WINDOWS:
             return
-        report = all(e.lower > 0 for e in recent)
-        heat = pooled_heat([e.raw_mean for e in recent], [e.total_bias for e in recent], report=report)
+        heat = pooled_heat([e.raw_mean for e in recent], [e.total_bias for e in recent])
         excess = cooling_excess(self._band_chains)
         if not heat - 1 > 2 * excess:
             return

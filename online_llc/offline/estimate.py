@@ -19,22 +19,32 @@ import numpy as np
 import torch
 from torch import nn
 
-from online_llc.calibration.budget import DEFAULT_PRECISION
-
-from online_llc.calibration.step import MAX_EXCESS, relaxation_steps, resolve_hyperparameters
-from online_llc.errors import NonFiniteDrawError, check_choice, check_int, check_nonneg_int, check_positive_int, reject_unknown
-from online_llc.models.groups import resolve_groups
+from online_llc.calibration.budget import DEFAULT_PRECISION, resolve_burn_in, resolve_num_draws, scaled_cap
+from online_llc.calibration.heat import bias_interval, discretization_bias, heat_interval, per_step_bias
+from online_llc.calibration.step import (
+    MAX_EXCESS,
+    calibrated_step,
+    max_step_size,
+    relaxation_steps,
+    resolve_hyperparameters,
+)
+from online_llc.errors import (
+    NonFiniteDrawError,
+    check_choice,
+    check_int,
+    check_nonneg_int,
+    check_positive_int,
+    reject_unknown,
+)
 from online_llc.kernel.evaluator import MODES, LossEvaluator, LossFn
 from online_llc.kernel.halves import split_halves
 from online_llc.kernel.randomness import chain_seed, cuda_devices, derived_seed
-from online_llc.calibration.heat import bias_interval, combined_heat, discretization_bias, heat_from, heat_interval, per_step_bias
-from online_llc.calibration.step import calibrated_step, max_step_size
-from online_llc.kernel.updates import init_aux
 from online_llc.kernel.step import sampler_step
-from online_llc.calibration.budget import resolve_burn_in, resolve_num_draws, scaled_cap
+from online_llc.kernel.updates import init_aux
+from online_llc.models.groups import resolve_groups
 from online_llc.records import LLCResult
+from online_llc.stats.draws import heat_ratio, summarize
 from online_llc.stats.mcse import multichain_standard_error
-from online_llc.stats.draws import summarize
 
 __all__ = ["LLCResult", "estimate_llc", "CAP_BATCH", "MAX_AUTO_BURN_IN", "MAX_AUTO_DRAWS", "CALIBRATION_STEPS", "MAX_CALIBRATION_ROUNDS"]
 
@@ -113,10 +123,10 @@ def estimate_llc(
         nbeta: ``n * beta``; ``None`` means ``min(n / log n, 256)`` (:mod:`online_llc.config`).
         localization: ``gamma``, the pull towards ``w*``; ``None`` means ``0.2 * sqrt(nbeta)``.
         step_size: the sampler's ``epsilon``; ``None`` calibrates it: it starts at
-            :func:`online_llc.config.default_step_size` for the batch size, and rounds of
+            :func:`online_llc.calibration.step.default_step_size` for the batch size, and rounds of
             :data:`CALIBRATION_STEPS` steps on the first chain rescale it until the measured
-            minibatch heat is near :data:`online_llc.config.TARGET_EXCESS` (a warning says when it
-            stays above :data:`online_llc.config.MAX_EXCESS`). A given step is used as it is.
+            minibatch heat is near :data:`online_llc.calibration.step.TARGET_EXCESS` (a warning says when it
+            stays above :data:`online_llc.calibration.step.MAX_EXCESS`). A given step is used as it is.
         num_chains: independent chains ``C``.
         num_draws: draws per chain kept after burn-in ``D``; ``None`` means 1000 times the factor by
             which the step is below ``0.08 / nbeta`` (a smaller step mixes that much more slowly),
@@ -295,7 +305,7 @@ def estimate_llc(
     summary = summarize(kept, kept_noise)
     per_chain_std = np.array([summarize(kept[c : c + 1], kept_noise[c : c + 1]).se for c in range(num_chains)])
     heat_bias = float(rows[:, _HEAT_BIAS, burn_in:].mean())
-    heat = heat_from(float(summary.mean), heat_bias)
+    heat = heat_ratio(float(summary.mean), heat_bias)
     per_chain_disc = [_discretization_bias(chain[:, burn_in:]) for chain in rows]
     per_chain_disc = [b for b in per_chain_disc if math.isfinite(b)]
     disc_bias = float(np.mean(per_chain_disc)) if per_chain_disc else math.nan
@@ -375,7 +385,10 @@ def _recalibrated(tail: np.ndarray, step: float, top: float, lower_only: bool = 
     ``mean / (mean - heat_bias - discretization_bias)``: both grow in proportion to the step, so
     the step moves towards the target of their sum (only down when ``lower_only``), and only when
     two standard errors of the measurement agree on the direction (:func:`heat.bias_interval`)."""
-    heat = combined_heat(float(tail[_DRAW].mean()), float(tail[_HEAT_BIAS].mean()), _discretization_bias(tail))
+    # Minibatch and discretization heat together (both grow with the step); an unmeasured (NaN)
+    # discretization bias counts as 0.
+    disc = _discretization_bias(tail)
+    heat = heat_ratio(float(tail[_DRAW].mean()), float(tail[_HEAT_BIAS].mean()) + (disc if math.isfinite(disc) else 0.0))
     _, low, high = bias_interval(tail[_DRAW], tail[_PREV_DOT], tail[_OWN_DOT], tail[_HEAT_BIAS])
     new = calibrated_step(step, heat, top, heat_low=low, heat_high=high)
     return heat, (min(new, step) if lower_only else new)

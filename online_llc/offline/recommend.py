@@ -26,19 +26,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Iterable, List, Optional, Sequence
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from online_llc.calibration.step import MAX_EXCESS, resolve_hyperparameters
-from online_llc.errors import check_positive_float, check_positive_int, reject_unknown
-from online_llc.kernel.evaluator import LossEvaluator, LossFn, moved_weights
+from online_llc.errors import NonFiniteDrawError, check_positive_float, check_positive_int, reject_unknown
+from online_llc.kernel.evaluator import LossFn
 from online_llc.kernel.halves import split_halves
-from online_llc.kernel.randomness import private_rng
-from online_llc.errors import NonFiniteDrawError
 from online_llc.offline.estimate import estimate_llc
-from online_llc.config import SGLDConfig
 
 __all__ = [
     "PilotRun",
@@ -135,7 +131,7 @@ def recommend_step_size(
         model, loss_fn, batches, num_samples, nbeta, localization, sampler, friction: as for
             :func:`~online_llc.estimate_llc`; use the settings the monitor will run with.
         multipliers: the ladder, as multiples of the sampler's starting step for this batch size
-            (:func:`online_llc.config.default_step_size`; distinct, > 0; each
+            (:func:`online_llc.calibration.step.default_step_size`; distinct, > 0; each
             rung is compared with the next smaller one, so halving ladders suit the test).
         num_chains, num_draws, burn_in: the pilot's budget per rung.
         tolerance: relative disagreement with the next smaller step that counts as step-size

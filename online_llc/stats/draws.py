@@ -57,12 +57,28 @@ from online_llc.stats.mcse import (  # noqa: F401 - the uncertainty helpers, re-
 )
 
 __all__ = [
+    "heat_ratio",
     "WindowSummary",
     "effective_sample_size",
     "mean_standard_error",
     "multichain_standard_error",
     "summarize",
 ]
+
+
+def heat_ratio(mean: float, bias: float) -> float:
+    """The heat of draws whose mean is ``mean`` and whose measured bias is ``bias``::
+
+        heat = mean / (mean - bias)
+
+    the one heat ratio of the package (windows, pooled windows, offline runs, their intervals).
+    ``inf`` where the bias takes the whole of a positive ``mean`` (the chain is hotter than the
+    measurement can resolve); NaN where there is no positive, finite ``mean`` to compare the bias
+    with, or the bias is not finite.
+    """
+    if not (math.isfinite(mean) and math.isfinite(bias)) or mean <= 0:
+        return math.nan
+    return mean / (mean - bias) if mean - bias > 0 else math.inf
 
 
 @dataclass(frozen=True)
@@ -224,11 +240,7 @@ def summarize(
         if b.shape != d.shape:
             raise ValueError(f"Expected `heat_biases` to have the shape of `draws` {d.shape}, got {b.shape}.")
         heat_bias = float(b.mean())
-        # The same report as online_llc.calibration.heat.reported_heat (this module stays numpy-only): inf
-        # where the bias takes the whole of a positive mean (hotter than measurable), NaN where
-        # there is no positive mean to compare the bias with.
-        if mean > 0.0:
-            heat = mean / (mean - heat_bias) if mean - heat_bias > 0.0 else math.inf
+        heat = heat_ratio(mean, heat_bias)
 
     return WindowSummary(
         start_step=start_step,

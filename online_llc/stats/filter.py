@@ -45,8 +45,8 @@ checkpointable state, which filterpy does not have.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Deque, Dict, List, Mapping, Tuple
 
 import numpy as np

@@ -1,0 +1,187 @@
+"""The kernel's passes: one program of forward and backward passes for whole and sharded models.
+
+One SGLD step needs, on one batch, the per-sample losses at the centre ``w*`` and at the sample
+``w* + xi`` (paired on the same samples), and the gradients of the batch's two halves at the
+sample (their mean is the step's gradient, their difference its measured noise,
+:mod:`online_llc.calibration.heat`). :func:`paired_losses_and_grads` is that program, written
+once; an evaluator supplies its primitives:
+
+* ``evaluator.passes(params, program)``: ``program(loss)`` with ``params`` (name, tensor pairs)
+  in place of the sampled parameters, ``loss(batch)`` giving per-sample losses;
+* ``evaluator.grads(out, leaves, retain_graph)``: the gradient of a scalar loss with respect to
+  the offsets ``xi`` (or, on shards, of the parameters' shards, which the offsets move);
+* ``evaluator.pass_session()``: what must hold around all the passes (on shards: the training
+  run's gradients set aside and FSDP's gradient reduction switched on);
+* three facts of the evaluator: ``grads_inside_passes`` (a backward needs the moved weights in
+  place, as FSDP2's backward all-gathers them again), ``one_gradient_per_pass`` (a pass's graph
+  cannot be differentiated twice, as FSDP2 reshards after a backward) and ``world`` (ranks whose
+  batches together form the step's batch).
+
+:func:`combine_step_stats` turns the per-rank counts, means and sums of squares of a step into
+its numbers (one rank: the batch's own), so that one formula serves both too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, List, Mapping, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from online_llc.kernel.halves import split_halves
+
+__all__ = ["Paired", "paired_losses_and_grads", "step_rows", "combine_step_stats", "check_same"]
+
+#: What the kernel's passes return: ``(l_center, l_sample, g1, g2, (B1, B2), center_parts)``
+#: (:func:`paired_losses_and_grads`).
+Paired = Tuple[Tensor, Tensor, List[Optional[Tensor]], List[Optional[Tensor]], Tuple[int, int], Tuple[Tensor, ...]]
+
+
+def check_same(center: Tensor, sample: Tensor) -> None:
+    """Raise unless the sample's per-sample losses have the centre's shape (naming ``loss_fn``)."""
+    if sample.shape != center.shape:
+        raise ValueError(
+            "Expected `loss_fn` to return the same number of per-sample losses at every weight, "
+            f"got {tuple(center.shape)} and {tuple(sample.shape)}."
+        )
+
+
+def moved_items(center: Mapping[str, Tensor], xi: Mapping[str, Tensor]) -> Any:
+    """``(name, w* + xi)`` one parameter at a time, in the parameters' dtype: the offsets stay
+    float32 (the sum is formed in the wider dtype, then cast for the forward; the gradient flows
+    back to ``xi`` in float32)."""
+    for n in xi:
+        yield n, (center[n] + xi[n]).to(center[n].dtype)
+
+
+def paired_losses_and_grads(
+    evaluator: Any,
+    center: Mapping[str, Tensor],
+    offset: Mapping[str, Tensor],
+    batch: Any,
+    rewind: Callable[[], None],
+    center_losses: Optional[Tuple[Tensor, ...]] = None,
+) -> Paired:
+    """Per-sample losses at ``w*`` and ``w* + xi``, and the gradients of the two halves' mean losses.
+
+    When the batch splits (:func:`~online_llc.kernel.halves.split_halves`), each half runs through
+    the model on its own (the same FLOPs as one pass over the whole batch), the centre's halves
+    too, so that a model whose per-sample losses depend on the batch (BatchNorm in training mode)
+    still pairs each sample with itself; the two halves of a point share one substitution of its
+    weights. Otherwise one pass over the whole batch is differentiated twice (on shards, where a
+    graph cannot be differentiated twice, each half's gradient gets its own pass). The dropout
+    masks of the centre's and the sample's passes match (``rewind`` before each sample pass).
+
+    ``center_losses``: the centre's per-sample losses from an earlier call on the same batch and
+    centre (the last element of the result), reused instead of recomputed: only valid when the
+    model is deterministic (:func:`~online_llc.kernel.randomness.deterministic`).
+
+    Memory: where the evaluator allows (``grads_inside_passes`` False), the last backward pass
+    runs after the substitution ends, when the perturbed weights ``w* + xi`` are referenced only
+    by its graph, which frees them tensor by tensor as it produces the gradients: the passes hold
+    about two copies of the parameters at their peak.
+
+    Returns:
+        ``(l_center, l_sample, g1, g2, (B1, B2), center_parts)``; ``B1 + B2`` counts the samples
+        of every rank's batch.
+    """
+    xi = {n: t.detach().requires_grad_(True) for n, t in offset.items()}
+    leaves = list(xi.values())
+    parts = split_halves(batch)
+    with evaluator.pass_session():
+        if parts is not None:
+            out = _halves(evaluator, center, xi, leaves, [parts[0], parts[1]], rewind, center_losses)
+        else:
+            out = _whole(evaluator, center, xi, leaves, batch, rewind, center_losses)
+    l_center, l_sample, g1, g2, (b1, b2), center_losses = out
+    return l_center, l_sample, g1, g2, (b1 * evaluator.world, b2 * evaluator.world), center_losses
+
+
+def _halves(evaluator, center, xi, leaves, pieces, rewind, center_losses):  # type: ignore[no-untyped-def]
+    if center_losses is None:
+        with torch.no_grad():
+            center_losses = evaluator.passes(center.items(), lambda loss: tuple(loss(p).detach() for p in pieces))
+    inside = evaluator.grads_inside_passes
+
+    def sample_passes(loss: Callable[[Any], Tensor]) -> List[Tuple[Tensor, Optional[List[Optional[Tensor]]]]]:
+        out = []
+        for i, (piece, c) in enumerate(zip(pieces, center_losses)):
+            s = loss(piece)
+            check_same(c, s)
+            g = evaluator.grads(s.mean(), leaves) if i == 0 or inside else None
+            out.append((s if g is None else s.detach(), g))
+        return out
+
+    rewind()
+    (s1, g1), (s2, g2) = evaluator.passes(moved_items(center, xi), sample_passes)
+    if g2 is None:
+        # The second half's backward after the substitution ends (see Memory above).
+        g2 = evaluator.grads(s2.mean(), leaves)
+        s2 = s2.detach()
+    sizes = (center_losses[0].numel(), center_losses[1].numel())
+    return torch.cat(center_losses), torch.cat([s1, s2]), g1, g2, sizes, center_losses
+
+
+def _whole(evaluator, center, xi, leaves, batch, rewind, center_losses):  # type: ignore[no-untyped-def]
+    if center_losses is None:
+        with torch.no_grad():
+            center_losses = (evaluator.losses(center.items(), batch).detach(),)
+    (l_center,) = center_losses
+    b = l_center.numel()
+    h = b // 2
+    cuts = (slice(0, h), slice(h, b)) if b >= 2 else (slice(0, b),)
+    if evaluator.one_gradient_per_pass:
+
+        def per_cut(loss: Callable[[Any], Tensor]) -> Tuple[Tensor, List[List[Optional[Tensor]]]]:
+            grads, first = [], None
+            for cut in cuts:
+                rewind()
+                s = loss(batch)
+                check_same(l_center, s)
+                grads.append(evaluator.grads(s[cut].mean(), leaves))
+                first = s.detach() if first is None else first
+            return first, grads
+
+        l_sample, grads = evaluator.passes(moved_items(center, xi), per_cut)
+    else:
+        rewind()
+        s = evaluator.losses(moved_items(center, xi), batch)
+        check_same(l_center, s)
+        grads = [evaluator.grads(s[cut].mean(), leaves, retain_graph=i < len(cuts) - 1) for i, cut in enumerate(cuts)]
+        l_sample = s.detach()
+    return l_center, l_sample, grads[0], grads[-1], ((h, b - h) if b >= 2 else (b, 0)), center_losses
+
+
+def step_rows(l_center: Tensor, l_sample: Tensor, offset_sq: Tensor, noise_sq: Tensor) -> Tensor:
+    """One rank's row of a step's numbers (float64): the count, mean and centred sum of squares of
+    the differences ``l_sample - l_center``, the two losses' sums, ``||xi||^2`` (this rank's part)
+    and the halves' squared gradient difference."""
+    diff = l_sample.double() - l_center.double()
+    mean = diff.mean()
+    device = diff.device
+    return torch.stack(
+        [
+            torch.tensor(float(diff.numel()), dtype=torch.float64, device=device),
+            mean,
+            (diff - mean).square().sum(),
+            l_center.double().sum(),
+            l_sample.double().sum(),
+            offset_sq.to(device, torch.float64),
+            noise_sq.to(device, torch.float64),
+        ]
+    )
+
+
+def combine_step_stats(table: Tensor, size: int) -> Tensor:
+    """The step's numbers from the ranks' rows ``[R, 7]`` (:func:`step_rows`) of ``size`` samples
+    in all, combined like one batch (Chan et al.'s pooled variance): the differences' mean and
+    unbiased variance (0 for a single sample), the two mean losses, ``||xi||`` and the squared
+    gradient difference. No value is read on the host."""
+    counts, means = table[:, 0], table[:, 1]
+    total = counts.sum()
+    grand = (counts * means).sum() / total
+    m2 = table[:, 2].sum() + (counts * (means - grand).square()).sum()
+    var = m2 / (total - 1) if size > 1 else m2.new_zeros(())
+    return torch.stack(
+        [grand, var, table[:, 3].sum() / total, table[:, 4].sum() / total, table[:, 5].sum().sqrt(), table[:, 6].sum()]
+    )
