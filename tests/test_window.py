@@ -428,7 +428,7 @@ def test_windowstats_load_state_dict_validation() -> None:
         WindowStats(5, num_chains=2).load_state_dict(state)
     with pytest.raises(ValueError, match=r"Expected `state\['num_chains'\]` to be 3 \(this WindowStats' num_chains\), got 2\."):
         WindowStats(4, num_chains=3).load_state_dict(state)
-    with pytest.raises(ValueError, match=r"Expected `state\['version'\]` to be 2, 3 or 4, got 1\."):
+    with pytest.raises(ValueError, match=r"Expected `state\['version'\]` to be 4, got 1\."):
         target.load_state_dict({**state, "version": 1})
     with pytest.raises(ValueError, match=r"Expected `state\['count'\]` to be an int in \[0, 3\], got 4\."):
         target.load_state_dict({**state, "count": 4})
@@ -553,7 +553,7 @@ def test_a_gather_that_raises_drops_the_window_and_leaves_the_buffer_usable():
 def test_offset_norms_are_gathered_and_averaged_without_placeholders():
     """The chains' offset norms travel in the gathered array (row 4): every rank's summary has the
     same ``offset_norm``, the mean over all ranks' draws with reset placeholders left out. A state
-    of version 2 (no norms) still loads; its pending draws count as having none."""
+    of version 2 (no norms, before 0.2.0) is refused by name."""
 
     def fake_gather(arr):  # two "ranks": this one and one whose chains sit three times farther out
         assert arr.shape == (6, 1, 3)
@@ -573,18 +573,16 @@ def test_offset_norms_are_gathered_and_averaged_without_placeholders():
     source = WindowStats(3, 1)
     source.update([1.0], [0.1], 0, offset_norms=[1.0])
     old = {k: v for k, v in source.state_dict().items() if k not in ("o", "e")}
-    target = WindowStats(3, 1)
-    target.load_state_dict({**old, "version": 2})
-    target.update([1.0], [0.1], 1, offset_norms=[4.0])
-    assert target.update([1.0], [0.1], 2, offset_norms=[4.0]).offset_norm == 4.0
+    with pytest.raises(ValueError, match=r"Expected `state\['version'\]` to be 4, got 2\."):
+        WindowStats(3, 1).load_state_dict({**old, "version": 2})
 
 
 def test_discretization_biases_are_gathered_and_averaged_over_measured_draws():
     """The chains' measured discretization biases travel in the gathered array (row 5): every
     rank's summary has the mean over all ranks' measured draws, reset placeholders and unmeasured
     (NaN) draws left out, negative measurements included (one draw's measurement is noisy). The
-    pending NaNs survive a state round trip (stored as None), and a version-3 state (no biases)
-    loads with its pending draws unmeasured."""
+    pending NaNs survive a state round trip (stored as None); a version-3 state (no biases, before
+    0.2.0) is refused by name."""
 
     def fake_gather(arr):  # two "ranks": the other measured twice as much
         assert arr.shape == (6, 1, 3)
@@ -610,9 +608,8 @@ def test_discretization_biases_are_gathered_and_averaged_over_measured_draws():
     target.load_state_dict(state)
     assert target.state_dict() == state
     assert target.update([1.0], [0.1], 2, discretization=[0.7]).discretization_bias == pytest.approx(0.6)
-    old = WindowStats(3, 1)
-    old.load_state_dict({**{k: v for k, v in state.items() if k != "e"}, "version": 3})
-    assert old.update([1.0], [0.1], 2, discretization=[0.7]).discretization_bias == pytest.approx(0.7)
+    with pytest.raises(ValueError, match=r"Expected `state\['version'\]` to be 4, got 3\."):
+        WindowStats(3, 1).load_state_dict({**{k: v for k, v in state.items() if k != "e"}, "version": 3})
 
 
 def test_window_with_an_equilibrated_tail_is_summarised_on_it() -> None:

@@ -18,7 +18,6 @@ listed and validated in :mod:`online_llc.monitor.settings`.
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
@@ -32,16 +31,16 @@ from online_llc.kernel.evaluator import LossEvaluator, LossFn, check_first_batch
 from online_llc.kernel.fsdp import is_fsdp2, make_evaluator
 from online_llc.models.groups import resolve_group_masks
 from online_llc.monitor.distributed import rank_seed, rejoin
-from online_llc.monitor.health import HEALTH_WINDOWS, chain_health  # noqa: F401 - HEALTH_WINDOWS also importable from here
+from online_llc.monitor.health import chain_health
 from online_llc.monitor.schedule import Schedule
-from online_llc.monitor.settings import MonitorSettings
+from online_llc.monitor.settings import MonitorSettings, check_saved_settings
 from online_llc.monitor.shadow import ShadowSampler
-from online_llc.monitor.track import MAX_AUTO_WARMUP, MIN_AUTO_WARMUP, MIN_REWARMUP, Track  # noqa: F401 - also importable from here
+from online_llc.monitor.track import Track
 from online_llc.monitor.window import WindowStats
-from online_llc.records import STATUSES, ChainHealth, LLCEstimate, SmoothedPoint, Transition
+from online_llc.records import ChainHealth, LLCEstimate, SmoothedPoint, Transition
 from online_llc.stats.filter import LLCFilter
 
-__all__ = ["ChainHealth", "LLCEstimate", "OnlineLLC", "STATUSES", "SmoothedPoint", "Transition"]
+__all__ = ["OnlineLLC"]
 
 
 class OnlineLLC:
@@ -274,12 +273,7 @@ class OnlineLLC:
         """Group ``name``'s predicted mean and std at ``step`` (default: the current step): the
         band widens across the gap since the group was last observed (and, like every band,
         with the level's slope: :func:`~online_llc.monitor.policy.lag_std`)."""
-        t = self._group(name)
-        if not t.filter.initialized:
-            return math.nan, math.inf
-        mean, std = t.filter.predict(self.step if step is None else step)
-        last = t.history[-1]  # a fed window exists once the filter is initialized
-        return mean, math.hypot(std, t.lag(last.window_start, last.step))
+        return self._group(name).band_at(self.step if step is None else step)
 
     def _group(self, name: str) -> Track:
         if name not in self._groups:
@@ -392,16 +386,11 @@ class OnlineLLC:
         """Restore a :meth:`state_dict` taken from a monitor with the same settings."""
         if state.get("version") != 1:
             raise ValueError(f"Expected an OnlineLLC state of version 1, got {state.get('version')!r}.")
-        mine = self._settings()
-        for k, v in state["settings"].items():
-            if k == "total_steps":
-                continue
-            if k not in mine or (mine[k] != v and not (isinstance(v, float) and math.isclose(v, mine[k]))):
-                raise ValueError(f"Expected the state's `{k}` to be {mine.get(k)!r} like this monitor's, got {v!r}.")
+        check_saved_settings(state["settings"], self._settings())
         self._model.load_state_dict(state)
         for name, t in self._groups.items():
             t.load_state_dict(state["groups"][name])
         step, shadow_steps = int(state["step"]), int(state["shadow_steps"])
-        recorded = bool(state.get("recorded", step > 0 or shadow_steps > 0))
-        self.schedule.restart(step, shadow_steps, recorded, int(state.get("next_group", 0)))
+        recorded = bool(state["recorded"])
+        self.schedule.restart(step, shadow_steps, recorded, int(state["next_group"]))
         self._checked = recorded

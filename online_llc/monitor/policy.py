@@ -4,8 +4,26 @@
 from __future__ import annotations
 
 import math
+from typing import Dict, List, Optional, Sequence
 
-__all__ = ["LAG_FRACTION", "lag_std"]
+from online_llc.calibration.heat import pooled_heat
+from online_llc.calibration.step import calibrated_step, cooling_excess
+from online_llc.records import LLCEstimate, Transition
+
+__all__ = [
+    "HEAT_WINDOWS",
+    "MIN_HEAT_WINDOWS",
+    "LAG_FRACTION",
+    "lag_std",
+    "window_status",
+    "cooled_step",
+    "transition_runs",
+    "transitions",
+]
+
+#: Tracking windows whose pooled heat can lower the step, and the fewest that may.
+HEAT_WINDOWS = 10
+MIN_HEAT_WINDOWS = 3
 
 #: The lag of a co-moving chain's reading, as a fraction of the slowest direction's relaxation
 #: time (its stiffer directions, which carry most of the LLC, relax faster). See :func:`lag_std`.
@@ -15,7 +33,7 @@ LAG_FRACTION: float = 0.5
 def lag_std(slope: float, relaxation: float, stride: float) -> float:
     """How far a co-moving chain's reading can trail a moving LLC: ``|slope| * lag`` with the lag
     ``LAG_FRACTION * relaxation * stride`` training steps (``relaxation`` in shadow steps,
-    :func:`relaxation_steps`; ``stride`` training steps per shadow step; ``slope`` the filter's
+    :func:`~online_llc.calibration.step.relaxation_steps`; ``stride`` training steps per shadow step; ``slope`` the filter's
     LLC per training step). The monitor adds it to the band's variance. On a stagewise deep
     linear network trained with SGD (``benchmarks/online_vs_offline.py --part moving``), the
     live 90% band covered the offline estimate at 7 of 10 checkpoints without it (normalized
@@ -24,3 +42,79 @@ def lag_std(slope: float, relaxation: float, stride: float) -> float:
     if not (math.isfinite(slope) and math.isfinite(relaxation) and math.isfinite(stride)):
         return 0.0
     return abs(slope) * LAG_FRACTION * relaxation * stride
+
+
+def window_status(diverged: bool, warming: bool, jump: bool, after_jump: bool, upper: float) -> str:
+    """A closed window's status (the statuses are documented in :mod:`online_llc.monitor.track`).
+
+    Args:
+        diverged: a chain diverged during the window (its draws were replaced by placeholders).
+        warming: the window holds warm-up draws.
+        jump: the filter read the window as a jump of the level.
+        after_jump: the previous window was one.
+        upper: the upper end of the window's band (below zero: the band lies entirely below it).
+    """
+    if diverged:
+        return "diverged"
+    if warming:
+        return "warming_up"
+    if jump or after_jump:
+        return "transition"
+    return "not_at_minimum" if upper < 0 else "tracking"
+
+
+def cooled_step(history: Sequence[LLCEstimate], chains: int, step: float, max_step: float) -> Optional[float]:
+    """The lowered step when the heat pooled over the last tracking windows of ``history`` (the
+    windows since the step last changed) is gross, else None.
+
+    Gross is an excess above twice :func:`~online_llc.calibration.step.cooling_excess` of the
+    band's ``chains`` (10% for one chain: training reached a regime of larger gradient noise, or
+    the model is stiff enough for the step's discretization to show; both biases count, as
+    offline); the step is then lowered towards that excess (5% for one chain, 3% for four), not
+    to the offline target: one chain's level is then within 5%, and it relaxes 2.5x faster than at
+    the target (a 13% heat, cut to 2%, cost 6x). One window's heat is too noisy to act on, and
+    milder heat is reported, not chased: each change of the step moves the level a little and
+    slows the chain's relaxation, which a co-moving chain cannot afford. Every rank sees the same
+    gathered windows, so every rank takes the same step.
+    """
+    recent = [e for e in history if e.status == "tracking"][-HEAT_WINDOWS:]
+    if len(recent) < MIN_HEAT_WINDOWS:
+        return None
+    heat = pooled_heat([e.raw_mean for e in recent], [e.total_bias for e in recent])
+    excess = cooling_excess(chains)
+    if not heat - 1 > 2 * excess:
+        return None
+    new = calibrated_step(step, heat, max_step, target=excess)
+    return None if new == step else new
+
+
+def transition_runs(history: Sequence[LLCEstimate]) -> List[List[int]]:
+    """Runs of consecutive ``transition`` windows, as ``[first, last]`` indices into ``history``;
+    two runs one quiet window apart are one boundary (a ramp shows as jumps with a pause)."""
+    runs: List[List[int]] = []
+    for i, e in enumerate(history):
+        if e.status != "transition":
+            continue
+        if runs and i - runs[-1][1] <= 2:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return runs
+
+
+def transitions(history: Sequence[LLCEstimate], smooth: Dict[int, float]) -> List[Transition]:
+    """The transitions of ``history`` (:func:`transition_runs`), with the smoothed level
+    (``smooth``: step -> smoothed mean) before and after each."""
+    out: List[Transition] = []
+    for first, last in transition_runs(history):
+        before = [e for e in history[:first] if e.step in smooth and e.status != "transition"]
+        after = [e for e in history[last + 1 :] if e.step in smooth and e.status != "transition"]
+        out.append(
+            Transition(
+                start=history[first].window_start,
+                end=history[last].step,
+                level_before=smooth[before[-1].step] if before else math.nan,
+                level_after=smooth[after[0].step] if after else smooth.get(history[last].step, history[last].mean),
+            )
+        )
+    return out

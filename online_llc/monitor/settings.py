@@ -14,6 +14,7 @@ written in :mod:`online_llc.config`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional, Tuple, Union
 
@@ -32,7 +33,7 @@ from online_llc.errors import (
 from online_llc.kernel.evaluator import MODES
 from online_llc.monitor.cadence import AUTO, DEFAULT_WARMUP, Cadence, auto_cadence, check_cadence_option
 
-__all__ = ["MonitorSettings"]
+__all__ = ["MonitorSettings", "check_saved_settings"]
 
 
 @dataclass(frozen=True)
@@ -182,3 +183,17 @@ class MonitorSettings:
         the call to blame, e.g. ``"OnlineLLC()"``)."""
         known = cls.names()
         reject_unknown(where, {k: v for k, v in options.items() if k not in known})
+
+
+def check_saved_settings(saved: Mapping[str, Any], mine: Mapping[str, Any]) -> None:
+    """Raise unless a checkpoint's resolved settings ``saved`` are this monitor's ``mine`` (floats
+    to rounding; ``total_steps`` is not compared: the resolved cadence is).
+
+    Raises:
+        ValueError: naming the first setting that differs.
+    """
+    for k, v in saved.items():
+        if k == "total_steps":
+            continue
+        if k not in mine or (mine[k] != v and not (isinstance(v, float) and math.isclose(v, mine[k]))):
+            raise ValueError(f"Expected the state's `{k}` to be {mine.get(k)!r} like this monitor's, got {v!r}.")

@@ -327,7 +327,7 @@ class ShadowSampler:
         names = set(self.offsets[0])
         if self.evaluator.sharded:
             offsets = [self.evaluator.take_shards(off) if set(off) == names else off for off in offsets]
-            state = {**state, "aux": [self.evaluator.take_shards(a) for a in state.get("aux", [{} for _ in offsets])]}
+            state = {**state, "aux": [self.evaluator.take_shards(a) for a in state["aux"]]}
         for off in offsets:
             if set(off) != names:
                 raise ValueError(f"Expected offsets for parameters {sorted(names)}, got {sorted(off)}.")
@@ -341,13 +341,13 @@ class ShadowSampler:
         # Offsets and sampler state in float32 (or float64) on this device, whatever they were saved in.
         like = self.offsets[0]
         self.offsets = [{n: _to_state(t, like[n]) for n, t in off.items()} for off in offsets]
-        aux = state.get("aux", [{} for _ in offsets])
+        aux = state["aux"]
         if len(aux) != self.num_chains or any(set(a) != set(init_aux(self.config, self.offsets[0])) for a in aux):
             raise ValueError(f"Expected sampler state for {self.config.sampler!r} in every chain, got {[sorted(a) for a in aux]}.")
         self.aux = [{n: _to_state(t, like[n]) for n, t in a.items()} for a in aux]
-        self.steps = int(state.get("steps", 0))
+        self.steps = int(state["steps"])
         # The discretization measurement's pairing, where the state has it for these chains
-        # (states of older versions and of other shapes restart it at the next step).
+        # (states of other chains or shapes restart it at the next step).
         updates = state.get("updates")
         for c in range(self.num_chains):
             self._forget_updates(c)
@@ -362,12 +362,10 @@ class ShadowSampler:
             dot, hb = state.get("last_dot", [None] * self.num_chains)[c], state.get("last_heat_bias", [None] * self.num_chains)[c]
             self._last_dot[c] = math.nan if dot is None else float(dot)
             self._last_heat_bias[c] = math.nan if hb is None else float(hb)
-        self._load_generators(gens, state.get("generator_device"))
+        self._load_generators(gens, state["generator_device"])
         self.divergences = int(state["divergences"])
-        if "step_size" in state:
-            self.config = replace(self.config, step_size=float(state["step_size"]))
-        # A sketch of another version (or the norms-only "center_norms" of older states) is not
-        # comparable: the first step after loading reports no shift.
+        self.config = replace(self.config, step_size=float(state["step_size"]))
+        # A sketch of another version is not comparable: the first step after loading reports no shift.
         sk = state.get("center_sketch") if state.get("sketch_version") == SKETCH_VERSION and not self.evaluator.sharded else None
         self._sketch = None if sk is None else torch.as_tensor(sk).to(self.device)
 
@@ -381,27 +379,19 @@ class ShadowSampler:
     def _reseed(self, c: int) -> None:
         self.generators[c].manual_seed(derived_seed(_RESEEDS, self.seed, c, self.steps))
 
-    def _load_generators(self, states: List[Any], device_type: Optional[str]) -> None:
-        reseeded = []
-        for c, (g, s) in enumerate(zip(self.generators, states)):
-            s = s.cpu() if isinstance(s, Tensor) else torch.tensor(s, dtype=torch.uint8)
-            ok = device_type in (None, self.device.type)
-            if ok:
-                try:
-                    g.set_state(s)
-                except RuntimeError:  # a state of another generator type (an untagged older state)
-                    ok = False
-            if not ok:
-                self._reseed(c)
-                reseeded.append(c)
-        if reseeded:
-            warnings.warn(
-                f"ShadowSampler: the generator states were saved on {device_type or 'another device type'} "
-                f"and cannot be restored on {self.device.type}; chains {reseeded} continue from their "
-                "offsets with fresh noise streams seeded from (seed, chain, step), so the run is "
-                "reproducible but its noise differs from an uninterrupted one.",
-                stacklevel=3,
-            )
+    def _load_generators(self, states: List[Any], device_type: str) -> None:
+        if device_type == self.device.type:
+            for g, st in zip(self.generators, states):
+                g.set_state(st.cpu() if isinstance(st, Tensor) else torch.tensor(st, dtype=torch.uint8))
+            return
+        self.reseed()
+        warnings.warn(
+            f"ShadowSampler: the generator states were saved on {device_type} and cannot be restored on "
+            f"{self.device.type}; chains {list(range(len(self.generators)))} continue from their offsets with "
+            "fresh noise streams seeded from (seed, chain, step), so the run is reproducible but its noise "
+            "differs from an uninterrupted one.",
+            stacklevel=3,
+        )
 
 
 def _to_state(t: Tensor, like: Tensor) -> Tensor:

@@ -29,14 +29,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any, Callable, Dict, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
-from online_llc.calibration.heat import pooled_heat
 from online_llc.calibration.step import (
-    calibrated_step,
-    cooling_excess,
     default_step_size,
     max_step_size,
     relaxation_steps,
@@ -44,7 +41,7 @@ from online_llc.calibration.step import (
 from online_llc.config import SGLDConfig
 from online_llc.kernel.evaluator import LossEvaluator
 from online_llc.monitor.cadence import DEFAULT_HORIZON, Cadence
-from online_llc.monitor.policy import lag_std
+from online_llc.monitor.policy import cooled_step, lag_std, transitions, window_status
 from online_llc.monitor.settings import MonitorSettings
 from online_llc.monitor.shadow import ShadowSampler
 from online_llc.monitor.warmup import EquilibrationDetector, WeightJumpDetector
@@ -62,9 +59,6 @@ MAX_AUTO_WARMUP = 400
 MIN_AUTO_WARMUP = 100
 #: The shortest one after a jump of the weights (the chains keep their offsets).
 MIN_REWARMUP = 60
-# Tracking windows whose pooled heat can lower the step, and the fewest that may.
-_HEAT_WINDOWS = 10
-_MIN_HEAT_WINDOWS = 3
 # Shadow steps of centre movement seen before a weight jump can be declared.
 _MIN_SHIFT_HISTORY = 10
 
@@ -260,16 +254,24 @@ class Track:
         stride = (last - first) / max(self.stats.window - 1, 1)
         return lag_std(self.filter.slope, relaxation_steps(self.sampler.config), stride)
 
+    def band_at(self, step: int) -> Tuple[float, float]:
+        """The predicted mean and std at training step ``step``, widened by the lag (NaN and inf
+        before the filter's first window)."""
+        if not self.filter.initialized:
+            return math.nan, math.inf
+        mean, std = self.filter.predict(step)
+        last = self.history[-1]  # a fed window exists once the filter is initialized
+        return mean, math.hypot(std, self.lag(last.window_start, last.step))
+
     # ---- status policy ------------------------------------------------------------------------------
     def _close_window(self, s: WindowSummary, shadow_steps: int) -> LLCEstimate:
         # The chains' spread for the weight-jump test until the next close (gathered: every rank's).
         self.jumps.set_spread(s.offset_norm)
         self._band_chains = max(1, s.n_draws // self.stats.window)
-        status: str
         nis = math.nan
         if s.diverged_draws or s.warmup_draws:
             # Decided from the (gathered) flags: the same verdict on every rank.
-            status = "diverged" if s.diverged_draws else "warming_up"
+            status = window_status(bool(s.diverged_draws), bool(s.warmup_draws), False, False, math.nan)
             mean, std, slope = s.mean, s.se, math.nan
             # Unequilibrated draws must not inform later windows' autocorrelation estimates.
             self.stats.clear_history()
@@ -281,12 +283,7 @@ class Track:
             slope, nis = self.filter.slope, info.nis
             # A co-moving chain trails a moving centre: the band widens with the level's slope.
             std = math.hypot(std, self.lag(s.start_step, s.end_step))
-            if info.jump or self.last_jump:
-                status = "transition"
-            elif mean + self._z * std < 0:
-                status = "not_at_minimum"
-            else:
-                status = "tracking"
+            status = window_status(False, False, info.jump, self.last_jump, mean + self._z * std)
             self.last_jump = info.jump
             if info.jump:
                 # The past windows describe the old level: they would read the jump as correlation.
@@ -320,28 +317,11 @@ class Track:
         return est
 
     def _cool_if_gross(self, upto: int) -> None:
-        """Lower the step when the heat pooled over the last tracking windows since the step last
-        changed is gross (its excess above twice :func:`cooling_excess` of the band's chains, 10%
-        for one chain: training reached a regime of larger gradient noise, or the model is stiff
-        enough for the step's discretization to show; both biases count, as offline), towards
-        that excess (5% for one chain, 3% for four). One window's heat is too noisy to act on, and milder heat is reported, not
-        chased: each change of the step moves the level a little and slows the chain's
-        relaxation, which a co-moving chain cannot afford. Clearly positive windows whose heat bias
-        takes the whole estimate read inf, and cool 8x. Every rank sees the same gathered windows,
-        so every rank takes the same step."""
-        recent = [e for e in self.history[self.step_changed_at : upto] if e.status == "tracking"][-_HEAT_WINDOWS:]
-        if len(recent) < _MIN_HEAT_WINDOWS:
-            return
-        heat = pooled_heat([e.raw_mean for e in recent], [e.total_bias for e in recent])
-        excess = cooling_excess(self._band_chains)
-        if not heat - 1 > 2 * excess:
-            return
+        """Apply :func:`~online_llc.monitor.policy.cooled_step` to the windows since the step last
+        changed (a window whose heat bias takes its whole positive estimate reads heat ``inf``)."""
         cfg = self.sampler.config
-        # Down to the band's share (MAX_EXCESS for one chain), not the offline target: one chain's
-        # level is then within 5%, and it relaxes 2.5x faster than at the target (a 13% heat, cut
-        # to 2%, cost 6x).
-        new = calibrated_step(cfg.step_size, heat, self.max_step, target=excess)
-        if new != cfg.step_size:
+        new = cooled_step(self.history[self.step_changed_at : upto], self._band_chains, cfg.step_size, self.max_step)
+        if new is not None:
             self.sampler.config = replace(cfg, step_size=new)
             self.step_changed_at = upto
 
@@ -357,31 +337,7 @@ class Track:
 
     def transitions(self) -> List[Transition]:
         """Runs of ``transition`` windows, with the smoothed level before and after each."""
-        smooth = {p.step: p.mean for p in self.smoothed()}
-        hist = self.history
-        # Runs of consecutive transition windows, as [first, last] indices into the history; two
-        # runs one quiet window apart are one boundary (a ramp shows as jumps with a pause).
-        runs: List[List[int]] = []
-        for i, e in enumerate(hist):
-            if e.status != "transition":
-                continue
-            if runs and i - runs[-1][1] <= 2:
-                runs[-1][1] = i
-            else:
-                runs.append([i, i])
-        out: List[Transition] = []
-        for first, last in runs:
-            before = [e for e in hist[:first] if e.step in smooth and e.status != "transition"]
-            after = [e for e in hist[last + 1 :] if e.step in smooth and e.status != "transition"]
-            out.append(
-                Transition(
-                    start=hist[first].window_start,
-                    end=hist[last].step,
-                    level_before=smooth[before[-1].step] if before else math.nan,
-                    level_after=smooth[after[0].step] if after else smooth.get(hist[last].step, hist[last].mean),
-                )
-            )
-        return out
+        return transitions(self.history, {p.step: p.mean for p in self.smoothed()})
 
     # ---- checkpointing ------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
@@ -417,9 +373,9 @@ class Track:
         self.warmup_lengths = [int(k) for k in state["warmup_lengths"]]
         shift = state["shift"]
         self.jumps.load_state_dict(
-            {"shift_mean": shift[0], "offset_mean": shift[1], "count": shift[2], "version": shift[3] if len(shift) > 3 else 1}
+            {"shift_mean": shift[0], "offset_mean": shift[1], "count": shift[2], "version": shift[3]}
         )
         self.last_jump = bool(state["last_jump"])
-        self.sized = bool(state.get("sized", True))
-        self.step_changed_at = int(state.get("step_changed_at", 0))
+        self.sized = bool(state["sized"])
+        self.step_changed_at = int(state["step_changed_at"])
         self.history = [LLCEstimate(**e) for e in state["history"]]

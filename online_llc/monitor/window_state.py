@@ -3,9 +3,8 @@ refuses a damaged or mismatched state before anything is restored.
 
 The state holds plain Python values only (safe for ``torch.load(weights_only=True)``): the
 pending draws of the current window, one row per chain for each of :data:`ROW_KEYS`, and the
-previous windows' draws that the slow-correlation floor looks back on. Older versions load: a
-version-2 state has no offset norms (its pending draws get -1, none given) and versions 2 and 3
-no discretization biases (NaN, none measured).
+previous windows' draws that the slow-correlation floor looks back on. Only the current
+version loads (states of versions 2 and 3, before 0.2.0, are refused by name).
 """
 
 from __future__ import annotations
@@ -20,15 +19,13 @@ from online_llc.errors import check_nonneg_int
 __all__ = ["ROW_KEYS", "ParsedState", "dump_state", "parse_state"]
 
 # Version 3 added the pending draws' offset norms ("o"), version 4 their measured discretization
-# biases ("e"); older states load without them.
+# biases ("e").
 _STATE_VERSION = 4
 #: The pending draws' rows by state key: draws, noise variances, flags, heat biases, offset norms,
 #: discretization biases (NaN where none was measured; stored as None, since NaN is not equal to
 #: itself and a state should compare equal to its copy).
 ROW_KEYS = ("d", "v", "f", "b", "o", "e")
 _STATE_KEYS = frozenset({"version", "window", "num_chains", "horizon", "count", "past", "start_step", "last_step", *ROW_KEYS})
-# Keys each older version lacks.
-_MISSING_BEFORE = {2: {"o", "e"}, 3: {"e"}}
 
 
 class ParsedState(NamedTuple):
@@ -71,20 +68,19 @@ def dump_state(
 
 
 def parse_state(state: Mapping[str, Any], *, window: int, num_chains: int, horizon: int) -> ParsedState:
-    """Validate ``state`` (of any loadable version) against the window it is restored into.
+    """Validate ``state`` against the window it is restored into.
 
     Raises:
         KeyError: if keys are missing or unexpected.
         ValueError: if ``window``, ``num_chains`` or ``horizon`` differ, or the pending draws,
             steps or past windows are inconsistent.
     """
-    keys = _STATE_KEYS - _MISSING_BEFORE.get(state.get("version"), set())
-    missing = sorted(keys - set(state))
-    unexpected = sorted(set(state) - keys)
+    if state.get("version") != _STATE_VERSION:
+        raise ValueError(f"Expected `state['version']` to be {_STATE_VERSION}, got {state.get('version')!r}.")
+    missing = sorted(_STATE_KEYS - set(state))
+    unexpected = sorted(set(state) - _STATE_KEYS)
     if missing or unexpected:
         raise KeyError(f"WindowStats state dict: missing keys {missing}, unexpected keys {unexpected}.")
-    if state["version"] not in (2, 3, _STATE_VERSION):
-        raise ValueError(f"Expected `state['version']` to be 2, 3 or {_STATE_VERSION}, got {state['version']!r}.")
     for key, own in (("window", window), ("num_chains", num_chains), ("horizon", horizon)):
         if state[key] != own:
             raise ValueError(f"Expected `state['{key}']` to be {own} (this WindowStats' {key}), got {state[key]!r}.")
@@ -102,7 +98,7 @@ def _pending(state: Mapping[str, Any], num_chains: int, count: int) -> Dict[str,
     for key in ROW_KEYS:
         expected = f"{num_chains} lists of {count} floats (one per chain)"
         try:
-            raw = state.get(key, np.full(shape, np.nan if key == "e" else -1.0))
+            raw = state[key]
             if key == "e" and isinstance(raw, list):
                 raw = [[np.nan if x is None else x for x in row] if isinstance(row, list) else row for row in raw]
             arr = np.asarray(raw, dtype=np.float64)

@@ -20,10 +20,9 @@ import torch
 from torch import nn
 
 from online_llc.calibration.budget import DEFAULT_PRECISION, resolve_burn_in, resolve_num_draws, scaled_cap
-from online_llc.calibration.heat import bias_interval, discretization_bias, heat_interval, per_step_bias
+from online_llc.calibration.heat import heat_interval, per_step_bias
 from online_llc.calibration.step import (
     MAX_EXCESS,
-    calibrated_step,
     max_step_size,
     relaxation_steps,
     resolve_hyperparameters,
@@ -42,6 +41,7 @@ from online_llc.kernel.randomness import chain_seed, cuda_devices, derived_seed
 from online_llc.kernel.step import sampler_step
 from online_llc.kernel.updates import init_aux
 from online_llc.models.groups import resolve_groups
+from online_llc.offline.rows import DRAW, HEAT_BIAS, NOISE_VAR, OWN_DOT, PREV_DOT, ROWS, imprecise, recalibrated, stretch_discretization_bias
 from online_llc.records import LLCResult
 from online_llc.stats.draws import heat_ratio, summarize
 from online_llc.stats.mcse import multichain_standard_error
@@ -64,10 +64,6 @@ CALIBRATION_STEPS = 200
 #: Calibration rounds at most (each rescales the step by 1/8 to 2).
 MAX_CALIBRATION_ROUNDS = 6
 
-# The rows each chain's run records per step: the draw, its noise variance, the heat bias, and the
-# two update-gradient products of the discretization bias (SGLDInfo's fields of the same names).
-_DRAW, _NOISE_VAR, _HEAT_BIAS, _PREV_DOT, _OWN_DOT = range(5)
-_ROWS = 5
 
 
 def _batches_forever(batches: Iterable[Any]) -> Iterator[Any]:
@@ -225,7 +221,7 @@ def estimate_llc(
             nonlocal center_loss_sum, center_loss_count
             offset, aux = state
             previous = None
-            out = np.empty((_ROWS, steps))
+            out = np.empty((ROWS, steps))
             for s in range(steps):
                 before = offset
                 # The model's randomness (dropout) is seeded from (seed, chain, step) on the host,
@@ -258,7 +254,7 @@ def estimate_llc(
                 top = max_step_size(config.nbeta, config.sampler, config.friction, config.step_size)
                 for _ in range(MAX_CALIBRATION_ROUNDS):
                     state, out = run(c, CALIBRATION_STEPS, state, gen)
-                    heat, new = _recalibrated(out[:, CALIBRATION_STEPS // 2 :], config.step_size, top)
+                    heat, new = recalibrated(out[:, CALIBRATION_STEPS // 2 :], config.step_size, top)
                     calibration.append((config.step_size, heat))
                     if new == config.step_size:
                         break
@@ -274,7 +270,7 @@ def estimate_llc(
                     tail = head[:, burn_in // 2 :]
                     if tail.shape[1] < CALIBRATION_STEPS // 2:
                         break
-                    heat, new = _recalibrated(tail, config.step_size, top, lower_only=True)
+                    heat, new = recalibrated(tail, config.step_size, top, lower_only=True)
                     if new == config.step_size:
                         break
                     calibration.append((config.step_size, heat))
@@ -292,24 +288,24 @@ def estimate_llc(
             # The first draw count suits curved directions; where the LLC lives in flat ones the
             # chains mix over the localization's relaxation time, so draws are doubled (every
             # chain continues where it stopped) until the multi-chain standard error is small.
-            while num_draws < draws_cap and _imprecise(chain_rows, burn_in, precision):
+            while num_draws < draws_cap and imprecise(chain_rows, burn_in, precision):
                 extra = min(num_draws, draws_cap - num_draws)
                 for c in range(num_chains):
                     states[c], more = run(c, extra, states[c], gens[c])
                     chain_rows[c] = np.concatenate([chain_rows[c], more], axis=1)
                 num_draws += extra
 
-    rows = np.stack(chain_rows)  # [chains, _ROWS, burn_in + num_draws]
-    draws = rows[:, _DRAW]
-    kept, kept_noise = draws[:, burn_in:], rows[:, _NOISE_VAR, burn_in:]
+    rows = np.stack(chain_rows)  # [chains, ROWS, burn_in + num_draws]
+    draws = rows[:, DRAW]
+    kept, kept_noise = draws[:, burn_in:], rows[:, NOISE_VAR, burn_in:]
     summary = summarize(kept, kept_noise)
     per_chain_std = np.array([summarize(kept[c : c + 1], kept_noise[c : c + 1]).se for c in range(num_chains)])
-    heat_bias = float(rows[:, _HEAT_BIAS, burn_in:].mean())
+    heat_bias = float(rows[:, HEAT_BIAS, burn_in:].mean())
     heat = heat_ratio(float(summary.mean), heat_bias)
-    per_chain_disc = [_discretization_bias(chain[:, burn_in:]) for chain in rows]
+    per_chain_disc = [stretch_discretization_bias(chain[:, burn_in:]) for chain in rows]
     per_chain_disc = [b for b in per_chain_disc if math.isfinite(b)]
     disc_bias = float(np.mean(per_chain_disc)) if per_chain_disc else math.nan
-    biases = np.stack([per_step_bias(c[_PREV_DOT], c[_OWN_DOT], c[_HEAT_BIAS]) for c in rows[:, :, burn_in:]])
+    biases = np.stack([per_step_bias(c[PREV_DOT], c[OWN_DOT], c[HEAT_BIAS]) for c in rows[:, :, burn_in:]])
     total_heat, heat_low, heat_high = heat_interval(kept, biases)
     # Warn when the heat reads above the bound and is clearly above 1 (its lower end), so that pure
     # noise on a calibrated chain does not cry wolf; a given step gets the same check.
@@ -377,29 +373,3 @@ def _batch_size(evaluator: LossEvaluator, center: Dict[str, torch.Tensor], batch
         return parts[2]
     with torch.no_grad(), evaluator.mode_context():
         return int(evaluator.losses(center, batch).numel())
-
-
-def _recalibrated(tail: np.ndarray, step: float, top: float, lower_only: bool = False) -> Tuple[float, float]:
-    """``(heat, next step)`` from the rows of :func:`estimate_llc`'s ``run`` over a stretch of one
-    chain. ``heat`` counts the minibatch and the discretization bias together,
-    ``mean / (mean - heat_bias - discretization_bias)``: both grow in proportion to the step, so
-    the step moves towards the target of their sum (only down when ``lower_only``), and only when
-    two standard errors of the measurement agree on the direction (:func:`heat.bias_interval`)."""
-    # Minibatch and discretization heat together (both grow with the step); an unmeasured (NaN)
-    # discretization bias counts as 0.
-    disc = _discretization_bias(tail)
-    heat = heat_ratio(float(tail[_DRAW].mean()), float(tail[_HEAT_BIAS].mean()) + (disc if math.isfinite(disc) else 0.0))
-    _, low, high = bias_interval(tail[_DRAW], tail[_PREV_DOT], tail[_OWN_DOT], tail[_HEAT_BIAS])
-    new = calibrated_step(step, heat, top, heat_low=low, heat_high=high)
-    return heat, (min(new, step) if lower_only else new)
-
-
-def _imprecise(chain_rows: List[np.ndarray], burn_in: int, precision: float) -> bool:
-    """Whether the kept draws' multi-chain standard error is above ``precision`` times their mean."""
-    kept = np.stack([rows[_DRAW, burn_in:] for rows in chain_rows])
-    return bool(multichain_standard_error(kept) > precision * abs(float(kept.mean())))
-
-
-def _discretization_bias(rows: np.ndarray) -> float:
-    """:func:`online_llc.calibration.heat.discretization_bias` of one chain's stretch of ``run`` rows."""
-    return discretization_bias(rows[_PREV_DOT], rows[_OWN_DOT], rows[_HEAT_BIAS])
