@@ -183,7 +183,7 @@ class LLCResult:
     Attributes:
         mean: the LLC estimate, the mean of all draws after burn-in.
         std: its standard error, autocorrelation-aware and counting the chains' disagreement
-            (:func:`online_llc.stats.draws.multichain_standard_error`): a run of few relaxation times
+            (:func:`online_llc.stats.mcse.multichain_standard_error`): a run of few relaxation times
             reads its slow directions' correlation from the spread between chains.
         per_chain: per-chain means, shape ``[C]``.
         per_chain_std: per-chain standard errors, shape ``[C]``.

@@ -138,7 +138,7 @@ def resolve_hyperparameters(
         localization: ``gamma >= 0`` or ``None`` for ``0.2 * sqrt(nbeta)``.
         step_size: ``epsilon > 0`` or ``None`` for :func:`default_step_size` (which the estimators
             then calibrate on the measured heat).
-        sampler: one of :data:`online_llc.kernel.step.SAMPLERS`.
+        sampler: one of :data:`online_llc.config.SAMPLERS`.
         friction: SGHMC's ``alpha`` in (0, 1].
         batch_size: samples per batch, when known (sets the starting step).
         online: the online monitor's defaults (a stronger localization and a larger step, so that

@@ -49,7 +49,7 @@ from online_llc.records import FILTERED_STATUSES
 
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with separate, bias-free q/k/v/o projections (the layout
-    :func:`online_llc.models.groups.attention_heads` splits into heads)."""
+    :func:`online_llc.models.heads.attention_heads` splits into heads)."""
 
     def __init__(self, d_model: int, num_heads: int) -> None:
         super().__init__()

@@ -26,22 +26,13 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 import torch
 from torch import Tensor, nn
 
-from online_llc.kernel.halves import _leading_sizes, split_halves
+from online_llc.kernel.halves import _leading_sizes
 from online_llc.kernel.passes import Paired, combine_step_stats, moved_items, paired_losses_and_grads, step_rows
 from online_llc.kernel.randomness import private_rng
 from online_llc.kernel.sharding import check_unsharded
 from online_llc.kernel.updates import _norm, state_dtype
 
-__all__ = [
-    "LossFn",
-    "LossEvaluator",
-    "MODES",
-    "check_per_sample",
-    "model_mode",
-    "moved_items",
-    "moved_weights",
-    "split_halves",
-]
+__all__ = ["LossFn", "LossEvaluator", "MODES", "Params", "check_first_batch", "check_per_sample", "model_mode", "moved_weights"]
 
 #: The model's mode during the sampler's passes: ``"eval"`` (``model.eval()``: dropout off,
 #: BatchNorm on its running statistics), ``"train"`` (``model.train()``) or ``"as_is"`` (the mode

@@ -22,7 +22,7 @@ The step has three layers:
 
 * the update maths, in :mod:`online_llc.kernel.updates`: one in-place update per sampler (see
   :class:`SGLDConfig`) of a chain's offsets and extra state from its gradients and standard
-  normal noise, found by sampler name in a table (:data:`SAMPLERS` lists its keys);
+  normal noise, found by sampler name in a table (:data:`online_llc.config.SAMPLERS` lists its keys);
 * the step: the paired losses and the gradient at ``w* + xi``, the step's numbers, then the noise
   draws and the update of every parameter. ``_kernel_step`` updates the chain in place and leaves
   its numbers on the device, so :class:`~online_llc.monitor.shadow.ShadowSampler` reads every chain's
@@ -47,20 +47,12 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Seq
 import torch
 from torch import Tensor
 
-from online_llc.config import SAMPLERS, SGLDConfig
-from online_llc.kernel.evaluator import LossEvaluator, LossFn
+from online_llc.config import SGLDConfig
+from online_llc.kernel.evaluator import LossEvaluator
 from online_llc.kernel.randomness import private_rng
-from online_llc.kernel.updates import _combine_halves, _update, init_aux, state_dtype
+from online_llc.kernel.updates import _combine_halves, _update, state_dtype
 
-__all__ = [
-    "LossFn",
-    "SAMPLERS",
-    "sampler_step",
-    "init_aux",
-    "SGLDInfo",
-    "LossEvaluator",
-    "sgld_step",
-]
+__all__ = ["SGLDInfo", "sampler_step", "sgld_step"]
 
 
 @dataclass(frozen=True)

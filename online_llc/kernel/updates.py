@@ -28,9 +28,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from online_llc.config import SAMPLERS, SGLDConfig
+from online_llc.config import SGLDConfig
 
-__all__ = ["SAMPLERS", "init_aux", "state_dtype"]
+__all__ = ["init_aux", "state_dtype"]
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -29,10 +29,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from online_llc.models.heads import ParamSlice, attention_heads, groups_by_head, is_conv1d
+from online_llc.models.heads import ParamSlice, is_conv1d
 
-__all__ = ["ParamSlice", "resolve_groups", "resolve_group_masks", "groups_by_child", "groups_by_linear",
-           "attention_heads", "groups_by_head", "tied_names"]
+__all__ = ["resolve_groups", "resolve_group_masks", "groups_by_child", "groups_by_linear", "tied_names"]
 
 
 def tied_names(model: nn.Module) -> Dict[str, List[str]]:

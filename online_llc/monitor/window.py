@@ -22,15 +22,9 @@ import numpy as np
 from online_llc.errors import check_nonneg_int, check_positive_int
 from online_llc.monitor.window_state import dump_state, parse_state
 from online_llc.stats.draws import WindowSummary, _plain_int, summarize
-from online_llc.stats.mcse import _chain_moments, effective_sample_size, mean_standard_error
+from online_llc.stats.mcse import _chain_moments
 
-__all__ = [
-    "WindowSummary",
-    "WindowStats",
-    "effective_sample_size",
-    "mean_standard_error",
-    "summarize",
-]
+__all__ = ["WindowStats"]
 
 # The rows of the gathered array, in order: draws, noise variances, flags, heat biases, offset
 # norms, discretization biases.

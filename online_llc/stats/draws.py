@@ -46,24 +46,14 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from online_llc.errors import check_nonneg_int
-from online_llc.stats.mcse import (  # noqa: F401 - the uncertainty helpers, re-exported for online_llc.monitor.window
+from online_llc.stats.mcse import (
     _as_draws,
     _chain_moments,
     _ess,
     _standard_error_from,
-    effective_sample_size,
-    mean_standard_error,
-    multichain_standard_error,
 )
 
-__all__ = [
-    "heat_ratio",
-    "WindowSummary",
-    "effective_sample_size",
-    "mean_standard_error",
-    "multichain_standard_error",
-    "summarize",
-]
+__all__ = ["WindowSummary", "heat_ratio", "summarize"]
 
 
 def heat_ratio(mean: float, bias: float) -> float:
