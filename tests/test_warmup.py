@@ -12,7 +12,8 @@ import torch
 
 from online_llc import OnlineLLC
 from online_llc.models.toy import deep_linear_problem
-from online_llc.monitor.warmup import MSER_BATCH, EquilibrationDetector, WeightJumpDetector, mser_truncation
+from online_llc.monitor.warmup import EquilibrationDetector, WeightJumpDetector
+from online_llc.stats.mser import MSER_BATCH, mser_truncation
 
 
 def brute_mser(x: np.ndarray, batch: int, max_cut: int) -> int:

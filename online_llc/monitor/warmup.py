@@ -11,17 +11,9 @@ posterior over a model-dependent number of steps (tens on a small reduced-rank r
 hundred along the sloppy directions of a deep linear network); after the training weights jump
 (a checkpoint reload, weight surgery, a switched teacher) its old offset overshoots or undershoots
 the new level for a while. A fixed warm-up count is either wasteful or too short, so the monitor
-decides from the draws themselves with MSER-5 (White 1997; Hoad, Robinson and Davies 2010, who
-found it the most reliable of the published truncation rules). Over batch means ``b_1..b_B`` of 5
-consecutive draws, the truncation point is::
-
-    d* = argmin_{0 <= d <= B - tail}  sum_{j > d} (b_j - mean(b_{d+1..B}))^2 / (B - d)^2,
-
-(``d`` up to ``B / 2``), the number of leading batches whose removal makes the standard error of
-the remaining mean smallest: a trend inflates the spread, noise alone favours keeping more
-batches. While the chain is still relaxing, ``d*`` sits at the latest allowed truncation (the
-series is too short to show its end); once ``d*`` falls inside the first half, the second half
-is one stationary stretch and the chain is declared equilibrated. Draws before that point are reported as warming up (they never reach the filter).
+decides from the draws themselves with MSER-5 (:mod:`online_llc.stats.mser`): once MSER's
+truncation point falls inside the first half of the chain's series (its draws and its squared
+offset norm), the second half is one stationary stretch and the chain is declared equilibrated. Draws before that point are reported as warming up (they never reach the filter).
 """
 
 from __future__ import annotations
@@ -32,38 +24,9 @@ from typing import Any, Dict, List, Mapping
 import numpy as np
 
 from online_llc.errors import check_positive_int
+from online_llc.stats.mser import MSER_BATCH, settled
 
-__all__ = ["EquilibrationDetector", "WeightJumpDetector", "mser_truncation"]
-
-#: Draws per batch mean (the "5" of MSER-5: damps the draw-to-draw noise of the statistic).
-MSER_BATCH = 5
-
-
-def mser_truncation(x: np.ndarray | List[float], *, batch: int = MSER_BATCH, max_cut: int | None = None) -> int:
-    """MSER truncation point of ``x``, in draws (a multiple of ``batch``).
-
-    Args:
-        x: the draws, oldest first (a partial last batch is ignored).
-        batch: draws per batch mean.
-        max_cut: the most batches that may be cut (default: half of them, the usual MSER rule).
-
-    Returns:
-        ``batch * d*``, with ``d*`` the argmin over ``0 <= d <= max_cut`` of the module
-        docstring's criterion (0 when ``x`` has fewer than two whole batches).
-    """
-    n_batches = len(x) // batch
-    if n_batches < 2:
-        return 0
-    max_cut = n_batches // 2 if max_cut is None else min(max_cut, n_batches - 1)
-    b = np.asarray(x[: n_batches * batch], dtype=float).reshape(n_batches, batch).mean(axis=1)
-    # Suffix sums give every candidate's tail mean and sum of squares in one pass.
-    s1 = np.cumsum(b[::-1])[::-1]
-    s2 = np.cumsum((b * b)[::-1])[::-1]
-    d = np.arange(max_cut + 1)
-    m = n_batches - d
-    sse = s2[d] - s1[d] ** 2 / m
-    return int(batch * np.argmin(sse / m**2))
-
+__all__ = ["EquilibrationDetector", "WeightJumpDetector"]
 
 class EquilibrationDetector:
     """Decides, draw by draw, when one chain has equilibrated (see the module docstring).
@@ -117,12 +80,9 @@ class EquilibrationDetector:
             return False
         if self._verdict[0] == n_batches:
             return self._verdict[1]
-        # Settled when MSER's cut is interior for every statistic: it would keep more than the
-        # second half.
-        x = np.asarray(self.draws[: n_batches * MSER_BATCH])
-        settled = all(mser_truncation(x[:, j]) // MSER_BATCH < n_batches // 2 for j in range(x.shape[1]))
-        self._verdict = (n_batches, settled)
-        return settled
+        verdict = settled(np.asarray(self.draws[: n_batches * MSER_BATCH]))
+        self._verdict = (n_batches, verdict)
+        return verdict
 
     def state_dict(self) -> Dict[str, Any]:
         """Plain Python values."""
