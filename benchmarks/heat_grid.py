@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import time
 
 import torch
 
@@ -59,6 +60,8 @@ def main() -> None:
                     help="calibrated columns at localization = scale * sqrt(nbeta) instead of the default")
     ap.add_argument("--full-batch", action="store_true", help="also the full batch where n <= 20000")
     ap.add_argument("--chains", type=int, default=2, help="chains of the calibrated columns (default 2; the estimator's default is 4)")
+    ap.add_argument("--gradient", default="auto", choices=("auto", "plain", "control_variate"),
+                    help="the calibrated columns' gradient (default: the estimator's, auto)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1],
                     help="chain seeds of the calibrated columns, one line each and their mean (default 1)")
     args = ap.parse_args()
@@ -67,7 +70,7 @@ def main() -> None:
     sizes = [int(v) for v in args.sizes.split(",")]
     batches = [int(v) for v in args.batches.split(",")]
     print("    d        n  batch | old defaults: ratio  +-se   heat [low, high]       | independent batches: ratio  +-se"
-          "   heat | calibrated defaults: ratio  +-se   heat   nbeta  gamma  step")
+          "   heat | calibrated defaults: ratio  +-se   heat   nbeta  gamma  step  gradient  burn-in  draws  wall")
     worst_new, cells = 0.0, []
     for d in dims:
         for n in sizes:
@@ -103,14 +106,18 @@ def main() -> None:
                     extra = {"nbeta": nb, "localization": args.localization_scale * math.sqrt(nb)}
                 ratios = []
                 for seed in args.seeds:
-                    new = estimate_llc(p.model, p.loss_fn, p.batches, num_samples=n, num_chains=args.chains, seed=seed, **extra)
+                    start = time.perf_counter()
+                    new = estimate_llc(p.model, p.loss_fn, p.batches, num_samples=n, num_chains=args.chains, seed=seed,
+                                       gradient=args.gradient, progress=False, **extra)
+                    wall = time.perf_counter() - start
                     t_new = target(h, dout, new.nbeta, new.localization)
                     r_new = new.mean / t_new
                     ratios.append(r_new)
                     worst_new = max(worst_new, abs(r_new - 1))
                     tag = f"  (seed {seed})" if len(args.seeds) > 1 else ""
                     print(f"{line} {r_new:26.3f} {new.std / t_new:5.3f} {new.total_heat:6.3f} {new.nbeta:7.1f} "
-                          f"{new.localization:6.2f} {new.step_size:.3g}{tag}", flush=True)
+                          f"{new.localization:6.2f} {new.step_size:.3g}  {new.gradient:>15} {new.burn_in:7d} "
+                          f"{new.num_draws:6d} {wall:5.1f}s{tag}", flush=True)
                 if len(ratios) > 1:
                     print(f"{d:5d} {n:8d} {b:6d} | mean over {len(ratios)} seeds {statistics.mean(ratios):.3f}, "
                           f"spread {statistics.stdev(ratios):.3f}", flush=True)

@@ -121,12 +121,12 @@ def networks(sizes: list[int], batches: list[int], chains: int, models: list = M
             for b in batches:
                 p = deep_linear_problem(widths, r, num_samples=n, batch_size=b, seed=0)
                 t = time.time()
-                res = estimate_llc(p.model, p.loss_fn, p.batches, num_samples=n, num_chains=chains, seed=1, **_estimand(n))
+                res = estimate_llc(p.model, p.loss_fn, p.batches, num_samples=n, num_chains=chains, seed=1, progress=False, **_estimand(n))
                 rel = res.mean / p.lam
                 worst = max(worst, abs(rel - 1))
                 print(f"{str(widths):20s} {p.lam:6.1f} {n:8d} {b:6d} | {rel:8.3f} {res.std / p.lam:10.3f} {res.heat:7.3f} |"
                       f" {res.nbeta:5.0f} {res.localization:6.2f} {res.step_size:.3g} {res.burn_in:7d} {res.draws.shape[1]:6d}"
-                      f"  ({time.time() - t:.0f} s)", flush=True)
+                      f"  {res.gradient}  ({time.time() - t:.0f} s)", flush=True)
     print(f"worst |estimate / lambda - 1| = {worst:.3f}")
 
 
@@ -140,13 +140,13 @@ def crossings(sizes: list[int], batches: list[int], chains: int) -> None:
             for bs in batches:
                 t = time.time()
                 res = estimate_llc(CrossingRegression(a, b), crossing_loss, ShuffledBatches(x, y, batch_size=bs, seed=0),
-                                   num_samples=n, num_chains=chains, seed=1, **_estimand(n))
+                                   num_samples=n, num_chains=chains, seed=1, progress=False, **_estimand(n))
                 target = crossing_target(a, b, c, res.nbeta, res.localization)
                 rel = res.mean / target
                 worst = max(worst, abs(rel - 1))
                 print(f"w1^{2 * a} w2^{2 * b}        {1 / (2 * max(a, b)):6.3f} {n:8d} {bs:6d} | {target:6.3f} {rel:11.3f} "
                       f"{res.std / target:10.3f} {res.heat:7.3f} | {res.nbeta:5.0f} {res.localization:6.2f} "
-                      f"{res.step_size:.3g} {res.burn_in:7d}  ({time.time() - t:.0f} s)", flush=True)
+                      f"{res.step_size:.3g} {res.burn_in:7d}  {res.gradient}  ({time.time() - t:.0f} s)", flush=True)
     print(f"worst |estimate / target - 1| = {worst:.3f}")
 
 

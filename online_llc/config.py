@@ -43,6 +43,7 @@ from online_llc.errors import check_choice, check_nonneg_float, check_positive_f
 
 __all__ = [
     "SAMPLERS",
+    "GRADIENTS",
     "SGLDConfig",
     "default_nbeta",
     "DEFAULT_NBETA_CAP",
@@ -53,6 +54,11 @@ __all__ = [
 
 #: The samplers the kernel implements (:mod:`online_llc.kernel.updates` has one update per name).
 SAMPLERS = ("sgld", "rmsprop_sgld", "sghmc")
+#: The gradients a step can take: the minibatch gradient at ``w* + xi`` (``"plain"``), or the
+#: control-variate gradient ``grad L_B(w* + xi) - grad L_B(w*) + grad L_n(w*)`` (Baker, Fearnhead,
+#: Fox and Nemeth 2019), whose batch noise is that of the difference, about ``||xi||`` times the
+#: spread of the per-sample curvature instead of the per-sample gradients' spread.
+GRADIENTS = ("plain", "control_variate")
 
 
 def default_nbeta(num_samples: int) -> float:
@@ -85,6 +91,8 @@ class SGLDConfig:
         sampler: one of :data:`SAMPLERS`.
         friction: SGHMC's ``alpha`` in (0, 1].
         rmsprop_decay: RMSProp's ``rho`` in [0, 1).
+        gradient: one of :data:`GRADIENTS`; ``"control_variate"`` needs the full-data gradient
+            at the centre (the kernel's ``anchor``).
         rmsprop_eps: RMSProp's ``delta`` (> 0), in units of ``nbeta * gradient``. It floors the
             preconditioner at ``1 / delta``: with a tiny ``delta`` a chain that starts where the
             loss gradient vanishes (a noiseless minimum) gets ``G ~ 1e8`` and its first noise
@@ -100,6 +108,7 @@ class SGLDConfig:
     friction: float = 0.1
     rmsprop_decay: float = 0.999
     rmsprop_eps: float = 0.1
+    gradient: str = "plain"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nbeta", check_positive_float("nbeta", self.nbeta))
@@ -107,6 +116,7 @@ class SGLDConfig:
         object.__setattr__(self, "step_size", check_positive_float("step_size", self.step_size))
         object.__setattr__(self, "noise_scale", check_nonneg_float("noise_scale", self.noise_scale))
         check_choice("sampler", self.sampler, SAMPLERS)
+        check_choice("gradient", self.gradient, GRADIENTS)
         friction = check_positive_float("friction", self.friction)
         if friction > 1:
             raise ValueError(f"Expected `friction` to be a float in (0, 1], got {self.friction!r}.")

@@ -54,6 +54,7 @@ __all__ = [
     "DEFAULT_MAX_HEAT",
     "default_step_size",
     "relaxation_steps",
+    "throttled",
     "resolve_hyperparameters",
     "calibrated_step",
     "max_step_size",
@@ -102,6 +103,14 @@ def default_step_size(
         heat = TARGET_EXCESS * (scale / DEFAULT_STEP_SCALE)
         step = min(step, 4.0 * heat * batch_size / nbeta**2)
     return friction * step if sampler == "sghmc" else step
+
+
+def throttled(nbeta: float, batch_size: int) -> bool:
+    """Whether a plain minibatch gradient's heat would hold the starting step more than 2x below
+    its discretization bound: ``0.08 B / nbeta^2 < 0.04 / nbeta``, that is ``B < nbeta / 2``
+    (:func:`default_step_size`). The control-variate gradient pays there (one more backward pass
+    per step buys a step up to ``nbeta / B`` times larger)."""
+    return 2.0 * batch_size < nbeta
 
 
 def relaxation_steps(config: SGLDConfig) -> float:

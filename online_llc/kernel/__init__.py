@@ -1,6 +1,7 @@
 """The kernel: one SGLD step (or a variant) of an offset ``xi`` at ``w* + xi``, with paired losses.
 
-* :mod:`~online_llc.kernel.step` - the step: the draw, its noise, the update (:func:`sampler_step`).
+* :mod:`~online_llc.kernel.step` - the step: the draw, its noise, the update (:func:`sampler_step`);
+  :mod:`~online_llc.kernel.anchor` - the control variate's anchor, the full-data gradient at ``w*``.
 * :mod:`~online_llc.kernel.passes` - the forward and backward passes of a step, one program for
   whole and sharded parameters; :mod:`~online_llc.kernel.halves` splits a batch in two.
 * :mod:`~online_llc.kernel.updates` - the update maths of each sampler, fused over tensors.

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from online_llc.kernel.halves import _leading_sizes
-from online_llc.kernel.passes import Paired, combine_step_stats, moved_items, paired_losses_and_grads, step_rows
+from online_llc.kernel.passes import Centre, Paired, combine_step_stats, moved_items, paired_losses_and_grads, step_rows
 from online_llc.kernel.randomness import private_rng
 from online_llc.kernel.sharding import check_unsharded
 from online_llc.kernel.updates import _norm, state_dtype
@@ -186,11 +186,12 @@ class LossEvaluator:
         offset: Mapping[str, Tensor],
         batch: Any,
         rewind: Callable[[], None],
-        center_losses: Optional[Tuple[Tensor, ...]] = None,
+        center_losses: Optional[Centre] = None,
+        center_grads: bool = False,
     ) -> Paired:
         """The kernel's passes: :func:`~online_llc.kernel.passes.paired_losses_and_grads` with this
         evaluator."""
-        return paired_losses_and_grads(self, center, offset, batch, rewind, center_losses)
+        return paired_losses_and_grads(self, center, offset, batch, rewind, center_losses, center_grads)
 
     def step_stats(
         self, l_center: Tensor, l_sample: Tensor, offsets: Sequence[Tensor], noise_sq: Tensor

@@ -23,18 +23,30 @@ its numbers (one rank: the batch's own), so that one formula serves both too.
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, List, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from online_llc.kernel.halves import split_halves
 
-__all__ = ["Paired", "paired_losses_and_grads", "step_rows", "combine_step_stats", "check_same"]
+__all__ = ["Centre", "Paired", "paired_losses_and_grads", "step_rows", "combine_step_stats", "check_same"]
 
-#: What the kernel's passes return: ``(l_center, l_sample, g1, g2, (B1, B2), center_parts)``
+Grads = List[Optional[Tensor]]
+
+
+class Centre(NamedTuple):
+    """The centre's passes on one batch: its per-sample losses (one tensor per part of the batch)
+    and, for the control-variate gradient, the gradients of the halves' mean losses at ``w*``
+    (None when not taken). Reusable by every chain of a deterministic model on the same batch."""
+
+    losses: Tuple[Tensor, ...]
+    grads: Optional[Tuple[Grads, Grads]] = None
+
+
+#: What the kernel's passes return: ``(l_center, l_sample, g1, g2, (B1, B2), centre)``
 #: (:func:`paired_losses_and_grads`).
-Paired = Tuple[Tensor, Tensor, List[Optional[Tensor]], List[Optional[Tensor]], Tuple[int, int], Tuple[Tensor, ...]]
+Paired = Tuple[Tensor, Tensor, Grads, Grads, Tuple[int, int], Centre]
 
 
 def check_same(center: Tensor, sample: Tensor) -> None:
@@ -60,7 +72,8 @@ def paired_losses_and_grads(
     offset: Mapping[str, Tensor],
     batch: Any,
     rewind: Callable[[], None],
-    center_losses: Optional[Tuple[Tensor, ...]] = None,
+    center_losses: Optional[Centre] = None,
+    center_grads: bool = False,
 ) -> Paired:
     """Per-sample losses at ``w*`` and ``w* + xi``, and the gradients of the two halves' mean losses.
 
@@ -72,9 +85,11 @@ def paired_losses_and_grads(
     graph cannot be differentiated twice, each half's gradient gets its own pass). The dropout
     masks of the centre's and the sample's passes match (``rewind`` before each sample pass).
 
-    ``center_losses``: the centre's per-sample losses from an earlier call on the same batch and
-    centre (the last element of the result), reused instead of recomputed: only valid when the
-    model is deterministic (:func:`~online_llc.kernel.randomness.deterministic`).
+    ``center_losses``: the centre's passes from an earlier call on the same batch and centre (the
+    last element of the result), reused instead of recomputed: only valid when the model is
+    deterministic (:func:`~online_llc.kernel.randomness.deterministic`). ``center_grads``: also
+    take the gradients of the centre's halves (the control variate's ``grad L_B(w*)``), one more
+    backward pass over the batch.
 
     Memory: where the evaluator allows (``grads_inside_passes`` False), the last backward pass
     runs after the substitution ends, when the perturbed weights ``w* + xi`` are referenced only
@@ -82,30 +97,46 @@ def paired_losses_and_grads(
     about two copies of the parameters at their peak.
 
     Returns:
-        ``(l_center, l_sample, g1, g2, (B1, B2), center_parts)``; ``B1 + B2`` counts the samples
-        of every rank's batch.
+        ``(l_center, l_sample, g1, g2, (B1, B2), centre)``; ``B1 + B2`` counts the samples of
+        every rank's batch.
     """
     xi = {n: t.detach().requires_grad_(True) for n, t in offset.items()}
     leaves = list(xi.values())
     parts = split_halves(batch)
+    if center_losses is not None and center_grads and center_losses.grads is None:
+        center_losses = None  # the reused passes took no gradients
     with evaluator.pass_session():
         if parts is not None:
-            out = _halves(evaluator, center, xi, leaves, [parts[0], parts[1]], rewind, center_losses)
+            out = _halves(evaluator, center, xi, leaves, [parts[0], parts[1]], rewind, center_losses, center_grads)
         else:
-            out = _whole(evaluator, center, xi, leaves, batch, rewind, center_losses)
+            out = _whole(evaluator, center, xi, leaves, batch, rewind, center_losses, center_grads)
     l_center, l_sample, g1, g2, (b1, b2), center_losses = out
     return l_center, l_sample, g1, g2, (b1 * evaluator.world, b2 * evaluator.world), center_losses
 
 
-def _halves(evaluator, center, xi, leaves, pieces, rewind, center_losses):  # type: ignore[no-untyped-def]
-    if center_losses is None:
+def _centre_with_grads(evaluator, center, xi, program):  # type: ignore[no-untyped-def]
+    """``program(loss, zero_leaves)`` at ``w* + 0``: the gradients with respect to a zero offset are
+    the gradients at ``w*``."""
+    zero = {n: torch.zeros_like(t).requires_grad_(True) for n, t in xi.items()}
+    return evaluator.passes(moved_items(center, zero), lambda loss: program(loss, list(zero.values())))
+
+
+def _halves(evaluator, center, xi, leaves, pieces, rewind, center_losses, center_grads):  # type: ignore[no-untyped-def]
+    if center_losses is None and center_grads:
+
+        def centre_passes(loss, zero):  # type: ignore[no-untyped-def]
+            out = [(c, evaluator.grads(c.mean(), zero)) for c in (loss(p) for p in pieces)]
+            return Centre(tuple(c.detach() for c, _ in out), (out[0][1], out[1][1]))
+
+        center_losses = _centre_with_grads(evaluator, center, xi, centre_passes)
+    elif center_losses is None:
         with torch.no_grad():
-            center_losses = evaluator.passes(center.items(), lambda loss: tuple(loss(p).detach() for p in pieces))
+            center_losses = Centre(evaluator.passes(center.items(), lambda loss: tuple(loss(p).detach() for p in pieces)))
     inside = evaluator.grads_inside_passes
 
     def sample_passes(loss: Callable[[Any], Tensor]) -> List[Tuple[Tensor, Optional[List[Optional[Tensor]]]]]:
         out = []
-        for i, (piece, c) in enumerate(zip(pieces, center_losses)):
+        for i, (piece, c) in enumerate(zip(pieces, center_losses.losses)):
             s = loss(piece)
             check_same(c, s)
             g = evaluator.grads(s.mean(), leaves) if i == 0 or inside else None
@@ -118,18 +149,34 @@ def _halves(evaluator, center, xi, leaves, pieces, rewind, center_losses):  # ty
         # The second half's backward after the substitution ends (see Memory above).
         g2 = evaluator.grads(s2.mean(), leaves)
         s2 = s2.detach()
-    sizes = (center_losses[0].numel(), center_losses[1].numel())
-    return torch.cat(center_losses), torch.cat([s1, s2]), g1, g2, sizes, center_losses
+    c1, c2 = center_losses.losses
+    return torch.cat([c1, c2]), torch.cat([s1, s2]), g1, g2, (c1.numel(), c2.numel()), center_losses
 
 
-def _whole(evaluator, center, xi, leaves, batch, rewind, center_losses):  # type: ignore[no-untyped-def]
-    if center_losses is None:
+def _cuts(b: int) -> Tuple[slice, ...]:
+    h = b // 2
+    return (slice(0, h), slice(h, b)) if b >= 2 else (slice(0, b),)
+
+
+def _whole(evaluator, center, xi, leaves, batch, rewind, center_losses, center_grads):  # type: ignore[no-untyped-def]
+    if center_losses is None and center_grads:
+
+        def centre_passes(loss, zero):  # type: ignore[no-untyped-def]
+            c = loss(batch)
+            cuts = _cuts(c.numel())
+            grads = [evaluator.grads(c[cut].mean(), zero, retain_graph=i < len(cuts) - 1) for i, cut in enumerate(cuts)]
+            return Centre((c.detach(),), (grads[0], grads[-1]))
+
+        if evaluator.one_gradient_per_pass:
+            raise ValueError("Expected an unsharded model for the control-variate gradient on a batch that does not split.")
+        center_losses = _centre_with_grads(evaluator, center, xi, centre_passes)
+    elif center_losses is None:
         with torch.no_grad():
-            center_losses = (evaluator.losses(center.items(), batch).detach(),)
-    (l_center,) = center_losses
+            center_losses = Centre((evaluator.losses(center.items(), batch).detach(),))
+    (l_center,) = center_losses.losses
     b = l_center.numel()
     h = b // 2
-    cuts = (slice(0, h), slice(h, b)) if b >= 2 else (slice(0, b),)
+    cuts = _cuts(b)
     if evaluator.one_gradient_per_pass:
 
         def per_cut(loss: Callable[[Any], Tensor]) -> Tuple[Tensor, List[List[Optional[Tensor]]]]:

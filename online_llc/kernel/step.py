@@ -49,6 +49,7 @@ from torch import Tensor
 
 from online_llc.config import SGLDConfig
 from online_llc.kernel.evaluator import LossEvaluator
+from online_llc.kernel.passes import Centre
 from online_llc.kernel.randomness import private_rng
 from online_llc.kernel.updates import _combine_halves, _update, state_dtype
 
@@ -106,7 +107,7 @@ class _Pending(NamedTuple):
     stats: Tensor
     batch_size: int
     halves: Tuple[int, int]
-    center_losses: Tuple[Tensor, ...]
+    center_losses: Centre
     grads: Optional[List[Optional[Tensor]]]
 
 
@@ -148,9 +149,10 @@ def _kernel_step(
     generator: torch.Generator,
     masks: Optional[Mapping[str, Tensor]] = None,
     rng_seed: Optional[int] = None,
-    center_losses: Optional[Tuple[Tensor, ...]] = None,
+    center_losses: Optional[Centre] = None,
     keep_grads: bool = False,
     pre_update: Optional[Callable[[List[Optional[Tensor]]], Optional[Mapping[str, Tensor]]]] = None,
+    anchor: Optional[Mapping[str, Tensor]] = None,
 ) -> _Pending:
     """One step of ``config.sampler`` that updates ``offset`` and ``aux`` in place (whatever the
     losses: the caller discards a non-finite step) and leaves its numbers on the device.
@@ -161,7 +163,15 @@ def _kernel_step(
     batch gradient intact and returns it (the update dots); ``pre_update`` is called with the
     batch gradient just before the offset is updated (with ``keep_grads``: it must not change them)
     and may return buffers, one per offset, that then receive the update ``xi_new - xi``
-    (:func:`online_llc.kernel.updates._update`'s ``into``)."""
+    (:func:`online_llc.kernel.updates._update`'s ``into``); ``anchor`` is the full-data gradient
+    at the centre, by parameter name, which the control-variate gradient needs
+    (``config.gradient``)."""
+    cv = config.gradient == "control_variate"
+    if cv and (anchor is None or set(anchor) != set(offset)):
+        raise ValueError(
+            "Expected `anchor` (the full-data gradient at the centre, one tensor per sampled parameter) for "
+            f"gradient='control_variate', got {None if anchor is None else sorted(anchor)}."
+        )
     if torch.is_inference_mode_enabled():
         raise RuntimeError(
             "The SGLD step needs gradients and cannot run inside torch.inference_mode(); "
@@ -171,8 +181,13 @@ def _kernel_step(
     # gradient w.r.t. the offset is local and never reaches the model's .grad.
     # The evaluator's mode (eval by default) for the passes only; every flag is restored after.
     with evaluator.mode_context(), private_rng(center, generator, rng_seed) as rewind, torch.enable_grad():
-        l_center, l_sample, g1, g2, halves, center_losses = evaluator.paired(center, offset, batch, rewind, center_losses)
+        l_center, l_sample, g1, g2, halves, center_losses = evaluator.paired(
+            center, offset, batch, rewind, center_losses, center_grads=cv
+        )
     with torch.no_grad():
+        if cv:
+            assert anchor is not None and center_losses.grads is not None
+            _control_variate(g1, center_losses.grads[0], g2, center_losses.grads[1], [anchor[n] for n in offset])
         device = l_center.device
         grads, noise_sq = _combine_halves(g1, g2, halves, list(offset), aux, config, masks, device)
         del g1, g2
@@ -183,6 +198,24 @@ def _kernel_step(
             layouts=evaluator.noise_layouts(list(offset)), into=into,
         )
     return _Pending(stats, b, halves, center_losses, grads if keep_grads else None)
+
+
+def _control_variate(
+    g1: List[Optional[Tensor]],
+    c1: List[Optional[Tensor]],
+    g2: List[Optional[Tensor]],
+    c2: List[Optional[Tensor]],
+    anchor: List[Tensor],
+) -> None:
+    """The halves' control-variate gradients in place: ``g_k <- g_k - c_k + gbar`` (``c_k`` the
+    centre's gradient on the same half, ``gbar`` the full-data gradient at the centre). Their mean
+    is the batch's control-variate gradient and their difference measures its noise, so the heat
+    is read as for the plain gradient. A gradient the loss does not reach stays None."""
+    for g, c in ((g1, c1), (g2, c2)):
+        idx = [j for j, (a, b) in enumerate(zip(g, c)) if a is not None and b is not None]
+        if idx:
+            torch._foreach_sub_([g[j] for j in idx], [c[j] for j in idx])  # type: ignore[misc]
+            torch._foreach_add_([g[j] for j in idx], [anchor[j] for j in idx])  # type: ignore[misc]
 
 
 def sampler_step(
@@ -197,6 +230,7 @@ def sampler_step(
     masks: Optional[Mapping[str, Tensor]] = None,
     previous_offset: Optional[Mapping[str, Tensor]] = None,
     rng_seed: Optional[int] = None,
+    anchor: Optional[Mapping[str, Tensor]] = None,
 ) -> Tuple[Dict[str, Tensor], Dict[str, Tensor], SGLDInfo]:
     """One step of ``config.sampler`` (see :class:`SGLDConfig`) on ``offset`` around ``center``.
 
@@ -211,6 +245,8 @@ def sampler_step(
         rng_seed: seeds the model's own randomness (dropout) for this step; by default an integer
             drawn from ``generator``, which costs a second host read per step
             (:func:`~online_llc.kernel.randomness.derived_seed` gives one from a step counter).
+        anchor: the full-data gradient ``grad L_n(w*)`` at the centre, by parameter name: needed
+            by ``config.gradient == "control_variate"`` (:func:`full_gradient` computes it).
 
     Returns:
         ``(new_offset, new_aux, info)``, new tensors in float32 (float64 for float64 offsets);
@@ -222,7 +258,7 @@ def sampler_step(
     dots = previous_offset is not None and config.sampler != "sghmc" and config.noise_scale > 0
     pending = _kernel_step(
         evaluator, center, new, new_aux, batch, config=config, generator=generator, masks=masks,
-        rng_seed=rng_seed, keep_grads=dots,
+        rng_seed=rng_seed, keep_grads=dots, anchor=anchor,
     )
     stats = pending.stats
     if dots:

@@ -10,22 +10,20 @@ the tests use it as the reference.
 
 from __future__ import annotations
 
-import math
-import warnings
+import sys
 from dataclasses import replace
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from online_llc.calibration.budget import DEFAULT_PRECISION, resolve_burn_in, resolve_num_draws, scaled_cap
-from online_llc.calibration.heat import heat_interval, per_step_bias
 from online_llc.calibration.step import (
-    MAX_EXCESS,
     max_step_size,
-    relaxation_steps,
     resolve_hyperparameters,
+    throttled,
 )
 from online_llc.errors import (
     NonFiniteDrawError,
@@ -35,16 +33,20 @@ from online_llc.errors import (
     check_positive_int,
     reject_unknown,
 )
+from online_llc.kernel.anchor import full_gradient
 from online_llc.kernel.evaluator import MODES, LossEvaluator, LossFn
 from online_llc.kernel.halves import split_halves
 from online_llc.kernel.randomness import chain_seed, cuda_devices, derived_seed
 from online_llc.kernel.step import sampler_step
 from online_llc.kernel.updates import init_aux
 from online_llc.models.groups import resolve_groups
-from online_llc.offline.rows import DRAW, HEAT_BIAS, NOISE_VAR, OWN_DOT, PREV_DOT, ROWS, imprecise, recalibrated, stretch_discretization_bias
+from online_llc.offline.rows import (
+    ROWS,
+    imprecise,
+    recalibrated,
+)
+from online_llc.offline.summary import llc_result
 from online_llc.records import LLCResult
-from online_llc.stats.draws import heat_ratio, summarize
-from online_llc.stats.mcse import multichain_standard_error
 
 __all__ = ["LLCResult", "estimate_llc", "CAP_BATCH", "MAX_AUTO_BURN_IN", "MAX_AUTO_DRAWS", "CALIBRATION_STEPS", "MAX_CALIBRATION_ROUNDS"]
 
@@ -95,6 +97,8 @@ def estimate_llc(
     params: Optional[Sequence[Any]] = None,
     mode: str = "eval",
     precision: Optional[float] = DEFAULT_PRECISION,
+    gradient: str = "plain",
+    progress: bool = True,
     **kwargs: Any,
 ) -> LLCResult:
     """Estimate the local learning coefficient of ``model`` at its current weights ``w*``.
@@ -148,6 +152,17 @@ def estimate_llc(
             ``None`` keeps the first draw count. Models whose LLC lives in flat directions (normal
             crossings) mix over the localization's relaxation time, so 1000 draws can leave a
             standard error of 30% or more; ignored when ``num_draws`` is given.
+        gradient: ``"plain"`` (the minibatch gradient), ``"control_variate"`` (the control-variate
+            gradient ``grad L_B(w* + xi) - grad L_B(w*) + grad L_n(w*)``, whose batch noise is
+            small near ``w*``: the step is then sized by its discretization alone, up to
+            ``nbeta / B`` times larger, at the cost of one pass over ``batches`` for
+            ``grad L_n(w*)`` and one more backward pass per step), or ``"auto"`` (the control
+            variate where the batch would otherwise shrink the calibrated starting step more than
+            2x, ``B < nbeta / 2``, and the plain gradient for a given ``step_size``; see
+            :mod:`online_llc.kernel.anchor`). The default is ``"plain"`` until the known-lambda
+            suite has been measured with ``"auto"``.
+        progress: print the plan (chains, burn-in and draws, the step, the gradient) to stderr
+            once the first chain has fixed it, and show a progress bar when stderr is a terminal.
 
     Returns:
         An :class:`LLCResult` with the estimate, its standard error, the draws, the measured heat
@@ -177,6 +192,7 @@ def estimate_llc(
         burn_in = check_nonneg_int("burn_in", burn_in)
     seed = check_int("seed", seed)
     check_choice("mode", mode, MODES)
+    check_choice("gradient", gradient, ("plain", "control_variate", "auto"))
     if precision is not None and not (isinstance(precision, (int, float)) and not isinstance(precision, bool)
                                       and 0.0 < float(precision) < 1.0):
         raise ValueError(f"Expected `precision` to be None or a float in (0, 1), got {precision!r}.")
@@ -205,11 +221,22 @@ def estimate_llc(
         stream = _batches_forever(batches)
         first = next(stream)
         batch_size = _batch_size(evaluator, center, first)
+        if gradient == "auto":
+            # A given step is taken as it is, with the gradient it was chosen for.
+            gradient = "control_variate" if step_size is None and throttled(config.nbeta, batch_size) else "plain"
+        bar = tqdm(desc="estimate_llc", unit="step", disable=None if progress else True, leave=False)
+        anchor = None
+        if gradient == "control_variate":
+            bar.set_description("estimate_llc: the full-data gradient at w*")
+            anchor = full_gradient(evaluator, center, batches, generator=torch.Generator(device=device).manual_seed(seed))
         if step_size is None:
+            # The control variate's batch noise is small: the step starts at its discretization
+            # bound, whatever the batch.
             config = resolve_hyperparameters(
                 num_samples=num_samples, nbeta=nbeta, localization=localization, step_size=None,
-                sampler=sampler, friction=friction, batch_size=batch_size,
+                sampler=sampler, friction=friction, batch_size=None if anchor is not None else batch_size,
             )
+        config = replace(config, gradient=gradient)
         pending = [first]
 
         def next_batch() -> Any:
@@ -228,7 +255,7 @@ def estimate_llc(
                 # so a step reads its numbers once (one device sync).
                 offset, aux, info = sampler_step(
                     evaluator, center, offset, aux, next_batch(), config=config, generator=gen,
-                    previous_offset=previous, rng_seed=derived_seed(seed, c, steps_run[c]),
+                    previous_offset=previous, rng_seed=derived_seed(seed, c, steps_run[c]), anchor=anchor,
                 )
                 steps_run[c] += 1
                 previous = before
@@ -237,7 +264,12 @@ def estimate_llc(
                 out[:, s] = (info.draw, info.noise_var, info.heat_bias, info.prev_update_dot_grad, info.update_dot_grad)
                 center_loss_sum += info.loss_center
                 center_loss_count += 1
+                bar.update()
             return (offset, aux), out
+
+        def burn(c: int, state: Tuple[Any, Any], gen: torch.Generator) -> Tuple[int, Tuple[Any, Any], np.ndarray]:
+            steps = resolve_burn_in(given_burn_in, config, burn_in_cap)
+            return (steps, *run(c, steps, state, gen))
 
         states: List[Tuple[Any, Any]] = []
         gens: List[torch.Generator] = []
@@ -248,6 +280,7 @@ def estimate_llc(
             offset = evaluator.zeros_like_center()
             state = (offset, init_aux(config, offset))
             top = config.step_size
+            bar.set_description(f"estimate_llc: chain {c + 1}/{num_chains}")
             if c == 0 and step_size is None:
                 # Calibration rounds on the first chain: the excess heat is proportional to the
                 # step at a fixed estimand, so each round rescales the step towards the target.
@@ -260,8 +293,9 @@ def estimate_llc(
                         break
                     config = replace(config, step_size=new)
             if c == 0:
-                burn_in = resolve_burn_in(given_burn_in, config, burn_in_cap)
-            state, head = run(c, burn_in, state, gen)
+                burn_in, state, head = burn(c, state, gen)
+            else:
+                state, head = run(c, burn_in, state, gen)
             if c == 0 and step_size is None:
                 # The gradient noise grows as the chain spreads (singular directions widen slowly),
                 # so the heat at the end of the burn-in is checked too, and the burn-in rerun at a
@@ -275,10 +309,17 @@ def estimate_llc(
                         break
                     calibration.append((config.step_size, heat))
                     config = replace(config, step_size=new)
-                    burn_in = resolve_burn_in(given_burn_in, config, burn_in_cap)
-                    state, head = run(c, burn_in, state, gen)
+                    burn_in, state, head = burn(c, state, gen)
             if c == 0:
                 num_draws = resolve_num_draws(given_num_draws, config, draws_cap)
+                bar.total = bar.n + num_draws + (num_chains - 1) * (burn_in + num_draws)
+                if progress:
+                    tqdm.write(
+                        f"estimate_llc: {num_chains} chains x ({burn_in} burn-in + {num_draws} draws) at step_size "
+                        f"{config.step_size:.3g}{' (calibrated)' if step_size is None else ''}, {config.gradient} "
+                        f"gradient (batch {batch_size}), nbeta {config.nbeta:.4g}, localization {config.localization:.3g}",
+                        file=sys.stderr,
+                    )
             state, keep = run(c, num_draws, state, gen)
             chain_rows.append(np.concatenate([head, keep], axis=1))
             states.append(state)
@@ -290,79 +331,19 @@ def estimate_llc(
             # chain continues where it stopped) until the multi-chain standard error is small.
             while num_draws < draws_cap and imprecise(chain_rows, burn_in, precision):
                 extra = min(num_draws, draws_cap - num_draws)
+                bar.set_description(f"estimate_llc: {extra} more draws per chain for precision")
+                bar.total = bar.n + num_chains * extra
                 for c in range(num_chains):
                     states[c], more = run(c, extra, states[c], gens[c])
                     chain_rows[c] = np.concatenate([chain_rows[c], more], axis=1)
                 num_draws += extra
 
-    rows = np.stack(chain_rows)  # [chains, ROWS, burn_in + num_draws]
-    draws = rows[:, DRAW]
-    kept, kept_noise = draws[:, burn_in:], rows[:, NOISE_VAR, burn_in:]
-    summary = summarize(kept, kept_noise)
-    per_chain_std = np.array([summarize(kept[c : c + 1], kept_noise[c : c + 1]).se for c in range(num_chains)])
-    heat_bias = float(rows[:, HEAT_BIAS, burn_in:].mean())
-    heat = heat_ratio(float(summary.mean), heat_bias)
-    per_chain_disc = [stretch_discretization_bias(chain[:, burn_in:]) for chain in rows]
-    per_chain_disc = [b for b in per_chain_disc if math.isfinite(b)]
-    disc_bias = float(np.mean(per_chain_disc)) if per_chain_disc else math.nan
-    biases = np.stack([per_step_bias(c[PREV_DOT], c[OWN_DOT], c[HEAT_BIAS]) for c in rows[:, :, burn_in:]])
-    total_heat, heat_low, heat_high = heat_interval(kept, biases)
-    # Warn when the heat reads above the bound and is clearly above 1 (its lower end), so that pure
-    # noise on a calibrated chain does not cry wolf; a given step gets the same check.
-    if total_heat > 1 + MAX_EXCESS and heat_low > 1:
-        total_bias = heat_bias + (disc_bias if math.isfinite(disc_bias) else 0.0)
-        warnings.warn(
-            f"estimate_llc: the chains ran hot{' after calibration' if step_size is None else ''} (heat "
-            f"{total_heat:.3g}, at least {heat_low:.3g}, at step_size {config.step_size:.3g}, batch {batch_size}); "
-            f"the estimate is about {total_bias:.3g} too high ({heat_bias:.3g} from the minibatch noise, "
-            f"{disc_bias:.3g} from the step's discretization). "
-            + (
-                "Use larger batches or pass a smaller step_size (and a longer burn_in)."
-                if step_size is None
-                else "Leave step_size to the default calibration, or pass a smaller one (and a longer burn_in)."
-            ),
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    std = multichain_standard_error(kept)
-    if given_num_draws is None and precision is not None and std > precision * abs(float(summary.mean)):
-        warnings.warn(
-            f"estimate_llc: the standard error {std:.3g} is {std / abs(float(summary.mean)):.0%} of the estimate "
-            f"{float(summary.mean):.3g} after {num_draws} draws per chain (the most chosen automatically); the "
-            f"chains mix over about {relaxation_steps(config):.0f} steps. Pass a larger num_draws or num_chains.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    return LLCResult(
-        mean=float(summary.mean),
-        std=std,
-        per_chain=kept.mean(axis=1),
-        per_chain_std=per_chain_std,
-        draws=kept.copy(),
-        noise_vars=kept_noise.copy(),
-        burn_in_draws=draws[:, :burn_in].copy(),
-        var_channel=float(summary.var_channel),
-        ratio=float(summary.ratio),
-        dispersion=float(summary.dispersion),
-        heat=heat,
-        heat_bias=heat_bias,
-        discretization_bias=disc_bias,
-        total_heat=total_heat,
-        heat_interval=(heat_low, heat_high),
-        ess=float(summary.ess),
-        init_loss=center_loss_sum / max(center_loss_count, 1),
-        nbeta=config.nbeta,
-        localization=config.localization,
-        step_size=config.step_size,
-        sampler=config.sampler,
-        batch_size=batch_size,
-        relaxation_steps=relaxation_steps(config),
-        calibration=calibration,
-        num_samples=num_samples,
-        num_chains=num_chains,
-        num_draws=num_draws,
-        burn_in=burn_in,
-        seed=seed,
+        bar.close()
+    return llc_result(
+        np.stack(chain_rows), burn_in, num_draws, config=config, step_given=step_size is not None,
+        batch_size=batch_size, precision=None if given_num_draws is not None else precision,
+        init_loss=center_loss_sum / max(center_loss_count, 1), calibration=calibration,
+        num_samples=num_samples, seed=seed,
     )
 
 

@@ -167,10 +167,11 @@ def recommend_step_size(
     for m in mults:
         step = default * m
         try:
+            # The ladder is of plain minibatch steps around the batch-sized default.
             res = estimate_llc(
                 model, loss_fn, batches, num_samples=num_samples, nbeta=nbeta, localization=localization,
                 step_size=step, sampler=sampler, friction=friction, num_chains=num_chains, num_draws=num_draws,
-                burn_in=max(1, math.ceil(burn_in / m)), seed=seed,
+                burn_in=max(1, math.ceil(burn_in / m)), seed=seed, gradient="plain", progress=False,
             )
             raw.append((m, step, res.mean, res.std, res.heat, False))
         except NonFiniteDrawError:
