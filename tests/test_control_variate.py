@@ -99,6 +99,8 @@ def test_the_control_variate_needs_its_anchor_and_a_known_gradient_name():
         SGLDConfig(nbeta=10.0, localization=1.0, step_size=1e-3, gradient="cv")
     with pytest.raises(ValueError, match=r"Expected `gradient` to be one of 'plain', 'control_variate', 'auto'"):
         estimate_llc(model, _loss, [(x, y)], num_samples=64, gradient="exact")
+    with pytest.raises(ValueError, match=r"Expected `progress` to be a bool, got 'yes'"):
+        estimate_llc(model, _loss, [(x, y)], num_samples=64, progress="yes")
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # 40 steps of a tiny chain may read hot

@@ -27,6 +27,7 @@ from online_llc.calibration.step import (
 )
 from online_llc.errors import (
     NonFiniteDrawError,
+    check_bool,
     check_choice,
     check_int,
     check_nonneg_int,
@@ -193,6 +194,7 @@ def estimate_llc(
     seed = check_int("seed", seed)
     check_choice("mode", mode, MODES)
     check_choice("gradient", gradient, ("plain", "control_variate", "auto"))
+    progress = check_bool("progress", progress)
     if precision is not None and not (isinstance(precision, (int, float)) and not isinstance(precision, bool)
                                       and 0.0 < float(precision) < 1.0):
         raise ValueError(f"Expected `precision` to be None or a float in (0, 1), got {precision!r}.")
