@@ -105,7 +105,7 @@ def llc_result(
         relaxation_steps=relaxation_steps(config),
         calibration=calibration,
         num_samples=num_samples,
-        num_chains=rows.shape[0],
+        num_chains=num_chains,
         num_draws=num_draws,
         burn_in=burn_in,
         seed=seed,
