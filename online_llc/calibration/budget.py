@@ -5,9 +5,11 @@ and how many draws to keep. Both are counted in steps, capped in samples (see
 :data:`online_llc.offline.estimate.CAP_BATCH`): at a fixed heat the step, and so every direction's
 relaxation in steps, scales with the batch size, so small batches take more, cheaper steps.
 
-* ``burn_in`` and ``num_draws`` (offline): the burn-in is two relaxation times ``2 / (epsilon gamma)``
-  of the slowest (localization-bound) direction (:data:`online_llc.calibration.budget.BURN_IN_RELAXATIONS`),
-  at least 500 steps; the draws are 1000 times ``0.08 / (nbeta epsilon)``, the factor by which
+* ``burn_in`` and ``num_draws`` (offline): the burn-in is two relaxation times of the slowest
+  direction (:data:`online_llc.calibration.budget.BURN_IN_RELAXATIONS`), at least 500 steps: the
+  smaller of the localization's bound ``2 / (epsilon gamma)`` (a flat direction) and the bound
+  measured from the chain's spread, ``2 mean(||xi||^2) / epsilon`` (:func:`spread_relaxation`;
+  a regular model relaxes in tens of steps where the localization's bound says thousands); the draws are 1000 times ``0.08 / (nbeta epsilon)``, the factor by which
   calibration shortened the step (every direction relaxes that much more slowly), and at least
   one relaxation time (the flat directions mix over it). At a fixed heat ``epsilon`` is
   proportional to ``B``, so small batches take more, cheaper steps: the samples seen are about
@@ -26,11 +28,22 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
+
+import numpy as np
 
 from online_llc.calibration.step import DEFAULT_STEP_SCALE, relaxation_steps
 
-__all__ = ["DEFAULT_BURN_IN", "DEFAULT_NUM_DRAWS", "DEFAULT_PRECISION", "BURN_IN_RELAXATIONS", "resolve_burn_in", "resolve_num_draws", "scaled_cap"]
+__all__ = [
+    "DEFAULT_BURN_IN",
+    "DEFAULT_NUM_DRAWS",
+    "DEFAULT_PRECISION",
+    "BURN_IN_RELAXATIONS",
+    "resolve_burn_in",
+    "resolve_num_draws",
+    "scaled_cap",
+    "spread_relaxation",
+]
 
 DEFAULT_NUM_DRAWS: int = 1000
 #: Offline: the relative standard error the automatic draw count aims for (draws are doubled
@@ -53,15 +66,43 @@ def scaled_cap(steps: int, batch_size: int, cap_batch: int) -> int:
     return int(steps * max(1.0, cap_batch / batch_size))
 
 
-def resolve_burn_in(burn_in: Optional[int], config: Any, cap: int) -> int:
-    """``burn_in``, or :data:`BURN_IN_RELAXATIONS` relaxation times of the slowest direction,
-    ``2 / (epsilon gamma)`` each, at least ``DEFAULT_BURN_IN`` steps and at most ``cap`` (with a
-    warning when that is longer)."""
+def spread_relaxation(offset_sq: Sequence[float], config: Any) -> float:
+    """A measured bound on the slowest direction's relaxation time: ``2 mean(||xi||^2) / epsilon``
+    over a stretch of one SGLD chain (``inf`` for the other samplers, where it is not a bound).
+
+    Near ``w*`` the localized posterior is Gaussian with curvatures ``k_j = nbeta h_j + gamma``;
+    direction ``j`` relaxes over ``2 / (epsilon k_j)`` steps (its mean; its variance closes its gap as
+    ``exp(-epsilon k_j t)``) and holds variance ``1 / k_j``, so the slowest one relaxes over at most
+    ``sum_j 2 / (epsilon k_j) = 2 E||xi||^2 / epsilon`` steps. The localization's bound
+    ``2 / (epsilon gamma)`` (:func:`~online_llc.calibration.step.relaxation_steps`) assumes a flat
+    direction; a model without one (a regular model, tight around ``w*``) relaxes far sooner, and
+    a model with one spreads wide, so this bound then exceeds that one.
+
+    Measured on a chain still relaxing, it ends the burn-in only where it should: direction ``j``
+    holds variance ``(1 - exp(-epsilon k_j t)) / k_j`` at step ``t``, so ``t`` at least
+    :data:`BURN_IN_RELAXATIONS` such bounds, ``4 mean(||xi||^2) / epsilon``, implies
+    ``epsilon k_j t >= 4 (1 - exp(-epsilon k_j t))``, that is ``epsilon k_j t >= 3.92``: every
+    direction's variance is within 2% of its end, as after two of the localization's relaxation
+    times. (The mean is taken over the stretch's last quarter, a little below its value at ``t``;
+    the minibatch heat raises it, a longer and safer bound.)
+    """
+    if config.sampler != "sgld" or len(offset_sq) == 0:
+        return math.inf
+    return 2.0 * float(np.mean(offset_sq)) / config.step_size
+
+
+def resolve_burn_in(
+    burn_in: Optional[int], config: Any, cap: int, relax: float = math.inf, warn: bool = True,
+) -> int:
+    """``burn_in``, or :data:`BURN_IN_RELAXATIONS` relaxation times of the slowest direction, the
+    smaller of ``2 / (epsilon gamma)`` and the measured ``relax`` (:func:`spread_relaxation`), at
+    least ``DEFAULT_BURN_IN`` steps and at most ``cap`` (with a warning, when ``warn``, where that
+    is shorter)."""
     if burn_in is not None:
         return burn_in
-    relax = relaxation_steps(config)
+    relax = min(relaxation_steps(config), relax)
     needed = BURN_IN_RELAXATIONS * relax
-    if needed > cap:
+    if needed > cap and warn:
         warnings.warn(
             f"estimate_llc: the localization-bound directions relax over {relax:.0f} steps at step_size "
             f"{config.step_size:.3g} and the burn-in needs {needed:.0f} ({BURN_IN_RELAXATIONS} relaxation "
@@ -73,10 +114,11 @@ def resolve_burn_in(burn_in: Optional[int], config: Any, cap: int) -> int:
     return int(max(DEFAULT_BURN_IN, min(math.ceil(needed), cap)))
 
 
-def resolve_num_draws(num_draws: Optional[int], config: Any, cap: int) -> int:
+def resolve_num_draws(num_draws: Optional[int], config: Any, cap: int, relax: float = math.inf) -> int:
     """``num_draws``, or 1000 times how much smaller than ``0.08 / nbeta`` the step is (a smaller
     step mixes that much more slowly), and at least one relaxation time of the slowest direction
-    (the flat directions of a singular model mix over it), at most ``cap``."""
+    (the flat directions of a singular model mix over it; the smaller of ``2 / (epsilon gamma)``
+    and the measured ``relax``), at most ``cap``."""
     if num_draws is not None:
         return num_draws
     if config.sampler == "rmsprop_sgld":
@@ -86,6 +128,6 @@ def resolve_num_draws(num_draws: Optional[int], config: Any, cap: int) -> int:
     # On dln[5, 3, 4, 6, 2] r=1 (n = 1e5, batch 256, localization 3.2) successive stretches of half
     # a relaxation time read 0.81 to 1.05 lambda: half a relaxation time of draws (what the first
     # rule gives at localization 3.2) is one such stretch, and two chains of it read 0.81.
-    relax = relaxation_steps(config)
+    relax = min(relaxation_steps(config), relax)
     wanted = max(DEFAULT_NUM_DRAWS * factor, relax if math.isfinite(relax) else 0.0)
     return int(min(math.ceil(wanted), cap))

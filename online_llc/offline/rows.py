@@ -14,10 +14,11 @@ from online_llc.calibration.step import calibrated_step
 from online_llc.stats.draws import heat_ratio
 from online_llc.stats.mcse import multichain_standard_error
 
-# The rows each chain's run records per step: the draw, its noise variance, the heat bias, and the
-# two update-gradient products of the discretization bias (SGLDInfo's fields of the same names).
-DRAW, NOISE_VAR, HEAT_BIAS, PREV_DOT, OWN_DOT = range(5)
-ROWS = 5
+# The rows each chain's run records per step: the draw, its noise variance, the heat bias, the
+# two update-gradient products of the discretization bias (SGLDInfo's fields of the same names),
+# and the squared offset ||xi||^2 (the measured relaxation, calibration.budget.spread_relaxation).
+DRAW, NOISE_VAR, HEAT_BIAS, PREV_DOT, OWN_DOT, OFFSET_SQ = range(6)
+ROWS = 6
 
 
 def recalibrated(tail: np.ndarray, step: float, top: float, lower_only: bool = False) -> Tuple[float, float]:
