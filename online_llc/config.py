@@ -44,6 +44,7 @@ from online_llc.errors import check_choice, check_nonneg_float, check_positive_f
 __all__ = [
     "SAMPLERS",
     "GRADIENTS",
+    "DRAWS",
     "SGLDConfig",
     "default_nbeta",
     "DEFAULT_NBETA_CAP",
@@ -59,6 +60,12 @@ SAMPLERS = ("sgld", "rmsprop_sgld", "sghmc")
 #: Fox and Nemeth 2019), whose batch noise is that of the difference, about ``||xi||`` times the
 #: spread of the per-sample curvature instead of the per-sample gradients' spread.
 GRADIENTS = ("plain", "control_variate")
+#: The draws a step can record: the paired draw ``d = nbeta (L_B(w* + xi) - L_B(w*))``
+#: (``"plain"``), or ``d' = d - nbeta (grad L_B(w*) - grad L_n(w*)) . xi`` (``"control_variate"``,
+#: with the control-variate gradient, whose centre gradients it reuses): the same expectation (the
+#: batch is drawn independently of the chain's ``xi``) without the batch's linear term, whose
+#: batch-to-batch noise dominates ``d``'s variance near ``w*``.
+DRAWS = ("plain", "control_variate")
 
 
 def default_nbeta(num_samples: int) -> float:
@@ -93,6 +100,7 @@ class SGLDConfig:
         rmsprop_decay: RMSProp's ``rho`` in [0, 1).
         gradient: one of :data:`GRADIENTS`; ``"control_variate"`` needs the full-data gradient
             at the centre (the kernel's ``anchor``).
+        draw: one of :data:`DRAWS`; ``"control_variate"`` needs ``gradient="control_variate"``.
         rmsprop_eps: RMSProp's ``delta`` (> 0), in units of ``nbeta * gradient``. It floors the
             preconditioner at ``1 / delta``: with a tiny ``delta`` a chain that starts where the
             loss gradient vanishes (a noiseless minimum) gets ``G ~ 1e8`` and its first noise
@@ -109,6 +117,7 @@ class SGLDConfig:
     rmsprop_decay: float = 0.999
     rmsprop_eps: float = 0.1
     gradient: str = "plain"
+    draw: str = "plain"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nbeta", check_positive_float("nbeta", self.nbeta))
@@ -117,6 +126,12 @@ class SGLDConfig:
         object.__setattr__(self, "noise_scale", check_nonneg_float("noise_scale", self.noise_scale))
         check_choice("sampler", self.sampler, SAMPLERS)
         check_choice("gradient", self.gradient, GRADIENTS)
+        check_choice("draw", self.draw, DRAWS)
+        if self.draw == "control_variate" and self.gradient != "control_variate":
+            raise ValueError(
+                "Expected gradient='control_variate' with draw='control_variate' (the draw reuses that gradient's "
+                f"centre gradients and full-data gradient), got gradient={self.gradient!r}."
+            )
         friction = check_positive_float("friction", self.friction)
         if friction > 1:
             raise ValueError(f"Expected `friction` to be a float in (0, 1], got {self.friction!r}.")

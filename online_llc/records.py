@@ -215,6 +215,7 @@ class LLCResult:
             after calibration).
         sampler: the sampler used.
         gradient: the gradient the steps took, ``"plain"`` or ``"control_variate"``.
+        draw: the draw recorded, ``"plain"`` or ``"control_variate"`` (:data:`online_llc.config.DRAWS`).
         batch_size: samples per batch (of the first batch).
         relaxation_steps: ``2 / (step_size * localization)``, the slowest direction's relaxation.
         calibration: ``(step_size, heat)`` of every calibration round (empty when ``step_size``
@@ -254,6 +255,7 @@ class LLCResult:
     total_heat: float = math.nan
     heat_interval: Tuple[float, float] = (math.nan, math.nan)
     gradient: str = "plain"
+    draw: str = "plain"
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -269,5 +271,5 @@ class LLCResult:
             f"LLCResult(mean={self.mean:.4g}, std={self.std:.3g}, heat="
             f"{self.total_heat:.3g}, chains={self.num_chains}, draws={self.num_draws}, "
             f"nbeta={self.nbeta:.4g}, localization={self.localization:g}, step_size={self.step_size:.3g}, "
-            f"gradient={self.gradient!r})"
+            f"gradient={self.gradient!r}, draw={self.draw!r})"
         )

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -43,6 +43,7 @@ __all__ = [
     "resolve_num_draws",
     "scaled_cap",
     "spread_relaxation",
+    "next_burn_in",
 ]
 
 DEFAULT_NUM_DRAWS: int = 1000
@@ -112,6 +113,25 @@ def resolve_burn_in(
             stacklevel=3,
         )
     return int(max(DEFAULT_BURN_IN, min(math.ceil(needed), cap)))
+
+
+def next_burn_in(offset_sq: Sequence[float], config: Any, cap: int) -> Tuple[Optional[int], float]:
+    """Whether the automatic burn-in may end after the ``len(offset_sq)`` steps run so far, from
+    the chain's squared offsets ``||xi||^2`` over them: ``(None, relax)`` when it may, else
+    ``(steps, relax)`` with the length to run to next. ``relax`` is the measured relaxation
+    (:func:`spread_relaxation` over the last quarter). The burn-in ends once it is
+    :data:`BURN_IN_RELAXATIONS` times ``relax``, or at the localization's bound (capped at ``cap``,
+    :func:`resolve_burn_in`), whichever comes first, and never before :data:`DEFAULT_BURN_IN`
+    steps; it grows by at least a quarter per check, so it ends after a few checks."""
+    done = len(offset_sq)
+    relax = spread_relaxation(np.asarray(offset_sq)[3 * done // 4 :], config)
+    if done < DEFAULT_BURN_IN:
+        return DEFAULT_BURN_IN, relax
+    longest = resolve_burn_in(None, config, cap, warn=False)
+    needed = resolve_burn_in(None, config, cap, relax=relax, warn=False)
+    if needed <= done or done >= longest:
+        return None, relax
+    return min(longest, max(needed, done + done // 4)), relax
 
 
 def resolve_num_draws(num_draws: Optional[int], config: Any, cap: int, relax: float = math.inf) -> int:

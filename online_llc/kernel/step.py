@@ -185,13 +185,18 @@ def _kernel_step(
             center, offset, batch, rewind, center_losses, center_grads=cv
         )
     with torch.no_grad():
+        kappa = None
         if cv:
             assert anchor is not None and center_losses.grads is not None
+            if config.draw == "control_variate":
+                kappa = _draw_corrections(center_losses.grads, [anchor[n] for n in offset], list(offset.values()))
             _control_variate(g1, center_losses.grads[0], g2, center_losses.grads[1], [anchor[n] for n in offset])
         device = l_center.device
         grads, noise_sq = _combine_halves(g1, g2, halves, list(offset), aux, config, masks, device)
         del g1, g2
         stats, b = evaluator.step_stats(l_center, l_sample, list(offset.values()), noise_sq)
+        if kappa is not None:
+            stats = _corrected_draw(stats, l_sample.double() - l_center.double(), kappa, halves)
         into = pre_update(grads) if pre_update is not None else None
         _update(
             offset, aux, grads, config=config, generator=generator, masks=masks, consume_grads=not keep_grads,
@@ -216,6 +221,47 @@ def _control_variate(
         if idx:
             torch._foreach_sub_([g[j] for j in idx], [c[j] for j in idx])  # type: ignore[misc]
             torch._foreach_add_([g[j] for j in idx], [anchor[j] for j in idx])  # type: ignore[misc]
+
+
+def _draw_corrections(
+    centre_grads: Tuple[List[Optional[Tensor]], List[Optional[Tensor]]],
+    anchor: List[Tensor],
+    offsets: List[Tensor],
+) -> Tensor:
+    """``[(c_1 - gbar) . xi, (c_2 - gbar) . xi]`` (float64): each half's centre gradient ``c_k`` less
+    the full-data gradient, against the offset before the update."""
+    out = []
+    for c in centre_grads:
+        terms = [
+            torch.dot((g - a).reshape(-1).to(torch.float64), x.reshape(-1).to(torch.float64))
+            for g, a, x in zip(c, anchor, offsets)
+            if g is not None
+        ]
+        out.append(torch.stack(terms).sum() if terms else torch.zeros((), dtype=torch.float64, device=offsets[0].device))
+    return torch.stack(out)
+
+
+def _corrected_draw(stats: Tensor, diff: Tensor, kappa: Tensor, halves: Tuple[int, int]) -> Tensor:
+    """The step's numbers with the control-variate draw ``d' = d - nbeta (grad L_B(w*) - gbar) . xi``.
+
+    ``grad L_B(w*)`` is the halves' centre gradients weighted by their sizes, so each half's mean
+    difference ``m_k`` becomes ``m_k - kappa_k``; the draw's mean is their weighted mean. Its
+    per-sample variance (the noise channel ``v = nbeta^2 var / |B|``) is read from the two halves,
+    the only split whose correction is known: ``E[(m'_1 - m'_2)^2] = var (1 / B1 + 1 / B2)``, so
+    ``var = (m'_1 - m'_2)^2 B1 B2 / B`` (unbiased, one degree of freedom per step; 0 for a batch of
+    one). The control variate runs offline on whole parameters only, so every sample is here."""
+    b1, b2 = halves
+    b = b1 + b2
+    out = stats.clone()
+    if b2 == 0:
+        out[0] = stats[0] - kappa[0]
+        out[1] = 0.0
+        return out
+    m1 = diff[:b1].mean() - kappa[0]
+    m2 = diff[b1:].mean() - kappa[1]
+    out[0] = (b1 * m1 + b2 * m2) / b
+    out[1] = (m1 - m2).square() * (b1 * b2 / b)
+    return out
 
 
 def sampler_step(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import replace
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -21,12 +21,11 @@ from torch import nn
 from tqdm import tqdm
 
 from online_llc.calibration.budget import (
-    DEFAULT_BURN_IN,
     DEFAULT_PRECISION,
+    next_burn_in,
     resolve_burn_in,
     resolve_num_draws,
     scaled_cap,
-    spread_relaxation,
 )
 from online_llc.calibration.step import (
     max_step_size,
@@ -44,11 +43,11 @@ from online_llc.errors import (
 )
 from online_llc.kernel.anchor import full_gradient
 from online_llc.kernel.evaluator import MODES, LossEvaluator, LossFn
-from online_llc.kernel.halves import split_halves
 from online_llc.kernel.randomness import chain_seed, cuda_devices, derived_seed
 from online_llc.kernel.step import sampler_step
 from online_llc.kernel.updates import init_aux
 from online_llc.models.groups import resolve_groups
+from online_llc.offline.batches import batch_size_of, batches_forever
 from online_llc.offline.rows import (
     OFFSET_SQ,
     ROWS,
@@ -77,18 +76,6 @@ CALIBRATION_STEPS = 200
 MAX_CALIBRATION_ROUNDS = 6
 
 
-
-def _batches_forever(batches: Iterable[Any]) -> Iterator[Any]:
-    """Cycle through a re-iterable (a DataLoader reshuffles on each pass)."""
-    while True:
-        empty = True
-        for b in batches:
-            empty = False
-            yield b
-        if empty:
-            raise ValueError("Expected `batches` to yield at least one batch, got an empty iterable.")
-
-
 def estimate_llc(
     model: nn.Module,
     loss_fn: LossFn,
@@ -108,6 +95,7 @@ def estimate_llc(
     mode: str = "eval",
     precision: Optional[float] = DEFAULT_PRECISION,
     gradient: str = "auto",
+    draw: str = "auto",
     progress: bool = True,
     **kwargs: Any,
 ) -> LLCResult:
@@ -174,6 +162,12 @@ def estimate_llc(
             :mod:`online_llc.kernel.anchor`). The default, ``"auto"``, reads a d = 12 regression
             at n = 1e5, batch 32 in 15 s where the plain gradient takes 93 s (its step is 8x
             smaller), both within 5% of the exact target (``benchmarks/heat_grid.py``).
+        draw: ``"plain"`` (the paired draw ``d = nbeta (L_B(w* + xi) - L_B(w*))``),
+            ``"control_variate"`` (``d - nbeta (grad L_B(w*) - grad L_n(w*)) . xi``: the same
+            expectation, since the batch is drawn independently of ``xi``, without the batch's
+            linear term, whose noise dominates ``d``'s variance near ``w*``; it needs the
+            control-variate gradient, whose centre gradients it reuses at no cost) or ``"auto"``
+            (the control-variate draw exactly when the gradient is the control variate).
         progress: print the plan (chains, burn-in and draws, the step, the gradient) to stderr
             once the first chain has fixed it, and show a progress bar when stderr is a terminal.
 
@@ -206,6 +200,12 @@ def estimate_llc(
     seed = check_int("seed", seed)
     check_choice("mode", mode, MODES)
     check_choice("gradient", gradient, ("plain", "control_variate", "auto"))
+    check_choice("draw", draw, ("plain", "control_variate", "auto"))
+    if draw == "control_variate" and gradient == "plain":
+        raise ValueError(
+            "Expected gradient='control_variate' or 'auto' with draw='control_variate' (the draw reuses the "
+            "control-variate gradient's centre gradients), got gradient='plain'."
+        )
     progress = check_bool("progress", progress)
     if precision is not None and not (isinstance(precision, (int, float)) and not isinstance(precision, bool)
                                       and 0.0 < float(precision) < 1.0):
@@ -232,12 +232,19 @@ def estimate_llc(
         torch.default_generator.manual_seed(seed)
         for d in devices:
             torch.cuda.default_generators[d].manual_seed(seed)
-        stream = _batches_forever(batches)
+        stream = batches_forever(batches)
         first = next(stream)
-        batch_size = _batch_size(evaluator, center, first)
+        batch_size = batch_size_of(evaluator, center, first)
         if gradient == "auto":
             # A given step is taken as it is, with the gradient it was chosen for.
             gradient = "control_variate" if step_size is None and throttled(config.nbeta, batch_size) else "plain"
+        if draw == "auto":
+            draw = gradient
+        if draw == "control_variate" and gradient != "control_variate":
+            raise ValueError(
+                f"Expected draw='plain' or 'auto' where gradient='auto' takes the plain gradient (batch {batch_size} "
+                f"is not below nbeta / 2 = {config.nbeta / 2:.4g}, or step_size is given); got draw='control_variate'."
+            )
         bar = tqdm(desc="estimate_llc", unit="step", disable=None if progress else True, leave=False)
         anchor = None
         if gradient == "control_variate":
@@ -250,7 +257,7 @@ def estimate_llc(
                 num_samples=num_samples, nbeta=nbeta, localization=localization, step_size=None,
                 sampler=sampler, friction=friction, batch_size=None if anchor is not None else batch_size,
             )
-        config = replace(config, gradient=gradient)
+        config = replace(config, gradient=gradient, draw=draw)
         pending = [first]
 
         def next_batch() -> Any:
@@ -290,21 +297,15 @@ def estimate_llc(
             if given_burn_in is not None:
                 return (given_burn_in, *run(c, given_burn_in, state, gen))
             # The localization's bound (a flat direction) caps the burn-in; the chain's own spread
-            # bounds its slowest direction too, and ends it sooner where it is tight (a regular
-            # model). The burn-in grows by at least a quarter per check, up to what the spread asks.
-            longest = resolve_burn_in(None, config, burn_in_cap, warn=False)
+            # bounds its slowest direction too, and ends it sooner where it is tight (a regular model).
             parts: List[np.ndarray] = []
-            done, target = 0, min(DEFAULT_BURN_IN, longest)
-            while True:
+            done, target = 0, next_burn_in([], config, burn_in_cap)[0]
+            while target is not None:
                 state, out = run(c, target - done, state, gen)
                 parts.append(out)
                 done = target
                 rows = np.concatenate(parts, axis=1)
-                measured[0] = spread_relaxation(rows[OFFSET_SQ, 3 * done // 4 :], config)
-                needed = resolve_burn_in(None, config, burn_in_cap, relax=measured[0], warn=False)
-                if needed <= done or done >= longest:
-                    break
-                target = min(longest, max(needed, done + done // 4))
+                target, measured[0] = next_burn_in(rows[OFFSET_SQ], config, burn_in_cap)
             resolve_burn_in(None, config, burn_in_cap, relax=measured[0])  # warns where the cap cuts it short
             return done, state, rows
 
@@ -354,7 +355,7 @@ def estimate_llc(
                     tqdm.write(
                         f"estimate_llc: {num_chains} chains x ({burn_in} burn-in + {num_draws} draws) at step_size "
                         f"{config.step_size:.3g}{' (calibrated)' if step_size is None else ''}, {config.gradient} "
-                        f"gradient (batch {batch_size}), nbeta {config.nbeta:.4g}, localization {config.localization:.3g}",
+                        f"gradient and {config.draw} draw (batch {batch_size}), nbeta {config.nbeta:.4g}, localization {config.localization:.3g}",
                         file=sys.stderr,
                     )
             state, keep = run(c, num_draws, state, gen)
@@ -382,12 +383,3 @@ def estimate_llc(
         init_loss=center_loss_sum / max(center_loss_count, 1), calibration=calibration,
         num_samples=num_samples, seed=seed,
     )
-
-
-def _batch_size(evaluator: LossEvaluator, center: Dict[str, torch.Tensor], batch: Any) -> int:
-    """Samples in ``batch``: the leading size of its tensors, or the length of its per-sample losses."""
-    parts = split_halves(batch)
-    if parts is not None:
-        return parts[2]
-    with torch.no_grad(), evaluator.mode_context():
-        return int(evaluator.losses(center, batch).numel())

@@ -101,6 +101,7 @@ def llc_result(
         step_size=config.step_size,
         sampler=config.sampler,
         gradient=config.gradient,
+        draw=config.draw,
         batch_size=batch_size,
         relaxation_steps=relaxation_steps(config),
         calibration=calibration,
