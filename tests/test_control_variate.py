@@ -139,7 +139,8 @@ def test_the_control_variate_draw_needs_the_control_variate_gradient():
         SGLDConfig(nbeta=10.0, localization=1.0, step_size=1e-3, draw="cv")
     with pytest.raises(ValueError, match=r"Expected gradient='control_variate' or 'auto' with draw='control_variate'"):
         estimate_llc(model, _loss, [(x, y)], num_samples=64, gradient="plain", draw="control_variate")
-    # auto takes the plain gradient at a batch that is not below nbeta / 2: the draw cannot follow
+    # auto takes the plain gradient at a batch not below nbeta / 2 (here nbeta = 64 / log 64 = 15.4):
+    # the draw cannot follow
     with pytest.raises(ValueError, match=r"Expected draw='plain' or 'auto' where gradient='auto' takes the plain"):
         estimate_llc(model, _loss, [(x, y)], num_samples=64, draw="control_variate", progress=False)
 
@@ -165,14 +166,15 @@ def test_estimate_llc_prints_its_plan_unless_told_not_to(capsys):
     batches = ShuffledBatches(x, y, batch_size=64, seed=0)
     estimate_llc(model, _loss, batches, num_samples=512, num_chains=2, burn_in=20, num_draws=20)
     err = capsys.readouterr().err
-    assert "estimate_llc: 2 chains x (20 burn-in + 20 draws) at step_size" in err and "plain gradient" in err
+    assert "estimate_llc: 2 chains x (20 burn-in + 20 draws) at step_size" in err
+    assert "plain gradient and plain draw (batch 64)" in err  # 64 is not below nbeta / 2 = 41
     estimate_llc(model, _loss, batches, num_samples=512, num_chains=2, burn_in=20, num_draws=20, progress=False)
     assert capsys.readouterr().err == ""
 
 
 @pytest.mark.slow
 def test_auto_picks_the_control_variate_at_a_small_batch_and_reads_the_exact_target():
-    """At batch 16, below ``nbeta / 2``, ``gradient="auto"`` takes the control-variate gradient,
+    """At batch 16, ``gradient="auto"`` takes the control-variate gradient,
     whose step is sized by its discretization alone, and the estimate reads the exact localized
     target ``1/2 sum_j nbeta h_j / (nbeta h_j + gamma)`` (``h_j`` the eigenvalues of ``X^T X / n``)
     at n = 1e5 within 5% plus two of its reported standard errors; the measured heat is small

@@ -30,7 +30,7 @@ from online_llc.calibration.budget import (
 from online_llc.calibration.step import (
     max_step_size,
     resolve_hyperparameters,
-    throttled,
+    control_variate_pays,
 )
 from online_llc.errors import (
     NonFiniteDrawError,
@@ -157,11 +157,12 @@ def estimate_llc(
             small near ``w*``: the step is then sized by its discretization alone, up to
             ``nbeta / B`` times larger, at the cost of one pass over ``batches`` for
             ``grad L_n(w*)`` and one more backward pass per step), or ``"auto"`` (the control
-            variate where the batch would otherwise shrink the calibrated starting step more than
-            2x, ``B < nbeta / 2``, and the plain gradient for a given ``step_size``; see
-            :mod:`online_llc.kernel.anchor`). The default, ``"auto"``, reads a d = 12 regression
-            at n = 1e5, batch 32 in 15 s where the plain gradient takes 93 s (its step is 8x
-            smaller), both within 5% of the exact target (``benchmarks/heat_grid.py``).
+            variate at batches ``B < nbeta / 2`` with a calibrated step, where the plain gradient's
+            heat would hold the starting step more than 2x below its discretization bound,
+            :func:`~online_llc.calibration.step.control_variate_pays`; the plain gradient for a
+            given ``step_size`` or a larger batch; see :mod:`online_llc.kernel.anchor`). The
+            default, ``"auto"``, read a d = 12 regression at n = 1e5, batch 32 in 15 s where the
+            plain gradient took 93 s (its step 8x smaller), both within 5% of the exact target.
         draw: ``"plain"`` (the paired draw ``d = nbeta (L_B(w* + xi) - L_B(w*))``),
             ``"control_variate"`` (``d - nbeta (grad L_B(w*) - grad L_n(w*)) . xi``: the same
             expectation, since the batch is drawn independently of ``xi``, without the batch's
@@ -237,7 +238,7 @@ def estimate_llc(
         batch_size = batch_size_of(evaluator, center, first)
         if gradient == "auto":
             # A given step is taken as it is, with the gradient it was chosen for.
-            gradient = "control_variate" if step_size is None and throttled(config.nbeta, batch_size) else "plain"
+            gradient = "control_variate" if step_size is None and control_variate_pays(config.nbeta, batch_size) else "plain"
         if draw == "auto":
             draw = gradient
         if draw == "control_variate" and gradient != "control_variate":
