@@ -52,6 +52,41 @@ def test_full_gradient_is_the_mean_gradient_over_one_pass():
         full_gradient(evaluator, center, [], generator=torch.Generator())
 
 
+class _FixedOffset:
+    """A d = 4 regression (n = 4096) at its least-squares optimum ``w*`` and one fixed offset
+    ``xi``, with NumPy copies for the closed forms: ``xn``, ``yn``, ``w`` (``w*``) and ``v`` (``xi``).
+    :meth:`steps` runs the kernel at that offset on independent batches of 64 drawn with
+    replacement (so every covariance is the population's)."""
+
+    n, b, nbeta, eps = 4096, 64, 256.0, 1e-4
+
+    def __init__(self) -> None:
+        self.model, self.x, self.y = _regression(4, self.n)
+        self.evaluator = LossEvaluator(self.model, _loss)
+        self.center = self.evaluator.center()
+        self.xi = {"weight": 0.05 * torch.randn(1, 4, generator=torch.Generator().manual_seed(3))}
+        self.xn, self.yn = self.x.double().numpy(), self.y.double().numpy()
+        self.w = self.center["weight"].double().numpy()[0]
+        self.v = self.xi["weight"].double().numpy()[0]
+        self.anchor = full_gradient(
+            self.evaluator, self.center, [(self.x, self.y)], generator=torch.Generator().manual_seed(0)
+        )
+        self.gen = torch.Generator().manual_seed(1)
+
+    def steps(self, config: SGLDConfig, count: int) -> list:
+        """The :class:`SGLDInfo` of ``count`` steps from ``xi`` (the offset is not carried on)."""
+        pick = torch.Generator().manual_seed(2)
+        out = []
+        for _ in range(count):
+            idx = torch.randint(self.n, (self.b,), generator=pick)
+            _, _, info = sampler_step(
+                self.evaluator, self.center, self.xi, {}, (self.x[idx], self.y[idx]), config=config,
+                generator=self.gen, anchor=self.anchor, rng_seed=0,
+            )
+            out.append(info)
+        return out
+
+
 def test_the_kernel_reads_each_gradients_batch_noise_against_the_closed_form():
     """At a fixed offset ``xi`` the halves' difference measures ``tr(C) / B``, ``C`` the
     per-sample covariance of the gradient the step takes: for the plain gradient
@@ -60,30 +95,14 @@ def test_the_kernel_reads_each_gradients_batch_noise_against_the_closed_form():
     over 400 independent batches, must match each within 15% (each batch's reading is a
     chi-square of 4 degrees of freedom: 3.5% relative standard error of the mean, so 15% is four
     of them), and the control variate's must be far smaller."""
-    d, n, b, nbeta, eps = 4, 4096, 64, 256.0, 1e-4
-    model, x, y = _regression(d, n)
-    evaluator = LossEvaluator(model, _loss)
-    center = evaluator.center()
-    xi = {"weight": 0.05 * torch.randn(1, d, generator=torch.Generator().manual_seed(3))}
-    xn, yn = x.double().numpy(), y.double().numpy()
-    w = center["weight"].double().numpy()[0]
-    v = xi["weight"].double().numpy()[0]
+    f = _FixedOffset()
+    xn, yn, w, v, nbeta, eps, b = f.xn, f.yn, f.w, f.v, f.nbeta, f.eps, f.b
     per_sample = {"plain": xn * (xn @ (w + v) - yn)[:, None], "control_variate": xn * (xn @ v)[:, None]}
-    anchor = full_gradient(evaluator, center, [(x, y)], generator=torch.Generator().manual_seed(0))
-    gen = torch.Generator().manual_seed(1)
     read = {}
     for gradient, g in per_sample.items():
         want = eps * nbeta**2 * np.trace(np.cov(g.T, bias=True)) / (8 * b)
         config = SGLDConfig(nbeta=nbeta, localization=1.0, step_size=eps, gradient=gradient)
-        biases = []
-        draw = torch.Generator().manual_seed(2)
-        for _ in range(400):
-            idx = torch.randint(n, (b,), generator=draw)  # with replacement: C is the population's
-            _, _, info = sampler_step(
-                evaluator, center, xi, {}, (x[idx], y[idx]), config=config, generator=gen, anchor=anchor, rng_seed=0
-            )
-            biases.append(info.heat_bias)
-        read[gradient] = float(np.mean(biases))
+        read[gradient] = float(np.mean([info.heat_bias for info in f.steps(config, 400)]))
         assert read[gradient] == pytest.approx(want, rel=0.15), (gradient, read[gradient], want)
     assert read["control_variate"] < read["plain"] / 10
 
@@ -97,33 +116,18 @@ def test_the_control_variate_draw_keeps_the_mean_and_reads_its_own_smaller_noise
     the noise channel ``v`` each step reports (``d'``'s from the halves: one degree of freedom per
     step, so 1000 steps read it to about 4.5%) must match its own closed form within 15% (plain:
     the per-sample variance, 5%); ``d'`` must be several times less noisy."""
-    d, n, b, nbeta, eps = 4, 4096, 64, 256.0, 1e-4
-    model, x, y = _regression(d, n)
-    evaluator = LossEvaluator(model, _loss)
-    center = evaluator.center()
-    xi = {"weight": 0.05 * torch.randn(1, d, generator=torch.Generator().manual_seed(3))}
-    xn, yn = x.double().numpy(), y.double().numpy()
-    w = center["weight"].double().numpy()[0]
-    v = xi["weight"].double().numpy()[0]
+    f = _FixedOffset()
+    xn, yn, w, v, nbeta, eps, b = f.xn, f.yn, f.w, f.v, f.nbeta, f.eps, f.b
     delta = 0.5 * (xn @ (w + v) - yn) ** 2 - 0.5 * (xn @ w - yn) ** 2
     linear = (xn * (xn @ w - yn)[:, None]) @ v  # grad l_i(w*) . xi
     exact_mean = nbeta * delta.mean()
     per_sample = {"plain": delta, "control_variate": delta - linear}
-    anchor = full_gradient(evaluator, center, [(x, y)], generator=torch.Generator().manual_seed(0))
-    gen = torch.Generator().manual_seed(1)
     noise = {}
     for draw, values in per_sample.items():
         want_v = nbeta**2 * values.var() / b
         config = SGLDConfig(nbeta=nbeta, localization=1.0, step_size=eps, gradient="control_variate", draw=draw)
-        draws, vs = [], []
-        pick = torch.Generator().manual_seed(2)
-        for _ in range(1000):
-            idx = torch.randint(n, (b,), generator=pick)
-            _, _, info = sampler_step(
-                evaluator, center, xi, {}, (x[idx], y[idx]), config=config, generator=gen, anchor=anchor, rng_seed=0
-            )
-            draws.append(info.draw)
-            vs.append(info.noise_var)
+        infos = f.steps(config, 1000)
+        draws, vs = [i.draw for i in infos], [i.noise_var for i in infos]
         assert abs(np.mean(draws) - exact_mean) < 4 * np.sqrt(want_v / 1000), (draw, np.mean(draws), exact_mean)
         assert np.mean(vs) == pytest.approx(want_v, rel=0.15 if draw == "control_variate" else 0.05), (draw, np.mean(vs), want_v)
         assert np.var(draws) == pytest.approx(want_v, rel=0.15), (draw, np.var(draws), want_v)

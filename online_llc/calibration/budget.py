@@ -127,9 +127,11 @@ def next_burn_in(offset_sq: Sequence[float], config: Any, cap: int) -> Tuple[Opt
     relax = spread_relaxation(np.asarray(offset_sq)[3 * done // 4 :], config)
     if done < DEFAULT_BURN_IN:
         return DEFAULT_BURN_IN, relax
+    # The measured need never exceeds the localization's bound (resolve_burn_in takes the smaller
+    # relaxation), so reaching that bound ends the burn-in too.
     longest = resolve_burn_in(None, config, cap, warn=False)
     needed = resolve_burn_in(None, config, cap, relax=relax, warn=False)
-    if needed <= done or done >= longest:
+    if needed <= done:
         return None, relax
     return min(longest, max(needed, done + done // 4)), relax
 

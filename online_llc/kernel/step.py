@@ -188,9 +188,10 @@ def _kernel_step(
         kappa = None
         if cv:
             assert anchor is not None and center_losses.grads is not None
+            gbar = [anchor[n] for n in offset]
             if config.draw == "control_variate":
-                kappa = _draw_corrections(center_losses.grads, [anchor[n] for n in offset], list(offset.values()))
-            _control_variate(g1, center_losses.grads[0], g2, center_losses.grads[1], [anchor[n] for n in offset])
+                kappa = _draw_corrections(center_losses.grads, gbar, list(offset.values()))
+            _control_variate(g1, center_losses.grads[0], g2, center_losses.grads[1], gbar)
         device = l_center.device
         grads, noise_sq = _combine_halves(g1, g2, halves, list(offset), aux, config, masks, device)
         del g1, g2
