@@ -170,7 +170,7 @@ def test_estimate_llc_prints_its_plan_unless_told_not_to(capsys):
     batches = ShuffledBatches(x, y, batch_size=64, seed=0)
     estimate_llc(model, _loss, batches, num_samples=512, num_chains=2, burn_in=20, num_draws=20)
     err = capsys.readouterr().err
-    assert "estimate_llc: 2 chains x (20 burn-in + 20 draws) at step_size" in err
+    assert "estimate_llc: 2 chains (batched) x (20 burn-in + 20 draws) at step_size" in err
     assert "plain gradient and plain draw (batch 64)" in err  # 64 is not below nbeta / 2 = 41
     estimate_llc(model, _loss, batches, num_samples=512, num_chains=2, burn_in=20, num_draws=20, progress=False)
     assert capsys.readouterr().err == ""

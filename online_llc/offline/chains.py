@@ -1,0 +1,173 @@
+"""The chains of one offline estimate and how they are stepped: together in one vectorized pass
+(:class:`online_llc.kernel.batched.BatchedChains`) where the model allows, one after another
+(:func:`online_llc.kernel.step.sampler_step`) otherwise.
+
+:class:`Chains` records, per chain and step, the rows of :mod:`online_llc.offline.rows`; the
+estimator (:func:`online_llc.estimate_llc`) decides the plan (calibration, burn-in, draws) from
+them, whichever way the chains are stepped.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Iterable, List, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from online_llc.config import SGLDConfig
+from online_llc.errors import NonFiniteDrawError
+from online_llc.kernel.batched import BatchedChains, batched_support, pays
+from online_llc.kernel.evaluator import LossEvaluator
+from online_llc.kernel.randomness import chain_seed, derived_seed
+from online_llc.kernel.step import SGLDInfo, sampler_step
+from online_llc.kernel.updates import init_aux
+from online_llc.offline.batches import batches_forever
+from online_llc.offline.rows import ROWS
+
+__all__ = ["Chains"]
+
+
+def _row(info: SGLDInfo) -> tuple:
+    return (
+        info.draw, info.noise_var, info.heat_bias, info.prev_update_dot_grad, info.update_dot_grad,
+        info.offset_norm**2,
+    )
+
+
+class Chains:
+    """``num_chains`` chains around ``center``, batched when ``batched`` allows and the model
+    supports it (:func:`~online_llc.kernel.batched.batched_support`, and a first batched step that
+    runs).
+
+    Args:
+        evaluator, center, config, anchor: as for :func:`~online_llc.kernel.step.sampler_step`.
+        num_chains: ``C``.
+        seed: chain ``c``'s generator is seeded with ``chain_seed(seed, c)``; batched chains share
+            the generator of chain 0's seed.
+        next_batch: the next batch of the stream (chain 0's, when batched).
+        first: the stream's next batch (not taken from it), to decide whether to batch.
+        batches: the re-iterable the stream cycles: batched chains 1, 2, ... each cycle their own
+            pass over it (a DataLoader reshuffles for each), so that every chain sees consecutive
+            batches of its own epochs, as one chain run alone does. (Interleaving one stream
+            among the chains changes what a shuffled epoch does to the draws: within an epoch a
+            draw's batch holds none of the samples that moved its chain, and at a deliberately hot
+            step, 0.15 / nbeta on a regression, every other batch read 3.6% higher than
+            consecutive ones.)
+        batched: True (batched, or a ValueError saying why not), False (one at a time) or None
+            (batched where it pays, :func:`~online_llc.kernel.batched.pays`, and is supported;
+            one at a time with a one-line warning where it would pay but the model is not
+            supported; silently for a single chain or a sampler other than SGLD).
+        on_step: called with the number of chain steps after each step (progress).
+    """
+
+    def __init__(
+        self,
+        evaluator: LossEvaluator,
+        center: Mapping[str, Tensor],
+        config: SGLDConfig,
+        *,
+        num_chains: int,
+        seed: int,
+        next_batch: Callable[[], Any],
+        first: Any,
+        batches: Iterable[Any],
+        batched: Optional[bool],
+        anchor: Optional[Mapping[str, Tensor]] = None,
+        on_step: Callable[[int], None] = lambda k: None,
+    ) -> None:
+        self.evaluator, self.center, self._config, self.anchor = evaluator, center, config, anchor
+        self.num_chains, self.seed, self.next_batch, self.on_step = num_chains, seed, next_batch, on_step
+        self.center_loss_sum, self.center_loss_count = 0.0, 0
+        device = next(iter(center.values())).device
+        self.batched: Optional[BatchedChains] = None
+        self._streams = [next_batch] + [batches_forever(batches).__next__ for _ in range(num_chains - 1)]
+        # Left to choose, a larger model runs its chains one at a time without a word: that is
+        # faster there (batched_support's failures are worth a warning, this is not one).
+        if batched or (batched is None and pays(evaluator)):
+            reason = batched_support(evaluator, config, first, num_chains)
+            if reason is None:
+                # The loss's own errors (a wrong shape) are raised here, not taken for the
+                # vectorized pass's failure.
+                with torch.no_grad():
+                    evaluator.losses(center, first)
+                reason = self._probe(device)
+            if reason is not None and batched:
+                raise ValueError(f"Expected `batched` to be None or False here: the chains cannot be batched ({reason}).")
+            # Only a model batching would suit but cannot run is worth a word: other samplers run
+            # one chain at a time by design.
+            if reason is not None and num_chains > 1 and (batched or config.sampler == "sgld"):
+                warnings.warn(f"estimate_llc: the chains run one at a time ({reason}).", stacklevel=4)
+        if self.batched is None:
+            self.gens = [torch.Generator(device=device).manual_seed(chain_seed(seed, c)) for c in range(num_chains)]
+            self.states: List[Any] = []
+            for _ in range(num_chains):
+                offset = evaluator.zeros_like_center()
+                self.states.append((offset, init_aux(config, offset)))
+            self.steps_run = [0] * num_chains
+
+    def _probe(self, device: torch.device) -> Optional[str]:
+        """Take one batched step (then start the chains afresh); the error's first line if it fails."""
+        gen = torch.Generator(device=device).manual_seed(chain_seed(self.seed, 0))
+        chains = BatchedChains(self.evaluator, self.center, self._config, self.num_chains, gen, self.anchor)
+        try:
+            chains.step([stream() for stream in self._streams])
+        except Exception as exc:  # a model vmap cannot run (in-place ops, data-dependent control flow)
+            return f"the vectorized pass failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        chains.xi.zero_()
+        chains.reset_measurement()
+        gen.manual_seed(chain_seed(self.seed, 0))
+        self.batched = chains
+        return None
+
+    @property
+    def config(self) -> SGLDConfig:
+        """The sampler's settings (replaced by calibration between runs)."""
+        return self._config
+
+    @config.setter
+    def config(self, config: SGLDConfig) -> None:
+        self._config = config
+        if self.batched is not None:
+            self.batched.config = config
+
+    def _record(self, info: SGLDInfo, chain: int, step: int) -> tuple:
+        if not info.finite:
+            raise NonFiniteDrawError(chain, step, f"draw={info.draw}, loss at w*+xi={info.loss_sample}")
+        self.center_loss_sum += info.loss_center
+        self.center_loss_count += 1
+        return _row(info)
+
+    def run(self, chains: Sequence[int], steps: int) -> np.ndarray:
+        """``steps`` more steps of each chain in ``chains`` (all of them when batched); their rows
+        ``[len(chains), ROWS, steps]``. The discretization measurement starts afresh at each run."""
+        out = np.empty((len(chains), ROWS, steps))
+        if self.batched is not None:
+            if list(chains) != list(range(self.num_chains)):
+                raise ValueError(f"Expected every chain of a batched run, got {list(chains)}.")
+            self.batched.reset_measurement()
+            for s in range(steps):
+                infos = self.batched.step([stream() for stream in self._streams])
+                for c, info in enumerate(infos):
+                    out[c, :, s] = self._record(info, c, s)
+                self.on_step(len(chains))
+            return out
+        for i, c in enumerate(chains):
+            offset, aux = self.states[c]
+            previous = None
+            for s in range(steps):
+                before = offset
+                # The model's randomness (dropout) is seeded from (seed, chain, step) on the host,
+                # so a step reads its numbers once (one device sync).
+                offset, aux, info = sampler_step(
+                    self.evaluator, self.center, offset, aux, self.next_batch(), config=self._config,
+                    generator=self.gens[c], previous_offset=previous,
+                    rng_seed=derived_seed(self.seed, c, self.steps_run[c]), anchor=self.anchor,
+                )
+                self.steps_run[c] += 1
+                previous = before
+                out[i, :, s] = self._record(info, c, s)
+                self.on_step(1)
+            self.states[c] = (offset, aux)
+        return out
