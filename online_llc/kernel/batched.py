@@ -5,11 +5,12 @@ bookkeeping of a thousand small operations, not arithmetic, so C chains run one 
 cost C times that. :class:`BatchedChains` holds the chains' offsets as one flat ``[C, P]`` buffer
 (``P`` sampled entries) and takes every chain's step at once:
 
-* the passes: ``torch.func.vmap`` over the chains of ``torch.func.jacrev`` of the two halves' mean
-  losses with respect to the flat offset (one forward pass over each chain's own batch, one
-  backward pass per half), the per-sample losses at ``w* + xi`` alongside, and the centre's
-  losses in the same call; the control-variate gradient's centre gradients are the same
-  function at ``xi = 0``, run in the same call (``2C`` rows);
+* the passes: ``torch.func.vmap`` over rows of the model's per-sample losses at ``w* + xi``, each
+  half batch a row of its own (its chain's offset repeated), then one ordinary backward pass of
+  the sum of the rows' mean losses, which gives every row its own half-batch gradient (the rows
+  are independent); the centre's losses in a second vectorized pass without gradients. An odd
+  batch runs whole, with one backward pass per half. The control-variate gradient's centre
+  gradients are the same passes at ``xi = 0``, as ``C`` more rows of the same call;
 * the step's numbers and the update, as :func:`~online_llc.kernel.step.sampler_step` computes
   them (the same formulas, :func:`~online_llc.kernel.step._info` turns them into an
   :class:`~online_llc.kernel.step.SGLDInfo`), on ``[C, P]`` tensors: a fixed number of operations
