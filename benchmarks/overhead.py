@@ -10,7 +10,13 @@ equals it, the monitor costs the training steps themselves nothing (no cache eff
 per shadow step counts every ``update`` call (the windows' closing work included) per shadow step. Interleaving keeps
 machine noise (other processes, CPU frequency) from landing on one side only.
 
+``--profile`` prints instead where a shadow step's time goes, section by section (each section's
+functions wrapped in a timer for the run; the model is on the CPU, so every operation has
+finished when its function returns), with the aten operations per shadow step (the PyTorch
+profiler), beside a training step of the same copy.
+
 Run:  python benchmarks/overhead.py            (about 1 minute on 2 cores)
+      python benchmarks/overhead.py --profile  (the per-section profile, half a minute)
       python benchmarks/overhead.py --blocks 20 --cadences 5 10 20 50
       python benchmarks/overhead.py --hidden 1024   (a wider MLP: the model's passes dominate)
 """
@@ -108,6 +114,92 @@ def measure(
                     inside / max(shadow, 1), shadow)
 
 
+#: The sections of a shadow step: (label, module, attribute) of the function each one times.
+SECTIONS = [
+    ("the model's passes (forward and backward)", "online_llc.kernel.evaluator", "LossEvaluator.paired"),
+    ("combining the halves (gradient, heat)", "online_llc.kernel.step", "_combine_halves"),
+    ("the step's statistics", "online_llc.kernel.evaluator", "LossEvaluator.step_stats"),
+    ("the update (noise, drift, pull)", "online_llc.kernel.step", "_update"),
+    ("the discretization dots", "online_llc.monitor.shadow", "ShadowSampler._dot"),
+    ("the weight sketch", "online_llc.monitor.sketch", "Sketcher.__call__"),
+    ("the shadow step (all of the above and the rest)", "online_llc.monitor.shadow", "ShadowSampler.step"),
+]
+
+
+def profile_shadow_step(steps: int, batch_size: int, threads: int, hidden: int) -> None:
+    """Per-section milliseconds of a shadow step and its aten operation count, beside a training step."""
+    import importlib
+
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(threads)
+    n = 8192
+    x, y = make_data(n)
+    batches = [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, n, batch_size)]
+    batches = (batches * (steps // len(batches) + 2))[: steps + 20]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    monitor = OnlineLLC(model, per_sample_ce, num_samples=n, every_n_steps=1)
+    spent = {label: 0.0 for label, _, _ in SECTIONS}
+    restore = []
+    for label, module_name, attr in SECTIONS:
+        owner: object = importlib.import_module(module_name)
+        *path, name = attr.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        original = getattr(owner, name)
+
+        def timed(*args, _f=original, _label=label, **kwargs):
+            t = time.perf_counter()
+            try:
+                return _f(*args, **kwargs)
+            finally:
+                spent[_label] += time.perf_counter() - t
+
+        setattr(owner, name, timed)
+        restore.append((owner, name, original))
+    try:
+        train = monitor_total = 0.0
+        for k, batch in enumerate(batches):
+            if k == 20:  # after a warm-up (allocator, first calls)
+                spent.update({label: 0.0 for label in spent})
+                train = monitor_total = 0.0
+            t = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            per_sample_ce(model, batch).mean().backward()
+            opt.step()
+            u = time.perf_counter()
+            monitor.update(batch)
+            train += u - t
+            monitor_total += time.perf_counter() - u
+    finally:
+        for owner, name, original in restore:
+            setattr(owner, name, original)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for batch in batches[:20]:
+            monitor.update(batch)
+    ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) / 20
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for batch in batches[:20]:
+            opt.zero_grad(set_to_none=True)
+            per_sample_ce(model, batch).mean().backward()
+            opt.step()
+    train_ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) / 20
+    per_train = train / steps
+    print(f"MLP 784-{hidden}-{hidden}-10, Adam, batch {batch_size}, {threads} thread(s), every_n_steps=1, "
+          f"{steps} steps; ms per step and in training steps")
+    print(f"{'section':52s} {'ms':>8s} {'training steps':>15s}")
+    print(f"{'a training step (forward, backward, Adam)':52s} {per_train * 1e3:8.2f} {1.0:15.2f}")
+    for label, _, _ in SECTIONS:
+        ms = spent[label] / steps
+        print(f"{label:52s} {ms * 1e3:8.2f} {ms / per_train:15.2f}")
+    rest = (monitor_total - spent[SECTIONS[-1][0]]) / steps
+    print(f"{'the window, filter and records':52s} {rest * 1e3:8.2f} {rest / per_train:15.2f}")
+    print(f"{'monitor.update in all':52s} {monitor_total / steps * 1e3:8.2f} {monitor_total / train:15.2f}")
+    print(f"aten operations: {ops:.0f} per monitor.update (a shadow step each), {train_ops:.0f} per training step")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--blocks", type=int, default=10, help="interleaved rounds (one block per copy) per cadence (default 10)")
@@ -116,7 +208,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--hidden", type=int, default=256, help="hidden width of the MLP (default 256; 1024: 1.8M parameters)")
     ap.add_argument("--cadences", type=int, nargs="+", default=[1, 5, DEFAULT_EVERY_N_STEPS, 50])
+    ap.add_argument("--profile", action="store_true", help="where a shadow step's time goes, section by section")
+    ap.add_argument("--profile-steps", type=int, default=300, help="shadow steps the profile times (default 300)")
     args = ap.parse_args()
+    if args.profile:
+        profile_shadow_step(args.profile_steps, args.batch_size, args.threads, args.hidden)
+        return
     print(f"MLP 784-{args.hidden}-{args.hidden}-10, Adam, batch {args.batch_size}, {args.threads} thread(s); "
           f"{args.blocks} interleaved rounds of three blocks of {args.block_steps} steps per cadence")
     print(f"{'every_n_steps':>13s} {'time ratio (with / without)':>28s} {'same, no discretization':>24s} "
