@@ -73,12 +73,6 @@ CALIBRATION_STEPS = 200
 MAX_CALIBRATION_ROUNDS = 6
 
 
-def pooled(rows: np.ndarray, start: int) -> np.ndarray:
-    """The leading chains' rows ``[C, ROWS, T]`` from step ``start`` on, one chain after another
-    (``[ROWS, C (T - start)]``): batched chains calibrate on all of them."""
-    return np.concatenate(list(rows[:, :, start:]), axis=1)
-
-
 def estimate_llc(
     model: nn.Module,
     loss_fn: LossFn,
@@ -202,7 +196,7 @@ def estimate_llc(
         >>> from online_llc.models.toy import deep_linear_problem
         >>> p = deep_linear_problem([4, 2], r=2, seed=0)   # regular: lambda = 4, n = 10240
         >>> res = estimate_llc(p.model, p.loss_fn, p.batches, num_samples=p.num_samples,
-        ...                    num_chains=2, num_draws=200, burn_in=100)
+        ...                    num_chains=2, num_draws=500, progress=False)
         >>> abs(res.mean - p.lam) < 0.3 * p.lam
         True
     """
@@ -308,12 +302,13 @@ def estimate_llc(
         top = config.step_size
         bar.set_description(f"estimate_llc: {'chains batched' if len(lead) > 1 else f'chain 1/{num_chains}'}")
         if step_size is None:
-            # Calibration rounds on the leading chains: the excess heat is proportional to the step at
-            # a fixed estimand, so each round rescales the step towards the target.
+            # Calibration rounds on the first chain, batched or not (the same decisions from the
+            # same statistics as one chain run alone): the excess heat is proportional to the step
+            # at a fixed estimand, so each round rescales the step towards the target.
             top = max_step_size(config.nbeta, config.sampler, config.friction, config.step_size)
             for _ in range(MAX_CALIBRATION_ROUNDS):
-                out = pooled(chains.run(lead, CALIBRATION_STEPS), CALIBRATION_STEPS // 2)
-                heat, new = recalibrated(out, chains.config.step_size, top)
+                out = chains.run(lead, CALIBRATION_STEPS)[0]
+                heat, new = recalibrated(out[:, CALIBRATION_STEPS // 2 :], chains.config.step_size, top)
                 calibration.append((chains.config.step_size, heat))
                 if new == chains.config.step_size:
                     break
@@ -324,9 +319,9 @@ def estimate_llc(
             # the heat at the end of the burn-in is checked too, and the burn-in rerun at a
             # recalibrated step while it is hot.
             for _ in range(MAX_CALIBRATION_ROUNDS):
-                if burn_in - burn_in // 2 < CALIBRATION_STEPS // 2:
+                tail = head[0, :, burn_in // 2 :]
+                if tail.shape[1] < CALIBRATION_STEPS // 2:
                     break
-                tail = pooled(head, burn_in // 2)
                 heat, new = recalibrated(tail, chains.config.step_size, top, lower_only=True)
                 if new == chains.config.step_size:
                     break
