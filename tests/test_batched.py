@@ -90,6 +90,17 @@ def test_a_batched_step_is_the_one_chain_step_of_every_chain(sizes, gradient):
         assert torch.equal(t, center[n])
 
 
+def test_a_later_batch_that_does_not_stack_is_named():
+    """The first batch decides batching; a later one that is not tensors gets a clear error that
+    names the way out, not a failure deep in the passes."""
+    evaluator = LossEvaluator(_mlp(), _loss)
+    center = {n: t.clone() for n, t in evaluator.center().items()}
+    chains = BatchedChains(evaluator, center, CONFIG, 2, torch.Generator().manual_seed(0))
+    x, y = _batch(8, 0)
+    with pytest.raises(ValueError, match=r"Expected every batch to hold tensors only.*chain 1.*batched=False"):
+        chains.step([(x, y), (x, y.tolist())])
+
+
 def test_the_update_dots_pair_each_update_with_the_next_gradient():
     """With noise: ``update_dot_grad = nbeta u_t . g_t`` and the next step's
     ``prev_update_dot_grad = nbeta u_t . g_{t+1}``, where ``u_t`` is the step's actual update and

@@ -242,6 +242,12 @@ class BatchedChains:
             for k in range(c):
                 picks = [k, c + k] if cv else [k]
                 part = self._passes(rows[picks], [batches[k]] * len(picks), centre=not cv)
+                if part is None:
+                    raise ValueError(
+                        "Expected every batch to hold tensors only, as the first did (batched chains stack "
+                        f"them); got {type(batches[k]).__name__} for chain {k}. Pass batched=False to run the "
+                        "chains one at a time."
+                    )
                 info, u = self._finish(*part, cv, chains=slice(k, k + 1), apply=False)
                 infos += info
                 updates.append(u)
