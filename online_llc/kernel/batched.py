@@ -174,7 +174,8 @@ class BatchedChains:
         """``(name, w* + xi)`` per parameter from one chain's flat offset, in the parameters' dtype."""
         views = torch.split(xi, self.sizes)
         return [
-            (n, (self.center[n] + v.view(s)).to(self.center[n].dtype)) for n, v, s in zip(self.names, views, self.shapes)
+            (n, (self.center[n] + v.view(s)).to(self.center[n].dtype))
+            for n, v, s in zip(self.names, views, self.shapes)
         ]
 
     def _losses(self, xi: Tensor, batch: Any) -> Tensor:
@@ -277,7 +278,7 @@ class BatchedChains:
                 g1, g2 = g1 - c1 + self.anchor, g2 - c2 + self.anchor
                 if cfg.draw == "control_variate":
                     xd = xi.double()
-                    kappa = torch.stack([((c1 - self.anchor).double() * xd).sum(1), ((c2 - self.anchor).double() * xd).sum(1)], 1)
+                    kappa = torch.stack([((c - self.anchor).double() * xd).sum(1) for c in (c1, c2)], 1)
                 centre_losses = sample[c:]
                 sample = sample[:c]
             else:

@@ -94,7 +94,9 @@ class Chains:
                     evaluator.losses(center, first)
                 reason = self._probe(device)
             if reason is not None and batched:
-                raise ValueError(f"Expected `batched` to be None or False here: the chains cannot be batched ({reason}).")
+                raise ValueError(
+                    f"Expected `batched` to be None or False here: the chains cannot be batched ({reason})."
+                )
             # Only a model batching would suit but cannot run is worth a word: other samplers run
             # one chain at a time by design.
             if reason is not None and num_chains > 1 and (batched or config.sampler == "sgld"):
