@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from online_llc.config import SGLDConfig
 from online_llc.kernel.evaluator import LossEvaluator
-from online_llc.kernel.halves import split_halves
+from online_llc.kernel.halves import _map_tensors, split_halves
 from online_llc.kernel.randomness import deterministic
 from online_llc.kernel.step import SGLDInfo, _info, _Pending
 from online_llc.kernel.updates import state_dtype
@@ -83,17 +83,6 @@ def _stack(batches: Sequence[Any]) -> Any:
     if isinstance(first, tuple) and hasattr(first, "_fields"):
         return type(first)(*(_stack([b[i] for b in batches]) for i in range(len(first))))
     return type(first)(_stack([b[i] for b in batches]) for i in range(len(first)))
-
-
-def _map(batch: Any, fn: Any) -> Any:
-    """``fn`` applied to every tensor of a stacked batch (the structure :func:`_stack` builds)."""
-    if isinstance(batch, Tensor):
-        return fn(batch)
-    if isinstance(batch, dict):
-        return {k: _map(v, fn) for k, v in batch.items()}
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(_map(v, fn) for v in batch))
-    return type(batch)(_map(v, fn) for v in batch)
 
 
 def _leading(stacked: Any) -> int:
@@ -208,7 +197,7 @@ class BatchedChains:
         split = size % 2 == 0
         if split:
             # Each batch's halves as rows of their own: [R, B, ...] -> [2R, B / 2, ...] (a view).
-            stacked = _map(stacked, lambda t: t.reshape(2 * r, size // 2, *t.shape[2:]))
+            stacked = _map_tensors(stacked, lambda t: t.reshape(2 * r, size // 2, *t.shape[2:]))
         leaf = (rows.repeat_interleave(2, 0) if split else rows).detach().requires_grad_(True)
         losses = torch.func.vmap(self._losses)(leaf, stacked)
         b = losses.shape[1] * (2 if split else 1)
@@ -270,7 +259,11 @@ class BatchedChains:
             g1, g2 = g1[:c], g2[:c]
             b = sample.shape[-1]
             b1, b2 = b // 2, b - b // 2
-            diff = sample[:c].double() - (sample[c:] if cv else centre).double()  # type: ignore[union-attr]
+            # With the control variate the centre's losses are its zero-offset rows.
+            centre_losses = sample[c:] if cv else centre
+            assert centre_losses is not None
+            sample = sample[:c]
+            diff = sample.double() - centre_losses.double()
             kappa = None
             if cv:
                 assert self.anchor is not None
@@ -278,11 +271,7 @@ class BatchedChains:
                 g1, g2 = g1 - c1 + self.anchor, g2 - c2 + self.anchor
                 if cfg.draw == "control_variate":
                     xd = xi.double()
-                    kappa = torch.stack([((c - self.anchor).double() * xd).sum(1) for c in (c1, c2)], 1)
-                centre_losses = sample[c:]
-                sample = sample[:c]
-            else:
-                centre_losses = centre
+                    kappa = torch.stack([((ck - self.anchor).double() * xd).sum(1) for ck in (c1, c2)], 1)
             d = g1 - g2
             noise_sq = torch.linalg.vector_norm(d, dim=1).double().square()
             g = g2.add_(d, alpha=b1 / b)

@@ -5,7 +5,7 @@ of any nesting (tensors in tuples, lists, namedtuples, mappings) along its sampl
 from __future__ import annotations
 
 from collections.abc import Mapping as _Mapping
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 from torch import Tensor
 
@@ -26,20 +26,26 @@ def _leading_sizes(batch: Any, out: set) -> bool:
     return True  # other leaves (None, numbers, strings) are shared by both halves
 
 
-def _take(batch: Any, lo: int, hi: int) -> Any:
+def _map_tensors(batch: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``batch`` with ``fn`` applied to every tensor in it (through tuples, lists, namedtuples and
+    mappings); other leaves are kept as they are."""
     if isinstance(batch, Tensor):
-        return batch[lo:hi]
+        return fn(batch)
     if isinstance(batch, _Mapping):
-        parts = {k: _take(v, lo, hi) for k, v in batch.items()}
+        parts = {k: _map_tensors(v, fn) for k, v in batch.items()}
         try:
             return type(batch)(parts)
         except Exception:  # a mapping type that cannot be rebuilt from a dict: a plain dict
             return parts
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
-        return type(batch)(*(_take(v, lo, hi) for v in batch))
+        return type(batch)(*(_map_tensors(v, fn) for v in batch))
     if isinstance(batch, (tuple, list)):
-        return type(batch)(_take(v, lo, hi) for v in batch)
+        return type(batch)(_map_tensors(v, fn) for v in batch)
     return batch
+
+
+def _take(batch: Any, lo: int, hi: int) -> Any:
+    return _map_tensors(batch, lambda t: t[lo:hi])
 
 
 def split_halves(batch: Any) -> Optional[Tuple[Any, Any, int]]:
