@@ -168,13 +168,13 @@ def estimate_llc(
             control-variate gradient, whose centre gradients it reuses at no cost) or ``"auto"``
             (the control-variate draw exactly when the gradient is the control variate).
         batched: step the chains together, one vectorized pass for all of them
-            (:mod:`online_llc.kernel.batched`; 3.2-3.9x faster with 4 chains on models of up to
-            about 20k parameters): ``None`` (the default) on models of at most
-            :data:`~online_llc.kernel.batched.MAX_BATCHED_PARAMS` sampled parameters (larger
+            (:mod:`online_llc.kernel.batched`; with 4 chains 3.0-3.8x faster on models of 8-72
+            parameters, 2.6x at 9.6k, 1.3x at 51k): ``None`` (the default) batches models of at
+            most :data:`~online_llc.kernel.batched.MAX_BATCHED_PARAMS` sampled parameters (larger
             ones run as fast or faster one chain after another) where the model and sampler allow
-            it, otherwise one chain after another (with a one-line warning that says why when
-            the model is what stops it); ``True`` insists (a ValueError says why it cannot); ``False`` runs them
-            one after another. Batched chains draw their noise from
+            it, otherwise runs the chains one after another (with a one-line warning that says
+            why when the model is what stops it); ``True`` insists (a ValueError says why it
+            cannot); ``False`` runs them one after another. Batched chains draw their noise from
             one generator, so they read other numbers than unbatched ones with the same seed (the
             same distribution).
         progress: print the plan (chains, burn-in and draws, the step, the gradient) to stderr
