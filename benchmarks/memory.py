@@ -4,8 +4,12 @@ A 3.6M-parameter MLP (768 -> 6 x [768 -> 768, tanh] -> 10, fp32, batch 64, 14 pa
 the largest 0.17 P) runs shadow steps with each sampler and 1 and 4 chains. With ``P`` the bytes
 of one copy of the sampled parameters, the script prints, per sampler and chain count:
 
-* ``kept``: bytes the sampler holds between shadow steps (offsets, sampler state, last updates,
-  sketch), per chain;
+* ``step``: ``plain`` for the shadow steps outside measuring windows (whole-batch passes, no
+  last update kept), ``measuring`` for those of a window that measures the heat and the
+  discretization bias (:func:`online_llc.monitor.policy.measuring`; one window in four once the
+  heat is known);
+* ``kept``: bytes the sampler holds between shadow steps (offsets, sampler state, last updates
+  in measuring windows, sketch), per chain;
 * ``step peak``: the peak of the bytes allocated during one shadow step, above what was live
   before it (the training state plus the kept state): the step's own working memory;
 * ``total``: ``kept (all chains) + step peak``, the most the monitor adds to the training state;
@@ -102,8 +106,9 @@ def _cuda_profile(fn: Callable[[], None]) -> Tuple[int, int]:
     return torch.cuda.memory_allocated() - before, torch.cuda.max_memory_allocated() - before
 
 
-def measure(sampler: str, chains: int, args) -> Tuple[float, float, float, int]:
-    """``(kept per chain, step peak, total)`` in units of P, and the host syncs of one step."""
+def measure(sampler: str, chains: int, args, heat: bool = True) -> Tuple[float, float, float, int]:
+    """``(kept per chain, step peak, total)`` in units of P, and the host syncs of one step, for
+    measuring shadow steps (``heat``) or plain ones."""
     model = make_model(args.width, args.depth, getattr(torch, args.dtype), args.device)
     for p in model.parameters():
         p.requires_grad_(True)
@@ -133,7 +138,7 @@ def measure(sampler: str, chains: int, args) -> Tuple[float, float, float, int]:
 
     def build_and_warm() -> None:
         s = ShadowSampler(ev, cfg, num_chains=chains, seed=0)
-        s.step((x, y))
+        s.step((x, y), measure=heat)
         holder.append(s)
 
     gc.collect()
@@ -147,9 +152,9 @@ def measure(sampler: str, chains: int, args) -> Tuple[float, float, float, int]:
         updates = [u for u in holder[0]._updates if u is not None]
         kept = sum(t.numel() * t.element_size() for off in holder[0].offsets + holder[0].aux + updates for t in off.values())
     gc.collect()
-    _, transient = profile_fn(lambda: holder[0].step((x, y)))
+    _, transient = profile_fn(lambda: holder[0].step((x, y), measure=heat))
     with HostReads() as reads:
-        holder[0].step((x, y))
+        holder[0].step((x, y), measure=heat)
     return kept / chains / param_bytes, transient / param_bytes, (kept + transient) / param_bytes, reads.count
 
 
@@ -209,11 +214,13 @@ def main() -> None:
     print("P = bytes of one copy of the sampled parameters")
     if args.fsdp:
         print(f"a plain FSDP training step, measured the same way: peak {train_step_peak(args):.2f}P")
-    print(f"{'sampler':<14}{'chains':>7}{'kept/chain':>12}{'step peak':>11}{'total':>8}{'syncs':>7}")
+    print(f"{'sampler':<14}{'step':>10}{'chains':>7}{'kept/chain':>12}{'step peak':>11}{'total':>8}{'syncs':>7}")
     for sampler in args.samplers:
-        for chains in args.chains:
-            kept, transient, total, syncs = measure(sampler, chains, args)
-            print(f"{sampler:<14}{chains:>7}{kept:>11.2f}P{transient:>10.2f}P{total:>7.2f}P{syncs:>7}")
+        for heat in (False, True):
+            for chains in args.chains:
+                kept, transient, total, syncs = measure(sampler, chains, args, heat)
+                kind = "measuring" if heat else "plain"
+                print(f"{sampler:<14}{kind:>10}{chains:>7}{kept:>11.2f}P{transient:>10.2f}P{total:>7.2f}P{syncs:>7}")
     if args.fsdp:
         dist.destroy_process_group()
 

@@ -8,14 +8,19 @@ does not measure the discretization bias (``measure_discretization=False``). "in
 the default monitor's time inside ``update`` over the plain copy's time: when the ratio's excess
 equals it, the monitor costs the training steps themselves nothing (no cache effects); the time
 per shadow step counts every ``update`` call (the windows' closing work included) per shadow step. Interleaving keeps
-machine noise (other processes, CPU frequency) from landing on one side only.
+machine noise (other processes, CPU frequency) from landing on one side only. Before the timed
+blocks each monitor runs past its warm-up and its first measured windows at the untrained weights,
+and the blocks together span one cycle of the measuring schedule (``measure_every`` windows: one
+that measures the heat, the others plain; :func:`online_llc.monitor.policy.measuring`), so the
+ratio is the steady state's.
 
-``--profile`` prints instead where a shadow step's time goes, section by section (each section's
-functions wrapped in a timer for the run; the model is on the CPU, so every operation has
-finished when its function returns), with the aten operations per shadow step (the PyTorch
-profiler), beside a training step of the same copy.
+``--profile`` prints instead where a shadow step's time goes, section by section, for a plain
+shadow step and a measuring one (the heat and discretization measured; the monitor runs one
+window in ``measure_every`` so), each section's functions wrapped in a timer for the run (the
+model is on the CPU, so every operation has finished when its function returns), with the aten
+operations per shadow step (the PyTorch profiler), beside a training step of the same copy.
 
-Run:  python benchmarks/overhead.py            (about 1 minute on 2 cores)
+Run:  python benchmarks/overhead.py            (about 5 minutes on 2 cores)
       python benchmarks/overhead.py --profile  (the per-section profile, half a minute)
       python benchmarks/overhead.py --blocks 20 --cadences 5 10 20 50
       python benchmarks/overhead.py --hidden 1024   (a wider MLP: the model's passes dominate)
@@ -34,6 +39,8 @@ from torch import nn
 
 from online_llc import OnlineLLC
 from online_llc.monitor.cadence import DEFAULT_EVERY_N_STEPS, DEFAULT_WINDOW
+from online_llc.monitor.policy import MEASURE_EVERY, MIN_HEAT_WINDOWS
+from online_llc.monitor.track import MAX_AUTO_WARMUP
 
 
 def make_data(n: int, seed: int = 0):
@@ -79,14 +86,15 @@ class Overhead(NamedTuple):
 
 
 def measure(
-    every_n_steps: int, blocks: int, block_steps: int, batch_size: int, threads: int, hidden: int = 256
+    every_n_steps: int, blocks: int, block_steps: int, batch_size: int, threads: int, hidden: int = 256, settle: bool = True
 ) -> Overhead:
     """Three copies of the model trained in interleaved blocks: plain, with the default monitor,
     and with a monitor that does not measure the discretization bias."""
     torch.set_num_threads(threads)
     n = 8192
     x, y = make_data(n)
-    batches = [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, n, batch_size)][:block_steps]
+    batches = [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, n, batch_size)]
+    batches = (batches * (block_steps // len(batches) + 1))[:block_steps]
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
     models = [base, copy.deepcopy(base), copy.deepcopy(base)]
@@ -98,6 +106,13 @@ def measure(
     # Warm up all three (allocator, first-call overheads) before timing.
     for m, o, mon in zip(models, opts, monitors):
         run_block(m, o, batches[:10], mon)
+    if settle:
+        # Past the chains' warm-up (at most MAX_AUTO_WARMUP shadow steps) and the first measured
+        # windows, at the untrained weights: the timed blocks see the steady schedule, one
+        # measuring window in MEASURE_EVERY.
+        for mon in monitors[1:]:
+            while mon.shadow_steps < MAX_AUTO_WARMUP + (MIN_HEAT_WINDOWS + MEASURE_EVERY) * DEFAULT_WINDOW:
+                mon.update(batches[mon.step % len(batches)])
     times: List[List[float]] = [[], [], []]
     inside = 0.0
     for b in range(blocks):
@@ -127,7 +142,10 @@ SECTIONS = [
 
 
 def profile_shadow_step(steps: int, batch_size: int, threads: int, hidden: int) -> None:
-    """Per-section milliseconds of a shadow step and its aten operation count, beside a training step."""
+    """Per-section milliseconds of a shadow step, plain and measuring (the monitor's schedule
+    decides which, :func:`online_llc.monitor.policy.measuring`; here every window after the
+    warm-up measures the heat, and every shadow step is profiled once as each), and its aten
+    operation count, beside a training step."""
     import importlib
 
     from torch.profiler import ProfilerActivity, profile
@@ -141,7 +159,10 @@ def profile_shadow_step(steps: int, batch_size: int, threads: int, hidden: int) 
     model = nn.Sequential(nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     monitor = OnlineLLC(model, per_sample_ce, num_samples=n, every_n_steps=1)
-    spent = {label: 0.0 for label, _, _ in SECTIONS}
+    sampler = monitor.sampler
+    modes = ("plain", "measuring")
+    spent = {m: {label: 0.0 for label, _, _ in SECTIONS} for m in modes}
+    mode = ["plain"]
     restore = []
     for label, module_name, attr in SECTIONS:
         owner: object = importlib.import_module(module_name)
@@ -155,31 +176,35 @@ def profile_shadow_step(steps: int, batch_size: int, threads: int, hidden: int) 
             try:
                 return _f(*args, **kwargs)
             finally:
-                spent[_label] += time.perf_counter() - t
+                spent[mode[0]][_label] += time.perf_counter() - t
 
         setattr(owner, name, timed)
         restore.append((owner, name, original))
     try:
-        train = monitor_total = 0.0
+        train = 0.0
         for k, batch in enumerate(batches):
             if k == 20:  # after a warm-up (allocator, first calls)
-                spent.update({label: 0.0 for label in spent})
-                train = monitor_total = 0.0
+                for m in modes:
+                    spent[m].update({label: 0.0 for label in spent[m]})
+                train = 0.0
             t = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             per_sample_ce(model, batch).mean().backward()
             opt.step()
-            u = time.perf_counter()
-            monitor.update(batch)
-            train += u - t
-            monitor_total += time.perf_counter() - u
+            train += time.perf_counter() - t
+            # The same weights and batch, one shadow step of each kind.
+            for m in modes:
+                mode[0] = m
+                sampler.step(batch, measure=m == "measuring")
     finally:
         for owner, name, original in restore:
             setattr(owner, name, original)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for batch in batches[:20]:
-            monitor.update(batch)
-    ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) / 20
+    ops = {}
+    for m in modes:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for batch in batches[:20]:
+                sampler.step(batch, measure=m == "measuring")
+        ops[m] = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) / 20
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for batch in batches[:20]:
             opt.zero_grad(set_to_none=True)
@@ -187,27 +212,27 @@ def profile_shadow_step(steps: int, batch_size: int, threads: int, hidden: int) 
             opt.step()
     train_ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) / 20
     per_train = train / steps
-    print(f"MLP 784-{hidden}-{hidden}-10, Adam, batch {batch_size}, {threads} thread(s), every_n_steps=1, "
-          f"{steps} steps; ms per step and in training steps")
-    print(f"{'section':52s} {'ms':>8s} {'training steps':>15s}")
-    print(f"{'a training step (forward, backward, Adam)':52s} {per_train * 1e3:8.2f} {1.0:15.2f}")
+    print(f"MLP 784-{hidden}-{hidden}-10, Adam, batch {batch_size}, {threads} thread(s), {steps} training steps, "
+          "each followed by one plain and one measuring shadow step; ms per step and in training steps")
+    print(f"{'section':50s} {'plain ms':>9s} {'steps':>6s} {'measuring ms':>13s} {'steps':>6s}")
+    print(f"{'a training step (forward, backward, Adam)':50s} {per_train * 1e3:9.2f} {1.0:6.2f}")
     for label, _, _ in SECTIONS:
-        ms = spent[label] / steps
-        print(f"{label:52s} {ms * 1e3:8.2f} {ms / per_train:15.2f}")
-    rest = (monitor_total - spent[SECTIONS[-1][0]]) / steps
-    print(f"{'the window, filter and records':52s} {rest * 1e3:8.2f} {rest / per_train:15.2f}")
-    print(f"{'monitor.update in all':52s} {monitor_total / steps * 1e3:8.2f} {monitor_total / train:15.2f}")
-    print(f"aten operations: {ops:.0f} per monitor.update (a shadow step each), {train_ops:.0f} per training step")
+        cells = [(spent[m][label] / steps * 1e3, spent[m][label] / steps / per_train) for m in modes]
+        print(f"{label:50s} {cells[0][0]:9.2f} {cells[0][1]:6.2f} {cells[1][0]:13.2f} {cells[1][1]:6.2f}")
+    print(f"aten operations per shadow step: {ops['plain']:.0f} plain, {ops['measuring']:.0f} measuring; "
+          f"{train_ops:.0f} per training step")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--blocks", type=int, default=10, help="interleaved rounds (one block per copy) per cadence (default 10)")
-    ap.add_argument("--block-steps", type=int, default=60, help="training steps per block (default 60)")
+    ap.add_argument("--block-steps", type=int, default=None,
+                    help="training steps per block (default: the blocks together span one cycle of the measuring "
+                         "schedule, measure_every windows of shadow steps, at least 60)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--hidden", type=int, default=256, help="hidden width of the MLP (default 256; 1024: 1.8M parameters)")
-    ap.add_argument("--cadences", type=int, nargs="+", default=[1, 5, DEFAULT_EVERY_N_STEPS, 50])
+    ap.add_argument("--cadences", type=int, nargs="+", default=[1, 5, 25, DEFAULT_EVERY_N_STEPS])
     ap.add_argument("--profile", action="store_true", help="where a shadow step's time goes, section by section")
     ap.add_argument("--profile-steps", type=int, default=300, help="shadow steps the profile times (default 300)")
     args = ap.parse_args()
@@ -215,11 +240,13 @@ def main() -> None:
         profile_shadow_step(args.profile_steps, args.batch_size, args.threads, args.hidden)
         return
     print(f"MLP 784-{args.hidden}-{args.hidden}-10, Adam, batch {args.batch_size}, {args.threads} thread(s); "
-          f"{args.blocks} interleaved rounds of three blocks of {args.block_steps} steps per cadence")
+          f"{args.blocks} interleaved rounds of three blocks per cadence, spanning one cycle of the measuring schedule "
+          f"({MEASURE_EVERY} windows of {DEFAULT_WINDOW} shadow steps) after the warm-up")
     print(f"{'every_n_steps':>13s} {'time ratio (with / without)':>28s} {'same, no discretization':>24s} "
           f"{'inside update':>14s} {'ms per plain step':>18s} {'ms per shadow step':>19s} {'shadow steps':>13s}")
     for k in args.cadences:
-        m = measure(k, args.blocks, args.block_steps, args.batch_size, args.threads, args.hidden)
+        block_steps = args.block_steps or max(60, -(-MEASURE_EVERY * DEFAULT_WINDOW * k // args.blocks))
+        m = measure(k, args.blocks, block_steps, args.batch_size, args.threads, args.hidden)
         mark = "  <- default" if k == DEFAULT_EVERY_N_STEPS else ""
         print(f"{k:13d} {m.ratio:28.3f} {m.ratio_lean:24.3f} {m.inside:14.3f} {m.plain_step * 1e3:18.2f} "
               f"{m.shadow_step * 1e3:19.2f} {m.shadow_steps:13d}{mark}")

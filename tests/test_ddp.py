@@ -211,7 +211,7 @@ def test_skip_step_after_a_failed_group_draw_fills_only_the_tracks_that_owe_it()
     m.update(batches[0], 1)  # the model and group "a" draw
     sampler = m._groups["b"].sampler
     real = sampler.step
-    sampler.step = lambda batch: (_ for _ in ()).throw(RuntimeError("group failure"))
+    sampler.step = lambda batch, measure=True: (_ for _ in ()).throw(RuntimeError("group failure"))
     with pytest.raises(RuntimeError, match="group failure"):
         m.update(batches[1], 2)  # the model draws, then group "b" raises
     sampler.step = real

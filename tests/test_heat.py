@@ -289,7 +289,7 @@ def test_online_discretization_bias_matches_the_closed_form_and_cools_a_stiff_mo
     """The monitor measures the discretization bias from each chain's consecutive updates, as
     offline. Full batch at frozen weights (a quadratic loss, the exact linear recursion of the test
     above, at the monitor's localization 0.09 nbeta): at a given step of 4x the offline cap (9%
-    hot) the windows' mean measured bias must match the closed form within 5% (measured: 0.527
+    hot) the mean bias of the windows that measure it must match the closed form within 5% (measured: 0.527
     +- 0.005 against 0.530), and the step is kept as given. With inputs scaled by 2 (every
     curvature 4x) the default step, 0.15 / nbeta at a full batch, is grossly hot by its
     discretization alone (18% in closed form), which no minibatch measurement sees: the monitor
@@ -308,7 +308,10 @@ def test_online_discretization_bias_matches_the_closed_form_and_cools_a_stiff_mo
         assert len(late) >= 20
         a = nbeta * h.double() + gamma
         excess = float(outputs * torch.sum(eps * nbeta * h / (8 * (1 - eps * a / 4))))
-        disc = sum(e.discretization_bias for e in late) / len(late)
+        # The windows that measured (one in measure_every once the regime's heat is known).
+        measured = [e.discretization_bias for e in late if math.isfinite(e.discretization_bias)]
+        assert len(measured) >= 5
+        disc = sum(measured) / len(measured)
         assert disc == pytest.approx(excess, rel=0.05), (scale, disc, excess)
         if step is not None:
             assert eps == step

@@ -492,9 +492,10 @@ def _raising_on_call(n: int):
 
 
 def test_a_failing_monitor_warns_once_and_training_continues():
-    # One call to check the first batch, then four per shadow step (the centre's and the sample's
-    # half batches): fails at the first call of the 2nd shadow step (step 2).
-    loss_fn, calls = _raising_on_call(6)
+    # One call to check the first batch, then two per shadow step while the chain warms up (plain
+    # steps: the centre's and the sample's whole batch): fails at the first call of the 2nd
+    # shadow step (step 2).
+    loss_fn, calls = _raising_on_call(4)
     cb = OnlineLLCCallback(loss_fn, **FAST)
     trainer = make_trainer([cb], max_steps=16)
     with warnings.catch_warnings(record=True) as rec:
@@ -505,12 +506,12 @@ def test_a_failing_monitor_warns_once_and_training_continues():
     assert len(ours) == 1
     assert "boom from loss_fn" in str(ours[0].message) and "strict=True" in str(ours[0].message)
     assert cb.failure == "step 2: RuntimeError: boom from loss_fn"
-    assert calls["n"] == 6  # no further updates
+    assert calls["n"] == 4  # no further updates
     assert cb.monitor.shadow_steps == 1 and cb.monitor.history() == []
 
 
 def test_a_failing_monitor_raises_when_strict():
-    loss_fn, _ = _raising_on_call(6)
+    loss_fn, _ = _raising_on_call(4)
     cb = OnlineLLCCallback(loss_fn, strict=True, **FAST)
     with pytest.raises(MonitorError, match=r"OnlineLLCCallback failed at step 2: RuntimeError\('boom from loss_fn'\)"):
         make_trainer([cb], max_steps=16).fit(make_module(), loader())
@@ -727,11 +728,11 @@ class _FailGroupOnce(Callback):
         sampler = self.llc.monitor._groups[self.group].sampler
         step, calls = sampler.step, {"n": 0}
 
-        def failing(batch: Any) -> Any:
+        def failing(batch: Any, measure: bool = True) -> Any:
             calls["n"] += 1
             if calls["n"] == self.at:
                 raise RuntimeError("rank-1 group failure")
-            return step(batch)
+            return step(batch, measure)
 
         sampler.step = failing
 

@@ -10,6 +10,7 @@ from online_llc.calibration.step import calibrated_step, cooling_excess
 from online_llc.monitor.policy import (
     HEAT_WINDOWS,
     MIN_HEAT_WINDOWS,
+    measuring,
     cooled_step,
     transition_runs,
     transitions,
@@ -68,3 +69,35 @@ def test_transitions_merge_runs_one_quiet_window_apart() -> None:
     assert (first.start, first.end, first.level_before, first.level_after) == (11, 40, 110.0, 150.0)
     assert (last.start, last.end) == (71, 80) and last.level_before == 170.0 and last.level_after == 180.0
     assert math.isnan(transitions([_window(10, status="transition")], {})[0].level_before)
+
+
+def test_measuring_schedule_knows_each_regime_then_samples_it() -> None:
+    """The first window, and one after a warm-up window, never measure; a regime (after the step
+    last changed, or after a window that was not tracking) measures its first MIN_HEAT_WINDOWS
+    tracking windows, then one window in ``every``; ``every = 1`` measures every window after
+    the warm-up."""
+    nan = math.nan
+    warm = [_window(10, status="warming_up", heat_bias=nan)]
+    assert not measuring([], 0, every=4) and not measuring([], 0, every=1)
+    assert not measuring(warm, 0, every=4) and not measuring(warm, 0, every=1)
+    assert measuring(warm + [_window(20, heat_bias=nan)], 0, every=4)
+    known = warm + [_window(10 * i) for i in range(2, MIN_HEAT_WINDOWS + 2)]
+    assert not measuring(known, 0, every=4)
+    assert measuring(known, 0, every=1)
+    # After a measured window, every - 1 plain ones, then a measuring one: one in four.
+    history = list(known)
+    opened = []
+    for i in range(8):
+        m = measuring(history, 0, every=4)
+        opened.append(m)
+        history.append(_window(100 + 10 * i, heat_bias=0.0 if m else nan))
+    assert opened == [False, False, False, True, False, False, False, True]
+    # A changed step starts a regime: measured again until its heat is known.
+    assert measuring(history, len(history), every=4)
+    # So does any window that was not tracking (a jump of the level, a divergence).
+    assert measuring(history + [_window(500, status="transition", heat_bias=nan)], 0, every=4)
+    # Unmeasured windows (heat NaN) do not count towards the cooling decision.
+    hot = [_window(10 * i, heat_bias=2.0) for i in range(1, MIN_HEAT_WINDOWS + 1)]
+    plain = [_window(100 + i, heat_bias=nan) for i in range(5)]
+    assert cooled_step(hot + plain, 1, 1e-3, 1e-3) == cooled_step(hot, 1, 1e-3, 1e-3) is not None
+    assert cooled_step(hot[:-1] + plain, 1, 1e-3, 1e-3) is None

@@ -296,3 +296,66 @@ def test_measuring_chain_is_the_plain_chain_and_its_buffer_is_the_last_update(sa
             assert torch.count_nonzero(measuring._updates[c]["0.weight"][~masks["0.weight"]]) == 0
         if i >= 1:
             assert all(math.isfinite(e) for e in out.discretization)
+
+
+@pytest.mark.parametrize("sampler", ["sgld", "rmsprop_sgld", "sghmc"])
+def test_plain_step_moves_the_chain_as_the_measuring_step(sampler):
+    """A plain shadow step (``measure=False``: one pass over the whole batch, no halves) gives the
+    draws, losses and offsets of the measuring step from the same state (the same noise draws;
+    the halves' size-weighted gradient is the whole batch's, equal to float32 rounding), reports
+    no heat (NaN, where the measuring step's is finite and positive) and no discretization, and
+    keeps no last update. An odd batch (halves 8 and 9) and a mask are included."""
+    model = deep_mlp()
+    ev = LossEvaluator(model, mse_per_sample)
+    cfg = SGLDConfig(nbeta=50.0, localization=10.0, step_size=1e-3, sampler=sampler)
+    masks = {"0.weight": torch.rand(6, 6, generator=torch.Generator().manual_seed(3)) > 0.5}
+    plain = ShadowSampler(ev, cfg, num_chains=2, seed=5, masks=masks)
+    measuring = ShadowSampler(ev, cfg, num_chains=2, seed=5, masks=masks)
+    for i in range(6):
+        batch = make_batch(i, n=17)
+        a = plain.step(batch, measure=False)
+        b = measuring.step(batch)
+        for c in range(2):
+            for n, t in measuring.offsets[c].items():
+                torch.testing.assert_close(plain.offsets[c][n], t, rtol=1e-5, atol=1e-7)
+            for n, t in measuring.aux[c].items():
+                torch.testing.assert_close(plain.aux[c][n], t, rtol=1e-5, atol=1e-7)
+        # nbeta (50) times a mean difference of float32 losses formed over other batch shapes.
+        assert a.draws == pytest.approx(b.draws, rel=1e-4, abs=1e-5)
+        assert a.noise_vars == pytest.approx(b.noise_vars, rel=1e-4, abs=1e-8)
+        assert all(math.isnan(i.heat_bias) for i in a.infos) and all(i.heat_bias > 0 for i in b.infos)
+        assert a.discretization == [] and plain._updates == [None, None]
+    # Back to measuring: the first step has no last update to pair with, the next one has.
+    first = plain.step(make_batch(7))
+    second = plain.step(make_batch(8))
+    if sampler != "sghmc":
+        assert all(math.isnan(e) for e in first.discretization)
+        assert all(math.isfinite(e) for e in second.discretization)
+
+
+def test_plain_step_keeps_the_offset_alone_and_peaks_at_one_more_copy():
+    """Outside measuring windows an SGLD chain keeps its offsets alone (1 P) and a plain step
+    needs one more P at its peak (the perturbed weights, freed tensor by tensor as the backward
+    pass produces the gradient, whose buffers then receive the noise), plus the largest tensor's
+    overlap of the two and 0.1 P for the fixed allocations and activations (as in the measuring
+    test above). The measuring step needs 2 P (two half-batch gradients)."""
+    torch.set_num_threads(1)
+    model = deep_mlp(depth=6, width=96)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    ev = LossEvaluator(model, mse_per_sample)
+    cfg = SGLDConfig(nbeta=50.0, localization=10.0, step_size=1e-4)
+    batch = make_batch(0, n=8, d_in=96)
+    holder = []
+
+    def build():
+        holder.append(ShadowSampler(ev, cfg, num_chains=2, seed=0))
+        holder[0].step(batch, measure=False)
+
+    from online_llc.monitor.sketch import BUCKETS
+
+    kept, _ = _profile_peak(build)
+    _, peak = _profile_peak(lambda: holder[0].step(batch, measure=False))
+    largest = max(p.numel() * p.element_size() for p in model.parameters()) / param_bytes
+    signs = sum(4 * (p.numel() // min(BUCKETS, p.numel()) + 1) for p in model.parameters()) / param_bytes
+    assert kept / param_bytes / 2 == pytest.approx(1.0 + signs / 2, abs=0.02)
+    assert peak / param_bytes < 1.0 + 1.25 * largest + 0.1

@@ -74,6 +74,7 @@ def paired_losses_and_grads(
     rewind: Callable[[], None],
     center_losses: Optional[Centre] = None,
     center_grads: bool = False,
+    split: bool = True,
 ) -> Paired:
     """Per-sample losses at ``w*`` and ``w* + xi``, and the gradients of the two halves' mean losses.
 
@@ -89,7 +90,9 @@ def paired_losses_and_grads(
     last element of the result), reused instead of recomputed: only valid when the model is
     deterministic (:func:`~online_llc.kernel.randomness.deterministic`). ``center_grads``: also
     take the gradients of the centre's halves (the control variate's ``grad L_B(w*)``), one more
-    backward pass over the batch.
+    backward pass over the batch. ``split=False``: the plain step, which measures no heat: one
+    pass over the whole batch at each point and one gradient, that of the batch's mean loss,
+    returned as ``g1`` with ``B2 = 0`` and no ``g2`` (not with ``center_grads``).
 
     Memory: where the evaluator allows (``grads_inside_passes`` False), the last backward pass
     runs after the substitution ends, when the perturbed weights ``w* + xi`` are referenced only
@@ -105,8 +108,12 @@ def paired_losses_and_grads(
     parts = split_halves(batch)
     if center_losses is not None and center_grads and center_losses.grads is None:
         center_losses = None  # the reused passes took no gradients
+    if not split and center_grads:
+        raise ValueError("Expected split=True for the control-variate gradient (it needs the halves' centre gradients).")
     with evaluator.pass_session():
-        if parts is not None:
+        if not split:
+            out = _plain(evaluator, center, xi, leaves, batch, rewind, center_losses)
+        elif parts is not None:
             out = _halves(evaluator, center, xi, leaves, [parts[0], parts[1]], rewind, center_losses, center_grads)
         else:
             out = _whole(evaluator, center, xi, leaves, batch, rewind, center_losses, center_grads)
@@ -151,6 +158,30 @@ def _halves(evaluator, center, xi, leaves, pieces, rewind, center_losses, center
         s2 = s2.detach()
     c1, c2 = center_losses.losses
     return torch.cat([c1, c2]), torch.cat([s1, s2]), g1, g2, (c1.numel(), c2.numel()), center_losses
+
+
+def _plain(evaluator, center, xi, leaves, batch, rewind, center_losses):  # type: ignore[no-untyped-def]
+    """The plain step's passes: the centre's losses (reused when given, in one or two parts) and
+    one forward and one backward pass at ``w* + xi`` over the whole batch."""
+    if center_losses is None:
+        with torch.no_grad():
+            center_losses = Centre((evaluator.losses(center.items(), batch).detach(),))
+    parts = center_losses.losses
+    l_center = parts[0] if len(parts) == 1 else torch.cat(parts)
+    inside = evaluator.grads_inside_passes
+
+    def sample_pass(loss: Callable[[Any], Tensor]) -> Tuple[Tensor, Optional[List[Optional[Tensor]]]]:
+        s = loss(batch)
+        check_same(l_center, s)
+        return (s.detach(), evaluator.grads(s.mean(), leaves)) if inside else (s, None)
+
+    rewind()
+    l_sample, g = evaluator.passes(moved_items(center, xi), sample_pass)
+    if g is None:
+        # The backward after the substitution ends, freeing w* + xi tensor by tensor (see Memory).
+        g = evaluator.grads(l_sample.mean(), leaves)
+        l_sample = l_sample.detach()
+    return l_center, l_sample, g, [None] * len(leaves), (l_center.numel(), 0), center_losses
 
 
 def _cuts(b: int) -> Tuple[slice, ...]:

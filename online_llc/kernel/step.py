@@ -70,7 +70,8 @@ class SGLDInfo:
         heat_bias: how much the minibatch gradient noise of this step raises the draw's
             expectation, in LLC units, measured from the two half-batch gradients ``g1, g2``:
             ``epsilon nbeta^2 tr(C) / (8 |B|)`` with ``tr(C) / |B| = ||g1 - g2||^2 B1 B2 / |B|^2``
-            (:mod:`online_llc.calibration.heat`); 0 for a batch of one or without injected noise.
+            (:mod:`online_llc.calibration.heat`); 0 for a batch of one or without injected noise,
+            NaN for a plain step, which does not measure it.
         prev_update_dot_grad: ``nbeta (xi - xi_prev) . g``, the previous update against this
             step's batch gradient ``g`` (NaN unless ``previous_offset`` was given).
         update_dot_grad: ``nbeta (xi_new - xi) . g``, this step's update against the same
@@ -102,13 +103,15 @@ class _Pending(NamedTuple):
     the draw's mean difference, its variance, the two mean losses, the offset norm, the halves'
     weighted squared gradient difference, and (with the update dots) the two dots; read them with
     one host copy (for every chain of a shadow step at once) and turn them into an
-    :class:`SGLDInfo` with :func:`_info`."""
+    :class:`SGLDInfo` with :func:`_info`. ``heat``: whether the step measured the minibatch heat
+    (a plain step does not: its ``heat_bias`` is NaN)."""
 
     stats: Tensor
     batch_size: int
     halves: Tuple[int, int]
     center_losses: Centre
     grads: Optional[List[Optional[Tensor]]]
+    heat: bool = True
 
 
 def _info(values: Sequence[float], pending: _Pending, config: SGLDConfig) -> SGLDInfo:
@@ -116,8 +119,8 @@ def _info(values: Sequence[float], pending: _Pending, config: SGLDConfig) -> SGL
     nbeta = config.nbeta
     b = pending.batch_size
     b1, b2 = pending.halves
-    heat_bias = 0.0
-    if b1 > 0 and b2 > 0 and config.noise_scale > 0:
+    heat_bias = 0.0 if pending.heat else math.nan
+    if pending.heat and b1 > 0 and b2 > 0 and config.noise_scale > 0:
         # tr(C) / B from the halves, then the draw's excess epsilon nbeta^2 tr(C) / (8 B), relative
         # to the injected noise (noise_scale^2 epsilon); SGHMC's momentum heats by 1 / alpha.
         tr_c_over_b = values[5] * b1 * b2 / (b1 + b2) ** 2
@@ -153,6 +156,7 @@ def _kernel_step(
     keep_grads: bool = False,
     pre_update: Optional[Callable[[List[Optional[Tensor]]], Optional[Mapping[str, Tensor]]]] = None,
     anchor: Optional[Mapping[str, Tensor]] = None,
+    heat: bool = True,
 ) -> _Pending:
     """One step of ``config.sampler`` that updates ``offset`` and ``aux`` in place (whatever the
     losses: the caller discards a non-finite step) and leaves its numbers on the device.
@@ -165,8 +169,11 @@ def _kernel_step(
     and may return buffers, one per offset, that then receive the update ``xi_new - xi``
     (:func:`online_llc.kernel.updates._update`'s ``into``); ``anchor`` is the full-data gradient
     at the centre, by parameter name, which the control-variate gradient needs
-    (``config.gradient``)."""
+    (``config.gradient``). ``heat=False`` runs the plain step: the passes over the whole batch
+    with one gradient (:func:`~online_llc.kernel.passes.paired_losses_and_grads`'s ``split``),
+    no heat measured (the control variate always splits)."""
     cv = config.gradient == "control_variate"
+    heat = heat or cv
     if cv and (anchor is None or set(anchor) != set(offset)):
         raise ValueError(
             "Expected `anchor` (the full-data gradient at the centre, one tensor per sampled parameter) for "
@@ -182,7 +189,7 @@ def _kernel_step(
     # The evaluator's mode (eval by default) for the passes only; every flag is restored after.
     with evaluator.mode_context(), private_rng(center, generator, rng_seed) as rewind, torch.enable_grad():
         l_center, l_sample, g1, g2, halves, center_losses = evaluator.paired(
-            center, offset, batch, rewind, center_losses, center_grads=cv
+            center, offset, batch, rewind, center_losses, center_grads=cv, split=heat
         )
     with torch.no_grad():
         kappa = None
@@ -203,7 +210,7 @@ def _kernel_step(
             offset, aux, grads, config=config, generator=generator, masks=masks, consume_grads=not keep_grads,
             layouts=evaluator.noise_layouts(list(offset)), into=into,
         )
-    return _Pending(stats, b, halves, center_losses, grads if keep_grads else None)
+    return _Pending(stats, b, halves, center_losses, grads if keep_grads else None, heat)
 
 
 def _control_variate(

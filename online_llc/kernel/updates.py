@@ -149,10 +149,10 @@ def _sgld_update(
     pairs = [(x, g) for x, g in zip(xs, grads) if g is not None]
     if pairs:
         torch._foreach_add_([x for x, _ in pairs], [g for _, g in pairs], alpha=-eps * config.nbeta / 2)
-    for x, g in zip(xs, grads):
-        z = noise(x, g)
-        if z is not None:
-            x.add_(z, alpha=_noise_std(config))
+    drawn = [(x, noise(x, g)) for x, g in zip(xs, grads)]
+    drawn = [(x, z) for x, z in drawn if z is not None]
+    if drawn:
+        torch._foreach_add_([x for x, _ in drawn], [z for _, z in drawn], alpha=_noise_std(config))
 
 
 def _sgld_update_into(

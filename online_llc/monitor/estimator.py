@@ -302,13 +302,13 @@ class OnlineLLC:
     def health(self, max_heat: float = DEFAULT_MAX_HEAT) -> ChainHealth:
         """The whole-model chains' health, with an alarm when something needs the user.
 
-        The heat alarm fires when the minibatch heat measured over the last ``HEALTH_WINDOWS``
-        tracking windows (:mod:`online_llc.calibration.heat`) exceeds ``max_heat``: the gradient noise then
-        raises the estimate by more than ``max_heat - 1``. With the calibrated default step it
-        fires only when the step cannot be lowered enough (a ``step_size`` given by hand, or a
-        step already at the calibration's floor). The discretization heat is not in it
-        (:func:`online_llc.offline.recommend.recommend_step_size` measures it by step halving).
-        See :func:`online_llc.monitor.health.chain_health`.
+        The heat alarm fires when the heat (minibatch and discretization,
+        :mod:`online_llc.calibration.heat`) measured over the last ``HEALTH_WINDOWS`` measured
+        tracking windows at the current step exceeds ``max_heat``: the gradient noise and the
+        step's finite size then raise the estimate by more than ``max_heat - 1``. With the
+        calibrated default step it fires only when the step cannot be lowered enough (a
+        ``step_size`` given by hand, or a step already at the calibration's floor). See
+        :func:`online_llc.monitor.health.chain_health`.
         """
         return chain_health(self._model, max_heat)
 

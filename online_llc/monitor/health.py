@@ -12,16 +12,17 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import replace
+from typing import List
 
 from online_llc.calibration.heat import pooled_heat
 from online_llc.calibration.step import relaxation_steps
 from online_llc.errors import check_positive_float
 from online_llc.monitor.track import Track
-from online_llc.records import ChainHealth
+from online_llc.records import ChainHealth, LLCEstimate
 
 __all__ = ["HEALTH_WINDOWS", "SLOW_RELAXATION_FACTOR", "SLOW_RELAXATION_WINDOWS", "chain_health"]
 
-#: Tracking windows whose heat :func:`chain_health` pools.
+#: Measured tracking windows whose heat :func:`chain_health` pools.
 HEALTH_WINDOWS = 10
 #: The lag alarm fires when the slowest direction relaxes over more windows than this, and over
 #: :data:`SLOW_RELAXATION_FACTOR` times as many shadow steps as at the largest step. At the online
@@ -33,13 +34,20 @@ SLOW_RELAXATION_WINDOWS = 10
 SLOW_RELAXATION_FACTOR = 4.0
 
 
+def _measured(history: List[LLCEstimate]) -> List[LLCEstimate]:
+    """The last :data:`HEALTH_WINDOWS` tracking windows of ``history`` that measured the heat."""
+    fed = (e for e in reversed(history) if e.status == "tracking" and math.isfinite(e.heat_bias))
+    return list(itertools.islice(fed, HEALTH_WINDOWS))
+
+
 def chain_health(track: Track, max_heat: float) -> ChainHealth:
     """The health of ``track``'s chains, with an alarm when something needs the user.
 
-    The heat alarm fires when the heat measured over the last :data:`HEALTH_WINDOWS` tracking
-    windows (minibatch and discretization together) exceeds ``max_heat``: the gradient noise and
-    the step's finite size then raise the estimate by more than ``max_heat - 1``. The divergence alarm fires when, after four windows, the chains were
-    reset more often than there were windows. The lag alarm fires once the step is sized to the
+    The heat alarm fires when the heat (minibatch and discretization together) measured over the
+    last :data:`HEALTH_WINDOWS` measured tracking windows at the current step, when their pooled
+    mean is clearly positive, exceeds ``max_heat``: the gradient noise and the step's finite size
+    then raise the estimate by more than ``max_heat - 1``. The divergence alarm fires when, after
+    four windows, the chains were reset more often than there were windows. The lag alarm fires once the step is sized to the
     batch when the slowest direction relaxes over more than :data:`SLOW_RELAXATION_WINDOWS`
     windows and :data:`SLOW_RELAXATION_FACTOR` times its relaxation at the largest step: the
     co-moving chain then trails moving weights by about that many shadow steps.
@@ -51,15 +59,19 @@ def chain_health(track: Track, max_heat: float) -> ChainHealth:
     if max_heat <= 1:
         raise ValueError(f"Expected `max_heat` to be a float > 1, got {max_heat!r}.")
     # The heat reads as a temperature only where the LLC is clearly positive (at a minimum):
-    # near zero or below (saddles, plateaus) the ratio is meaningless. Pooled over windows
-    # (sum of means over sum of corrected means), so one noisy window cannot dominate.
-    # Newest first, stopping at HEALTH_WINDOWS: the callback asks at every window, and the
-    # history grows without bound.
-    fed = (e for e in reversed(track.history) if e.status == "tracking" and e.lower > 0)
-    recent = [e for e in itertools.islice(fed, HEALTH_WINDOWS) if math.isfinite(e.heat_bias)]
+    # near zero or below (saddles, plateaus) the ratio is meaningless. Pooled over the measured
+    # tracking windows (policy.measuring: one in measure_every) at the current step, the last
+    # HEALTH_WINDOWS of them (sum of means over sum of corrected means, so one noisy window cannot
+    # dominate), when their pooled mean is clearly positive (z standard errors above zero, z the
+    # band's); with none yet at this step, those before it. Newest first: the callback asks at
+    # every window, and the history grows without bound.
+    recent = _measured(track.history[track.step_changed_at :]) or _measured(track.history)
+    mean = sum(e.raw_mean for e in recent)
+    se = math.sqrt(sum(e.raw_se**2 for e in recent))
+    clear = bool(recent) and mean > track._z * se
     # inf when the heat bias takes the whole of a clearly positive estimate: hotter than measurable,
     # which must alarm too (a NaN would have stayed silent at gross heat).
-    heat = pooled_heat([e.raw_mean for e in recent], [e.total_bias for e in recent])
+    heat = pooled_heat([e.raw_mean for e in recent], [e.total_bias for e in recent]) if clear else math.nan
     config = track.sampler.config
     alarms = []
     if heat > max_heat:  # NaN is False, inf True

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Dict, List, Optional, Sequence
 
@@ -13,6 +14,8 @@ from online_llc.records import LLCEstimate, Transition
 __all__ = [
     "HEAT_WINDOWS",
     "MIN_HEAT_WINDOWS",
+    "MEASURE_EVERY",
+    "measuring",
     "LAG_FRACTION",
     "lag_std",
     "window_status",
@@ -24,6 +27,10 @@ __all__ = [
 #: Tracking windows whose pooled heat can lower the step, and the fewest that may.
 HEAT_WINDOWS = 10
 MIN_HEAT_WINDOWS = 3
+
+#: Once a regime's heat is known (:data:`MIN_HEAT_WINDOWS` measured tracking windows), one
+#: window in this many measures it (the default of the monitor's ``measure_every``).
+MEASURE_EVERY = 4
 
 #: The lag of a co-moving chain's reading, as a fraction of the slowest direction's relaxation
 #: time (its stiffer directions, which carry most of the LLC, relax faster). See :func:`lag_std`.
@@ -63,9 +70,35 @@ def window_status(diverged: bool, warming: bool, jump: bool, after_jump: bool, u
     return "not_at_minimum" if upper < 0 else "tracking"
 
 
+def measuring(history: Sequence[LLCEstimate], since: int, every: int) -> bool:
+    """Whether the window about to open measures the heat (half-batch passes, the update dots
+    and each chain's last update: about a third more work per shadow step, and one more copy of
+    the parameters per chain) or runs plain steps.
+
+    The heat is read only from tracking windows (:func:`cooled_step`, the health alarms), so
+    the first window and a window after a warm-up window (whose chains may still warm up) do not
+    measure. Otherwise a window measures while the current regime has fewer than
+    :data:`MIN_HEAT_WINDOWS` measured tracking windows, the fewest the step may be cooled on: a
+    regime starts where the step last changed (``since``, an index into ``history``) and after
+    any window that was not tracking (the start's warm-up, a jump of the weights or of the level,
+    a divergence), so its first measured windows follow one another. Then one window in
+    ``every`` measures (every window for ``every = 1``). Decided from the gathered history alone,
+    so every rank decides the same.
+    """
+    if not history or history[-1].status == "warming_up":
+        return False
+    if every <= 1:
+        return True
+    run = list(itertools.takewhile(lambda e: e.status == "tracking", reversed(history[since:])))
+    if sum(math.isfinite(e.heat_bias) for e in run) < MIN_HEAT_WINDOWS:
+        return True
+    gap = sum(1 for _ in itertools.takewhile(lambda e: not math.isfinite(e.heat_bias), reversed(history)))
+    return gap >= every - 1
+
+
 def cooled_step(history: Sequence[LLCEstimate], chains: int, step: float, max_step: float) -> Optional[float]:
-    """The lowered step when the heat pooled over the last tracking windows of ``history`` (the
-    windows since the step last changed) is gross, else None.
+    """The lowered step when the heat pooled over the last measured tracking windows of
+    ``history`` (the windows since the step last changed; :func:`measuring`) is gross, else None.
 
     Gross is an excess above twice :func:`~online_llc.calibration.step.cooling_excess` of the
     band's ``chains`` (10% for one chain: training reached a regime of larger gradient noise, or
@@ -77,7 +110,7 @@ def cooled_step(history: Sequence[LLCEstimate], chains: int, step: float, max_st
     slows the chain's relaxation, which a co-moving chain cannot afford. Every rank sees the same
     gathered windows, so every rank takes the same step.
     """
-    recent = [e for e in history if e.status == "tracking"][-HEAT_WINDOWS:]
+    recent = [e for e in history if e.status == "tracking" and math.isfinite(e.heat_bias)][-HEAT_WINDOWS:]
     if len(recent) < MIN_HEAT_WINDOWS:
         return None
     heat = pooled_heat([e.raw_mean for e in recent], [e.total_bias for e in recent])

@@ -3,7 +3,7 @@
 Flow: training loop -> ShadowSampler -> WindowStats -> LLCFilter -> OnlineLLC records ->
 callbacks. The options reach every stage of that flow: the chains (``num_samples``, ``nbeta``, ``localization``,
 ``step_size``, ``sampler``, ``friction``, ``num_chains``, ``seed``, ``max_offset_norm``, ``mode``,
-``measure_discretization``), the
+``measure_discretization``, ``measure_every``), the
 schedule and windows (``every_n_steps``, ``window``, ``total_steps``, ``warmup``, ``group_budget``;
 :mod:`online_llc.monitor.cadence` sizes them to the run) and the filter
 (``process_noise``, ``jump_threshold``, ``confidence``). :class:`online_llc.OnlineLLC` and the
@@ -32,6 +32,7 @@ from online_llc.errors import (
 )
 from online_llc.kernel.evaluator import MODES
 from online_llc.monitor.cadence import AUTO, DEFAULT_WARMUP, Cadence, auto_cadence, check_cadence_option
+from online_llc.monitor.policy import MEASURE_EVERY
 
 __all__ = ["MonitorSettings", "check_saved_settings"]
 
@@ -91,6 +92,13 @@ class MonitorSettings:
             the step is cooled on (True, the default). It costs one more float32 copy of the
             sampled parameters per chain (its last update); False saves it and
             leaves a stiff model's discretization heat unseen. Not measured for SGHMC.
+        measure_every: how often the heat (minibatch and discretization) is measured, an int
+            >= 1: every window while a regime's heat is not yet known (after the warm-up, a
+            jump, a change of the step) and then one window in ``measure_every`` (4 by
+            default; 1 measures every window). A measuring window's shadow steps split the batch
+            into halves and keep each chain's last update; the others run the plain step, about
+            a quarter cheaper, and report the heat as NaN
+            (:func:`online_llc.monitor.policy.measuring`).
 
     Raises:
         ValueError: naming the first invalid option and what it accepts.
@@ -115,6 +123,7 @@ class MonitorSettings:
     total_steps: Optional[int] = None
     mode: str = "eval"
     measure_discretization: bool = True
+    measure_every: int = MEASURE_EVERY
 
     def __post_init__(self) -> None:
         def normalize(name: str, value: Any) -> None:  # a frozen dataclass: set through object
@@ -138,6 +147,7 @@ class MonitorSettings:
             normalize("warmup", check_nonneg_int("warmup", warmup))
         check_choice("mode", self.mode, MODES)
         check_bool("measure_discretization", self.measure_discretization)
+        normalize("measure_every", check_positive_int("measure_every", self.measure_every))
         confidence = check_positive_float("confidence", self.confidence)
         if confidence >= 1:
             raise ValueError(f"Expected `confidence` to be a float in (0, 1), got {confidence!r}.")

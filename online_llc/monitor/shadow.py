@@ -17,12 +17,12 @@ there is no burn-in per checkpoint. A chain whose draw is non-finite, or whose o
 away (above ``max_offset_norm``), is reset to ``xi = 0`` and counted; its draw is never used.
 
 Lean at scale: each chain keeps one float32 copy of the sampled parameters (plus the sampler's
-state), updated in place, and one more, its last update, written in place, to measure the step's
-discretization bias (``measure_discretization``; SGLD and RMSProp-SGLD); a
-shadow step of any number of chains reads its numbers on the host once (one device sync: every
-chain's draw, noise variance, heat, update dots and offset norm, and the centre's shift); a
-deterministic model's centre loss is computed once per shadow step, not per chain; the weights'
-movement is measured from a sketch (:mod:`online_llc.monitor.sketch`), not a copy.
+state), updated in place; a measuring step (``step(batch, measure=True)``) also splits the batch
+into halves (the heat) and keeps the chain's last update to measure the step's discretization
+bias (``measure_discretization``; SGLD and RMSProp-SGLD), a plain step neither. A shadow step of
+any number of chains reads its numbers on the host once (one device sync); a deterministic
+model's centre loss is computed once per shadow step, not per chain; the weights' movement is
+measured from a sketch (:mod:`online_llc.monitor.sketch`), not a copy.
 
 Checkpoints: :meth:`ShadowSampler.state_dict` holds the offsets, the sampler's state, the chains'
 generator states (tagged with their device type), the step counter and the weight sketch. Loaded
@@ -189,20 +189,23 @@ class ShadowSampler:
     def _dot(self, tensors: Dict[str, Tensor], grads: List[Optional[Tensor]]) -> Tensor:
         """``sum_n tensors[n] . grads[n]``, each tensor's dot summed in float64, on the device
         (parameters without a gradient left out; 0 when none has one)."""
-        # One BLAS dot per tensor (no product tensor: the elementwise product and its float64 sum
-        # cost 3-5x as much, a tenth of the shadow step on a small MLP); its float32 accumulation
-        # is good to about 1e-6 relative, far inside the measurement's sampling noise.
+        # One BLAS dot per tensor (a product tensor and its float64 sum cost 3-5x as much); float32
+        # accumulation is good to about 1e-6 relative, far inside the measurement's sampling noise.
         parts = [torch.dot(t.reshape(-1), g.reshape(-1).to(t.dtype)) for t, g in zip(tensors.values(), grads) if g is not None]
         return torch.stack(parts).double().sum() if parts else torch.zeros((), dtype=torch.float64, device=self.device)
 
     def _measures(self) -> bool:
-        """Whether this step measures the discretization bias: SGLD and RMSProp-SGLD with injected
-        noise (as offline)."""
+        """Whether a measuring step measures the discretization bias: SGLD and RMSProp-SGLD with
+        injected noise (as offline)."""
         cfg = self.config
         return self.measure_discretization and cfg.sampler != "sghmc" and cfg.noise_scale > 0
 
-    def step(self, batch: Any) -> ShadowStep:
-        """One kernel step of every chain, centred at the model's current weights."""
+    def step(self, batch: Any, measure: bool = True) -> ShadowStep:
+        """One kernel step of every chain, centred at the model's current weights. ``measure``
+        False runs the plain step: one pass over the whole batch at each point, no heat (NaN),
+        no discretization (empty) and no last update kept; the chains move as they would have."""
+        for c in range(self.num_chains if not measure else 0):  # plain: keep no last update
+            self._forget_updates(c)
         center = self.evaluator.center()
         new_sketch = self._sketcher(list(center.values()))
         old_sketch, self._sketch = self._sketch, new_sketch
@@ -212,25 +215,17 @@ class ShadowSampler:
             with self.evaluator.mode_context():
                 share = deterministic(self.evaluator.model)
         pending, shared = [], None
-        measure = self._measures()
+        heat = measure
+        measure = measure and self._measures()
         # Per measuring chain: [u_prev . g, u . g], the first NaN when the chain has no last update.
         dot_pairs: List[Tensor] = []
         for c in range(self.num_chains):
             dots: List[Tensor] = []
             pre_update = self._measuring_hook(c, dots) if measure else None
             out = _kernel_step(
-                self.evaluator,
-                center,
-                self.offsets[c],
-                self.aux[c],
-                batch,
-                config=self.config,
-                generator=self.generators[c],
-                masks=self.masks,
-                rng_seed=derived_seed(_DROPOUT_SEEDS, self.seed, c, self.steps),
-                center_losses=shared,
-                keep_grads=measure,
-                pre_update=pre_update,
+                self.evaluator, center, self.offsets[c], self.aux[c], batch, config=self.config,
+                generator=self.generators[c], masks=self.masks, center_losses=shared, keep_grads=measure,
+                rng_seed=derived_seed(_DROPOUT_SEEDS, self.seed, c, self.steps), pre_update=pre_update, heat=heat,
             )
             if share:
                 shared = out.center_losses

@@ -94,9 +94,13 @@ def sketch(
     with torch.no_grad():
         # Each norm in float32 at least (a bfloat16 norm rounds at 1e-3), float64 for float64
         # tensors (a fixed float32 would be a narrowing, which torch refuses).
-        norms = torch.stack(
-            [torch.linalg.vector_norm(t.detach(), dtype=torch.promote_types(t.dtype, torch.float32)).double() for t in tensors]
-        )
+        # One foreach call for the float32 tensors (most models'), one norm per tensor otherwise.
+        if all(t.dtype == torch.float32 for t in tensors):
+            norms = torch.stack(torch._foreach_norm([t.detach() for t in tensors])).double()
+        else:
+            norms = torch.stack(
+                [torch.linalg.vector_norm(t.detach(), dtype=torch.promote_types(t.dtype, torch.float32)).double() for t in tensors]
+            )
         folds = [
             _fold(t, i, generator, None if signs is None else signs(t.numel(), i, t.device)) for i, t in enumerate(tensors)
         ]

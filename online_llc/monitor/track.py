@@ -41,7 +41,7 @@ from online_llc.calibration.step import (
 from online_llc.config import SGLDConfig
 from online_llc.kernel.evaluator import LossEvaluator
 from online_llc.monitor.cadence import DEFAULT_HORIZON, Cadence
-from online_llc.monitor.policy import cooled_step, lag_std, transitions, window_status
+from online_llc.monitor.policy import MEASURE_EVERY, cooled_step, lag_std, measuring, transitions, window_status
 from online_llc.monitor.settings import MonitorSettings
 from online_llc.monitor.shadow import ShadowSampler
 from online_llc.monitor.warmup import EquilibrationDetector, WeightJumpDetector
@@ -79,6 +79,8 @@ class Track:
         min_warmup, max_warmup, min_rewarmup, warmup_tail: the data-driven warm-up's bounds
             (shadow steps from a zero offset, at most, after a weight jump) and the stationary
             tail its test needs; :func:`online_llc.monitor.cadence.auto_cadence` shortens them for short runs.
+        measure_every: once a regime's heat is known, one window in this many measures it
+            (:func:`online_llc.monitor.policy.measuring`); the others run plain shadow steps.
     """
 
     def __init__(
@@ -94,6 +96,7 @@ class Track:
         max_warmup: int = MAX_AUTO_WARMUP,
         min_rewarmup: int = MIN_REWARMUP,
         warmup_tail: int = 30,
+        measure_every: int = MEASURE_EVERY,
     ) -> None:
         self.sampler, self.stats, self.filter = sampler, stats, filt
         # The chains the band pools (every rank's, from the gathered windows): sets how far a hot
@@ -103,6 +106,7 @@ class Track:
         self.min_rewarmup, self.warmup_tail = min_rewarmup, warmup_tail
         self.warmup, self._z = warmup, z
         self.calibrate = calibrate
+        self.measure_every = measure_every
         cfg = sampler.config
         self.max_step = max_step_size(cfg.nbeta, cfg.sampler, cfg.friction, cfg.step_size, online=True)
         self.auto_warmup = warmup == "auto"
@@ -139,6 +143,7 @@ class Track:
             max_warmup=cadence.max_warmup,
             min_rewarmup=cadence.min_rewarmup,
             warmup_tail=cadence.warmup_tail,
+            measure_every=settings.measure_every,
         )
 
     def _init(self) -> None:
@@ -154,10 +159,11 @@ class Track:
         self.weight_jumps = 0
         self.warmup_lengths: List[int] = []
         self.history: List[LLCEstimate] = []
-        # Whether the step was sized to the batch yet (at the first shadow step).
-        self.sized = not self.calibrate
+        self.sized = not self.calibrate  # whether the step was sized to the batch (first shadow step)
         # History index from which the heat is pooled (the step last changed there).
         self.step_changed_at = 0
+        # Whether the open window measures the heat (decided as it opens: policy.measuring).
+        self.measuring = True
 
     # ---- warm-up policy ---------------------------------------------------------------------------
     def _restart_warmup(self, c: int, from_zero: bool = True) -> None:
@@ -205,7 +211,8 @@ class Track:
     # ---- one shadow step ----------------------------------------------------------------------------
     def shadow_step(self, batch: Any, step: int, shadow_steps: int) -> Optional[LLCEstimate]:
         """Run the chains on ``batch`` at training step ``step``; the estimate when a window closed."""
-        out = self.sampler.step(batch)
+        self._open_window()
+        out = self.sampler.step(batch, measure=self.measuring)
         if not self.sized:
             # The batch size is known now: start from the step whose minibatch heat is about the
             # target at unit gradient noise; later windows' measured heat refines it.
@@ -240,12 +247,19 @@ class Track:
                 o.append(info.offset_norm)
                 e.append(measured[c])
                 flags.append(2 if self._warming(c, info.draw, info.offset_norm) else 0)
+        b, e = (b, e) if self.measuring else (None, None)
         summary = self.stats.update(d, v, step, flags=flags, heat_bias=b, offset_norms=o, discretization=e)
         return None if summary is None else self._close_window(summary, shadow_steps)
+
+    def _open_window(self) -> None:  # at a window's first draw, decide whether it measures the heat
+        if self.stats.num_pending == 0:
+            self.measuring = measuring(self.history, self.step_changed_at, self.measure_every)
+
 
     def skip(self, step: int, shadow_steps: int) -> Optional[LLCEstimate]:
         """Add flagged placeholder draws instead of running the chains (see ``OnlineLLC.skip_step``)."""
         n = self.num_chains
+        self._open_window()
         summary = self.stats.update([0.0] * n, [0.0] * n, step, flags=[1] * n)
         return None if summary is None else self._close_window(summary, shadow_steps)
 
@@ -306,8 +320,9 @@ class Track:
             window_start=s.start_step,
             shadow_steps=shadow_steps,
             divergences=self.sampler.divergences,
-            heat=s.heat,
-            heat_bias=s.heat_bias,
+            # NaN for a window of plain steps: nothing was measured.
+            heat=s.heat if self.measuring else math.nan,
+            heat_bias=s.heat_bias if self.measuring else math.nan,
             step_size=self.sampler.config.step_size,
             discretization_bias=s.discretization_bias,
         )
@@ -354,6 +369,7 @@ class Track:
             "last_jump": self.last_jump,
             "sized": self.sized,
             "step_changed_at": self.step_changed_at,
+            "measuring": self.measuring,
             "sampler": self.sampler.state_dict(),
             "window_stats": self.stats.state_dict(),
             "filter": self.filter.state_dict(),
@@ -378,4 +394,5 @@ class Track:
         self.last_jump = bool(state["last_jump"])
         self.sized = bool(state["sized"])
         self.step_changed_at = int(state["step_changed_at"])
+        self.measuring = bool(state.get("measuring", True))
         self.history = [LLCEstimate(**e) for e in state["history"]]
