@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import time
 from typing import List, NamedTuple, Optional
 
@@ -75,7 +76,8 @@ class Overhead(NamedTuple):
     """What :func:`measure` measured: the ratios of the monitored copies' times to the plain
     copy's, the default monitor's time inside ``update`` as a share of the plain copy's time
     (the rest of the ratio's excess is what the monitor costs the training steps themselves:
-    caches), and the seconds per plain step and per shadow step."""
+    caches), the seconds per plain step and per timed shadow step, and how many of the windows
+    closed while timing measured the heat."""
 
     ratio: float
     ratio_lean: float
@@ -83,6 +85,7 @@ class Overhead(NamedTuple):
     plain_step: float
     shadow_step: float
     shadow_steps: int
+    measured: str
 
 
 def measure(
@@ -113,6 +116,7 @@ def measure(
         for mon in monitors[1:]:
             while mon.shadow_steps < MAX_AUTO_WARMUP + (MIN_HEAT_WINDOWS + MEASURE_EVERY) * DEFAULT_WINDOW:
                 mon.update(batches[mon.step % len(batches)])
+    settled, closed = monitors[1].shadow_steps, len(monitors[1].history())
     times: List[List[float]] = [[], [], []]
     inside = 0.0
     for b in range(blocks):
@@ -124,9 +128,11 @@ def measure(
             if i == 1:
                 inside += spent
     plain = sum(times[0])
-    shadow = monitors[1].shadow_steps
+    shadow = monitors[1].shadow_steps - settled
+    timed = monitors[1].history()[closed:]
+    measured = sum(math.isfinite(e.heat_bias) for e in timed)
     return Overhead(sum(times[1]) / plain, sum(times[2]) / plain, inside / plain, plain / (blocks * len(batches)),
-                    inside / max(shadow, 1), shadow)
+                    inside / max(shadow, 1), shadow, f"{measured}/{len(timed)}")
 
 
 #: The sections of a shadow step: (label, module, attribute) of the function each one times.
@@ -243,13 +249,14 @@ def main() -> None:
           f"{args.blocks} interleaved rounds of three blocks per cadence, spanning one cycle of the measuring schedule "
           f"({MEASURE_EVERY} windows of {DEFAULT_WINDOW} shadow steps) after the warm-up")
     print(f"{'every_n_steps':>13s} {'time ratio (with / without)':>28s} {'same, no discretization':>24s} "
-          f"{'inside update':>14s} {'ms per plain step':>18s} {'ms per shadow step':>19s} {'shadow steps':>13s}")
+          f"{'inside update':>14s} {'ms per plain step':>18s} {'ms per shadow step':>19s} {'shadow steps':>13s} "
+          f"{'measured windows':>17s}")
     for k in args.cadences:
         block_steps = args.block_steps or max(60, -(-MEASURE_EVERY * DEFAULT_WINDOW * k // args.blocks))
         m = measure(k, args.blocks, block_steps, args.batch_size, args.threads, args.hidden)
         mark = "  <- default" if k == DEFAULT_EVERY_N_STEPS else ""
         print(f"{k:13d} {m.ratio:28.3f} {m.ratio_lean:24.3f} {m.inside:14.3f} {m.plain_step * 1e3:18.2f} "
-              f"{m.shadow_step * 1e3:19.2f} {m.shadow_steps:13d}{mark}")
+              f"{m.shadow_step * 1e3:19.2f} {m.shadow_steps:13d} {m.measured:>17s}{mark}")
 
 
 if __name__ == "__main__":

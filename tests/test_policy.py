@@ -73,9 +73,9 @@ def test_transitions_merge_runs_one_quiet_window_apart() -> None:
 
 def test_measuring_schedule_knows_each_regime_then_samples_it() -> None:
     """The first window, and one after a warm-up window, never measure; a regime (after the step
-    last changed, or after a window that was not tracking) measures its first MIN_HEAT_WINDOWS
-    tracking windows, then one window in ``every``; ``every = 1`` measures every window after
-    the warm-up."""
+    last changed, or after a warm-up or diverged window) measures its first MIN_HEAT_WINDOWS
+    windows, then one window in ``every``; ``every = 1`` measures every window after the
+    warm-up."""
     nan = math.nan
     warm = [_window(10, status="warming_up", heat_bias=nan)]
     assert not measuring([], 0, every=4) and not measuring([], 0, every=1)
@@ -94,8 +94,9 @@ def test_measuring_schedule_knows_each_regime_then_samples_it() -> None:
     assert opened == [False, False, False, True, False, False, False, True]
     # A changed step starts a regime: measured again until its heat is known.
     assert measuring(history, len(history), every=4)
-    # So does any window that was not tracking (a jump of the level, a divergence).
-    assert measuring(history + [_window(500, status="transition", heat_bias=nan)], 0, every=4)
+    # So does a divergence (the chains were reset), but not a jump of the level.
+    assert measuring(history + [_window(500, status="diverged", heat_bias=nan)], 0, every=4)
+    assert not measuring(history + [_window(500, status="transition", heat_bias=nan)], 0, every=4)
     # Unmeasured windows (heat NaN) do not count towards the cooling decision.
     hot = [_window(10 * i, heat_bias=2.0) for i in range(1, MIN_HEAT_WINDOWS + 1)]
     plain = [_window(100 + i, heat_bias=nan) for i in range(5)]

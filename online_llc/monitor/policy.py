@@ -75,21 +75,24 @@ def measuring(history: Sequence[LLCEstimate], since: int, every: int) -> bool:
     and each chain's last update: about a third more work per shadow step, and one more copy of
     the parameters per chain) or runs plain steps.
 
-    The heat is read only from tracking windows (:func:`cooled_step`, the health alarms), so
+    The heat is read from equilibrated chains only (:func:`cooled_step`, the health alarms), so
     the first window and a window after a warm-up window (whose chains may still warm up) do not
     measure. Otherwise a window measures while the current regime has fewer than
-    :data:`MIN_HEAT_WINDOWS` measured tracking windows, the fewest the step may be cooled on: a
-    regime starts where the step last changed (``since``, an index into ``history``) and after
-    any window that was not tracking (the start's warm-up, a jump of the weights or of the level,
-    a divergence), so its first measured windows follow one another. Then one window in
-    ``every`` measures (every window for ``every = 1``). Decided from the gathered history alone,
-    so every rank decides the same.
+    :data:`MIN_HEAT_WINDOWS` measured windows, the fewest the step may be cooled on: a regime
+    starts where the step last changed (``since``, an index into ``history``) and after the last
+    window whose chains warmed up or were reset (the start, a jump of the weights, a divergence),
+    so its first measured windows follow one another. A jump of the level (a ``transition``
+    window) starts none: the step's heat depends on the batch, the step and the loss's
+    curvature and gradient noise near the weights, which a moving LLC does not reset (during
+    fast training most windows are transitions). Then one window in ``every`` measures (every
+    window for ``every = 1``). Decided from the gathered history alone, so every rank decides
+    the same.
     """
     if not history or history[-1].status == "warming_up":
         return False
     if every <= 1:
         return True
-    run = list(itertools.takewhile(lambda e: e.status == "tracking", reversed(history[since:])))
+    run = list(itertools.takewhile(lambda e: e.status not in ("warming_up", "diverged"), reversed(history[since:])))
     if sum(math.isfinite(e.heat_bias) for e in run) < MIN_HEAT_WINDOWS:
         return True
     gap = sum(1 for _ in itertools.takewhile(lambda e: not math.isfinite(e.heat_bias), reversed(history)))

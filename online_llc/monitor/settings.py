@@ -93,8 +93,8 @@ class MonitorSettings:
             sampled parameters per chain (its last update); False saves it and
             leaves a stiff model's discretization heat unseen. Not measured for SGHMC.
         measure_every: how often the heat (minibatch and discretization) is measured, an int
-            >= 1: every window while a regime's heat is not yet known (after the warm-up, a
-            jump, a change of the step) and then one window in ``measure_every`` (4 by
+            >= 1: every window while a regime's heat is not yet known (after a warm-up, a
+            divergence, a change of the step) and then one window in ``measure_every`` (4 by
             default; 1 measures every window). A measuring window's shadow steps split the batch
             into halves and keep each chain's last update; the others run the plain step, about
             a quarter cheaper, and report the heat as NaN
