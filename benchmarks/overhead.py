@@ -4,8 +4,8 @@ A small MLP (784-256-256-10, ~270k parameters) is trained with Adam on synthetic
 data (batch 128). Identical copies are trained in interleaved blocks of steps, one without an
 ``OnlineLLC`` attached and two with; the ratio of their total times is printed for several
 ``every_n_steps`` (the default marked), and beside it the ratio of a third copy whose monitor
-does not measure the discretization bias (``measure_discretization=False``). "inside update" is
-the default monitor's time inside ``update`` over the plain copy's time: when the ratio's excess
+measures the heat in every window (``measure_every=1``, as before the measuring schedule). "inside
+update" is each monitor's time inside ``update`` over the plain copy's time: when the ratio's excess
 equals it, the monitor costs the training steps themselves nothing (no cache effects); the time
 per shadow step counts every ``update`` call (the windows' closing work included) per shadow step. Interleaving keeps
 machine noise (other processes, CPU frequency) from landing on one side only. Before the timed
@@ -74,14 +74,15 @@ def run_block(model, opt, batches, monitor: Optional[OnlineLLC]) -> tuple[float,
 
 class Overhead(NamedTuple):
     """What :func:`measure` measured: the ratios of the monitored copies' times to the plain
-    copy's, the default monitor's time inside ``update`` as a share of the plain copy's time
+    copy's, each monitor's time inside ``update`` as a share of the plain copy's time
     (the rest of the ratio's excess is what the monitor costs the training steps themselves:
     caches), the seconds per plain step and per timed shadow step, and how many of the windows
     closed while timing measured the heat."""
 
     ratio: float
-    ratio_lean: float
+    ratio_every: float
     inside: float
+    inside_every: float
     plain_step: float
     shadow_step: float
     shadow_steps: int
@@ -92,7 +93,7 @@ def measure(
     every_n_steps: int, blocks: int, block_steps: int, batch_size: int, threads: int, hidden: int = 256, settle: bool = True
 ) -> Overhead:
     """Three copies of the model trained in interleaved blocks: plain, with the default monitor,
-    and with a monitor that does not measure the discretization bias."""
+    and with a monitor that measures the heat in every window."""
     torch.set_num_threads(threads)
     n = 8192
     x, y = make_data(n)
@@ -103,8 +104,8 @@ def measure(
     models = [base, copy.deepcopy(base), copy.deepcopy(base)]
     opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in models]
     monitors = [None] + [
-        OnlineLLC(m, per_sample_ce, num_samples=n, every_n_steps=every_n_steps, window=DEFAULT_WINDOW, measure_discretization=flag)
-        for m, flag in zip(models[1:], (True, False))
+        OnlineLLC(m, per_sample_ce, num_samples=n, every_n_steps=every_n_steps, window=DEFAULT_WINDOW, measure_every=every)
+        for m, every in zip(models[1:], (MEASURE_EVERY, 1))
     ]
     # Warm up all three (allocator, first-call overheads) before timing.
     for m, o, mon in zip(models, opts, monitors):
@@ -118,21 +119,20 @@ def measure(
                 mon.update(batches[mon.step % len(batches)])
     settled, closed = monitors[1].shadow_steps, len(monitors[1].history())
     times: List[List[float]] = [[], [], []]
-    inside = 0.0
+    inside = [0.0, 0.0, 0.0]
     for b in range(blocks):
         # Rotate which side goes first so drifts in machine speed cancel.
         for k in range(3):
             i = (b + k) % 3
             elapsed, spent = run_block(models[i], opts[i], batches, monitors[i])
             times[i].append(elapsed)
-            if i == 1:
-                inside += spent
+            inside[i] += spent
     plain = sum(times[0])
     shadow = monitors[1].shadow_steps - settled
     timed = monitors[1].history()[closed:]
     measured = sum(math.isfinite(e.heat_bias) for e in timed)
-    return Overhead(sum(times[1]) / plain, sum(times[2]) / plain, inside / plain, plain / (blocks * len(batches)),
-                    inside / max(shadow, 1), shadow, f"{measured}/{len(timed)}")
+    return Overhead(sum(times[1]) / plain, sum(times[2]) / plain, inside[1] / plain, inside[2] / plain,
+                    plain / (blocks * len(batches)), inside[1] / max(shadow, 1), shadow, f"{measured}/{len(timed)}")
 
 
 #: The sections of a shadow step: (label, module, attribute) of the function each one times.
@@ -245,17 +245,18 @@ def main() -> None:
     if args.profile:
         profile_shadow_step(args.profile_steps, args.batch_size, args.threads, args.hidden)
         return
+    span = (f"of {args.block_steps} steps" if args.block_steps else
+            f"spanning one cycle of the measuring schedule ({MEASURE_EVERY} windows of {DEFAULT_WINDOW} shadow steps)")
     print(f"MLP 784-{args.hidden}-{args.hidden}-10, Adam, batch {args.batch_size}, {args.threads} thread(s); "
-          f"{args.blocks} interleaved rounds of three blocks per cadence, spanning one cycle of the measuring schedule "
-          f"({MEASURE_EVERY} windows of {DEFAULT_WINDOW} shadow steps) after the warm-up")
-    print(f"{'every_n_steps':>13s} {'time ratio (with / without)':>28s} {'same, no discretization':>24s} "
-          f"{'inside update':>14s} {'ms per plain step':>18s} {'ms per shadow step':>19s} {'shadow steps':>13s} "
-          f"{'measured windows':>17s}")
+          f"{args.blocks} interleaved rounds of three blocks per cadence, {span}, after the warm-up")
+    print(f"{'every_n_steps':>13s} {'time ratio (with / without)':>28s} {'measuring every window':>23s} "
+          f"{'inside update':>14s} {'same, every window':>19s} {'ms per plain step':>18s} {'ms per shadow step':>19s} "
+          f"{'shadow steps':>13s} {'measured windows':>17s}")
     for k in args.cadences:
         block_steps = args.block_steps or max(60, -(-MEASURE_EVERY * DEFAULT_WINDOW * k // args.blocks))
         m = measure(k, args.blocks, block_steps, args.batch_size, args.threads, args.hidden)
         mark = "  <- default" if k == DEFAULT_EVERY_N_STEPS else ""
-        print(f"{k:13d} {m.ratio:28.3f} {m.ratio_lean:24.3f} {m.inside:14.3f} {m.plain_step * 1e3:18.2f} "
+        print(f"{k:13d} {m.ratio:28.3f} {m.ratio_every:23.3f} {m.inside:14.3f} {m.inside_every:19.3f} {m.plain_step * 1e3:18.2f} "
               f"{m.shadow_step * 1e3:19.2f} {m.shadow_steps:13d} {m.measured:>17s}{mark}")
 
 
