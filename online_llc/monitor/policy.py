@@ -28,8 +28,12 @@ __all__ = [
 HEAT_WINDOWS = 10
 MIN_HEAT_WINDOWS = 3
 
-#: Once a regime's heat is known (:data:`MIN_HEAT_WINDOWS` measured tracking windows), one
-#: window in this many measures it (the default of the monitor's ``measure_every``).
+#: Once a regime's heat is known (:data:`MIN_HEAT_WINDOWS` measured windows), one window in
+#: this many measures it (the default of the monitor's ``measure_every``). Chosen with
+#: ``benchmarks/measure_every.py``: on the problems the calibration tests use, every
+#: ``measure_every`` from 1 to 8 cools to the same step (the cuts come in a regime's first
+#: windows) and reads the same health heat within its spread; 4 keeps a measurement every 160
+#: shadow steps at the default window, well inside the chains' relaxation time.
 MEASURE_EVERY = 4
 
 #: The lag of a co-moving chain's reading, as a fraction of the slowest direction's relaxation
