@@ -303,3 +303,25 @@ def test_the_core_imports_no_framework():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_a_band_at_the_last_window_is_its_own_after_the_step_is_cut():
+    """A cut of the step at a window's close (the calibration) lengthens the chains' relaxation
+    and so the lag term of later readings; the band at that window's own step must still be the
+    one recorded with it (its lag at the step its draws were made with), and a later band, which
+    carries the new step's lag, wider."""
+    import dataclasses
+
+    p = block_problem({"a": ([3, 2], 2), "b": ([3, 2], 2)}, num_samples=512, batch_size=32, seed=0)
+    monitor = OnlineLLC(p.model, p.loss_fn, num_samples=512, every_n_steps=1, window=5, warmup=0,
+                        groups={g: [f"blocks.{g}.*"] for g in "ab"})
+    batches = list(p.batches)
+    for s in range(60):
+        monitor.update(batches[s % len(batches)], step=s + 1)
+    track = monitor._groups["a"]
+    last = track.history[-1]
+    assert track.filter.initialized and abs(track.filter.slope) > 0
+    before = monitor.group_band("a", step=last.step)[1]
+    track.sampler.config = dataclasses.replace(track.sampler.config, step_size=last.step_size / 8)
+    assert monitor.group_band("a", step=last.step)[1] == pytest.approx(last.std) == pytest.approx(before)
+    assert track.lag(last.window_start, last.step) > track.lag(last.window_start, last.step, last.step_size)

@@ -263,19 +263,21 @@ class Track:
         summary = self.stats.update([0.0] * n, [0.0] * n, step, flags=[1] * n)
         return None if summary is None else self._close_window(summary, shadow_steps)
 
-    def lag(self, first: int, last: int) -> float:
-        """How far the chains may trail the level (``config.lag_std``); a window's steps ``first``..``last`` give the stride."""
+    def lag(self, first: int, last: int, step_size: Optional[float] = None) -> float:
+        """How far the chains may trail the level (``policy.lag_std``) at ``step_size`` (default:
+        the current step); a window's steps ``first``..``last`` give the stride."""
         stride = (last - first) / max(self.stats.window - 1, 1)
-        return lag_std(self.filter.slope, relaxation_steps(self.sampler.config), stride)
+        cfg = self.sampler.config if step_size is None else replace(self.sampler.config, step_size=step_size)
+        return lag_std(self.filter.slope, relaxation_steps(cfg), stride)
 
     def band_at(self, step: int) -> Tuple[float, float]:
-        """The predicted mean and std at training step ``step``, widened by the lag (NaN and inf
-        before the filter's first window)."""
+        """The predicted mean and std at training step ``step``, widened by the last reading's lag
+        at the step it was drawn with (NaN and inf before the filter's first window)."""
         if not self.filter.initialized:
             return math.nan, math.inf
         mean, std = self.filter.predict(step)
         last = self.history[-1]  # a fed window exists once the filter is initialized
-        return mean, math.hypot(std, self.lag(last.window_start, last.step))
+        return mean, math.hypot(std, self.lag(last.window_start, last.step, last.step_size))
 
     # ---- status policy ------------------------------------------------------------------------------
     def _close_window(self, s: WindowSummary, shadow_steps: int) -> LLCEstimate:
