@@ -102,3 +102,18 @@ def test_measuring_schedule_knows_each_regime_then_samples_it() -> None:
     plain = [_window(100 + i, heat_bias=nan) for i in range(5)]
     assert cooled_step(hot + plain, 1, 1e-3, 1e-3) == cooled_step(hot, 1, 1e-3, 1e-3) is not None
     assert cooled_step(hot[:-1] + plain, 1, 1e-3, 1e-3) is None
+
+
+def test_an_infinite_heat_gets_the_strongest_cut() -> None:
+    """Windows whose measured bias takes the whole of their positive mean read heat ``inf``
+    (hotter than the heat can measure): the step must be cut by the most one decision allows, 8x,
+    as a gross finite heat is (heat 5 here); before, ``inf`` left it alone. A NaN heat (no
+    positive mean) still leaves it."""
+    step, top = 1e-3, 1e-3
+    assert calibrated_step(step, math.inf, top) == pytest.approx(step / 8)
+    assert calibrated_step(step, math.inf, top, target=cooling_excess(1)) == pytest.approx(step / 8)
+    assert calibrated_step(step, math.nan, top) == step
+    burning = [_window(10 * i, raw_mean=10.0, heat_bias=12.0) for i in range(1, MIN_HEAT_WINDOWS + 1)]
+    hot = [_window(10 * i, raw_mean=10.0, heat_bias=8.0) for i in range(1, MIN_HEAT_WINDOWS + 1)]
+    assert cooled_step(burning, 1, step, top) == pytest.approx(step / 8)
+    assert cooled_step(hot, 1, step, top) == pytest.approx(step / 8)

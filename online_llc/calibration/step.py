@@ -193,7 +193,8 @@ def calibrated_step(
     is rescaled towards :data:`~online_llc.calibration.step.TARGET_EXCESS` when the excess is above
     :data:`~online_llc.calibration.step.CUT_EXCESS` (1.5 times the target) or below half the target (by at
     most 8x down and 2x up per call, so one noisy measurement cannot throw it far), and never above
-    ``max_step``. A heat that is NaN leaves the step alone.
+    ``max_step``. A heat that is NaN leaves the step alone; an infinite one (the bias takes the
+    whole of a positive mean: hotter than the heat can measure) gets the strongest cut, 8x.
 
 
     ``target`` replaces :data:`~online_llc.calibration.step.TARGET_EXCESS` as the excess a cut aims for (the
@@ -207,7 +208,7 @@ def calibrated_step(
     alone (a chain that has not yet spread from ``w*`` has a tiny mean, and its heat is then mostly
     noise). ``None`` means the point value.
     """
-    if not math.isfinite(heat):
+    if math.isnan(heat) or heat == -math.inf:
         return step
     low = heat if heat_low is None else heat_low
     high = heat if heat_high is None else heat_high
