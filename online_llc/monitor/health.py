@@ -9,16 +9,15 @@ follow the training weights.
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import replace
-from typing import List
 
 from online_llc.calibration.heat import pooled_heat
 from online_llc.calibration.step import relaxation_steps
 from online_llc.errors import check_positive_float
+from online_llc.monitor.policy import measured_windows
 from online_llc.monitor.track import Track
-from online_llc.records import ChainHealth, LLCEstimate
+from online_llc.records import ChainHealth
 
 __all__ = ["HEALTH_WINDOWS", "SLOW_RELAXATION_FACTOR", "SLOW_RELAXATION_WINDOWS", "chain_health"]
 
@@ -32,12 +31,6 @@ HEALTH_WINDOWS = 10
 SLOW_RELAXATION_WINDOWS = 10
 #: Only a step cut this much below its cap counts as slow (short windows alone do not).
 SLOW_RELAXATION_FACTOR = 4.0
-
-
-def _measured(history: List[LLCEstimate]) -> List[LLCEstimate]:
-    """The last :data:`HEALTH_WINDOWS` tracking windows of ``history`` that measured the heat."""
-    fed = (e for e in reversed(history) if e.status == "tracking" and math.isfinite(e.heat_bias))
-    return list(itertools.islice(fed, HEALTH_WINDOWS))
 
 
 def chain_health(track: Track, max_heat: float) -> ChainHealth:
@@ -65,7 +58,9 @@ def chain_health(track: Track, max_heat: float) -> ChainHealth:
     # dominate), when their pooled mean is clearly positive (z standard errors above zero, z the
     # band's); with none yet at this step, those before it. Newest first: the callback asks at
     # every window, and the history grows without bound.
-    recent = _measured(track.history[track.step_changed_at :]) or _measured(track.history)
+    recent = measured_windows(track.history[track.step_changed_at :], HEALTH_WINDOWS) or measured_windows(
+        track.history, HEALTH_WINDOWS
+    )
     mean = sum(e.raw_mean for e in recent)
     se = math.sqrt(sum(e.raw_se**2 for e in recent))
     clear = bool(recent) and mean > track._z * se

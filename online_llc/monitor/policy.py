@@ -16,6 +16,7 @@ __all__ = [
     "MIN_HEAT_WINDOWS",
     "MEASURE_EVERY",
     "measuring",
+    "measured_windows",
     "LAG_FRACTION",
     "lag_std",
     "window_status",
@@ -103,6 +104,15 @@ def measuring(history: Sequence[LLCEstimate], since: int, every: int) -> bool:
     return gap >= every - 1
 
 
+def measured_windows(history: Sequence[LLCEstimate], limit: int) -> List[LLCEstimate]:
+    """The last ``limit`` tracking windows of ``history`` that measured the heat (finite
+    ``heat_bias``; :func:`measuring`), newest first: the windows the heat is pooled over
+    (:func:`cooled_step`, the health alarm). Scanned from the end, as the history grows
+    without bound."""
+    fed = (e for e in reversed(history) if e.status == "tracking" and math.isfinite(e.heat_bias))
+    return list(itertools.islice(fed, limit))
+
+
 def cooled_step(history: Sequence[LLCEstimate], chains: int, step: float, max_step: float) -> Optional[float]:
     """The lowered step when the heat pooled over the last measured tracking windows of
     ``history`` (the windows since the step last changed; :func:`measuring`) is gross, else None.
@@ -117,7 +127,7 @@ def cooled_step(history: Sequence[LLCEstimate], chains: int, step: float, max_st
     slows the chain's relaxation, which a co-moving chain cannot afford. Every rank sees the same
     gathered windows, so every rank takes the same step.
     """
-    recent = [e for e in history if e.status == "tracking" and math.isfinite(e.heat_bias)][-HEAT_WINDOWS:]
+    recent = measured_windows(history, HEAT_WINDOWS)
     if len(recent) < MIN_HEAT_WINDOWS:
         return None
     heat = pooled_heat([e.raw_mean for e in recent], [e.total_bias for e in recent])

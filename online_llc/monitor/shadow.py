@@ -204,8 +204,9 @@ class ShadowSampler:
         """One kernel step of every chain, centred at the model's current weights. ``measure``
         False runs the plain step: one pass over the whole batch at each point, no heat (NaN),
         no discretization (empty) and no last update kept; the chains move as they would have."""
-        for c in range(self.num_chains if not measure else 0):  # plain: keep no last update
-            self._forget_updates(c)
+        if not measure:  # a plain step keeps no last update
+            for c in range(self.num_chains):
+                self._forget_updates(c)
         center = self.evaluator.center()
         new_sketch = self._sketcher(list(center.values()))
         old_sketch, self._sketch = self._sketch, new_sketch
@@ -215,21 +216,21 @@ class ShadowSampler:
             with self.evaluator.mode_context():
                 share = deterministic(self.evaluator.model)
         pending, shared = [], None
-        heat = measure
-        measure = measure and self._measures()
+        # The discretization bias is measured in measuring steps, where the sampler has it.
+        measure_disc = measure and self._measures()
         # Per measuring chain: [u_prev . g, u . g], the first NaN when the chain has no last update.
         dot_pairs: List[Tensor] = []
         for c in range(self.num_chains):
             dots: List[Tensor] = []
-            pre_update = self._measuring_hook(c, dots) if measure else None
+            pre_update = self._measuring_hook(c, dots) if measure_disc else None
             out = _kernel_step(
                 self.evaluator, center, self.offsets[c], self.aux[c], batch, config=self.config,
-                generator=self.generators[c], masks=self.masks, center_losses=shared, keep_grads=measure,
-                rng_seed=derived_seed(_DROPOUT_SEEDS, self.seed, c, self.steps), pre_update=pre_update, heat=heat,
+                generator=self.generators[c], masks=self.masks, center_losses=shared, keep_grads=measure_disc,
+                rng_seed=derived_seed(_DROPOUT_SEEDS, self.seed, c, self.steps), pre_update=pre_update, heat=measure,
             )
             if share:
                 shared = out.center_losses
-            if measure:
+            if measure_disc:
                 assert out.grads is not None
                 # The buffer holds this update, u = xi_new - xi.
                 upd = self._updates[c]
@@ -238,7 +239,7 @@ class ShadowSampler:
                 dot_pairs.append(torch.stack([prev, self._dot(upd, out.grads)]).to(out.stats.device))
                 out = out._replace(grads=None)
             pending.append(out)
-        if measure:
+        if measure_disc:
             pairs = torch.stack(dot_pairs)
             if self.evaluator.sharded:
                 # Each rank's dots cover its shards: one collective sums them for every chain.
@@ -262,7 +263,7 @@ class ShadowSampler:
         infos, diverged, disc = [], [], []
         for c, p in enumerate(pending):
             info = _info(values[c * width : (c + 1) * width], p, self.config)
-            if measure:
+            if measure_disc:
                 # This step's p_t pairs with the previous step's own dot and heat bias (NaN where
                 # the chain had no last update, or there is no previous step's).
                 e = discretization_term(info.prev_update_dot_grad, self._last_dot[c], self._last_heat_bias[c])

@@ -255,7 +255,6 @@ class Track:
         if self.stats.num_pending == 0:
             self.measuring = measuring(self.history, self.step_changed_at, self.measure_every)
 
-
     def skip(self, step: int, shadow_steps: int) -> Optional[LLCEstimate]:
         """Add flagged placeholder draws instead of running the chains (see ``OnlineLLC.skip_step``)."""
         n = self.num_chains
