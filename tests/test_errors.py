@@ -90,16 +90,9 @@ def test_filter_max_history_and_toy_and_csv_messages(tmp_path):
 
 def test_measure_every_must_be_a_positive_int():
     """``measure_every`` (one window in this many measures the heat) refuses 0, negatives,
-    fractions and non-numbers at construction, naming the option; numpy ints are taken as ints.
-    The plain step's passes refuse the control-variate gradient, which needs the halves."""
-    from online_llc.kernel.passes import paired_losses_and_grads
+    fractions and non-numbers at construction, naming the option; numpy ints are taken as ints."""
 
     for bad, shown in ((0, "0"), (-2, "-2"), (2.5, "2.5"), ("4", "'4'")):
         with pytest.raises(ValueError, match=rf"Expected `measure_every` to be a positive int, got {shown}\."):
             monitor(measure_every=bad)
     assert monitor(measure_every=np.int64(2))._model.measure_every == 2
-    ev = LossEvaluator(P.model, P.loss_fn)
-    centre = ev.center()
-    with pytest.raises(ValueError, match=r"Expected split=True for the control-variate gradient"):
-        paired_losses_and_grads(ev, centre, ev.zeros_like_center(), next(iter(P.batches)), lambda: None,
-                                center_grads=True, split=False)

@@ -82,7 +82,10 @@ SCRIPT = textwrap.dedent(
     plain = shard(mlp())
     train(plain, None, True)
     for sampler in ("sgld", "rmsprop_sgld", "sghmc"):
-        opts = dict(num_samples=N, every_n_steps=2, window=5, num_chains=2, seed=3, sampler=sampler, warmup=0)
+        # gradient="plain": a sharded chain keeps the plain gradient at any batch ("auto"), and
+        # the unsharded reference must take the same.
+        opts = dict(num_samples=N, every_n_steps=2, window=5, num_chains=2, seed=3, sampler=sampler, warmup=0,
+                    gradient="plain")
         if sampler == "sgld":
             opts["groups"] = {"first": ["0.*"]}
         m = shard(mlp())
@@ -102,7 +105,7 @@ SCRIPT = textwrap.dedent(
             out["full_numel"] = sum(t.numel() for t in rmon.sampler.offsets[0].values())
 
     # Resume: every rank's state holds the chains' full tensors, so rank 0's restores every rank.
-    opts = dict(num_samples=N, every_n_steps=2, window=5, num_chains=2, seed=3, warmup=0)
+    opts = dict(num_samples=N, every_n_steps=2, window=5, num_chains=2, seed=3, warmup=0, gradient="plain")
     m = shard(mlp()); mon = OnlineLLC(m, mse, **opts); train(m, mon, True)
     m2 = shard(mlp()); mon2 = OnlineLLC(m2, mse, **opts)
     opt = train(m2, mon2, True, range(1, 31))

@@ -200,19 +200,31 @@ def test_a_given_step_is_used_as_it_is() -> None:
 def test_online_heat_is_reported_and_calibrated() -> None:
     """The monitor reports each window's heat and step. At a hand-set step of 2e-3 with batches of
     16 (nbeta 256) the law predicts a minibatch heat of 1 + 2e-3 * 256^2 / (4 * 16) = 3 at unit
-    gradient noise: the health alarm fires and reads above 2. The batch-sized default step
-    (0.15 * 16 / 256^2, 3.75% heat at unit noise) keeps it under 1.06 with no alarm."""
+    gradient noise: the health alarm fires and reads above 2. The plain gradient's batch-sized
+    step (0.15 * 16 / 256^2, 3.75% heat at unit noise) keeps it under 1.06 with no heat alarm,
+    but relaxes slowly. The default (``gradient="auto"``) takes the control variate at this
+    batch, whose step is not held by the minibatch heat: it stays at the cap 0.15 / 256, 16x
+    larger (the halves read the control variate's own, small, batch noise), with a heat under
+    1.1 and no alarm at all: its slowest direction relaxes over 148 shadow steps."""
     from online_llc import OnlineLLC
 
     p, _, _, _ = _regression_at_optimum(100000, 16)
     hot = OnlineLLC(p.model, p.loss_fn, num_samples=100000, every_n_steps=1, window=40, step_size=2e-3,
                     warmup=50)
-    auto = OnlineLLC(p.model, p.loss_fn, num_samples=100000, every_n_steps=1, window=40, warmup=50)
+    auto = OnlineLLC(p.model, p.loss_fn, num_samples=100000, every_n_steps=1, window=40, warmup=50, gradient="plain")
+    cv = OnlineLLC(p.model, p.loss_fn, num_samples=100000, every_n_steps=1, window=40, warmup=50)
     batches = iter(p.batches)
     for t in range(1, 801):
         batch = next(batches)
         hot.update(batch, step=t)
         auto.update(batch, step=t)
+        cv.update(batch, step=t)
+    assert (hot.chain_config.gradient, auto.chain_config.gradient) == ("plain", "plain")
+    assert cv.chain_config.gradient == "control_variate"
+    assert cv.history()[-1].step_size == pytest.approx(0.15 / 256)
+    cv_health = cv.health()
+    assert cv_health.heat < 1.1 and cv_health.alarms == [], cv_health.alarms
+    assert cv_health.relaxation_steps == pytest.approx(2 / (0.15 / 256 * 0.09 * 256), rel=1e-9)
     assert all(e.step_size == 2e-3 for e in hot.history())
     assert hot.health().heat > 2.0 and any(a.startswith("chain runs hot") for a in hot.health().alarms)
     assert auto.history()[-1].step_size == pytest.approx(0.15 * 16 / 256**2)
@@ -229,16 +241,20 @@ def test_lag_alarm_fires_only_when_a_small_step_outlasts_ten_windows() -> None:
     """At batch 1024 the step is at its cap 0.15 / nbeta and the slowest direction relaxes over
     2 / (epsilon gamma) = 148 shadow steps: no alarm, even with windows of 10 (15 windows). At
     batch 32 the calibrated step is 8x smaller (1185 shadow steps): the alarm fires with windows
-    of 40 (30 windows), not with windows of 200 (6 windows)."""
+    of 40 (30 windows), not with windows of 200 (6 windows). Both with the plain gradient: the
+    default control variate at batch 32 keeps the step at the cap and fires no alarm."""
     from online_llc import OnlineLLC
 
-    for batch, window, fires in ((1024, 40, False), (1024, 10, False), (32, 40, True), (32, 200, False)):
+    cases = ((1024, 40, False, "auto"), (1024, 10, False, "auto"), (32, 40, True, "plain"), (32, 200, False, "plain"),
+             (32, 40, False, "auto"))
+    for batch, window, fires, gradient in cases:
         p, _, _, _ = _regression_at_optimum(100000, batch)
-        monitor = OnlineLLC(p.model, p.loss_fn, num_samples=100000, every_n_steps=1, window=window, warmup=5)
+        monitor = OnlineLLC(p.model, p.loss_fn, num_samples=100000, every_n_steps=1, window=window, warmup=5,
+                            gradient=gradient)
         for t, b in zip(range(1, 3), p.batches):
             monitor.update(b, step=t)
         health = monitor.health()
-        eps = min(0.15 / 256, 0.15 * batch / 256**2)
+        eps = min(0.15 / 256, 0.15 * batch / 256**2) if monitor.chain_config.gradient == "plain" else 0.15 / 256
         assert health.relaxation_steps == pytest.approx(2 / (eps * 0.09 * 256), rel=1e-9)
         assert any(a.startswith("chains relax slowly") for a in health.alarms) is fires, (batch, window)
 

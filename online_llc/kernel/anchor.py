@@ -5,12 +5,15 @@ Fearnhead, Fox and Nemeth 2019, "Control variates for stochastic gradient MCMC")
 minibatch gradient's expectation, and batch noise only from the difference of the two batch
 gradients: along a direction of curvature ``h`` about ``||xi||`` times the spread of the
 per-sample curvatures, where the plain gradient carries the spread of the per-sample gradients
-themselves. Its anchor is computed once per centre, with one pass over the data.
+themselves. Offline its anchor is computed once per centre, with one pass over the data
+(:func:`full_gradient`); online, where the centre is the moving training weights, it is the
+running mean of the centre's batch gradients the shadow steps take anyway (:class:`RunningAnchor`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Mapping
+import math
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -20,7 +23,13 @@ from online_llc.kernel.passes import moved_items
 from online_llc.kernel.randomness import private_rng
 from online_llc.kernel.updates import state_dtype
 
-__all__ = ["full_gradient"]
+__all__ = ["full_gradient", "RunningAnchor", "ANCHOR_RELAXATIONS"]
+
+#: The online anchor's horizon in relaxation times of the chain's slowest direction
+#: (:func:`online_llc.calibration.step.relaxation_steps`): long enough that its error acts as a
+#: small static tilt rather than as fresh batch noise (which the chain would integrate as it does
+#: the plain gradient's), short enough to follow the centre's gradient as training moves it.
+ANCHOR_RELAXATIONS: float = 4.0
 
 
 def full_gradient(
@@ -53,3 +62,74 @@ def full_gradient(
     if count == 0:
         raise ValueError("Expected `batches` to yield at least one batch, got an empty iterable.")
     return {n: (acc / count).to(zero[n].dtype) for n, acc in total.items()}
+
+
+class RunningAnchor:
+    """The online anchor: an estimate of ``grad L_n(w*)`` from the centre's batch gradients.
+
+    Each shadow step folds its batch's centre gradient ``c_t`` in *before* the step uses the
+    anchor: ``A_t = A_{t-1} + (c_t - A_{t-1}) / min(t, H)``, the mean of every batch gradient since
+    the last :meth:`reset` until there are ``H`` of them (``horizon``), an exponential mean over
+    about the last ``H`` after. The first step's anchor is its own batch gradient, so the
+    control-variate gradient ``grad L_B(w* + xi) - c_t + A_t`` starts as the plain one and moves
+    to the control variate as the anchor fills (the fresh share of ``c_t``'s noise is ``1 / t``).
+
+    What the anchor's error costs: an error ``e`` of the anchor is a constant force ``nbeta e`` on
+    the chain for as long as the error lasts, which tilts the localized posterior. Its effect on the
+    draws is second order in ``e``, ``(nbeta / 2) e^T (H + gamma / nbeta)^-1 H (H + gamma / nbeta)^-1 e``,
+    about ``nbeta q / (B t)`` of a regular model's LLC after ``t`` batches of size ``B`` (``q``
+    the per-sample gradient noise over the curvature, 1 for a well-specified likelihood): the
+    halves' heat does not see it, so the horizon is long, several of the chain's relaxation times
+    (:data:`ANCHOR_RELAXATIONS`), and the anchor is reset when the weights jump.
+    ``benchmarks/online_cv.py`` measures the level it leaves at rest against the exact target.
+
+    Args:
+        horizon: ``H`` (``inf``: the plain running mean since the reset).
+    """
+
+    def __init__(self, horizon: float = math.inf) -> None:
+        self.horizon = horizon
+        self.mean: Optional[List[Tensor]] = None
+        self.count = 0
+
+    def reset(self) -> None:
+        """Forget every batch gradient (after a jump of the weights, or a fresh start)."""
+        self.mean, self.count = None, 0
+
+    def fold(self, centre_grads: Tuple[List[Optional[Tensor]], Any], halves: Tuple[int, int], like: List[Tensor]) -> List[Tensor]:
+        """Fold one batch's centre gradient in and return the anchor, one tensor per ``like``
+        (the offsets). ``centre_grads``: the halves' gradients of their mean losses (the second
+        None for a batch taken whole), weighted by the halves' sizes ``halves``; a parameter the
+        loss does not reach has gradient 0."""
+        b1, b2 = halves
+        c1, c2 = centre_grads
+        batch = [
+            _weighted(g1, None if c2 is None else c2[j], b1, b2, like[j]) for j, g1 in enumerate(c1)
+        ]
+        self.count += 1
+        if self.mean is None:
+            self.mean = [g.clone() for g in batch]
+        else:
+            torch._foreach_lerp_(self.mean, batch, 1.0 / min(self.count, self.horizon))
+        return self.mean
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The anchor (tensors, or None) and the count of batches folded."""
+        return {"mean": None if self.mean is None else [t.detach().clone() for t in self.mean], "count": self.count}
+
+    def load_state_dict(self, state: Optional[Mapping[str, Any]], like: List[Tensor]) -> None:
+        """Restore a :meth:`state_dict` whose tensors match ``like`` (else start afresh)."""
+        mean = None if state is None else state.get("mean")
+        if mean is None or len(mean) != len(like) or any(tuple(m.shape) != tuple(t.shape) for m, t in zip(mean, like)):
+            self.reset()
+            return
+        self.mean = [m.detach().to(device=t.device, dtype=t.dtype, copy=True) for m, t in zip(mean, like)]
+        self.count = int(state["count"])
+
+
+def _weighted(g1: Optional[Tensor], g2: Optional[Tensor], b1: int, b2: int, like: Tensor) -> Tensor:
+    """``(b1 g1 + b2 g2) / (b1 + b2)`` in ``like``'s dtype (a missing gradient is 0)."""
+    out = torch.zeros_like(like) if g1 is None else g1.to(like.dtype) * (b1 / (b1 + b2))
+    if g2 is not None and b2 > 0:
+        out = out + g2.to(like.dtype) * (b2 / (b1 + b2))
+    return out

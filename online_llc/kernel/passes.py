@@ -92,7 +92,8 @@ def paired_losses_and_grads(
     take the gradients of the centre's halves (the control variate's ``grad L_B(w*)``), one more
     backward pass over the batch. ``split=False``: the plain step, which measures no heat: one
     pass over the whole batch at each point and one gradient, that of the batch's mean loss,
-    returned as ``g1`` with ``B2 = 0`` and no ``g2`` (not with ``center_grads``).
+    returned as ``g1`` with ``B2 = 0`` and no ``g2`` (with ``center_grads``, the centre's
+    gradient of the whole batch's mean loss, and no second).
 
     Memory: where the evaluator allows (``grads_inside_passes`` False), the last backward pass
     runs after the substitution ends, when the perturbed weights ``w* + xi`` are referenced only
@@ -108,11 +109,9 @@ def paired_losses_and_grads(
     parts = split_halves(batch)
     if center_losses is not None and center_grads and center_losses.grads is None:
         center_losses = None  # the reused passes took no gradients
-    if not split and center_grads:
-        raise ValueError("Expected split=True for the control-variate gradient (it needs the halves' centre gradients).")
     with evaluator.pass_session():
         if not split:
-            out = _plain(evaluator, center, xi, leaves, batch, rewind, center_losses)
+            out = _plain(evaluator, center, xi, leaves, batch, rewind, center_losses, center_grads)
         elif parts is not None:
             out = _halves(evaluator, center, xi, leaves, [parts[0], parts[1]], rewind, center_losses, center_grads)
         else:
@@ -160,10 +159,18 @@ def _halves(evaluator, center, xi, leaves, pieces, rewind, center_losses, center
     return torch.cat([c1, c2]), torch.cat([s1, s2]), g1, g2, (c1.numel(), c2.numel()), center_losses
 
 
-def _plain(evaluator, center, xi, leaves, batch, rewind, center_losses):  # type: ignore[no-untyped-def]
-    """The plain step's passes: the centre's losses (reused when given, in one or two parts) and
-    one forward and one backward pass at ``w* + xi`` over the whole batch."""
-    if center_losses is None:
+def _plain(evaluator, center, xi, leaves, batch, rewind, center_losses, center_grads=False):  # type: ignore[no-untyped-def]
+    """The plain step's passes: the centre's losses (reused when given, in one or two parts; with
+    ``center_grads`` also the gradient of their mean, as the first of the centre's two gradients,
+    the second all None) and one forward and one backward pass at ``w* + xi`` over the whole batch."""
+    if center_losses is None and center_grads:
+
+        def centre_pass(loss, zero):  # type: ignore[no-untyped-def]
+            c = loss(batch)
+            return Centre((c.detach(),), (evaluator.grads(c.mean(), zero), [None] * len(zero)))
+
+        center_losses = _centre_with_grads(evaluator, center, xi, centre_pass)
+    elif center_losses is None:
         with torch.no_grad():
             center_losses = Centre((evaluator.losses(center.items(), batch).detach(),))
     parts = center_losses.losses

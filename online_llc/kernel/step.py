@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -54,6 +54,10 @@ from online_llc.kernel.randomness import private_rng
 from online_llc.kernel.updates import _combine_halves, _update, state_dtype
 
 __all__ = ["SGLDInfo", "sampler_step", "sgld_step"]
+
+#: An anchor computed during the step from the centre's gradients (``(c_1, c_2)``, the halves'
+#: sizes and the offsets), returned in the offsets' order (:class:`online_llc.kernel.anchor.RunningAnchor`).
+Anchor = Callable[[Tuple[List[Optional[Tensor]], List[Optional[Tensor]]], Tuple[int, int], List[Tensor]], List[Tensor]]
 
 
 @dataclass(frozen=True)
@@ -155,7 +159,7 @@ def _kernel_step(
     center_losses: Optional[Centre] = None,
     keep_grads: bool = False,
     pre_update: Optional[Callable[[List[Optional[Tensor]]], Optional[Mapping[str, Tensor]]]] = None,
-    anchor: Optional[Mapping[str, Tensor]] = None,
+    anchor: Optional[Union[Mapping[str, Tensor], Anchor]] = None,
     heat: bool = True,
 ) -> _Pending:
     """One step of ``config.sampler`` that updates ``offset`` and ``aux`` in place (whatever the
@@ -169,12 +173,15 @@ def _kernel_step(
     and may return buffers, one per offset, that then receive the update ``xi_new - xi``
     (:func:`online_llc.kernel.updates._update`'s ``into``); ``anchor`` is the full-data gradient
     at the centre, by parameter name, which the control-variate gradient needs
-    (``config.gradient``). ``heat=False`` runs the plain step: the passes over the whole batch
-    with one gradient (:func:`~online_llc.kernel.passes.paired_losses_and_grads`'s ``split``),
-    no heat measured (the control variate always splits)."""
+    (``config.gradient``), or a callable that takes the centre's gradients, the halves' sizes and
+    the offsets and returns it in the offsets' order (the online running anchor,
+    :class:`~online_llc.kernel.anchor.RunningAnchor`). ``heat=False`` runs the plain step: the
+    passes over the whole batch with one gradient
+    (:func:`~online_llc.kernel.passes.paired_losses_and_grads`'s ``split``), no heat measured (the
+    control-variate draw always splits)."""
     cv = config.gradient == "control_variate"
-    heat = heat or cv
-    if cv and (anchor is None or set(anchor) != set(offset)):
+    heat = heat or config.draw == "control_variate"
+    if cv and (anchor is None or (not callable(anchor) and set(anchor) != set(offset))):
         raise ValueError(
             "Expected `anchor` (the full-data gradient at the centre, one tensor per sampled parameter) for "
             f"gradient='control_variate', got {None if anchor is None else sorted(anchor)}."
@@ -195,7 +202,7 @@ def _kernel_step(
         kappa = None
         if cv:
             assert anchor is not None and center_losses.grads is not None
-            gbar = [anchor[n] for n in offset]
+            gbar = anchor(center_losses.grads, halves, list(offset.values())) if callable(anchor) else [anchor[n] for n in offset]
             if config.draw == "control_variate":
                 kappa = _draw_corrections(center_losses.grads, gbar, list(offset.values()))
             _control_variate(g1, center_losses.grads[0], g2, center_losses.grads[1], gbar)

@@ -9,11 +9,9 @@ callbacks. :class:`OnlineLLC` is the user's handle on that flow::
       -> LLCFilter.update(mean, se^2, step)   level, band, jump flag
       -> LLCEstimate                          returned, kept in history()
 
-It owns one :class:`~online_llc.monitor.track.Track` for the whole model and one per parameter group
-(each track holds its chains, windows, filter, warm-up and status policy; the statuses are
-described in :mod:`online_llc.monitor.track`), schedules their shadow steps, and reports the results:
-the records of :mod:`online_llc.records`, the chains' health, checkpoints. Its options are
-listed and validated in :mod:`online_llc.monitor.settings`.
+It owns one :class:`~online_llc.monitor.track.Track` (chains, windows, filter, warm-up, statuses)
+for the whole model and one per parameter group, schedules their shadow steps and reports the
+records (:mod:`online_llc.records`), health and checkpoints; options: :mod:`online_llc.monitor.settings`.
 """
 
 from __future__ import annotations
@@ -27,6 +25,7 @@ from scipy.stats import norm as _normal
 from torch import nn
 
 from online_llc.calibration.step import DEFAULT_MAX_HEAT
+from online_llc.config import SGLDConfig
 from online_llc.kernel.evaluator import LossEvaluator, LossFn, check_first_batch
 from online_llc.kernel.fsdp import is_fsdp2, make_evaluator
 from online_llc.models.groups import resolve_group_masks
@@ -53,19 +52,17 @@ class OnlineLLC:
     The estimated quantity is the same as :func:`online_llc.estimate_llc`'s at the same
     ``nbeta``, ``localization`` and ``step_size``.
 
-    Cost: one forward+backward and one forward pass on one batch per shadow step, plus Gaussian
-    noise for every parameter: about 1.3x a training step on a compute-bound model, 2.5-3.0x on
-    a small CPU MLP, where per-call costs and the serial CPU noise weigh more; the overhead is
-    that ratio over ``every_n_steps``, per chain (measured 1.08-1.09 at the default 35 on the
-    small MLP of ``benchmarks/overhead.py``). ``every_n_steps`` and ``window``
+    Cost per shadow step and chain: a forward pass at the centre, a forward and backward pass
+    at the sample and Gaussian noise for every parameter (with the control-variate gradient, a
+    backward pass at the centre too): 1.7-2.1 training steps on the small CPU MLP of
+    ``benchmarks/overhead.py``, an overhead of 1.05-1.08 at the default 35. ``every_n_steps`` and ``window``
     trade overhead against lag: a window spans ``every_n_steps * window`` training steps, and
     the estimate follows a change within one or two windows. Given ``total_steps``, the
     ``"auto"`` defaults fit them to the run (:mod:`online_llc.monitor.cadence`; one warning when the run
     is too short for the 10% overhead budget says what it costs).
 
-    The shadow passes run with the model in eval mode (``mode="eval"``: no dropout, BatchNorm
-    on its running statistics), so the estimate is the deterministic model's; every submodule's
-    ``training`` flag is restored after each pass.
+    The shadow passes run with the model in eval mode (``mode="eval"``: no dropout, BatchNorm on
+    its running statistics, every ``training`` flag restored after): the deterministic model's LLC.
 
     The model, its ``.grad`` fields, its buffers, the optimizer and the global RNG streams are
     never touched: training with the monitor is bit-identical to training without it.
@@ -141,13 +138,14 @@ class OnlineLLC:
                 "rank holds its shards of every chain), so every rank already holds every draw."
             )
         self.evaluator = make_evaluator(model, loss_fn, mode=settings.mode)
+        if self.evaluator.sharded and settings.gradient == "control_variate":  # it runs on whole parameters
+            raise ValueError("Expected gradient='auto' or 'plain' for a model sharded by FSDP2, got 'control_variate'.")
 
         def track(evaluator: LossEvaluator, track_seed: int, masks: Optional[Dict[str, Any]] = None) -> Track:
             return Track.build(evaluator, self.config, settings, cadence, seed=track_seed, masks=masks, gather=gather, z=self._z)
 
         self._model = track(self.evaluator, self.seed)
-        # Each group's chains move only its own parameters (disjoint groups: together their
-        # offsets are one copy of the model's trainable parameters).
+        # Each group's chains move only its own parameters (disjoint: together one copy of them).
         resolved = resolve_group_masks(model, groups) if groups is not None else {}
         self._groups: Dict[str, Track] = {
             name: track(
@@ -172,6 +170,12 @@ class OnlineLLC:
     def shadow_steps(self) -> int:
         """Shadow steps so far (a placeholder step of :meth:`skip_step` counts)."""
         return self.schedule.shadow_steps
+
+    @property
+    def chain_config(self) -> SGLDConfig:
+        """The whole-model chains' hyperparameters now (the calibrated step, the gradient taken);
+        ``config`` holds them as resolved at construction."""
+        return self._model.sampler.config
 
     # ---- the public loop --------------------------------------------------------------------------
     def update(self, batch: Any, step: Optional[int] = None) -> Optional[LLCEstimate]:

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 from typing import Dict, List, Optional, Sequence
 
 from online_llc.calibration.heat import pooled_heat
-from online_llc.calibration.step import calibrated_step, cooling_excess
+from online_llc.calibration.step import calibrated_step, control_variate_pays, cooling_excess, default_step_size
+from online_llc.config import SGLDConfig
 from online_llc.records import LLCEstimate, Transition
 
 __all__ = [
+    "GRADIENT_OPTIONS",
+    "sized_config",
     "HEAT_WINDOWS",
     "MIN_HEAT_WINDOWS",
     "MEASURE_EVERY",
@@ -168,3 +172,28 @@ def transitions(history: Sequence[LLCEstimate], smooth: Dict[int, float]) -> Lis
             )
         )
     return out
+
+
+#: The monitor's ``gradient`` option: ``"auto"`` decides at the first shadow step (:func:`sized_config`).
+GRADIENT_OPTIONS = ("auto", "plain", "control_variate")
+
+
+def sized_config(config: SGLDConfig, batch_size: int, gradient: str, sharded: bool = False) -> SGLDConfig:
+    """The chains' hyperparameters once the first batch's size ``B`` is known (calibrated steps only).
+
+    ``gradient="auto"`` takes the control-variate gradient where it pays, as offline
+    (:func:`~online_llc.calibration.step.control_variate_pays`: ``B < nbeta / 2``), for SGLD and
+    SGHMC on whole parameters (RMSProp-SGLD's step is not sized to the batch; a sharded chain
+    keeps the plain gradient); its anchor is the running mean of the centre's batch gradients
+    (:class:`~online_llc.kernel.anchor.RunningAnchor`). The step then starts at the
+    discretization bound ``0.15 / nbeta`` instead of ``0.15 B / nbeta^2``: at ``B = 16`` and
+    ``nbeta = 256``, 16x larger, and the chain relaxes 16x faster. The plain gradient starts at
+    :func:`~online_llc.calibration.step.default_step_size`'s batch-sized step. Either way the
+    measured heat lowers it later (:func:`cooled_step`).
+    """
+    if gradient == "auto":
+        cv = config.sampler != "rmsprop_sgld" and not sharded and control_variate_pays(config.nbeta, batch_size)
+        config = replace(config, gradient="control_variate" if cv else "plain")
+    b = None if config.gradient == "control_variate" else batch_size
+    start = default_step_size(config.nbeta, b, config.sampler, config.friction, online=True)
+    return replace(config, step_size=min(config.step_size, start))

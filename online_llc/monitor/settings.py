@@ -3,7 +3,7 @@
 Flow: training loop -> ShadowSampler -> WindowStats -> LLCFilter -> OnlineLLC records ->
 callbacks. The options reach every stage of that flow: the chains (``num_samples``, ``nbeta``, ``localization``,
 ``step_size``, ``sampler``, ``friction``, ``num_chains``, ``seed``, ``max_offset_norm``, ``mode``,
-``measure_discretization``, ``measure_every``), the
+``measure_discretization``, ``measure_every``, ``gradient``), the
 schedule and windows (``every_n_steps``, ``window``, ``total_steps``, ``warmup``, ``group_budget``;
 :mod:`online_llc.monitor.cadence` sizes them to the run) and the filter
 (``process_noise``, ``jump_threshold``, ``confidence``). :class:`online_llc.OnlineLLC` and the
@@ -15,7 +15,7 @@ written in :mod:`online_llc.config`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping, Optional, Tuple, Union
 
 from online_llc.calibration.step import resolve_hyperparameters
@@ -32,7 +32,7 @@ from online_llc.errors import (
 )
 from online_llc.kernel.evaluator import MODES
 from online_llc.monitor.cadence import AUTO, DEFAULT_WARMUP, Cadence, auto_cadence, check_cadence_option
-from online_llc.monitor.policy import MEASURE_EVERY
+from online_llc.monitor.policy import GRADIENT_OPTIONS, MEASURE_EVERY
 
 __all__ = ["MonitorSettings", "check_saved_settings"]
 
@@ -99,6 +99,16 @@ class MonitorSettings:
             into halves and keep each chain's last update; the others run the plain step, about
             a quarter cheaper, and report the heat as NaN
             (:func:`online_llc.monitor.policy.measuring`).
+        gradient: the chains' gradient: ``"auto"`` (the default) takes the control-variate
+            gradient ``grad L_B(w* + xi) - grad L_B(w*) + A`` where the batch is small,
+            ``B < nbeta / 2`` (SGLD and SGHMC on whole parameters, with the step left to the
+            monitor), and the plain minibatch gradient otherwise; ``"plain"`` or
+            ``"control_variate"`` force one. ``A`` is the running mean of the centre's batch
+            gradients (:class:`online_llc.kernel.anchor.RunningAnchor`, reset when the weights
+            jump). With it the step is not throttled by the minibatch heat: it starts at
+            ``0.15 / nbeta`` and the chain relaxes ``nbeta / (2 B)``-fold faster, for one more
+            backward pass at the centre per shadow step. ``monitor.config.gradient`` says which
+            was taken (:func:`online_llc.monitor.policy.sized_config`).
 
     Raises:
         ValueError: naming the first invalid option and what it accepts.
@@ -124,6 +134,7 @@ class MonitorSettings:
     mode: str = "eval"
     measure_discretization: bool = True
     measure_every: int = MEASURE_EVERY
+    gradient: str = "auto"
 
     def __post_init__(self) -> None:
         def normalize(name: str, value: Any) -> None:  # a frozen dataclass: set through object
@@ -148,6 +159,7 @@ class MonitorSettings:
         check_choice("mode", self.mode, MODES)
         check_bool("measure_discretization", self.measure_discretization)
         normalize("measure_every", check_positive_int("measure_every", self.measure_every))
+        check_choice("gradient", self.gradient, GRADIENT_OPTIONS)
         confidence = check_positive_float("confidence", self.confidence)
         if confidence >= 1:
             raise ValueError(f"Expected `confidence` to be a float in (0, 1), got {confidence!r}.")
@@ -163,8 +175,10 @@ class MonitorSettings:
         return auto_cadence(self.total_steps, every_n_steps=self.every_n_steps, window=self.window, warmup=self.warmup_policy)
 
     def sgld_config(self) -> SGLDConfig:
-        """The sampler's hyperparameters, with the defaults that depend on ``num_samples`` filled in."""
-        return self._resolve(self.num_samples)
+        """The sampler's hyperparameters, with the defaults that depend on ``num_samples`` filled in
+        (``gradient="auto"`` starts plain and is decided at the first shadow step)."""
+        config = self._resolve(self.num_samples)
+        return replace(config, gradient="control_variate") if self.gradient == "control_variate" else config
 
     def _resolve(self, num_samples: int) -> SGLDConfig:
         return resolve_hyperparameters(

@@ -44,12 +44,15 @@ import torch
 from torch import Tensor
 
 from online_llc.calibration.heat import discretization_term
+from online_llc.calibration.step import relaxation_steps
 from online_llc.config import SGLDConfig
 from online_llc.errors import check_bool, check_positive_float
+from online_llc.kernel.anchor import ANCHOR_RELAXATIONS, RunningAnchor
 from online_llc.kernel.evaluator import LossEvaluator
 from online_llc.kernel.randomness import chain_seed, derived_seed, deterministic
-from online_llc.kernel.step import SGLDInfo, _info, _kernel_step
-from online_llc.kernel.updates import init_aux, state_dtype
+from online_llc.kernel.step import Anchor, SGLDInfo, _info, _kernel_step
+from online_llc.kernel.updates import init_aux
+from online_llc.monitor.shadow_state import load_generators, saved_update, to_state
 from online_llc.monitor.sketch import SKETCH_VERSION, Sketcher, sketch_shift, sketch_shift_sharded
 
 __all__ = ["ShadowStep", "ShadowSampler"]
@@ -158,6 +161,9 @@ class ShadowSampler:
         # detects the weights' jumps without a second copy of them.
         self._sketch: Optional[Tensor] = None
         self._sketcher = Sketcher(self.device)
+        # gradient="control_variate": the anchor, from the centre's batch gradients (reset by the
+        # track when the weights jump).
+        self.anchor = RunningAnchor()
 
     def reset_chain(self, c: int) -> None:
         """Put chain ``c`` back at ``xi = 0`` with a fresh sampler state."""
@@ -194,6 +200,19 @@ class ShadowSampler:
         parts = [torch.dot(t.reshape(-1), g.reshape(-1).to(t.dtype)) for t, g in zip(tensors.values(), grads) if g is not None]
         return torch.stack(parts).double().sum() if parts else torch.zeros((), dtype=torch.float64, device=self.device)
 
+    def _anchor(self) -> Anchor:
+        """The kernel's anchor for one shadow step: the first chain to ask folds the step's centre
+        gradient in; the others (same batch) reuse the result. The horizon follows the step."""
+        self.anchor.horizon = ANCHOR_RELAXATIONS * relaxation_steps(self.config)
+        done: List[List[Tensor]] = []
+
+        def anchor(grads: Any, halves: Any, like: List[Tensor]) -> List[Tensor]:
+            if not done:
+                done.append(self.anchor.fold(grads, halves, like))
+            return done[0]
+
+        return anchor
+
     def _measures(self) -> bool:
         """Whether a measuring step measures the discretization bias: SGLD and RMSProp-SGLD with
         injected noise (as offline)."""
@@ -220,6 +239,7 @@ class ShadowSampler:
         measure_disc = measure and self._measures()
         # Per measuring chain: [u_prev . g, u . g], the first NaN when the chain has no last update.
         dot_pairs: List[Tensor] = []
+        anchor = self._anchor() if self.config.gradient == "control_variate" else None
         for c in range(self.num_chains):
             dots: List[Tensor] = []
             pre_update = self._measuring_hook(c, dots) if measure_disc else None
@@ -227,6 +247,7 @@ class ShadowSampler:
                 self.evaluator, center, self.offsets[c], self.aux[c], batch, config=self.config,
                 generator=self.generators[c], masks=self.masks, center_losses=shared, keep_grads=measure_disc,
                 rng_seed=derived_seed(_DROPOUT_SEEDS, self.seed, c, self.steps), pre_update=pre_update, heat=measure,
+                anchor=anchor,
             )
             if share:
                 shared = out.center_losses
@@ -307,11 +328,14 @@ class ShadowSampler:
             "sketch_version": SKETCH_VERSION,
             # Calibration moves the step during the run: a resumed chain continues with it.
             "step_size": float(self.config.step_size),
+            "gradient": self.config.gradient,
             # The discretization measurement's pairing (each chain's last update, its dot and heat
             # bias), so that a resumed run measures as an uninterrupted one.
             "updates": updates,
             "last_dot": [None if math.isnan(x) else float(x) for x in self._last_dot],
             "last_heat_bias": [None if math.isnan(x) else float(x) for x in self._last_heat_bias],
+            # The control variate's anchor (a sharded one is of this rank's shards: left out).
+            "anchor": None if self.evaluator.sharded else self.anchor.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -336,31 +360,28 @@ class ShadowSampler:
                 )
         # Offsets and sampler state in float32 (or float64) on this device, whatever they were saved in.
         like = self.offsets[0]
-        self.offsets = [{n: _to_state(t, like[n]) for n, t in off.items()} for off in offsets]
+        self.offsets = [{n: to_state(t, like[n]) for n, t in off.items()} for off in offsets]
         aux = state["aux"]
         if len(aux) != self.num_chains or any(set(a) != set(init_aux(self.config, self.offsets[0])) for a in aux):
             raise ValueError(f"Expected sampler state for {self.config.sampler!r} in every chain, got {[sorted(a) for a in aux]}.")
-        self.aux = [{n: _to_state(t, like[n]) for n, t in a.items()} for a in aux]
+        self.aux = [{n: to_state(t, like[n]) for n, t in a.items()} for a in aux]
         self.steps = int(state["steps"])
         # The discretization measurement's pairing, where the state has it for these chains
         # (states of other chains or shapes restart it at the next step).
-        updates = state.get("updates")
         for c in range(self.num_chains):
-            self._forget_updates(c)
-            prev = updates[c] if isinstance(updates, list) and len(updates) == self.num_chains else None
-            if not isinstance(prev, Mapping) or set(prev) != names:
-                continue
-            if self.evaluator.sharded:
-                prev = self.evaluator.take_shards(prev)
-            if any(tuple(t.shape) != tuple(like[n].shape) for n, t in prev.items()):
-                continue
-            self._updates[c] = {n: _to_state(t, like[n]) for n, t in prev.items()}
-            dot, hb = state.get("last_dot", [None] * self.num_chains)[c], state.get("last_heat_bias", [None] * self.num_chains)[c]
-            self._last_dot[c] = math.nan if dot is None else float(dot)
-            self._last_heat_bias[c] = math.nan if hb is None else float(hb)
-        self._load_generators(gens, state["generator_device"])
+            self._updates[c], self._last_dot[c], self._last_heat_bias[c] = saved_update(state, c, self.num_chains, like, self.evaluator)
+        self.anchor.load_state_dict(None if self.evaluator.sharded else state.get("anchor"), list(like.values()))
+        if not load_generators(self.generators, gens, state["generator_device"], self.device):
+            self.reseed()
+            warnings.warn(
+                f"ShadowSampler: the generator states were saved on {state['generator_device']} and cannot be restored "
+                f"on {self.device.type}; chains {list(range(self.num_chains))} continue from their offsets with fresh "
+                "noise streams seeded from (seed, chain, step), so the run is reproducible but its noise differs "
+                "from an uninterrupted one.",
+                stacklevel=2,
+            )
         self.divergences = int(state["divergences"])
-        self.config = replace(self.config, step_size=float(state["step_size"]))
+        self.config = replace(self.config, step_size=float(state["step_size"]), gradient=state.get("gradient", self.config.gradient))
         # A sketch of another version is not comparable: the first step after loading reports no shift.
         sk = state.get("center_sketch") if state.get("sketch_version") == SKETCH_VERSION and not self.evaluator.sharded else None
         self._sketch = None if sk is None else torch.as_tensor(sk).to(self.device)
@@ -375,21 +396,3 @@ class ShadowSampler:
     def _reseed(self, c: int) -> None:
         self.generators[c].manual_seed(derived_seed(_RESEEDS, self.seed, c, self.steps))
 
-    def _load_generators(self, states: List[Any], device_type: str) -> None:
-        if device_type == self.device.type:
-            for g, st in zip(self.generators, states):
-                g.set_state(st.cpu() if isinstance(st, Tensor) else torch.tensor(st, dtype=torch.uint8))
-            return
-        self.reseed()
-        warnings.warn(
-            f"ShadowSampler: the generator states were saved on {device_type} and cannot be restored on "
-            f"{self.device.type}; chains {list(range(len(self.generators)))} continue from their offsets with "
-            "fresh noise streams seeded from (seed, chain, step), so the run is reproducible but its noise "
-            "differs from an uninterrupted one.",
-            stacklevel=3,
-        )
-
-
-def _to_state(t: Tensor, like: Tensor) -> Tensor:
-    """A loaded chain tensor on ``like``'s device, in the chain state's dtype (at least float32)."""
-    return t.detach().to(device=like.device, dtype=state_dtype(like.dtype), copy=True)

@@ -33,15 +33,11 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
-from online_llc.calibration.step import (
-    default_step_size,
-    max_step_size,
-    relaxation_steps,
-)
+from online_llc.calibration.step import max_step_size, relaxation_steps
 from online_llc.config import SGLDConfig
 from online_llc.kernel.evaluator import LossEvaluator
 from online_llc.monitor.cadence import DEFAULT_HORIZON, Cadence
-from online_llc.monitor.policy import MEASURE_EVERY, cooled_step, lag_std, measuring, transitions, window_status
+from online_llc.monitor.policy import MEASURE_EVERY, cooled_step, lag_std, measuring, sized_config, transitions, window_status
 from online_llc.monitor.settings import MonitorSettings
 from online_llc.monitor.shadow import ShadowSampler
 from online_llc.monitor.warmup import EquilibrationDetector, WeightJumpDetector
@@ -81,6 +77,8 @@ class Track:
             tail its test needs; :func:`online_llc.monitor.cadence.auto_cadence` shortens them for short runs.
         measure_every: once a regime's heat is known, one window in this many measures it
             (:func:`online_llc.monitor.policy.measuring`); the others run plain shadow steps.
+        gradient: the chains' gradient, decided with the step at the first shadow step
+            (:func:`online_llc.monitor.policy.sized_config`) when ``calibrate``.
     """
 
     def __init__(
@@ -97,6 +95,7 @@ class Track:
         min_rewarmup: int = MIN_REWARMUP,
         warmup_tail: int = 30,
         measure_every: int = MEASURE_EVERY,
+        gradient: str = "auto",
     ) -> None:
         self.sampler, self.stats, self.filter = sampler, stats, filt
         # The chains the band pools (every rank's, from the gathered windows): sets how far a hot
@@ -106,7 +105,7 @@ class Track:
         self.min_rewarmup, self.warmup_tail = min_rewarmup, warmup_tail
         self.warmup, self._z = warmup, z
         self.calibrate = calibrate
-        self.measure_every = measure_every
+        self.measure_every, self.gradient = measure_every, gradient
         cfg = sampler.config
         self.max_step = max_step_size(cfg.nbeta, cfg.sampler, cfg.friction, cfg.step_size, online=True)
         self.auto_warmup = warmup == "auto"
@@ -144,6 +143,7 @@ class Track:
             min_rewarmup=cadence.min_rewarmup,
             warmup_tail=cadence.warmup_tail,
             measure_every=settings.measure_every,
+            gradient=settings.gradient,
         )
 
     def _init(self) -> None:
@@ -204,6 +204,7 @@ class Track:
         for c in range(self.num_chains):
             self.sampler.reset_chain(c)
         self.sampler.divergences = 0
+        self.sampler.anchor.reset()
         self.stats.reset()
         self.filter.reset()
         self._init()
@@ -214,11 +215,10 @@ class Track:
         self._open_window()
         out = self.sampler.step(batch, measure=self.measuring)
         if not self.sized:
-            # The batch size is known now: start from the step whose minibatch heat is about the
-            # target at unit gradient noise; later windows' measured heat refines it.
-            cfg = self.sampler.config
-            start = default_step_size(cfg.nbeta, out.infos[0].batch_size, cfg.sampler, cfg.friction, online=True)
-            self.sampler.config = replace(cfg, step_size=min(cfg.step_size, start))
+            # The batch size is known now: the gradient, and the step whose minibatch heat is about
+            # the target at unit gradient noise; later windows' measured heat refines it.
+            sharded = self.sampler.evaluator.sharded
+            self.sampler.config = sized_config(self.sampler.config, out.infos[0].batch_size, self.gradient, sharded)
             self.sized = True
         # Decided from the weights' movement and the last gathered window: the same on every rank.
         if self.jumps.add(out.center_shift):
@@ -226,6 +226,7 @@ class Track:
             self.weight_jumps += 1
             self.level_stale = True
             self.restart_warmups(from_zero=False)
+            self.sampler.anchor.reset()  # the centre's gradient changed with it
         # Every chain adds a draw at every shadow step, so windows close (and, under DDP, their
         # collective runs) at the same step on every rank. A reset chain adds a flagged
         # placeholder (its draw is meaningless and may be non-finite); a warming chain a flagged draw.

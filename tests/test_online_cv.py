@@ -1,0 +1,141 @@
+"""The online control-variate gradient: its running anchor against NumPy, the kernel's update
+with a running anchor against the closed form on linear regression, and the monitor's choice."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from online_llc import OnlineLLC
+from online_llc.config import SGLDConfig
+from online_llc.kernel.anchor import RunningAnchor
+from online_llc.kernel.evaluator import LossEvaluator
+from online_llc.kernel.step import _kernel_step
+from online_llc.monitor.policy import sized_config
+
+
+def test_running_anchor_is_the_mean_then_an_exponential_mean_of_the_batch_gradients():
+    """Folded batch gradients (each the size-weighted mean of its halves' gradients) give their
+    plain mean for the first ``H`` batches and then ``A <- A + (c - A) / H`` (NumPy, float64); a
+    gradient the loss does not reach counts as 0; reset forgets; the state restores exactly."""
+    rng = np.random.default_rng(0)
+    like = [torch.zeros(3), torch.zeros(2, 2)]
+    a = RunningAnchor(horizon=4)
+    want = [np.zeros(3), np.zeros((2, 2))]
+    for t in range(1, 10):
+        c1 = [rng.normal(size=3), rng.normal(size=(2, 2))]
+        c2 = [rng.normal(size=3), None]
+        b1, b2 = 5, 3
+        batch = [(b1 * c1[0] + b2 * c2[0]) / 8, b1 * c1[1] / 8]
+        w = 1.0 / min(t, 4)
+        want = [m + w * (g - m) for m, g in zip(want, batch)]
+        got = a.fold(([torch.tensor(g, dtype=torch.float32) for g in c1],
+                      [torch.tensor(c2[0], dtype=torch.float32), None]), (b1, b2), like)
+        for g, m in zip(got, want):
+            np.testing.assert_allclose(g.numpy(), m, rtol=1e-5, atol=1e-6)
+    assert a.count == 9
+    b = RunningAnchor(horizon=4)
+    b.load_state_dict(a.state_dict(), like)
+    assert b.count == 9 and all(torch.equal(x, y) for x, y in zip(a.mean, b.mean))
+    b.load_state_dict({"mean": [torch.zeros(4)], "count": 3}, like)  # another shape: afresh
+    assert b.mean is None and b.count == 0
+    a.reset()
+    assert a.mean is None and a.count == 0
+    # A whole batch (no second half): its gradient as it is.
+    only = a.fold(([torch.ones(3), None], [None, None]), (7, 0), like)
+    np.testing.assert_array_equal(only[0].numpy(), np.ones(3))
+    np.testing.assert_array_equal(only[1].numpy(), np.zeros((2, 2)))
+
+
+def _regression(d: int, n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    y = x @ torch.randn(d, generator=g) + torch.randn(n, generator=g)
+    model = nn.Linear(d, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.linalg.lstsq(x.double(), y.double()[:, None]).solution[:, 0].float()[None])
+        model.weight.add_(0.2)  # away from the optimum: the anchor's drift matters
+    return model, x, y
+
+
+def _loss(model: nn.Module, batch):
+    x, y = batch
+    return 0.5 * (model(x)[:, 0] - y) ** 2
+
+
+@pytest.mark.parametrize("measure", [True, False])
+def test_a_running_anchor_step_is_the_closed_form_control_variate_update(measure: bool):
+    """Without injected noise the update is ``xi <- xi - (eps / 2) (nbeta g + gamma xi)`` with
+    ``g = grad L_B(w* + xi) - grad L_B(w*) + A`` and ``A`` the anchor after folding this batch's
+    centre gradient ``X_B^T (X_B w* - y_B) / B`` into the earlier ones: for this loss
+    ``g = X_B^T X_B xi / B + A`` (NumPy, float64), in the measuring step (halves) and the plain one.
+    An odd batch: the halves are unequal."""
+    model, x, y = _regression(3, 200)
+    ev = LossEvaluator(model, _loss)
+    center = ev.center()
+    cfg = SGLDConfig(nbeta=50.0, localization=2.0, step_size=1e-3, noise_scale=0.0, gradient="control_variate")
+    xi = {"weight": torch.tensor([[0.1, -0.2, 0.05]])}
+    w = center["weight"].double().numpy()[0]
+    anchor = RunningAnchor()
+    mean = np.zeros(3)
+    for t, (lo, hi) in enumerate(((0, 17), (17, 40), (40, 61)), start=1):
+        xb, yb = x[lo:hi].double().numpy(), y[lo:hi].double().numpy()
+        c = xb.T @ (xb @ w - yb) / len(yb)
+        mean = mean + (c - mean) / t
+        v = xi["weight"].double().numpy()[0]
+        g = xb.T @ (xb @ v) / len(yb) + mean
+        want = v - 0.5 * cfg.step_size * (cfg.nbeta * g + cfg.localization * v)
+        _kernel_step(ev, center, xi, {}, (x[lo:hi], y[lo:hi]), config=cfg, generator=torch.Generator().manual_seed(0),
+                     rng_seed=0, heat=measure, anchor=lambda grads, halves, like: anchor.fold(grads, halves, like))
+        np.testing.assert_allclose(xi["weight"].double().numpy()[0], want, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(anchor.mean[0].double().numpy()[0], mean, rtol=1e-5, atol=1e-7)
+    assert model.weight.grad is None
+
+
+def test_auto_takes_the_control_variate_below_half_nbeta_and_keeps_the_plain_step_otherwise():
+    """``sized_config``: at ``B < nbeta / 2`` the control variate and the cap ``0.15 / nbeta``;
+    at larger batches, with RMSProp-SGLD or a sharded chain, the plain gradient and its
+    batch-sized step; a forced choice is kept. The monitor refuses an unknown choice, naming it."""
+    base = SGLDConfig(nbeta=256.0, localization=23.04, step_size=0.15 / 256)
+    cv = sized_config(base, 16, "auto")
+    assert cv.gradient == "control_variate" and cv.step_size == pytest.approx(0.15 / 256)
+    plain = sized_config(base, 128, "auto")
+    assert plain.gradient == "plain" and plain.step_size == pytest.approx(0.15 * 128 / 256**2)
+    assert sized_config(base, 16, "auto", sharded=True).gradient == "plain"
+    assert sized_config(base, 16, "plain").step_size == pytest.approx(0.15 * 16 / 256**2)
+    forced = sized_config(SGLDConfig(nbeta=256.0, localization=23.04, step_size=0.15 / 256, gradient="control_variate"),
+                          512, "control_variate")
+    assert forced.gradient == "control_variate" and forced.step_size == pytest.approx(0.15 / 256)
+    rms = sized_config(SGLDConfig(nbeta=256.0, localization=23.04, step_size=5e-3, sampler="rmsprop_sgld"), 16, "auto")
+    assert rms.gradient == "plain"
+    model, x, y = _regression(3, 200)
+    with pytest.raises(ValueError, match=r"Expected `gradient` to be one of 'auto', 'plain', 'control_variate', got 'cv'"):
+        OnlineLLC(model, _loss, num_samples=200, gradient="cv")
+
+
+def test_the_anchor_is_checkpointed_and_reset_when_the_weights_jump():
+    """A monitor on the control variate saves its anchor (a resumed monitor continues with the
+    same anchor and batch count) and forgets it when the training weights jump."""
+    model, x, y = _regression(3, 4000)
+    kw = dict(num_samples=4000, every_n_steps=1, window=10, warmup=5, seed=1)
+    mon = OnlineLLC(model, _loss, **kw)
+    for t in range(1, 31):
+        mon.update((x[16 * t: 16 * t + 16], y[16 * t: 16 * t + 16]), step=t)
+    assert mon.chain_config.gradient == "control_variate"
+    anchor = mon._model.sampler.anchor
+    assert anchor.count == 29  # the first shadow step, which sizes the step, ran plain
+    again = OnlineLLC(model, _loss, **kw)
+    again.load_state_dict(mon.state_dict())
+    other = again._model.sampler.anchor
+    assert again.chain_config.gradient == "control_variate" and other.count == 29
+    assert torch.equal(other.mean[0], anchor.mean[0])
+    with torch.no_grad():  # a jump of the weights, far beyond their recent movement
+        model.weight.add_(5.0)
+    for t in range(31, 34):
+        mon.update((x[16 * t: 16 * t + 16], y[16 * t: 16 * t + 16]), step=t)
+    assert mon._model.weight_jumps == 1 and anchor.count < 29
+    assert math.isfinite(mon.history()[-1].raw_mean)
