@@ -38,7 +38,7 @@ def overhead(groups, blocks: int = 8, block_steps: int = 60) -> float:
     opt_p = torch.optim.Adam(plain.parameters(), lr=1e-3)
     opt_w = torch.optim.Adam(watched.parameters(), lr=1e-3)
     spec = None if groups is None else groups(watched)
-    monitor = OnlineLLC(watched, per_sample_ce, num_samples=n, groups=spec)
+    monitor = OnlineLLC(watched, per_sample_ce, num_samples=n, groups=spec, group_budget=1)
     run_block(plain, opt_p, batches[:10], None)
     run_block(watched, opt_w, batches[:10], monitor)
     tp, tw = 0.0, 0.0

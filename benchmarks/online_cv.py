@@ -15,7 +15,12 @@ Part ``gpt2``: a tiny Hugging Face GPT-2 (2 layers, 2 heads, width 32) trained w
 one chain: the step and relaxation time each gradient ends on, when the first estimate is
 logged, and the final band.
 
-Run: ``python benchmarks/online_cv.py`` (about 10 minutes on 2 cores);
+Part ``heads``: the same GPT-2 and data for 600 steps with ``groups=groups_by_head(model)`` and
+otherwise default settings (``total_steps=600``, as the Hugging Face callback passes it; the
+``"auto"`` group budget), printing the budget taken and the training step of each head's first
+estimate past warm-up (the first ``llc/<head>/...`` keys a callback logs).
+
+Run: ``python benchmarks/online_cv.py`` (about 15 minutes on 2 cores);
 ``--part rest --dims 12 --batches 16`` for one cell.
 """
 
@@ -71,8 +76,10 @@ def rest_cell(d: int, n: int, batch: int, gradient: str, steps: int, seed: int):
     return cfg, tgt, first, late / tgt, late_se / tgt, early / tgt, early_se / tgt, dt
 
 
-def gpt2_cell(gradient: str, train_steps: int, seed: int):
+def gpt2_cell(gradient: str, train_steps: int, seed: int, heads: bool = False):
     import transformers
+
+    from online_llc.models.heads import groups_by_head
 
     torch.manual_seed(seed)
     vocab, seq, batch = 16, 16, 16
@@ -90,7 +97,11 @@ def gpt2_cell(gradient: str, train_steps: int, seed: int):
         return ce.view(b.shape[0], -1).mean(dim=1)
 
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    mon = OnlineLLC(model, loss_fn, num_samples=n, every_n_steps=1, seed=seed, gradient=gradient, total_steps=train_steps)
+    if heads:
+        mon = OnlineLLC(model, loss_fn, num_samples=n, seed=seed, groups=groups_by_head(model), total_steps=train_steps)
+    else:
+        mon = OnlineLLC(model, loss_fn, num_samples=n, every_n_steps=1, seed=seed, gradient=gradient,
+                        total_steps=train_steps)
     t0 = time.perf_counter()
     for t in range(1, train_steps + 1):
         b = data[torch.randint(0, n, (batch,), generator=g)]
@@ -104,12 +115,14 @@ def gpt2_cell(gradient: str, train_steps: int, seed: int):
     hist = mon.history()
     first = next((e.step for e in hist if e.status != "warming_up"), None)
     last = hist[-1] if hist else None
+    if heads:
+        return mon, {g: next((e.step for e in mon.group_history(g) if e.status != "warming_up"), None) for g in mon.groups}
     return mon.chain_config, first, last, dt
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=["rest", "gpt2", "all"], default="all")
+    ap.add_argument("--part", choices=["rest", "gpt2", "heads", "all"], default="all")
     ap.add_argument("--dims", default="12,32")
     ap.add_argument("--size", type=int, default=100000)
     ap.add_argument("--batches", default="16,64")
@@ -136,6 +149,14 @@ def main() -> None:
             band = "none" if last is None else f"{last.mean:.2f} ({last.lower:.2f} .. {last.upper:.2f}) {last.status}"
             print(f"{grad:>5}={cfg.gradient:<15} {cfg.step_size:.3g}  {relaxation_steps(cfg):6.0f}  {first!s:>14}  "
                   f"{band:<32} {dt:.1f}", flush=True)
+
+    if args.part in ("heads", "all"):
+        mon, firsts = gpt2_cell("auto", 600, args.seed, heads=True)
+        print(f"heads: tiny GPT-2, batch 16, 600 steps, groups_by_head, defaults: every_n_steps {mon.every_n_steps}, "
+              f"group_budget {mon.group_budget}, gradient {mon.chain_config.gradient}")
+        for g, first in firsts.items():
+            print(f"  {g:<30} first estimate at step {first}")
+        print(f"  every head estimated by step 300: {all(f is not None and f <= 300 for f in firsts.values())}")
 
 
 if __name__ == "__main__":

@@ -149,3 +149,38 @@ def test_online_llc_uses_the_cadence_and_warns_once():
         quiet = OnlineLLC(p.model, p.loss_fn, num_samples=512)
         assert (quiet.every_n_steps, quiet.window, quiet._model.detectors[0].min_draws) == (35, 40, 100)
         assert OnlineLLC(p.model, p.loss_fn, num_samples=512, total_steps=50_000).every_n_steps == 35
+
+
+def test_the_auto_group_budget_estimates_every_group_within_the_first_half_or_warns():
+    """``group_budget="auto"``: the fewest group steps per shadow step that give every group its
+    longest warm-up and a window, ``ceil(G (max_warmup + window) / S)`` with ``S`` the shadow steps in
+    the run's first half, capped at ``G``; a warning when even ``G`` falls short, and budget 1 with
+    a warning when the length is unknown. An int is kept; 0 and strings other than "auto" are
+    refused naming the option."""
+    import math
+    import warnings
+
+    from online_llc.monitor.cadence import AUTO, auto_cadence, group_budget
+    from online_llc.monitor.settings import MonitorSettings
+
+    c = auto_cadence(600)  # every step, windows of 27, warm-up at most 240: 267 draws per group
+    assert (c.every_n_steps, c.window, c.max_warmup) == (1, 27, 240)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert group_budget(AUTO, 4, c) == 4 == math.ceil(4 * 267 / 300)
+        assert group_budget(AUTO, 1, c) == 1
+        assert group_budget(AUTO, 0, c) == 1
+        assert group_budget(3, 40, c) == 3
+        c10k = auto_cadence(100000)  # every 35 steps, windows of 40, warm-up at most 400
+        s = 100000 // (2 * c10k.every_n_steps)
+        assert group_budget(AUTO, 8, c10k) == math.ceil(8 * (c10k.max_warmup + c10k.window) / s)
+        assert group_budget(AUTO, 4, c, warmup=20) == math.ceil(4 * (20 + 27) / 300)
+    # A fixed warm-up of 400 draws: a group needs 427 draws, more than the 300 shadow steps of the
+    # first half even at every shadow step.
+    with pytest.warns(UserWarning, match=r"too short to estimate every one of 12 groups within its first half"):
+        assert group_budget(AUTO, 12, c, warmup=400) == 12
+    with pytest.warns(UserWarning, match=r"12 groups with an unknown run length: group_budget=1"):
+        assert group_budget(AUTO, 12, auto_cadence(None)) == 1
+    for bad in (0, "some", 1.5):
+        with pytest.raises(ValueError, match=r"Expected `group_budget` to be a positive int or 'auto'"):
+            MonitorSettings(num_samples=100, group_budget=bad)

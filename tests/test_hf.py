@@ -151,7 +151,7 @@ def test_llc_keys_reach_tensorboard(tmp_path):
 
 def test_group_estimates_are_logged_once_between_shadow_steps(tmp_path):
     heads = attention_heads(gpt2().transformer.h[0].attn, "transformer.h.0.attn")
-    cb = OnlineLLCTrainerCallback(groups=heads, **{**FAST, "every_n_steps": 2})
+    cb = OnlineLLCTrainerCallback(groups=heads, group_budget=1, **{**FAST, "every_n_steps": 2})
     trainer = train(tmp_path, cb, max_steps=24)
     for name in heads:  # 12 shadow steps, one group each, round-robin: two windows of 3 per head
         rows = [r for r in trainer.state.log_history if f"llc/{name}/mean" in r]

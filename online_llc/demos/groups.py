@@ -55,7 +55,7 @@ def main(argv: List[str] | None = None, prog: str | None = None) -> int:
     batches = ShuffledBatches(x, y, batch_size=256, seed=args.seed)
     loss_fn = GaussianNLL(1.0)
     monitor = OnlineLLC(model, loss_fn, num_samples=len(x), every_n_steps=args.every_n_steps, window=args.window,
-                        seed=args.seed, groups={n: [f"blocks.{n}.*"] for n in parts})
+                        seed=args.seed, groups={n: [f"blocks.{n}.*"] for n in parts}, total_steps=args.steps)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr)
     print("Two deep linear blocks side by side: 'fast' (teacher 2.0) and 'slow' (teacher 0.6).\n")
     rows = []

@@ -66,12 +66,15 @@ Online cadence (``python benchmarks/overhead.py`` prints the overhead):
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass, replace
 from typing import Optional, Union
 
 from online_llc.errors import as_int, check_nonneg_int, check_positive_int
 
 __all__ = [
+    "group_budget",
     "AUTO",
     "DEFAULT_EVERY_N_STEPS",
     "DEFAULT_WINDOW",
@@ -286,3 +289,39 @@ def _with_message(c: Cadence, *, k_auto: bool, w_auto: bool, shrunk: bool) -> Ca
     else:
         return c
     return replace(c, message=msg)
+
+
+def group_budget(option: Union[int, str], num_groups: int, cadence: Cadence, warmup: Union[int, str] = AUTO) -> int:
+    """The group shadow steps per shadow step: ``option`` as given, or for :data:`AUTO` the fewest
+    that let every group finish its longest warm-up (``max_warmup``, or ``warmup`` when fixed)
+    and one window within the first half of a
+    run of known length: ``ceil(G (max_warmup + window) / S)``, ``S`` the shadow steps in the first
+    half and ``G`` the number of groups, at least 1 and at most ``G`` (every group at every
+    shadow step). Each group step costs about what a shadow step of the whole model costs, so
+    the monitor's cost grows ``1 + budget``-fold. When even ``G`` cannot meet it, or the run's
+    length is unknown (budget 1), one warning says what each group gets and what to pass."""
+    if option != AUTO:
+        return int(option)
+    if num_groups == 0:
+        return 1
+    per_group = (cadence.max_warmup if warmup == AUTO else int(warmup)) + cadence.window
+    if cadence.total_steps is None:
+        warnings.warn(
+            f"OnlineLLC: {num_groups} groups with an unknown run length: group_budget=1 observes each group every "
+            f"{num_groups} shadow steps, so a group's first estimate needs up to {num_groups * per_group} shadow steps "
+            f"({num_groups * per_group * cadence.every_n_steps} training steps). Pass total_steps= to size the "
+            "budget to the run, or group_budget= to choose it.",
+            stacklevel=3,
+        )
+        return 1
+    half = max(cadence.total_steps // (2 * cadence.every_n_steps), 1)
+    budget = min(max(math.ceil(num_groups * per_group / half), 1), num_groups)
+    if budget * half < num_groups * per_group:
+        warnings.warn(
+            f"OnlineLLC: a {cadence.total_steps}-step run is too short to estimate every one of {num_groups} groups "
+            f"within its first half: a group needs up to {per_group} draws (warm-up and a window) and gets "
+            f"{budget * half // num_groups} there even with group_budget={budget} (every group at every shadow step). "
+            "Pass a smaller every_n_steps or window, fewer groups, or train longer.",
+            stacklevel=3,
+        )
+    return budget

@@ -29,6 +29,7 @@ from online_llc.config import SGLDConfig
 from online_llc.kernel.evaluator import LossEvaluator, LossFn, check_first_batch
 from online_llc.kernel.fsdp import is_fsdp2, make_evaluator
 from online_llc.models.groups import resolve_group_masks
+from online_llc.monitor.cadence import group_budget
 from online_llc.monitor.distributed import rank_seed, rejoin
 from online_llc.monitor.health import chain_health
 from online_llc.monitor.schedule import Schedule
@@ -131,7 +132,6 @@ class OnlineLLC:
         self.warmup = settings.warmup_policy
         self.confidence = float(settings.confidence)
         self._z = float(_normal.ppf(0.5 + self.confidence / 2))
-        self.group_budget = settings.group_budget
         if is_fsdp2(model) and gather is not None:
             raise ValueError(
                 "Expected `gather` to be None for a model sharded by FSDP2: its chains span all ranks (each "
@@ -148,11 +148,10 @@ class OnlineLLC:
         # Each group's chains move only its own parameters (disjoint: together one copy of them).
         resolved = resolve_group_masks(model, groups) if groups is not None else {}
         self._groups: Dict[str, Track] = {
-            name: track(
-                make_evaluator(model, loss_fn, param_names=list(masks), mode=settings.mode), self.seed + 7919 * (i + 1), masks
-            )
+            name: track(make_evaluator(model, loss_fn, param_names=list(masks), mode=settings.mode), self.seed + 7919 * (i + 1), masks)
             for i, (name, masks) in enumerate(resolved.items())
         }
+        self.group_budget = group_budget(settings.group_budget, len(self._groups), cadence, settings.warmup_policy)
         self._init_counters()
 
     def _init_counters(self) -> None:

@@ -84,9 +84,13 @@ class MonitorSettings:
         sampler: ``"sgld"`` (default), ``"rmsprop_sgld"`` or ``"sghmc"`` (its momentum or
             moments are part of the chain state and checkpointed).
         friction: SGHMC's friction ``alpha`` in (0, 1].
-        group_budget: group shadow steps per shadow step, spent round-robin over the groups:
-            the overhead does not grow with the number of groups, each group is observed every
-            ``len(groups) / group_budget`` shadow steps, and its band widens in between.
+        group_budget: group shadow steps per shadow step, spent round-robin over the groups
+            (an int >= 1: each group is observed every ``len(groups) / group_budget`` shadow
+            steps, and its band widens in between), or ``"auto"`` (the default): for a run of
+            known length, the fewest that estimate every group within the run's first half, at
+            most one step per group (:func:`online_llc.monitor.cadence.group_budget`; a warning
+            when that cannot be met, and budget 1 with a warning when the length is unknown).
+            Each group step costs about a shadow step of the whole model.
         measure_discretization: measure how much the step's finite size raises the draws, from
             each chain's consecutive updates (:mod:`online_llc.calibration.heat`), and count it in the heat
             the step is cooled on (True, the default). It costs one more float32 copy of the
@@ -129,7 +133,7 @@ class MonitorSettings:
     max_offset_norm: Optional[float] = None
     sampler: str = "sgld"
     friction: float = 0.1
-    group_budget: int = 1
+    group_budget: Union[int, str] = AUTO
     total_steps: Optional[int] = None
     mode: str = "eval"
     measure_discretization: bool = True
@@ -163,7 +167,7 @@ class MonitorSettings:
         confidence = check_positive_float("confidence", self.confidence)
         if confidence >= 1:
             raise ValueError(f"Expected `confidence` to be a float in (0, 1), got {confidence!r}.")
-        normalize("group_budget", check_positive_int("group_budget", self.group_budget))
+        normalize("group_budget", check_cadence_option("group_budget", self.group_budget, 1))
         if self.max_offset_norm is not None:
             check_positive_float("max_offset_norm", self.max_offset_norm)
         check_positive_float("process_noise", self.process_noise)
