@@ -111,7 +111,8 @@ class MonitorSettings:
             gradients (:class:`online_llc.kernel.anchor.RunningAnchor`, reset when the weights
             jump). With it the step is not throttled by the minibatch heat: it starts at
             ``0.15 / nbeta`` and the chain relaxes ``nbeta / (2 B)``-fold faster, for one more
-            backward pass at the centre per shadow step. ``monitor.config.gradient`` says which
+            backward pass at the centre per shadow step and one float32 copy of the sampled
+            parameters (the anchor, shared by the chains). ``monitor.config.gradient`` says which
             was taken (:func:`online_llc.monitor.policy.sized_config`).
 
     Raises:
