@@ -165,16 +165,20 @@ def test_the_auto_group_budget_estimates_every_group_within_the_first_half_or_wa
 
     c = auto_cadence(600)  # every step, windows of 27, warm-up at most 240: 267 draws per group
     assert (c.every_n_steps, c.window, c.max_warmup) == (1, 27, 240)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with pytest.warns(UserWarning, match=r"group_budget=4 for 4 groups in a 600-step run: .* about 5x the monitor's cost"):
         assert group_budget(AUTO, 4, c) == 4 == math.ceil(4 * 267 / 300)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # budget 1, met: nothing to say
         assert group_budget(AUTO, 1, c) == 1
         assert group_budget(AUTO, 0, c) == 1
         assert group_budget(3, 40, c) == 3
-        c10k = auto_cadence(100000)  # every 35 steps, windows of 40, warm-up at most 400
-        s = 100000 // (2 * c10k.every_n_steps)
-        assert group_budget(AUTO, 8, c10k) == math.ceil(8 * (c10k.max_warmup + c10k.window) / s)
-        assert group_budget(AUTO, 4, c, warmup=20) == math.ceil(4 * (20 + 27) / 300)
+        c100k = auto_cadence(100000)  # every 35 steps, windows of 40, warm-up at most 400
+        assert group_budget(AUTO, 3, c100k) == 1  # 3 x 440 draws fit in 1428 shadow steps
+    s = 100000 // (2 * c100k.every_n_steps)
+    with pytest.warns(UserWarning, match=r"group_budget=3 for 8 groups in a 100000-step run: .* about 4x"):
+        assert group_budget(AUTO, 8, c100k) == math.ceil(8 * (c100k.max_warmup + c100k.window) / s) == 3
+    with pytest.warns(UserWarning, match=r"group_budget=2 for 4 groups"):
+        assert group_budget(AUTO, 4, c, warmup=100) == math.ceil(4 * (100 + 27) / 300) == 2
     # A fixed warm-up of 400 draws: a group needs 427 draws, more than the 300 shadow steps of the
     # first half even at every shadow step.
     with pytest.warns(UserWarning, match=r"too short to estimate every one of 12 groups within its first half"):

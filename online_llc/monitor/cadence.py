@@ -298,8 +298,9 @@ def group_budget(option: Union[int, str], num_groups: int, cadence: Cadence, war
     run of known length: ``ceil(G (max_warmup + window) / S)``, ``S`` the shadow steps in the first
     half and ``G`` the number of groups, at least 1 and at most ``G`` (every group at every
     shadow step). Each group step costs about what a shadow step of the whole model costs, so
-    the monitor's cost grows ``1 + budget``-fold. When even ``G`` cannot meet it, or the run's
-    length is unknown (budget 1), one warning says what each group gets and what to pass."""
+    the monitor's cost grows ``1 + budget``-fold. One warning says so when the budget is above 1,
+    or what each group gets when even ``G`` cannot meet it, or, when the run's length is unknown
+    (budget 1), how long a group's first estimate may take; each says what to pass."""
     if option != AUTO:
         return int(option)
     if num_groups == 0:
@@ -316,7 +317,15 @@ def group_budget(option: Union[int, str], num_groups: int, cadence: Cadence, war
         return 1
     half = max(cadence.total_steps // (2 * cadence.every_n_steps), 1)
     budget = min(max(math.ceil(num_groups * per_group / half), 1), num_groups)
-    if budget * half < num_groups * per_group:
+    if budget * half >= num_groups * per_group and budget > 1:
+        warnings.warn(
+            f"OnlineLLC: group_budget={budget} for {num_groups} groups in a {cadence.total_steps}-step run: every "
+            f"shadow step also runs {budget} group steps, about {1 + budget}x the monitor's cost without groups, so "
+            "that every group is estimated within the run's first half. Pass group_budget=1 to keep the cost "
+            "(the groups' first estimates then come later).",
+            stacklevel=3,
+        )
+    elif budget * half < num_groups * per_group:
         warnings.warn(
             f"OnlineLLC: a {cadence.total_steps}-step run is too short to estimate every one of {num_groups} groups "
             f"within its first half: a group needs up to {per_group} draws (warm-up and a window) and gets "
