@@ -134,3 +134,33 @@ def test_a_default_estimate_of_a_regular_model_burns_in_briefly_and_reads_the_ex
     assert res.gradient == "control_variate"
     assert res.burn_in <= resolve_burn_in(None, cfg, 10**7) / 4, res.burn_in
     assert abs(res.mean - exact) < 0.05 * exact + 2 * res.std, (res.mean, exact, res.std)
+
+
+def test_without_localization_the_burn_in_is_finite_and_the_estimate_reads_the_exact_target():
+    """``localization=0`` (devinterp's default) is a legitimate, unlocalized estimand: the
+    localization's relaxation bound ``2 / (epsilon gamma)`` is infinite, so the default burn-in is
+    the measured one, at most the cap (a warning says why when the cap binds), and the draws at
+    least the default. It crashed with ``OverflowError`` before. On a regular d = 4 regression at
+    its least-squares optimum the unlocalized target is exactly ``d / 2 = 2``
+    (``benchmarks/heat_grid.py``'s ``target`` at ``gamma = 0``); the estimate must hold it within
+    three of its reported standard errors (measured 2.018 +- 0.092). The monitor takes it too."""
+    from online_llc import OnlineLLC
+    from online_llc.models.toy import deep_linear_problem
+
+    cfg = resolve_hyperparameters(num_samples=2000, nbeta=None, localization=0.0, step_size=None, batch_size=64)
+    assert relaxation_steps(cfg) == math.inf
+    with pytest.warns(RuntimeWarning, match=r"without localization \(localization=0\) no bound .*; it stops at 5000"):
+        assert resolve_burn_in(None, cfg, 5000) == 5000
+    assert resolve_burn_in(None, cfg, 5000, relax=100.0, warn=False) == max(500, BURN_IN_RELAXATIONS * 100)
+    assert resolve_num_draws(None, cfg, 10**6) < 10**6
+    p = deep_linear_problem([2, 2], r=2, num_samples=2000, batch_size=64, seed=0)
+    x, y = (t.double() for t in p.dataset.tensors)
+    with torch.no_grad():
+        p.model[0].weight.copy_(torch.linalg.solve(x.T @ x, x.T @ y).T.float())
+    res = estimate_llc(p.model, p.loss_fn, p.batches, num_samples=2000, localization=0.0, progress=False, seed=0)
+    assert res.localization == 0.0 and math.isfinite(res.mean)
+    assert abs(res.mean - 2.0) < 3 * res.std, (res.mean, res.std)
+    monitor = OnlineLLC(p.model, p.loss_fn, num_samples=2000, localization=0.0, every_n_steps=1, window=10)
+    for t, b in enumerate(p.batches, start=1):
+        monitor.update(b, step=t)
+    assert math.isfinite(monitor.history()[-1].mean)

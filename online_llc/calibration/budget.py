@@ -104,15 +104,20 @@ def resolve_burn_in(
     relax = min(relaxation_steps(config), relax)
     needed = BURN_IN_RELAXATIONS * relax
     if needed > cap and warn:
+        why = (
+            f"the localization-bound directions relax over {relax:.0f} steps at step_size {config.step_size:.3g} and "
+            f"the burn-in needs {needed:.0f} ({BURN_IN_RELAXATIONS} relaxation times)"
+            if math.isfinite(needed)
+            else "without localization (localization=0) no bound limits how slowly a flat direction relaxes"
+        )
         warnings.warn(
-            f"estimate_llc: the localization-bound directions relax over {relax:.0f} steps at step_size "
-            f"{config.step_size:.3g} and the burn-in needs {needed:.0f} ({BURN_IN_RELAXATIONS} relaxation "
-            f"times); it stops at {cap}, so the estimate may read low. Pass burn_in= for more, or use "
+            f"estimate_llc: {why}; it stops at {cap}, so the estimate may read low. Pass burn_in= for more, or use "
             "larger batches (the step, and so the relaxation, scales with the batch size).",
             RuntimeWarning,
             stacklevel=3,
         )
-    return int(max(DEFAULT_BURN_IN, min(math.ceil(needed), cap)))
+    # min before ceil: without localization (gamma = 0) the bound is infinite and the cap binds.
+    return int(max(DEFAULT_BURN_IN, math.ceil(min(needed, cap))))
 
 
 def next_burn_in(offset_sq: Sequence[float], config: Any, cap: int) -> Tuple[Optional[int], float]:
