@@ -133,6 +133,11 @@ SCRIPT = textwrap.dedent(
     except ValueError as exc:
         out["gather"] = str(exc)
     try:
+        OnlineLLC(shard(mlp()), mse, num_samples=N, gradient="control_variate")
+        out["cv"] = "accepted"
+    except ValueError as exc:
+        out["cv"] = str(exc)
+    try:
         estimate_llc(shard(mlp()), mse, [batches(0)[0][rank], batches(0)[1][rank]], num_samples=N, num_draws=5)
         out["offline"] = "accepted"
     except ValueError as exc:
@@ -186,8 +191,8 @@ def test_fsdp2_chain_is_the_unsharded_chain_on_the_union_of_the_batches(tmp_path
     the same on both ranks; training is bit-identical to a run without the monitor (and its
     ``.grad`` fields are untouched, asserted in the script); each rank keeps about half the
     chain; a checkpoint taken at step 30 holds the full tensors (equal to the unsharded chain's
-    offsets), and restoring it continues exactly; ``gather`` and the offline estimator are refused
-    with messages naming the argument."""
+    offsets), and restoring it continues exactly; ``gather``, the control-variate gradient and the
+    offline estimator are refused with messages naming the argument."""
     ranks = run_two_processes(tmp_path, SCRIPT)
     for out in ranks:
         for sampler in ("sgld", "rmsprop_sgld", "sghmc"):
@@ -201,6 +206,7 @@ def test_fsdp2_chain_is_the_unsharded_chain_on_the_union_of_the_batches(tmp_path
         assert out["state_shapes_full"] is True
         assert out["state_vs_unsharded"] < 1e-10
         assert out["gather"].startswith("Expected `gather` to be None for a model sharded by FSDP2")
+        assert out["cv"] == "Expected gradient='auto' or 'plain' for a model sharded by FSDP2, got 'control_variate'."
         assert out["offline"].startswith("Expected `model`") and "FSDP2 (fully_shard)" in out["offline"]
     # Both ranks hold the same windows, bit for bit (pooled numbers, no gather).
     for sampler in ("sgld", "rmsprop_sgld", "sghmc"):

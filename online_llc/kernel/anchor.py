@@ -96,16 +96,15 @@ class RunningAnchor:
         """Forget every batch gradient (after a jump of the weights, or a fresh start)."""
         self.mean, self.count = None, 0
 
-    def fold(self, centre_grads: Tuple[List[Optional[Tensor]], Any], halves: Tuple[int, int], like: List[Tensor]) -> List[Tensor]:
+    def fold(
+        self, centre_grads: Tuple[List[Optional[Tensor]], List[Optional[Tensor]]], halves: Tuple[int, int], like: List[Tensor]
+    ) -> List[Tensor]:
         """Fold one batch's centre gradient in and return the anchor, one tensor per ``like``
         (the offsets). ``centre_grads``: the halves' gradients of their mean losses (the second
-        None for a batch taken whole), weighted by the halves' sizes ``halves``; a parameter the
-        loss does not reach has gradient 0."""
+        all None for a batch taken whole), weighted by the halves' sizes ``halves``; a parameter
+        the loss does not reach has gradient 0."""
         b1, b2 = halves
-        c1, c2 = centre_grads
-        batch = [
-            _weighted(g1, None if c2 is None else c2[j], b1, b2, like[j]) for j, g1 in enumerate(c1)
-        ]
+        batch = [_weighted(g1, g2, b1, b2, t) for g1, g2, t in zip(*centre_grads, like)]
         self.count += 1
         if self.mean is None:
             self.mean = [g.clone() for g in batch]

@@ -317,20 +317,20 @@ def group_budget(option: Union[int, str], num_groups: int, cadence: Cadence, war
         return 1
     half = max(cadence.total_steps // (2 * cadence.every_n_steps), 1)
     budget = min(max(math.ceil(num_groups * per_group / half), 1), num_groups)
-    if budget * half >= num_groups * per_group and budget > 1:
-        warnings.warn(
-            f"OnlineLLC: group_budget={budget} for {num_groups} groups in a {cadence.total_steps}-step run: every "
-            f"shadow step also runs {budget} group steps, about {1 + budget}x the monitor's cost without groups, so "
-            "that every group is estimated within the run's first half. Pass group_budget=1 to keep the cost "
-            "(the groups' first estimates then come later).",
-            stacklevel=3,
-        )
-    elif budget * half < num_groups * per_group:
+    if budget * half < num_groups * per_group:
         warnings.warn(
             f"OnlineLLC: a {cadence.total_steps}-step run is too short to estimate every one of {num_groups} groups "
             f"within its first half: a group needs up to {per_group} draws (warm-up and a window) and gets "
             f"{budget * half // num_groups} there even with group_budget={budget} (every group at every shadow step). "
             "Pass a smaller every_n_steps or window, fewer groups, or train longer.",
+            stacklevel=3,
+        )
+    elif budget > 1:
+        warnings.warn(
+            f"OnlineLLC: group_budget={budget} for {num_groups} groups in a {cadence.total_steps}-step run: every "
+            f"shadow step also runs {budget} group steps, about {1 + budget}x the monitor's cost without groups, so "
+            "that every group is estimated within the run's first half. Pass group_budget=1 to keep the cost "
+            "(the groups' first estimates then come later).",
             stacklevel=3,
         )
     return budget

@@ -112,8 +112,8 @@ class MonitorSettings:
             jump). With it the step is not throttled by the minibatch heat: it starts at
             ``0.15 / nbeta`` and the chain relaxes ``nbeta / (2 B)``-fold faster, for one more
             backward pass at the centre per shadow step and one float32 copy of the sampled
-            parameters (the anchor, shared by the chains). ``monitor.config.gradient`` says which
-            was taken (:func:`online_llc.monitor.policy.sized_config`).
+            parameters (the anchor, shared by the chains). ``monitor.chain_config.gradient`` says
+            which was taken (:func:`online_llc.monitor.policy.sized_config`).
 
     Raises:
         ValueError: naming the first invalid option and what it accepts.
