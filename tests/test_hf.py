@@ -477,9 +477,15 @@ DDP_SCRIPT = textwrap.dedent(
                    "filtered": [e.step for e in straight.monitor.history() if e.filtered],
                    "windows": [r["step"] for r in trainer.state.log_history if "llc/raw_mean" in r]}, f)
     # A clean shutdown: a process group left to the interpreter's exit can abort a rank
-    # ("terminate called without an active exception") after its work is done.
+    # ("terminate called without an active exception") after its work is done. The Trainer
+    # (through accelerate) keeps its own reference to the group, so destroy_process_group alone
+    # does not free it: gloo's worker threads are then torn down during interpreter finalization,
+    # which aborts now and then. Every output is written and flushed by here, so the process
+    # leaves without finalizing.
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+    sys.stdout.flush(); sys.stderr.flush()
+    os._exit(0)
     """
 )
 
