@@ -19,7 +19,10 @@ The training run's ``.grad`` fields are set aside before the passes and put back
 every FSDP module is resharded after each pass (a module that keeps its unsharded parameters after
 the forward, ``reshard_after_forward=False``, would otherwise serve the next pass stale weights).
 Gradient synchronisation is switched on for the passes and restored after them, so the chain's
-gradient is reduced even inside a user's ``set_requires_gradient_sync(False)`` block.
+gradient is reduced even inside a user's ``set_requires_gradient_sync(False)`` block; the gradient
+FSDP2 accumulates there on the *unsharded* parameters (not ``.grad``) is set aside for the passes
+too, or the chain's backward would add it to its own, reduce-scatter the sum and clear it. Both
+live in private FSDP2 state; where a torch keeps them elsewhere the monitor warns once.
 
 One chain spans all ranks. Chain ``c`` is one offset ``xi``, sharded like the parameters (each
 rank keeps its shard, in float32); its step is the step of the unsharded chain on the union of
@@ -46,6 +49,7 @@ head masks (:mod:`online_llc.models.heads`); parameter groups by name are suppor
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -293,7 +297,7 @@ class ShardedLossEvaluator(LossEvaluator):
         through which every forward and every change of the shards goes.)"""
         params = list(self.model.parameters())
         grads = [p.grad for p in params]
-        flags = _sync_flags(self._fsdp_modules)
+        flags, pending = _sync_state(self._fsdp_modules)
         for p in params:
             p.grad = None
         for m in self._fsdp_modules:
@@ -303,7 +307,7 @@ class ShardedLossEvaluator(LossEvaluator):
         finally:
             for p, g in zip(params, grads):
                 p.grad = g
-            _restore_sync_flags(flags)
+            _restore_sync_state(flags, pending)
 
 
 def is_fsdp2_module(m: nn.Module) -> bool:
@@ -321,19 +325,56 @@ def make_evaluator(
     return LossEvaluator(model, loss_fn, param_names, mode)
 
 
-def _sync_flags(modules: Sequence[nn.Module]) -> List[Tuple[Any, bool, bool]]:
-    """The gradient-sync flags of every FSDP parameter group (private FSDP2 state, read where it
-    exists: there is no public getter; where it is missing, the flags are left as they are)."""
-    out = []
-    for m in modules:
-        try:
-            for group in m._get_fsdp_state()._fsdp_param_groups:  # type: ignore[attr-defined]
-                out.append((group, bool(group.reduce_grads), bool(group.all_reduce_grads)))
-        except AttributeError:
-            continue
-    return out
+_PRIVATE_STATE_WARNED = False
 
 
-def _restore_sync_flags(flags: Sequence[Tuple[Any, bool, bool]]) -> None:
+def _sync_state(modules: Sequence[nn.Module]) -> Tuple[List[Tuple[Any, bool, bool]], List[Tuple[Any, Any, Any]]]:
+    """Set aside what a no-sync block leaves in private FSDP2 state (there is no public API):
+    each parameter group's sync flags, and each parameter's pending unsharded gradient
+    (``_unsharded_param.grad``, or ``unsharded_accumulated_grad`` under a reduce dtype), which
+    are emptied for the passes. Where this torch keeps them elsewhere, warn once and leave them.
+
+    Returns:
+        ``(group, reduce_grads, all_reduce_grads)`` per group and ``(fsdp_param, grad,
+        accumulated)`` per parameter with a pending gradient, for :func:`_restore_sync_state`.
+    """
+    global _PRIVATE_STATE_WARNED
+    flags: List[Tuple[Any, bool, bool]] = []
+    pending: List[Tuple[Any, Any, Any]] = []
+    try:
+        groups = [g for m in modules for g in m._get_fsdp_state()._fsdp_param_groups]  # type: ignore[attr-defined]
+        for group in groups:
+            flags.append((group, bool(group.reduce_grads), bool(group.all_reduce_grads)))
+            for fp in group.fsdp_params:
+                unsharded = getattr(fp, "_unsharded_param", None)
+                grad = None if unsharded is None else unsharded.grad
+                accumulated = fp.unsharded_accumulated_grad
+                if grad is not None or accumulated is not None:
+                    pending.append((fp, grad, accumulated))
+    except AttributeError as exc:
+        # A future torch may move this state: the passes still run, but a user's no-sync flags
+        # and accumulated gradient can no longer be protected, which the user must hear.
+        if not _PRIVATE_STATE_WARNED:
+            _PRIVATE_STATE_WARNED = True
+            warnings.warn(
+                f"OnlineLLC: this torch keeps FSDP2's gradient-sync state where the monitor does not look ({exc}): "
+                "a shadow step inside set_requires_gradient_sync(False) would change the accumulated gradient. "
+                "Call monitor.update() after the optimizer step, outside no-sync blocks.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return [], []
+    for fp, grad, accumulated in pending:
+        if grad is not None:
+            fp._unsharded_param.grad = None
+        fp.unsharded_accumulated_grad = None
+    return flags, pending
+
+
+def _restore_sync_state(flags: Sequence[Tuple[Any, bool, bool]], pending: Sequence[Tuple[Any, Any, Any]]) -> None:
     for group, reduce, all_reduce in flags:
         group.reduce_grads, group.all_reduce_grads = reduce, all_reduce
+    for fp, grad, accumulated in pending:
+        if grad is not None:
+            fp._unsharded_param.grad = grad
+        fp.unsharded_accumulated_grad = accumulated
