@@ -10,6 +10,7 @@ the tests use it as the reference.
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 from dataclasses import replace
@@ -44,7 +45,7 @@ from online_llc.kernel.anchor import full_gradient
 from online_llc.kernel.evaluator import MODES, LossEvaluator, LossFn
 from online_llc.kernel.randomness import cuda_devices
 from online_llc.models.groups import resolve_groups
-from online_llc.offline.batches import batch_size_of, batches_forever
+from online_llc.offline.batches import batch_size_of, batches_forever, is_one_shot
 from online_llc.offline.chains import Chains
 from online_llc.offline.rows import (
     OFFSET_SQ,
@@ -114,7 +115,8 @@ def estimate_llc(
         model: the network; its trainable parameters are sampled.
         loss_fn: ``loss_fn(model, batch) -> Tensor[B]`` per-sample losses (the per-sample negative
             log likelihood for the estimate to match theory).
-        batches: any re-iterable of batches (a DataLoader), cycled as needed.
+        batches: any re-iterable of batches (a DataLoader), cycled as needed, or an endless
+            iterator (a one-shot one that runs out raises a ``ValueError`` saying so).
         num_samples: ``n``, the number of training samples the loss is an average over.
         nbeta: ``n * beta``; ``None`` means ``min(n / log n, 256)`` (:mod:`online_llc.config`).
         localization: ``gamma``, the pull towards ``w*``; ``None`` means ``0.2 * sqrt(nbeta)``.
@@ -258,7 +260,12 @@ def estimate_llc(
         anchor = None
         if gradient == "control_variate":
             bar.set_description("estimate_llc: the full-data gradient at w*")
-            anchor = full_gradient(evaluator, center, batches, generator=torch.Generator(device=device).manual_seed(seed))
+            # One pass over a re-iterable; from a one-shot stream, an epoch's worth of its
+            # batches (the first included), which the chains then go on from.
+            epoch = batches
+            if is_one_shot(batches):
+                epoch = itertools.chain([first], itertools.islice(stream, max(0, math.ceil(num_samples / batch_size) - 1)))
+            anchor = full_gradient(evaluator, center, epoch, generator=torch.Generator(device=device).manual_seed(seed))
         if step_size is None:
             # The control variate's batch noise is small: the step starts at its discretization
             # bound, whatever the batch.

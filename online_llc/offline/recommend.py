@@ -24,6 +24,7 @@ The largest passing step mixes fastest, so it gives the most precise estimate pe
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, List, Optional, Sequence
@@ -34,6 +35,7 @@ from online_llc.calibration.step import MAX_EXCESS, resolve_hyperparameters
 from online_llc.errors import NonFiniteDrawError, check_positive_float, check_positive_int, reject_unknown
 from online_llc.kernel.evaluator import LossFn
 from online_llc.kernel.halves import split_halves
+from online_llc.offline.batches import is_one_shot
 from online_llc.offline.estimate import estimate_llc
 
 __all__ = [
@@ -147,6 +149,10 @@ def recommend_step_size(
     first = next(iter(batches), None)
     if first is None:
         raise ValueError("Expected `batches` to yield at least one batch, got an empty iterable.")
+    if is_one_shot(batches):
+        # The peek consumed the first batch of a one-shot iterator: put it back. Every rung then
+        # reads on from the same stream (an endless one never runs out).
+        batches = itertools.chain([first], batches)
     parts = split_halves(first)
     default = resolve_hyperparameters(
         num_samples=num_samples, nbeta=nbeta, localization=localization, step_size=None, sampler=sampler,
