@@ -224,3 +224,29 @@ def test_skip_step_after_a_failed_group_draw_fills_only_the_tracks_that_owe_it()
     assert pending() == [3, 2, 1]
     with pytest.raises(ValueError, match=r"the previous step 3"):
         m.skip_step(3)  # nothing owed: a repeated step
+
+
+# ---- the step's size ---------------------------------------------------------------------------------
+
+
+def _unequal_batches_body(rank: int) -> Dict[str, Any]:
+    p = problem()
+    x, y = next(iter(p.batches))
+    size = 32 if rank == 0 else 24  # rank 1's first batch is short (the last of an uneven epoch)
+    monitor = OnlineLLC(p.model, p.loss_fn, num_samples=2048, gather=all_gather, every_n_steps=1, window=5, warmup=0,
+                        seed=0, gradient="plain")
+    for step in range(1, 4):
+        monitor.update((x[:size], y[:size]), step)
+    return {"step_size": monitor.chain_config.step_size, "nbeta": monitor.config.nbeta}
+
+
+def test_ranks_size_their_step_from_the_smallest_first_batch(tmp_path):
+    """Ranks whose first batches differ (32 and 24 samples) size their chains' step from the
+    smallest (one gather at the first shadow step), so both run the step
+    ``default_step_size(nbeta, 24)`` (the plain gradient's batch-sized start); sized from their own
+    batches, rank 0 ran a step 4/3 of rank 1's while their windows were pooled as one."""
+    from online_llc.calibration.step import default_step_size
+
+    r0, r1 = run_ranks(_unequal_batches_body, tmp_path)
+    want = default_step_size(r0["nbeta"], 24, online=True)
+    assert r0["step_size"] == r1["step_size"] == pytest.approx(want, rel=1e-12)

@@ -705,9 +705,10 @@ def _nan_or_raise_on_rank1(kind: str):
     def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
         calls["n"] += 1
         out = per_sample_loss(model, batch)
-        # Rank 1's 2nd shadow step: after the first batch's check and the 1st step's four calls.
-        if torch.distributed.get_rank() == 1 and calls["n"] == 6:
-            if kind == "raise":
+        # Rank 1's 2nd shadow step: after the first batch's check and the 1st step's four calls
+        # (its 1st, before the ranks agree on the batch size, for "raise_first").
+        if torch.distributed.get_rank() == 1 and calls["n"] == (2 if kind == "raise_first" else 6):
+            if kind != "nan":
                 raise RuntimeError("rank-1 failure")
             return out * float("nan")  # the chain diverges and is reset on rank 1 only
         return out
@@ -768,8 +769,8 @@ class _GatherFailsOnceOnRank1(OnlineLLCCallback):
 
         def gather(arr: Any) -> Any:
             out = inner(arr)
-            calls["n"] += 1
-            if trainer.global_rank == 1 and calls["n"] == 1:
+            calls["n"] += arr.shape[-1] > 1  # windows only: not the first step's batch-size agreement
+            if trainer.global_rank == 1 and calls["n"] == 1 and arr.shape[-1] > 1:
                 raise RuntimeError("rank-1 gather failure")
             return out
 
@@ -812,7 +813,7 @@ def test_ddp_failed_gather_on_one_rank_disables_it_without_stopping_training(tmp
     assert r0["statuses"][1:] == r1["statuses"] == ["diverged"] * 3
 
 
-@pytest.mark.parametrize("kind", ["nan", "raise"])
+@pytest.mark.parametrize("kind", ["nan", "raise", "raise_first"])
 def test_ddp_rank_local_divergence_or_failure_keeps_ranks_in_step(tmp_path, kind):
     cb = OnlineLLCCallback(_nan_or_raise_on_rank1(kind), every_n_steps=1, window=5, warmup=0)
     strategy = DDPStrategy(start_method="fork", timeout=datetime.timedelta(seconds=5))
@@ -831,6 +832,11 @@ def test_ddp_rank_local_divergence_or_failure_keeps_ranks_in_step(tmp_path, kind
         assert r0["failure"] is None and "rank-1 failure" in r1["failure"]
         # After the failure every window holds rank 1's placeholders: reported diverged everywhere.
         assert r0["statuses"][1:] == ["diverged"] * 3
+    elif kind == "raise_first":
+        # Failed in its first shadow step, rank 1 still joins the ranks' agreement on the batch
+        # size (with no batch of its own), then every window's collective.
+        assert r0["failure"] is None and "rank-1 failure" in r1["failure"]
+        assert r0["statuses"] == ["diverged"] * 4
     else:
         assert r0["failure"] is None and r1["failure"] is None
 

@@ -16,8 +16,7 @@ Statuses (``LLCEstimate.status``):
   offset norm, otherwise it is a fixed count of shadow steps). The record shows the raw window
   mean; the filter is not fed.
 * ``diverged``: a chain produced a non-finite draw or ran away during this window; it was reset
-  (counted in ``divergences``), its draw replaced by a flagged placeholder, and the window was
-  not fed to the filter (its raw mean includes the placeholders' zeros).
+  (``divergences``), its draw replaced by a flagged placeholder, the window not fed to the filter.
 * ``transition``: the window was a jump (a many-sigma surprise, or the first window after a jump
   of the training weights) or followed one: the LLC is moving fast.
 * ``not_at_minimum``: the band lies entirely below zero: the sampler finds lower loss nearby, as
@@ -37,7 +36,7 @@ from online_llc.calibration.step import max_step_size, relaxation_steps
 from online_llc.config import SGLDConfig
 from online_llc.kernel.evaluator import LossEvaluator
 from online_llc.monitor.cadence import DEFAULT_HORIZON, Cadence
-from online_llc.monitor.policy import MEASURE_EVERY, cooled_step, lag_std, measuring, sized_config, transitions, window_status
+from online_llc.monitor.policy import MEASURE_EVERY, NO_BATCH, agreed_batch_size, cooled_step, lag_std, measuring, sized_config, transitions, window_status
 from online_llc.monitor.settings import MonitorSettings
 from online_llc.monitor.shadow import ShadowSampler
 from online_llc.monitor.warmup import EquilibrationDetector, WeightJumpDetector
@@ -215,10 +214,9 @@ class Track:
         self._open_window()
         out = self.sampler.step(batch, measure=self.measuring)
         if not self.sized:
-            # The batch size is known now: the gradient, and the step whose minibatch heat is about
-            # the target at unit gradient noise; later windows' measured heat refines it.
-            sharded = self.sampler.evaluator.sharded
-            self.sampler.config = sized_config(self.sampler.config, out.infos[0].batch_size, self.gradient, sharded)
+            # The batch size is known now (the ranks' smallest): the gradient and the starting step.
+            b, sharded = agreed_batch_size(out.infos[0].batch_size, self.stats.gather), self.sampler.evaluator.sharded
+            self.sampler.config = sized_config(self.sampler.config, b, self.gradient, sharded)
             self.sized = True
         # Decided from the weights' movement and the last gathered window: the same on every rank.
         if self.jumps.add(out.center_shift):
@@ -259,6 +257,8 @@ class Track:
     def skip(self, step: int, shadow_steps: int) -> Optional[LLCEstimate]:
         """Add flagged placeholder draws instead of running the chains (see ``OnlineLLC.skip_step``)."""
         n = self.num_chains
+        if not self.sized:  # join the collective in which the ranks agree on the batch size
+            self.sized = agreed_batch_size(NO_BATCH, self.stats.gather) > 0
         self._open_window()
         summary = self.stats.update([0.0] * n, [0.0] * n, step, flags=[1] * n)
         return None if summary is None else self._close_window(summary, shadow_steps)
