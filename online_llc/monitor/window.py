@@ -51,7 +51,7 @@ class WindowStats:
         num_chains: number of chains (``C``), one draw each per :meth:`update`.
         horizon: number of windows (the current one included) over which slow correlation is
             estimated; 1 uses the current window alone.
-        gather: for distributed training, a collective ``f(array[5, C, W]) -> array[5, C', W]``
+        gather: for distributed training, a collective ``f(array[6, C, W]) -> array[6, C', W]``
             that concatenates every rank's draws (row 0), noise variances (row 1), flags (row 2,
             see :meth:`update`), heat biases (row 3) and chain offset norms (row 4) along the
             chain axis, identically on every rank. Windows are then summarised over all ranks'
