@@ -41,6 +41,7 @@ import torch
 
 from online_llc.callbacks._failure import monitor_failed, placeholders_after_failure, placeholders_stopped
 from online_llc.callbacks._metrics import LOGGED_KEYS, estimate_metrics, group_metrics
+from online_llc.callbacks._resume import everyone, read_state
 from online_llc.errors import MonitorError
 from online_llc.kernel.evaluator import LossFn
 from online_llc.kernel.fsdp import is_fsdp2
@@ -193,7 +194,8 @@ class OnlineLLCTrainerCallback(TrainerCallback):
                 options["total_steps"] = total
         # FSDP2 (accelerate's fsdp_version=2): the chains span the ranks, every rank holds every draw.
         gather = self._gather(args) if self._world_size > 1 and not is_fsdp2(model) else None
-        self.monitor = OnlineLLC(model, loss_fn, gather=gather, groups=self.groups, **options)
+        self._fresh = lambda: OnlineLLC(model, loss_fn, gather=gather, groups=self.groups, **options)
+        self.monitor = self._fresh()
         self.failure = None
         self._restore(args, state)
         self._last_step = int(state.global_step)
@@ -241,54 +243,60 @@ class OnlineLLCTrainerCallback(TrainerCallback):
         return gather
 
     def _restore(self, args: Any, state: Any) -> None:
+        """Load this rank's state from the checkpoint (rank 0's where this rank's is missing,
+        unreadable or from another world size). Every decision is agreed by all ranks before the
+        next one (their windows must stay aligned for the collectives), and nothing here raises
+        before an agreement: a state that cannot be read, one that does not load (taken with
+        other settings) and one whose monitor had failed all start a fresh monitor on every rank,
+        with a warning (``strict``: a ``MonitorError``, except for a saved failure)."""
         where = self.resume_from
         if where is None and int(state.global_step) > 0:  # a resumed run: its checkpoint is in output_dir
             where = os.path.join(args.output_dir, f"checkpoint-{int(state.global_step)}")
         if where is None:
             return
         own, first = self._file(where, self._rank), self._file(where, 0)
-        saved = self._read(own)
+        device = getattr(args, "device", None)
+        saved, why = read_state(own, _STATE_VERSION)
         mine = saved is not None and saved.get("world_size") == self._world_size
         if not mine:
-            saved = self._read(first)
+            saved, why_first = read_state(first, _STATE_VERSION)
+            why = why or why_first
         found = saved is not None
         if self._world_size > 1:
-            # One decision for every rank: their windows must stay aligned for the collectives.
-            mine, found = self._everyone(args, mine), self._everyone(args, found)
+            mine, found = everyone(device, mine), everyone(device, found)
             if found and not mine:
-                saved = self._read(first)
+                saved, why = read_state(first, _STATE_VERSION)
+                found = saved is not None
+        problem, failure = None, None
         if not found:
-            message = f"no monitor state {own!r} in the checkpoint: the LLC estimate starts afresh at step {state.global_step}"
-            if self.strict:
-                raise MonitorError(f"OnlineLLCTrainerCallback found {message}.")
-            warnings.warn(f"OnlineLLCTrainerCallback found {message}.", RuntimeWarning, stacklevel=3)
+            problem = f"no monitor state {own!r} in the checkpoint" if why is None else why
+        else:
+            assert saved is not None
+            failure = saved.pop("failure", None)
+            if failure is not None:
+                # A failure is a run's, not the checkpoint's: a resumed run gets a fresh monitor.
+                problem = f"the monitor saved in {where!r} had failed ({failure})"
+            else:
+                for key in ("format", "rank", "world_size"):
+                    saved.pop(key, None)
+                try:
+                    self.monitor.load_state_dict(saved)
+                except Exception as exc:  # noqa: BLE001 - settings that differ must not kill training
+                    used = own if mine else first
+                    problem = f"{used!r}, which does not load into this monitor ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})"
+        if self._world_size > 1 and not everyone(device, problem is None) and problem is None:
+            problem = "another rank's monitor state could not be restored"
+        if problem is not None:
+            self.monitor = self._fresh()  # nothing half-loaded
+            message = f"OnlineLLCTrainerCallback found {problem}: the LLC estimate starts afresh at step {state.global_step}."
+            if self.strict and failure is None:
+                raise MonitorError(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
             return
-        self.failure = saved.pop("failure", None)
-        for key in ("format", "rank", "world_size"):
-            saved.pop(key, None)
-        self.monitor.load_state_dict(saved)
         if not mine:
             # Every rank holds rank 0's state (another world size, or a rank's file is missing):
             # each rank's chains become its own again.
             self.monitor.reseed_for_rank(self._rank)
-
-    @staticmethod
-    def _read(path: str) -> Optional[Dict[str, Any]]:
-        if not os.path.isfile(path):
-            return None
-        saved = dict(torch.load(path, map_location="cpu", weights_only=True))
-        if saved.get("format") != _STATE_VERSION:
-            raise ValueError(f"Expected {path!r} to hold an OnlineLLCTrainerCallback state of format {_STATE_VERSION}.")
-        return saved
-
-    @staticmethod
-    def _everyone(args: Any, flag: bool) -> bool:
-        """``flag`` on every rank (a MIN all-reduce)."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return flag
-        t = torch.tensor([int(flag)], device=getattr(args, "device", torch.device("cpu")))
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-        return bool(t.item())
 
     # ---- the batch -------------------------------------------------------------------------------
     def _capture(self, module: Any, args: tuple, kwargs: Dict[str, Any]) -> None:

@@ -235,6 +235,44 @@ def test_resume_from_a_trainer_checkpoint_continues_the_history_exactly(tmp_path
     assert fresh.monitor.shadow_steps == 7 and fresh.monitor.step == 14
 
 
+def test_a_resume_that_cannot_restore_starts_a_fresh_monitor(tmp_path):
+    """What a checkpoint's monitor state cannot give goes through the failure policy instead of
+    killing training or the monitor: a corrupt file, one that does not load into this monitor
+    (taken with other settings: 2 chains against 1) and one whose monitor had failed each start a
+    fresh monitor with one warning that says why (strict: a MonitorError, except for a saved
+    failure, which belongs to the run that failed), and the resumed run estimates again."""
+    base = tmp_path / "base"
+    train(base, OnlineLLCTrainerCallback(**FAST), max_steps=8, save_strategy="steps", save_steps=4, extra=[StopAt(4)])
+    state = base / "checkpoint-4" / "online_llc.rank0.pt"
+
+    def resume(name, change, expect, **options):
+        out = tmp_path / name
+        shutil.copytree(base, out)
+        change(out / "checkpoint-4" / "online_llc.rank0.pt")
+        cb = OnlineLLCTrainerCallback(**{**FAST, **options})
+        with pytest.warns(RuntimeWarning, match=expect):
+            train(out, cb, max_steps=8, resume=True, catch=False)
+        assert cb.failure is None and cb.monitor.shadow_steps == 4 and len(cb.monitor.history()) == 1
+        return out
+
+    corrupt = lambda path: path.write_bytes(b"not a checkpoint")
+    resume("corrupt", corrupt, r"found an unreadable monitor state .*rank0\.pt.*starts afresh at step 4")
+    resume("other", lambda path: None, r"which does not load into this monitor \(ValueError: .*starts afresh at step 4",
+           num_chains=2)
+
+    def failed(path):
+        saved = torch.load(path, weights_only=True)
+        torch.save({**saved, "failure": "RuntimeError('boom') at step 3"}, path)
+
+    resume("failed", failed, r"the monitor saved in .*checkpoint-4.* had failed \(RuntimeError\('boom'\) at step 3\)")
+    out = tmp_path / "strict"
+    shutil.copytree(base, out)
+    corrupt(out / "checkpoint-4" / "online_llc.rank0.pt")
+    with pytest.raises(MonitorError, match=r"unreadable monitor state"):
+        train(out, OnlineLLCTrainerCallback(strict=True, **FAST), max_steps=8, resume=True, catch=False)
+    assert state.is_file()
+
+
 def test_state_file_loads_with_weights_only_and_names_its_version(tmp_path):
     cb = OnlineLLCTrainerCallback(**FAST)
     train(tmp_path, cb, max_steps=4, save_strategy="steps", save_steps=4)
@@ -468,10 +506,25 @@ DDP_SCRIPT = textwrap.dedent(
         os.remove(os.path.join(root, "fallback", "checkpoint-4", "online_llc.rank1.pt"))
     torch.distributed.barrier()
     _, fallback = run("fallback", resume=True)
+    # Rank 1's file corrupt: read as missing (no rank raises before the agreement). Rank 1's
+    # monitor had failed: every rank starts afresh together.
+    for name in ("corrupt", "failed"):
+        run(name, stop=4, save_steps=4)
+        torch.distributed.barrier()
+        path = os.path.join(root, name, "checkpoint-4", "online_llc.rank1.pt")
+        if rank == 1 and name == "corrupt":
+            with open(path, "wb") as f:
+                f.write(b"not a checkpoint")
+        if rank == 1 and name == "failed":
+            torch.save({**torch.load(path, weights_only=True), "failure": "RuntimeError('boom')"}, path)
+        torch.distributed.barrier()
+    _, corrupt = run("corrupt", resume=True)
+    _, failed = run("failed", resume=True)
     hist = lambda cb: [[e.step, e.mean, e.std, e.status] for e in cb.monitor.history()]
     with open(os.path.join(root, f"rank{rank}.json"), "w") as f:
         json.dump({"world": straight._world_size, "history": hist(straight), "resumed": hist(resumed),
-                   "fallback": hist(fallback),
+                   "fallback": hist(fallback), "corrupt": hist(corrupt), "failed": hist(failed),
+                   "failed_shadow_steps": failed.monitor.shadow_steps,
                    "offset0": float(next(iter(straight.monitor.sampler.offsets[0].values())).flatten()[0]),
                    "logged": [r["step"] for r in trainer.state.log_history if "llc/mean" in r],
                    "filtered": [e.step for e in straight.monitor.history() if e.filtered],
@@ -521,6 +574,11 @@ def test_ddp_two_ranks_share_one_filter(tmp_path):
     # the checkpoint is kept, and they still agree.
     assert r0["fallback"] == r1["fallback"] and len(r0["fallback"]) == 2
     assert r0["fallback"][0] == r0["history"][0]
+    # A corrupt rank file reads as a missing one; a monitor that had failed on rank 1 gives every
+    # rank a fresh monitor at the checkpoint's step (4 shadow steps after it, one window), together.
+    assert r0["corrupt"] == r1["corrupt"] == r0["fallback"]
+    assert r0["failed"] == r1["failed"] and len(r0["failed"]) == 1
+    assert r0["failed_shadow_steps"] == r1["failed_shadow_steps"] == 4
 
 
 def test_placeholders_that_raise_after_a_failure_never_reach_the_trainer():
