@@ -22,6 +22,7 @@ import torch
 
 from online_llc.callbacks._failure import monitor_failed, placeholders_after_failure, placeholders_stopped
 from online_llc.callbacks._metrics import ESTIMATE_KEYS, LOGGED_KEYS, estimate_metrics, group_metrics
+from online_llc.errors import MonitorError
 from online_llc.kernel.evaluator import LossFn
 from online_llc.kernel.fsdp import is_fsdp2
 from online_llc.monitor.cadence import Cadence
@@ -180,22 +181,34 @@ class OnlineLLCCallback(Callback):
         rank = int(getattr(trainer, "global_rank", 0) or 0)
         # FSDP2: the chains span the ranks and every rank already holds every draw (no gather).
         gather = self._gather(trainer) if self._world_size > 1 and not is_fsdp2(pl_module) else None
-        with warnings.catch_warnings():
-            if not trainer.is_global_zero:  # the cadence's one line, from rank 0 only
-                warnings.simplefilter("ignore", UserWarning)
-            self.monitor = OnlineLLC(
-                pl_module,
-                self.loss_fn or _per_sample_method,
-                gather=gather,
-                groups=self.groups,
-                **{**asdict(self.settings), "num_samples": num_samples, "total_steps": self._total_steps(trainer)},
-            )
+        options = {**asdict(self.settings), "num_samples": num_samples, "total_steps": self._total_steps(trainer)}
+
+        def build() -> OnlineLLC:
+            with warnings.catch_warnings():
+                if not trainer.is_global_zero:  # the cadence's one line, from rank 0 only
+                    warnings.simplefilter("ignore", UserWarning)
+                return OnlineLLC(pl_module, self.loss_fn or _per_sample_method, gather=gather, groups=self.groups, **options)
+
+        self.monitor = build()
         if self._pending_state is not None:
-            self.monitor.load_state_dict(self._pending_state)
-            if self._world_size > 1:
+            # Every rank restores the same (rank 0's) state, so every rank reaches the same outcome.
+            state, self._pending_state, failure = self._pending_state, None, self.failure
+            problem = None if failure is None else f"a saved monitor that had failed ({failure})"
+            if problem is None:
+                try:
+                    self.monitor.load_state_dict(state)
+                except Exception as exc:  # noqa: BLE001 - settings that differ must not kill training
+                    first = (str(exc).splitlines() or [""])[0]
+                    problem = f"a saved monitor state that does not load into this monitor ({type(exc).__name__}: {first})"
+            if problem is not None:  # a fresh monitor, nothing half-loaded; a failure was the old run's
+                self.monitor, self.failure = build(), None
+                message = f"OnlineLLCCallback found {problem}: the LLC estimate starts afresh at step {trainer.global_step}."
+                if self.strict and failure is None:
+                    raise MonitorError(message)
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+            elif self._world_size > 1:
                 # Every rank received rank 0's state: each rank's chains become its own again.
                 self.monitor.reseed_for_rank(rank)
-            self._pending_state = None
         self._last_global_step = int(trainer.global_step)
         self._relax_strict_monitors(trainer, self.monitor.cadence)
 

@@ -9,6 +9,7 @@ adapter, so the estimates it produces must be the very numbers a plain PyTorch l
 
 from __future__ import annotations
 
+import copy
 import csv
 import datetime
 import json
@@ -306,6 +307,34 @@ def test_resume_from_a_checkpoint_continues_the_history_exactly(tmp_path):
     assert len(history) == 48 // 5
     assert_same_history(history, full.monitor.history())
     assert resumed.monitor.shadow_steps == full.monitor.shadow_steps == 48
+
+
+def test_a_checkpoint_that_cannot_restore_the_monitor_starts_a_fresh_one(tmp_path):
+    """A saved monitor state that does not load (here: of another version) or whose monitor had
+    failed no longer kills training or disables the monitor for good: the resumed run starts a
+    fresh monitor with one warning that says why (strict: a MonitorError, except for a saved
+    failure, which belongs to the run that failed) and estimates again."""
+    full, _ = _resume_run(tmp_path, lambda: [OnlineLLCCallback(per_sample_loss, **FAST)])
+    key = full[0].state_key
+    path = tmp_path / "ckpt" / f"epoch={24 // (NUM_SAMPLES // BATCH_SIZE) - 1}-step=24.ckpt"
+    saved = torch.load(path, weights_only=True)
+    cases = {
+        "version": ({"version": 99}, r"does not load into this monitor \(ValueError: Expected an OnlineLLC state of version 1"),
+        "failed": ({"failure": "RuntimeError('boom') at step 3"}, r"a saved monitor that had failed \(RuntimeError"),
+    }
+    for name, (change, expect) in cases.items():
+        changed = tmp_path / f"{name}.ckpt"
+        ckpt = copy.deepcopy(saved)
+        ckpt["callbacks"][key].update(change)
+        torch.save(ckpt, changed)
+        cb = OnlineLLCCallback(per_sample_loss, **FAST)
+        with pytest.warns(RuntimeWarning, match=expect + r".*starts afresh at step 24"):
+            make_trainer([cb], max_steps=48).fit(make_module(), loader(), ckpt_path=str(changed), weights_only=True)
+        assert cb.failure is None and cb.monitor.shadow_steps == 24 and len(cb.monitor.history()) == 24 // 5
+    strict = OnlineLLCCallback(per_sample_loss, strict=True, **FAST)
+    with pytest.raises(MonitorError, match=r"does not load into this monitor"):
+        make_trainer([strict], max_steps=48).fit(make_module(), loader(), ckpt_path=str(tmp_path / "version.ckpt"),
+                                                 weights_only=True)
 
 
 def test_two_callbacks_keep_their_own_state(tmp_path):
