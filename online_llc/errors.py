@@ -2,9 +2,10 @@
 
 Every invalid argument is reported as::
 
-    Expected `<name>` to be <what is accepted>, got <value!r>.
+    Expected `<name>` to be <what is accepted>, got <value>.
 
-so users (and tests) can rely on the argument's name appearing in the message.
+so users (and tests) can rely on the argument's name appearing in the message; the value is
+its repr, or for a tensor, an array or a long repr a one-line description (:func:`describe`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ __all__ = [
     "check_choice",
     "check_bool",
     "reject_unknown",
+    "describe",
 ]
 
 
@@ -57,8 +59,24 @@ class MonitorError(OnlineLLCError):
     """The online monitor failed and was disabled (raised only in strict mode)."""
 
 
+def describe(value: Any, limit: int = 80) -> str:
+    """``value`` for a one-line message: a tensor or array by its type, shape and dtype, a mapping
+    by its keys, anything else by its repr cut to ``limit`` characters (a batch's repr runs to
+    dozens of lines)."""
+    shape = getattr(value, "shape", None)
+    if shape is not None and hasattr(value, "dtype") and not isinstance(value, (int, float)):
+        try:
+            return f"a {type(value).__name__} of shape {list(shape)} ({value.dtype})"
+        except TypeError:
+            pass
+    if isinstance(value, Mapping):
+        return f"a {type(value).__name__} with keys {describe(list(value), limit)}"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _fmt(name: str, accepted: str, value: Any) -> str:
-    return f"Expected `{name}` to be {accepted}, got {value!r}."
+    return f"Expected `{name}` to be {accepted}, got {describe(value)}."
 
 
 def as_int(value: Any) -> Optional[int]:

@@ -96,3 +96,33 @@ def test_measure_every_must_be_a_positive_int():
         with pytest.raises(ValueError, match=rf"Expected `measure_every` to be a positive int, got {shown}\."):
             monitor(measure_every=bad)
     assert monitor(measure_every=np.int64(2))._model.measure_every == 2
+
+
+def test_a_detached_loss_and_swapped_update_arguments_get_one_line_messages():
+    """Two mistakes a new user makes, each answered in one line that names the fix: a loss_fn that
+    returns detached losses (autograd's own "element 0 of tensors does not require grad" named
+    neither), online and offline; ``update(step, batch)`` with its arguments swapped (the message
+    printed the whole batch tensor, about 70 lines). A long value in any validation message is
+    described, not printed."""
+    from online_llc import estimate_llc
+    from online_llc.errors import describe
+
+    def detached(model, batch):
+        return P.loss_fn(model, batch).detach()
+
+    batch = next(iter(P.batches))
+    fix = r"got a tensor that does not require grad: do not \.detach\(\) them or compute them under torch\.no_grad\(\)"
+    m = OnlineLLC(P.model, detached, num_samples=256, every_n_steps=1, window=4, warmup=0)
+    with pytest.raises(ValueError, match=r"Expected `loss_fn` to return losses computed from .*" + fix) as online:
+        m.update(batch, 1)
+    with pytest.raises(ValueError, match=fix) as offline:
+        estimate_llc(P.model, detached, [batch], num_samples=256, num_draws=5, burn_in=2, progress=False)
+    big = torch.zeros(16, 128, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"got a Tensor of shape \[16, 128\] \(torch\.int64\) \(update takes the batch "
+                                         r"first: update\(batch, step\)\)\.$") as swapped:
+        monitor().update(3, big)
+    for exc in (online, offline, swapped):
+        assert "\n" not in str(exc.value) and len(str(exc.value)) < 250
+    assert describe({"input_ids": big, "labels": big}) == "a dict with keys ['input_ids', 'labels']"
+    assert describe(list(range(100))).endswith("...") and len(describe(list(range(100)))) == 80
+    assert describe(0.5) == "0.5" and describe("sgld") == "'sgld'"

@@ -454,6 +454,16 @@ def test_sequence_classification_loss_is_the_per_example_cross_entropy():
         sequence_classification_loss(model, (ids, labels))
 
 
+def test_sequence_classification_loss_on_a_language_model_says_which_task_to_pass():
+    """task="sequence_classification" on a causal LM used to fail inside cross-entropy ("Expected
+    target size [16, 128], got [16, 32]"); it now says, in one line, what the logits are and what
+    to pass."""
+    ids = torch.randint(1, VOCAB, (4, 9), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"logits of shape \[batch, num_labels\], got \[4, 9, \d+\] .*task='causal_lm'") as exc:
+        sequence_classification_loss(gpt2(), {"input_ids": ids, "labels": torch.tensor([0, 1, 0, 1])})
+    assert "\n" not in str(exc.value)
+
+
 def test_sequence_classification_trains_with_the_default_loss(tmp_path):
     class Labeled(TokenDataset):
         def __getitem__(self, i):

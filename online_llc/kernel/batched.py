@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from online_llc.config import SGLDConfig
-from online_llc.kernel.evaluator import LossEvaluator
+from online_llc.kernel.evaluator import LossEvaluator, check_differentiable
 from online_llc.kernel.halves import _map_tensors, split_halves
 from online_llc.kernel.randomness import deterministic
 from online_llc.kernel.step import SGLDInfo, _info, _Pending
@@ -202,6 +202,7 @@ class BatchedChains:
         losses = torch.func.vmap(self._losses)(leaf, stacked)
         b = losses.shape[1] * (2 if split else 1)
         h = b // 2
+        check_differentiable(losses)
         if split:
             (g,) = torch.autograd.grad(losses.mean(1).sum(), leaf)
             g = g.view(r, 2, -1)

@@ -220,6 +220,7 @@ class LossEvaluator:
     def grads(self, out: Tensor, leaves: List[Tensor], retain_graph: bool = False) -> List[Optional[Tensor]]:
         """The gradient of the scalar ``out`` with respect to the offsets ``leaves`` (None for an
         offset the loss does not reach)."""
+        check_differentiable(out)
         return list(torch.autograd.grad(out, leaves, allow_unused=True, retain_graph=retain_graph))
 
     def losses(self, params: Params, batch: Any) -> Tensor:
@@ -275,6 +276,16 @@ def check_per_sample(out: Any) -> Tensor:
             f"reduction='none'), got {shape}."
         )
     return out
+
+
+def check_differentiable(out: Tensor) -> None:
+    """Raise a one-line ``ValueError`` naming ``loss_fn`` where ``out`` carries no gradient (autograd's
+    own error, "element 0 of tensors does not require grad", names neither the cause nor the fix)."""
+    if not out.requires_grad:
+        raise ValueError(
+            "Expected `loss_fn` to return losses computed from the model's parameters, with gradients; got a tensor "
+            "that does not require grad: do not .detach() them or compute them under torch.no_grad() in loss_fn."
+        )
 
 
 def moved_weights(center: Mapping[str, Tensor], xi: Mapping[str, Tensor]) -> Dict[str, Tensor]:

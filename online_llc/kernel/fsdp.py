@@ -58,7 +58,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from online_llc.kernel.evaluator import LossEvaluator, LossFn, Params, check_per_sample
+from online_llc.kernel.evaluator import LossEvaluator, LossFn, Params, check_differentiable, check_per_sample
 from online_llc.kernel.updates import state_dtype
 
 __all__ = ["ShardLayout", "ShardedLossEvaluator", "is_fsdp2", "make_evaluator"]
@@ -179,6 +179,7 @@ class ShardedLossEvaluator(LossEvaluator):
         (the union's mean gradient when the ranks' batches have equal sizes), this rank's shards,
         taken from the parameters' ``.grad`` (the offsets ``leaves`` are not in the graph: the
         shards themselves moved)."""
+        check_differentiable(out)
         out.backward(retain_graph=retain_graph)
         return self._take_grads()
 

@@ -107,6 +107,11 @@ def sequence_classification_loss(model: nn.Module, batch: Mapping[str, Any]) -> 
             "Expected a classification model for sequence_classification_loss, got a regression head "
             "(one output): pass a loss_fn, e.g. 0.5 * (prediction - label)^2 / sigma^2."
         )
+    if logits.dim() != 2:
+        raise ValueError(
+            f"Expected sequence_classification_loss's model to return logits of shape [batch, num_labels], got "
+            f"{list(logits.shape)} (a language model's per-token logits?): pass task='causal_lm' or a loss_fn."
+        )
     if problem == "multi_label_classification" or (problem is None and labels.is_floating_point()):
         return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none").sum(-1)
     return F.cross_entropy(logits, labels.long(), reduction="none")

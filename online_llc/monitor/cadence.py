@@ -71,7 +71,7 @@ import warnings
 from dataclasses import dataclass, replace
 from typing import Optional, Union
 
-from online_llc.errors import as_int, check_nonneg_int, check_positive_int
+from online_llc.errors import as_int, check_nonneg_int, check_positive_int, describe
 
 __all__ = [
     "group_budget",
@@ -190,7 +190,9 @@ def next_step(step: object, previous: Optional[int]) -> int:
     low = 0 if previous is None else previous + 1
     if v is None or v < low:
         what = "a non-negative int" if previous is None else f"an int > the previous step {previous} (one call per optimizer step)"
-        raise ValueError(f"Expected `step` to be {what}, got {step!r}.")
+        # A batch where the step belongs: the arguments were swapped (update takes the batch first).
+        hint = "" if isinstance(step, (int, float, str)) or as_int(step) is not None else " (update takes the batch first: update(batch, step))"
+        raise ValueError(f"Expected `step` to be {what}, got {describe(step)}{hint}.")
     return v
 
 

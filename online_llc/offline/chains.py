@@ -133,6 +133,8 @@ class Chains:
         try:
             chains.step(batches)
         except Exception as exc:  # a model vmap cannot run (in-place ops, data-dependent control flow)
+            if isinstance(exc, ValueError) and "`loss_fn`" in str(exc):
+                raise  # the loss's own error (detached losses), which one-at-a-time chains meet too
             return f"the vectorized pass failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         chains.xi.zero_()
         chains.reset_measurement()
