@@ -7,7 +7,7 @@ from typing import Dict, Mapping
 
 from online_llc.records import STATUSES, LLCEstimate
 
-__all__ = ["LOGGED_KEYS", "ESTIMATE_KEYS", "estimate_metrics", "group_metrics"]
+__all__ = ["LOGGED_KEYS", "ESTIMATE_KEYS", "GROUP_KEYS", "estimate_metrics", "group_metrics"]
 
 #: The keys logged at a closed window, in this order. ``llc/status`` is the index of the
 #: status in :data:`online_llc.STATUSES` (0 warming_up, 1 tracking, 2 transition,
@@ -51,11 +51,19 @@ def estimate_metrics(est: LLCEstimate) -> Dict[str, float]:
     return {k: float(v) for k, v in zip(LOGGED_KEYS, values) if est.filtered or k not in ESTIMATE_KEYS}
 
 
+#: The keys logged per group ``<g>`` at its closed window (``llc/<g>/<key>``): the first four
+#: (the estimate and its band) only for windows its filter absorbed, as for the whole model.
+GROUP_KEYS = ("mean", "std", "lower", "upper", "status", "raw_mean")
+
+
 def group_metrics(estimates: Mapping[str, LLCEstimate]) -> Dict[str, float]:
-    """``llc/<group>/mean`` and ``llc/<group>/std`` of every group whose window just closed and
-    was absorbed by its filter (as for the whole model, a warm-up window is no estimate)."""
+    """``llc/<group>/<key>`` over :data:`GROUP_KEYS` for every group whose window just closed:
+    its status and raw window mean always (so a dashboard tells a warm-up value from an
+    estimate), its estimate and band only when the filter absorbed the window."""
     out: Dict[str, float] = {}
     for name, g in estimates.items():
-        if g.filtered:
-            out[f"llc/{name}/mean"], out[f"llc/{name}/std"] = float(g.mean), float(g.std)
+        values = (g.mean, g.std, g.lower, g.upper, float(STATUSES.index(g.status)), g.raw_mean)
+        for key, v in zip(GROUP_KEYS, values):
+            if g.filtered or key not in ("mean", "std", "lower", "upper"):
+                out[f"llc/{name}/{key}"] = float(v)
     return out

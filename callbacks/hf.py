@@ -81,7 +81,7 @@ class OnlineLLCTrainerCallback(TrainerCallback):
 
     Every ``every_n_steps``-th optimizer step (``state.global_step``) it runs one shadow SGLD step
     on that step's last micro-batch; when a window closes it logs :data:`LOGGED_KEYS` (and
-    ``llc/<group>/mean``, ``llc/<group>/std``) through ``trainer.log``, so they reach every
+    ``llc/<group>/<key>`` over ``GROUP_KEYS``) through ``trainer.log``, so they reach every
     ``report_to`` integration (TensorBoard shows them as ``train/llc/mean``, ...) and
     ``trainer.state.log_history``.
 

@@ -100,8 +100,8 @@ class OnlineLLCCallback(Callback):
             module's ``per_sample_loss(batch)`` method (zero-config path), if it has one.
         groups: parameter groups tracked beside the whole model, as in
             :class:`online_llc.OnlineLLC`, given as parameter-name patterns (or modules of the
-            LightningModule); each logs ``llc/<group>/mean`` and ``llc/<group>/std`` when its
-            window closes.
+            LightningModule); each logs ``llc/<group>/<key>`` over ``GROUP_KEYS`` (the band
+            and status too) when its window closes.
         prog_bar: also show ``llc`` in the progress bar.
         strict: re-raise a failure of the monitor instead of warning once and disabling it.
         **options: the monitor's options, as in :class:`online_llc.OnlineLLC` (each a field of

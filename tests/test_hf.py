@@ -32,7 +32,7 @@ from transformers import (  # noqa: E402
     TrainingArguments,
 )
 
-from online_llc import MonitorError, OnlineLLC  # noqa: E402
+from online_llc import STATUSES, MonitorError, OnlineLLC  # noqa: E402
 from online_llc.callbacks import (
     LOGGED_KEYS,  # noqa: E402
     hf,  # noqa: E402
@@ -159,6 +159,15 @@ def test_group_estimates_are_logged_once_between_shadow_steps(tmp_path):
         assert len(group) == 2
         # Each filtered window once (a warm-up window logs no mean), never again in between.
         assert rows and [r[f"llc/{name}/mean"] for r in rows] == [e.mean for e in group if e.filtered]
+        # Every window logs its status and raw mean; a filtered one its band too.
+        closed = [r for r in trainer.state.log_history if f"llc/{name}/status" in r]
+        assert [STATUSES[int(r[f"llc/{name}/status"])] for r in closed] == [e.status for e in group]
+        assert [r[f"llc/{name}/raw_mean"] for r in closed] == [e.raw_mean for e in group]
+        assert [(r[f"llc/{name}/lower"], r[f"llc/{name}/upper"]) for r in rows] == [
+            (e.lower, e.upper) for e in group if e.filtered
+        ]
+        # group_estimates() holds estimates only: the latest filtered window.
+        assert cb.monitor.group_estimates()[name] is next(e for e in reversed(group) if e.filtered)
 
 
 def test_without_attach_it_warns_and_logs_to_the_state_only(tmp_path):

@@ -73,9 +73,9 @@ def main(argv: List[str] | None = None, prog: str | None = None) -> int:
                 rows.append({"step": est.step, "unit": "model", "mean": est.mean, "std": est.std, "status": est.status})
                 if len(monitor.history()) % 20 == 0:
                     learned = {n: p.learned_singular_values()[0] for n, p in parts.items()}
-                    groups = monitor.group_estimates()
+                    groups = {n: (g.mean if g is not None else float("nan")) for n, g in monitor.group_estimates().items()}
                     print(f"step {step:6d}  learned fast {learned['fast']:.2f} slow {learned['slow']:.2f}  "
-                          f"LLC model {est.mean:8.1f}  fast {groups['fast'].mean:8.1f}  slow {groups['slow'].mean:8.1f}")
+                          f"LLC model {est.mean:8.1f}  fast {groups['fast']:8.1f}  slow {groups['slow']:8.1f}")
             if step >= args.steps:
                 break
     os.makedirs(args.out, exist_ok=True)

@@ -269,8 +269,9 @@ class OnlineLLC:
         return list(self._group(name).history)
 
     def group_estimates(self) -> Dict[str, Optional[LLCEstimate]]:
-        """The latest estimate of every group (``None`` for a group with no window yet)."""
-        return {name: (t.history[-1] if t.history else None) for name, t in self._groups.items()}
+        """The latest *estimate* of every group: its last window the filter absorbed (``None`` before
+        the first; a later warm-up or diverged window is in :meth:`group_history`)."""
+        return {name: next((e for e in reversed(t.history) if e.filtered), None) for name, t in self._groups.items()}
 
     def group_band(self, name: str, step: Optional[int] = None) -> Tuple[float, float]:
         """Group ``name``'s predicted mean and std at ``step`` (default: the current step): the
