@@ -3,11 +3,11 @@ same keys in the same order. No framework import."""
 
 from __future__ import annotations
 
-from typing import Dict, Mapping
+from typing import Any, Dict, Iterable, List, Mapping
 
 from online_llc.records import STATUSES, LLCEstimate
 
-__all__ = ["LOGGED_KEYS", "ESTIMATE_KEYS", "GROUP_KEYS", "estimate_metrics", "group_metrics"]
+__all__ = ["LOGGED_KEYS", "ESTIMATE_KEYS", "GROUP_KEYS", "band_layout", "estimate_metrics", "group_metrics"]
 
 #: The keys logged at a closed window, in this order. ``llc/status`` is the index of the
 #: status in :data:`online_llc.STATUSES` (0 warming_up, 1 tracking, 2 transition,
@@ -67,3 +67,15 @@ def group_metrics(estimates: Mapping[str, LLCEstimate]) -> Dict[str, float]:
             if g.filtered or key not in ("mean", "std", "lower", "upper"):
                 out[f"llc/{name}/{key}"] = float(v)
     return out
+
+
+def band_layout(groups: Iterable[str], prefix: str = "") -> Dict[str, Dict[str, List[Any]]]:
+    """TensorBoard's custom-scalars layout (``SummaryWriter.add_custom_scalars``) that draws each
+    band where people look: one Margin chart of ``llc/mean`` between ``llc/lower`` and
+    ``llc/upper`` for the whole model, and one per group. ``prefix``: what the framework puts
+    before the keys (the Hugging Face integration's ``"train/"``)."""
+
+    def margin(base: str) -> List[Any]:
+        return ["Margin", [f"{prefix}{base}/mean", f"{prefix}{base}/lower", f"{prefix}{base}/upper"]]
+
+    return {"online-llc": {"LLC, whole model": margin("llc"), **{f"LLC, {g}": margin(f"llc/{g}") for g in groups}}}

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from online_llc.callbacks._failure import monitor_failed, placeholders_after_failure, placeholders_stopped
-from online_llc.callbacks._metrics import LOGGED_KEYS, estimate_metrics, group_metrics
+from online_llc.callbacks._metrics import LOGGED_KEYS, band_layout, estimate_metrics, group_metrics
 from online_llc.callbacks._resume import everyone, read_state
 from online_llc.errors import MonitorError
 from online_llc.kernel.evaluator import LossFn
@@ -196,7 +196,7 @@ class OnlineLLCTrainerCallback(TrainerCallback):
         gather = self._gather(args) if self._world_size > 1 and not is_fsdp2(model) else None
         self._fresh = lambda: OnlineLLC(model, loss_fn, gather=gather, groups=self.groups, **options)
         self.monitor = self._fresh()
-        self.failure = None
+        self.failure, self._layout_written = None, False
         self._restore(args, state)
         self._last_step = int(state.global_step)
         self._batch = None
@@ -352,6 +352,13 @@ class OnlineLLCTrainerCallback(TrainerCallback):
                 self._alarms_seen.add(kind)
 
     def _log(self, state: Any, control: Any, metrics: Dict[str, float]) -> None:
+        if self.trainer is not None and not self._layout_written:
+            # Once per run, the bands as Margin charts in the TensorBoard integration's writer (it
+            # exists on the main process once that integration's run began).
+            for c in self.trainer.callback_handler.callbacks:
+                if type(c).__name__ == "TensorBoardCallback" and getattr(c, "tb_writer", None) is not None:
+                    c.tb_writer.add_custom_scalars(band_layout(self.monitor.groups, prefix="train/"))
+                    self._layout_written = True
         if self.trainer is not None:
             # Every rank, as the Trainer logs: the integrations write on the main process only.
             # Trainer.log clears `control.should_log`; put it back so that the Trainer's own

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from online_llc.callbacks._failure import monitor_failed, placeholders_after_failure, placeholders_stopped
-from online_llc.callbacks._metrics import ESTIMATE_KEYS, LOGGED_KEYS, estimate_metrics, group_metrics
+from online_llc.callbacks._metrics import ESTIMATE_KEYS, LOGGED_KEYS, band_layout, estimate_metrics, group_metrics
 from online_llc.errors import MonitorError
 from online_llc.kernel.evaluator import LossFn
 from online_llc.kernel.fsdp import is_fsdp2
@@ -32,9 +32,11 @@ from online_llc.records import LLCEstimate
 
 try:  # the `lightning` package first; `pytorch_lightning` is the same code under another name
     from lightning.pytorch import Callback
+    from lightning.pytorch.loggers import TensorBoardLogger
 except ImportError:  # pragma: no cover - exercised only without `lightning`
     try:
         from pytorch_lightning import Callback
+        from pytorch_lightning.loggers import TensorBoardLogger
     except ImportError as exc:  # pragma: no cover
         raise ImportError(
             "online_llc.callbacks.OnlineLLCCallback needs Lightning: pip install 'online-llc[lightning]'"
@@ -211,6 +213,9 @@ class OnlineLLCCallback(Callback):
                 self.monitor.reseed_for_rank(rank)
         self._last_global_step = int(trainer.global_step)
         self._relax_strict_monitors(trainer, self.monitor.cadence)
+        for logger in trainer.loggers if trainer.is_global_zero else []:  # the bands as TensorBoard charts
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_custom_scalars(band_layout(self.monitor.groups))
 
     def _total_steps(self, trainer: Any) -> Optional[int]:
         """The run's length for the ``"auto"`` cadence: ``total_steps`` as given; on resume, the

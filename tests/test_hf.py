@@ -33,6 +33,7 @@ from transformers import (  # noqa: E402
 )
 
 from online_llc import STATUSES, MonitorError, OnlineLLC  # noqa: E402
+from conftest import tensorboard_margins  # noqa: E402
 from online_llc.callbacks import (
     LOGGED_KEYS,  # noqa: E402
     hf,  # noqa: E402
@@ -129,6 +130,13 @@ def test_llc_keys_reach_tensorboard(tmp_path):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {f"train/{k}" for k in LOGGED_KEYS} <= tags
+    # The bands are drawn in TensorBoard itself: a Margin chart per band, over logged tags.
+    margins = tensorboard_margins(os.path.dirname(events[0]))
+    assert margins["LLC, whole model"] == ("train/llc/mean", "train/llc/lower", "train/llc/upper")
+    for h in ("head0", "head1"):
+        base = f"train/llc/transformer.h.0.attn.{h}"
+        assert margins[f"LLC, transformer.h.0.attn.{h}"] == (f"{base}/mean", f"{base}/lower", f"{base}/upper")
+        assert {f"{base}/mean", f"{base}/lower", f"{base}/upper"} <= tags
     est = cb.monitor.history()
     assert [e.step for e in est] == [3, 6, 9, 12]
     # Every window logs its status and raw mean; only windows the filter absorbed log llc/mean.

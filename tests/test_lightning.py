@@ -29,6 +29,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger, Logger  # noqa: E402
+from conftest import tensorboard_margins  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset  # noqa: E402
@@ -173,6 +174,27 @@ class BatchCounter(Callback):
 
 
 # ---- 1. logging: exactly the core's numbers ----------------------------------------------------------
+
+
+def test_tensorboard_logger_draws_each_band_as_a_margin_chart(tmp_path):
+    """With a TensorBoardLogger the callback writes TensorBoard's custom-scalars layout once: a
+    Margin chart of ``llc/mean`` between ``llc/lower`` and ``llc/upper`` for the whole model and
+    for each group, over the tags the logger holds."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    cb = OnlineLLCCallback(per_sample_loss, groups={"first": ["net.0.*"]}, group_budget=1, **FAST)
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+    make_trainer([cb], max_steps=40, logger=logger, log_every_n_steps=1).fit(make_module(), loader())
+    margins = tensorboard_margins(logger.log_dir)
+    assert margins == {
+        "LLC, whole model": ("llc/mean", "llc/lower", "llc/upper"),
+        "LLC, first": ("llc/first/mean", "llc/first/lower", "llc/first/upper"),
+    }
+    from tensorboard.backend.event_processing import event_accumulator
+
+    acc = event_accumulator.EventAccumulator(logger.log_dir)
+    acc.Reload()
+    assert {t for chart in margins.values() for t in chart} <= set(acc.Tags()["scalars"])
 
 
 def test_csv_logger_rows_are_the_core_estimates(tmp_path):
