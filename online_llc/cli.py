@@ -2,7 +2,8 @@
 
     online-llc demo stagewise --out runs/      a deep linear network learning in stages (main demo)
     online-llc demo lightning --out runs/      the Lightning callback with a CSV logger
-    online-llc plot RUN.csv [-o RUN.png]       draw the LLC band from a CSV (ours or Lightning's)
+    online-llc plot LOG [-o RUN.png]           draw the LLC band from a run's log (CSV, trainer_state.json,
+                                               output_dir, TensorBoard directory)
 
 Errors (a missing or malformed file, an unknown demo) print one line and exit with status 2.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
 from typing import List, Optional
@@ -22,7 +24,8 @@ __all__ = ["main"]
 _EPILOG = """examples:
   online-llc demo stagewise --out runs          train, print the live LLC, write CSV + PNG
   online-llc demo stagewise --help              the demo's own options
-  online-llc plot runs/stagewise_dln.csv        draw a logged run (also Lightning's metrics.csv)
+  online-llc plot runs/stagewise_dln.csv        draw a logged run (also Lightning's metrics.csv, a Trainer's
+                                                output_dir or trainer_state.json, a TensorBoard directory)
 
 The LLC (local learning coefficient) measures how degenerate the solution a network sits at is;
 online-llc estimates it live during training with an uncertainty band."""
@@ -47,16 +50,18 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("demo_args", nargs=argparse.REMAINDER, help="options for the demo, e.g. --out runs --steps 20000")
     plot = sub.add_parser(
         "plot",
-        help="draw the LLC band from a logged CSV",
-        description="Draw the LLC band (filtered mean, 90 percent band, window means coloured by status) from a CSV "
-        "written by a demo, by online_llc.plot.write_csv, or by Lightning's CSVLogger with OnlineLLCCallback.",
+        help="draw the LLC band from a run's log (CSV, trainer_state.json, output_dir, TensorBoard)",
+        description="Draw the LLC band (filtered mean, 90 percent band, window means coloured by status) from a run's "
+        "log: a CSV written by a demo, by online_llc.plot.write_csv or by Lightning's CSVLogger; a Hugging Face "
+        "trainer_state.json or output_dir; a TensorBoard event directory. Groups, when logged, get a second panel.",
     )
-    plot.add_argument("csv", metavar="RUN.csv", help="the logged run")
-    plot.add_argument("-o", "--out", help="output PNG (default: RUN.png next to the CSV)")
+    plot.add_argument("csv", metavar="LOG", help="the run's log: a CSV, a trainer_state.json, an output_dir or a "
+                      "TensorBoard log directory")
+    plot.add_argument("-o", "--out", help="output PNG (default: next to the log, named after it)")
     plot.add_argument("--theory", type=float, help="draw a theoretical learning coefficient as a dashed line")
-    plot.add_argument("--title", help="plot title")
+    plot.add_argument("--title", help="plot title (default: the run's name)")
     plot.add_argument("--loss-column", default="train_loss",
-                      help="a column drawn on a second axis when present (default: train_loss)")
+                      help="a column drawn on a second axis when present (default: train_loss, else loss)")
     return ap
 
 
@@ -66,15 +71,16 @@ def _fail(msg: str) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from online_llc.plot import plot_llc, read_loss, read_run
+    from online_llc.plot import plot_groups, plot_llc
+    from online_llc.runlogs import read_log
 
-    if not os.path.isfile(args.csv):
-        return _fail(f"no such file: {args.csv}")
+    if not os.path.exists(args.csv):
+        return _fail(f"no such file or directory: {args.csv}")
     try:
-        history = read_run(args.csv)
-    except (ValueError, UnicodeDecodeError) as exc:
-        return _fail(str(exc))
-    if not history:
+        run = read_log(args.csv, args.loss_column)
+    except (ValueError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return _fail(str(exc).splitlines()[0])
+    if not run.history:
         return _fail(f"{args.csv}: no LLC rows")
     try:
         import matplotlib
@@ -83,13 +89,17 @@ def _plot(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = args.out or os.path.splitext(args.csv)[0] + ".png"
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    loss = read_loss(args.csv, args.loss_column)
-    plot_llc(history, ax=ax, theory=args.theory, title=args.title or os.path.basename(args.csv), loss=loss)
+    base = args.csv.rstrip(os.sep)
+    out = args.out or (os.path.join(base, "llc.png") if os.path.isdir(base) else os.path.splitext(base)[0] + ".png")
+    panels = 2 if run.groups else 1
+    fig, axes = plt.subplots(panels, 1, figsize=(9, 4.5 * panels), squeeze=False)
+    plot_llc(run.history, ax=axes[0][0], theory=args.theory, title=args.title or run.title, loss=run.loss)
+    if run.groups:
+        plot_groups(run.groups, ax=axes[1][0], title=f"{len(run.groups)} groups")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
-    print(f"Wrote {out} ({len(history)} windows)")
+    groups = f", {len(run.groups)} groups" if run.groups else ""
+    print(f"Wrote {out} ({len(run.history)} windows{groups}, from {run.kind})")
     return 0
 
 

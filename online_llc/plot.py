@@ -10,6 +10,7 @@ import math
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from online_llc.records import STATUSES, LLCEstimate
+from online_llc.runlogs import read_log
 
 __all__ = ["plot_llc", "plot_groups", "write_csv", "read_run", "read_loss", "CSV_FIELDS"]
 
@@ -163,66 +164,20 @@ def read_loss(path: str, column: str = "train_loss") -> Tuple[List[int], List[fl
 
 
 def read_run(path: str) -> List[LLCEstimate]:
-    """Read estimates back from a CSV written by :func:`write_csv` or by Lightning's ``CSVLogger``
-    with :class:`online_llc.callbacks.OnlineLLCCallback` (columns ``llc/mean``, ``llc/std``,
-    ``llc/lower``, ``llc/upper``, ``llc/status``, ``llc/raw_mean``, ...). Rows without an LLC
-    window (other metrics a logger wrote) are skipped; fields the file lacks are NaN. In a
-    Lightning CSV a warm-up or diverged window has a status but no ``llc/mean``: its ``mean``
-    and band are NaN, and ``raw_mean`` is its logged window mean (NaN in files logged before
-    ``llc/raw_mean`` existed).
+    """Read the whole model's estimates back from a CSV written by :func:`write_csv` or by
+    Lightning's ``CSVLogger`` with :class:`online_llc.callbacks.OnlineLLCCallback` (columns
+    ``llc/mean``, ``llc/std``, ``llc/lower``, ``llc/upper``, ``llc/status``, ``llc/raw_mean``,
+    ...), or from any other log :func:`online_llc.runlogs.read_log` reads (a Hugging Face
+    ``trainer_state.json`` or ``output_dir``, a TensorBoard event directory). Rows without an
+    LLC window (other metrics a logger wrote) are skipped; fields the log lacks are NaN. A
+    warm-up or diverged window logged by a callback has a status but no ``llc/mean``: its
+    ``mean`` and band are NaN, and ``raw_mean`` is its logged window mean (NaN in files logged
+    before ``llc/raw_mean`` existed).
 
     Raises:
-        ValueError: the file has no LLC columns, or a value is not a number.
+        ValueError: the log has no LLC columns, or a value is not a number.
     """
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-        fieldnames = rows[0].keys() if rows else []
-    prefix = "llc/" if "llc/mean" in fieldnames or "llc/status" in fieldnames else "" if "mean" in fieldnames else None
-    if prefix is None:
-        raise ValueError(f"{path}: no LLC columns (expected `mean` or `llc/mean`).")
-    # A window's row: our CSV has a mean in every row; Lightning's has a status in every window's row.
-    key = "llc/status" if prefix else "mean"
-    out: List[LLCEstimate] = []
-    for i, row in enumerate(rows, start=2):
-        if not row.get(key):
-            continue
-        try:
-            def num(key: str, row: Dict[str, str] = row) -> float:
-                v = row.get(prefix + key, "")
-                return float(v) if v not in ("", None) else math.nan
-
-            status = row.get(prefix + "status", "tracking")
-            if prefix:
-                status = STATUSES[int(float(status))]
-            elif status not in STATUSES:
-                raise ValueError(f"unknown status {status!r}")
-            out.append(
-                LLCEstimate(
-                    step=int(float(row["step"])),
-                    mean=num("mean"),
-                    std=num("std"),
-                    lower=num("lower"),
-                    upper=num("upper"),
-                    status=status,
-                    raw_mean=num("raw_mean"),
-                    raw_se=num("raw_se"),
-                    slope=num("slope"),
-                    var_channel=num("var_channel"),
-                    ratio=num("ratio"),
-                    dispersion=num("dispersion"),
-                    ess=num("ess"),
-                    nis=num("nis"),
-                    window_start=int(float(row.get("window_start") or row["step"])),
-                    shadow_steps=int(float(row.get("shadow_steps") or 0)),
-                    divergences=int(float(row.get("divergences") or 0)),
-                    heat=num("heat"),
-                    heat_bias=num("heat_bias"),
-                    step_size=num("step_size"),
-                )
-            )
-        except (KeyError, ValueError, IndexError) as exc:
-            raise ValueError(f"{path}, line {i}: not a valid LLC row ({exc}).") from None
-    return out
+    return read_log(path).history
 
 
 def plot_groups(histories: Mapping[str, Sequence[LLCEstimate]], *, ax: Any = None, title: Optional[str] = None) -> Any:

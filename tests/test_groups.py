@@ -247,6 +247,14 @@ def test_lightning_logs_each_group(tmp_path, every_n_steps, windows):
         assert logged == [e.mean for e in cb.monitor.group_history(name)] and len(logged) == windows
         assert all(r.get(f"llc/{name}/std") for r in rows if r.get(f"llc/{name}/mean"))
     assert "llc/first/mean" in trainer.callback_metrics
+    # online-llc plot reads each group's windows back from the same metrics.csv, warm-up included.
+    from online_llc.runlogs import read_log
+
+    run = read_log(str(next(tmp_path.glob("lightning_logs/version_*/metrics.csv"))))
+    for name in ("first", "second"):
+        want = cb.monitor.group_history(name)
+        assert [(e.step, e.status) for e in run.groups[name]] == [(e.step, e.status) for e in want]
+        assert [e.raw_mean for e in run.groups[name]] == pytest.approx([e.raw_mean for e in want], rel=1e-6)
 
 
 class TinyAttention(nn.Module):

@@ -157,6 +157,36 @@ def test_llc_keys_reach_tensorboard(tmp_path):
     assert [r["step"] for r in trainer.state.log_history if "loss" in r] == [4, 8, 12]
 
 
+def test_plot_reads_a_trainer_state_an_output_dir_and_a_tensorboard_directory(tmp_path, capsys):
+    """``online-llc plot`` on what a Trainer run leaves: its ``output_dir`` (the latest
+    checkpoint's ``trainer_state.json``), that file itself, and the TensorBoard integration's
+    event directory all read back the monitor's windows (step, status, raw mean, and the estimate
+    and band of every filtered window) and each head group's; the plot gets a groups panel."""
+    from online_llc.cli import main
+    from online_llc.runlogs import read_log
+
+    heads = attention_heads(gpt2().transformer.h[0].attn, "transformer.h.0.attn")
+    cb = OnlineLLCTrainerCallback(groups=heads, group_budget=2, **FAST)
+    train(tmp_path, cb, report_to=["tensorboard"], save_strategy="steps", save_steps=6, logging_steps=4)
+
+    def same(got, want):  # TensorBoard keeps float32: the numbers to its precision
+        assert [(e.step, e.status) for e in got] == [(e.step, e.status) for e in want]
+        numbers = lambda h: [v for e in h for v in (e.raw_mean,) + ((e.mean, e.lower, e.upper) if e.filtered else ())]
+        assert numbers(got) == pytest.approx(numbers(want), rel=1e-6)
+
+    runs = [glob.glob(str(tmp_path / "runs" / "*"))[0], tmp_path, tmp_path / "checkpoint-12" / "trainer_state.json"]
+    for path, kind in zip(runs, ("tensorboard", "trainer_state", "trainer_state")):
+        run = read_log(str(path))
+        assert run.kind == kind
+        same(run.history, cb.monitor.history())
+        assert sorted(run.groups) == sorted(heads)
+        for name in heads:
+            same(run.groups[name], cb.monitor.group_history(name))
+        assert run.loss[0] == [4, 8, 12]  # the Trainer's loss, for the second axis
+    assert main(["plot", str(tmp_path)]) == 0
+    assert (tmp_path / "llc.png").is_file() and "4 windows, 2 groups, from trainer_state" in capsys.readouterr().out
+
+
 def test_group_estimates_are_logged_once_between_shadow_steps(tmp_path):
     heads = attention_heads(gpt2().transformer.h[0].attn, "transformer.h.0.attn")
     cb = OnlineLLCTrainerCallback(groups=heads, group_budget=1, **{**FAST, "every_n_steps": 2})

@@ -195,6 +195,15 @@ def test_tensorboard_logger_draws_each_band_as_a_margin_chart(tmp_path):
     acc = event_accumulator.EventAccumulator(logger.log_dir)
     acc.Reload()
     assert {t for chart in margins.values() for t in chart} <= set(acc.Tags()["scalars"])
+    # online-llc plot reads the same directory back: every window's step and status, the group's too.
+    from online_llc.runlogs import read_log
+
+    run = read_log(logger.log_dir)
+    assert run.kind == "tensorboard"
+    assert [(e.step, e.status) for e in run.history] == [(e.step, e.status) for e in cb.monitor.history()]
+    assert [(e.step, e.status) for e in run.groups["first"]] == [(e.step, e.status) for e in cb.monitor.group_history("first")]
+    filtered = [e for e in cb.monitor.history() if e.filtered]
+    assert [e.mean for e in run.history if e.filtered] == pytest.approx([e.mean for e in filtered], rel=1e-6)
 
 
 def test_csv_logger_rows_are_the_core_estimates(tmp_path):
