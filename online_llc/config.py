@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from online_llc.errors import check_choice, check_nonneg_float, check_positive_float
 
@@ -141,6 +141,17 @@ class SGLDConfig:
             raise ValueError(f"Expected `rmsprop_decay` to be a float in [0, 1), got {self.rmsprop_decay!r}.")
         object.__setattr__(self, "rmsprop_decay", decay)
         object.__setattr__(self, "rmsprop_eps", check_positive_float("rmsprop_eps", self.rmsprop_eps))
+
+    def estimate_kwargs(self) -> Dict[str, Any]:
+        """These settings as :func:`online_llc.estimate_llc`'s keyword arguments: the estimand
+        (``nbeta``, ``localization``) at this step, sampler and gradient. With a monitor's
+        ``chain_config`` (its step as calibrated, not the starting step ``monitor.config``
+        holds), ``estimate_llc(model, loss_fn, batches, num_samples=n,
+        **monitor.chain_config.estimate_kwargs())`` estimates what the live chain samples."""
+        return {
+            "nbeta": self.nbeta, "localization": self.localization, "step_size": self.step_size,
+            "sampler": self.sampler, "friction": self.friction, "gradient": self.gradient,
+        }
 
 
 #: The largest default ``nbeta``: ``min(n / log n, DEFAULT_NBETA_CAP)``.

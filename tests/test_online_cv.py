@@ -141,6 +141,28 @@ def test_the_anchor_is_checkpointed_and_reset_when_the_weights_jump():
     assert math.isfinite(mon.history()[-1].raw_mean)
 
 
+def test_the_chains_settings_run_estimate_llc_at_the_live_chains_step_and_estimand():
+    """``monitor.chain_config.estimate_kwargs()`` is what a user passes to ``estimate_llc`` to
+    estimate what the live chain samples: the step as calibrated (the starting step
+    ``monitor.config`` holds is not it), the estimand (nbeta, localization), the sampler and
+    the gradient; the offline result reports exactly those."""
+    from online_llc import estimate_llc
+
+    model, x, y = _regression(3, 4000)
+    mon = OnlineLLC(model, _loss, num_samples=4000, every_n_steps=1, window=10, warmup=5, seed=1)
+    for t in range(1, 31):
+        mon.update((x[16 * t: 16 * t + 16], y[16 * t: 16 * t + 16]), step=t)
+    live = mon.chain_config
+    assert mon.config.gradient == "plain"  # the trap: the construction settings are not the live chain's
+    kw = live.estimate_kwargs()
+    assert set(kw) == {"nbeta", "localization", "step_size", "sampler", "friction", "gradient"}
+    batches = [(x[i: i + 16], y[i: i + 16]) for i in range(0, 4000, 16)]
+    res = estimate_llc(model, _loss, batches, num_samples=4000, num_chains=1, num_draws=20, burn_in=5, progress=False,
+                       **kw)
+    assert (res.step_size, res.nbeta, res.localization, res.gradient) == (
+        live.step_size, live.nbeta, live.localization, "control_variate")
+
+
 @pytest.mark.slow
 def test_the_online_control_variate_at_rest_reads_the_discrete_chains_exact_level():
     """A linear regression at its least-squares optimum (d = 12, n = 1e5) watched at batch 16 by the
