@@ -40,8 +40,9 @@ import numpy as np
 import torch
 
 from online_llc.callbacks._failure import monitor_failed, placeholders_after_failure, placeholders_stopped
-from online_llc.callbacks._metrics import LOGGED_KEYS, band_layout, estimate_metrics, group_metrics
+from online_llc.callbacks._metrics import LOGGED_KEYS, estimate_metrics, group_metrics
 from online_llc.callbacks._resume import everyone, read_state
+from online_llc.callbacks._trainer import add_band_layout, show_in_progress_line
 from online_llc.errors import MonitorError
 from online_llc.kernel.evaluator import LossFn
 from online_llc.kernel.fsdp import is_fsdp2
@@ -344,6 +345,8 @@ class OnlineLLCTrainerCallback(TrainerCallback):
             metrics.update(group_metrics(self.monitor.last_group_estimates))
         if metrics:
             self._log(state, control, metrics)
+        if est is not None and self.trainer is not None:
+            show_in_progress_line(self.trainer.callback_handler.callbacks, est)
         if est is not None:
             for alarm in self.monitor.health().alarms:
                 kind = alarm.split(":", 1)[0]
@@ -352,13 +355,8 @@ class OnlineLLCTrainerCallback(TrainerCallback):
                 self._alarms_seen.add(kind)
 
     def _log(self, state: Any, control: Any, metrics: Dict[str, float]) -> None:
-        if self.trainer is not None and not self._layout_written:
-            # Once per run, the bands as Margin charts in the TensorBoard integration's writer (it
-            # exists on the main process once that integration's run began).
-            for c in self.trainer.callback_handler.callbacks:
-                if type(c).__name__ == "TensorBoardCallback" and getattr(c, "tb_writer", None) is not None:
-                    c.tb_writer.add_custom_scalars(band_layout(self.monitor.groups, prefix="train/"))
-                    self._layout_written = True
+        if self.trainer is not None and not self._layout_written:  # once per run
+            self._layout_written = add_band_layout(self.trainer.callback_handler.callbacks, self.monitor.groups)
         if self.trainer is not None:
             # Every rank, as the Trainer logs: the integrations write on the main process only.
             # Trainer.log clears `control.should_log`; put it back so that the Trainer's own

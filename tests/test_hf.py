@@ -208,6 +208,32 @@ def test_group_estimates_are_logged_once_between_shadow_steps(tmp_path):
         assert cb.monitor.group_estimates()[name] is next(e for e in reversed(group) if e.filtered)
 
 
+def test_the_latest_estimate_shows_in_the_progress_line(tmp_path):
+    """As Lightning's ``prog_bar=True`` shows ``llc``: after each closed window the Trainer's
+    progress bar carries the estimate and its std (a warm-up window its status)."""
+
+    class Probe(TrainerCallback):
+        def __init__(self):
+            self.seen = {}
+
+        def on_step_end(self, args, state, control, **kwargs):
+            bars = [c.training_bar for c in trainer.callback_handler.callbacks if type(c).__name__ == "ProgressCallback"]
+            self.seen[state.global_step] = bars[0].postfix
+
+    cb, probe = OnlineLLCTrainerCallback(**FAST), Probe()
+    kw = dict(output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=BATCH, use_cpu=True, report_to=[],
+              save_strategy="no", disable_tqdm=False, seed=0)
+    trainer = Trainer(model=gpt2(), args=TrainingArguments(**kw), train_dataset=TokenDataset())
+    cb.attach(trainer)
+    trainer.add_callback(probe)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    want = {e.step: f"llc {e.mean:.4g} ± {e.std:.2g}" if e.filtered else f"llc {e.status}" for e in cb.monitor.history()}
+    assert want[3] == "llc warming_up" and len(want) == 4
+    assert {step: probe.seen[step] for step in want} == want
+
+
 def test_without_attach_it_warns_and_logs_to_the_state_only(tmp_path):
     cb = OnlineLLCTrainerCallback(**FAST)
     kw = dict(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=BATCH, use_cpu=True, report_to=[],
