@@ -163,6 +163,25 @@ def test_the_chains_settings_run_estimate_llc_at_the_live_chains_step_and_estima
         live.step_size, live.nbeta, live.localization, "control_variate")
 
 
+def test_a_run_shorter_than_three_relaxation_times_says_its_band_is_mostly_lag():
+    """For a run of known length, the monitor's health says once, in plain words, when the run is
+    shorter than three relaxation times of its chains (here 148 shadow steps at the control
+    variate's step, one per training step): 300 steps get the alarm and the way to the end point,
+    3000 steps and a run of unknown length do not."""
+    model, x, y = _regression(3, 4000)
+
+    def alarms(**kw):
+        mon = OnlineLLC(model, _loss, num_samples=4000, every_n_steps=1, window=10, warmup=5, seed=1, **kw)
+        for t in range(1, 21):
+            mon.update((x[16 * t: 16 * t + 16], y[16 * t: 16 * t + 16]), step=t)
+        return [a for a in mon.health().alarms if a.startswith("a short run")]
+
+    (short,) = alarms(total_steps=300)
+    assert "300 training steps against a relaxation time of 148" in short
+    assert "estimate_llc(..., **monitor.chain_config.estimate_kwargs())" in short
+    assert alarms(total_steps=3000) == [] and alarms() == []
+
+
 @pytest.mark.slow
 def test_the_online_control_variate_at_rest_reads_the_discrete_chains_exact_level():
     """A linear regression at its least-squares optimum (d = 12, n = 1e5) watched at batch 16 by the

@@ -314,7 +314,7 @@ class OnlineLLC:
         ``step_size`` given by hand, or a step already at the calibration's floor). See
         :func:`online_llc.monitor.health.chain_health`.
         """
-        return chain_health(self._model, max_heat)
+        return chain_health(self._model, max_heat, self.cadence.total_steps, self.every_n_steps)
 
     @property
     def weight_jumps(self) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from typing import Optional
 
 from online_llc.calibration.heat import pooled_heat
 from online_llc.calibration.step import relaxation_steps
@@ -19,7 +20,7 @@ from online_llc.monitor.policy import measured_windows
 from online_llc.monitor.track import Track
 from online_llc.records import ChainHealth
 
-__all__ = ["HEALTH_WINDOWS", "SLOW_RELAXATION_FACTOR", "SLOW_RELAXATION_WINDOWS", "chain_health"]
+__all__ = ["HEALTH_WINDOWS", "SHORT_RUN_RELAXATIONS", "SLOW_RELAXATION_FACTOR", "SLOW_RELAXATION_WINDOWS", "chain_health"]
 
 #: Measured tracking windows whose heat :func:`chain_health` pools.
 HEALTH_WINDOWS = 10
@@ -31,9 +32,11 @@ HEALTH_WINDOWS = 10
 SLOW_RELAXATION_WINDOWS = 10
 #: Only a step cut this much below its cap counts as slow (short windows alone do not).
 SLOW_RELAXATION_FACTOR = 4.0
+#: The short-run alarm fires for a run shorter than this many relaxation times (in training steps).
+SHORT_RUN_RELAXATIONS = 3.0
 
 
-def chain_health(track: Track, max_heat: float) -> ChainHealth:
+def chain_health(track: Track, max_heat: float, total_steps: Optional[int] = None, every_n_steps: int = 1) -> ChainHealth:
     """The health of ``track``'s chains, with an alarm when something needs the user.
 
     The heat alarm fires when the heat (minibatch and discretization together) measured over the
@@ -43,7 +46,10 @@ def chain_health(track: Track, max_heat: float) -> ChainHealth:
     four windows, the chains were reset more often than there were windows. The lag alarm fires once the step is sized to the
     batch when the slowest direction relaxes over more than :data:`SLOW_RELAXATION_WINDOWS`
     windows and :data:`SLOW_RELAXATION_FACTOR` times its relaxation at the largest step: the
-    co-moving chain then trails moving weights by about that many shadow steps.
+    co-moving chain then trails moving weights by about that many shadow steps. The short-run
+    alarm fires, for a run of known length (``total_steps`` training steps, a shadow step every
+    ``every_n_steps``), when the run is shorter than :data:`SHORT_RUN_RELAXATIONS` relaxation
+    times: while the LLC moves, the live band is then mostly the chain's lag.
 
     Raises:
         ValueError: ``max_heat`` is not a finite float > 1.
@@ -98,6 +104,14 @@ def chain_health(track: Track, max_heat: float) -> ChainHealth:
                 if track.calibrate
                 else "a larger step_size or localization shortens it"
             )
+        )
+    relax_steps = relax * every_n_steps
+    if track.sized and total_steps is not None and total_steps < SHORT_RUN_RELAXATIONS * relax_steps:
+        alarms.append(
+            f"a short run for these chains: {total_steps} training steps against a relaxation time of "
+            f"{relax_steps:.0f} ({relax:.0f} shadow steps of {every_n_steps}), so while the LLC moves the live band is "
+            "mostly the chain's lag behind it, not uncertainty about the level; for the end point, run "
+            "estimate_llc(..., **monitor.chain_config.estimate_kwargs()) on the final weights"
         )
     return ChainHealth(
         divergences=divergences,
