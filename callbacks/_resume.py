@@ -5,11 +5,14 @@ leave the others waiting in a collective)."""
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["everyone", "read_state"]
+from online_llc.errors import MonitorError
+
+__all__ = ["everyone", "load_problem", "read_state", "start_afresh"]
 
 
 def read_state(path: str, version: int) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
@@ -35,3 +38,22 @@ def everyone(device: Optional[torch.device], flag: bool) -> bool:
     t = torch.tensor([int(flag)], device=device or torch.device("cpu"))
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
     return bool(t.item())
+
+
+def load_problem(monitor: Any, state: Dict[str, Any]) -> Optional[str]:
+    """Load ``state`` into ``monitor``; ``None``, or in one line why it does not load (taken with
+    other settings, another version): settings that differ must not kill training."""
+    try:
+        monitor.load_state_dict(state)
+    except Exception as exc:  # noqa: BLE001 - reported through the failure policy instead
+        return f"does not load into this monitor ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})"
+    return None
+
+
+def start_afresh(who: str, problem: str, step: int, *, strict: bool, stacklevel: int) -> None:
+    """Say that ``who`` starts a fresh monitor at ``step`` because of ``problem``: a warning, or
+    with ``strict`` a :class:`~online_llc.errors.MonitorError`."""
+    message = f"{who} found {problem}: the LLC estimate starts afresh at step {step}."
+    if strict:
+        raise MonitorError(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=stacklevel + 1)

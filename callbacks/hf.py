@@ -41,7 +41,7 @@ import torch
 
 from online_llc.callbacks._failure import monitor_failed, placeholders_after_failure, placeholders_stopped
 from online_llc.callbacks._metrics import LOGGED_KEYS, estimate_metrics, group_metrics
-from online_llc.callbacks._resume import everyone, read_state
+from online_llc.callbacks._resume import everyone, load_problem, read_state, start_afresh
 from online_llc.callbacks._trainer import add_band_layout, show_in_progress_line
 from online_llc.errors import MonitorError
 from online_llc.kernel.evaluator import LossFn
@@ -280,19 +280,15 @@ class OnlineLLCTrainerCallback(TrainerCallback):
             else:
                 for key in ("format", "rank", "world_size"):
                     saved.pop(key, None)
-                try:
-                    self.monitor.load_state_dict(saved)
-                except Exception as exc:  # noqa: BLE001 - settings that differ must not kill training
-                    used = own if mine else first
-                    problem = f"{used!r}, which does not load into this monitor ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})"
+                why_not = load_problem(self.monitor, saved)
+                if why_not is not None:
+                    problem = f"{own if mine else first!r}, which {why_not}"
         if self._world_size > 1 and not everyone(device, problem is None) and problem is None:
             problem = "another rank's monitor state could not be restored"
         if problem is not None:
             self.monitor = self._fresh()  # nothing half-loaded
-            message = f"OnlineLLCTrainerCallback found {problem}: the LLC estimate starts afresh at step {state.global_step}."
-            if self.strict and failure is None:
-                raise MonitorError(message)
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            start_afresh("OnlineLLCTrainerCallback", problem, state.global_step, strict=self.strict and failure is None,
+                         stacklevel=3)
             return
         if not mine:
             # Every rank holds rank 0's state (another world size, or a rank's file is missing):

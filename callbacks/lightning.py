@@ -22,7 +22,7 @@ import torch
 
 from online_llc.callbacks._failure import monitor_failed, placeholders_after_failure, placeholders_stopped
 from online_llc.callbacks._metrics import ESTIMATE_KEYS, LOGGED_KEYS, band_layout, estimate_metrics, group_metrics
-from online_llc.errors import MonitorError
+from online_llc.callbacks._resume import load_problem, start_afresh
 from online_llc.kernel.evaluator import LossFn
 from online_llc.kernel.fsdp import is_fsdp2
 from online_llc.monitor.cadence import Cadence
@@ -197,17 +197,12 @@ class OnlineLLCCallback(Callback):
             state, self._pending_state, failure = self._pending_state, None, self.failure
             problem = None if failure is None else f"a saved monitor that had failed ({failure})"
             if problem is None:
-                try:
-                    self.monitor.load_state_dict(state)
-                except Exception as exc:  # noqa: BLE001 - settings that differ must not kill training
-                    first = (str(exc).splitlines() or [""])[0]
-                    problem = f"a saved monitor state that does not load into this monitor ({type(exc).__name__}: {first})"
+                why_not = load_problem(self.monitor, state)
+                problem = None if why_not is None else f"a saved monitor state that {why_not}"
             if problem is not None:  # a fresh monitor, nothing half-loaded; a failure was the old run's
                 self.monitor, self.failure = build(), None
-                message = f"OnlineLLCCallback found {problem}: the LLC estimate starts afresh at step {trainer.global_step}."
-                if self.strict and failure is None:
-                    raise MonitorError(message)
-                warnings.warn(message, RuntimeWarning, stacklevel=2)
+                start_afresh("OnlineLLCCallback", problem, trainer.global_step, strict=self.strict and failure is None,
+                             stacklevel=2)
             elif self._world_size > 1:
                 # Every rank received rank 0's state: each rank's chains become its own again.
                 self.monitor.reseed_for_rank(rank)

@@ -10,7 +10,7 @@ import math
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from online_llc.records import STATUSES, LLCEstimate
-from online_llc.runlogs import read_log
+from online_llc.runlogs import column_series, read_log
 
 __all__ = ["plot_llc", "plot_groups", "write_csv", "read_run", "read_loss", "CSV_FIELDS"]
 
@@ -149,18 +149,8 @@ def plot_llc(
 
 def read_loss(path: str, column: str = "train_loss") -> Tuple[List[int], List[float]]:
     """``(steps, values)`` of ``column`` in a CSV (ours or Lightning's); empty when absent."""
-    steps: List[int] = []
-    values: List[float] = []
     with open(path, newline="") as fh:
-        for row in csv.DictReader(fh):
-            v = row.get(column, "")
-            if v not in ("", None) and row.get("step", "") not in ("", None):
-                try:
-                    steps.append(int(float(row["step"])))
-                    values.append(float(v))
-                except ValueError:
-                    continue
-    return steps, values
+        return column_series(list(csv.DictReader(fh)), column)
 
 
 def read_run(path: str) -> List[LLCEstimate]:

@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Mapping, Tuple
 
 from online_llc.records import STATUSES, LLCEstimate
 
-__all__ = ["RunLog", "read_log"]
+__all__ = ["RunLog", "column_series", "read_log"]
 
 # A group's key as the callbacks log it: llc/<group>/<key> (a group's name may hold slashes).
 _GROUP_KEY = re.compile(r"^llc/(.+)/(mean|std|lower|upper|status|raw_mean)$")
@@ -185,17 +185,25 @@ def _estimates(
 def _loss(rows: List[Dict[str, Any]], column: str) -> Tuple[List[int], List[float]]:
     """``(steps, values)`` of the first loss column the rows hold."""
     for col in (column, *_LOSS_COLUMNS):
-        steps: List[int] = []
-        values: List[float] = []
-        for r in rows:
-            v, s = r.get(col, ""), r.get("step", "")
-            if v in ("", None) or s in ("", None):
-                continue
-            try:
-                steps.append(int(float(s)))
-                values.append(float(v))
-            except (TypeError, ValueError):
-                continue
+        steps, values = column_series(rows, col)
         if steps:
             return steps, values
     return [], []
+
+
+def column_series(rows: List[Mapping[str, Any]], column: str) -> Tuple[List[int], List[float]]:
+    """``(steps, values)`` of ``column`` over the rows that hold it and a step (rows whose value
+    or step is not a number are skipped)."""
+    steps: List[int] = []
+    values: List[float] = []
+    for r in rows:
+        v, s = r.get(column, ""), r.get("step", "")
+        if v in ("", None) or s in ("", None):
+            continue
+        try:
+            step, value = int(float(s)), float(v)
+        except (TypeError, ValueError):
+            continue
+        steps.append(step)
+        values.append(value)
+    return steps, values

@@ -101,11 +101,11 @@ def main(argv: List[str] | None = None, prog: str | None = None) -> int:
     print(f"Final LLC {final.mean:.1f} (90% band {final.lower:.1f} .. {final.upper:.1f}), status {final.status}")
     # Why the band is as wide as it is: while the LLC still rises, the co-moving chain trails the
     # level by about half its relaxation time, and the band counts that lag (policy.lag_std).
-    relax = relaxation_steps(monitor.chain_config) * monitor.every_n_steps
-    lag = lag_std(final.slope, relaxation_steps(monitor.chain_config), monitor.every_n_steps)
+    relax = relaxation_steps(monitor.chain_config)  # shadow steps
+    lag = lag_std(final.slope, relax, monitor.every_n_steps)
     if final.std > 0 and lag > 0.5 * final.std:
         print(f"The band is wide because the LLC was still rising ({final.slope:+.3f} per step) and the chain trails "
-              f"it by up to ~{LAG_FRACTION * relax:.0f} training steps (half its relaxation time): that lag is "
+              f"it by up to ~{LAG_FRACTION * relax * monitor.every_n_steps:.0f} training steps (half its relaxation time): that lag is "
               f"{lag:.1f} of the band's std {final.std:.1f}; the window means scatter by {final.raw_se:.1f}.")
         # The end point alone, at the live chain's estimand and step: a few seconds.
         with warnings.catch_warnings():  # its heat is the live chain's, printed below

@@ -6,9 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import replace
-from typing import Callable, Dict, List, Optional, Sequence
-
-import numpy as np
+from typing import Dict, List, Optional, Sequence
 
 from online_llc.calibration.heat import pooled_heat
 from online_llc.calibration.step import calibrated_step, control_variate_pays, cooling_excess, default_step_size
@@ -17,7 +15,6 @@ from online_llc.records import LLCEstimate, Transition
 
 __all__ = [
     "NO_BATCH",
-    "agreed_batch_size",
     "GRADIENT_OPTIONS",
     "sized_config",
     "HEAT_WINDOWS",
@@ -182,21 +179,9 @@ def transitions(history: Sequence[LLCEstimate], smooth: Dict[int, float]) -> Lis
 GRADIENT_OPTIONS = ("auto", "plain", "control_variate")
 
 
-#: What a rank that runs no chains (its monitor failed) brings to :func:`agreed_batch_size`.
+#: What a rank that runs no chains (its monitor failed) brings to the ranks' agreement on the
+#: batch size that sizes their step (``WindowStats.smallest``, at the first shadow step).
 NO_BATCH = 2**62
-
-
-def agreed_batch_size(batch_size: int, gather: Optional[Callable[[np.ndarray], np.ndarray]]) -> int:
-    """The batch size every rank sizes its chains' step from: the smallest first batch over the
-    ranks when ``gather`` pools them (one collective, at the first shadow step, which every rank
-    takes at the same training step), else the rank's own. Sized from their own batches, ranks
-    whose first batches differ (a short last batch) would run different steps, and even different
-    gradients, while their windows are pooled as one estimate's. The array has a window's six rows
-    (``[6, 1, 1]``), so a ``gather`` written for windows takes it. A rank whose monitor failed
-    joins with :data:`NO_BATCH` (``Track.skip``)."""
-    if gather is None:
-        return batch_size
-    return int(np.min(gather(np.full((6, 1, 1), float(batch_size)))))
 
 
 def sized_config(config: SGLDConfig, batch_size: int, gradient: str, sharded: bool = False) -> SGLDConfig:

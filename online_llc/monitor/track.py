@@ -36,7 +36,7 @@ from online_llc.calibration.step import max_step_size, relaxation_steps
 from online_llc.config import SGLDConfig
 from online_llc.kernel.evaluator import LossEvaluator
 from online_llc.monitor.cadence import DEFAULT_HORIZON, Cadence
-from online_llc.monitor.policy import MEASURE_EVERY, NO_BATCH, agreed_batch_size, cooled_step, lag_std, measuring, sized_config, transitions, window_status
+from online_llc.monitor.policy import MEASURE_EVERY, NO_BATCH, cooled_step, lag_std, measuring, sized_config, transitions, window_status
 from online_llc.monitor.settings import MonitorSettings
 from online_llc.monitor.shadow import ShadowSampler
 from online_llc.monitor.warmup import EquilibrationDetector, WeightJumpDetector
@@ -215,7 +215,7 @@ class Track:
         out = self.sampler.step(batch, measure=self.measuring)
         if not self.sized:
             # The batch size is known now (the ranks' smallest): the gradient and the starting step.
-            b, sharded = agreed_batch_size(out.infos[0].batch_size, self.stats.gather), self.sampler.evaluator.sharded
+            b, sharded = int(self.stats.smallest(out.infos[0].batch_size)), self.sampler.evaluator.sharded
             self.sampler.config = sized_config(self.sampler.config, b, self.gradient, sharded)
             self.sized = True
         # Decided from the weights' movement and the last gathered window: the same on every rank.
@@ -258,7 +258,7 @@ class Track:
         """Add flagged placeholder draws instead of running the chains (see ``OnlineLLC.skip_step``)."""
         n = self.num_chains
         if not self.sized:  # join the collective in which the ranks agree on the batch size
-            self.sized = agreed_batch_size(NO_BATCH, self.stats.gather) > 0
+            self.sized = self.stats.smallest(NO_BATCH) > 0
         self._open_window()
         summary = self.stats.update([0.0] * n, [0.0] * n, step, flags=[1] * n)
         return None if summary is None else self._close_window(summary, shadow_steps)

@@ -105,6 +105,14 @@ class WindowStats:
         """Forget the past windows (after a jump or a chain reset they describe another state)."""
         self._past = []
 
+    def smallest(self, value: float) -> float:
+        """The smallest ``value`` over the ranks: one ``gather`` of a ``[6, 1, 1]`` array (the
+        window's six rows, so a ``gather`` written for windows takes it), which every rank must
+        call at the same step; ``value`` itself without a ``gather``."""
+        if self.gather is None:
+            return value
+        return float(np.min(self.gather(np.full((_ROWS, 1, 1), float(value)))))
+
     def drop_pending(self) -> None:
         """Discard the current, unfinished window (keeps the past windows and the last step)."""
         self._count = 0

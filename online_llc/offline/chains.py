@@ -83,7 +83,6 @@ class Chains:
         self.center_loss_sum, self.center_loss_count = 0.0, 0
         device = next(iter(center.values())).device
         self.batched: Optional[BatchedChains] = None
-        self._streams = [next_batch] + [batches_forever(batches).__next__ for _ in range(num_chains - 1)]
         self._deal: Optional[torch.Generator] = None
         if is_one_shot(batches):
             # One stream to share. Batched chains take a step's batches from it in a random order:
@@ -92,6 +91,8 @@ class Chains:
             # gradient is not the control variate's full-data anchor (measured: -8.4 against 2.4).
             self._streams = [next_batch] * num_chains
             self._deal = torch.Generator().manual_seed(chain_seed(seed, num_chains))
+        else:
+            self._streams = [next_batch] + [batches_forever(batches).__next__ for _ in range(num_chains - 1)]
         # Left to choose, a larger model runs its chains one at a time without a word: that is
         # faster there (batched_support's failures are worth a warning, this is not one).
         if batched or (batched is None and pays(evaluator)):
