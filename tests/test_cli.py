@@ -48,6 +48,30 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path):
     assert main(["demo"]) == 2
 
 
+def test_plot_errors_on_directories_and_trainer_states_are_one_line(tmp_path, capsys):
+    """What ``online-llc plot`` says, in one line with exit status 2, about a directory that holds
+    no log, a ``trainer_state.json`` that is not JSON, and one whose LLC entry is not a number."""
+
+    def error(path) -> str:
+        assert main(["plot", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.strip().count("\n") == 0
+        return err
+
+    (tmp_path / "empty_dir").mkdir()
+    assert "no log found (expected a trainer_state.json, checkpoint-*/trainer_state.json or TensorBoard event files)" in error(
+        tmp_path / "empty_dir")
+    bad = tmp_path / "bad" / "trainer_state.json"
+    bad.parent.mkdir()
+    bad.write_text("{not json")
+    assert "online-llc: error: Expecting property name" in error(bad.parent)
+    wrong = tmp_path / "wrong" / "trainer_state.json"
+    wrong.parent.mkdir()
+    wrong.write_text('{"log_history": [{"step": 3, "llc/status": 0, "llc/raw_mean": 1.5}, '
+                     '{"step": 6, "llc/status": 1, "llc/mean": "high"}]}')
+    assert "trainer_state.json, entry 2: not a valid LLC row" in error(wrong.parent)
+
+
 def test_demo_and_plot_end_to_end(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     assert main(["demo", "grokking", "--out", str(tmp_path), "--steps", "600"]) == 0

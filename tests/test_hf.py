@@ -310,7 +310,7 @@ def test_resume_from_a_trainer_checkpoint_continues_the_history_exactly(tmp_path
 
 def test_a_resume_that_cannot_restore_starts_a_fresh_monitor(tmp_path):
     """What a checkpoint's monitor state cannot give goes through the failure policy instead of
-    killing training or the monitor: a corrupt file, one that does not load into this monitor
+    killing training or the monitor: a corrupt file, one of another format, one that does not load into this monitor
     (taken with other settings: 2 chains against 1) and one whose monitor had failed each start a
     fresh monitor with one warning that says why (strict: a MonitorError, except for a saved
     failure, which belongs to the run that failed), and the resumed run estimates again."""
@@ -330,6 +330,8 @@ def test_a_resume_that_cannot_restore_starts_a_fresh_monitor(tmp_path):
 
     corrupt = lambda path: path.write_bytes(b"not a checkpoint")
     resume("corrupt", corrupt, r"found an unreadable monitor state .*rank0\.pt.*starts afresh at step 4")
+    resume("format", lambda path: torch.save({**torch.load(path, weights_only=True), "format": 99}, path),
+           r"found .*rank0\.pt', which is not a monitor state of format 1: the LLC estimate starts afresh at step 4")
     resume("other", lambda path: None, r"which does not load into this monitor \(ValueError: .*starts afresh at step 4",
            num_chains=2)
 
