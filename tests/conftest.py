@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from typing import Iterator
 
 import pytest
 import torch
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Under pytest-xdist each worker takes one core: torch's default of one thread per core would
+    # put two threads on every core, and intra-op threads that spin-wait then slow each other down.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
 
 
 @pytest.fixture
