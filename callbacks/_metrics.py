@@ -3,9 +3,10 @@ same keys in the same order. No framework import."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Mapping
+import math
+from typing import Any, Dict, Iterable, List, Mapping, Optional
 
-from online_llc.records import STATUSES, LLCEstimate
+from online_llc.records import STATUSES, ChainHealth, LLCEstimate
 
 __all__ = ["LOGGED_KEYS", "ESTIMATE_KEYS", "GROUP_KEYS", "band_layout", "estimate_metrics", "group_metrics"]
 
@@ -14,7 +15,11 @@ __all__ = ["LOGGED_KEYS", "ESTIMATE_KEYS", "GROUP_KEYS", "band_layout", "estimat
 #: 3 not_at_minimum, 4 diverged); diagnostics may be NaN where undefined (see LLCEstimate).
 #: The estimate's keys (:data:`ESTIMATE_KEYS`) are logged only for windows the filter absorbed
 #: (:data:`online_llc.records.FILTERED_STATUSES`): a warm-up or diverged window logs its status,
-#: its raw window mean (``llc/raw_mean``) and its diagnostics, never an ``llc/mean``.
+#: its raw window mean (``llc/raw_mean``) and its diagnostics, never an ``llc/mean``. The last
+#: two come from the chains' health at that window (:class:`online_llc.ChainHealth`):
+#: ``llc/relaxation_steps``, the shadow steps over which the slowest direction relaxes, and
+#: ``llc/short_run``, 1 while the run (of known length) is shorter than three relaxation times, so
+#: that a moving LLC's band is mostly the chain's lag, else 0.
 LOGGED_KEYS = (
     "llc/mean",
     "llc/std",
@@ -27,14 +32,17 @@ LOGGED_KEYS = (
     "llc/dispersion",
     "llc/heat",
     "llc/step_size",
+    "llc/relaxation_steps",
+    "llc/short_run",
 )
 #: The filtered estimate and its band: logged only for windows the filter absorbed.
 ESTIMATE_KEYS = LOGGED_KEYS[:4]
 
 
-def estimate_metrics(est: LLCEstimate) -> Dict[str, float]:
+def estimate_metrics(est: LLCEstimate, health: Optional[ChainHealth] = None) -> Dict[str, float]:
     """The whole model's window as ``{key: float}`` over :data:`LOGGED_KEYS`, without
-    :data:`ESTIMATE_KEYS` when the window is no filtered estimate (warm-up, diverged)."""
+    :data:`ESTIMATE_KEYS` when the window is no filtered estimate (warm-up, diverged); the health
+    keys are NaN without ``health``."""
     values = (
         est.mean,
         est.std,
@@ -47,6 +55,8 @@ def estimate_metrics(est: LLCEstimate) -> Dict[str, float]:
         est.dispersion,
         est.heat,
         est.step_size,
+        health.relaxation_steps if health is not None else math.nan,
+        float(health.short_run) if health is not None else math.nan,
     )
     return {k: float(v) for k, v in zip(LOGGED_KEYS, values) if est.filtered or k not in ESTIMATE_KEYS}
 

@@ -336,15 +336,16 @@ class OnlineLLCTrainerCallback(TrainerCallback):
             return
         finally:
             self._in_pass = False
-        metrics = estimate_metrics(est) if est is not None else {}
+        health = self.monitor.health() if est is not None else None
+        metrics = estimate_metrics(est, health) if est is not None else {}
         if self.monitor.shadow_steps != shadow_before:  # group estimates are those of this shadow step
             metrics.update(group_metrics(self.monitor.last_group_estimates))
         if metrics:
             self._log(state, control, metrics)
         if est is not None and self.trainer is not None:
             show_in_progress_line(self.trainer.callback_handler.callbacks, est)
-        if est is not None:
-            for alarm in self.monitor.health().alarms:
+        if health is not None:
+            for alarm in health.alarms:
                 kind = alarm.split(":", 1)[0]
                 if kind not in self._alarms_seen and state.is_world_process_zero:
                     warnings.warn(f"OnlineLLCTrainerCallback at step {step}: {alarm}", RuntimeWarning, stacklevel=2)

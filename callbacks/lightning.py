@@ -28,7 +28,7 @@ from online_llc.kernel.fsdp import is_fsdp2
 from online_llc.monitor.cadence import Cadence
 from online_llc.monitor.estimator import OnlineLLC
 from online_llc.monitor.settings import MonitorSettings
-from online_llc.records import LLCEstimate
+from online_llc.records import ChainHealth, LLCEstimate
 
 try:  # the `lightning` package first; `pytorch_lightning` is the same code under another name
     from lightning.pytorch import Callback
@@ -335,8 +335,9 @@ class OnlineLLCCallback(Callback):
                                           world_size=self._world_size)
             return
         if est is not None:
-            self._log(trainer, pl_module, est)
-            for alarm in self.monitor.health().alarms:
+            health = self.monitor.health()
+            self._log(trainer, pl_module, est, health)
+            for alarm in health.alarms:
                 kind = alarm.split(":", 1)[0]
                 if kind not in self._alarms_seen and trainer.is_global_zero:
                     warnings.warn(f"OnlineLLCCallback at step {step}: {alarm}", RuntimeWarning, stacklevel=2)
@@ -346,9 +347,9 @@ class OnlineLLCCallback(Callback):
         if self.monitor.shadow_steps != shadow_before and self.monitor.last_group_estimates:
             self._publish(trainer, group_metrics(self.monitor.last_group_estimates))
 
-    def _log(self, trainer: Any, pl_module: Any, est: LLCEstimate) -> None:
+    def _log(self, trainer: Any, pl_module: Any, est: LLCEstimate, health: ChainHealth) -> None:
         # A warm-up or diverged window is no LLC estimate: its status and diagnostics only.
-        self._publish(trainer, estimate_metrics(est))
+        self._publish(trainer, estimate_metrics(est, health))
         if self.prog_bar and est.filtered and math.isfinite(est.mean):
             pl_module.log("llc", est.mean, prog_bar=True, logger=False, on_step=True, on_epoch=False)
 

@@ -6,15 +6,25 @@
 * The docstrings cross-reference in reStructuredText roles (``:class:`OnlineLLC```), which
   Markdown leaves as text: a role becomes a link to the object where the reference renders it,
   and plain code otherwise.
+* The images of a live run are produced by the build: the Hugging Face Trainer demo
+  (:mod:`online_llc.demos.trainer_gpt2`, a tiny GPT-2, seeded) runs once per build process and
+  its two PNGs become the site's ``images/tensorboard_margin.png`` (the Margin charts of the
+  custom-scalars layout in its TensorBoard event file) and ``images/trainer_gpt2.png``
+  (``online-llc plot`` on its ``output_dir``). They are never committed, so they always show what
+  the current code logs. The demo needs the ``hf`` extra, which the ``docs`` extra installs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import logging
 import os
 import re
-from typing import Any, Optional
+import tempfile
+import time
+from typing import Any, Dict, Optional
 
 log = logging.getLogger("mkdocs.hooks.online_llc")
 
@@ -53,6 +63,45 @@ def on_pre_build(config: Any, **kwargs: Any) -> None:
     root = os.path.dirname(os.path.abspath(config["config_file_path"]))
     for module in sorted(_modules(root) - named):
         log.warning("the API reference misses %s: add '::: %s' to a page under docs/reference/", module, module)
+
+
+#: The Trainer demo's length for the docs' images (training steps): long enough for every head
+#: to leave its warm-up, short enough for a build (about a minute on 2 cores).
+DEMO_STEPS = 300
+#: The images the demo leaves, by their path on the site.
+IMAGES = {"images/tensorboard_margin.png": "tensorboard_margin.png", "images/trainer_gpt2.png": "trainer_gpt2.png"}
+_images: Dict[str, bytes] = {}  # one run per process: `mkdocs serve` rebuilds without rerunning
+
+
+def _run_images() -> Dict[str, bytes]:
+    if not _images:
+        from online_llc.demos import trainer_gpt2
+
+        start = time.perf_counter()
+        log.info("online_llc: running the Trainer demo (%d steps) for the docs' images", DEMO_STEPS)
+        with tempfile.TemporaryDirectory() as out:
+            with contextlib.redirect_stdout(io.StringIO()) as said:
+                rc = trainer_gpt2.main(["--out", out, "--steps", str(DEMO_STEPS), "--quiet"])
+            if rc:
+                raise RuntimeError(f"the Trainer demo exited with status {rc}: {said.getvalue()[-500:]}")
+            for site, name in IMAGES.items():
+                with open(os.path.join(out, name), "rb") as fh:
+                    _images[site] = fh.read()
+        log.info("online_llc: the docs' images took %.0f s", time.perf_counter() - start)
+    return _images
+
+
+def on_files(files: Any, config: Any, **kwargs: Any) -> Any:
+    from mkdocs.structure.files import File
+
+    try:
+        images = _run_images()
+    except ImportError as exc:  # a docs build without the hf extra
+        log.warning("the docs' images need the hf extra (%s): pip install -e '.[docs]'", exc)
+        return files
+    for site, data in images.items():
+        files.append(File.generated(config, site, content=data))
+    return files
 
 
 def _canonical(identifier: str) -> Optional[str]:

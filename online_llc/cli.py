@@ -71,7 +71,7 @@ def _fail(msg: str) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from online_llc.plot import plot_groups, plot_llc
+    from online_llc.plot import plot_run
     from online_llc.runlogs import read_log
 
     if not os.path.exists(args.csv):
@@ -87,19 +87,14 @@ def _plot(args: argparse.Namespace) -> int:
     except ImportError:
         return _fail("plotting needs matplotlib: pip install 'online-llc[demos]'")
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     base = args.csv.rstrip(os.sep)
     out = args.out or (os.path.join(base, "llc.png") if os.path.isdir(base) else os.path.splitext(base)[0] + ".png")
-    panels = 2 if run.groups else 1
-    fig, axes = plt.subplots(panels, 1, figsize=(9, 4.5 * panels), squeeze=False)
-    plot_llc(run.history, ax=axes[0][0], theory=args.theory, title=args.title or run.title, loss=run.loss)
-    if run.groups:
-        plot_groups(run.groups, ax=axes[1][0], title=f"{len(run.groups)} groups")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    plot_run(run, out, title=args.title, theory=args.theory)
     groups = f", {len(run.groups)} groups" if run.groups else ""
     print(f"Wrote {out} ({len(run.history)} windows{groups}, from {run.kind})")
+    if run.short_run:
+        print("A short run for its chains (llc/short_run): while the LLC moved, the band is mostly the chains' lag; "
+              "estimate the end point with estimate_llc on the final weights.")
     return 0
 
 

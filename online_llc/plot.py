@@ -10,9 +10,12 @@ import math
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from online_llc.records import STATUSES, LLCEstimate
-from online_llc.runlogs import column_series, read_log
+from online_llc.runlogs import RunLog, column_series, read_log
 
-__all__ = ["plot_llc", "plot_groups", "write_csv", "read_run", "read_loss", "CSV_FIELDS"]
+__all__ = ["plot_llc", "plot_groups", "plot_run", "write_csv", "read_run", "read_loss", "CSV_FIELDS"]
+
+#: The line a plot's title gains for a run shorter than three relaxation times of its chains.
+SHORT_RUN_TITLE = "short run: shorter than three relaxation times of the chains, the band is mostly their lag"
 
 #: Columns of the CSV written by :func:`write_csv` (LLCEstimate fields, then extra columns).
 CSV_FIELDS = list(LLCEstimate.__dataclass_fields__)
@@ -205,3 +208,29 @@ def plot_groups(histories: Mapping[str, Sequence[LLCEstimate]], *, ax: Any = Non
         ax.set_title(title)
     ax.legend(loc="best", fontsize=8)
     return ax
+
+
+def plot_run(run: RunLog, path: str, *, title: Optional[str] = None, theory: Optional[float] = None) -> None:
+    """Draw a run read back from its log (:func:`online_llc.runlogs.read_log`) into ``path``: the
+    whole model's band over the training loss, and a panel of the groups when the log holds them
+    (what ``online-llc plot`` writes). A short run (``run.short_run``) says so under the title.
+
+    Args:
+        run: the run.
+        path: the image file to write (its extension picks the format).
+        title: the title (default: the run's name).
+        theory: a learning coefficient to draw as a dashed line.
+    """
+    import matplotlib.pyplot as plt
+
+    title = title or run.title
+    if run.short_run:  # said where the reader looks: the band of a moving LLC is then mostly lag
+        title += "\n" + SHORT_RUN_TITLE
+    panels = 2 if run.groups else 1
+    fig, axes = plt.subplots(panels, 1, figsize=(9, 4.5 * panels), squeeze=False)
+    plot_llc(run.history, ax=axes[0][0], theory=theory, title=title, loss=run.loss)
+    if run.groups:
+        plot_groups(run.groups, ax=axes[1][0], title=f"{len(run.groups)} groups")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

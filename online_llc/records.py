@@ -143,6 +143,9 @@ class ChainHealth:
             relaxes at the current step size, ``2 / (step_size * localization)``.
         alarms: what is wrong and what to do, one line per problem (``"<kind>: <details>"``);
             empty when healthy.
+        short_run: whether the run (of known length) is shorter than three relaxation times of
+            the chains: while the LLC moves, the live band is then mostly the chain's lag (the
+            ``"a short run for these chains"`` alarm; the callbacks log it as ``llc/short_run``).
     """
 
     divergences: int
@@ -151,6 +154,7 @@ class ChainHealth:
     heat: float
     alarms: List[str]
     relaxation_steps: float = math.nan
+    short_run: bool = False
 
     @property
     def alarm(self) -> Optional[str]:

@@ -49,6 +49,8 @@ class RunLog:
         loss: ``(steps, values)`` of the training loss where the log holds one (else empty).
         title: a name for the run (its file, directory or checkpoint).
         kind: ``"csv"``, ``"trainer_state"`` or ``"tensorboard"``.
+        short_run: whether the last logged ``llc/short_run`` was 1: the run was shorter than three
+            relaxation times of its chains, so a moving LLC's band is mostly the chain's lag.
     """
 
     history: List[LLCEstimate]
@@ -56,6 +58,7 @@ class RunLog:
     loss: Tuple[List[int], List[float]] = field(default_factory=lambda: ([], []))
     title: str = ""
     kind: str = "csv"
+    short_run: bool = False
 
 
 def read_log(path: str, loss_column: str = "train_loss") -> RunLog:
@@ -84,7 +87,8 @@ def read_log(path: str, loss_column: str = "train_loss") -> RunLog:
         title = os.path.basename(os.path.abspath(source))
     rows = [{_strip(k): v for k, v in r.items()} for r in rows]
     history, groups = _estimates(rows, source, "line" if kind == "csv" else "entry")
-    return RunLog(history, groups, _loss(rows, loss_column), title, kind)
+    flags = column_series(rows, "llc/short_run")[1]
+    return RunLog(history, groups, _loss(rows, loss_column), title, kind, short_run=bool(flags) and flags[-1] == 1)
 
 
 def _locate(path: str) -> Tuple[str, str]:
@@ -183,12 +187,11 @@ def _estimates(
 
 
 def _loss(rows: List[Dict[str, Any]], column: str) -> Tuple[List[int], List[float]]:
-    """``(steps, values)`` of the first loss column the rows hold."""
-    for col in (column, *_LOSS_COLUMNS):
-        steps, values = column_series(rows, col)
-        if steps:
-            return steps, values
-    return [], []
+    """``(steps, values)`` of the first loss column the rows hold at more than one step, else of
+    the first they hold at all: a Trainer's final ``trainer_state.json`` (``save_state``) also
+    holds ``train_loss``, the whole run's mean, once at its last step, beside the logged ``loss``."""
+    found = [s for s in (column_series(rows, col) for col in (column, *_LOSS_COLUMNS)) if s[0]]
+    return next((s for s in found if len(s[0]) > 1), found[0] if found else ([], []))
 
 
 def column_series(rows: List[Mapping[str, Any]], column: str) -> Tuple[List[int], List[float]]:

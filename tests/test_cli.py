@@ -113,3 +113,32 @@ def test_induction_demo_end_to_end(tmp_path, capsys):
     assert (tmp_path / "induction.png").stat().st_size > 10_000
     out = capsys.readouterr().out
     assert "Wrote" in out and ("Phase change" in out or "No phase change" in out)
+
+
+def test_trainer_demo_draws_tensorboards_margin_charts_and_the_plot_of_its_output_dir(tmp_path, capsys):
+    """``online-llc demo trainer`` (a tiny GPT-2 under the Hugging Face Trainer, per-head groups,
+    ``report_to=["tensorboard"]``): the Margin charts it draws are those of the layout in its
+    event file, one for the whole model and one per head, and their values are the windows that
+    ``trainer_state.json`` holds (two readers of two logs agree, to TensorBoard's float32); the
+    plot of its ``output_dir`` is written. The docs build runs the same demo for its images."""
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("transformers")
+    pytest.importorskip("tensorboard")
+    from online_llc.demos.trainer_gpt2 import margin_charts
+    from online_llc.runlogs import read_log
+
+    assert main(["demo", "trainer", "--out", str(tmp_path), "--steps", "160", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "Wrote" in out and (tmp_path / "trainer_gpt2.png").stat().st_size > 10_000
+    assert (tmp_path / "tensorboard_margin.png").stat().st_size > 10_000
+    charts = margin_charts(str(tmp_path / "trainer_gpt2" / "runs"))
+    heads = [f"transformer.h.{layer}.attn.head{h}" for layer in (0, 1) for h in (0, 1)]
+    assert sorted(charts) == sorted(["LLC, whole model"] + [f"LLC, {h}" for h in heads])
+    run = read_log(str(tmp_path / "trainer_gpt2"))
+    for title, history in [("LLC, whole model", run.history)] + [(f"LLC, {h}", run.groups[h]) for h in heads]:
+        steps, value, lower, upper = charts[title]
+        filtered = [e for e in history if e.filtered]
+        assert filtered and steps == [e.step for e in filtered]
+        assert value == pytest.approx([e.mean for e in filtered], rel=1e-6)
+        assert lower == pytest.approx([e.lower for e in filtered], rel=1e-6)
+        assert upper == pytest.approx([e.upper for e in filtered], rel=1e-6)

@@ -155,6 +155,12 @@ def test_llc_keys_reach_tensorboard(tmp_path):
     assert [r["llc/mean"] for r in Recorder.logs if "llc/mean" in r] == [e.mean for e in filtered]
     # The Trainer's own logs at the same steps still happen (loss every 4 steps).
     assert [r["step"] for r in trainer.state.log_history if "loss" in r] == [4, 8, 12]
+    # The health keys at every window; 12 training steps are far shorter than three relaxation
+    # times, and the last window logs what the monitor's health says at the end.
+    health = cb.monitor.health()
+    assert health.short_run
+    assert [s.value for s in acc.Scalars("train/llc/short_run")][-1] == 1.0
+    assert acc.Scalars("train/llc/relaxation_steps")[-1].value == pytest.approx(health.relaxation_steps, rel=1e-6)
 
 
 def test_plot_reads_a_trainer_state_an_output_dir_and_a_tensorboard_directory(tmp_path, capsys):
@@ -167,7 +173,7 @@ def test_plot_reads_a_trainer_state_an_output_dir_and_a_tensorboard_directory(tm
 
     heads = attention_heads(gpt2().transformer.h[0].attn, "transformer.h.0.attn")
     cb = OnlineLLCTrainerCallback(groups=heads, group_budget=2, **FAST)
-    train(tmp_path, cb, report_to=["tensorboard"], save_strategy="steps", save_steps=6, logging_steps=4)
+    trainer = train(tmp_path, cb, report_to=["tensorboard"], save_strategy="steps", save_steps=6, logging_steps=4)
 
     def same(got, want):  # TensorBoard keeps float32: the numbers to its precision
         assert [(e.step, e.status) for e in got] == [(e.step, e.status) for e in want]
@@ -183,8 +189,17 @@ def test_plot_reads_a_trainer_state_an_output_dir_and_a_tensorboard_directory(tm
         for name in heads:
             same(run.groups[name], cb.monitor.group_history(name))
         assert run.loss[0] == [4, 8, 12]  # the Trainer's loss, for the second axis
+        assert run.short_run  # 12 training steps: the last window logged llc/short_run = 1
+    # The output_dir's own trainer_state.json (save_state) also holds the run's mean `train_loss`,
+    # once at its last step: the logged loss is still the one drawn.
+    trainer.save_state()
+    run = read_log(str(tmp_path))
+    assert run.kind == "trainer_state" and run.loss[0] == [4, 8, 12] and run.short_run
+    same(run.history, cb.monitor.history())
     assert main(["plot", str(tmp_path)]) == 0
-    assert (tmp_path / "llc.png").is_file() and "4 windows, 2 groups, from trainer_state" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert (tmp_path / "llc.png").is_file() and "4 windows, 2 groups, from trainer_state" in out
+    assert "A short run for its chains (llc/short_run)" in out
 
 
 def test_group_estimates_are_logged_once_between_shadow_steps(tmp_path):

@@ -234,7 +234,9 @@ def test_csv_logger_rows_are_the_core_estimates(tmp_path):
             "llc/heat": est.heat,
             "llc/step_size": est.step_size,
         }
-        assert list(expected) == list(LOGGED_KEYS)
+        health = ("llc/relaxation_steps", "llc/short_run")  # the chains' health at that window
+        assert list(expected) + list(health) == list(LOGGED_KEYS)
+        assert float(row["llc/short_run"]) in (0.0, 1.0) and float(row["llc/relaxation_steps"]) > 0
         for key, value in expected.items():
             if key in ESTIMATE_KEYS and not est.filtered:
                 # A warm-up window is logged under its status only: no LLC value, no band.
@@ -242,6 +244,9 @@ def test_csv_logger_rows_are_the_core_estimates(tmp_path):
             else:
                 assert _same_value(float(row[key]), float(value)), (key, row[key], value)
     assert [row["llc/mean"] == "" for row in rows] == [e.status == "warming_up" for e in history]
+    final = cb.monitor.health()  # the last window logs the health the run ends with
+    assert float(rows[-1]["llc/short_run"]) == float(final.short_run)
+    assert float(rows[-1]["llc/relaxation_steps"]) == pytest.approx(final.relaxation_steps, rel=1e-6)
 
 
 def test_estimates_equal_a_plain_pytorch_loop():

@@ -174,7 +174,10 @@ def test_a_run_shorter_than_three_relaxation_times_says_its_band_is_mostly_lag()
         mon = OnlineLLC(model, _loss, num_samples=4000, every_n_steps=1, window=10, warmup=5, seed=1, **kw)
         for t in range(1, 21):
             mon.update((x[16 * t: 16 * t + 16], y[16 * t: 16 * t + 16]), step=t)
-        return [a for a in mon.health().alarms if a.startswith("a short run")]
+        health = mon.health()
+        found = [a for a in health.alarms if a.startswith("a short run")]
+        assert health.short_run == bool(found)  # the flag the callbacks log as llc/short_run
+        return found
 
     (short,) = alarms(total_steps=300)
     assert "300 training steps against a relaxation time of 148" in short

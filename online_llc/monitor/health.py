@@ -106,7 +106,8 @@ def chain_health(track: Track, max_heat: float, total_steps: Optional[int] = Non
             )
         )
     relax_steps = relax * every_n_steps
-    if track.sized and total_steps is not None and total_steps < SHORT_RUN_RELAXATIONS * relax_steps:
+    short_run = bool(track.sized and total_steps is not None and total_steps < SHORT_RUN_RELAXATIONS * relax_steps)
+    if short_run:
         alarms.append(
             f"a short run for these chains: {total_steps} training steps against a relaxation time of "
             f"{relax_steps:.0f} ({relax:.0f} shadow steps of {every_n_steps}), so while the LLC moves the live band is "
@@ -120,4 +121,5 @@ def chain_health(track: Track, max_heat: float, total_steps: Optional[int] = Non
         heat=heat,
         alarms=alarms,
         relaxation_steps=relax,
+        short_run=short_run,
     )
