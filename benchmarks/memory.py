@@ -33,7 +33,10 @@ about ``P / 2`` per chain (each rank keeps its shard; counted from the chain's t
 ``measure``), and the step peak includes what FSDP itself allocates in the shadow passes (each
 layer's all-gathered weights and unsharded gradient) besides the chain's saved shard, gradients
 and one tensor's full-shape noise. The profiler misses FSDP's frees, so that peak is an upper
-bound; the same measurement of a plain FSDP training step is printed beside it.
+bound; the same measurement of a plain FSDP training step is printed beside it. Two more columns
+give the size per chain of the checkpoint a rank writes (``torch.save`` of the sampler's state):
+``shards``, its own shards (``state_dict(shards=True)``), and ``gathered``, the full tensors
+every rank holds with ``state_dict()``.
 
 Run:  python benchmarks/memory.py                 (about 2 minutes on 2 busy cores)
       python benchmarks/memory.py --device cuda   (when CUDA is present)
@@ -44,6 +47,8 @@ from __future__ import annotations
 
 import argparse
 import gc
+import io
+import math
 import os
 import subprocess
 import sys
@@ -106,9 +111,17 @@ def _cuda_profile(fn: Callable[[], None]) -> Tuple[int, int]:
     return torch.cuda.memory_allocated() - before, torch.cuda.max_memory_allocated() - before
 
 
-def measure(sampler: str, chains: int, args, heat: bool = True) -> Tuple[float, float, float, int]:
-    """``(kept per chain, step peak, total)`` in units of P, and the host syncs of one step, for
-    measuring shadow steps (``heat``) or plain ones."""
+def checkpoint_bytes(state) -> int:
+    """The size of ``state`` as ``torch.save`` writes it."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.tell()
+
+
+def measure(sampler: str, chains: int, args, heat: bool = True) -> Tuple[float, float, float, int, Tuple[float, float]]:
+    """``(kept per chain, step peak, total)`` in units of P, the host syncs of one step, for
+    measuring shadow steps (``heat``) or plain ones, and under FSDP2 the size per chain of this
+    rank's checkpoint, in shards and gathered (P), else NaNs."""
     model = make_model(args.width, args.depth, getattr(torch, args.dtype), args.device)
     for p in model.parameters():
         p.requires_grad_(True)
@@ -155,7 +168,10 @@ def measure(sampler: str, chains: int, args, heat: bool = True) -> Tuple[float, 
     _, transient = profile_fn(lambda: holder[0].step((x, y), measure=heat))
     with HostReads() as reads:
         holder[0].step((x, y), measure=heat)
-    return kept / chains / param_bytes, transient / param_bytes, (kept + transient) / param_bytes, reads.count
+    ckpt = (math.nan, math.nan)
+    if args.fsdp:  # what each rank writes: its own shards, or the gathered full tensors
+        ckpt = tuple(checkpoint_bytes(holder[0].state_dict(shards=s)) / chains / param_bytes for s in (True, False))
+    return kept / chains / param_bytes, transient / param_bytes, (kept + transient) / param_bytes, reads.count, ckpt
 
 
 def train_step_peak(args) -> float:
@@ -214,13 +230,15 @@ def main() -> None:
     print("P = bytes of one copy of the sampled parameters")
     if args.fsdp:
         print(f"a plain FSDP training step, measured the same way: peak {train_step_peak(args):.2f}P")
-    print(f"{'sampler':<14}{'step':>10}{'chains':>7}{'kept/chain':>12}{'step peak':>11}{'total':>8}{'syncs':>7}")
+    ckpt_head = f"{'ckpt/chain shards':>19}{'gathered':>10}" if args.fsdp else ""
+    print(f"{'sampler':<14}{'step':>10}{'chains':>7}{'kept/chain':>12}{'step peak':>11}{'total':>8}{'syncs':>7}{ckpt_head}")
     for sampler in args.samplers:
         for heat in (False, True):
             for chains in args.chains:
-                kept, transient, total, syncs = measure(sampler, chains, args, heat)
+                kept, transient, total, syncs, ckpt = measure(sampler, chains, args, heat)
                 kind = "measuring" if heat else "plain"
-                print(f"{sampler:<14}{kind:>10}{chains:>7}{kept:>11.2f}P{transient:>10.2f}P{total:>7.2f}P{syncs:>7}")
+                tail = f"{ckpt[0]:>18.2f}P{ckpt[1]:>9.2f}P" if args.fsdp else ""
+                print(f"{sampler:<14}{kind:>10}{chains:>7}{kept:>11.2f}P{transient:>10.2f}P{total:>7.2f}P{syncs:>7}{tail}")
     if args.fsdp:
         dist.destroy_process_group()
 

@@ -11,8 +11,9 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from online_llc.errors import MonitorError
+from online_llc.monitor.shards import merge_shards
 
-__all__ = ["everyone", "load_problem", "read_state", "start_afresh"]
+__all__ = ["everyone", "load_problem", "read_merged", "read_state", "start_afresh"]
 
 
 def read_state(path: str, version: int) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
@@ -28,6 +29,25 @@ def read_state(path: str, version: int) -> Tuple[Optional[Dict[str, Any]], Optio
     if saved.get("format") != version:
         return None, f"{path!r}, which is not a monitor state of format {version}"
     return saved, None
+
+
+def read_merged(first: Dict[str, Any], path_of: Any, version: int) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """``first`` (rank 0's saved state) as it is, or, when it holds only rank 0's shards of a
+    sharded monitor (``state_dict(shards=True)``), every saving rank's state read
+    (``path_of(rank)``) and merged into a full one (:func:`online_llc.monitor.shards.merge_shards`),
+    which restores any world size. Never raises: a missing or unreadable rank's file is reported."""
+    if "shards" not in first.get("sampler", {}):
+        return first, None
+    states = [first]
+    for rank in range(1, int(first.get("world_size", 1))):
+        saved, why = read_state(path_of(rank), version)
+        if saved is None:
+            return None, why or f"no monitor state {path_of(rank)!r} (a sharded monitor saves one shard per rank)"
+        states.append(saved)
+    try:
+        return merge_shards(states), None
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        return None, f"the ranks' shards in {path_of(0)!r} and beside it do not merge ({exc})"
 
 
 def everyone(device: Optional[torch.device], flag: bool) -> bool:

@@ -41,7 +41,7 @@ import torch
 
 from online_llc.callbacks._failure import monitor_failed, placeholders_after_failure, placeholders_stopped
 from online_llc.callbacks._metrics import LOGGED_KEYS, estimate_metrics, group_metrics
-from online_llc.callbacks._resume import everyone, load_problem, read_state, start_afresh
+from online_llc.callbacks._resume import everyone, load_problem, read_merged, read_state, start_afresh
 from online_llc.callbacks._trainer import add_band_layout, show_in_progress_line
 from online_llc.errors import MonitorError
 from online_llc.kernel.evaluator import LossFn
@@ -267,7 +267,10 @@ class OnlineLLCTrainerCallback(TrainerCallback):
             mine, found = everyone(device, mine), everyone(device, found)
             if found and not mine:
                 saved, why = read_state(first, _STATE_VERSION)
-                found = saved is not None
+        if found and not mine:  # rank 0's state; its shards alone (FSDP2) restore no rank: all, merged
+            if saved is not None:
+                saved, why = read_merged(saved, lambda r: self._file(where, r), _STATE_VERSION)
+            found = everyone(device, saved is not None)
         problem, failure = None, None
         if not found:
             problem = f"no monitor state {own!r} in the checkpoint" if why is None else why
@@ -375,7 +378,9 @@ class OnlineLLCTrainerCallback(TrainerCallback):
         """The monitor's state with the callback's own (what ``on_save`` writes)."""
         if self.monitor is None:
             return {}
-        state = self.monitor.state_dict()
+        # Sharded by FSDP2, each rank saves its own shards of the chains (1/R of them): merged on
+        # a resume at another world size (callbacks/_resume.read_merged).
+        state = self.monitor.state_dict(shards=self.monitor.evaluator.sharded)
         state.update(format=_STATE_VERSION, failure=self.failure, rank=self._rank, world_size=self._world_size)
         return state
 

@@ -128,6 +128,47 @@ SCRIPT = textwrap.dedent(
         float((state["sampler"]["offsets"][c][n] - rmon.sampler.offsets[c][n]).abs().max()) for c in range(2) for n in state["sampler"]["offsets"][c]
     )
 
+    # Checkpoints in shards: each rank saves its own 1/R of the chains (groups too); its own state
+    # restores it exactly, and every rank's states merged are the gathered full state, which
+    # restores any world size, here an unsharded monitor. Another rank's shards are refused.
+    from online_llc.monitor.shards import merge_shards
+    gopts = dict(opts, groups={"first": ["0.*"]})
+    m = shard(mlp()); mon = OnlineLLC(m, mse, **gopts); opt = train(m, mon, True, range(1, 31))
+    own, full = mon.state_dict(shards=True), mon.state_dict()
+    torch.save(own, os.path.join(sys.argv[1], f"shard{rank}.pt"))
+    dist.barrier()
+    shards = [torch.load(os.path.join(sys.argv[1], f"shard{r}.pt"), weights_only=True) for r in (1, 0)]
+    merged = merge_shards(shards)
+    def tensors(s):
+        parts = [s["sampler"]] + [g["sampler"] for g in s["groups"].values()]
+        return [t for p in parts for k in ("offsets", "aux", "updates") for d in p[k] if d is not None for t in d.values()]
+    out["merged_equals_full"] = len(tensors(merged)) == len(tensors(full)) > 0 and all(
+        torch.equal(a, b) for a, b in zip(tensors(merged), tensors(full)))
+    out["shard_numel"] = sum(t.numel() for t in tensors(own))
+    out["full_state_numel"] = sum(t.numel() for t in tensors(full))
+    restored = OnlineLLC(m, mse, **gopts)
+    restored.load_state_dict(torch.load(os.path.join(sys.argv[1], f"shard{rank}.pt"), weights_only=True))
+    for t in range(31, STEPS + 1):  # the uninterrupted monitor and the restored one, side by side
+        xs, ys = batches(t)
+        opt.zero_grad(); mse(m, (xs[rank], ys[rank])).mean().backward(); opt.step()
+        mon.update((xs[rank], ys[rank]), t); restored.update((xs[rank], ys[rank]), t)
+    out["shards_resumed"] = record(restored) + record(restored, "first")
+    out["shards_uninterrupted"] = record(mon) + record(mon, "first")
+    unsharded = OnlineLLC(mlp(), mse, **gopts)
+    unsharded.load_state_dict(merged)
+    out["unsharded_offsets_equal"] = all(
+        torch.equal(unsharded.sampler.offsets[c][n], full["sampler"]["offsets"][c][n]) for c in range(2) for n in full["sampler"]["offsets"][c])
+    try:
+        OnlineLLC(m, mse, **gopts).load_state_dict(shards[0] if rank == 0 else shards[1])  # the other rank's
+        out["other_rank"] = "accepted"
+    except ValueError as exc:
+        out["other_rank"] = str(exc)
+    try:
+        merge_shards([own])
+        out["one_rank"] = "accepted"
+    except ValueError as exc:
+        out["one_rank"] = str(exc)
+
     # Gradient accumulation: micro-batch 1 without gradient sync (FSDP2 keeps its gradient on the
     # unsharded parameter), a shadow step, micro-batch 2 with sync. The training gradient must be
     # bit-identical to the run without the monitor, and the shadow step the one taken with no
@@ -231,6 +272,14 @@ def test_fsdp2_chain_is_the_unsharded_chain_on_the_union_of_the_batches(tmp_path
         assert out["resumed"] == out["uninterrupted"]
         assert out["state_shapes_full"] is True
         assert out["state_vs_unsharded"] < 1e-10
+        # Checkpoints in shards: about half the chain per rank (67 and 62 of 129 entries), the
+        # merge is the gathered state bit for bit, and restoring its own shards continues exactly.
+        assert out["merged_equals_full"] is True and out["unsharded_offsets_equal"] is True
+        assert out["shard_numel"] <= 0.53 * out["full_state_numel"]
+        assert out["shards_resumed"] == out["shards_uninterrupted"] and len(out["shards_resumed"]) > 6
+        assert out["other_rank"].startswith("Expected a full monitor state or this rank's own shards, got the shards of rank")
+        assert "merge every rank's state first" in out["other_rank"]
+        assert out["one_rank"].startswith("Expected one state per rank of a run on 2 ranks, got the states of ranks [")
         assert out["gather"].startswith("Expected `gather` to be None for a model sharded by FSDP2")
         assert out["cv"] == "Expected gradient='auto' or 'plain' for a model sharded by FSDP2, got 'control_variate'."
         assert out["offline"].startswith("Expected `model`") and "FSDP2 (fully_shard)" in out["offline"]
@@ -359,11 +408,98 @@ def test_lightning_model_parallel_strategy_with_fully_shard(tmp_path):
     assert ranks[0]["hist"] == ranks[1]["hist"]
 
 
+FAILURE_SCRIPT = textwrap.dedent(
+    """
+    import datetime, json, os, sys, warnings, torch, torch.distributed as dist
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+    from online_llc import OnlineLLC
+    from online_llc.callbacks._failure import monitor_failed, placeholders_after_failure, placeholders_stopped
+
+    # A short timeout: without the agreement a hung collective fails the test in seconds, not minutes.
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=20))
+    rank = dist.get_rank()
+    B, N, STEPS, BOOM_STEP = 8, 4096, 20, 12
+    inject = {"call": None, "calls": 0}  # raise on rank 1 at this loss_fn call of the shadow step
+
+    def mse(model, batch):
+        x, y = batch
+        out = model(x)  # the forward (and its all-gathers) happens on every rank
+        if inject["call"] is not None:
+            inject["calls"] += 1
+            if rank == 1 and inject["calls"] == inject["call"]:
+                raise ValueError("a malformed batch on rank 1")
+        return 0.5 * ((out - y) ** 2).sum(dim=1)
+
+    def run(call):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3))
+        for m in (model[0], model[2], model):
+            fully_shard(m)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        mon = OnlineLLC(model, mse, num_samples=N, every_n_steps=1, window=5, warmup=0, seed=0) if call else None
+        failure, failed_at = None, None
+        for step in range(1, STEPS + 1):
+            g = torch.Generator().manual_seed(100 + step)
+            x, y = torch.randn(2, B, 6, generator=g)[rank], torch.randn(2, B, 3, generator=g)[rank]
+            opt.zero_grad()
+            mse(model, (x, y)).mean().backward()
+            opt.step()
+            if mon is None:
+                continue
+            # What both callbacks do (callbacks/_failure.py), world size 2.
+            if failure is not None:
+                if not placeholders_stopped(failure):
+                    failure = placeholders_after_failure("test", mon, step, failure)
+                continue
+            inject.update(call=call if step == BOOM_STEP else None, calls=0)
+            try:
+                mon.update((x, y), step)
+            except Exception as exc:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    failure = monitor_failed("test", mon, step, exc, strict=False, world_size=2)
+                failed_at = step
+            inject["call"] = None
+        return model, failure, failed_at
+
+    plain, _, _ = run(None)
+    out = {}
+    for call in (1, 2):  # the first forward of the shadow step, and the second (followed by a backward)
+        model, failure, failed_at = run(call)
+        same = all(torch.equal(a.full_tensor(), b.full_tensor()) for a, b in zip(model.parameters(), plain.parameters()))
+        out[call] = {"failure": failure, "failed_at": failed_at, "identical": same}
+    with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
+        json.dump(out, f)
+    dist.destroy_process_group()
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_loss_fn_failing_on_one_rank_stops_the_step_on_every_rank_and_nothing_hangs(tmp_path):
+    """Two processes, an FSDP2-sharded model, a plain loop that handles a monitor failure as the
+    callbacks do: at step 12 ``loss_fn`` raises on rank 1 only, after the model's forward (in the
+    shadow step's first forward, then, in a second run, in its second, which a backward follows).
+    Every rank's monitor fails at that step (rank 1 with its own error, rank 0 told which rank
+    failed), training runs on to the end bit-identical to a run without the monitor, and nothing
+    hangs (the process group's 20 s timeout would fail the run). Without the ranks' agreement
+    after each forward, rank 0 went on to the next collective alone."""
+    ranks = run_two_processes(tmp_path, FAILURE_SCRIPT)
+    for call in ("1", "2"):
+        r0, r1 = ranks[0][call], ranks[1][call]
+        assert r0["identical"] is True and r1["identical"] is True
+        assert r0["failed_at"] == r1["failed_at"] == 12
+        assert "ValueError: a malformed batch on rank 1" in r1["failure"]
+        assert "MonitorError: rank 1 failed in the shadow step's forward" in r0["failure"]
+        assert "placeholders stopped" not in r0["failure"] + r1["failure"]
+
+
 def test_private_fsdp_state_out_of_reach_warns_once(monkeypatch):
     """Where a torch keeps FSDP2's sync flags and pending gradients elsewhere (here: a module with
     no FSDP state at all), the shadow step's passes cannot protect a no-sync block: the monitor
     says so once, names the way out, and leaves the module as it is."""
-    import online_llc.kernel.fsdp as fsdp
+    import online_llc.kernel.fsdp_guards as fsdp
 
     monkeypatch.setattr(fsdp, "_PRIVATE_STATE_WARNED", False)
     module = torch.nn.Linear(2, 2)
@@ -372,3 +508,31 @@ def test_private_fsdp_state_out_of_reach_warns_once(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert fsdp._sync_state([module]) == ([], [])
+
+
+def test_a_resume_at_another_world_size_merges_every_ranks_shards(tmp_path):
+    """The Hugging Face callback's resume under FSDP2 (``callbacks/_resume.read_merged``): rank 0's
+    saved shards alone restore no rank, so every saving rank's file is read and merged into the
+    full tensors (placed by each shard's layout: rows 0-1 and row 2 of a 3 x 2 offset); a missing
+    rank's file is reported, never raised; an unsharded state passes as it is."""
+    from online_llc.callbacks._resume import read_merged
+
+    full = torch.arange(6.0).view(3, 2)
+
+    def state(rank):
+        start, length = (0, 2) if rank == 0 else (2, 1)
+        sampler = {"offsets": [{"w": full[start:start + length].clone()}], "aux": [{}], "updates": [None],
+                   "shards": {"rank": rank, "world": 2, "layouts": {"w": [[3, 2], 0, start, length]}}}
+        return {"format": 1, "world_size": 2, "sampler": sampler, "groups": {}}
+
+    path_of = lambda r: str(tmp_path / f"online_llc.rank{r}.pt")  # noqa: E731
+    for r in (0, 1):
+        torch.save(state(r), path_of(r))
+    merged, why = read_merged(state(0), path_of, 1)
+    assert why is None and torch.equal(merged["sampler"]["offsets"][0]["w"], full)
+    assert "shards" not in merged["sampler"] and merged["sampler"]["updates"] == [None]
+    os.remove(path_of(1))
+    merged, why = read_merged(state(0), path_of, 1)
+    assert merged is None and path_of(1) in why and "one shard per rank" in why
+    plain = {"format": 1, "world_size": 2, "sampler": {"offsets": [{"w": full}]}}
+    assert read_merged(plain, path_of, 1) == (plain, None)

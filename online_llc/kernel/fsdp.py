@@ -18,6 +18,9 @@ themselves, for the duration of the passes only::
 The training run's ``.grad`` fields are set aside before the passes and put back after them, and
 every FSDP module is resharded after each pass (a module that keeps its unsharded parameters after
 the forward, ``reshard_after_forward=False``, would otherwise serve the next pass stale weights).
+After each forward the ranks agree that none failed (:mod:`online_llc.kernel.fsdp_guards`), so a
+``loss_fn`` that raises on one rank's batch stops the step on every rank instead of leaving the
+others waiting.
 Gradient synchronisation is switched on for the passes and restored after them, so the chain's
 gradient is reduced even inside a user's ``set_requires_gradient_sync(False)`` block; the gradient
 FSDP2 accumulates there on the *unsharded* parameters (not ``.grad``) is set aside for the passes
@@ -49,7 +52,6 @@ head masks (:mod:`online_llc.models.heads`); parameter groups by name are suppor
 
 from __future__ import annotations
 
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -59,6 +61,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from online_llc.kernel.evaluator import LossEvaluator, LossFn, Params, check_differentiable, check_per_sample
+from online_llc.kernel.fsdp_guards import _restore_sync_state, _sync_state, agree_on_failure
 from online_llc.kernel.updates import state_dtype
 
 __all__ = ["ShardLayout", "ShardedLossEvaluator", "is_fsdp2", "make_evaluator"]
@@ -136,6 +139,8 @@ class ShardedLossEvaluator(LossEvaluator):
         mesh = params[self.param_names[0]].device_mesh
         self.group = mesh.get_group()
         self.world = int(mesh.size())
+        self.rank = int(mesh.get_local_rank())
+        self._device = params[self.param_names[0]].to_local().device  # the agreement's flag lives there
         self._fsdp_modules = [m for m in model.modules() if is_fsdp2_module(m)]
 
     # ---- the evaluator's interface on shards -------------------------------------------------------
@@ -156,6 +161,12 @@ class ShardedLossEvaluator(LossEvaluator):
                 "on sharded models yet; group whole parameters by name instead."
             )
         return {}
+
+    def shard_info(self) -> Dict[str, Any]:
+        """This rank's place in the chain, as a checkpoint of shards records it (plain values):
+        ``{"rank", "world", "layouts": {name: [full shape, dim, start, length]}}``."""
+        layouts = {n: [list(lay.shape), lay.dim, lay.start, lay.length] for n, lay in self.layouts.items()}
+        return {"rank": self.rank, "world": self.world, "layouts": layouts}
 
     def noise_layouts(self, names: Sequence[str]) -> List[ShardLayout]:
         """The shard layouts of ``names``, in order (the kernel draws each tensor's noise at its
@@ -240,17 +251,24 @@ class ShardedLossEvaluator(LossEvaluator):
 
     def _pass(self, batch: Any) -> Tensor:
         """One forward of ``loss_fn``, its output checked (one loss per sample), then every FSDP
-        module resharded."""
+        module resharded, and the ranks' agreement that every forward succeeded
+        (:func:`~online_llc.kernel.fsdp_guards.agree_on_failure`: a rank whose ``loss_fn`` raised
+        must not leave the others waiting in the next collective)."""
         # Buffers are put back after the pass (a BatchNorm in training mode would update its
         # running statistics), as the unsharded evaluator's cloned buffers do.
         buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        failure: Optional[BaseException] = None
         try:
-            return check_per_sample(self._forward(batch))
+            out = check_per_sample(self._forward(batch))
+        except Exception as exc:  # noqa: BLE001 - raised after the ranks agree, below
+            failure = exc
         finally:
             with torch.no_grad():
                 for b, saved in buffers:
                     b.copy_(saved)
             self._reshard()
+        agree_on_failure(failure, self.group, self.rank, self._device)
+        return out
 
     def _reshard(self) -> None:
         for m in self._fsdp_modules:
@@ -324,58 +342,3 @@ def make_evaluator(
     if isinstance(model, nn.Module) and is_fsdp2(model):
         return ShardedLossEvaluator(model, loss_fn, param_names, mode)
     return LossEvaluator(model, loss_fn, param_names, mode)
-
-
-_PRIVATE_STATE_WARNED = False
-
-
-def _sync_state(modules: Sequence[nn.Module]) -> Tuple[List[Tuple[Any, bool, bool]], List[Tuple[Any, Any, Any]]]:
-    """Set aside what a no-sync block leaves in private FSDP2 state (there is no public API):
-    each parameter group's sync flags, and each parameter's pending unsharded gradient
-    (``_unsharded_param.grad``, or ``unsharded_accumulated_grad`` under a reduce dtype), which
-    are emptied for the passes. Where this torch keeps them elsewhere, warn once and leave them.
-
-    Returns:
-        ``(group, reduce_grads, all_reduce_grads)`` per group and ``(fsdp_param, grad,
-        accumulated)`` per parameter with a pending gradient, for :func:`_restore_sync_state`.
-    """
-    global _PRIVATE_STATE_WARNED
-    flags: List[Tuple[Any, bool, bool]] = []
-    pending: List[Tuple[Any, Any, Any]] = []
-    try:
-        groups = [g for m in modules for g in m._get_fsdp_state()._fsdp_param_groups]  # type: ignore[attr-defined]
-        for group in groups:
-            flags.append((group, bool(group.reduce_grads), bool(group.all_reduce_grads)))
-            for fp in group.fsdp_params:
-                unsharded = getattr(fp, "_unsharded_param", None)
-                grad = None if unsharded is None else unsharded.grad
-                accumulated = fp.unsharded_accumulated_grad
-                if grad is not None or accumulated is not None:
-                    pending.append((fp, grad, accumulated))
-    except AttributeError as exc:
-        # A future torch may move this state: the passes still run, but a user's no-sync flags
-        # and accumulated gradient can no longer be protected, which the user must hear.
-        if not _PRIVATE_STATE_WARNED:
-            _PRIVATE_STATE_WARNED = True
-            warnings.warn(
-                f"OnlineLLC: this torch keeps FSDP2's gradient-sync state where the monitor does not look ({exc}): "
-                "a shadow step inside set_requires_gradient_sync(False) would change the accumulated gradient. "
-                "Call monitor.update() after the optimizer step, outside no-sync blocks.",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-        return [], []
-    for fp, grad, accumulated in pending:
-        if grad is not None:
-            fp._unsharded_param.grad = None
-        fp.unsharded_accumulated_grad = None
-    return flags, pending
-
-
-def _restore_sync_state(flags: Sequence[Tuple[Any, bool, bool]], pending: Sequence[Tuple[Any, Any, Any]]) -> None:
-    for group, reduce, all_reduce in flags:
-        group.reduce_grads, group.all_reduce_grads = reduce, all_reduce
-    for fp, grad, accumulated in pending:
-        if grad is not None:
-            fp._unsharded_param.grad = grad
-        fp.unsharded_accumulated_grad = accumulated

@@ -172,8 +172,7 @@ class OnlineLLC:
 
     @property
     def chain_config(self) -> SGLDConfig:
-        """The whole-model chains' hyperparameters now (the calibrated step, the gradient taken);
-        ``config`` holds them as resolved at construction."""
+        """The whole-model chains' settings now (calibrated step, gradient); ``config``: as built."""
         return self._model.sampler.config
 
     # ---- the public loop --------------------------------------------------------------------------
@@ -344,9 +343,7 @@ class OnlineLLC:
         correlated with rank 0's at first, are flagged until it re-equilibrates (see
         :func:`online_llc.monitor.distributed.rejoin`).
         """
-        if self.evaluator.sharded:
-            # FSDP2: a chain spans all ranks and each rank restored its own shards of it (a
-            # checkpoint per rank); there is nothing to make its own again.
+        if self.evaluator.sharded:  # FSDP2: a chain spans all ranks, nothing to make a rank's own
             return
         rejoin([self._model, *self._groups.values()], rank)
 
@@ -371,9 +368,12 @@ class OnlineLLC:
             "group_budget": self.group_budget,
         }
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self, shards: bool = False) -> Dict[str, Any]:
         """Everything needed to continue exactly: chains (offsets and generator states, as
-        tensors), windows, filters, counters and histories (plain Python values)."""
+        tensors), windows, filters, counters and histories (plain Python values). Sharded by
+        FSDP2, the chains are gathered to full tensors on every rank (a collective); with
+        ``shards``, a rank's own shards (1/R, no collective), which restore that rank or, merged
+        (:func:`online_llc.monitor.shards.merge_shards`), any world size or unsharded monitor."""
         state = {
             "version": 1,
             "settings": self._settings(),
@@ -381,9 +381,9 @@ class OnlineLLC:
             "recorded": self.schedule.recorded,
             "shadow_steps": self.shadow_steps,
             "next_group": self.schedule.next_group,
-            "groups": {name: t.state_dict() for name, t in self._groups.items()},
+            "groups": {name: t.state_dict(shards) for name, t in self._groups.items()},
         }
-        state.update(self._model.state_dict())
+        state.update(self._model.state_dict(shards))
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

@@ -52,7 +52,7 @@ from online_llc.kernel.evaluator import LossEvaluator
 from online_llc.kernel.randomness import chain_seed, derived_seed, deterministic
 from online_llc.kernel.step import Anchor, SGLDInfo, _info, _kernel_step
 from online_llc.kernel.updates import init_aux
-from online_llc.monitor.shadow_state import load_generators, saved_update, to_state
+from online_llc.monitor.shadow_state import chain_tensors, check_own_shards, load_generators, saved_update, to_state
 from online_llc.monitor.sketch import SKETCH_VERSION, Sketcher, sketch_shift, sketch_shift_sharded
 
 __all__ = ["ShadowStep", "ShadowSampler"]
@@ -301,22 +301,14 @@ class ShadowSampler:
             diverged.append(bad)
         return ShadowStep(infos, diverged, shift, disc)
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self, shards: bool = False) -> Dict[str, Any]:
         """Offsets, sampler state and the sketch (tensors), generator states (uint8 tensors) with
         their device type, the step and divergence counts. For a model sharded by FSDP2 the
         offsets and sampler state are gathered to full tensors on the CPU (a collective: call it
-        on every rank) and the sketch is left out."""
-        if self.evaluator.sharded:
-            # A chain spans all ranks: the state holds its full tensors (gathered, on the CPU) and
-            # no sketch (each rank's is of its own shards), so that any rank's state restores
-            # every rank, at any world size.
-            offsets = [self.evaluator.gather_full(off) for off in self.offsets]
-            aux = [self.evaluator.gather_full(a) for a in self.aux]
-            updates = [None if upd is None else self.evaluator.gather_full(upd) for upd in self._updates]
-        else:
-            offsets = [{n: t.detach().clone() for n, t in off.items()} for off in self.offsets]
-            aux = [{n: t.detach().clone() for n, t in a.items()} for a in self.aux]
-            updates = [None if upd is None else {n: t.detach().clone() for n, t in upd.items()} for upd in self._updates]
+        on every rank) and the sketch is left out; with ``shards`` each rank's state holds its
+        own shards instead, with their layout under ``"shards"`` (no collective, 1/R of the
+        chain per rank; :func:`online_llc.monitor.shards.merge_shards` makes a full state)."""
+        offsets, aux, updates = (chain_tensors(part, self.evaluator, shards) for part in (self.offsets, self.aux, self._updates))
         return {
             "offsets": offsets,
             "aux": aux,
@@ -336,6 +328,7 @@ class ShadowSampler:
             "last_heat_bias": [None if math.isnan(x) else float(x) for x in self._last_heat_bias],
             # The control variate's anchor (a sharded one is of this rank's shards: left out).
             "anchor": None if self.evaluator.sharded else self.anchor.state_dict(),
+            **({"shards": self.evaluator.shard_info()} if self.evaluator.sharded and shards else {}),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -345,7 +338,8 @@ class ShadowSampler:
         if len(offsets) != self.num_chains or len(gens) != self.num_chains:
             raise ValueError(f"Expected a state with {self.num_chains} chains, got {len(offsets)}.")
         names = set(self.offsets[0])
-        if self.evaluator.sharded:
+        own = check_own_shards(state, self.evaluator)  # a rank's own shards load as they are
+        if self.evaluator.sharded and not own:
             offsets = [self.evaluator.take_shards(off) if set(off) == names else off for off in offsets]
             state = {**state, "aux": [self.evaluator.take_shards(a) for a in state["aux"]]}
         for off in offsets:
@@ -369,7 +363,8 @@ class ShadowSampler:
         # The discretization measurement's pairing, where the state has it for these chains
         # (states of other chains or shapes restart it at the next step).
         for c in range(self.num_chains):
-            self._updates[c], self._last_dot[c], self._last_heat_bias[c] = saved_update(state, c, self.num_chains, like, self.evaluator)
+            self._updates[c], self._last_dot[c], self._last_heat_bias[c] = saved_update(
+                state, c, self.num_chains, like, None if own else self.evaluator)
         self.anchor.load_state_dict(None if self.evaluator.sharded else state.get("anchor"), list(like.values()))
         if not load_generators(self.generators, gens, state["generator_device"], self.device):
             self.reseed()

@@ -14,7 +14,18 @@ from torch import Tensor
 
 from online_llc.kernel.updates import state_dtype
 
-__all__ = ["to_state", "saved_update", "load_generators"]
+__all__ = ["to_state", "saved_update", "load_generators", "check_own_shards", "chain_tensors"]
+
+
+def chain_tensors(part: List[Optional[Dict[str, Tensor]]], evaluator: Any, shards: bool) -> List[Optional[Dict[str, Tensor]]]:
+    """Copies of one kind of per-chain tensors (offsets, sampler state or last updates) for a
+    state: as they are, unsharded; for a model sharded by FSDP2, gathered to full tensors on the
+    CPU (a collective: a chain spans all ranks, and any rank's full state restores every rank at
+    any world size), or with ``shards`` this rank's own shards on the CPU."""
+    if evaluator.sharded and not shards:
+        return [None if d is None else evaluator.gather_full(d) for d in part]
+    return [None if d is None else {n: t.detach().to("cpu", copy=True) if shards else t.detach().clone() for n, t in d.items()}
+            for d in part]
 
 
 def to_state(t: Tensor, like: Tensor) -> Tensor:
@@ -28,12 +39,13 @@ def saved_update(
     """Chain ``c``'s last update, its dot and heat bias from ``state`` (the discretization
     measurement's pairing), or ``(None, nan, nan)`` where the state has none for these chains
     and parameters (states of other chains or shapes restart the pairing at the next step).
-    A sharded ``evaluator`` takes its shards of the saved full tensors."""
+    A sharded ``evaluator`` takes its shards of the saved full tensors (``None``: the state holds
+    this rank's shards already)."""
     updates = state.get("updates")
     prev = updates[c] if isinstance(updates, list) and len(updates) == num_chains else None
     if not isinstance(prev, Mapping) or set(prev) != set(like):
         return None, math.nan, math.nan
-    if evaluator.sharded:
+    if evaluator is not None and evaluator.sharded:
         prev = evaluator.take_shards(prev)
     if any(tuple(t.shape) != tuple(like[n].shape) for n, t in prev.items()):
         return None, math.nan, math.nan
@@ -53,4 +65,26 @@ def load_generators(generators: List[torch.Generator], states: List[Any], device
         return False
     for g, st in zip(generators, states):
         g.set_state(st.cpu() if isinstance(st, Tensor) else torch.tensor(st, dtype=torch.uint8))
+    return True
+
+
+def check_own_shards(state: Mapping[str, Any], evaluator: Any) -> bool:
+    """Whether ``state`` holds one rank's shards (``state_dict(shards=True)``), checked to be this
+    rank's own: the same rank of the same layout.
+
+    Raises:
+        ValueError: a state of another rank's shards, of another layout, or loaded into an
+            unsharded monitor: the ranks' states must be merged into a full one first.
+    """
+    saved = state.get("shards")
+    if saved is None:
+        return False
+    mine = evaluator.shard_info() if evaluator.sharded else None
+    if saved != mine:
+        where = "an unsharded monitor" if mine is None else f"rank {mine['rank']} of {mine['world']}"
+        raise ValueError(
+            f"Expected a full monitor state or this rank's own shards, got the shards of rank {saved['rank']} of "
+            f"{saved['world']} for {where}: merge every rank's state first "
+            "(online_llc.monitor.shards.merge_shards(states)), which restores at any world size."
+        )
     return True

@@ -357,8 +357,8 @@ class Track:
         return transitions(self.history, {p.step: p.mean for p in self.smoothed()})
 
     # ---- checkpointing ------------------------------------------------------------------------------
-    def state_dict(self) -> Dict[str, Any]:
-        """Chains (tensors), windows, filter, warm-up and jump state, history (plain values)."""
+    def state_dict(self, shards: bool = False) -> Dict[str, Any]:
+        """Chains (tensors; this rank's own shards with ``shards``), windows, filter, warm-up, history."""
         jumps = self.jumps.state_dict()
         return {
             "warmup_left": list(self.warmup_left),
@@ -372,7 +372,7 @@ class Track:
             "sized": self.sized,
             "step_changed_at": self.step_changed_at,
             "measuring": self.measuring,
-            "sampler": self.sampler.state_dict(),
+            "sampler": self.sampler.state_dict(shards),
             "window_stats": self.stats.state_dict(),
             "filter": self.filter.state_dict(),
             "history": [e.to_dict() for e in self.history],
