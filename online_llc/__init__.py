@@ -35,7 +35,7 @@ from online_llc.monitor.estimator import OnlineLLC
 from online_llc.monitor.settings import MonitorSettings
 from online_llc.offline.estimate import estimate_llc
 from online_llc.offline.recommend import StepSizeRecommendation, recommend_step_size
-from online_llc.records import STATUSES, ChainHealth, LLCEstimate, LLCResult
+from online_llc.records import STATUSES, ChainHealth, LLCEstimate, LLCResult, ProbeResult
 
 __version__ = "0.2.0"
 
@@ -49,6 +49,7 @@ __all__ = [
     "auto_cadence",
     "estimate_llc",
     "LLCResult",
+    "ProbeResult",
     "recommend_step_size",
     "StepSizeRecommendation",
     "SGLDConfig",

@@ -15,7 +15,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["ChainHealth", "FILTERED_STATUSES", "LLCEstimate", "LLCResult", "STATUSES", "SmoothedPoint", "Transition"]
+__all__ = [
+    "ChainHealth", "FILTERED_STATUSES", "LLCEstimate", "LLCResult", "ProbeResult", "STATUSES", "SmoothedPoint", "Transition",
+]
 
 #: Every status an estimate can have, in the order of their numeric codes (used by loggers).
 STATUSES = ("warming_up", "tracking", "transition", "not_at_minimum", "diverged")
@@ -181,6 +183,34 @@ class Transition:
 
 
 @dataclass(frozen=True)
+class ProbeResult:
+    """What a probe set read from the chains' draws (:mod:`online_llc.stats.probes`): with
+    ``delta_k = l_k(w* + xi) - l_k(w*)`` for its samples ``k`` and ``d`` the draw at the same
+    ``xi``.
+
+    Attributes:
+        name: the probe set's name.
+        llc: the observable-refined LLC ``nbeta * mean_k E[delta_k]``; ``llc_std`` its standard error.
+        influence: ``-Cov(delta_k, d)`` per sample ``[K]`` (the Bayesian influence function on the
+            training loss); ``influence_std`` the standard errors.
+        correlation: ``Corr(delta_k, d)`` per sample ``[K]``, devinterp's convention (a Pearson
+            correlation: no ``nbeta``, no minus sign); ``correlation_std`` the standard errors.
+        num_probes: ``K``.
+        count: the draws the estimates average over (all chains).
+    """
+
+    name: str
+    llc: float
+    llc_std: float
+    influence: np.ndarray
+    influence_std: np.ndarray
+    correlation: np.ndarray
+    correlation_std: np.ndarray
+    num_probes: int
+    count: int
+
+
+@dataclass(frozen=True)
 class LLCResult:
     """The result of :func:`estimate_llc`.
 
@@ -227,6 +257,7 @@ class LLCResult:
             together, ``mean / (mean - heat_bias - discretization_bias)``: the step is calibrated
             on their sum.
         num_samples, num_chains, num_draws, burn_in, seed: the settings used (``burn_in`` resolved).
+        probes: each probe set's :class:`ProbeResult`, by name (empty without ``probes``).
     """
 
     mean: float
@@ -261,14 +292,16 @@ class LLCResult:
     gradient: str = "plain"
     draw: str = "plain"
     extra: Dict[str, Any] = field(default_factory=dict)
+    probes: Dict[str, ProbeResult] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain Python values (arrays as nested lists), e.g. for JSON."""
-        out = asdict(self)
-        for k, v in out.items():
+        def plain(v: Any) -> Any:
             if isinstance(v, np.ndarray):
-                out[k] = v.tolist()
-        return out
+                return v.tolist()
+            return {k: plain(x) for k, x in v.items()} if isinstance(v, dict) else v
+
+        return plain(asdict(self))
 
     def __repr__(self) -> str:
         return (

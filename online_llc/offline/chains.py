@@ -81,6 +81,9 @@ class Chains:
         self.evaluator, self.center, self._config, self.anchor = evaluator, center, config, anchor
         self.num_chains, self.seed, self.next_batch, self.on_step = num_chains, seed, next_batch, on_step
         self.center_loss_sum, self.center_loss_count = 0.0, 0
+        #: Probe sets evaluated at each draw (:mod:`online_llc.offline.probes`), set by the estimator.
+        self.probes: Optional[Any] = None
+        self.batched_steps = 0
         device = next(iter(center.values())).device
         self.batched: Optional[BatchedChains] = None
         self._deal: Optional[torch.Generator] = None
@@ -126,6 +129,10 @@ class Chains:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=self._deal).tolist()]
         return batches
 
+    def steps_taken(self, chain: int) -> int:
+        """Steps ``chain`` has taken so far (batched chains: every chain's)."""
+        return self.batched_steps if self.batched is not None else self.steps_run[chain]
+
     def _probe(self, device: torch.device) -> Optional[str]:
         """Take one batched step (then start the chains afresh); the error's first line if it fails."""
         gen = torch.Generator(device=device).manual_seed(chain_seed(self.seed, 0))
@@ -170,9 +177,15 @@ class Chains:
                 raise ValueError(f"Expected every chain of a batched run, got {list(chains)}.")
             self.batched.reset_measurement()
             for s in range(steps):
+                # A draw is paired with the probes' losses at the offset it was drawn at (before the update).
+                observe = self.probes is not None and self.probes.observing(0, self.batched_steps)
+                deltas = [self.probes.differences(self.batched.offsets(c)) for c in chains] if observe else []
                 infos = self.batched.step(self._step_batches())
+                self.batched_steps += 1
                 for c, info in enumerate(infos):
                     out[c, :, s] = self._record(info, c, s)
+                    if observe:
+                        self.probes.add(c, deltas[c], info.draw)
                 self.on_step(len(chains))
             return out
         for i, c in enumerate(chains):
@@ -180,6 +193,8 @@ class Chains:
             previous = None
             for s in range(steps):
                 before = offset
+                observe = self.probes is not None and self.probes.observing(c, self.steps_run[c])
+                delta = self.probes.differences(offset) if observe else None
                 # The model's randomness (dropout) is seeded from (seed, chain, step) on the host,
                 # so a step reads its numbers once (one device sync).
                 offset, aux, info = sampler_step(
@@ -190,6 +205,8 @@ class Chains:
                 self.steps_run[c] += 1
                 previous = before
                 out[i, :, s] = self._record(info, c, s)
+                if delta is not None:
+                    self.probes.add(c, delta, info.draw)
                 self.on_step(1)
             self.states[c] = (offset, aux)
         return out

@@ -14,7 +14,7 @@ import itertools
 import math
 import sys
 from dataclasses import replace
-from typing import Any, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -47,6 +47,7 @@ from online_llc.kernel.randomness import cuda_devices
 from online_llc.models.groups import resolve_groups
 from online_llc.offline.batches import batch_size_of, batches_forever, is_one_shot
 from online_llc.offline.chains import Chains
+from online_llc.offline.probes import ProbeSets
 from online_llc.offline.rows import (
     OFFSET_SQ,
     imprecise,
@@ -96,6 +97,7 @@ def estimate_llc(
     draw: str = "auto",
     batched: Optional[bool] = None,
     progress: bool = True,
+    probes: Optional[Mapping[str, Any]] = None,
     **kwargs: Any,
 ) -> LLCResult:
     """Estimate the local learning coefficient of ``model`` at its current weights ``w*``.
@@ -181,6 +183,11 @@ def estimate_llc(
             same distribution).
         progress: print the plan (chains, burn-in and draws, the step, the gradient) to stderr
             once the first chain has fixed it, and show a progress bar when stderr is a terminal.
+        probes: ``{name: batch or iterable of batches}``: fixed samples whose losses are
+            evaluated at every draw of every chain (one forward pass over them per draw), for each
+            set's observable-refined LLC ``nbeta * mean_k E[l_k(w) - l_k(w*)]`` and each sample's
+            Bayesian influence ``-Cov(l_k(w) - l_k(w*), d)`` with its standard error
+            (:mod:`online_llc.stats.probes`; ``LLCResult.probes``). Samples may be in the training set or not.
 
     Returns:
         An :class:`LLCResult` with the estimate, its standard error, the draws, the measured heat
@@ -234,6 +241,7 @@ def estimate_llc(
     names = None if params is None else resolve_groups(model, {"params": list(params)})["params"]
     evaluator = LossEvaluator(model, loss_fn, param_names=names, mode=mode)
     center = {n: t.clone() for n, t in evaluator.center().items()}
+    probe_sets = None if probes is None else ProbeSets(probes, evaluator, center)
     device = next(iter(center.values())).device
     devices = cuda_devices(center)
 
@@ -346,6 +354,10 @@ def estimate_llc(
                 f"localization {config.localization:.3g}",
                 file=sys.stderr,
             )
+        if probe_sets is not None:  # the draws from here on: the leading chains' next step, the others' after their burn-in
+            chains.probes = probe_sets
+            probe_sets.begin(num_chains, num_draws, {c: chains.steps_taken(c) + (0 if c in lead else burn_in)
+                                                     for c in range(num_chains)})
         chain_rows: List[np.ndarray] = list(np.concatenate([head, chains.run(lead, num_draws)], axis=2))
         for c in range(len(lead), num_chains):
             bar.set_description(f"estimate_llc: chain {c + 1}/{num_chains}")
@@ -365,9 +377,10 @@ def estimate_llc(
                 num_draws += extra
 
         bar.close()
-    return llc_result(
+    result = llc_result(
         np.stack(chain_rows), burn_in, num_draws, config=config, step_given=step_size is not None,
         batch_size=batch_size, precision=None if given_num_draws is not None else precision,
         init_loss=chains.center_loss_sum / max(chains.center_loss_count, 1), calibration=calibration,
         num_samples=num_samples, seed=seed,
     )
+    return result if probe_sets is None else replace(result, probes=probe_sets.results(config.nbeta))
