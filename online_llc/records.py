@@ -195,6 +195,9 @@ class ProbeResult:
             training loss); ``influence_std`` the standard errors.
         correlation: ``Corr(delta_k, d)`` per sample ``[K]``, devinterp's convention (a Pearson
             correlation: no ``nbeta``, no minus sign); ``correlation_std`` the standard errors.
+        susceptibility: ``-Cov(mean_k delta_k, d)``, the set's mean influence: with the chains
+            moving one weight group (``estimate_llc(..., params=group)``), that component's
+            susceptibility to the set; ``susceptibility_std`` its standard error.
         num_probes: ``K``.
         count: the draws the estimates average over (all chains).
     """
@@ -208,6 +211,8 @@ class ProbeResult:
     correlation_std: np.ndarray
     num_probes: int
     count: int
+    susceptibility: float = math.nan
+    susceptibility_std: float = math.nan
 
 
 @dataclass(frozen=True)

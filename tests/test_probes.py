@@ -104,6 +104,8 @@ def test_offline_probes_match_the_gaussian_posterior_in_closed_form():
         assert abs(p.llc - float(nbeta * quad.mean() / 2)) < 3 * p.llc_std
         z_infl.append((p.influence + cov) / p.influence_std)
         z_corr.append((p.correlation - corr) / p.correlation_std)
+        assert p.susceptibility == pytest.approx(p.influence.mean(), rel=1e-9)
+        assert abs(p.susceptibility + cov.mean()) < 3 * p.susceptibility_std
         resolved = np.abs(p.influence) > 4 * p.influence_std
         assert np.all(np.sign(p.influence[resolved]) == np.sign(-cov[resolved]))
     z = np.concatenate(z_infl)
@@ -134,3 +136,30 @@ def test_probes_are_checked_when_the_estimate_starts():
     for batched in (True, False):
         res = run({"fresh": fresh}, num_chains=3, burn_in=5, num_draws=7, batched=batched)
         assert res.probes["fresh"].count == 3 * 7
+
+
+@pytest.mark.slow
+def test_a_weight_groups_susceptibility_is_its_restricted_posteriors():
+    """The chains move the bias alone (``params=["bias"]``) of a regression with an intercept at its
+    optimum: ``xi`` is one number of variance ``s = 1 / (a - epsilon a^2 / 4)``, ``a = nbeta +
+    gamma``, the residuals average to zero, so ``delta_k = r_k xi + xi^2 / 2`` and ``d = nbeta xi^2
+    / 2``, and every probe's ``Cov(delta_k, d) = nbeta s^2 / 2``: the bias's susceptibility to any
+    probe set is ``-nbeta s^2 / 2``, read within 3 standard errors, and its observable-refined LLC
+    ``nbeta s / 2`` too."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2000, 3, generator=g)
+    y = x @ torch.randn(3, 1, generator=g) + 0.5 + torch.randn(2000, 1, generator=g)
+    model = nn.Linear(3, 1)
+    sol = torch.linalg.lstsq(torch.cat([x, torch.ones(2000, 1)], 1), y).solution
+    with torch.no_grad():
+        model.weight.copy_(sol[:3].T)
+        model.bias.copy_(sol[3])
+    nbeta, gamma, eps = 100.0, 10.0, 1e-3
+    res = estimate_llc(model, _mse, [(x, y)], num_samples=2000, nbeta=nbeta, localization=gamma, step_size=eps,
+                       params=["bias"], num_chains=4, burn_in=300, num_draws=2000, progress=False, seed=0,
+                       probes={"some": (x[:30], y[:30])})
+    a = nbeta + gamma
+    s = 1.0 / (a - eps * a * a / 4)
+    p = res.probes["some"]
+    assert abs(p.susceptibility + nbeta * s * s / 2) < 3 * p.susceptibility_std
+    assert abs(p.llc - nbeta * s / 2) < 3 * p.llc_std

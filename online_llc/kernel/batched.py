@@ -315,6 +315,12 @@ class BatchedChains:
         self.xi.add_(u)
         self._last = u
 
+    def losses_at_offsets(self, batch: Any) -> Tensor:
+        """Every chain's per-sample losses on one shared ``batch`` at ``w* + xi`` ``[C, B]``, in one
+        vectorized pass without gradients (probe sets, :mod:`online_llc.offline.probes`)."""
+        with torch.no_grad():
+            return torch.func.vmap(self._losses, in_dims=(0, None))(self.xi, batch)
+
     def offsets(self, chain: int) -> dict:
         """Chain ``chain``'s offset by parameter name (views of the flat buffer)."""
         return {n: v.view(s) for n, v, s in zip(self.names, torch.split(self.xi[chain], self.sizes), self.shapes)}

@@ -179,12 +179,12 @@ class Chains:
             for s in range(steps):
                 # A draw is paired with the probes' losses at the offset it was drawn at (before the update).
                 observe = self.probes is not None and self.probes.observing(0, self.batched_steps)
-                deltas = [self.probes.differences(self.batched.offsets(c)) for c in chains] if observe else []
+                deltas = self.probes.differences_of_rows(self.batched) if observe else None
                 infos = self.batched.step(self._step_batches())
                 self.batched_steps += 1
                 for c, info in enumerate(infos):
                     out[c, :, s] = self._record(info, c, s)
-                    if observe:
+                    if deltas is not None:
                         self.probes.add(c, deltas[c], info.draw)
                 self.on_step(len(chains))
             return out

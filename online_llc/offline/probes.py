@@ -87,6 +87,13 @@ class ProbeSets:
             losses = torch.cat([self._losses(params, b) for batches in self.batches for b in batches])
         return losses.double().cpu().numpy() - self.at_center
 
+    def differences_of_rows(self, chains: Any) -> np.ndarray:
+        """``delta`` of every chain of batched ``chains`` (:class:`~online_llc.kernel.batched.BatchedChains`)
+        ``[C, K]``: one vectorized pass per probe batch for all chains."""
+        losses = torch.cat([chains.losses_at_offsets(b).reshape(chains.xi.shape[0], -1)
+                            for batches in self.batches for b in batches], dim=1)
+        return losses.double().cpu().numpy() - self.at_center
+
     def add(self, chain: int, delta: np.ndarray, draw: float) -> None:
         """Pair the probes' differences at a draw's offset with the draw."""
         assert self.moments is not None
@@ -102,6 +109,7 @@ class ProbeSets:
             out[name] = ProbeResult(
                 name=name, llc=s["llc"], llc_std=s["llc_std"], influence=s["influence"], influence_std=s["influence_std"],
                 correlation=s["correlation"], correlation_std=s["correlation_std"], num_probes=size, count=s["count"],
+                susceptibility=s["susceptibility"], susceptibility_std=s["susceptibility_std"],
             )
             lo += size
         return out

@@ -10,6 +10,8 @@ What is computed. For probe samples ``k = 1..K`` (a fixed set, evaluated at ever
 
     observable-refined LLC    nbeta * mean_k E[delta_k]
     influence of sample k     -Cov(delta_k, d)          (the Bayesian influence function, BIF)
+    susceptibility of the set -Cov(mean_k delta_k, d)   (the mean influence; with the chain moving
+                                                         one weight group only, that component's)
     correlation of sample k   Corr(delta_k, d)          (devinterp's convention: Pearson, no nbeta, no sign)
 
 A sample whose loss rises when the training loss rises has negative influence in this convention:
@@ -103,7 +105,8 @@ class ProbeMoments:
     def summary(self, nbeta: float) -> dict:
         """The estimates and their standard errors (NaN with fewer than two segments):
         ``llc`` and ``llc_std`` (``nbeta * mean_k E[delta_k]``), ``influence``, ``influence_std``,
-        ``correlation`` and ``correlation_std`` (``[K]`` arrays), ``count``."""
+        ``correlation`` and ``correlation_std`` (``[K]`` arrays), ``susceptibility`` and
+        ``susceptibility_std``, ``count``."""
         n, mean, cov, var_k, var_d = self._segments()
         w = n / n.sum()
         segs = len(n)
@@ -118,6 +121,7 @@ class ProbeMoments:
 
         llc, llc_se = pooled(nbeta * mean.mean(axis=1))
         c, c_se = pooled(cov)
+        chi, chi_se = pooled(cov.mean(axis=1))
         vk, vd = np.tensordot(w, var_k, axes=1), float(np.dot(w, var_d))
         with np.errstate(divide="ignore", invalid="ignore"):
             corr = c / np.sqrt(vk * vd)
@@ -125,4 +129,5 @@ class ProbeMoments:
         return {
             "llc": float(llc), "llc_std": float(llc_se), "influence": -c, "influence_std": c_se,
             "correlation": corr, "correlation_std": corr_se, "count": int(n.sum()),
+            "susceptibility": -float(chi), "susceptibility_std": float(chi_se),
         }
