@@ -8,7 +8,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 from online_llc.records import STATUSES, ChainHealth, LLCEstimate
 
-__all__ = ["LOGGED_KEYS", "ESTIMATE_KEYS", "GROUP_KEYS", "band_layout", "estimate_metrics", "group_metrics"]
+__all__ = ["LOGGED_KEYS", "ESTIMATE_KEYS", "GROUP_KEYS", "PROBE_KEYS", "band_layout", "estimate_metrics", "group_metrics"]
 
 #: The keys logged at a closed window, in this order. ``llc/status`` is the index of the
 #: status in :data:`online_llc.STATUSES` (0 warming_up, 1 tracking, 2 transition,
@@ -39,10 +39,18 @@ LOGGED_KEYS = (
 ESTIMATE_KEYS = LOGGED_KEYS[:4]
 
 
-def estimate_metrics(est: LLCEstimate, health: Optional[ChainHealth] = None) -> Dict[str, float]:
+#: The keys logged per probe set ``<p>`` at the whole model's window (``llc/probe/<p>/<key>``): its
+#: observable-refined LLC's band (only for windows the filter absorbed), status and raw window
+#: mean, and the set's susceptibility with its standard error once the influence's statistics
+#: have two segments (:mod:`online_llc.monitor.probes`).
+PROBE_KEYS = ("mean", "std", "lower", "upper", "status", "raw_mean", "susceptibility", "susceptibility_std")
+
+
+def estimate_metrics(est: LLCEstimate, health: Optional[ChainHealth] = None, probes: Any = None) -> Dict[str, float]:
     """The whole model's window as ``{key: float}`` over :data:`LOGGED_KEYS`, without
     :data:`ESTIMATE_KEYS` when the window is no filtered estimate (warm-up, diverged); the health
-    keys are NaN without ``health``."""
+    keys are NaN without ``health``; with the monitor's ``probes``, each set's keys
+    (:data:`PROBE_KEYS`)."""
     values = (
         est.mean,
         est.std,
@@ -58,7 +66,18 @@ def estimate_metrics(est: LLCEstimate, health: Optional[ChainHealth] = None) -> 
         health.relaxation_steps if health is not None else math.nan,
         float(health.short_run) if health is not None else math.nan,
     )
-    return {k: float(v) for k, v in zip(LOGGED_KEYS, values) if est.filtered or k not in ESTIMATE_KEYS}
+    out = {k: float(v) for k, v in zip(LOGGED_KEYS, values) if est.filtered or k not in ESTIMATE_KEYS}
+    if probes is not None:
+        influence = probes.influence()
+        for name, p in probes.last.items():
+            values = (p.mean, p.std, p.lower, p.upper, float(STATUSES.index(p.status)), p.raw_mean)
+            for key, v in zip(PROBE_KEYS, values):
+                if p.filtered or key not in ("mean", "std", "lower", "upper"):
+                    out[f"llc/probe/{name}/{key}"] = float(v)
+            if name in influence:
+                out[f"llc/probe/{name}/susceptibility"] = influence[name].susceptibility
+                out[f"llc/probe/{name}/susceptibility_std"] = influence[name].susceptibility_std
+    return out
 
 
 #: The keys logged per group ``<g>`` at its closed window (``llc/<g>/<key>``): the first four

@@ -106,6 +106,8 @@ class OnlineLLCTrainerCallback(TrainerCallback):
         strict: re-raise a failure of the monitor instead of warning once and disabling it.
         name: the checkpoint file's stem (``<name>.rank<r>.pt``); give each of several
             callbacks its own.
+        probes: probe sets (batches as the Trainer gives the model), as in :class:`online_llc.OnlineLLC`:
+            each logs ``llc/probe/<set>/<key>`` over ``PROBE_KEYS``. One process only.
         **options: the monitor's options, as in :class:`online_llc.OnlineLLC` (each a field of
             :class:`online_llc.monitor.settings.MonitorSettings`), validated now. ``num_samples`` may be
             left out: it is then the length of the train dataloader's dataset. When the monitor
@@ -125,6 +127,7 @@ class OnlineLLCTrainerCallback(TrainerCallback):
         groups: Optional[Mapping[str, Any]] = None,
         strict: bool = False,
         name: str = "online_llc",
+        probes: Optional[Mapping[str, Any]] = None,
         **options: Any,
     ) -> None:
         MonitorSettings.reject_unknown("OnlineLLCTrainerCallback()", options)
@@ -137,9 +140,8 @@ class OnlineLLCTrainerCallback(TrainerCallback):
         self.settings = MonitorSettings(**options)
         self.loss_fn = loss_fn
         self.task = task
-        self.groups = dict(groups) if groups is not None else None
-        self.strict = bool(strict)
-        self.name = name
+        self.groups, self.probes = (dict(groups) if groups is not None else None), probes
+        self.strict, self.name = bool(strict), name
         self.trainer: Any = None
         self.monitor: Optional[OnlineLLC] = None
         self.failure: Optional[str] = None
@@ -147,11 +149,9 @@ class OnlineLLCTrainerCallback(TrainerCallback):
         self._given = frozenset(options)
         self._batch: Any = None
         self._hook: Any = None
-        self._in_pass = False
-        self._last_step: Optional[int] = None
+        self._in_pass, self._last_step = False, None
         self._alarms_seen: set = set()
-        self._world_size = 1
-        self._rank = 0
+        self._world_size, self._rank = 1, 0
 
     # ---- wiring ----------------------------------------------------------------------------------
     def attach(self, trainer: Any) -> "OnlineLLCTrainerCallback":
@@ -195,7 +195,7 @@ class OnlineLLCTrainerCallback(TrainerCallback):
                 options["total_steps"] = total
         # FSDP2 (accelerate's fsdp_version=2): the chains span the ranks, every rank holds every draw.
         gather = self._gather(args) if self._world_size > 1 and not is_fsdp2(model) else None
-        self._fresh = lambda: OnlineLLC(model, loss_fn, gather=gather, groups=self.groups, **options)
+        self._fresh = lambda: OnlineLLC(model, loss_fn, gather=gather, groups=self.groups, probes=self.probes, **options)
         self.monitor = self._fresh()
         self.failure, self._layout_written = None, False
         self._restore(args, state)
@@ -340,7 +340,7 @@ class OnlineLLCTrainerCallback(TrainerCallback):
         finally:
             self._in_pass = False
         health = self.monitor.health() if est is not None else None
-        metrics = estimate_metrics(est, health) if est is not None else {}
+        metrics = estimate_metrics(est, health, self.monitor.probes) if est is not None else {}
         if self.monitor.shadow_steps != shadow_before:  # group estimates are those of this shadow step
             metrics.update(group_metrics(self.monitor.last_group_estimates))
         if metrics:

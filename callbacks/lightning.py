@@ -106,6 +106,8 @@ class OnlineLLCCallback(Callback):
             and status too) when its window closes.
         prog_bar: also show ``llc`` in the progress bar.
         strict: re-raise a failure of the monitor instead of warning once and disabling it.
+        probes: probe sets (batches as the module's training batches), as in :class:`online_llc.OnlineLLC`:
+            each logs ``llc/probe/<set>/<key>`` over ``PROBE_KEYS``. One process only.
         **options: the monitor's options, as in :class:`online_llc.OnlineLLC` (each a field of
             :class:`online_llc.monitor.settings.MonitorSettings`), validated now. ``num_samples`` may be
             left out (``None``): it is then the length of the train dataloader's dataset.
@@ -122,6 +124,7 @@ class OnlineLLCCallback(Callback):
         groups: Optional[Mapping[str, Any]] = None,
         prog_bar: bool = False,
         strict: bool = False,
+        probes: Optional[Mapping[str, Any]] = None,
         **options: Any,
     ) -> None:
         MonitorSettings.reject_unknown("OnlineLLCCallback()", options)
@@ -134,6 +137,7 @@ class OnlineLLCCallback(Callback):
         self.strict = bool(strict)
         # Groups name the LightningModule's parameters: resolved against it at on_train_start.
         self.groups = dict(groups) if groups is not None else None
+        self.probes = probes  # batches of the module's inputs, as its training batches
         self.monitor: Optional[OnlineLLC] = None
         self.failure: Optional[str] = None
         self._pending_state: Optional[Mapping[str, Any]] = None
@@ -189,7 +193,8 @@ class OnlineLLCCallback(Callback):
             with warnings.catch_warnings():
                 if not trainer.is_global_zero:  # the cadence's one line, from rank 0 only
                     warnings.simplefilter("ignore", UserWarning)
-                return OnlineLLC(pl_module, self.loss_fn or _per_sample_method, gather=gather, groups=self.groups, **options)
+                return OnlineLLC(pl_module, self.loss_fn or _per_sample_method, gather=gather, groups=self.groups,
+                                 probes=self.probes, **options)
 
         self.monitor = build()
         if self._pending_state is not None:
@@ -349,7 +354,7 @@ class OnlineLLCCallback(Callback):
 
     def _log(self, trainer: Any, pl_module: Any, est: LLCEstimate, health: ChainHealth) -> None:
         # A warm-up or diverged window is no LLC estimate: its status and diagnostics only.
-        self._publish(trainer, estimate_metrics(est, health))
+        self._publish(trainer, estimate_metrics(est, health, self.monitor.probes if self.monitor else None))
         if self.prog_bar and est.filtered and math.isfinite(est.mean):
             pl_module.log("llc", est.mean, prog_bar=True, logger=False, on_step=True, on_epoch=False)
 

@@ -31,8 +31,9 @@ from online_llc.records import STATUSES, LLCEstimate
 
 __all__ = ["RunLog", "column_series", "read_log"]
 
-# A group's key as the callbacks log it: llc/<group>/<key> (a group's name may hold slashes).
-_GROUP_KEY = re.compile(r"^llc/(.+)/(mean|std|lower|upper|status|raw_mean)$")
+# A group's key as the callbacks log it: llc/<group>/<key> (a group's name may hold slashes; the
+# probe sets' llc/probe/<set>/<key> are not groups).
+_GROUP_KEY = re.compile(r"^llc/(?!probe/)(.+)/(mean|std|lower|upper|status|raw_mean)$")
 # The prefixes a framework puts before the keys (the Hugging Face TensorBoard integration's).
 _PREFIXES = ("train/",)
 # Columns of the training loss, in the order they are looked for.
@@ -101,8 +102,11 @@ def _locate(path: str) -> Tuple[str, str]:
             return "trainer_state", max(checkpoints, key=lambda p: int(re.sub(r"\D", "", os.path.basename(os.path.dirname(p))) or 0))
         if glob.glob(os.path.join(path, "**", "events.out.tfevents.*"), recursive=True):
             return "tensorboard", path
+        if os.path.isfile(os.path.join(path, "metrics.csv")):  # a Lightning CSVLogger's version directory
+            return "csv", os.path.join(path, "metrics.csv")
         raise ValueError(
-            f"{path}: no log found (expected a trainer_state.json, checkpoint-*/trainer_state.json or TensorBoard event files)."
+            f"{path}: no log found (expected a trainer_state.json, checkpoint-*/trainer_state.json, TensorBoard event "
+            "files or a Lightning metrics.csv)."
         )
     if not os.path.isfile(path):
         raise ValueError(f"no such file or directory: {path}")

@@ -59,7 +59,7 @@ def test_plot_errors_on_directories_and_trainer_states_are_one_line(tmp_path, ca
         return err
 
     (tmp_path / "empty_dir").mkdir()
-    assert "no log found (expected a trainer_state.json, checkpoint-*/trainer_state.json or TensorBoard event files)" in error(
+    assert "no log found (expected a trainer_state.json, checkpoint-*/trainer_state.json, TensorBoard event files or a Lightning metrics.csv)" in error(
         tmp_path / "empty_dir")
     bad = tmp_path / "bad" / "trainer_state.json"
     bad.parent.mkdir()

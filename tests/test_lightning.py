@@ -206,6 +206,31 @@ def test_tensorboard_logger_draws_each_band_as_a_margin_chart(tmp_path):
     assert [e.mean for e in run.history if e.filtered] == pytest.approx([e.mean for e in filtered], rel=1e-6)
 
 
+def test_probe_sets_are_logged_beside_the_estimate(tmp_path):
+    """``OnlineLLCCallback(probes={...})``: at every window each probe set logs its status and raw
+    mean, its band when the filter absorbed the window (the monitor's own records, to the logger's
+    float32), and ``online-llc plot`` does not take the probe sets for parameter groups."""
+    from online_llc.runlogs import read_log
+
+    x, y = dataset().tensors
+    cb = OnlineLLCCallback(per_sample_loss, probes={"held": (x[:16], y[:16])}, **FAST)
+    logger = CSVLogger(tmp_path, name="csv", version=0)
+    make_trainer([cb], max_steps=40, logger=logger, log_every_n_steps=1).fit(make_module(), loader())
+    with open(os.path.join(logger.log_dir, "metrics.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    hist = cb.monitor.probes.history("held")
+    assert len(rows) == len(hist) == len(cb.monitor.history())
+    for row, e in zip(rows, hist):
+        assert float(row["llc/probe/held/status"]) == STATUSES.index(e.status)
+        assert _same_value(float(row["llc/probe/held/raw_mean"]), e.raw_mean)
+        assert (row["llc/probe/held/mean"] != "") == e.filtered
+        if e.filtered:
+            assert _same_value(float(row["llc/probe/held/mean"]), e.mean)
+    assert any(e.filtered for e in hist)
+    run = read_log(logger.log_dir)  # a CSVLogger version directory: its metrics.csv
+    assert run.kind == "csv" and len(run.history) == len(hist) and run.groups == {}
+
+
 def test_csv_logger_rows_are_the_core_estimates(tmp_path):
     cb = OnlineLLCCallback(per_sample_loss, **FAST)
     logger = CSVLogger(tmp_path, name="csv", version=0)

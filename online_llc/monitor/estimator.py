@@ -33,7 +33,9 @@ from online_llc.monitor.cadence import group_budget
 from online_llc.monitor.distributed import rank_seed, rejoin
 from online_llc.monitor.health import chain_health
 from online_llc.monitor.schedule import Schedule
-from online_llc.monitor.settings import MonitorSettings, check_saved_settings
+from online_llc.monitor.checkpoint import load_monitor_state, monitor_state
+from online_llc.monitor.probes import OnlineProbes, probe_sets
+from online_llc.monitor.settings import MonitorSettings
 from online_llc.monitor.shadow import ShadowSampler
 from online_llc.monitor.track import Track
 from online_llc.monitor.window import WindowStats
@@ -84,6 +86,9 @@ class OnlineLLC:
             on every rank still gives independent chains; outside one, give each rank its own
             ``seed``. After resuming every rank from one rank's checkpoint, call
             :meth:`reseed_for_rank`.
+        probes: ``{name: batch or iterable of batches}``: fixed samples the whole model's chains
+            evaluate at every shadow step, for each set's observable-refined LLC (a band) and each
+            sample's Bayesian influence (:mod:`online_llc.monitor.probes`; :attr:`probes`). One process only.
         **options: the monitor's options (the sampler's knobs, the chains, the cadence, the
             filter), each a field of :class:`online_llc.monitor.settings.MonitorSettings`, where they are
             described, defaulted and validated. An unknown name raises ``TypeError``. ``seed``
@@ -115,6 +120,7 @@ class OnlineLLC:
         num_samples: int,
         groups: Optional[Mapping[str, Any]] = None,
         gather: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+        probes: Optional[Mapping[str, Any]] = None,
         **options: Any,
     ) -> None:
         MonitorSettings.reject_unknown("OnlineLLC()", options)
@@ -152,6 +158,7 @@ class OnlineLLC:
             for i, (name, masks) in enumerate(resolved.items())
         }
         self.group_budget = group_budget(settings.group_budget, len(self._groups), cadence, settings.warmup_policy)
+        self._probe_sets = probe_sets(probes, self.evaluator, gather)
         self._init_counters()
 
     def _init_counters(self) -> None:
@@ -159,6 +166,8 @@ class OnlineLLC:
         self.schedule = Schedule(self.every_n_steps, list(self._groups), self.group_budget)
         self._checked = False  # whether the first batch was checked
         self.last_group_estimates: Dict[str, LLCEstimate] = {}
+        #: The probe sets' live estimates (:class:`~online_llc.monitor.probes.OnlineProbes`), or ``None``.
+        self.probes = None if self._probe_sets is None else OnlineProbes.build(self._probe_sets, self)
 
     @property
     def step(self) -> int:
@@ -200,11 +209,27 @@ class OnlineLLC:
             gen = torch.Generator(device=self.sampler.device).manual_seed(self.seed)
             check_first_batch(self.evaluator, batch, self.num_samples, gen)
             self._checked = True
-        return None if step is None else self._draw(step, lambda t, k: t.shadow_step(batch, step, k))
+        if step is None:
+            return None
+        return self._draw(step, lambda t, k: self._probed(t, step, lambda: t.shadow_step(batch, step, k)))
+
+    def _probed(self, t: Track, step: int, run: Callable[[], Optional[LLCEstimate]], skip: bool = False) -> Any:
+        """A track's draw (``run``); the whole model's with its probe sets' passes beside it."""
+        if self.probes is None or t is not self._model:
+            return run()
+        if skip:
+            self.probes.skip(step)
+            return run()
+        self.probes.before(t.sampler)
+        est = run()
+        self.probes.after(t.sampler.last, t.sampler.config.nbeta, step)
+        return est
 
     def _draw(self, step: int, draw: Callable[[Track, int], Optional[LLCEstimate]]) -> Optional[LLCEstimate]:
         self.last_group_estimates = {}  # stays empty when a draw raises
         est, self.last_group_estimates = self.schedule.draw(step, {None: self._model, **self._groups}, draw)
+        if est is not None and self.probes is not None:
+            self.probes.close(est, self.chain_config)
         return est
 
     def skip_step(self, step: Optional[int] = None) -> Optional[LLCEstimate]:
@@ -222,7 +247,7 @@ class OnlineLLC:
             step = self.schedule.advance(step)
             if step is None:
                 return None
-        return self._draw(step, lambda t, k: t.skip(step, k))
+        return self._draw(step, lambda t, k: self._probed(t, step, lambda: t.skip(step, k), skip=True))
 
     @property
     def owes_draw(self) -> bool:
@@ -330,7 +355,7 @@ class OnlineLLC:
         """Start over: chains at zero offset, empty windows, fresh filters, empty histories."""
         for t in [self._model, *self._groups.values()]:
             t.reset()
-        self._init_counters()
+        self._init_counters()  # the probe sets' statistics too
 
     # ---- checkpointing ----------------------------------------------------------------------------
     def reseed_for_rank(self, rank: int) -> None:
@@ -347,54 +372,14 @@ class OnlineLLC:
             return
         rejoin([self._model, *self._groups.values()], rank)
 
-    def _settings(self) -> Dict[str, Any]:
-        """The settings a checkpoint must share with the monitor that restores it, as resolved
-        (the sampler's defaults filled in); saved in every state and compared on load."""
-        return {
-            "sampler": self.config.sampler,
-            "nbeta": self.config.nbeta,
-            "localization": self.config.localization,
-            "step_size": self.config.step_size,
-            "every_n_steps": self.every_n_steps,
-            "window": self.window,
-            "min_warmup": self.cadence.min_warmup,
-            "mode": self.settings.mode,
-            # Not compared on load (the resolved cadence is): the Lightning callback reads it back
-            # so that a resumed "auto" run keeps the schedule it was sized for.
-            "total_steps": self.cadence.total_steps,
-            "num_chains": self.num_chains,
-            "warmup": self.warmup,
-            "groups": sorted(self._groups),
-            "group_budget": self.group_budget,
-        }
-
     def state_dict(self, shards: bool = False) -> Dict[str, Any]:
         """Everything needed to continue exactly: chains (offsets and generator states, as
         tensors), windows, filters, counters and histories (plain Python values). Sharded by
         FSDP2, the chains are gathered to full tensors on every rank (a collective); with
         ``shards``, a rank's own shards (1/R, no collective), which restore that rank or, merged
         (:func:`online_llc.monitor.shards.merge_shards`), any world size or unsharded monitor."""
-        state = {
-            "version": 1,
-            "settings": self._settings(),
-            "step": self.step,
-            "recorded": self.schedule.recorded,
-            "shadow_steps": self.shadow_steps,
-            "next_group": self.schedule.next_group,
-            "groups": {name: t.state_dict(shards) for name, t in self._groups.items()},
-        }
-        state.update(self._model.state_dict(shards))
-        return state
+        return monitor_state(self, shards)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict` taken from a monitor with the same settings."""
-        if state.get("version") != 1:
-            raise ValueError(f"Expected an OnlineLLC state of version 1, got {state.get('version')!r}.")
-        check_saved_settings(state["settings"], self._settings())
-        self._model.load_state_dict(state)
-        for name, t in self._groups.items():
-            t.load_state_dict(state["groups"][name])
-        step, shadow_steps = int(state["step"]), int(state["shadow_steps"])
-        recorded = bool(state["recorded"])
-        self.schedule.restart(step, shadow_steps, recorded, int(state["next_group"]))
-        self._checked = recorded
+        """Restore a :meth:`state_dict` taken from a monitor with the same settings (and probe sets)."""
+        load_monitor_state(self, state)

@@ -299,7 +299,8 @@ class ShadowSampler:
                 self.divergences += 1
             infos.append(info)
             diverged.append(bad)
-        return ShadowStep(infos, diverged, shift, disc)
+        self.last = ShadowStep(infos, diverged, shift, disc)  # what beside-the-flow readers pair with (probes)
+        return self.last
 
     def state_dict(self, shards: bool = False) -> Dict[str, Any]:
         """Offsets, sampler state and the sketch (tensors), generator states (uint8 tensors) with

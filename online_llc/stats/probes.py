@@ -68,6 +68,23 @@ class ProbeMoments:
         scalars[-1] += (1.0, draw, draw * draw)
         vectors[-1] += np.stack([delta, delta * delta, delta * draw])
 
+    def add_segment(self, chain: int, scalars: np.ndarray, vectors: np.ndarray) -> None:
+        """A whole segment of ``chain`` at once: its sums ``[n, sum d, sum d^2]`` and
+        ``[sum delta, sum delta^2, sum delta d]`` ``[3, K]`` (the monitor's windows)."""
+        self._scalars[chain].append(np.asarray(scalars, dtype=np.float64).copy())
+        self._vectors[chain].append(np.asarray(vectors, dtype=np.float64).copy())
+
+    def drop_oldest(self) -> None:
+        """Forget every chain's oldest segment."""
+        for scalars, vectors in zip(self._scalars, self._vectors):
+            if scalars:
+                del scalars[0], vectors[0]
+
+    @property
+    def segments(self) -> int:
+        """Segments kept over all chains."""
+        return sum(len(s) for s in self._scalars)
+
     def select(self, lo: int, hi: int) -> "ProbeMoments":
         """The same draws restricted to probes ``lo`` to ``hi - 1`` (one probe set of several);
         shares the draws' sums."""

@@ -1,0 +1,102 @@
+"""Probe sets: fixed samples whose losses the chains evaluate at every draw, checked once and
+evaluated at any weights (the offline estimator's :mod:`online_llc.offline.probes` and the
+monitor's :mod:`online_llc.monitor.probes` share them; :mod:`online_llc.stats.probes` has the
+statistics).
+
+Flow: the user's ``probes={name: batch}`` -> **ProbeBatches** -> losses at ``w* + xi`` and at
+``w*`` -> their differences ``delta_k`` beside each draw.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping
+
+import torch
+from torch import Tensor
+
+from online_llc.errors import describe
+from online_llc.kernel.evaluator import LossEvaluator
+from online_llc.kernel.randomness import cuda_devices
+from online_llc.records import ProbeResult
+from online_llc.stats.probes import ProbeMoments
+
+__all__ = ["MAX_PROBES", "ProbeBatches", "probe_results"]
+
+#: The most probe samples over all sets: each is one loss per draw and chain.
+MAX_PROBES = 1 << 16
+#: The seed of the probe passes' forked generators.
+PROBE_SEED = 20231
+
+
+
+class ProbeBatches:
+    """Probe sets, checked: names, their batches, their sizes.
+
+    Args:
+        probes: ``{name: batch}`` or ``{name: iterable of batches}`` (what ``loss_fn`` takes; a
+            tensor, or a tuple, list or dict of tensors, is one batch; a DataLoader is read once,
+            in its order).
+        evaluator: gives the per-sample losses (``loss_fn``'s).
+
+    Raises:
+        ValueError: not a mapping of names to batches, an empty set or name, a ``loss_fn`` that
+            does not give one loss per probe sample, or more than :data:`MAX_PROBES` samples.
+    """
+
+    def __init__(self, probes: Mapping[str, Any], evaluator: LossEvaluator) -> None:
+        if not isinstance(probes, Mapping) or not probes:
+            raise ValueError(f"Expected `probes` to be a non-empty mapping of names to batches, got {describe(probes)}.")
+        self.evaluator = evaluator
+        self.names: List[str] = []
+        self.batches: List[List[Any]] = []
+        for name, value in probes.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"Expected the names of `probes` to be non-empty strings, got {name!r}.")
+            batches = [value] if _is_batch(value) else list(value)
+            if not batches:
+                raise ValueError(f"Expected the probe set {name!r} to hold at least one sample, got none.")
+            self.names.append(name)
+            self.batches.append(batches)
+        self.sizes = [int(len(self.losses(evaluator.center(), bs))) for bs in self.batches]
+        if sum(self.sizes) > MAX_PROBES:
+            raise ValueError(f"Expected at most {MAX_PROBES} probe samples over all sets, got {sum(self.sizes)}.")
+
+    def losses(self, params: Mapping[str, Tensor], batches: Any = None) -> Tensor:
+        """Every probe sample's loss (all sets in order, or only ``batches``) with ``params``
+        substituted, without gradients: one substitution for all the passes, in the evaluator's
+        mode. The global generators are forked and seeded for the passes: training's random
+        streams are untouched, and a model that draws random numbers in that mode (dropout with
+        ``mode="train"``) draws the same ones at every point, so the differences are paired."""
+        batches = [b for bs in self.batches for b in bs] if batches is None else batches
+        with torch.no_grad(), self.evaluator.mode_context(), torch.random.fork_rng(devices=cuda_devices(params)):
+            torch.default_generator.manual_seed(PROBE_SEED)
+            for d in cuda_devices(params):
+                torch.cuda.default_generators[d].manual_seed(PROBE_SEED)
+            out = self.evaluator.passes(params, lambda loss: [loss(b).detach().reshape(-1) for b in batches])
+        return torch.cat(out)
+
+
+def probe_results(moments: ProbeMoments, names: List[str], sizes: List[int], nbeta: float) -> Dict[str, ProbeResult]:
+    """Each set's :class:`ProbeResult` from ``moments`` over all sets' samples, in order."""
+    out: Dict[str, ProbeResult] = {}
+    lo = 0
+    for name, size in zip(names, sizes):
+        s = moments.select(lo, lo + size).summary(nbeta)
+        out[name] = ProbeResult(
+            name=name, llc=s["llc"], llc_std=s["llc_std"], influence=s["influence"], influence_std=s["influence_std"],
+            correlation=s["correlation"], correlation_std=s["correlation_std"], num_probes=size, count=s["count"],
+            susceptibility=s["susceptibility"], susceptibility_std=s["susceptibility_std"],
+        )
+        lo += size
+    return out
+
+
+def _is_batch(value: Any) -> bool:
+    """A batch itself (a tensor, or a tuple, list or dict of tensors), not an iterable of batches."""
+    if isinstance(value, Tensor):
+        return True
+    if isinstance(value, Mapping):
+        return all(isinstance(v, Tensor) for v in value.values())
+    if isinstance(value, (tuple, list)):
+        return bool(value) and all(isinstance(v, Tensor) for v in value)
+    return False

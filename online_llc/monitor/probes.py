@@ -1,0 +1,251 @@
+"""Probe sets watched live: at every shadow step the whole model's chains evaluate fixed samples
+at ``w* + xi`` and at the centre, for each set's observable-refined LLC (a band, like the LLC's)
+and each sample's Bayesian influence (pooled over recent windows).
+
+Flow: OnlineLLC.update -> ShadowSampler.step (**before**: the probes' losses at each chain's
+offset and at the centre; **after**: paired with the chains' draws) -> per set a WindowStats and
+an LLCFilter (the observable-refined LLC), per window the co-moments of the probes' differences
+and the draws (:mod:`online_llc.stats.probes`) -> records.
+
+With ``delta_k = l_k(w* + xi) - l_k(w*)`` (the centre's losses computed once per shadow step and
+shared by the chains) and ``d`` the chain's draw at the same ``xi``:
+
+* each set's draw ``nbeta * mean_k delta_k`` goes through its own window statistics and filter,
+  with the whole model's windows: a window the whole model's filter did not absorb (warm-up, a
+  reset chain) is left out here too;
+* each window's sums of ``d``, ``delta``, their squares and products join a segment; a segment
+  closes after two relaxation times of the chains' slowest direction, and the last
+  :data:`KEPT_SEGMENTS` segments give the influence ``-Cov(delta_k, d)``, the correlation and the
+  set's susceptibility with batch-means standard errors. A warm-up window or a jump of the level
+  (a ``transition``) starts them afresh: they describe the weights since.
+
+One process only for now: probe sets under DDP (``gather``) or FSDP2 are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Mapping, Optional
+
+import numpy as np
+
+from online_llc.calibration.step import relaxation_steps
+from online_llc.kernel.probes import ProbeBatches, probe_results
+from online_llc.monitor.window import WindowStats
+from online_llc.records import FILTERED_STATUSES, LLCEstimate, ProbeResult
+from online_llc.stats.filter import LLCFilter
+from online_llc.stats.probes import ProbeMoments
+
+__all__ = ["KEPT_SEGMENTS", "OnlineProbes", "probe_sets"]
+
+#: Segments of the influence's statistics kept (the oldest forgotten first).
+KEPT_SEGMENTS = 16
+
+
+def probe_sets(probes: Optional[Mapping[str, Any]], evaluator: Any, gather: Any) -> Optional[ProbeBatches]:
+    """The monitor's probe sets, checked (``None`` without ``probes``).
+
+    Raises:
+        ValueError: probe sets under DDP (``gather``) or FSDP2, or what
+            :class:`~online_llc.kernel.probes.ProbeBatches` refuses.
+    """
+    if probes is None:
+        return None
+    if gather is not None or evaluator.sharded:
+        raise ValueError(
+            "Expected `probes` to be None with " + ("`gather` (DDP)" if gather is not None else "a model sharded by FSDP2")
+            + ": the monitor's probe sets run in one process for now; estimate them offline with "
+            "estimate_llc(..., probes=...) on a checkpoint."
+        )
+    return ProbeBatches(probes, evaluator)
+
+
+class OnlineProbes:
+    """The probe sets of one monitor (see the module docstring).
+
+    Args:
+        batches: the checked probe sets.
+        num_chains: the whole model's chains ``C``.
+        window: draws per window ``W``.
+        horizon: the window statistics' horizon (as the whole model's).
+        z: the band's normal quantile.
+        process_noise, jump_threshold: the filters' settings (as the whole model's).
+    """
+
+    def __init__(self, batches: ProbeBatches, num_chains: int, window: int, horizon: int, z: float,
+                 process_noise: float, jump_threshold: float) -> None:
+        self.batches, self.num_chains, self.window, self._z = batches, num_chains, window, z
+        self.nbeta = math.nan  # the chains' nbeta, set at their first step
+        self.names, self.sizes = batches.names, batches.sizes
+        self.num_probes = sum(self.sizes)
+        self.stats = {n: WindowStats(window, num_chains, horizon=horizon) for n in self.names}
+        self.filters = {n: LLCFilter(process_noise=process_noise, jump_threshold=jump_threshold) for n in self.names}
+        self.histories: Dict[str, List[LLCEstimate]] = {n: [] for n in self.names}
+        self.last: Dict[str, LLCEstimate] = {}
+        self._reset_influence()
+        self._window_sums()
+        self._pending: Optional[np.ndarray] = None
+        self._summaries: Dict[str, Any] = {}
+        self._stale = False
+
+    @classmethod
+    def build(cls, batches: ProbeBatches, monitor: Any) -> "OnlineProbes":
+        """The probe sets of ``monitor`` (an :class:`~online_llc.OnlineLLC`): its whole model's
+        chains, windows and filter settings."""
+        s = monitor.settings
+        probes = cls(batches, monitor.num_chains, monitor.window, monitor.stats.horizon, monitor._z, s.process_noise,
+                     s.jump_threshold)
+        probes.nbeta = monitor.config.nbeta
+        return probes
+
+    def _window_sums(self) -> None:
+        self._scalars = np.zeros((self.num_chains, 3))
+        self._vectors = np.zeros((self.num_chains, 3, self.num_probes))
+
+    def _reset_influence(self) -> None:
+        self.moments = ProbeMoments(self.num_chains, self.num_probes, segment=1)
+        self._seg_scalars = np.zeros((self.num_chains, 3))
+        self._seg_vectors = np.zeros((self.num_chains, 3, self.num_probes))
+        self._seg_windows = 0
+
+    # ---- the shadow step's hooks (ShadowSampler.step) ---------------------------------------------
+    def before(self, sampler: Any) -> None:
+        """The probes' differences at each chain's offset ``[C, K]``, before the chains move."""
+        center = sampler.evaluator.center()
+        at_center = self.batches.losses(center).double().cpu().numpy()
+        rows = []
+        for offset in sampler.offsets:
+            params = {n: (center[n] + offset[n]).to(center[n].dtype) for n in center}
+            rows.append(self.batches.losses(params).double().cpu().numpy() - at_center)
+        self._pending = np.stack(rows)
+
+    def after(self, out: Any, nbeta: float, step: int) -> None:
+        """Pair the differences with the step's draws (``out``: the sampler's ShadowStep)."""
+        delta, self._pending = self._pending, None
+        self.nbeta = nbeta
+        if delta is None:
+            return
+        flags = [1 if bad else 0 for bad in out.diverged]
+        draws = np.array([0.0 if bad else info.draw for info, bad in zip(out.infos, out.diverged)])
+        for c, bad in enumerate(out.diverged):
+            if not bad and np.all(np.isfinite(delta[c])):
+                self._scalars[c] += (1.0, draws[c], draws[c] ** 2)
+                self._vectors[c] += np.stack([delta[c], delta[c] ** 2, delta[c] * draws[c]])
+        self._feed(step, flags, delta, nbeta)
+
+    def _feed(self, step: int, flags: List[int], delta: Optional[np.ndarray], nbeta: float) -> None:
+        """Each set's draw ``nbeta * mean_k delta_k`` per chain (a placeholder where flagged)."""
+        lo = 0
+        for name, size in zip(self.names, self.sizes):
+            if delta is None:
+                d = [0.0] * self.num_chains
+            else:
+                d = [0.0 if flags[c] or not np.all(np.isfinite(delta[c, lo:lo + size]))
+                     else nbeta * float(np.mean(delta[c, lo:lo + size])) for c in range(self.num_chains)]
+            summary = self.stats[name].update(d, [0.0] * self.num_chains, step, flags=flags)
+            if summary is not None:
+                self._summaries[name] = summary
+            lo += size
+
+    def skip(self, step: int) -> None:
+        """A placeholder draw per chain (the monitor's :meth:`~online_llc.OnlineLLC.skip_step`)."""
+        self._pending = None
+        self._feed(step, [1] * self.num_chains, None, math.nan)
+
+    # ---- at the whole model's window ---------------------------------------------------------------
+    def close(self, est: LLCEstimate, config: Any) -> None:
+        """The whole model's window ``est`` closed: each set's window (absorbed when the whole
+        model's was), and the influence's segments."""
+        summaries, self._summaries = self._summaries, {}
+        filtered = est.status in FILTERED_STATUSES
+        self.last = {}
+        for name in self.names:
+            s = summaries.get(name)
+            if s is None:
+                continue
+            if filtered and not (s.diverged_draws or s.warmup_draws):
+                mean, std, info = self.filters[name].update(s.mean, max(s.se**2, 1e-300), s.end_step,
+                                                            r_test=max(s.se_window**2, 1e-300), force_jump=self._stale)
+                slope, nis = self.filters[name].slope, info.nis
+            else:
+                mean, std, slope, nis = s.mean, s.se, math.nan, math.nan
+                self.stats[name].clear_history()
+            rec = LLCEstimate(
+                step=s.end_step, mean=mean, std=std, lower=mean - self._z * std, upper=mean + self._z * std,
+                status=est.status, raw_mean=s.mean, raw_se=s.se, slope=slope, var_channel=s.var_channel, ratio=s.ratio,
+                dispersion=s.dispersion, ess=s.ess, nis=nis, window_start=s.start_step, shadow_steps=est.shadow_steps,
+                divergences=est.divergences, step_size=est.step_size,
+            )
+            self.histories[name].append(rec)
+            self.last[name] = rec
+        self._stale = not filtered
+        if filtered and est.status != "transition":
+            self._seg_scalars += self._scalars
+            self._seg_vectors += self._vectors
+            self._seg_windows += 1
+            if self._seg_windows * self.window >= 2 * relaxation_steps(config):
+                for c in range(self.num_chains):
+                    if self._seg_scalars[c, 0] > 0:
+                        self.moments.add_segment(c, self._seg_scalars[c], self._seg_vectors[c])
+                while self.moments.segments > KEPT_SEGMENTS * self.num_chains:
+                    self.moments.drop_oldest()
+                self._seg_scalars[:] = 0.0
+                self._seg_vectors[:] = 0.0
+                self._seg_windows = 0
+        else:
+            # Warm-up, a reset chain or a jump of the level: the weights the influence describes changed.
+            self._reset_influence()
+        self._window_sums()
+
+    def influence(self) -> Dict[str, ProbeResult]:
+        """Each set's influence per sample, correlation and susceptibility (and its
+        observable-refined LLC from the same draws) over the kept segments
+        (:class:`~online_llc.records.ProbeResult`); empty before two segments closed, and after a
+        warm-up or a jump of the level until two more have."""
+        if self.moments.segments < 2:
+            return {}
+        return probe_results(self.moments, self.names, self.sizes, self.nbeta)
+
+    def history(self, name: str) -> List[LLCEstimate]:
+        """Every window of probe set ``name``'s observable-refined LLC, oldest first."""
+        if name not in self.histories:
+            raise KeyError(f"No probe set {name!r}; the sets are {list(self.names)}.")
+        return list(self.histories[name])
+
+    # ---- checkpointing ------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """Window statistics, filters, histories and the influence's sums (plain values and arrays)."""
+        return {
+            "names": list(self.names),
+            "stats": {n: self.stats[n].state_dict() for n in self.names},
+            "filters": {n: self.filters[n].state_dict() for n in self.names},
+            "histories": {n: [e.to_dict() for e in h] for n, h in self.histories.items()},
+            "window": [self._scalars.copy(), self._vectors.copy()],
+            "segment": [self._seg_scalars.copy(), self._seg_vectors.copy(), self._seg_windows],
+            "segments": [[np.stack(s) if s else None, np.stack(v) if v else None]
+                         for s, v in zip(self.moments._scalars, self.moments._vectors)],
+            "stale": self._stale,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict` of the same probe sets.
+
+        Raises:
+            ValueError: a state of other probe sets.
+        """
+        if list(state["names"]) != list(self.names):
+            raise ValueError(f"Expected a state of the probe sets {self.names}, got {list(state['names'])}.")
+        for n in self.names:
+            self.stats[n].load_state_dict(state["stats"][n])
+            self.filters[n].load_state_dict(state["filters"][n])
+            self.histories[n] = [LLCEstimate(**e) for e in state["histories"][n]]
+        self._scalars, self._vectors = (np.asarray(a, dtype=np.float64).copy() for a in state["window"])
+        seg = state["segment"]
+        self._seg_scalars, self._seg_vectors = (np.asarray(a, dtype=np.float64).copy() for a in seg[:2])
+        self._seg_windows = int(seg[2])
+        self.moments = ProbeMoments(self.num_chains, self.num_probes, segment=1)
+        for c, (s, v) in enumerate(state["segments"]):
+            for k in range(0 if s is None else len(s)):
+                self.moments.add_segment(c, s[k], v[k])
+        self._stale = bool(state["stale"])
+        self.last = {}
