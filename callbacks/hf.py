@@ -107,7 +107,7 @@ class OnlineLLCTrainerCallback(TrainerCallback):
         name: the checkpoint file's stem (``<name>.rank<r>.pt``); give each of several
             callbacks its own.
         probes: probe sets (batches as the Trainer gives the model), as in :class:`online_llc.OnlineLLC`:
-            each logs ``llc/probe/<set>/<key>`` over ``PROBE_KEYS``. One process only.
+            each logs ``llc/probe/<set>/<key>`` over ``PROBE_KEYS``. Not with FSDP2 yet.
         **options: the monitor's options, as in :class:`online_llc.OnlineLLC` (each a field of
             :class:`online_llc.monitor.settings.MonitorSettings`), validated now. ``num_samples`` may be
             left out: it is then the length of the train dataloader's dataset. When the monitor

@@ -107,7 +107,7 @@ class OnlineLLCCallback(Callback):
         prog_bar: also show ``llc`` in the progress bar.
         strict: re-raise a failure of the monitor instead of warning once and disabling it.
         probes: probe sets (batches as the module's training batches), as in :class:`online_llc.OnlineLLC`:
-            each logs ``llc/probe/<set>/<key>`` over ``PROBE_KEYS``. One process only.
+            each logs ``llc/probe/<set>/<key>`` over ``PROBE_KEYS``. Not with FSDP2 yet.
         **options: the monitor's options, as in :class:`online_llc.OnlineLLC` (each a field of
             :class:`online_llc.monitor.settings.MonitorSettings`), validated now. ``num_samples`` may be
             left out (``None``): it is then the length of the train dataloader's dataset.

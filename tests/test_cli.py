@@ -142,3 +142,19 @@ def test_trainer_demo_draws_tensorboards_margin_charts_and_the_plot_of_its_outpu
         assert value == pytest.approx([e.mean for e in filtered], rel=1e-6)
         assert lower == pytest.approx([e.lower for e in filtered], rel=1e-6)
         assert upper == pytest.approx([e.upper for e in filtered], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_probes_demo_sees_the_first_mode_learned_in_its_own_probe_set(tmp_path, capsys):
+    """``online-llc demo probes`` for 6000 steps (the first of the stagewise network's three modes
+    is learned at about step 3600): the first mode's observable-refined LLC ends positive, the two
+    modes not yet learned still read negative (the network sits at a saddle along them), and the
+    report names where the first turned positive."""
+    pytest.importorskip("matplotlib")
+    assert main(["demo", "probes", "--out", str(tmp_path), "--steps", "6000"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "probes_dln.csv")))
+    last = rows[-1]
+    assert float(last["mode1_llc"]) > 0 > max(float(last["mode2_llc"]), float(last["mode3_llc"]))
+    assert {"mode1_susceptibility", "mode1_susceptibility_std"} <= set(last)
+    out = capsys.readouterr().out
+    assert "mode1: observable-refined LLC positive from step" in out and (tmp_path / "probes_dln.png").is_file()

@@ -250,3 +250,35 @@ def test_ranks_size_their_step_from_the_smallest_first_batch(tmp_path):
     r0, r1 = run_ranks(_unequal_batches_body, tmp_path)
     want = default_step_size(r0["nbeta"], 24, online=True)
     assert r0["step_size"] == r1["step_size"] == pytest.approx(want, rel=1e-12)
+
+
+# ---- probe sets ------------------------------------------------------------------------------------
+
+
+def _probes_body(rank: int) -> Dict[str, Any]:
+    p = problem()
+    batches = list(p.batches)
+    held = batches[-1]
+    # A given step and a strong pull: segments of two relaxation times (2 / (eps gamma) = 40 steps) are 8 windows.
+    monitor = OnlineLLC(p.model, p.loss_fn, num_samples=2048, gather=all_gather, every_n_steps=1, window=10, warmup=5,
+                        num_chains=2, seed=0, probes={"held": held}, localization=100.0, step_size=5e-4)
+    for step in range(1, 601):  # frozen weights; each rank its own batches
+        monitor.update(batches[(2 * step + rank) % (len(batches) - 1)], step)
+    influence = monitor.probes.influence()["held"]
+    return {
+        "history": [[e.step, e.status, e.raw_mean, e.mean] for e in monitor.probes.history("held")],
+        "whole": [[e.step, e.status] for e in monitor.history()],
+        "influence": influence.influence.tolist(),
+        "count": influence.count,
+        "pooled": monitor.probes.pooled_chains,
+    }
+
+
+def test_probe_sets_pool_every_ranks_chains(tmp_path):
+    """Probe sets under DDP: each rank evaluates them at its own chains, and the sets' windows and
+    the influence's sums are gathered, so both ranks hold the same probe windows (at the whole
+    model's steps and statuses) and the same influence over all four chains (2 per rank)."""
+    r0, r1 = run_ranks(_probes_body, tmp_path)
+    assert r0["history"] == r1["history"] and r0["influence"] == r1["influence"]
+    assert [h[:2] for h in r0["history"]] == r0["whole"]
+    assert r0["pooled"] == 4 and r0["count"] > 0 and r0["count"] % 4 == 0

@@ -200,6 +200,11 @@ SCRIPT = textwrap.dedent(
     except ValueError as exc:
         out["gather"] = str(exc)
     try:
+        OnlineLLC(shard(mlp()), mse, num_samples=N, probes={"p": batches(0)[0][rank], "q": batches(0)[1][rank]})
+        out["probes"] = "accepted"
+    except ValueError as exc:
+        out["probes"] = str(exc)
+    try:
         OnlineLLC(shard(mlp()), mse, num_samples=N, gradient="control_variate")
         out["cv"] = "accepted"
     except ValueError as exc:
@@ -282,6 +287,7 @@ def test_fsdp2_chain_is_the_unsharded_chain_on_the_union_of_the_batches(tmp_path
         assert out["one_rank"].startswith("Expected one state per rank of a run on 2 ranks, got the states of ranks [")
         assert out["gather"].startswith("Expected `gather` to be None for a model sharded by FSDP2")
         assert out["cv"] == "Expected gradient='auto' or 'plain' for a model sharded by FSDP2, got 'control_variate'."
+        assert out["probes"].startswith("Expected `probes` to be None for a model sharded by FSDP2")
         assert out["offline"].startswith("Expected `model`") and "FSDP2 (fully_shard)" in out["offline"]
         # A shadow step inside a no-sync block leaves the accumulated training gradient as it is,
         # and the chain steps as it does with no pending gradient (float64: any leak of the

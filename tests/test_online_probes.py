@@ -80,8 +80,8 @@ def test_live_influence_at_frozen_weights_matches_the_closed_form_and_the_offlin
 def test_probe_windows_follow_the_whole_model_and_a_checkpoint_continues_exactly():
     """Every whole-model window has its probe sets' window at the same step and status (a skipped
     step's placeholders included); a state taken mid-run restores a monitor that continues exactly
-    (probe windows and influence); a state of a monitor without probe sets, and probe sets under
-    DDP, are refused with messages that say why."""
+    (probe windows and influence); a state of a monitor without probe sets is refused with a
+    message that says why."""
     model, x, y, fresh = _regression()
     probes = {"fresh": fresh}
     kw = dict(window=10, warmup=5, localization=40.0)  # segments of 10 windows (2 / (eps gamma) = 50 steps)
@@ -106,8 +106,6 @@ def test_probe_windows_follow_the_whole_model_and_a_checkpoint_continues_exactly
     assert np.array_equal(a.influence, b.influence) and np.array_equal(a.influence_std, b.influence_std)
     with pytest.raises(ValueError, match=r"Expected a state with probe sets, as this monitor has"):
         _monitor(model, probes, **kw).load_state_dict(_monitor(model, None, **kw).state_dict())
-    with pytest.raises(ValueError, match=r"Expected `probes` to be None with `gather` \(DDP\)"):
-        _monitor(model, probes, gather=lambda a: a, **kw)
     with pytest.raises(KeyError, match=r"No probe set 'other'"):
         mon.probes.history("other")
 

@@ -5,6 +5,7 @@
 * ``grokking`` - :mod:`online_llc.demos.grokking`: modular addition, memorised then grokked.
 * ``groups`` - :mod:`online_llc.demos.groups`: per-module LLC of two blocks that learn at different times.
 * ``induction`` - :mod:`online_llc.demos.induction`: a 2-layer attention-only transformer forms induction heads.
+* ``probes`` - :mod:`online_llc.demos.probes_dln`: a probe set per teacher mode on the stagewise network.
 * ``trainer`` - :mod:`online_llc.demos.trainer_gpt2`: a tiny GPT-2 under the Hugging Face Trainer,
   its bands in TensorBoard and ``online-llc plot``.
 """
@@ -19,4 +20,5 @@ DEMOS = {
     "groups": "online_llc.demos.groups",
     "induction": "online_llc.demos.induction",
     "trainer": "online_llc.demos.trainer_gpt2",
+    "probes": "online_llc.demos.probes_dln",
 }

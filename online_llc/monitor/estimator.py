@@ -88,7 +88,7 @@ class OnlineLLC:
             :meth:`reseed_for_rank`.
         probes: ``{name: batch or iterable of batches}``: fixed samples the whole model's chains
             evaluate at every shadow step, for each set's observable-refined LLC (a band) and each
-            sample's Bayesian influence (:mod:`online_llc.monitor.probes`; :attr:`probes`). One process only.
+            sample's Bayesian influence (:mod:`online_llc.monitor.probes`; :attr:`probes`). Not with FSDP2 yet.
         **options: the monitor's options (the sampler's knobs, the chains, the cadence, the
             filter), each a field of :class:`online_llc.monitor.settings.MonitorSettings`, where they are
             described, defaulted and validated. An unknown name raises ``TypeError``. ``seed``
@@ -158,7 +158,7 @@ class OnlineLLC:
             for i, (name, masks) in enumerate(resolved.items())
         }
         self.group_budget = group_budget(settings.group_budget, len(self._groups), cadence, settings.warmup_policy)
-        self._probe_sets = probe_sets(probes, self.evaluator, gather)
+        self._probe_sets = probe_sets(probes, self.evaluator)
         self._init_counters()
 
     def _init_counters(self) -> None:

@@ -19,13 +19,16 @@ shared by the chains) and ``d`` the chain's draw at the same ``xi``:
   set's susceptibility with batch-means standard errors. A warm-up window or a jump of the level
   (a ``transition``) starts them afresh: they describe the weights since.
 
-One process only for now: probe sets under DDP (``gather``) or FSDP2 are refused with a clear error.
+Under DDP (``gather``) each rank evaluates the probes at its own chains' offsets; the sets'
+window statistics and each window's sums are gathered with the whole model's ``gather``, so every
+rank holds every chain's statistics and the same estimates. Under FSDP2 they are refused with a
+clear error for now.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import numpy as np
 
@@ -42,20 +45,20 @@ __all__ = ["KEPT_SEGMENTS", "OnlineProbes", "probe_sets"]
 KEPT_SEGMENTS = 16
 
 
-def probe_sets(probes: Optional[Mapping[str, Any]], evaluator: Any, gather: Any) -> Optional[ProbeBatches]:
+def probe_sets(probes: Optional[Mapping[str, Any]], evaluator: Any) -> Optional[ProbeBatches]:
     """The monitor's probe sets, checked (``None`` without ``probes``).
 
     Raises:
-        ValueError: probe sets under DDP (``gather``) or FSDP2, or what
+        ValueError: probe sets on a model sharded by FSDP2, or what
             :class:`~online_llc.kernel.probes.ProbeBatches` refuses.
     """
     if probes is None:
         return None
-    if gather is not None or evaluator.sharded:
+    if evaluator.sharded:
         raise ValueError(
-            "Expected `probes` to be None with " + ("`gather` (DDP)" if gather is not None else "a model sharded by FSDP2")
-            + ": the monitor's probe sets run in one process for now; estimate them offline with "
-            "estimate_llc(..., probes=...) on a checkpoint."
+            "Expected `probes` to be None for a model sharded by FSDP2: the monitor's probe sets run unsharded "
+            "(one process or DDP) for now; estimate them offline with estimate_llc(..., probes=...) on a gathered "
+            "checkpoint."
         )
     return ProbeBatches(probes, evaluator)
 
@@ -73,15 +76,18 @@ class OnlineProbes:
     """
 
     def __init__(self, batches: ProbeBatches, num_chains: int, window: int, horizon: int, z: float,
-                 process_noise: float, jump_threshold: float) -> None:
-        self.batches, self.num_chains, self.window, self._z = batches, num_chains, window, z
+                 process_noise: float, jump_threshold: float, gather: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> None:
+        self.batches, self.num_chains, self.window, self._z, self.gather = batches, num_chains, window, z, gather
         self.nbeta = math.nan  # the chains' nbeta, set at their first step
         self.names, self.sizes = batches.names, batches.sizes
         self.num_probes = sum(self.sizes)
-        self.stats = {n: WindowStats(window, num_chains, horizon=horizon) for n in self.names}
+        self.stats = {n: WindowStats(window, num_chains, horizon=horizon, gather=gather) for n in self.names}
         self.filters = {n: LLCFilter(process_noise=process_noise, jump_threshold=jump_threshold) for n in self.names}
         self.histories: Dict[str, List[LLCEstimate]] = {n: [] for n in self.names}
         self.last: Dict[str, LLCEstimate] = {}
+        #: Chains whose sums the influence pools: this process's, or every rank's under DDP (set
+        #: at the first gathered window).
+        self.pooled_chains = num_chains
         self._reset_influence()
         self._window_sums()
         self._pending: Optional[np.ndarray] = None
@@ -94,7 +100,7 @@ class OnlineProbes:
         chains, windows and filter settings."""
         s = monitor.settings
         probes = cls(batches, monitor.num_chains, monitor.window, monitor.stats.horizon, monitor._z, s.process_noise,
-                     s.jump_threshold)
+                     s.jump_threshold, gather=monitor.stats.gather)
         probes.nbeta = monitor.config.nbeta
         return probes
 
@@ -103,10 +109,23 @@ class OnlineProbes:
         self._vectors = np.zeros((self.num_chains, 3, self.num_probes))
 
     def _reset_influence(self) -> None:
-        self.moments = ProbeMoments(self.num_chains, self.num_probes, segment=1)
-        self._seg_scalars = np.zeros((self.num_chains, 3))
-        self._seg_vectors = np.zeros((self.num_chains, 3, self.num_probes))
+        self.moments = ProbeMoments(self.pooled_chains, self.num_probes, segment=1)
+        self._seg_scalars = np.zeros((self.pooled_chains, 3))
+        self._seg_vectors = np.zeros((self.pooled_chains, 3, self.num_probes))
         self._seg_windows = 0
+
+    def _gathered_window(self) -> Any:
+        """This window's sums of every chain (every rank's under DDP: one collective, on every
+        rank at every window of the whole model)."""
+        if self.gather is None:
+            return self._scalars, self._vectors
+        k = self.num_probes
+        row = np.concatenate([self._scalars, self._vectors.reshape(self.num_chains, 3 * k)], axis=1)[None]
+        got = np.asarray(self.gather(row), dtype=np.float64)[0]  # [R C, 3 + 3 K]
+        if got.shape[0] != self.pooled_chains:
+            self.pooled_chains = got.shape[0]
+            self._reset_influence()
+        return got[:, :3], got[:, 3:].reshape(-1, 3, k)
 
     # ---- the shadow step's hooks (ShadowSampler.step) ---------------------------------------------
     def before(self, sampler: Any) -> None:
@@ -158,6 +177,7 @@ class OnlineProbes:
         model's was), and the influence's segments."""
         summaries, self._summaries = self._summaries, {}
         filtered = est.status in FILTERED_STATUSES
+        window_scalars, window_vectors = self._gathered_window()
         self.last = {}
         for name in self.names:
             s = summaries.get(name)
@@ -180,14 +200,14 @@ class OnlineProbes:
             self.last[name] = rec
         self._stale = not filtered
         if filtered and est.status != "transition":
-            self._seg_scalars += self._scalars
-            self._seg_vectors += self._vectors
+            self._seg_scalars += window_scalars
+            self._seg_vectors += window_vectors
             self._seg_windows += 1
             if self._seg_windows * self.window >= 2 * relaxation_steps(config):
-                for c in range(self.num_chains):
+                for c in range(self.pooled_chains):
                     if self._seg_scalars[c, 0] > 0:
                         self.moments.add_segment(c, self._seg_scalars[c], self._seg_vectors[c])
-                while self.moments.segments > KEPT_SEGMENTS * self.num_chains:
+                while self.moments.segments > KEPT_SEGMENTS * self.pooled_chains:
                     self.moments.drop_oldest()
                 self._seg_scalars[:] = 0.0
                 self._seg_vectors[:] = 0.0
@@ -243,7 +263,8 @@ class OnlineProbes:
         seg = state["segment"]
         self._seg_scalars, self._seg_vectors = (np.asarray(a, dtype=np.float64).copy() for a in seg[:2])
         self._seg_windows = int(seg[2])
-        self.moments = ProbeMoments(self.num_chains, self.num_probes, segment=1)
+        self.pooled_chains = len(state["segments"])
+        self.moments = ProbeMoments(self.pooled_chains, self.num_probes, segment=1)
         for c, (s, v) in enumerate(state["segments"]):
             for k in range(0 if s is None else len(s)):
                 self.moments.add_segment(c, s[k], v[k])
