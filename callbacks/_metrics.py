@@ -42,7 +42,7 @@ ESTIMATE_KEYS = LOGGED_KEYS[:4]
 #: The keys logged per probe set ``<p>`` at the whole model's window (``llc/probe/<p>/<key>``): its
 #: observable-refined LLC's band (only for windows the filter absorbed), status and raw window
 #: mean, and the set's susceptibility with its standard error once the influence's statistics
-#: have two segments (:mod:`online_llc.monitor.probes`).
+#: have two segments per chain (:mod:`online_llc.monitor.probes`).
 PROBE_KEYS = ("mean", "std", "lower", "upper", "status", "raw_mean", "susceptibility", "susceptibility_std")
 
 

@@ -19,11 +19,12 @@ between two plateaus, not as a spike inside the boundary's windows.
 What it showed (seed 0, 30000 steps): each set's observable-refined LLC is negative (the network
 sits at a saddle along that mode) and turns positive for good when its mode is learned, mode by
 mode: from steps 4200, 12000 and 16200, two or three windows after the end of the boundary the
-whole model's filter marked (3005-3600, 10605-11400 and 14805-15800). The susceptibilities stayed negative throughout
-(-0.009 to -0.067): none flipped sign at a boundary; the largest magnitudes (mode 1 and mode 3, at
-step 3000) come from the first, widest segments right before the first boundary. On this network
-the stage boundaries show in the observable-refined LLC, not as flips or peaks of the
-susceptibility.
+whole model's filter marked (3005-3600, 10605-11400 and 14805-15800). The susceptibilities stayed
+negative throughout (-0.009 to -0.037): none flipped sign at a boundary. Modes 2 and 3 had their
+largest magnitude on the plateau just before the boundary where that mode is learned (steps
+10600 and 14800: the value pooled over that plateau, not a spike); mode 1's boundary came before
+any susceptibility was measured. On this network the stages show most clearly in the
+observable-refined LLC's change of sign.
 
 Run:  online-llc demo probes --out out      (about a minute on 2 cores)
 Writes ``probes_dln.csv`` (one row per window: the LLC, each set's observable-refined LLC and

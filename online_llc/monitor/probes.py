@@ -220,9 +220,9 @@ class OnlineProbes:
     def influence(self) -> Dict[str, ProbeResult]:
         """Each set's influence per sample, correlation and susceptibility (and its
         observable-refined LLC from the same draws) over the kept segments
-        (:class:`~online_llc.records.ProbeResult`); empty before two segments closed, and after a
+        (:class:`~online_llc.records.ProbeResult`); empty before two segments per chain closed, and after a
         warm-up or a jump of the level until two more have."""
-        if self.moments.segments < 2:
+        if self.moments.segments < 2 * self.pooled_chains:  # two per chain: a spread to read
             return {}
         return probe_results(self.moments, self.names, self.sizes, self.nbeta)
 
