@@ -214,6 +214,24 @@ class ProbeResult:
     susceptibility: float = math.nan
     susceptibility_std: float = math.nan
 
+    #: The conventions :meth:`bif` knows.
+    CONVENTIONS = ("online_llc", "devinterp")
+
+    def bif(self, convention: str = "online_llc") -> Tuple[np.ndarray, np.ndarray]:
+        """The Bayesian influence per probe sample and its standard errors in ``convention``:
+        ``"online_llc"`` (``-Cov(delta_k, d)``, :attr:`influence`) or ``"devinterp"`` (devinterp's
+        default, the Pearson correlation ``Corr(delta_k, d)``, :attr:`correlation`: no ``nbeta``,
+        no minus sign), so that a value is compared with one of the same convention.
+
+        Raises:
+            ValueError: an unknown ``convention``.
+        """
+        if convention == "online_llc":
+            return self.influence, self.influence_std
+        if convention == "devinterp":
+            return self.correlation, self.correlation_std
+        raise ValueError(f"Expected `convention` to be one of {', '.join(map(repr, self.CONVENTIONS))}, got {convention!r}.")
+
 
 @dataclass(frozen=True)
 class LLCResult:

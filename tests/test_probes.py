@@ -132,6 +132,11 @@ def test_probes_are_checked_when_the_estimate_starts():
     res = run({"two": [(fresh[0][:5], fresh[1][:5]), (fresh[0][5:], fresh[1][5:])]})
     assert res.probes["two"].num_probes == 20 and res.probes["two"].influence.shape == (20,)
     assert isinstance(res.to_dict()["probes"]["two"]["influence"], list)
+    # Like with like: each convention's numbers, and an unknown one named.
+    p = res.probes["two"]
+    assert p.bif()[0] is p.influence and p.bif("devinterp") == (p.correlation, p.correlation_std)
+    with pytest.raises(ValueError, match=r"Expected `convention` to be one of 'online_llc', 'devinterp', got 'pearson'"):
+        p.bif("pearson")
     # Only draws count, batched or one chain after another (the later chains after their burn-in).
     for batched in (True, False):
         res = run({"fresh": fresh}, num_chains=3, burn_in=5, num_draws=7, batched=batched)
