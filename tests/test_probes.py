@@ -111,10 +111,6 @@ def test_offline_probes_match_the_gaussian_posterior_in_closed_form():
     z = np.concatenate(z_infl)
     assert abs(z.mean()) < 1.0 and 0.5 < np.sqrt((z**2).mean()) < 1.6 and np.abs(z).max() < 4
     assert np.abs(np.concatenate(z_corr)).max() < 4
-    # The estimate itself is unchanged by the probes (they only read the chains).
-    plain = estimate_llc(model, _mse, [(x, y)], num_samples=n, nbeta=nbeta, localization=gamma, step_size=eps,
-                         num_chains=4, burn_in=500, num_draws=3000, progress=False, seed=0)
-    assert plain.mean == res.mean and plain.probes == {}
 
 
 def test_probes_are_checked_when_the_estimate_starts():
@@ -137,10 +133,13 @@ def test_probes_are_checked_when_the_estimate_starts():
     assert p.bif()[0] is p.influence and p.bif("devinterp") == (p.correlation, p.correlation_std)
     with pytest.raises(ValueError, match=r"Expected `convention` to be one of 'online_llc', 'devinterp', got 'pearson'"):
         p.bif("pearson")
-    # Only draws count, batched or one chain after another (the later chains after their burn-in).
+    # Only draws count, batched or one chain after another (the later chains after their burn-in),
+    # and the probes only read the chains: the draws are those of a run without them.
     for batched in (True, False):
         res = run({"fresh": fresh}, num_chains=3, burn_in=5, num_draws=7, batched=batched)
         assert res.probes["fresh"].count == 3 * 7
+        plain = run(None, num_chains=3, burn_in=5, num_draws=7, batched=batched)
+        assert np.array_equal(plain.draws, res.draws) and plain.probes == {}
 
 
 @pytest.mark.slow
