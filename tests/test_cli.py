@@ -127,7 +127,7 @@ def test_trainer_demo_draws_tensorboards_margin_charts_and_the_plot_of_its_outpu
     from online_llc.demos.trainer_gpt2 import margin_charts
     from online_llc.runlogs import read_log
 
-    assert main(["demo", "trainer", "--out", str(tmp_path), "--steps", "160", "--quiet"]) == 0
+    assert main(["demo", "trainer", "--out", str(tmp_path), "--steps", "100", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "Wrote" in out and (tmp_path / "trainer_gpt2.png").stat().st_size > 10_000
     assert (tmp_path / "tensorboard_margin.png").stat().st_size > 10_000
@@ -146,12 +146,12 @@ def test_trainer_demo_draws_tensorboards_margin_charts_and_the_plot_of_its_outpu
 
 @pytest.mark.slow
 def test_probes_demo_sees_the_first_mode_learned_in_its_own_probe_set(tmp_path, capsys):
-    """``online-llc demo probes`` for 6000 steps (the first of the stagewise network's three modes
+    """``online-llc demo probes`` for 5000 steps (the first of the stagewise network's three modes
     is learned at about step 3600): the first mode's observable-refined LLC ends positive, the two
     modes not yet learned still read negative (the network sits at a saddle along them), and the
     report names where the first turned positive."""
     pytest.importorskip("matplotlib")
-    assert main(["demo", "probes", "--out", str(tmp_path), "--steps", "6000"]) == 0
+    assert main(["demo", "probes", "--out", str(tmp_path), "--steps", "5000"]) == 0
     rows = list(csv.DictReader(open(tmp_path / "probes_dln.csv")))
     last = rows[-1]
     assert float(last["mode1_llc"]) > 0 > max(float(last["mode2_llc"]), float(last["mode3_llc"]))
