@@ -478,6 +478,10 @@ FAILURE_SCRIPT = textwrap.dedent(
     with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
         json.dump(out, f)
     dist.destroy_process_group()
+    # Straight out: gloo's worker threads torn down during interpreter finalization abort now and
+    # then ("terminate called without an active exception"), after the work is written.
+    sys.stdout.flush()
+    os._exit(0)
     """
 )
 
