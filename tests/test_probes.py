@@ -124,6 +124,8 @@ def test_probes_are_checked_when_the_estimate_starts():
         run({"none": []})
     with pytest.raises(ValueError, match=r"Expected the names of `probes` to be non-empty strings"):
         run({"": fresh})
+    with pytest.raises(ValueError, match=r"Expected at most 65536 probe samples over all sets, got 65537\."):
+        run({"a": (torch.randn(65000, 4), torch.randn(65000, 1)), "b": (torch.randn(537, 4), torch.randn(537, 1))})
     # Several batches make one set; its results come in the order of the samples.
     res = run({"two": [(fresh[0][:5], fresh[1][:5]), (fresh[0][5:], fresh[1][5:])]})
     assert res.probes["two"].num_probes == 20 and res.probes["two"].influence.shape == (20,)

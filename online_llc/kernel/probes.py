@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Mapping
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -57,23 +58,29 @@ class ProbeBatches:
                 raise ValueError(f"Expected the probe set {name!r} to hold at least one sample, got none.")
             self.names.append(name)
             self.batches.append(batches)
-        self.sizes = [int(len(self.losses(evaluator.center(), bs))) for bs in self.batches]
+        # One pass over every set at the evaluator's weights checks the losses and sizes the sets.
+        per_batch = self._per_batch(evaluator.center(), [b for bs in self.batches for b in bs])
+        ends = np.cumsum([len(bs) for bs in self.batches])
+        self.sizes = [int(sum(len(t) for t in per_batch[e - len(bs):e])) for e, bs in zip(ends, self.batches)]
+        #: Every probe sample's loss at the weights the sets were checked at (all sets, in order).
+        self.initial_losses = torch.cat(per_batch)
         if sum(self.sizes) > MAX_PROBES:
             raise ValueError(f"Expected at most {MAX_PROBES} probe samples over all sets, got {sum(self.sizes)}.")
 
-    def losses(self, params: Mapping[str, Tensor], batches: Any = None) -> Tensor:
-        """Every probe sample's loss (all sets in order, or only ``batches``) with ``params``
+    def losses(self, params: Mapping[str, Tensor]) -> Tensor:
+        """Every probe sample's loss (all sets in order) with ``params``
         substituted, without gradients: one substitution for all the passes, in the evaluator's
         mode. The global generators are forked and seeded for the passes: training's random
         streams are untouched, and a model that draws random numbers in that mode (dropout with
         ``mode="train"``) draws the same ones at every point, so the differences are paired."""
-        batches = [b for bs in self.batches for b in bs] if batches is None else batches
+        return torch.cat(self._per_batch(params, [b for bs in self.batches for b in bs]))
+
+    def _per_batch(self, params: Mapping[str, Tensor], batches: List[Any]) -> List[Tensor]:
         with torch.no_grad(), self.evaluator.mode_context(), torch.random.fork_rng(devices=cuda_devices(params)):
             torch.default_generator.manual_seed(PROBE_SEED)
             for d in cuda_devices(params):
                 torch.cuda.default_generators[d].manual_seed(PROBE_SEED)
-            out = self.evaluator.passes(params, lambda loss: [loss(b).detach().reshape(-1) for b in batches])
-        return torch.cat(out)
+            return self.evaluator.passes(params, lambda loss: [loss(b).detach().reshape(-1) for b in batches])
 
 
 def probe_results(moments: ProbeMoments, names: List[str], sizes: List[int], nbeta: float) -> Dict[str, ProbeResult]:

@@ -39,7 +39,8 @@ class ProbeSets:
         self.sets = ProbeBatches(probes, evaluator)
         self.names, self.sizes, self.batches = self.sets.names, self.sets.sizes, self.sets.batches
         self.center = dict(center)
-        self.at_center = self.sets.losses(self.center).double().cpu().numpy()
+        # The sets were checked at the same weights: their losses then are the centre's.
+        self.at_center = self.sets.initial_losses.double().cpu().numpy()
         self.moments: Optional[ProbeMoments] = None
         self.start: Dict[int, int] = {}
 
