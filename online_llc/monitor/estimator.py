@@ -222,7 +222,7 @@ class OnlineLLC:
             return run()
         self.probes.before(t.sampler)
         est = run()
-        self.probes.after(t.sampler.last, t.sampler.config.nbeta, step)
+        self.probes.after(t.sampler.last, step)
         return est
 
     def _draw(self, step: int, draw: Callable[[Track, int], Optional[LLCEstimate]]) -> Optional[LLCEstimate]:

@@ -73,12 +73,15 @@ class OnlineProbes:
         horizon: the window statistics' horizon (as the whole model's).
         z: the band's normal quantile.
         process_noise, jump_threshold: the filters' settings (as the whole model's).
+        nbeta: the chains' ``nbeta`` (fixed for a monitor: calibration moves only the step).
+        gather: the whole model's ``gather`` under DDP.
     """
 
     def __init__(self, batches: ProbeBatches, num_chains: int, window: int, horizon: int, z: float,
-                 process_noise: float, jump_threshold: float, gather: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> None:
+                 process_noise: float, jump_threshold: float, nbeta: float,
+                 gather: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> None:
         self.batches, self.num_chains, self.window, self._z, self.gather = batches, num_chains, window, z, gather
-        self.nbeta = math.nan  # the chains' nbeta, set at their first step
+        self.nbeta = nbeta
         self.names, self.sizes = batches.names, batches.sizes
         self.num_probes = sum(self.sizes)
         self.stats = {n: WindowStats(window, num_chains, horizon=horizon, gather=gather) for n in self.names}
@@ -99,10 +102,8 @@ class OnlineProbes:
         """The probe sets of ``monitor`` (an :class:`~online_llc.OnlineLLC`): its whole model's
         chains, windows and filter settings."""
         s = monitor.settings
-        probes = cls(batches, monitor.num_chains, monitor.window, monitor.stats.horizon, monitor._z, s.process_noise,
-                     s.jump_threshold, gather=monitor.stats.gather)
-        probes.nbeta = monitor.config.nbeta
-        return probes
+        return cls(batches, monitor.num_chains, monitor.window, monitor.stats.horizon, monitor._z, s.process_noise,
+                   s.jump_threshold, monitor.config.nbeta, gather=monitor.stats.gather)
 
     def _window_sums(self) -> None:
         self._scalars = np.zeros((self.num_chains, 3))
@@ -138,10 +139,9 @@ class OnlineProbes:
             rows.append(self.batches.losses(params).double().cpu().numpy() - at_center)
         self._pending = np.stack(rows)
 
-    def after(self, out: Any, nbeta: float, step: int) -> None:
+    def after(self, out: Any, step: int) -> None:
         """Pair the differences with the step's draws (``out``: the sampler's ShadowStep)."""
         delta, self._pending = self._pending, None
-        self.nbeta = nbeta
         if delta is None:
             return
         flags = [1 if bad else 0 for bad in out.diverged]
@@ -150,9 +150,9 @@ class OnlineProbes:
             if not bad and np.all(np.isfinite(delta[c])):
                 self._scalars[c] += (1.0, draws[c], draws[c] ** 2)
                 self._vectors[c] += np.stack([delta[c], delta[c] ** 2, delta[c] * draws[c]])
-        self._feed(step, flags, delta, nbeta)
+        self._feed(step, flags, delta)
 
-    def _feed(self, step: int, flags: List[int], delta: Optional[np.ndarray], nbeta: float) -> None:
+    def _feed(self, step: int, flags: List[int], delta: Optional[np.ndarray]) -> None:
         """Each set's draw ``nbeta * mean_k delta_k`` per chain (a placeholder where flagged)."""
         lo = 0
         for name, size in zip(self.names, self.sizes):
@@ -160,7 +160,7 @@ class OnlineProbes:
                 d = [0.0] * self.num_chains
             else:
                 d = [0.0 if flags[c] or not np.all(np.isfinite(delta[c, lo:lo + size]))
-                     else nbeta * float(np.mean(delta[c, lo:lo + size])) for c in range(self.num_chains)]
+                     else self.nbeta * float(np.mean(delta[c, lo:lo + size])) for c in range(self.num_chains)]
             summary = self.stats[name].update(d, [0.0] * self.num_chains, step, flags=flags)
             if summary is not None:
                 self._summaries[name] = summary
@@ -169,7 +169,7 @@ class OnlineProbes:
     def skip(self, step: int) -> None:
         """A placeholder draw per chain (the monitor's :meth:`~online_llc.OnlineLLC.skip_step`)."""
         self._pending = None
-        self._feed(step, [1] * self.num_chains, None, math.nan)
+        self._feed(step, [1] * self.num_chains, None)
 
     # ---- at the whole model's window ---------------------------------------------------------------
     def close(self, est: LLCEstimate, config: Any) -> None:
