@@ -70,10 +70,7 @@ def estimate_metrics(est: LLCEstimate, health: Optional[ChainHealth] = None, pro
     if probes is not None:
         influence = probes.influence()
         for name, p in probes.last.items():
-            values = (p.mean, p.std, p.lower, p.upper, float(STATUSES.index(p.status)), p.raw_mean)
-            for key, v in zip(PROBE_KEYS, values):
-                if p.filtered or key not in ("mean", "std", "lower", "upper"):
-                    out[f"llc/probe/{name}/{key}"] = float(v)
+            out.update(_window_metrics(f"llc/probe/{name}", p))
             if name in influence:
                 out[f"llc/probe/{name}/susceptibility"] = influence[name].susceptibility
                 out[f"llc/probe/{name}/susceptibility_std"] = influence[name].susceptibility_std
@@ -91,11 +88,16 @@ def group_metrics(estimates: Mapping[str, LLCEstimate]) -> Dict[str, float]:
     estimate), its estimate and band only when the filter absorbed the window."""
     out: Dict[str, float] = {}
     for name, g in estimates.items():
-        values = (g.mean, g.std, g.lower, g.upper, float(STATUSES.index(g.status)), g.raw_mean)
-        for key, v in zip(GROUP_KEYS, values):
-            if g.filtered or key not in ("mean", "std", "lower", "upper"):
-                out[f"llc/{name}/{key}"] = float(v)
+        out.update(_window_metrics(f"llc/{name}", g))
     return out
+
+
+def _window_metrics(prefix: str, est: LLCEstimate) -> Dict[str, float]:
+    """``<prefix>/<key>`` over :data:`GROUP_KEYS` for one window of a group or a probe set: the
+    estimate and band only when its filter absorbed the window."""
+    values = (est.mean, est.std, est.lower, est.upper, float(STATUSES.index(est.status)), est.raw_mean)
+    return {f"{prefix}/{key}": float(v) for key, v in zip(GROUP_KEYS, values)
+            if est.filtered or key not in ("mean", "std", "lower", "upper")}
 
 
 def band_layout(groups: Iterable[str], prefix: str = "") -> Dict[str, Dict[str, List[Any]]]:
