@@ -1,4 +1,4 @@
-"""The GPU check, prepared for a CUDA machine: CUDA test variants, device syncs, and overhead.
+"""The GPU check, prepared for a CUDA machine: CUDA test variants, device syncs, overhead, compile.
 
 1. ``tests``: runs the test suite's CUDA variants (``pytest -k cuda``; they are skipped on CPU).
 2. ``syncs``: counts the device syncs of one shadow step with ``torch.cuda.set_sync_debug_mode``
@@ -9,10 +9,14 @@
    vocabulary 32000, sequences of 256) trained with AdamW under bf16 autocast ("bf16-mixed"),
    two identical copies in interleaved blocks, one with an ``OnlineLLC`` at the README's defaults
    (``every_n_steps=25``, ``window=40``); prints the ratio of their times. Target: at most 1.05.
+4. ``compile``: the same transformer's shadow steps at frozen weights with ``compile=False``,
+   ``"default"`` (fused kernels) and ``"reduce-overhead"`` (CUDA graphs): the compiler's first
+   calls, the time per shadow step against eager, and how far the window means are from eager's
+   (float rounding expected; a mode that fails is reported and the others still run).
 
-Run on a CUDA machine:  python benchmarks/gpu_check.py            (all three; about 5 minutes)
+Run on a CUDA machine:  python benchmarks/gpu_check.py            (all four; about 8 minutes)
 Dry run on CPU (a 2-layer model, small batches; checks that the script runs, measures nothing):
-                        python benchmarks/gpu_check.py --device cpu --tiny --parts syncs overhead
+                        python benchmarks/gpu_check.py --device cpu --tiny --parts syncs overhead compile
 """
 
 from __future__ import annotations
@@ -155,11 +159,44 @@ def part_overhead(args: argparse.Namespace) -> None:
           f"overhead ratio {ratio:.3f} (target <= 1.05); windows closed {len(mon.history())}", flush=True)
 
 
+def part_compile(args: argparse.Namespace) -> None:
+    print("4. compile=: shadow steps at frozen weights (every_n_steps=1, window 20), eager against compiled, "
+          "bf16 autocast", flush=True)
+    base, data = build(args)
+    eager_means, eager_ms = None, None
+    for mode in (False, "default", "reduce-overhead"):
+        model = copy.deepcopy(base)
+        try:
+            mon = OnlineLLC(model, per_sequence_loss, num_samples=1_000_000, every_n_steps=1, window=20, seed=0,
+                            warmup=0, compile=mode)
+            t0 = time.perf_counter()
+            with autocast(args.device):
+                for k in range(40):  # the compiler's first calls, and the plain and measuring steps' shapes
+                    mon.update(data[k % len(data)], step=k + 1)
+            sync(args.device)
+            first = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            with autocast(args.device):
+                for k in range(40, 200):
+                    mon.update(data[k % len(data)], step=k + 1)
+            sync(args.device)
+            per = (time.perf_counter() - t0) / 160
+            means = [e.raw_mean for e in mon.history()]
+            if mode is False:
+                eager_means, eager_ms = means, per
+            worst = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(eager_means or means, means))
+            print(f"   compile={mode!r:19s} first 40 steps {first:6.1f} s, then {per * 1e3:7.2f} ms per shadow step "
+                  f"(x{per / (eager_ms or per):.2f} of eager); window means vs eager: worst relative "
+                  f"difference {worst:.1e} over {len(means)} windows", flush=True)
+        except Exception as err:  # report and go on: the other modes still run
+            print(f"   compile={mode!r}: FAILED {type(err).__name__}: {str(err).splitlines()[0][:200]}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model: check the script, measure nothing")
-    ap.add_argument("--parts", nargs="+", default=["tests", "syncs", "overhead"], choices=["tests", "syncs", "overhead"])
+    ap.add_argument("--parts", nargs="+", default=["tests", "syncs", "overhead", "compile"], choices=["tests", "syncs", "overhead", "compile"])
     ap.add_argument("--blocks", type=int, default=8)
     ap.add_argument("--block-steps", type=int, default=50)
     args = ap.parse_args()
@@ -171,6 +208,8 @@ def main() -> None:
         part_syncs(args)
     if "overhead" in args.parts:
         part_overhead(args)
+    if "compile" in args.parts:
+        part_compile(args)
 
 
 if __name__ == "__main__":

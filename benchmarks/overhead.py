@@ -25,6 +25,7 @@ Run:  python benchmarks/overhead.py            (about 5 minutes on 2 cores)
       python benchmarks/overhead.py --blocks 20 --cadences 5 10 20 50
       python benchmarks/overhead.py --hidden 1024   (a wider MLP: the model's passes dominate)
       python benchmarks/overhead.py --probes 64 --cadences 35   (the default monitor with 64 probe samples)
+      python benchmarks/overhead.py --compile --cadences 1 35   (the default monitor with compile=True)
 """
 
 from __future__ import annotations
@@ -92,11 +93,12 @@ class Overhead(NamedTuple):
 
 def measure(
     every_n_steps: int, blocks: int, block_steps: int, batch_size: int, threads: int, hidden: int = 256, settle: bool = True,
-    probes: int = 0,
+    probes: int = 0, compile: bool = False,
 ) -> Overhead:
     """Three copies of the model trained in interleaved blocks: plain, with the default monitor,
     and with a monitor that measures the heat in every window (or, with ``probes``, a default
-    monitor with a probe set of that many held-out samples)."""
+    monitor with a probe set of that many held-out samples; with ``compile``, a default monitor
+    with ``compile=True``)."""
     torch.set_num_threads(threads)
     n = 8192
     x, y = make_data(n)
@@ -107,10 +109,12 @@ def measure(
     models = [base, copy.deepcopy(base), copy.deepcopy(base)]
     opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in models]
     held = make_data(max(probes, 1), seed=1)  # held-out samples of the same task
+    third = probes or compile  # the third copy is a default monitor with probes or compiled
     monitors = [None] + [
         OnlineLLC(m, per_sample_ce, num_samples=n, every_n_steps=every_n_steps, window=DEFAULT_WINDOW, measure_every=every,
-                  probes={"held": (held[0][:probes], held[1][:probes])} if probes and k == 1 else None)
-        for k, (m, every) in enumerate(zip(models[1:], (MEASURE_EVERY, MEASURE_EVERY if probes else 1)))
+                  probes={"held": (held[0][:probes], held[1][:probes])} if probes and k == 1 else None,
+                  compile=compile and k == 1)
+        for k, (m, every) in enumerate(zip(models[1:], (MEASURE_EVERY, MEASURE_EVERY if third else 1)))
     ]
     # Warm up all three (allocator, first-call overheads) before timing.
     for m, o, mon in zip(models, opts, monitors):
@@ -249,6 +253,8 @@ def main() -> None:
     ap.add_argument("--probes", type=int, default=0,
                     help="the third copy's monitor takes a probe set of this many held-out samples instead of measuring "
                          "every window (its columns then read 'with K probes')")
+    ap.add_argument("--compile", action="store_true",
+                    help="the third copy's monitor is the default one with compile=True (its columns read 'compiled')")
     args = ap.parse_args()
     if args.profile:
         profile_shadow_step(args.profile_steps, args.batch_size, args.threads, args.hidden)
@@ -257,13 +263,15 @@ def main() -> None:
             f"spanning one cycle of the measuring schedule ({MEASURE_EVERY} windows of {DEFAULT_WINDOW} shadow steps)")
     print(f"MLP 784-{args.hidden}-{args.hidden}-10, Adam, batch {args.batch_size}, {args.threads} thread(s); "
           f"{args.blocks} interleaved rounds of three blocks per cadence, {span}, after the warm-up")
-    third = f"with {args.probes} probes" if args.probes else "measuring every window"
+    third = f"with {args.probes} probes" if args.probes else "compiled" if args.compile else "measuring every window"
+    short = "probes" if args.probes else "compiled" if args.compile else "every window"
     print(f"{'every_n_steps':>13s} {'time ratio (with / without)':>28s} {third:>23s} "
-          f"{'inside update':>14s} {'same, ' + ('probes' if args.probes else 'every window'):>19s} {'ms per plain step':>18s} "
+          f"{'inside update':>14s} {'same, ' + short:>19s} {'ms per plain step':>18s} "
           f"{'ms per shadow step':>19s} {'shadow steps':>13s} {'measured windows':>17s}")
     for k in args.cadences:
         block_steps = args.block_steps or max(60, -(-MEASURE_EVERY * DEFAULT_WINDOW * k // args.blocks))
-        m = measure(k, args.blocks, block_steps, args.batch_size, args.threads, args.hidden, probes=args.probes)
+        m = measure(k, args.blocks, block_steps, args.batch_size, args.threads, args.hidden, probes=args.probes,
+                    compile=args.compile)
         mark = "  <- default" if k == DEFAULT_EVERY_N_STEPS else ""
         print(f"{k:13d} {m.ratio:28.3f} {m.ratio_every:23.3f} {m.inside:14.3f} {m.inside_every:19.3f} {m.plain_step * 1e3:18.2f} "
               f"{m.shadow_step * 1e3:19.2f} {m.shadow_steps:13d} {m.measured:>17s}{mark}")

@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 import torch
 from torch import Tensor, nn
 
+from online_llc.kernel.compiled import check_compile, compiled_loss
 from online_llc.kernel.halves import _leading_sizes
 from online_llc.kernel.passes import Centre, Paired, combine_step_stats, moved_items, paired_losses_and_grads, step_rows
 from online_llc.kernel.randomness import private_rng
@@ -103,6 +104,8 @@ class LossEvaluator:
         param_names: restrict the chain to these trainable parameters (default: all trainable).
         mode: the model's mode during the sampler's passes, one of :data:`MODES` (see
             :meth:`mode_context`).
+        compile: ``None`` (eager), or a ``torch.compile`` mode (:data:`~online_llc.kernel.compiled.COMPILE_MODES`)
+            in which ``loss_fn`` runs (:mod:`online_llc.kernel.compiled`).
 
     Raises:
         ValueError: a model sharded by FSDP, FSDP2 or DeepSpeed, whose forward would ignore the
@@ -114,7 +117,12 @@ class LossEvaluator:
     _refuse_sharded = True
 
     def __init__(
-        self, model: nn.Module, loss_fn: LossFn, param_names: List[str] | None = None, mode: str = "eval"
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        param_names: List[str] | None = None,
+        mode: str = "eval",
+        compile: Optional[str] = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"Expected `mode` to be one of {', '.join(map(repr, MODES))}, got {mode!r}.")
@@ -141,7 +149,8 @@ class LossEvaluator:
         self.loss_fn = loss_fn
         self.param_names: List[str] = list(param_names)
         self.mode = mode
-        self._module = _LossModule(model, loss_fn)
+        self.compile = check_compile(compile)
+        self._module = _LossModule(model, loss_fn if self.compile is None else compiled_loss(loss_fn, self.compile))
 
     def mode_context(self) -> Any:
         """A context manager that puts the model in this evaluator's ``mode`` for a pass

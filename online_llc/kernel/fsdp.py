@@ -335,10 +335,21 @@ def is_fsdp2_module(m: nn.Module) -> bool:
 
 
 def make_evaluator(
-    model: nn.Module, loss_fn: LossFn, param_names: Optional[List[str]] = None, mode: str = "eval"
+    model: nn.Module,
+    loss_fn: LossFn,
+    param_names: Optional[List[str]] = None,
+    mode: str = "eval",
+    compile: Optional[str] = None,
 ) -> LossEvaluator:
     """The online monitor's evaluator: :class:`ShardedLossEvaluator` for a model sharded by FSDP2,
-    else :class:`~online_llc.kernel.evaluator.LossEvaluator` (which refuses the other sharded models)."""
+    else :class:`~online_llc.kernel.evaluator.LossEvaluator` (which refuses the other sharded models).
+
+    Raises:
+        ValueError: ``compile`` for a model sharded by FSDP2 (its passes run FSDP2's hooks, which
+            the compiled path does not cover).
+    """
     if isinstance(model, nn.Module) and is_fsdp2(model):
+        if compile is not None:
+            raise ValueError(f"Expected `compile` to be False for a model sharded by FSDP2, got {compile!r}.")
         return ShardedLossEvaluator(model, loss_fn, param_names, mode)
-    return LossEvaluator(model, loss_fn, param_names, mode)
+    return LossEvaluator(model, loss_fn, param_names, mode, compile=compile)

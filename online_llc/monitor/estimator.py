@@ -143,7 +143,7 @@ class OnlineLLC:
                 "Expected `gather` to be None for a model sharded by FSDP2: its chains span all ranks (each "
                 "rank holds its shards of every chain), so every rank already holds every draw."
             )
-        self.evaluator = make_evaluator(model, loss_fn, mode=settings.mode)
+        self.evaluator = make_evaluator(model, loss_fn, mode=settings.mode, compile=settings.compile_mode)
         if self.evaluator.sharded and settings.gradient == "control_variate":  # it runs on whole parameters
             raise ValueError("Expected gradient='auto' or 'plain' for a model sharded by FSDP2, got 'control_variate'.")
 
@@ -154,7 +154,7 @@ class OnlineLLC:
         # Each group's chains move only its own parameters (disjoint: together one copy of them).
         resolved = resolve_group_masks(model, groups) if groups is not None else {}
         self._groups: Dict[str, Track] = {
-            name: track(make_evaluator(model, loss_fn, param_names=list(masks), mode=settings.mode), self.seed + 7919 * (i + 1), masks)
+            name: track(make_evaluator(model, loss_fn, list(masks), settings.mode, settings.compile_mode), self.seed + 7919 * (i + 1), masks)
             for i, (name, masks) in enumerate(resolved.items())
         }
         self.group_budget = group_budget(settings.group_budget, len(self._groups), cadence, settings.warmup_policy)

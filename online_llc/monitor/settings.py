@@ -3,7 +3,7 @@
 Flow: training loop -> ShadowSampler -> WindowStats -> LLCFilter -> OnlineLLC records ->
 callbacks. The options reach every stage of that flow: the chains (``num_samples``, ``nbeta``, ``localization``,
 ``step_size``, ``sampler``, ``friction``, ``num_chains``, ``seed``, ``max_offset_norm``, ``mode``,
-``measure_discretization``, ``measure_every``, ``gradient``), the
+``measure_discretization``, ``measure_every``, ``gradient``, ``compile``), the
 schedule and windows (``every_n_steps``, ``window``, ``total_steps``, ``warmup``, ``group_budget``;
 :mod:`online_llc.monitor.cadence` sizes them to the run) and the filter
 (``process_noise``, ``jump_threshold``, ``confidence``). :class:`online_llc.OnlineLLC` and the
@@ -30,6 +30,7 @@ from online_llc.errors import (
     check_positive_int,
     reject_unknown,
 )
+from online_llc.kernel.compiled import check_compile
 from online_llc.kernel.evaluator import MODES
 from online_llc.monitor.cadence import AUTO, DEFAULT_WARMUP, Cadence, auto_cadence, check_cadence_option
 from online_llc.monitor.policy import GRADIENT_OPTIONS, MEASURE_EVERY
@@ -114,6 +115,11 @@ class MonitorSettings:
             backward pass at the centre per shadow step and one float32 copy of the sampled
             parameters (the anchor, shared by the chains). ``monitor.chain_config.gradient`` says
             which was taken (:func:`online_llc.monitor.policy.sized_config`).
+        compile: run ``loss_fn`` in the shadow passes through ``torch.compile`` (opt-in): ``False``
+            (the default), ``True`` (mode ``"default"``) or one of ``torch.compile``'s modes
+            (:data:`online_llc.kernel.compiled.COMPILE_MODES`; ``"reduce-overhead"`` captures CUDA
+            graphs). The chain is the eager chain to float rounding; the first shadow steps wait
+            for the compiler (:mod:`online_llc.kernel.compiled`). Not for a model sharded by FSDP2.
 
     Raises:
         ValueError: naming the first invalid option and what it accepts.
@@ -140,6 +146,7 @@ class MonitorSettings:
     measure_discretization: bool = True
     measure_every: int = MEASURE_EVERY
     gradient: str = "auto"
+    compile: Union[bool, str] = False
 
     def __post_init__(self) -> None:
         def normalize(name: str, value: Any) -> None:  # a frozen dataclass: set through object
@@ -165,6 +172,7 @@ class MonitorSettings:
         check_bool("measure_discretization", self.measure_discretization)
         normalize("measure_every", check_positive_int("measure_every", self.measure_every))
         check_choice("gradient", self.gradient, GRADIENT_OPTIONS)
+        check_compile(self.compile)
         confidence = check_positive_float("confidence", self.confidence)
         if confidence >= 1:
             raise ValueError(f"Expected `confidence` to be a float in (0, 1), got {confidence!r}.")
@@ -195,6 +203,11 @@ class MonitorSettings:
             friction=self.friction,
             online=True,
         )
+
+    @property
+    def compile_mode(self) -> Optional[str]:
+        """``compile`` as a ``torch.compile`` mode, or ``None`` when off."""
+        return check_compile(self.compile)
 
     @property
     def warmup_policy(self) -> Union[int, str]:
