@@ -200,6 +200,9 @@ class ProbeResult:
             susceptibility to the set; ``susceptibility_std`` its standard error.
         num_probes: ``K``.
         count: the draws the estimates average over (all chains).
+        kernel: the loss kernel ``Cov(delta_k, delta_j)`` ``[K, K]`` (the probe-by-probe posterior
+            covariance of the losses' changes), only when asked (``probe_kernel=True``), else None;
+            ``kernel_std`` its standard errors.
     """
 
     name: str
@@ -213,6 +216,8 @@ class ProbeResult:
     count: int
     susceptibility: float = math.nan
     susceptibility_std: float = math.nan
+    kernel: Optional[np.ndarray] = None
+    kernel_std: Optional[np.ndarray] = None
 
     #: The conventions :meth:`bif` knows.
     CONVENTIONS = ("online_llc", "devinterp")

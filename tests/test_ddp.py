@@ -261,7 +261,8 @@ def _probes_body(rank: int) -> Dict[str, Any]:
     held = batches[-1]
     # A given step and a strong pull: segments of two relaxation times (2 / (eps gamma) = 40 steps) are 8 windows.
     monitor = OnlineLLC(p.model, p.loss_fn, num_samples=2048, gather=all_gather, every_n_steps=1, window=10, warmup=5,
-                        num_chains=2, seed=0, probes={"held": held}, localization=100.0, step_size=5e-4)
+                        num_chains=2, seed=0, probes={"held": held}, localization=100.0, step_size=5e-4,
+                        probe_kernel=True)
     for step in range(1, 601):  # frozen weights; each rank its own batches
         monitor.update(batches[(2 * step + rank) % (len(batches) - 1)], step)
     influence = monitor.probes.influence()["held"]
@@ -269,6 +270,7 @@ def _probes_body(rank: int) -> Dict[str, Any]:
         "history": [[e.step, e.status, e.raw_mean, e.mean] for e in monitor.probes.history("held")],
         "whole": [[e.step, e.status] for e in monitor.history()],
         "influence": influence.influence.tolist(),
+        "kernel": influence.kernel.tolist(),
         "count": influence.count,
         "pooled": monitor.probes.pooled_chains,
     }
@@ -277,8 +279,11 @@ def _probes_body(rank: int) -> Dict[str, Any]:
 def test_probe_sets_pool_every_ranks_chains(tmp_path):
     """Probe sets under DDP: each rank evaluates them at its own chains, and the sets' windows and
     the influence's sums are gathered, so both ranks hold the same probe windows (at the whole
-    model's steps and statuses) and the same influence over all four chains (2 per rank)."""
+    model's steps and statuses) and the same influence and loss kernel over all four chains (2 per
+    rank)."""
     r0, r1 = run_ranks(_probes_body, tmp_path)
-    assert r0["history"] == r1["history"] and r0["influence"] == r1["influence"]
+    assert r0["history"] == r1["history"] and r0["influence"] == r1["influence"] and r0["kernel"] == r1["kernel"]
+    k = np.array(r0["kernel"])
+    assert k.shape == (len(r0["influence"]),) * 2 and np.allclose(k, k.T) and np.all(np.diag(k) > 0)
     assert [h[:2] for h in r0["history"]] == r0["whole"]
     assert r0["pooled"] == 4 and r0["count"] > 0 and r0["count"] % 4 == 0

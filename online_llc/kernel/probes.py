@@ -9,7 +9,7 @@ Flow: the user's ``probes={name: batch}`` -> **ProbeBatches** -> losses at ``w* 
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, List, Mapping, Tuple
 
 import numpy as np
 import torch
@@ -21,10 +21,13 @@ from online_llc.kernel.randomness import cuda_devices
 from online_llc.records import ProbeResult
 from online_llc.stats.probes import ProbeMoments
 
-__all__ = ["MAX_PROBES", "ProbeBatches", "probe_results"]
+__all__ = ["MAX_KERNEL_BYTES", "MAX_PROBES", "ProbeBatches", "check_kernel_size", "kernel_blocks", "probe_results"]
 
 #: The most probe samples over all sets: each is one loss per draw and chain.
 MAX_PROBES = 1 << 16
+#: The most memory the loss kernels' sums may take (float64, every set's ``K x K`` per segment
+#: and chain): 1 GiB.
+MAX_KERNEL_BYTES = 1 << 30
 #: The seed of the probe passes' forked generators.
 PROBE_SEED = 20231
 
@@ -83,6 +86,28 @@ class ProbeBatches:
             return self.evaluator.passes(params, lambda loss: [loss(b).detach().reshape(-1) for b in batches])
 
 
+def kernel_blocks(sizes: List[int]) -> List[Tuple[int, int]]:
+    """Each set's range ``(lo, hi)`` among all the probes, in order."""
+    ends = np.cumsum(sizes).tolist()
+    return [(int(e - k), int(e)) for e, k in zip(ends, sizes)]
+
+
+def check_kernel_size(sizes: List[int], copies: int) -> None:
+    """Refuse loss kernels whose sums would not fit in :data:`MAX_KERNEL_BYTES`: each set's
+    ``K x K`` float64 sums held ``copies`` times (segments times chains).
+
+    Raises:
+        ValueError: with the size it would take and what to change.
+    """
+    need = 8 * copies * sum(k * k for k in sizes)
+    if need > MAX_KERNEL_BYTES:
+        raise ValueError(
+            f"Expected the probe sets' loss kernels to fit in {MAX_KERNEL_BYTES / 2**30:.0f} GiB, got "
+            f"{need / 2**30:.1f} GiB ({copies} copies of K x K float64 sums for sets of sizes {sizes}): pass "
+            "probe_kernel=False, or smaller probe sets (the memory grows with K^2)."
+        )
+
+
 def probe_results(moments: ProbeMoments, names: List[str], sizes: List[int], nbeta: float) -> Dict[str, ProbeResult]:
     """Each set's :class:`ProbeResult` from ``moments`` over all sets' samples, in order."""
     out: Dict[str, ProbeResult] = {}
@@ -93,6 +118,7 @@ def probe_results(moments: ProbeMoments, names: List[str], sizes: List[int], nbe
             name=name, llc=s["llc"], llc_std=s["llc_std"], influence=s["influence"], influence_std=s["influence_std"],
             correlation=s["correlation"], correlation_std=s["correlation_std"], num_probes=size, count=s["count"],
             susceptibility=s["susceptibility"], susceptibility_std=s["susceptibility_std"],
+            kernel=s["kernel"], kernel_std=s["kernel_std"],
         )
         lo += size
     return out

@@ -16,8 +16,10 @@ shared by the chains) and ``d`` the chain's draw at the same ``xi``:
 * each window's sums of ``d``, ``delta``, their squares and products join a segment; a segment
   closes after two relaxation times of the chains' slowest direction, and the last
   :data:`KEPT_SEGMENTS` segments give the influence ``-Cov(delta_k, d)``, the correlation and the
-  set's susceptibility with batch-means standard errors. A warm-up window or a jump of the level
-  (a ``transition``) starts them afresh: they describe the weights since.
+  set's susceptibility with batch-means standard errors (with ``probe_kernel=True``, also each
+  set's loss kernel ``Cov(delta_k, delta_j)``, from ``K x K`` sums per window and segment). A
+  warm-up window or a jump of the level (a ``transition``) starts them afresh: they describe the
+  weights since.
 
 Under DDP (``gather``) each rank evaluates the probes at its own chains' offsets; the sets'
 window statistics and each window's sums are gathered with the whole model's ``gather``, so every
@@ -33,7 +35,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 import numpy as np
 
 from online_llc.calibration.step import relaxation_steps
-from online_llc.kernel.probes import ProbeBatches, probe_results
+from online_llc.kernel.probes import ProbeBatches, check_kernel_size, kernel_blocks, probe_results
 from online_llc.monitor.window import WindowStats
 from online_llc.records import FILTERED_STATUSES, LLCEstimate, ProbeResult
 from online_llc.stats.filter import LLCFilter
@@ -75,15 +77,23 @@ class OnlineProbes:
         process_noise, jump_threshold: the filters' settings (as the whole model's).
         nbeta: the chains' ``nbeta`` (fixed for a monitor: calibration moves only the step).
         gather: the whole model's ``gather`` under DDP.
+        kernel: also each set's loss kernel ``Cov(delta_k, delta_j)``.
+
+    Raises:
+        ValueError: kernels that would not fit (:func:`~online_llc.kernel.probes.check_kernel_size`:
+            ``KEPT_SEGMENTS + 2`` copies per chain; under DDP each rank holds every rank's chains').
     """
 
     def __init__(self, batches: ProbeBatches, num_chains: int, window: int, horizon: int, z: float,
                  process_noise: float, jump_threshold: float, nbeta: float,
-                 gather: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> None:
+                 gather: Optional[Callable[[np.ndarray], np.ndarray]] = None, kernel: bool = False) -> None:
         self.batches, self.num_chains, self.window, self._z, self.gather = batches, num_chains, window, z, gather
         self.nbeta = nbeta
         self.names, self.sizes = batches.names, batches.sizes
         self.num_probes = sum(self.sizes)
+        self.blocks = kernel_blocks(self.sizes) if kernel else []
+        if kernel:  # the kept segments, the open segment and the window
+            check_kernel_size(self.sizes, num_chains * (KEPT_SEGMENTS + 2))
         self.stats = {n: WindowStats(window, num_chains, horizon=horizon, gather=gather) for n in self.names}
         self.filters = {n: LLCFilter(process_noise=process_noise, jump_threshold=jump_threshold) for n in self.names}
         self.histories: Dict[str, List[LLCEstimate]] = {n: [] for n in self.names}
@@ -103,30 +113,39 @@ class OnlineProbes:
         chains, windows and filter settings."""
         s = monitor.settings
         return cls(batches, monitor.num_chains, monitor.window, monitor.stats.horizon, monitor._z, s.process_noise,
-                   s.jump_threshold, monitor.config.nbeta, gather=monitor.stats.gather)
+                   s.jump_threshold, monitor.config.nbeta, gather=monitor.stats.gather, kernel=s.probe_kernel)
+
+    def _kernel_zeros(self, chains: int) -> List[np.ndarray]:
+        return [np.zeros((chains, hi - lo, hi - lo)) for lo, hi in self.blocks]
 
     def _window_sums(self) -> None:
         self._scalars = np.zeros((self.num_chains, 3))
         self._vectors = np.zeros((self.num_chains, 3, self.num_probes))
+        self._kernels = self._kernel_zeros(self.num_chains)
 
     def _reset_influence(self) -> None:
-        self.moments = ProbeMoments(self.pooled_chains, self.num_probes, segment=1)
+        self.moments = ProbeMoments(self.pooled_chains, self.num_probes, segment=1, blocks=self.blocks)
         self._seg_scalars = np.zeros((self.pooled_chains, 3))
         self._seg_vectors = np.zeros((self.pooled_chains, 3, self.num_probes))
+        self._seg_kernels = self._kernel_zeros(self.pooled_chains)
         self._seg_windows = 0
 
     def _gathered_window(self) -> Any:
         """This window's sums of every chain (every rank's under DDP: one collective, on every
         rank at every window of the whole model)."""
         if self.gather is None:
-            return self._scalars, self._vectors
-        k = self.num_probes
-        row = np.concatenate([self._scalars, self._vectors.reshape(self.num_chains, 3 * k)], axis=1)[None]
-        got = np.asarray(self.gather(row), dtype=np.float64)[0]  # [R C, 3 + 3 K]
+            return self._scalars, self._vectors, self._kernels
+        k, c = self.num_probes, self.num_chains
+        parts = [self._scalars, self._vectors.reshape(c, 3 * k)] + [m.reshape(c, -1) for m in self._kernels]
+        got = np.asarray(self.gather(np.concatenate(parts, axis=1)[None]), dtype=np.float64)[0]  # [R C, 3 + 3 K + ...]
         if got.shape[0] != self.pooled_chains:
             self.pooled_chains = got.shape[0]
             self._reset_influence()
-        return got[:, :3], got[:, 3:].reshape(-1, 3, k)
+        kernels, at = [], 3 + 3 * k
+        for lo, hi in self.blocks:
+            kernels.append(got[:, at:at + (hi - lo) ** 2].reshape(-1, hi - lo, hi - lo))
+            at += (hi - lo) ** 2
+        return got[:, :3], got[:, 3:3 + 3 * k].reshape(-1, 3, k), kernels
 
     # ---- the shadow step's hooks (ShadowSampler.step) ---------------------------------------------
     def before(self, sampler: Any) -> None:
@@ -150,6 +169,8 @@ class OnlineProbes:
             if not bad and np.all(np.isfinite(delta[c])):
                 self._scalars[c] += (1.0, draws[c], draws[c] ** 2)
                 self._vectors[c] += np.stack([delta[c], delta[c] ** 2, delta[c] * draws[c]])
+                for m, (lo, hi) in zip(self._kernels, self.blocks):
+                    m[c] += np.outer(delta[c, lo:hi], delta[c, lo:hi])
         self._feed(step, flags, delta)
 
     def _feed(self, step: int, flags: List[int], delta: Optional[np.ndarray]) -> None:
@@ -177,7 +198,7 @@ class OnlineProbes:
         model's was), and the influence's segments."""
         summaries, self._summaries = self._summaries, {}
         filtered = est.status in FILTERED_STATUSES
-        window_scalars, window_vectors = self._gathered_window()
+        window_scalars, window_vectors, window_kernels = self._gathered_window()
         self.last = {}
         for name in self.names:
             s = summaries.get(name)
@@ -202,15 +223,20 @@ class OnlineProbes:
         if filtered and est.status != "transition":
             self._seg_scalars += window_scalars
             self._seg_vectors += window_vectors
+            for m, w in zip(self._seg_kernels, window_kernels):
+                m += w
             self._seg_windows += 1
             if self._seg_windows * self.window >= 2 * relaxation_steps(config):
                 for c in range(self.pooled_chains):
                     if self._seg_scalars[c, 0] > 0:
-                        self.moments.add_segment(c, self._seg_scalars[c], self._seg_vectors[c])
+                        self.moments.add_segment(c, self._seg_scalars[c], self._seg_vectors[c],
+                                                 [m[c] for m in self._seg_kernels])
                 while self.moments.segments > KEPT_SEGMENTS * self.pooled_chains:
                     self.moments.drop_oldest()
                 self._seg_scalars[:] = 0.0
                 self._seg_vectors[:] = 0.0
+                for m in self._seg_kernels:
+                    m[:] = 0.0
                 self._seg_windows = 0
         else:
             # Warm-up, a reset chain or a jump of the level: the weights the influence describes changed.
@@ -244,6 +270,9 @@ class OnlineProbes:
             "segment": [self._seg_scalars.copy(), self._seg_vectors.copy(), self._seg_windows],
             "segments": [[np.stack(s) if s else None, np.stack(v) if v else None]
                          for s, v in zip(self.moments._scalars, self.moments._vectors)],
+            "blocks": [list(b) for b in self.blocks],
+            "kernels": [[m.copy() for m in self._kernels], [m.copy() for m in self._seg_kernels],
+                        [[[m.copy() for m in seg] for seg in chain] for chain in self.moments._kernels]],
             "stale": self._stale,
         }
 
@@ -255,6 +284,8 @@ class OnlineProbes:
         """
         if list(state["names"]) != list(self.names):
             raise ValueError(f"Expected a state of the probe sets {self.names}, got {list(state['names'])}.")
+        if [tuple(b) for b in state.get("blocks", [])] != self.blocks:
+            raise ValueError(f"Expected a state with probe_kernel={bool(self.blocks)} like this monitor's, got the other.")
         for n in self.names:
             self.stats[n].load_state_dict(state["stats"][n])
             self.filters[n].load_state_dict(state["filters"][n])
@@ -264,9 +295,12 @@ class OnlineProbes:
         self._seg_scalars, self._seg_vectors = (np.asarray(a, dtype=np.float64).copy() for a in seg[:2])
         self._seg_windows = int(seg[2])
         self.pooled_chains = len(state["segments"])
-        self.moments = ProbeMoments(self.pooled_chains, self.num_probes, segment=1)
+        self.moments = ProbeMoments(self.pooled_chains, self.num_probes, segment=1, blocks=self.blocks)
+        window_k, seg_k, kept_k = state.get("kernels", [[], [], [[] for _ in state["segments"]]])
+        self._kernels = [np.asarray(m, dtype=np.float64).copy() for m in window_k]
+        self._seg_kernels = [np.asarray(m, dtype=np.float64).copy() for m in seg_k]
         for c, (s, v) in enumerate(state["segments"]):
             for k in range(0 if s is None else len(s)):
-                self.moments.add_segment(c, s[k], v[k])
+                self.moments.add_segment(c, s[k], v[k], kept_k[c][k] if self.blocks else ())
         self._stale = bool(state["stale"])
         self.last = {}

@@ -3,7 +3,7 @@
 Flow: training loop -> ShadowSampler -> WindowStats -> LLCFilter -> OnlineLLC records ->
 callbacks. The options reach every stage of that flow: the chains (``num_samples``, ``nbeta``, ``localization``,
 ``step_size``, ``sampler``, ``friction``, ``num_chains``, ``seed``, ``max_offset_norm``, ``mode``,
-``measure_discretization``, ``measure_every``, ``gradient``, ``compile``), the
+``measure_discretization``, ``measure_every``, ``gradient``, ``compile``), the probe sets (``probe_kernel``), the
 schedule and windows (``every_n_steps``, ``window``, ``total_steps``, ``warmup``, ``group_budget``;
 :mod:`online_llc.monitor.cadence` sizes them to the run) and the filter
 (``process_noise``, ``jump_threshold``, ``confidence``). :class:`online_llc.OnlineLLC` and the
@@ -120,6 +120,9 @@ class MonitorSettings:
             (:data:`online_llc.kernel.compiled.COMPILE_MODES`; ``"reduce-overhead"`` captures CUDA
             graphs). The chain is the eager chain to float rounding; the first shadow steps wait
             for the compiler (:mod:`online_llc.kernel.compiled`). Not for a model sharded by FSDP2.
+        probe_kernel: with ``probes``, also each probe set's loss kernel ``Cov(delta_k, delta_j)``
+            (``K x K`` per set, in ``monitor.probes.influence()``; refused where its sums would
+            pass 1 GiB, :mod:`online_llc.monitor.probes`).
 
     Raises:
         ValueError: naming the first invalid option and what it accepts.
@@ -147,6 +150,7 @@ class MonitorSettings:
     measure_every: int = MEASURE_EVERY
     gradient: str = "auto"
     compile: Union[bool, str] = False
+    probe_kernel: bool = False
 
     def __post_init__(self) -> None:
         def normalize(name: str, value: Any) -> None:  # a frozen dataclass: set through object
@@ -173,6 +177,7 @@ class MonitorSettings:
         normalize("measure_every", check_positive_int("measure_every", self.measure_every))
         check_choice("gradient", self.gradient, GRADIENT_OPTIONS)
         check_compile(self.compile)
+        check_bool("probe_kernel", self.probe_kernel)
         confidence = check_positive_float("confidence", self.confidence)
         if confidence >= 1:
             raise ValueError(f"Expected `confidence` to be a float in (0, 1), got {confidence!r}.")

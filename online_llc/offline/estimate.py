@@ -98,6 +98,7 @@ def estimate_llc(
     batched: Optional[bool] = None,
     progress: bool = True,
     probes: Optional[Mapping[str, Any]] = None,
+    probe_kernel: bool = False,
     **kwargs: Any,
 ) -> LLCResult:
     """Estimate the local learning coefficient of ``model`` at its current weights ``w*``.
@@ -188,6 +189,8 @@ def estimate_llc(
             set's observable-refined LLC ``nbeta * mean_k E[l_k(w) - l_k(w*)]`` and each sample's
             Bayesian influence ``-Cov(l_k(w) - l_k(w*), d)`` with its standard error
             (:mod:`online_llc.stats.probes`; ``LLCResult.probes``). Samples may be in the training set or not.
+        probe_kernel: also each set's loss kernel ``Cov(delta_k, delta_j)`` (``ProbeResult.kernel``,
+            ``K x K`` per set and segment: refused past 1 GiB, with the size in the message).
 
     Returns:
         An :class:`LLCResult` with the estimate, its standard error, the draws, the measured heat
@@ -241,7 +244,9 @@ def estimate_llc(
     names = None if params is None else resolve_groups(model, {"params": list(params)})["params"]
     evaluator = LossEvaluator(model, loss_fn, param_names=names, mode=mode)
     center = {n: t.clone() for n, t in evaluator.center().items()}
-    probe_sets = None if probes is None else ProbeSets(probes, evaluator, center)
+    if check_bool("probe_kernel", probe_kernel) and probes is None:
+        raise ValueError("Expected `probes` with probe_kernel=True (the kernel is the probe sets' own), got none.")
+    probe_sets = None if probes is None else ProbeSets(probes, evaluator, center, probe_kernel, num_chains)
     device = next(iter(center.values())).device
     devices = cuda_devices(center)
 

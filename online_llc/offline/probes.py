@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from online_llc.kernel.evaluator import LossEvaluator
-from online_llc.kernel.probes import ProbeBatches, probe_results
+from online_llc.kernel.probes import ProbeBatches, check_kernel_size, kernel_blocks, probe_results
 from online_llc.records import ProbeResult
 from online_llc.stats.probes import SEGMENTS, ProbeMoments
 
@@ -30,13 +30,23 @@ class ProbeSets:
         probes: as for :class:`~online_llc.kernel.probes.ProbeBatches`.
         evaluator: the estimate's evaluator (its ``loss_fn`` gives the per-sample losses).
         center: ``w*``.
+        kernel: also keep each set's loss kernel ``Cov(delta_k, delta_j)``.
+        num_chains: the estimate's chains (the kernel's memory is checked for them).
 
     Raises:
-        ValueError: see :class:`~online_llc.kernel.probes.ProbeBatches`.
+        ValueError: see :class:`~online_llc.kernel.probes.ProbeBatches`, and kernels that would not
+            fit (:func:`~online_llc.kernel.probes.check_kernel_size`).
     """
 
-    def __init__(self, probes: Mapping[str, Any], evaluator: LossEvaluator, center: Mapping[str, Tensor]) -> None:
+    def __init__(
+        self, probes: Mapping[str, Any], evaluator: LossEvaluator, center: Mapping[str, Tensor], kernel: bool = False,
+        num_chains: int = 1,
+    ) -> None:
         self.sets = ProbeBatches(probes, evaluator)
+        #: Whether each set's loss kernel ``Cov(delta_k, delta_j)`` is kept.
+        self.kernel = kernel
+        if kernel:  # the planned segments, and one more where the draws do not divide evenly
+            check_kernel_size(self.sets.sizes, num_chains * (SEGMENTS + 1))
         self.names, self.sizes, self.batches = self.sets.names, self.sets.sizes, self.sets.batches
         self.center = dict(center)
         # The sets were checked at the same weights: their losses then are the centre's.
@@ -47,7 +57,8 @@ class ProbeSets:
     def begin(self, num_chains: int, num_draws: int, start: Mapping[int, int]) -> None:
         """Record from now on: chain ``c``'s draws from its step ``start[c]`` on (after its
         burn-in), in segments of ``num_draws / SEGMENTS`` draws."""
-        self.moments = ProbeMoments(num_chains, len(self.at_center), max(1, num_draws // SEGMENTS))
+        blocks = kernel_blocks(self.sizes) if self.kernel else []
+        self.moments = ProbeMoments(num_chains, len(self.at_center), max(1, num_draws // SEGMENTS), blocks)
         self.start = dict(start)
 
     def observing(self, chain: int, step: int) -> bool:
