@@ -82,13 +82,19 @@ def estimate_metrics(est: LLCEstimate, health: Optional[ChainHealth] = None, pro
 GROUP_KEYS = ("mean", "std", "lower", "upper", "status", "raw_mean")
 
 
-def group_metrics(estimates: Mapping[str, LLCEstimate]) -> Dict[str, float]:
+def group_metrics(estimates: Mapping[str, LLCEstimate], group_probes: Optional[Mapping[str, Any]] = None) -> Dict[str, float]:
     """``llc/<group>/<key>`` over :data:`GROUP_KEYS` for every group whose window just closed:
     its status and raw window mean always (so a dashboard tells a warm-up value from an
-    estimate), its estimate and band only when the filter absorbed the window."""
+    estimate), its estimate and band only when the filter absorbed the window; with the monitor's
+    ``group_probes``, the group's susceptibility to each probe set and its standard error
+    (``llc/<group>/probe/<set>/susceptibility`` and ``susceptibility_std``) once they are read."""
     out: Dict[str, float] = {}
     for name, g in estimates.items():
         out.update(_window_metrics(f"llc/{name}", g))
+        probes = (group_probes or {}).get(name)
+        for probe_set, r in (probes.influence() if probes is not None else {}).items():
+            out[f"llc/{name}/probe/{probe_set}/susceptibility"] = r.susceptibility
+            out[f"llc/{name}/probe/{probe_set}/susceptibility_std"] = r.susceptibility_std
     return out
 
 

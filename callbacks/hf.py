@@ -342,7 +342,7 @@ class OnlineLLCTrainerCallback(TrainerCallback):
         health = self.monitor.health() if est is not None else None
         metrics = estimate_metrics(est, health, self.monitor.probes) if est is not None else {}
         if self.monitor.shadow_steps != shadow_before:  # group estimates are those of this shadow step
-            metrics.update(group_metrics(self.monitor.last_group_estimates))
+            metrics.update(group_metrics(self.monitor.last_group_estimates, self.monitor.group_probes))
         if metrics:
             self._log(state, control, metrics)
         if est is not None and self.trainer is not None:

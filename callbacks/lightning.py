@@ -350,7 +350,7 @@ class OnlineLLCCallback(Callback):
         # Group estimates belong to the shadow step that produced them: not re-logged at the
         # training steps in between.
         if self.monitor.shadow_steps != shadow_before and self.monitor.last_group_estimates:
-            self._publish(trainer, group_metrics(self.monitor.last_group_estimates))
+            self._publish(trainer, group_metrics(self.monitor.last_group_estimates, self.monitor.group_probes))
 
     def _log(self, trainer: Any, pl_module: Any, est: LLCEstimate, health: ChainHealth) -> None:
         # A warm-up or diverged window is no LLC estimate: its status and diagnostics only.

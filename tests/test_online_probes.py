@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from online_llc import OnlineLLC, estimate_llc
+from online_llc.callbacks._metrics import group_metrics
+from online_llc.models import ParamSlice
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_probes import _mse, _regression  # noqa: E402
@@ -56,13 +58,19 @@ def test_live_influence_at_frozen_weights_matches_the_closed_form_and_the_offlin
     are within 3 standard errors of theirs. Against ``estimate_llc`` at the same settings (4
     chains x 3000 draws) the two influences differ by their combined standard errors: root mean
     square within 0.5-1.6, none past 4; the filtered observable-refined LLC's band covers the
-    closed form. The live loss kernel (``probe_kernel=True``) against its closed form: z mean within
+    closed form. A weight group (the first two weights, ``ParamSlice``) carries the probe sets on its
+    own chains: its restricted posterior is ``N(0, S_g)``, ``S_g = (A_g - epsilon A_g^2 / 4)^(-1)``,
+    ``A_g = nbeta H_gg + gamma I``, so its susceptibility to a set is
+    ``-mean_k (nbeta / 2) x_kg^T S_g H_gg S_g x_kg``, read within 3 standard errors (a covariance of
+    fourth-order terms over 7 segments per chain is heavy-tailed: an exact AR(1) chain with these
+    segments puts 3% of the z-scores past 3). The live loss kernel (``probe_kernel=True``) against its closed form: z mean within
     1, rms within 0.5-1.6 and under 3% past 3 (28 segments make the standard errors noisy and the
     entries are products of four Gaussians; over seeds 0-2 the rms read 0.98-1.23 and 0-2.1% were
     past 3, the largest |z| 2.9-4.0)."""
     model, x, y, fresh = _regression()
     probes = {"train": (x[:20], y[:20]), "fresh": fresh}
-    mon = _monitor(model, probes, probe_kernel=True)
+    mask = torch.tensor([[True, True, False, False]])
+    mon = _monitor(model, probes, probe_kernel=True, groups={"w01": ParamSlice("weight", mask)}, group_budget=1)
     for step in range(1, 3001):
         mon.update((x, y), step)
     assert mon.chain_config.step_size == EPS
@@ -83,6 +91,14 @@ def test_live_influence_at_frozen_weights_matches_the_closed_form_and_the_offlin
         assert abs(p.llc - llc) < 3 * p.llc_std
         last = mon.probes.history(name)[-1]
         assert last.status == "tracking" and last.lower < llc < last.upper
+    h = (x.T @ x / len(x)).double()[:2, :2]
+    a = NBETA * h + GAMMA * torch.eye(2, dtype=torch.float64)
+    s_g = torch.linalg.inv(a - EPS * a @ a / 4)
+    chi = mon.susceptibilities()["w01"]
+    for name, (px, _) in probes.items():
+        pg = px.double()[:, :2]
+        exact = -float((NBETA / 2 * ((pg @ (s_g @ h @ s_g)) * pg).sum(1)).mean())
+        assert abs(chi[name][0] - exact) < 3 * chi[name][1]
     for z in (np.concatenate(z_exact), np.concatenate(z_pair)):
         assert abs(z.mean()) < 1.0 and 0.5 < np.sqrt((z**2).mean()) < 1.6 and np.abs(z).max() < 4
     z = np.concatenate(z_kernel)
@@ -92,12 +108,13 @@ def test_live_influence_at_frozen_weights_matches_the_closed_form_and_the_offlin
 def test_probe_windows_follow_the_whole_model_and_a_checkpoint_continues_exactly():
     """Every whole-model window has its probe sets' window at the same step and status (a skipped
     step's placeholders included); a state taken mid-run restores a monitor that continues exactly
-    (probe windows, influence and loss kernel); a state of a monitor without probe sets, or without
-    the kernel, is refused with a message that says why."""
+    (probe windows, influence and loss kernel, a group's susceptibilities, which the callbacks' group
+    keys carry); a state of a monitor without probe sets, or without the kernel, is refused with a
+    message that says why."""
     model, x, y, fresh = _regression()
     probes = {"fresh": fresh}
     # Segments of 10 windows (2 / (eps gamma) = 50 steps).
-    kw = dict(window=10, warmup=5, localization=40.0, probe_kernel=True)
+    kw = dict(window=10, warmup=5, localization=40.0, probe_kernel=True, groups={"w0": ParamSlice("weight", torch.tensor([[True, False, False, False]]))})
     mon = _monitor(model, probes, **kw)
     for step in range(1, 501):
         if step == 137:
@@ -118,6 +135,11 @@ def test_probe_windows_follow_the_whole_model_and_a_checkpoint_continues_exactly
     a, b = resumed.probes.influence()["fresh"], mon.probes.influence()["fresh"]
     assert np.array_equal(a.influence, b.influence) and np.array_equal(a.influence_std, b.influence_std)
     assert a.kernel.shape == (20, 20) and np.array_equal(a.kernel, b.kernel) and np.array_equal(a.kernel_std, b.kernel_std)
+    chi = mon.susceptibilities()
+    assert resumed.susceptibilities() == chi and set(chi) == {"w0"}
+    assert mon.group_probes["w0"].influence()["fresh"].kernel is None  # the kernel is the whole model's
+    logged = group_metrics({"w0": mon.group_history("w0")[-1]}, mon.group_probes)
+    assert (logged["llc/w0/probe/fresh/susceptibility"], logged["llc/w0/probe/fresh/susceptibility_std"]) == chi["w0"]["fresh"]
     no_kernel = {**kw, "probe_kernel": False}
     with pytest.raises(ValueError, match=r"Expected a state with probe sets, as this monitor has"):
         _monitor(model, probes, **kw).load_state_dict(_monitor(model, None, **no_kernel).state_dict())
@@ -155,3 +177,4 @@ def test_probe_passes_leave_training_bit_identical():
         return [p.detach().clone() for p in model.parameters()]
 
     assert all(torch.equal(a, b) for a, b in zip(run(True), run(False)))
+

@@ -49,6 +49,7 @@ def monitor_state(self: Any, shards: bool = False) -> Dict[str, Any]:
     }
     if self.probes is not None:
         state["probes"] = self.probes.state_dict()
+        state["group_probes"] = {name: p.state_dict() for name, p in self.group_probes.items()}
     state.update(self._model.state_dict(shards))
     return state
 
@@ -72,6 +73,8 @@ def load_monitor_state(self: Any, state: Mapping[str, Any]) -> None:
         t.load_state_dict(state["groups"][name])
     if self.probes is not None:
         self.probes.load_state_dict(state["probes"])
+        for name, p in self.group_probes.items():
+            p.load_state_dict(state.get("group_probes", {})[name])
     step, shadow_steps = int(state["step"]), int(state["shadow_steps"])
     recorded = bool(state["recorded"])
     self.schedule.restart(step, shadow_steps, recorded, int(state["next_group"]))

@@ -86,9 +86,9 @@ class OnlineLLC:
             on every rank still gives independent chains; outside one, give each rank its own
             ``seed``. After resuming every rank from one rank's checkpoint, call
             :meth:`reseed_for_rank`.
-        probes: ``{name: batch or iterable of batches}``: fixed samples the whole model's chains
-            evaluate at every shadow step, for each set's observable-refined LLC (a band) and each
-            sample's Bayesian influence (:mod:`online_llc.monitor.probes`; :attr:`probes`). Not with FSDP2 yet.
+        probes: ``{name: batch or iterable of batches}``: fixed samples the chains evaluate at every shadow step,
+            for each set's observable-refined LLC (a band), each sample's Bayesian influence (:attr:`probes`) and
+            each group's susceptibility (:meth:`susceptibilities`; :mod:`online_llc.monitor.probes`). Not with FSDP2 yet.
         **options: the monitor's options (the sampler's knobs, the chains, the cadence, the
             filter), each a field of :class:`online_llc.monitor.settings.MonitorSettings`, where they are
             described, defaulted and validated. An unknown name raises ``TypeError``. ``seed``
@@ -168,8 +168,12 @@ class OnlineLLC:
         self.schedule = Schedule(self.every_n_steps, list(self._groups), self.group_budget)
         self._checked = False  # whether the first batch was checked
         self.last_group_estimates: Dict[str, LLCEstimate] = {}
-        #: The probe sets' live estimates (:class:`~online_llc.monitor.probes.OnlineProbes`), or ``None``.
+        #: The probe sets' live estimates (:class:`~online_llc.monitor.probes.OnlineProbes`), or ``None``;
+        #: ``group_probes``: the same beside each group's chains (their susceptibilities).
         self.probes = None if self._probe_sets is None else OnlineProbes.build(self._probe_sets, self)
+        self.group_probes: Dict[str, OnlineProbes] = {} if self._probe_sets is None else {
+            n: OnlineProbes.build(self._probe_sets, self, t) for n, t in self._groups.items()}
+        self._track_probes = {id(self._model): self.probes, **{id(t): self.group_probes.get(n) for n, t in self._groups.items()}}
 
     @property
     def step(self) -> int:
@@ -216,15 +220,16 @@ class OnlineLLC:
         return self._draw(step, lambda t, k: self._probed(t, step, lambda: t.shadow_step(batch, step, k)))
 
     def _probed(self, t: Track, step: int, run: Callable[[], Optional[LLCEstimate]], skip: bool = False) -> Any:
-        """A track's draw (``run``); the whole model's with its probe sets' passes beside it."""
-        if self.probes is None or t is not self._model:
+        """A track's draw (``run``), with its probe sets' passes beside it."""
+        probes = self._track_probes.get(id(t))
+        if probes is None:
             return run()
         if skip:
-            self.probes.skip(step)
+            probes.skip(step)
             return run()
-        self.probes.before(t.sampler)
+        probes.before(t.sampler)
         est = run()
-        self.probes.after(t.sampler.last, step)
+        probes.after(t.sampler.last, step)
         return est
 
     def _draw(self, step: int, draw: Callable[[Track, int], Optional[LLCEstimate]]) -> Optional[LLCEstimate]:
@@ -232,7 +237,15 @@ class OnlineLLC:
         est, self.last_group_estimates = self.schedule.draw(step, {None: self._model, **self._groups}, draw)
         if est is not None and self.probes is not None:
             self.probes.close(est, self.chain_config)
+        for name in set(self.last_group_estimates) & set(self.group_probes):
+            self.group_probes[name].close(self.last_group_estimates[name], self._groups[name].sampler.config)
         return est
+
+    def susceptibilities(self) -> Dict[str, Dict[str, Tuple[float, float]]]:
+        """``{group: {probe set: (susceptibility, its standard error)}}`` from each group's chains
+        (:mod:`online_llc.monitor.probes`), once they hold two segments per chain."""
+        found = {g: p.influence() for g, p in self.group_probes.items()}
+        return {g: {k: (r.susceptibility, r.susceptibility_std) for k, r in f.items()} for g, f in found.items() if f}
 
     def skip_step(self, step: Optional[int] = None) -> Optional[LLCEstimate]:
         """Advance the step counter without sampling, adding flagged placeholder draws when a

@@ -21,6 +21,13 @@ shared by the chains) and ``d`` the chain's draw at the same ``xi``:
   warm-up window or a jump of the level (a ``transition``) starts them afresh: they describe the
   weights since.
 
+With weight groups (``groups=``) each group's chains evaluate the probe sets too, at their own
+offsets (the group's parameters moved, the rest at ``w*``), at each group shadow step: the same
+statistics against the group chain's draw give that component's susceptibility to each set,
+``-Cov(mean_k delta_k, d_group)`` (``OnlineLLC.susceptibilities()``), as
+``estimate_llc(..., params=group, probes=...)`` reads it offline. Each group step then costs
+``(C + 1) K`` more probe losses.
+
 Under DDP (``gather``) each rank evaluates the probes at its own chains' offsets; the sets'
 window statistics and each window's sums are gathered with the whole model's ``gather``, so every
 rank holds every chain's statistics and the same estimates. Under FSDP2 they are refused with a
@@ -108,12 +115,15 @@ class OnlineProbes:
         self._stale = False
 
     @classmethod
-    def build(cls, batches: ProbeBatches, monitor: Any) -> "OnlineProbes":
-        """The probe sets of ``monitor`` (an :class:`~online_llc.OnlineLLC`): its whole model's
-        chains, windows and filter settings."""
+    def build(cls, batches: ProbeBatches, monitor: Any, track: Any = None) -> "OnlineProbes":
+        """The probe sets of ``monitor`` (an :class:`~online_llc.OnlineLLC`) beside its whole
+        model's chains, or beside a group's ``track`` (its chains' draws: that weight group's
+        susceptibilities; no loss kernel, which is the whole model's), with their windows and
+        filter settings."""
         s = monitor.settings
-        return cls(batches, monitor.num_chains, monitor.window, monitor.stats.horizon, monitor._z, s.process_noise,
-                   s.jump_threshold, monitor.config.nbeta, gather=monitor.stats.gather, kernel=s.probe_kernel)
+        stats = (track or monitor._model).stats
+        return cls(batches, monitor.num_chains, monitor.window, stats.horizon, monitor._z, s.process_noise,
+                   s.jump_threshold, monitor.config.nbeta, gather=stats.gather, kernel=s.probe_kernel and track is None)
 
     def _kernel_zeros(self, chains: int) -> List[np.ndarray]:
         return [np.zeros((chains, hi - lo, hi - lo)) for lo, hi in self.blocks]
