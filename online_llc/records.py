@@ -203,6 +203,8 @@ class ProbeResult:
         kernel: the loss kernel ``Cov(delta_k, delta_j)`` ``[K, K]`` (the probe-by-probe posterior
             covariance of the losses' changes), only when asked (``probe_kernel=True``), else None;
             ``kernel_std`` its standard errors.
+        shape: the probes' shape: ``(K,)``, or with a per-token ``probe_loss_fn`` ``(samples, tokens)``
+            (``influence.reshape(shape)`` gives them per sample and token).
     """
 
     name: str
@@ -218,6 +220,7 @@ class ProbeResult:
     susceptibility_std: float = math.nan
     kernel: Optional[np.ndarray] = None
     kernel_std: Optional[np.ndarray] = None
+    shape: Tuple[int, ...] = ()
 
     #: The conventions :meth:`bif` knows.
     CONVENTIONS = ("online_llc", "devinterp")

@@ -145,7 +145,7 @@ def test_probe_windows_follow_the_whole_model_and_a_checkpoint_continues_exactly
         _monitor(model, probes, **kw).load_state_dict(_monitor(model, None, **no_kernel).state_dict())
     with pytest.raises(ValueError, match=r"Expected a state with probe_kernel=False like this monitor's"):
         _monitor(model, probes, **no_kernel).load_state_dict(state)
-    with pytest.raises(ValueError, match=r"Expected `probes` with probe_kernel=True"):
+    with pytest.raises(ValueError, match=r"Expected `probes` with probe_kernel or probe_loss_fn"):
         _monitor(model, None, **kw)
     with pytest.raises(KeyError, match=r"No probe set 'other'"):
         mon.probes.history("other")
@@ -178,3 +178,24 @@ def test_probe_passes_leave_training_bit_identical():
 
     assert all(torch.equal(a, b) for a, b in zip(run(True), run(False)))
 
+
+
+def test_live_per_token_probes_sum_to_the_per_sample_probes():
+    """``probe_loss_fn`` live: per-token probes (``[B, T]``) keep their shape, and the per-sample
+    probes of a monitor with the same seed (the per-sample loss is the tokens' sum) read their
+    influence summed over tokens, to float rounding (the chains are the same, the statistics
+    linear)."""
+    from test_probes import _per_token, _two_token_regression
+
+    model, x, y = _two_token_regression()
+    probes = {"few": (x[:8], y[:8])}
+    kw = dict(window=10, warmup=5, localization=40.0)  # segments of 10 windows (2 / (eps gamma) = 50 steps)
+    tokens, samples = _monitor(model, probes, probe_loss_fn=_per_token, **kw), _monitor(model, probes, **kw)
+    for step in range(1, 401):
+        tokens.update((x, y), step)
+        samples.update((x, y), step)
+    a, b = tokens.probes.influence()["few"], samples.probes.influence()["few"]
+    assert a.shape == (8, 2) and b.shape == (8,)
+    summed = a.influence.reshape(a.shape).sum(1)
+    assert np.allclose(b.influence, summed, rtol=1e-6, atol=1e-6 * np.abs(summed).max())
+    assert tokens.probes.history("few")[-1].raw_mean == pytest.approx(samples.probes.history("few")[-1].raw_mean / 2, rel=1e-6)

@@ -84,7 +84,7 @@ def test_probe_moments_loss_kernel_recovers_a_known_covariance_with_calibrated_s
 
 def test_the_probe_kernel_is_asked_for_with_probes_and_refused_past_its_memory():
     model, x, y, fresh = _regression()
-    with pytest.raises(ValueError, match="Expected `probes` with probe_kernel=True"):
+    with pytest.raises(ValueError, match="Expected `probes` with probe_kernel or probe_loss_fn"):
         estimate_llc(model, _mse, [(x, y)], num_samples=len(x), probe_kernel=True, progress=False)
     with pytest.raises(ValueError, match="`probe_kernel`"):
         estimate_llc(model, _mse, [(x, y)], num_samples=len(x), probes={"f": fresh}, probe_kernel="yes", progress=False)
@@ -221,3 +221,55 @@ def test_a_weight_groups_susceptibility_is_its_restricted_posteriors():
     p = res.probes["some"]
     assert abs(p.susceptibility + nbeta * s * s / 2) < 3 * p.susceptibility_std
     assert abs(p.llc - nbeta * s / 2) < 3 * p.llc_std
+
+
+def _two_token_regression(n: int = 2000):
+    """Two outputs ("tokens") of a d = 3 linear model at its least-squares optimum."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, 3, generator=g)
+    y = x @ torch.randn(3, 2, generator=g) + torch.randn(n, 2, generator=g)
+    model = nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.linalg.lstsq(x, y).solution.T)
+    return model, x, y
+
+
+def _per_token(model, batch):
+    x, y = batch
+    return 0.5 * (model(x) - y) ** 2  # [B, T]
+
+
+@pytest.mark.slow
+def test_per_token_probes_match_the_closed_form_and_sum_to_the_per_sample_probes():
+    """A probe loss per token (``probe_loss_fn`` returning ``[B, T]``): each output row ``t`` of a
+    linear model moves on its own, ``xi_t ~ N(0, S)``, so ``delta_kt = r_kt x_k^T xi_t + (x_k^T
+    xi_t)^2 / 2`` and every token's ``Cov(delta_kt, d) = (nbeta / 2) x_k^T S H S x_k``: the 20 x 2
+    per-token influences' z-scores have mean within 1, root mean square within 0.5-1.6 and none
+    past 4 (as the per-sample test above), and the result keeps the shape ``(20, 2)``. The
+    per-sample loss is the tokens' sum, so with the same seed the per-sample probes' influence
+    and observable-refined LLC are the per-token ones summed over tokens (to float rounding:
+    the draws are the same, the statistics linear). A probe loss that is no tensor is refused."""
+    model, x, y = _two_token_regression()
+    nbeta, gamma, eps, n = 100.0, 10.0, 1e-3, len(x)
+    probes = {"train": (x[:20], y[:20])}
+    kw = dict(num_samples=n, nbeta=nbeta, localization=gamma, step_size=eps, num_chains=4, progress=False, seed=0,
+              probes=probes)
+    res = estimate_llc(model, _mse, [(x, y)], burn_in=500, num_draws=3000, probe_loss_fn=_per_token, **kw)
+    p = res.probes["train"]
+    assert p.shape == (20, 2) and p.num_probes == 40
+    h = (x.T @ x / n).double()
+    a = nbeta * h + gamma * torch.eye(3, dtype=torch.float64)
+    s = torch.linalg.inv(a - eps * a @ a / 4)
+    px = x[:20].double()
+    cov = (nbeta / 2 * ((px @ (s @ h @ s)) * px).sum(1)).numpy()
+    z = ((p.influence.reshape(p.shape) + cov[:, None]) / p.influence_std.reshape(p.shape)).ravel()
+    assert abs(z.mean()) < 1.0 and 0.5 < np.sqrt((z**2).mean()) < 1.6 and np.abs(z).max() < 4
+    short = dict(burn_in=50, num_draws=400)
+    tokens = estimate_llc(model, _mse, [(x, y)], probe_loss_fn=_per_token, **short, **kw).probes["train"]
+    samples = estimate_llc(model, _mse, [(x, y)], **short, **kw).probes["train"]
+    assert samples.shape == (20,)
+    summed = tokens.influence.reshape(20, 2).sum(1)
+    assert np.allclose(samples.influence, summed, rtol=1e-6, atol=1e-6 * np.abs(summed).max())
+    assert samples.llc == pytest.approx(2 * tokens.llc, rel=1e-6)  # a mean over 2 tokens per sample
+    with pytest.raises(ValueError, match=r"Expected `probe_loss_fn` to return the probes' losses as a tensor"):
+        estimate_llc(model, _mse, [(x, y)], probe_loss_fn=lambda m, b: 1.0, **short, **kw)

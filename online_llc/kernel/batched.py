@@ -315,11 +315,16 @@ class BatchedChains:
         self.xi.add_(u)
         self._last = u
 
-    def losses_at_offsets(self, batch: Any) -> Tensor:
-        """Every chain's per-sample losses on one shared ``batch`` at ``w* + xi`` ``[C, B]``, in one
-        vectorized pass without gradients (probe sets, :mod:`online_llc.offline.probes`)."""
+    def losses_at_offsets(self, batch: Any, fn: Any = None) -> Tensor:
+        """Every chain's per-sample losses on one shared ``batch`` at ``w* + xi`` ``[C, B]`` (with
+        ``fn``, a probe set's own loss ``fn(model, batch)``, ``[C, ...]``), in one vectorized pass
+        without gradients (probe sets, :mod:`online_llc.offline.probes`)."""
+
+        def losses(xi: Tensor) -> Tensor:
+            return self.evaluator.passes(self._params(xi), lambda loss: loss(batch, fn))
+
         with torch.no_grad():
-            return torch.func.vmap(self._losses, in_dims=(0, None))(self.xi, batch)
+            return torch.func.vmap(losses)(self.xi)
 
     def offsets(self, chain: int) -> dict:
         """Chain ``chain``'s offset by parameter name (views of the flat buffer)."""

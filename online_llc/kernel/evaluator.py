@@ -88,8 +88,12 @@ class _LossModule(nn.Module):
         # Stored in __dict__ to keep it out of nn.Module's registries.
         object.__setattr__(self, "_loss_fn", loss_fn)
 
-    def forward(self, program: Callable[[Callable[[Any], Tensor]], Any]) -> Any:  # noqa: D102
-        return program(lambda batch: check_per_sample(self._loss_fn(self.model, batch)))
+    def forward(self, program: Callable[[Callable[..., Tensor]], Any]) -> Any:  # noqa: D102
+        def loss(batch: Any, fn: Optional[Callable[[nn.Module, Any], Tensor]] = None) -> Tensor:
+            # ``fn``: another loss of the model (a probe set's per-token loss), taken as it returns.
+            return check_per_sample(self._loss_fn(self.model, batch)) if fn is None else fn(self.model, batch)
+
+        return program(loss)
 
 
 class LossEvaluator:

@@ -9,7 +9,7 @@ Flow: the user's ``probes={name: batch}`` -> **ProbeBatches** -> losses at ``w* 
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -41,16 +41,22 @@ class ProbeBatches:
             tensor, or a tuple, list or dict of tensors, is one batch; a DataLoader is read once,
             in its order).
         evaluator: gives the per-sample losses (``loss_fn``'s).
+        loss_fn: the probes' own loss, ``loss_fn(model, batch)`` returning a tensor of any shape
+            whose entries are the probes (per token: ``[B, T]``, ``reduction="none"``); ``None``:
+            the evaluator's per-sample ``loss_fn``. Each set's :attr:`shapes` keeps the shape.
 
     Raises:
         ValueError: not a mapping of names to batches, an empty set or name, a ``loss_fn`` that
-            does not give one loss per probe sample, or more than :data:`MAX_PROBES` samples.
+            does not give one loss per probe sample (or a probe ``loss_fn`` that gives no tensor),
+            or more than :data:`MAX_PROBES` probes.
     """
 
-    def __init__(self, probes: Mapping[str, Any], evaluator: LossEvaluator) -> None:
+    def __init__(self, probes: Mapping[str, Any], evaluator: LossEvaluator, loss_fn: Optional[Callable[..., Tensor]] = None) -> None:
         if not isinstance(probes, Mapping) or not probes:
             raise ValueError(f"Expected `probes` to be a non-empty mapping of names to batches, got {describe(probes)}.")
-        self.evaluator = evaluator
+        if loss_fn is not None and not callable(loss_fn):
+            raise ValueError(f"Expected `probe_loss_fn` to be callable as probe_loss_fn(model, batch), got {describe(loss_fn)}.")
+        self.evaluator, self.loss_fn = evaluator, loss_fn
         self.names: List[str] = []
         self.batches: List[List[Any]] = []
         for name, value in probes.items():
@@ -62,8 +68,12 @@ class ProbeBatches:
             self.names.append(name)
             self.batches.append(batches)
         # One pass over every set at the evaluator's weights checks the losses and sizes the sets.
-        per_batch = self._per_batch(evaluator.center(), [b for bs in self.batches for b in bs])
+        per_batch = self._per_batch(evaluator.center(), [b for bs in self.batches for b in bs], flat=False)
         ends = np.cumsum([len(bs) for bs in self.batches])
+        #: Each set's probe shape: ``(K,)``, or with a probe ``loss_fn`` the samples and the rest of its
+        #: output's shape (``(K,)`` where the batches' trailing shapes differ).
+        self.shapes = [_set_shape([t.shape for t in per_batch[e - len(bs):e]]) for e, bs in zip(ends, self.batches)]
+        per_batch = [t.reshape(-1) for t in per_batch]
         self.sizes = [int(sum(len(t) for t in per_batch[e - len(bs):e])) for e, bs in zip(ends, self.batches)]
         #: Every probe sample's loss at the weights the sets were checked at (all sets, in order).
         self.initial_losses = torch.cat(per_batch)
@@ -78,12 +88,34 @@ class ProbeBatches:
         ``mode="train"``) draws the same ones at every point, so the differences are paired."""
         return torch.cat(self._per_batch(params, [b for bs in self.batches for b in bs]))
 
-    def _per_batch(self, params: Mapping[str, Tensor], batches: List[Any]) -> List[Tensor]:
+    def _per_batch(self, params: Mapping[str, Tensor], batches: List[Any], flat: bool = True) -> List[Tensor]:
         with torch.no_grad(), self.evaluator.mode_context(), torch.random.fork_rng(devices=cuda_devices(params)):
             torch.default_generator.manual_seed(PROBE_SEED)
             for d in cuda_devices(params):
                 torch.cuda.default_generators[d].manual_seed(PROBE_SEED)
-            return self.evaluator.passes(params, lambda loss: [loss(b).detach().reshape(-1) for b in batches])
+            out = self.evaluator.passes(params, lambda loss: [_probe_losses(loss(b, self.loss_fn)) for b in batches])
+        return [t.reshape(-1) for t in out] if flat else out
+
+
+def _probe_losses(out: Any) -> Tensor:
+    """A probe ``loss_fn``'s output, detached: a tensor with at least one dimension and one entry.
+
+    Raises:
+        ValueError: naming ``probe_loss_fn``, for anything else."""
+    if not isinstance(out, Tensor) or out.dim() == 0 or out.numel() == 0:
+        raise ValueError(
+            "Expected `probe_loss_fn` to return the probes' losses as a tensor with a sample dimension first "
+            f"(per token: [B, T], reduction='none'), got {describe(out)}."
+        )
+    return out.detach()
+
+
+def _set_shape(shapes: List[torch.Size]) -> Tuple[int, ...]:
+    """A set's probe shape from its batches' loss shapes: the samples, then the common rest."""
+    rest = {tuple(s[1:]) for s in shapes}
+    if len(rest) != 1:
+        return (int(sum(int(np.prod(s)) for s in shapes)),)
+    return (int(sum(s[0] for s in shapes)), *rest.pop())
 
 
 def kernel_blocks(sizes: List[int]) -> List[Tuple[int, int]]:
@@ -108,17 +140,19 @@ def check_kernel_size(sizes: List[int], copies: int) -> None:
         )
 
 
-def probe_results(moments: ProbeMoments, names: List[str], sizes: List[int], nbeta: float) -> Dict[str, ProbeResult]:
+def probe_results(
+    moments: ProbeMoments, names: List[str], sizes: List[int], nbeta: float, shapes: Optional[List[Tuple[int, ...]]] = None
+) -> Dict[str, ProbeResult]:
     """Each set's :class:`ProbeResult` from ``moments`` over all sets' samples, in order."""
     out: Dict[str, ProbeResult] = {}
     lo = 0
-    for name, size in zip(names, sizes):
+    for name, size, shape in zip(names, sizes, shapes or [(k,) for k in sizes]):
         s = moments.select(lo, lo + size).summary(nbeta)
         out[name] = ProbeResult(
             name=name, llc=s["llc"], llc_std=s["llc_std"], influence=s["influence"], influence_std=s["influence_std"],
             correlation=s["correlation"], correlation_std=s["correlation_std"], num_probes=size, count=s["count"],
             susceptibility=s["susceptibility"], susceptibility_std=s["susceptibility_std"],
-            kernel=s["kernel"], kernel_std=s["kernel_std"],
+            kernel=s["kernel"], kernel_std=s["kernel_std"], shape=tuple(shape),
         )
         lo += size
     return out

@@ -158,9 +158,7 @@ class OnlineLLC:
             for i, (name, masks) in enumerate(resolved.items())
         }
         self.group_budget = group_budget(settings.group_budget, len(self._groups), cadence, settings.warmup_policy)
-        if settings.probe_kernel and probes is None:
-            raise ValueError("Expected `probes` with probe_kernel=True (the kernel is the probe sets' own), got none.")
-        self._probe_sets = probe_sets(probes, self.evaluator)
+        self._probe_sets = probe_sets(probes, self.evaluator, settings)
         self._init_counters()
 
     def _init_counters(self) -> None:

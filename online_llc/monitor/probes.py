@@ -54,14 +54,17 @@ __all__ = ["KEPT_SEGMENTS", "OnlineProbes", "probe_sets"]
 KEPT_SEGMENTS = 16
 
 
-def probe_sets(probes: Optional[Mapping[str, Any]], evaluator: Any) -> Optional[ProbeBatches]:
-    """The monitor's probe sets, checked (``None`` without ``probes``).
+def probe_sets(probes: Optional[Mapping[str, Any]], evaluator: Any, settings: Any) -> Optional[ProbeBatches]:
+    """The monitor's probe sets, checked (``None`` without ``probes``), with ``settings``'
+    ``probe_loss_fn``.
 
     Raises:
-        ValueError: probe sets on a model sharded by FSDP2, or what
-            :class:`~online_llc.kernel.probes.ProbeBatches` refuses.
+        ValueError: ``probe_kernel`` or ``probe_loss_fn`` without probe sets, probe sets on a model
+            sharded by FSDP2, or what :class:`~online_llc.kernel.probes.ProbeBatches` refuses.
     """
     if probes is None:
+        if settings.probe_kernel or settings.probe_loss_fn is not None:
+            raise ValueError("Expected `probes` with probe_kernel or probe_loss_fn (they are the probe sets' own), got none.")
         return None
     if evaluator.sharded:
         raise ValueError(
@@ -69,7 +72,7 @@ def probe_sets(probes: Optional[Mapping[str, Any]], evaluator: Any) -> Optional[
             "(one process or DDP) for now; estimate them offline with estimate_llc(..., probes=...) on a gathered "
             "checkpoint."
         )
-    return ProbeBatches(probes, evaluator)
+    return ProbeBatches(probes, evaluator, settings.probe_loss_fn)
 
 
 class OnlineProbes:
@@ -260,7 +263,7 @@ class OnlineProbes:
         warm-up or a jump of the level until two more have."""
         if self.moments.segments < 2 * self.pooled_chains:  # two per chain: a spread to read
             return {}
-        return probe_results(self.moments, self.names, self.sizes, self.nbeta)
+        return probe_results(self.moments, self.names, self.sizes, self.nbeta, self.batches.shapes)
 
     def history(self, name: str) -> List[LLCEstimate]:
         """Every window of probe set ``name``'s observable-refined LLC, oldest first."""

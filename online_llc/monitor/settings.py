@@ -3,7 +3,7 @@
 Flow: training loop -> ShadowSampler -> WindowStats -> LLCFilter -> OnlineLLC records ->
 callbacks. The options reach every stage of that flow: the chains (``num_samples``, ``nbeta``, ``localization``,
 ``step_size``, ``sampler``, ``friction``, ``num_chains``, ``seed``, ``max_offset_norm``, ``mode``,
-``measure_discretization``, ``measure_every``, ``gradient``, ``compile``), the probe sets (``probe_kernel``), the
+``measure_discretization``, ``measure_every``, ``gradient``, ``compile``), the probe sets (``probe_kernel``, ``probe_loss_fn``), the
 schedule and windows (``every_n_steps``, ``window``, ``total_steps``, ``warmup``, ``group_budget``;
 :mod:`online_llc.monitor.cadence` sizes them to the run) and the filter
 (``process_noise``, ``jump_threshold``, ``confidence``). :class:`online_llc.OnlineLLC` and the
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from typing import Any, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Mapping, Optional, Tuple, Union
 
 from online_llc.calibration.step import resolve_hyperparameters
 from online_llc.config import SGLDConfig
@@ -123,6 +123,9 @@ class MonitorSettings:
         probe_kernel: with ``probes``, also each probe set's loss kernel ``Cov(delta_k, delta_j)``
             (``K x K`` per set, in ``monitor.probes.influence()``; refused where its sums would
             pass 1 GiB, :mod:`online_llc.monitor.probes`).
+        probe_loss_fn: with ``probes``, the probe sets' own loss ``probe_loss_fn(model, batch)``, a
+            tensor of any shape whose entries are the probes (per token: ``[B, T]``,
+            ``reduction="none"``); ``None`` (the default): ``loss_fn``, one probe per sample.
 
     Raises:
         ValueError: naming the first invalid option and what it accepts.
@@ -151,6 +154,7 @@ class MonitorSettings:
     gradient: str = "auto"
     compile: Union[bool, str] = False
     probe_kernel: bool = False
+    probe_loss_fn: Optional[Callable[..., Any]] = None
 
     def __post_init__(self) -> None:
         def normalize(name: str, value: Any) -> None:  # a frozen dataclass: set through object
@@ -178,6 +182,8 @@ class MonitorSettings:
         check_choice("gradient", self.gradient, GRADIENT_OPTIONS)
         check_compile(self.compile)
         check_bool("probe_kernel", self.probe_kernel)
+        if self.probe_loss_fn is not None and not callable(self.probe_loss_fn):
+            raise ValueError(f"Expected `probe_loss_fn` to be callable as probe_loss_fn(model, batch), got {self.probe_loss_fn!r}.")
         confidence = check_positive_float("confidence", self.confidence)
         if confidence >= 1:
             raise ValueError(f"Expected `confidence` to be a float in (0, 1), got {confidence!r}.")

@@ -14,7 +14,7 @@ import itertools
 import math
 import sys
 from dataclasses import replace
-from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -99,6 +99,7 @@ def estimate_llc(
     progress: bool = True,
     probes: Optional[Mapping[str, Any]] = None,
     probe_kernel: bool = False,
+    probe_loss_fn: Optional[Callable[..., Any]] = None,
     **kwargs: Any,
 ) -> LLCResult:
     """Estimate the local learning coefficient of ``model`` at its current weights ``w*``.
@@ -191,6 +192,8 @@ def estimate_llc(
             (:mod:`online_llc.stats.probes`; ``LLCResult.probes``). Samples may be in the training set or not.
         probe_kernel: also each set's loss kernel ``Cov(delta_k, delta_j)`` (``ProbeResult.kernel``,
             ``K x K`` per set and segment: refused past 1 GiB, with the size in the message).
+        probe_loss_fn: the probe sets' own loss, ``probe_loss_fn(model, batch)`` of any shape, each
+            entry a probe (per token: ``[B, T]``; ``ProbeResult.shape`` keeps it); ``None``: ``loss_fn``.
 
     Returns:
         An :class:`LLCResult` with the estimate, its standard error, the draws, the measured heat
@@ -244,9 +247,9 @@ def estimate_llc(
     names = None if params is None else resolve_groups(model, {"params": list(params)})["params"]
     evaluator = LossEvaluator(model, loss_fn, param_names=names, mode=mode)
     center = {n: t.clone() for n, t in evaluator.center().items()}
-    if check_bool("probe_kernel", probe_kernel) and probes is None:
-        raise ValueError("Expected `probes` with probe_kernel=True (the kernel is the probe sets' own), got none.")
-    probe_sets = None if probes is None else ProbeSets(probes, evaluator, center, probe_kernel, num_chains)
+    if (check_bool("probe_kernel", probe_kernel) or probe_loss_fn is not None) and probes is None:
+        raise ValueError("Expected `probes` with probe_kernel or probe_loss_fn (they are the probe sets' own), got none.")
+    probe_sets = None if probes is None else ProbeSets(probes, evaluator, center, probe_kernel, num_chains, probe_loss_fn)
     device = next(iter(center.values())).device
     devices = cuda_devices(center)
 

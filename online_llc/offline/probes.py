@@ -32,6 +32,7 @@ class ProbeSets:
         center: ``w*``.
         kernel: also keep each set's loss kernel ``Cov(delta_k, delta_j)``.
         num_chains: the estimate's chains (the kernel's memory is checked for them).
+        loss_fn: the probes' own loss (per token), as for :class:`~online_llc.kernel.probes.ProbeBatches`.
 
     Raises:
         ValueError: see :class:`~online_llc.kernel.probes.ProbeBatches`, and kernels that would not
@@ -40,9 +41,9 @@ class ProbeSets:
 
     def __init__(
         self, probes: Mapping[str, Any], evaluator: LossEvaluator, center: Mapping[str, Tensor], kernel: bool = False,
-        num_chains: int = 1,
+        num_chains: int = 1, loss_fn: Any = None,
     ) -> None:
-        self.sets = ProbeBatches(probes, evaluator)
+        self.sets = ProbeBatches(probes, evaluator, loss_fn)
         #: Whether each set's loss kernel ``Cov(delta_k, delta_j)`` is kept.
         self.kernel = kernel
         if kernel:  # the planned segments, and one more where the draws do not divide evenly
@@ -73,7 +74,7 @@ class ProbeSets:
     def differences_of_rows(self, chains: Any) -> np.ndarray:
         """``delta`` of every chain of batched ``chains`` (:class:`~online_llc.kernel.batched.BatchedChains`)
         ``[C, K]``: one vectorized pass per probe batch for all chains."""
-        losses = torch.cat([chains.losses_at_offsets(b).reshape(chains.xi.shape[0], -1)
+        losses = torch.cat([chains.losses_at_offsets(b, self.sets.loss_fn).reshape(chains.xi.shape[0], -1)
                             for batches in self.batches for b in batches], dim=1)
         return losses.double().cpu().numpy() - self.at_center
 
@@ -85,4 +86,4 @@ class ProbeSets:
     def results(self, nbeta: float) -> Dict[str, ProbeResult]:
         """Each set's :class:`ProbeResult` from the draws recorded."""
         assert self.moments is not None
-        return probe_results(self.moments, self.names, self.sizes, nbeta)
+        return probe_results(self.moments, self.names, self.sizes, nbeta, self.sets.shapes)
