@@ -75,9 +75,15 @@ SCRIPT = textwrap.dedent(
                 assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
         return opt
 
-    def record(mon, group=None):
+    def record(mon, group=None, probes=None):
         hist = mon.history() if group is None else mon.group_history(group)
+        if probes is not None:  # a probe set's windows, beside the whole model's or a group's chains
+            hist = (mon.probes if group is None else mon.group_probes[group]).history(probes)
         return [[e.step, e.mean, e.std, e.raw_mean, e.raw_se, e.heat, e.status, e.step_size] for e in hist]
+
+    # A probe set, the same on every rank (each rank evaluates it whole with the sharded model).
+    g = torch.Generator().manual_seed(7)
+    held = (torch.randn(12, 6, generator=g), torch.randn(12, 3, generator=g))
 
     out = {}
     plain = shard(mlp())
@@ -89,6 +95,7 @@ SCRIPT = textwrap.dedent(
                     gradient="plain")
         if sampler == "sgld":
             opts["groups"] = {"first": ["0.*"]}
+            opts["probes"] = {"held": held}
         m = shard(mlp())
         mon = OnlineLLC(m, mse, **opts)
         train(m, mon, True)
@@ -102,6 +109,8 @@ SCRIPT = textwrap.dedent(
         }
         if sampler == "sgld":
             out[sampler]["group"], out[sampler]["ref_group"] = record(mon, "first"), record(rmon, "first")
+            out["probe"] = record(mon, probes="held") + record(mon, "first", "held")
+            out["ref_probe"] = record(rmon, probes="held") + record(rmon, "first", "held")
             out["local_numel"] = sum(t.numel() for t in mon.sampler.offsets[0].values())
             out["full_numel"] = sum(t.numel() for t in rmon.sampler.offsets[0].values())
 
@@ -200,7 +209,8 @@ SCRIPT = textwrap.dedent(
     except ValueError as exc:
         out["gather"] = str(exc)
     try:
-        OnlineLLC(shard(mlp()), mse, num_samples=N, probes={"p": batches(0)[0][rank], "q": batches(0)[1][rank]})
+        xs, ys = batches(0)
+        OnlineLLC(shard(mlp()), mse, num_samples=N, probes={"p": (xs[rank], ys[rank])})  # each rank its own
         out["probes"] = "accepted"
     except ValueError as exc:
         out["probes"] = str(exc)
@@ -263,8 +273,10 @@ def test_fsdp2_chain_is_the_unsharded_chain_on_the_union_of_the_batches(tmp_path
     the same on both ranks; training is bit-identical to a run without the monitor (and its
     ``.grad`` fields are untouched, asserted in the script); each rank keeps about half the
     chain; a checkpoint taken at step 30 holds the full tensors (equal to the unsharded chain's
-    offsets), and restoring it continues exactly; ``gather``, the control-variate gradient and the
-    offline estimator are refused with messages naming the argument."""
+    offsets), and restoring it continues exactly; a probe set's windows (beside the whole model's
+    and the group's chains) equal the unsharded monitor's; ``gather``, the control-variate
+    gradient, probe sets that differ between the ranks and the offline estimator are refused with
+    messages naming the argument."""
     ranks = run_two_processes(tmp_path, SCRIPT)
     for out in ranks:
         for sampler in ("sgld", "rmsprop_sgld", "sghmc"):
@@ -274,6 +286,9 @@ def test_fsdp2_chain_is_the_unsharded_chain_on_the_union_of_the_batches(tmp_path
             _assert_close_histories(got["hist"], got["ref"])
             assert got["hist"][-1][6] == "tracking"
         _assert_close_histories(out["sgld"]["group"], out["sgld"]["ref_group"])
+        # Probe sets: every window of the set beside the whole model's and the group's chains.
+        assert len(out["probe"]) == 12
+        _assert_close_histories(out["probe"], out["ref_probe"])
         assert out["resumed"] == out["uninterrupted"]
         assert out["state_shapes_full"] is True
         assert out["state_vs_unsharded"] < 1e-10
@@ -287,7 +302,7 @@ def test_fsdp2_chain_is_the_unsharded_chain_on_the_union_of_the_batches(tmp_path
         assert out["one_rank"].startswith("Expected one state per rank of a run on 2 ranks, got the states of ranks [")
         assert out["gather"].startswith("Expected `gather` to be None for a model sharded by FSDP2")
         assert out["cv"] == "Expected gradient='auto' or 'plain' for a model sharded by FSDP2, got 'control_variate'."
-        assert out["probes"].startswith("Expected `probes` to be None for a model sharded by FSDP2")
+        assert out["probes"].startswith("Expected the same `probes` on every rank of a model sharded by FSDP2")
         assert out["offline"].startswith("Expected `model`") and "FSDP2 (fully_shard)" in out["offline"]
         # A shadow step inside a no-sync block leaves the accumulated training gradient as it is,
         # and the chain steps as it does with no pending gradient (float64: any leak of the

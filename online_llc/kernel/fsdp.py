@@ -249,17 +249,18 @@ class ShardedLossEvaluator(LossEvaluator):
     def _forward(self, batch: Any) -> Tensor:
         return self.loss_fn(self.model, batch)
 
-    def _pass(self, batch: Any) -> Tensor:
+    def _pass(self, batch: Any, fn: Optional[Callable[..., Tensor]] = None) -> Tensor:
         """One forward of ``loss_fn``, its output checked (one loss per sample), then every FSDP
         module resharded, and the ranks' agreement that every forward succeeded
         (:func:`~online_llc.kernel.fsdp_guards.agree_on_failure`: a rank whose ``loss_fn`` raised
-        must not leave the others waiting in the next collective)."""
+        must not leave the others waiting in the next collective). ``fn``: another loss of the
+        model (a probe set's), taken as it returns."""
         # Buffers are put back after the pass (a BatchNorm in training mode would update its
         # running statistics), as the unsharded evaluator's cloned buffers do.
         buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
         failure: Optional[BaseException] = None
         try:
-            out = check_per_sample(self._forward(batch))
+            out = check_per_sample(self._forward(batch)) if fn is None else fn(self.model, batch)
         except Exception as exc:  # noqa: BLE001 - raised after the ranks agree, below
             failure = exc
         finally:

@@ -88,7 +88,7 @@ class OnlineLLC:
             :meth:`reseed_for_rank`.
         probes: ``{name: batch or iterable of batches}``: fixed samples the chains evaluate at every shadow step,
             for each set's observable-refined LLC (a band), each sample's Bayesian influence (:attr:`probes`) and
-            each group's susceptibility (:meth:`susceptibilities`; :mod:`online_llc.monitor.probes`). Not with FSDP2 yet.
+            each group's susceptibility (:meth:`susceptibilities`; :mod:`online_llc.monitor.probes`).
         **options: the monitor's options (the sampler's knobs, the chains, the cadence, the
             filter), each a field of :class:`online_llc.monitor.settings.MonitorSettings`, where they are
             described, defaulted and validated. An unknown name raises ``TypeError``. ``seed``

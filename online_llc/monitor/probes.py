@@ -30,8 +30,10 @@ statistics against the group chain's draw give that component's susceptibility t
 
 Under DDP (``gather``) each rank evaluates the probes at its own chains' offsets; the sets'
 window statistics and each window's sums are gathered with the whole model's ``gather``, so every
-rank holds every chain's statistics and the same estimates. Under FSDP2 they are refused with a
-clear error for now.
+rank holds every chain's statistics and the same estimates. Under FSDP2 the chains span the
+ranks: every rank evaluates the whole probe sets at every chain's offset with the sharded model
+(the same collective forward on every rank), so every rank holds the same statistics without a
+gather; the sets must be the same on every rank.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import math
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import numpy as np
+import torch
 
 from online_llc.calibration.step import relaxation_steps
 from online_llc.kernel.probes import ProbeBatches, check_kernel_size, kernel_blocks, probe_results
@@ -58,21 +61,29 @@ def probe_sets(probes: Optional[Mapping[str, Any]], evaluator: Any, settings: An
     """The monitor's probe sets, checked (``None`` without ``probes``), with ``settings``'
     ``probe_loss_fn``.
 
+    Under FSDP2 every rank evaluates the whole probe sets with the model's forward (a collective),
+    so every rank must pass the same sets: their losses at the current weights are compared
+    across the ranks here.
+
     Raises:
-        ValueError: ``probe_kernel`` or ``probe_loss_fn`` without probe sets, probe sets on a model
-            sharded by FSDP2, or what :class:`~online_llc.kernel.probes.ProbeBatches` refuses.
+        ValueError: ``probe_kernel`` or ``probe_loss_fn`` without probe sets, probe sets that differ
+            between the ranks of a model sharded by FSDP2, or what
+            :class:`~online_llc.kernel.probes.ProbeBatches` refuses.
     """
     if probes is None:
         if settings.probe_kernel or settings.probe_loss_fn is not None:
             raise ValueError("Expected `probes` with probe_kernel or probe_loss_fn (they are the probe sets' own), got none.")
         return None
+    sets = ProbeBatches(probes, evaluator, settings.probe_loss_fn)
     if evaluator.sharded:
-        raise ValueError(
-            "Expected `probes` to be None for a model sharded by FSDP2: the monitor's probe sets run unsharded "
-            "(one process or DDP) for now; estimate them offline with estimate_llc(..., probes=...) on a gathered "
-            "checkpoint."
-        )
-    return ProbeBatches(probes, evaluator, settings.probe_loss_fn)
+        own = sets.initial_losses.double()
+        mean = evaluator.all_reduce_sum(own) / evaluator.world
+        if not torch.allclose(mean, own, rtol=1e-6, atol=1e-12):
+            raise ValueError(
+                "Expected the same `probes` on every rank of a model sharded by FSDP2 (each rank evaluates the whole "
+                "sets with the sharded model), got probe losses that differ between the ranks."
+            )
+    return sets
 
 
 class OnlineProbes:
