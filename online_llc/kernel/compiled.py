@@ -8,7 +8,10 @@ derived from it. The substituted weights (``torch.func.functional_call``) are th
 not constants, so the chain's moving offsets do not recompile it; what does is a new batch shape
 (the last batch of an epoch, the halves of a measuring step: dynamic shapes after the second
 size), the grad mode (the centre's pass takes no gradient) and the model's mode flags, a handful
-of graphs per monitor. The update, noise and statistics stay in eager ``torch._foreach_*`` calls,
+of graphs per monitor. Each weight group's passes (``groups=``) differentiate other parameters,
+so each group compiles graphs of its own; past torch's recompile limit for one function
+(``torch._dynamo.config.recompile_limit``, 8 by default) the rest run eagerly, with the same
+numbers. The update, noise and statistics stay in eager ``torch._foreach_*`` calls,
 a fixed number per parameter list.
 
 Two choices keep the compiled chain the eager chain:
@@ -30,12 +33,15 @@ the launch overhead of small layers (``benchmarks/gpu_check.py --compile``).
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Set, Union
 
 import torch
 from torch import Tensor
 
 __all__ = ["COMPILE_MODES", "check_compile", "compiled_loss"]
+
+#: The ``loss_fn`` objects whose compilation was announced on standard error.
+_TOLD: Set[int] = set()
 
 #: The modes ``compile=`` accepts by name (``torch.compile``'s own); ``True`` means ``"default"``.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -68,11 +74,10 @@ def compiled_loss(loss_fn: Callable[[Any, Any], Tensor], mode: str) -> Callable[
     graphs = bool(options.get("triton.cudagraphs"))
     # torch.compile takes a mode or options, not both: the mode's options, plus ours.
     fn = torch.compile(loss_fn, options=options)
-    told = []
 
     def run(model: Any, batch: Any) -> Tensor:
-        if not told:
-            told.append(True)
+        if id(loss_fn) not in _TOLD:  # once per loss_fn (a monitor's groups share it)
+            _TOLD.add(id(loss_fn))
             print(
                 f"online_llc: compiling loss_fn with torch.compile (mode {mode!r}); the first shadow steps wait for "
                 "the compiler (a new batch size compiles again once).",
