@@ -260,9 +260,10 @@ def _probes_body(rank: int) -> Dict[str, Any]:
     batches = list(p.batches)
     held = batches[-1]
     # A given step and a strong pull: segments of two relaxation times (2 / (eps gamma) = 40 steps) are 8 windows.
+    first = next(iter(dict(p.model.named_parameters())))
     monitor = OnlineLLC(p.model, p.loss_fn, num_samples=2048, gather=all_gather, every_n_steps=1, window=10, warmup=5,
                         num_chains=2, seed=0, probes={"held": held}, localization=100.0, step_size=5e-4,
-                        probe_kernel=True)
+                        probe_kernel=True, groups={"first": [first]}, group_budget=1)
     for step in range(1, 601):  # frozen weights; each rank its own batches
         monitor.update(batches[(2 * step + rank) % (len(batches) - 1)], step)
     influence = monitor.probes.influence()["held"]
@@ -271,6 +272,9 @@ def _probes_body(rank: int) -> Dict[str, Any]:
         "whole": [[e.step, e.status] for e in monitor.history()],
         "influence": influence.influence.tolist(),
         "kernel": influence.kernel.tolist(),
+        "group_history": [[e.step, e.status, e.raw_mean] for e in monitor.group_probes["first"].history("held")],
+        "group_windows": [[e.step, e.status] for e in monitor.group_history("first")],
+        "susceptibilities": {g: {k: list(v) for k, v in d.items()} for g, d in monitor.susceptibilities().items()},
         "count": influence.count,
         "pooled": monitor.probes.pooled_chains,
     }
@@ -280,10 +284,13 @@ def test_probe_sets_pool_every_ranks_chains(tmp_path):
     """Probe sets under DDP: each rank evaluates them at its own chains, and the sets' windows and
     the influence's sums are gathered, so both ranks hold the same probe windows (at the whole
     model's steps and statuses) and the same influence and loss kernel over all four chains (2 per
-    rank)."""
+    rank); beside a group's chains too (its probe windows at the group's steps, its
+    susceptibilities)."""
     r0, r1 = run_ranks(_probes_body, tmp_path)
     assert r0["history"] == r1["history"] and r0["influence"] == r1["influence"] and r0["kernel"] == r1["kernel"]
     k = np.array(r0["kernel"])
     assert k.shape == (len(r0["influence"]),) * 2 and np.allclose(k, k.T) and np.all(np.diag(k) > 0)
+    assert r0["group_history"] == r1["group_history"] and [h[:2] for h in r0["group_history"]] == r0["group_windows"]
+    assert r0["susceptibilities"] == r1["susceptibilities"] and set(r0["susceptibilities"]) == {"first"}
     assert [h[:2] for h in r0["history"]] == r0["whole"]
     assert r0["pooled"] == 4 and r0["count"] > 0 and r0["count"] % 4 == 0
