@@ -149,6 +149,12 @@ def test_probe_windows_follow_the_whole_model_and_a_checkpoint_continues_exactly
         _monitor(model, None, **kw)
     with pytest.raises(KeyError, match=r"No probe set 'other'"):
         mon.probes.history("other")
+    # The monitor's own accessor: the set's result, an unknown set or no probe sets refused.
+    assert np.array_equal(mon.influence("fresh").influence, b.influence)
+    with pytest.raises(KeyError, match=r"No probe set 'other'; the sets are \['fresh'\]"):
+        mon.influence("other")
+    with pytest.raises(KeyError, match=r"No probe set 'fresh'; the sets are \[\]"):
+        _monitor(model, None, **no_kernel).influence("fresh")
 
 
 def test_probe_passes_leave_training_bit_identical():

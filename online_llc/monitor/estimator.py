@@ -34,12 +34,12 @@ from online_llc.monitor.distributed import rank_seed, rejoin
 from online_llc.monitor.health import chain_health
 from online_llc.monitor.schedule import Schedule
 from online_llc.monitor.checkpoint import load_monitor_state, monitor_state
-from online_llc.monitor.probes import OnlineProbes, probe_sets
+from online_llc.monitor.probes import OnlineProbes, probe_sets, set_influence, susceptibilities
 from online_llc.monitor.settings import MonitorSettings
 from online_llc.monitor.shadow import ShadowSampler
 from online_llc.monitor.track import Track
 from online_llc.monitor.window import WindowStats
-from online_llc.records import ChainHealth, LLCEstimate, SmoothedPoint, Transition
+from online_llc.records import ChainHealth, LLCEstimate, ProbeResult, SmoothedPoint, Transition
 from online_llc.stats.filter import LLCFilter
 
 __all__ = ["OnlineLLC"]
@@ -240,10 +240,12 @@ class OnlineLLC:
         return est
 
     def susceptibilities(self) -> Dict[str, Dict[str, Tuple[float, float]]]:
-        """``{group: {probe set: (susceptibility, its standard error)}}`` from each group's chains
-        (:mod:`online_llc.monitor.probes`), once they hold two segments per chain."""
-        found = {g: p.influence() for g, p in self.group_probes.items()}
-        return {g: {k: (r.susceptibility, r.susceptibility_std) for k, r in f.items()} for g, f in found.items() if f}
+        """``{group: {probe set: (susceptibility, its standard error)}}`` (:func:`~online_llc.monitor.probes.susceptibilities`)."""
+        return susceptibilities(self.group_probes)
+
+    def influence(self, name: str) -> Optional[ProbeResult]:
+        """Probe set ``name``'s influences, kernel and susceptibility (:func:`~online_llc.monitor.probes.set_influence`)."""
+        return set_influence(self.probes, name)
 
     def skip_step(self, step: Optional[int] = None) -> Optional[LLCEstimate]:
         """Advance the step counter without sampling, adding flagged placeholder draws when a

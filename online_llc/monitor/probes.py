@@ -51,7 +51,7 @@ from online_llc.records import FILTERED_STATUSES, LLCEstimate, ProbeResult
 from online_llc.stats.filter import LLCFilter
 from online_llc.stats.probes import ProbeMoments
 
-__all__ = ["KEPT_SEGMENTS", "OnlineProbes", "probe_sets"]
+__all__ = ["KEPT_SEGMENTS", "OnlineProbes", "probe_sets", "set_influence", "susceptibilities"]
 
 #: Segments of the influence's statistics kept (the oldest forgotten first).
 KEPT_SEGMENTS = 16
@@ -84,6 +84,25 @@ def probe_sets(probes: Optional[Mapping[str, Any]], evaluator: Any, settings: An
                 "sets with the sharded model), got probe losses that differ between the ranks."
             )
     return sets
+
+
+def susceptibilities(group_probes: Mapping[str, "OnlineProbes"]) -> Dict[str, Dict[str, Any]]:
+    """``{group: {probe set: (susceptibility, its standard error)}}`` from each group's chains,
+    for the groups whose statistics hold two segments per chain (empty without groups or probes)."""
+    found = {g: p.influence() for g, p in group_probes.items()}
+    return {g: {k: (r.susceptibility, r.susceptibility_std) for k, r in f.items()} for g, f in found.items() if f}
+
+
+def set_influence(probes: Optional["OnlineProbes"], name: str) -> Optional[ProbeResult]:
+    """Probe set ``name``'s :class:`~online_llc.records.ProbeResult` from the whole model's chains
+    (:meth:`OnlineProbes.influence`), or ``None`` before two segments per chain have closed.
+
+    Raises:
+        KeyError: an unknown set, or a monitor without probe sets.
+    """
+    if probes is None or name not in probes.names:
+        raise KeyError(f"No probe set {name!r}; the sets are {[] if probes is None else list(probes.names)}.")
+    return probes.influence().get(name)
 
 
 class OnlineProbes:
