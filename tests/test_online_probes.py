@@ -149,6 +149,10 @@ def test_probe_windows_follow_the_whole_model_and_a_checkpoint_continues_exactly
         _monitor(model, None, **kw)
     with pytest.raises(KeyError, match=r"No probe set 'other'"):
         mon.probes.history("other")
+    # A state from before groups carried probe sets: the group's start afresh, with a warning.
+    old = {k: v for k, v in state.items() if k != "group_probes"}
+    with pytest.warns(UserWarning, match=r"no probe statistics for group 'w0': they start afresh"):
+        _monitor(model, probes, **kw).load_state_dict(old)
     # The monitor's own accessor: the set's result, an unknown set or no probe sets refused.
     assert np.array_equal(mon.influence("fresh").influence, b.influence)
     with pytest.raises(KeyError, match=r"No probe set 'other'; the sets are \['fresh'\]"):

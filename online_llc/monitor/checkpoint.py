@@ -7,6 +7,7 @@ checkpoint -> **load_monitor_state**.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, Mapping
 
 from online_llc.monitor.settings import check_saved_settings
@@ -73,8 +74,12 @@ def load_monitor_state(self: Any, state: Mapping[str, Any]) -> None:
         t.load_state_dict(state["groups"][name])
     if self.probes is not None:
         self.probes.load_state_dict(state["probes"])
+        saved = state.get("group_probes", {})
         for name, p in self.group_probes.items():
-            p.load_state_dict(state.get("group_probes", {})[name])
+            if name in saved:
+                p.load_state_dict(saved[name])
+            else:  # a state from before groups carried probe sets
+                warnings.warn(f"The state holds no probe statistics for group {name!r}: they start afresh.", UserWarning, stacklevel=3)
     step, shadow_steps = int(state["step"]), int(state["shadow_steps"])
     recorded = bool(state["recorded"])
     self.schedule.restart(step, shadow_steps, recorded, int(state["next_group"]))
