@@ -209,3 +209,29 @@ def test_live_per_token_probes_sum_to_the_per_sample_probes():
     summed = a.influence.reshape(a.shape).sum(1)
     assert np.allclose(b.influence, summed, rtol=1e-6, atol=1e-6 * np.abs(summed).max())
     assert tokens.probes.history("few")[-1].raw_mean == pytest.approx(samples.probes.history("few")[-1].raw_mean / 2, rel=1e-6)
+
+
+def test_probe_losses_at_every_chain_in_one_vectorized_pass_or_one_pass_each():
+    """``ProbeBatches.losses_at``: the centre's and every chain's probe losses in one vmap pass equal
+    the passes one point at a time (to float rounding); a loss that vmap cannot run (a host read
+    inside) falls back to one pass per point, with the same numbers, and stays there."""
+    from online_llc.kernel.evaluator import LossEvaluator
+    from online_llc.kernel.probes import ProbeBatches
+
+    model, x, y, fresh = _regression()
+    center = {n: p.detach() for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    offsets = [{n: 0.05 * torch.randn(t.shape, generator=g) for n, t in center.items()} for _ in range(3)]
+    looped = torch.stack([ProbeBatches({"f": fresh}, LossEvaluator(model, _mse)).losses(
+        {n: center[n] + o[n] for n in center} if o else center) for o in [None] + offsets])
+
+    def host_read(m, batch):
+        out = _mse(m, batch)
+        float(out.sum())  # not vmappable
+        return out
+
+    for loss_fn, vectorized in ((_mse, True), (host_read, False)):
+        sets = ProbeBatches({"f": fresh}, LossEvaluator(model, loss_fn))
+        got = sets.losses_at(center, offsets)
+        assert got.shape == (4, 20) and sets._vectorize is vectorized
+        assert torch.allclose(got, looped, rtol=1e-6, atol=1e-7)

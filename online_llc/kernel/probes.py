@@ -57,6 +57,7 @@ class ProbeBatches:
         if loss_fn is not None and not callable(loss_fn):
             raise ValueError(f"Expected `probe_loss_fn` to be callable as probe_loss_fn(model, batch), got {describe(loss_fn)}.")
         self.evaluator, self.loss_fn = evaluator, loss_fn
+        self._vectorize = True  # :meth:`losses_at` in one vmap pass until it fails once
         self.names: List[str] = []
         self.batches: List[List[Any]] = []
         for name, value in probes.items():
@@ -87,6 +88,22 @@ class ProbeBatches:
         streams are untouched, and a model that draws random numbers in that mode (dropout with
         ``mode="train"``) draws the same ones at every point, so the differences are paired."""
         return torch.cat(self._per_batch(params, [b for bs in self.batches for b in bs]))
+
+    def losses_at(self, center: Mapping[str, Tensor], offsets: List[Mapping[str, Tensor]]) -> Tensor:
+        """Every probe's loss at ``center`` and at ``center + offset`` for each offset ``[1 + C, K]``.
+
+        One vectorized pass over the ``1 + C`` points (``torch.func.vmap``, the same random draws
+        at every point, as the passes one at a time draw them) where the evaluator holds whole
+        parameters and the model allows it; otherwise, and for good after a first failure (a
+        model that vmap cannot run), one pass per point."""
+        points = [dict(center)] + [{n: (center[n] + o[n]).to(center[n].dtype) for n in center} for o in offsets]
+        if self._vectorize and not self.evaluator.sharded:
+            try:
+                stacked = {n: torch.stack([p[n] for p in points]) for n in center}
+                return torch.func.vmap(lambda p: self.losses(p), randomness="same")(stacked)
+            except Exception:  # noqa: BLE001 - the per-point passes below raise a model's own errors
+                self._vectorize = False
+        return torch.stack([self.losses(p) for p in points])
 
     def _per_batch(self, params: Mapping[str, Tensor], batches: List[Any], flat: bool = True) -> List[Tensor]:
         with torch.no_grad(), self.evaluator.mode_context(), torch.random.fork_rng(devices=cuda_devices(params)):

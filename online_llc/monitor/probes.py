@@ -193,13 +193,8 @@ class OnlineProbes:
     # ---- the shadow step's hooks (ShadowSampler.step) ---------------------------------------------
     def before(self, sampler: Any) -> None:
         """The probes' differences at each chain's offset ``[C, K]``, before the chains move."""
-        center = sampler.evaluator.center()
-        at_center = self.batches.losses(center).double().cpu().numpy()
-        rows = []
-        for offset in sampler.offsets:
-            params = {n: (center[n] + offset[n]).to(center[n].dtype) for n in center}
-            rows.append(self.batches.losses(params).double().cpu().numpy() - at_center)
-        self._pending = np.stack(rows)
+        losses = self.batches.losses_at(sampler.evaluator.center(), sampler.offsets).double().cpu().numpy()
+        self._pending = losses[1:] - losses[0]
 
     def after(self, out: Any, step: int) -> None:
         """Pair the differences with the step's draws (``out``: the sampler's ShadowStep)."""
