@@ -136,7 +136,8 @@ def _set_shape(shapes: List[torch.Size]) -> Tuple[int, ...]:
 
 
 def kernel_blocks(sizes: List[int]) -> List[Tuple[int, int]]:
-    """Each set's range ``(lo, hi)`` among all the probes, in order."""
+    """Each set's range ``(lo, hi)`` among all the probes, in order (the sets' results and their
+    loss kernels' blocks)."""
     ends = np.cumsum(sizes).tolist()
     return [(int(e - k), int(e)) for e, k in zip(ends, sizes)]
 
@@ -158,20 +159,19 @@ def check_kernel_size(sizes: List[int], copies: int) -> None:
 
 
 def probe_results(
-    moments: ProbeMoments, names: List[str], sizes: List[int], nbeta: float, shapes: Optional[List[Tuple[int, ...]]] = None
+    moments: ProbeMoments, names: List[str], sizes: List[int], nbeta: float, shapes: List[Tuple[int, ...]]
 ) -> Dict[str, ProbeResult]:
-    """Each set's :class:`ProbeResult` from ``moments`` over all sets' samples, in order."""
+    """Each set's :class:`ProbeResult` (its probes' ``shapes``, :attr:`ProbeBatches.shapes`) from
+    ``moments`` over all sets' samples, in order."""
     out: Dict[str, ProbeResult] = {}
-    lo = 0
-    for name, size, shape in zip(names, sizes, shapes or [(k,) for k in sizes]):
-        s = moments.select(lo, lo + size).summary(nbeta)
+    for name, size, shape, (lo, hi) in zip(names, sizes, shapes, kernel_blocks(sizes)):
+        s = moments.select(lo, hi).summary(nbeta)
         out[name] = ProbeResult(
             name=name, llc=s["llc"], llc_std=s["llc_std"], influence=s["influence"], influence_std=s["influence_std"],
             correlation=s["correlation"], correlation_std=s["correlation_std"], num_probes=size, count=s["count"],
             susceptibility=s["susceptibility"], susceptibility_std=s["susceptibility_std"],
             kernel=s["kernel"], kernel_std=s["kernel_std"], shape=tuple(shape),
         )
-        lo += size
     return out
 
 
