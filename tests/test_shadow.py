@@ -85,6 +85,15 @@ def test_offline_step_with_update_dots_reads_once():
     assert reads.count == 2
 
 
+def _sketch_sign_bytes(model: torch.nn.Module) -> int:
+    """The bytes of the weight sketch's kept signs: one float32 per block of ``min(1021, n)``
+    entries, plus one, for each fold group of ``n`` entries."""
+    from online_llc.monitor.sketch import fold_groups, sign_count
+
+    sizes = [p.numel() for p in model.parameters()]
+    return sum(4 * sign_count(sum(sizes[a:b])) for a, b in fold_groups(sizes))
+
+
 def _profile_peak(fn):
     """``(net, peak)`` bytes allocated on CPU by ``fn``, from torch.profiler's allocation events
     (the method of benchmarks/memory.py)."""
@@ -125,8 +134,6 @@ def test_memory_kept_and_peak_per_shadow_step(sampler, measure, kept_p):
     discretization bias (the default for SGLD and RMSProp-SGLD) keeps one more P per chain, the
     last update, written in place: the peak stays within the same bound. The weight sketch keeps
     its random signs between steps (0.016 P, once per sampler)."""
-    from online_llc.monitor.sketch import BUCKETS
-
     torch.set_num_threads(1)
     model = deep_mlp(depth=6, width=96)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -142,10 +149,10 @@ def test_memory_kept_and_peak_per_shadow_step(sampler, measure, kept_p):
     kept, _ = _profile_peak(build)
     _, peak = _profile_peak(lambda: holder[0].step(batch))
     largest = max(p.numel() * p.element_size() for p in model.parameters()) / param_bytes
-    # The weight sketch's random signs are kept too, once per sampler: one float32 per 61 entries
-    # of each tensor (0.017 P here; the sketch itself and the fixed allocations, about 0.03 P of
-    # this small model, are inside the tolerance).
-    signs = sum(4 * (p.numel() // min(BUCKETS, p.numel()) + 1) for p in model.parameters()) / param_bytes
+    # The weight sketch's random signs are kept too, once per sampler: one float32 per 1021 entries
+    # of each fold group (0.001 P here; the sketch itself and the fixed allocations, about 0.03 P
+    # of this small model, are inside the tolerance).
+    signs = _sketch_sign_bytes(model) / param_bytes
     assert kept / param_bytes / 2 == pytest.approx(kept_p + signs / 2, abs=0.02)
     # RMSProp's update, given a gradient it must not consume (the discretization measurement
     # reads it after the update), works on a copy: measured 2.38 P against 2.26 P without.
@@ -351,11 +358,9 @@ def test_plain_step_keeps_the_offset_alone_and_peaks_at_one_more_copy():
         holder.append(ShadowSampler(ev, cfg, num_chains=2, seed=0))
         holder[0].step(batch, measure=False)
 
-    from online_llc.monitor.sketch import BUCKETS
-
     kept, _ = _profile_peak(build)
     _, peak = _profile_peak(lambda: holder[0].step(batch, measure=False))
     largest = max(p.numel() * p.element_size() for p in model.parameters()) / param_bytes
-    signs = sum(4 * (p.numel() // min(BUCKETS, p.numel()) + 1) for p in model.parameters()) / param_bytes
+    signs = _sketch_sign_bytes(model) / param_bytes
     assert kept / param_bytes / 2 == pytest.approx(1.0 + signs / 2, abs=0.02)
     assert peak / param_bytes < 1.0 + 1.25 * largest + 0.1
