@@ -61,7 +61,9 @@ def check_same(center: Tensor, sample: Tensor) -> None:
 def moved_items(center: Mapping[str, Tensor], xi: Mapping[str, Tensor]) -> Any:
     """``(name, w* + xi)`` one parameter at a time, in the parameters' dtype: the offsets stay
     float32 (the sum is formed in the wider dtype, then cast for the forward; the gradient flows
-    back to ``xi`` in float32)."""
+    back to ``xi`` in float32). One addition per parameter, not one ``_foreach_add``: the halves'
+    two gradients go back through the same sums, and the foreach's backward node keeps saved
+    state that the first gradient frees."""
     for n in xi:
         yield n, (center[n] + xi[n]).to(center[n].dtype)
 
@@ -137,7 +139,7 @@ def _halves(evaluator, center, xi, leaves, pieces, rewind, center_losses, center
         center_losses = _centre_with_grads(evaluator, center, xi, centre_passes)
     elif center_losses is None:
         with torch.no_grad():
-            center_losses = Centre(evaluator.passes(center.items(), lambda loss: tuple(loss(p).detach() for p in pieces)))
+            center_losses = Centre(evaluator.centre_passes(center, lambda loss: tuple(loss(p).detach() for p in pieces)))
     inside = evaluator.grads_inside_passes
 
     def sample_passes(loss: Callable[[Any], Tensor]) -> List[Tuple[Tensor, Optional[List[Optional[Tensor]]]]]:
@@ -172,7 +174,7 @@ def _plain(evaluator, center, xi, leaves, batch, rewind, center_losses, center_g
         center_losses = _centre_with_grads(evaluator, center, xi, centre_pass)
     elif center_losses is None:
         with torch.no_grad():
-            center_losses = Centre((evaluator.losses(center.items(), batch).detach(),))
+            center_losses = Centre((evaluator.centre_passes(center, lambda loss: loss(batch)).detach(),))
     parts = center_losses.losses
     l_center = parts[0] if len(parts) == 1 else torch.cat(parts)
     inside = evaluator.grads_inside_passes
@@ -210,7 +212,7 @@ def _whole(evaluator, center, xi, leaves, batch, rewind, center_losses, center_g
         center_losses = _centre_with_grads(evaluator, center, xi, centre_passes)
     elif center_losses is None:
         with torch.no_grad():
-            center_losses = Centre((evaluator.losses(center.items(), batch).detach(),))
+            center_losses = Centre((evaluator.centre_passes(center, lambda loss: loss(batch)).detach(),))
     (l_center,) = center_losses.losses
     b = l_center.numel()
     h = b // 2
