@@ -34,7 +34,7 @@ from scipy.stats import norm
 from online_llc import OnlineLLC, estimate_llc
 from online_llc.calibration.step import resolve_hyperparameters
 from online_llc.models.toy import ShuffledBatches, deep_linear_problem, stagewise_dln_problem
-from online_llc.offline.estimate import _batches_forever  # re-iterates the loader, reshuffling each pass
+from online_llc.offline.batches import batches_forever as _batches_forever  # re-iterates the loader, reshuffling each pass
 from online_llc.stats.mcse import mean_standard_error
 
 Z90 = float(norm.ppf(0.95))

@@ -42,3 +42,29 @@ def test_every_configured_sampler_has_an_update() -> None:
     from online_llc.kernel.updates import _UPDATES
 
     assert tuple(_UPDATES) == SAMPLERS
+
+
+def test_every_benchmark_imports() -> None:
+    """Every benchmark script imports (its top level only; the work runs under ``__main__``), so a
+    moved or renamed function of the package breaks a test, not a later benchmark run. A third-party
+    package a benchmark compares against (devinterp) may be missing: such a script exits naming the
+``pip install`` it needs."""
+    import importlib.util
+    import sys
+
+    bench = ROOT.parent / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        for path in sorted(bench.glob("*.py")):
+            spec = importlib.util.spec_from_file_location(f"_bench_{path.stem}", path)
+            assert spec is not None and spec.loader is not None
+            try:
+                spec.loader.exec_module(importlib.util.module_from_spec(spec))
+            except ModuleNotFoundError as e:
+                if e.name is None or e.name.split(".")[0] in ("online_llc", path.stem) or (bench / f"{e.name}.py").exists():
+                    raise
+            except SystemExit as e:  # a script that says which optional package to install
+                if "pip install" not in str(e.code):
+                    raise
+    finally:
+        sys.path.remove(str(bench))
