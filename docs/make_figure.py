@@ -3,11 +3,15 @@
     python docs/make_figure.py            run the stagewise demo and write docs/stagewise_dln.png
                                           and docs/stagewise_dln.csv (the numbers it is drawn from)
     python docs/make_figure.py --check    run it into a temporary folder and exit 1 if its CSV
-                                          differs from docs/stagewise_dln.csv (relative 1e-6)
+                                          differs from docs/stagewise_dln.csv (relative 1e-4)
 
 The demo (``online_llc.demos.stagewise_dln``) is seeded and runs on the CPU with one thread, so
-its CSV is deterministic: a difference means the code changed what the figure shows. About 45 s
-on 2 cores.
+its CSV is deterministic on one machine: a difference means the code changed what the figure
+shows. Across CPUs the float32 kernels sum in other orders (another vector width), and the CSV's
+derived columns (a variance of differences, its ratio to the filter's variance) carry that
+rounding up to a few 1e-6 relative (measured 2.1e-6 on the same commit on two machines), so the
+check allows 1e-4: far below what a figure can show, far above the rounding. About 45 s on 2
+cores.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import List, Optional
 HERE = os.path.dirname(os.path.abspath(__file__))
 PNG = os.path.join(HERE, "stagewise_dln.png")
 CSV = os.path.join(HERE, "stagewise_dln.csv")
-RTOL = 1e-6
+RTOL = 1e-4
 STALE = "the figure is stale: run python docs/make_figure.py"
 
 
