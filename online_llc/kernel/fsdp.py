@@ -36,10 +36,11 @@ the ranks' batches:
   ensures);
 * the draw, its variance and the norms are combined over ranks from per-rank counts, means and
   centred sums of squares (one ``all_gather`` of seven numbers per rank and chain);
-* the noise of each tensor is drawn at its full shape from the chain's generator (the same seed on
-  every rank) and each rank keeps its shard: the chain is the unsharded chain with the same seed,
-  to float tolerance (tested on two processes). The cost is one tensor's full-size noise draw at a
-  time, not a copy of the model.
+* the noise is the unsharded chain's stream (chunks of :data:`~online_llc.kernel.updates.NOISE_CHUNK`
+  entries over the full parameters, from the chain's generator, the same seed on every rank) and
+  each rank keeps its shard of each tensor: the chain is the unsharded chain with the same seed,
+  to float tolerance (tested on two processes). The cost is one chunk and one tensor's
+  full-size noise at a time, not a copy of the model.
 
 Every rank therefore holds the same draws, windows and filter state without a ``gather``; the
 chain's memory per rank is ``1/R`` of the unsharded chain's. Checkpoints are per rank (each holds

@@ -68,6 +68,17 @@ def moved_items(center: Mapping[str, Tensor], xi: Mapping[str, Tensor]) -> Any:
         yield n, (center[n] + xi[n]).to(center[n].dtype)
 
 
+def fused_moved_items(center: Mapping[str, Tensor], xi: Mapping[str, Tensor]) -> Any:
+    """:func:`moved_items` in one ``_foreach_add`` (one kernel on a GPU, whatever the number of
+    tensors) where every pair shares one dtype and device, for passes whose graph is
+    differentiated once (the foreach's backward frees what it saved)."""
+    names = list(xi)
+    ws, xs = [center[n] for n in names], [xi[n] for n in names]
+    if not xs or any(w.dtype != xs[0].dtype or x.dtype != xs[0].dtype or w.device != x.device for w, x in zip(ws, xs)):
+        return moved_items(center, xi)
+    return zip(names, torch._foreach_add(ws, xs))
+
+
 def paired_losses_and_grads(
     evaluator: Any,
     center: Mapping[str, Tensor],
@@ -185,7 +196,7 @@ def _plain(evaluator, center, xi, leaves, batch, rewind, center_losses, center_g
         return (s.detach(), evaluator.grads(s.mean(), leaves)) if inside else (s, None)
 
     rewind()
-    l_sample, g = evaluator.passes(moved_items(center, xi), sample_pass)
+    l_sample, g = evaluator.passes(fused_moved_items(center, xi), sample_pass)
     if g is None:
         # The backward after the substitution ends, freeing w* + xi tensor by tensor (see Memory).
         g = evaluator.grads(l_sample.mean(), leaves)

@@ -12,12 +12,15 @@ Memory. The chain state and the arithmetic are float32 (or float64 for a float64
 the parameters' dtype: in bfloat16 the localization's contraction ``1 - epsilon gamma / 2``
 (about ``1 - 1e-3``) rounds to 1 and the chain never feels its prior. Every operation is in place
 (``torch._foreach_*`` where the operation is the same for every tensor), and the gradient buffers
-may be consumed: the batch gradient is formed in the second half's gradient buffers, and the noise
-of each tensor is drawn into its gradient's buffer once the gradient has been used, so the
-combination and the update allocate nothing beyond one tensor's worth of scratch (RMSProp's
-preconditioner). When the discretization bias is measured, the gradients must survive the
-update: SGLD then draws its noise into the measurement's own buffer and forms the whole update
-there (:func:`_sgld_update_into`), which allocates nothing either.
+may be consumed: the batch gradient is formed in the second half's gradient buffers. SGLD's noise
+is drawn in chunks of :data:`NOISE_CHUNK` entries and added to every tensor a chunk covers in one
+``_foreach`` call (:class:`_Noise`), so its operations do not grow with the number of tensors
+and its scratch is one chunk (4 MiB); RMSProp and SGHMC draw each tensor's part of the same
+stream into its gradient's buffer once the gradient has been used. The combination and the update
+allocate nothing beyond that and one tensor's worth of scratch (RMSProp's preconditioner). When
+the discretization bias is measured, the gradients must survive the update: SGLD then copies its
+noise into the measurement's own buffer and forms the whole update there
+(:func:`_sgld_update_into`), which allocates nothing else either.
 """
 
 from __future__ import annotations
@@ -43,23 +46,68 @@ def _noise_std(config: SGLDConfig) -> float:
     return math.sqrt(config.step_size) * config.noise_scale
 
 
+#: Entries per draw of a step's noise stream (4 MiB of float32): see :class:`_Noise`.
+NOISE_CHUNK = 1 << 20
+
+
 class _Noise:
-    """Standard normal draws for the tensors of one update, in the offset's order (the order of
-    the draws is part of a seed's trajectory). ``scratch`` (a consumed gradient buffer) is filled
-    in place when given, a new tensor is drawn otherwise; ``None`` without injected noise.
+    """The standard normal draws of one update: one stream over the offsets' entries, tensor after
+    tensor in the offset's order (the order is part of a seed's trajectory), drawn from
+    ``generator`` in chunks of :data:`NOISE_CHUNK` entries (the last one shorter), in the offsets'
+    widest dtype. ``None`` without injected noise.
+
+    The stream is served two ways with the same numbers: :meth:`add_to` and :meth:`copy_to` hand
+    each chunk to every tensor it covers in one ``_foreach`` call (one draw and one call per
+    chunk, however many tensors: on a GPU, two kernels instead of one per tensor), and
+    :meth:`__call__` returns one tensor's part, for the updates that work tensor by tensor
+    (RMSProp, SGHMC) and for shards. ``scratch`` (a consumed gradient buffer) receives it when
+    given and ``reuse`` is set.
 
     ``layouts`` (sharded parameters, :mod:`online_llc.kernel.fsdp`): one per tensor in the offset's
-    order; each tensor's noise is then drawn at its full parameter's shape and the shard kept, so
-    a sharded chain receives exactly the numbers of the unsharded chain with the same generator
-    (one full tensor of scratch at a time). The update functions call the noise once per tensor,
-    in order."""
+    order; the stream then covers each tensor's full parameter and the shard is kept, so a sharded
+    chain receives exactly the numbers of the unsharded chain with the same generator (one chunk
+    and one full tensor of scratch at a time)."""
 
     def __init__(
-        self, config: SGLDConfig, generator: torch.Generator, reuse: bool, layouts: Optional[Sequence[Any]] = None
+        self, config: SGLDConfig, generator: torch.Generator, reuse: bool, like: Sequence[Tensor],
+        layouts: Optional[Sequence[Any]] = None,
     ) -> None:
         self.on = _noise_std(config) > 0
         self.generator, self.reuse = generator, reuse
         self.layouts, self.calls = layouts, 0
+        sizes = [int(torch.Size(l.shape).numel()) for l in layouts] if layouts is not None else [t.numel() for t in like]
+        self.total = sum(sizes)
+        self.dtype = torch.float32
+        for dtype in {t.dtype for t in like}:  # each dtype once (promote_types is an operation)
+            self.dtype = torch.promote_types(self.dtype, dtype)
+        self.device = like[0].device if like else torch.device("cpu")
+        self._buf: Optional[Tensor] = None
+        self._pos = 0
+        self._drawn = 0
+
+    def _chunk(self) -> Tensor:
+        """The current chunk with entries left, a new one drawn when the last is used up."""
+        if self._buf is None or self._pos == self._buf.numel():
+            size = min(NOISE_CHUNK, self.total - self._drawn)
+            if size <= 0:
+                raise RuntimeError("The update asked for more noise than its tensors hold.")
+            self._buf = torch.empty(size, dtype=self.dtype, device=self.device).normal_(generator=self.generator)
+            self._drawn += size
+            self._pos = 0
+        return self._buf
+
+    def _take(self, n: int) -> Tensor:
+        """The stream's next ``n`` entries, flat (a view of the chunk when they lie in one)."""
+        pieces = []
+        while n > 0:
+            buf = self._chunk()
+            k = min(n, buf.numel() - self._pos)
+            pieces.append(buf[self._pos : self._pos + k])
+            self._pos += k
+            n -= k
+        if not pieces:
+            return torch.empty(0, dtype=self.dtype, device=self.device)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def __call__(self, like: Tensor, scratch: Optional[Tensor]) -> Optional[Tensor]:
         layout = None
@@ -69,12 +117,50 @@ class _Noise:
         if not self.on:
             return None
         if layout is not None:
-            full = torch.empty(layout.shape, device=like.device, dtype=like.dtype).normal_(generator=self.generator)
-            z = layout.take(full)
-            return scratch.copy_(z) if scratch is not None and self.reuse else z
+            z = layout.take(self._take(int(torch.Size(layout.shape).numel())).view(layout.shape))
+        else:
+            z = self._take(like.numel()).view(like.shape)
         if scratch is not None and self.reuse:
-            return scratch.normal_(generator=self.generator)
-        return torch.randn(like.shape, generator=self.generator, device=like.device, dtype=like.dtype)
+            return scratch.copy_(z)
+        return z.to(device=like.device, dtype=like.dtype)
+
+    def fused(self, targets: Sequence[Tensor]) -> bool:
+        """Whether :meth:`add_to` and :meth:`copy_to` can serve ``targets`` (whole, contiguous
+        tensors of the stream's dtype and device)."""
+        return self.layouts is None and all(
+            t.is_contiguous() and t.dtype == self.dtype and t.device == self.device for t in targets
+        )
+
+    def _chunkwise(self, targets: Sequence[Tensor], apply: Callable[[List[Tensor], List[Tensor]], None]) -> None:
+        dst: List[Tensor] = []
+        src: List[Tensor] = []
+        for t in targets:
+            flat, start, n = t.view(-1), 0, t.numel()
+            while start < n:
+                if self._buf is None or self._pos == self._buf.numel():
+                    if dst:
+                        apply(dst, src)
+                        dst, src = [], []
+                buf = self._chunk()
+                k = min(n - start, buf.numel() - self._pos)
+                dst.append(flat if k == n else flat[start : start + k])
+                src.append(buf[self._pos : self._pos + k])
+                self._pos += k
+                start += k
+        if dst:
+            apply(dst, src)
+
+    def add_to(self, targets: Sequence[Tensor], alpha: float) -> None:
+        """``t += alpha z`` for every target, chunk by chunk (see :meth:`fused`)."""
+        if self.on:
+            self._chunkwise(targets, lambda d, s: torch._foreach_add_(d, s, alpha=alpha))
+
+    def copy_to(self, targets: Sequence[Tensor]) -> None:
+        """``t <- z`` for every target, chunk by chunk (see :meth:`fused`); zeros without noise."""
+        if self.on:
+            self._chunkwise(targets, lambda d, s: torch._foreach_copy_(d, s))
+        else:
+            torch._foreach_zero_(list(targets))
 
 
 def _norm(tensors: Sequence[Tensor]) -> Tensor:
@@ -149,6 +235,13 @@ def _sgld_update(
     pairs = [(x, g) for x, g in zip(xs, grads) if g is not None]
     if pairs:
         torch._foreach_add_([x for x, _ in pairs], [g for _, g in pairs], alpha=-eps * config.nbeta / 2)
+    if noise.fused(xs):
+        # The gradients are used: drop this function's references (with the caller's released,
+        # :func:`_update`, their memory is free for the noise's chunk).
+        del pairs
+        grads.clear()
+        noise.add_to(xs, _noise_std(config))
+        return
     drawn = [(x, noise(x, g)) for x, g in zip(xs, grads)]
     drawn = [(x, z) for x, z in drawn if z is not None]
     if drawn:
@@ -165,9 +258,12 @@ def _sgld_update_into(
     no subtraction to recover it. The same maths as :func:`_sgld_update`, with another order of
     the float operations."""
     eps = config.step_size
-    for x, u in zip(xs, into):
-        if noise(x, u) is None:
-            u.zero_()
+    if noise.fused(into):
+        noise.copy_to(into)
+    else:
+        for x, u in zip(xs, into):
+            if noise(x, u) is None:
+                u.zero_()
     torch._foreach_mul_(into, _noise_std(config))
     pairs = [(u, g) for u, g in zip(into, grads) if g is not None]
     if pairs:
@@ -269,26 +365,36 @@ def _update(
     names = list(offset)
     xs = [offset[n] for n in names]
     state = [aux[n] for n in names] if aux else []
+    # Consumed gradients of SGLD are released once the drift has used them, before the noise is
+    # drawn (a chunk of scratch that then reuses their memory): the caller's list is emptied.
+    release = grads if consume_grads and config.sampler == "sgld" and isinstance(grads, list) else None
     grads = list(grads)
     formed_into = into is not None and config.sampler == "sgld"
     if formed_into:
         assert into is not None
-        _sgld_update_into(xs, grads, [into[n] for n in names], config, _Noise(config, generator, reuse=True, layouts=layouts))
+        _sgld_update_into(xs, grads, [into[n] for n in names], config, _Noise(config, generator, True, xs, layouts))
     else:
         if into is not None:
             torch._foreach_copy_([into[n] for n in names], xs)
         if not consume_grads and config.sampler != "sgld":
             grads = [None if g is None else g.clone() for g in grads]
-        _UPDATES[config.sampler](xs, state, grads, config, _Noise(config, generator, reuse=consume_grads, layouts=layouts))
-    for n in names:
-        mask = masks.get(n) if masks else None
-        if mask is not None:
-            offset[n].mul_(mask)
-            if aux:
-                aux[n].mul_(mask)
-            if formed_into:
-                # xi was zero outside its mask, and u = xi_new - xi must be too.
-                into[n].mul_(mask)
+        if release is not None:
+            # The update receives the only reference (the caller's list is emptied).
+            release.clear()
+            _sgld_update(xs, state, grads, config, _Noise(config, generator, consume_grads, xs, layouts))
+        else:
+            _UPDATES[config.sampler](xs, state, grads, config, _Noise(config, generator, consume_grads, xs, layouts))
+    masked = [n for n in names if masks and masks.get(n) is not None]
+    if masked:
+        assert masks is not None
+        ms = [masks[n] for n in masked]
+        torch._foreach_mul_([offset[n] for n in masked], ms)
+        if aux:
+            torch._foreach_mul_([aux[n] for n in masked], ms)
+        if formed_into:
+            # xi was zero outside its mask, and u = xi_new - xi must be too.
+            assert into is not None
+            torch._foreach_mul_([into[n] for n in masked], ms)
     if into is not None and not formed_into:
         for n, x in zip(names, xs):
             torch.sub(x, into[n], out=into[n])

@@ -195,6 +195,11 @@ class LLCFilter:
         """Posterior slope (LLC per training step)."""
         return float(self._kf.x[1, 0])
 
+    @property
+    def slope_std(self) -> float:
+        """Posterior std of the slope at the last observation."""
+        return math.sqrt(max(float(self._kf.P[1, 1]), 0.0))
+
     # ---- update ---------------------------------------------------------------------------------
     def update(
         self, z: float, r: float, step: int, r_test: float | None = None, *, force_jump: bool = False
