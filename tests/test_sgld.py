@@ -345,3 +345,44 @@ def test_default_nbeta():
     assert default_nbeta(10240) == pytest.approx(10240 / math.log(10240))
     with pytest.raises(ValueError, match=r"Expected `num_samples` to be an int >= 2, got 1\."):
         default_nbeta(1)
+
+
+# ---- the noise stream ------------------------------------------------------------------------------
+
+
+def test_noise_stream_is_the_same_served_by_chunk_or_by_tensor_or_by_shard(monkeypatch):
+    """The update's noise is one stream over the offsets' entries in order, drawn in chunks: the
+    chunkwise ``_foreach`` path, the per-tensor path and a sharded tensor's path (its full shape
+    drawn, its shard kept) hand out the same numbers, also where a tensor spans chunks (chunks of
+    7 entries here), and the stream is a plain ``normal_`` draw of each chunk (the oracle)."""
+    import online_llc.kernel.noise as noise_mod
+    from online_llc.kernel.fsdp import ShardLayout
+    from online_llc.kernel.noise import Noise, noise_chunk
+
+    assert noise_chunk(10) == 1 << 16 and noise_chunk(1 << 22) == 1 << 18 and noise_chunk(1 << 30) == 1 << 24
+    monkeypatch.setattr(noise_mod, "MIN_NOISE_CHUNK", 7)
+    cfg = SGLDConfig(nbeta=10.0, localization=1.0, step_size=1e-2)
+    shapes = [(3, 4), (5,), (2, 6), (1,)]
+    total = sum(math.prod(s) for s in shapes)
+
+    fused = [torch.zeros(s) for s in shapes]
+    n = Noise(cfg, torch.Generator().manual_seed(3), False, fused)
+    assert n.fused(fused)
+    n.add_to(fused, 1.0)
+    per_tensor = [torch.zeros(s) for s in shapes]
+    n = Noise(cfg, torch.Generator().manual_seed(3), False, per_tensor)
+    served = [n(t, None) for t in per_tensor]
+    g = torch.Generator().manual_seed(3)
+    oracle = torch.cat([torch.empty(min(7, total - k)).normal_(generator=g) for k in range(0, total, 7)])
+    flat = torch.cat([t.reshape(-1) for t in fused])
+    assert torch.equal(flat, oracle) and torch.equal(torch.cat([z.reshape(-1) for z in served]), oracle)
+    # The third tensor sharded in two along dim 1: each shard gets its columns of the full draw.
+    for start in (0, 3):
+        layouts = [ShardLayout(torch.Size(s), 0, 0, s[0]) for s in shapes]
+        layouts[2] = ShardLayout(torch.Size(shapes[2]), 1, start, 3)
+        like = [torch.zeros(s) for s in shapes]
+        like[2] = torch.zeros(2, 3)
+        n = Noise(cfg, torch.Generator().manual_seed(3), False, like, layouts)
+        assert not n.fused(like)
+        got = [n(t, None) for t in like]
+        assert torch.equal(got[2], fused[2][:, start : start + 3]) and torch.equal(got[3], fused[3])

@@ -4,7 +4,8 @@
   :mod:`~online_llc.kernel.anchor` - the control variate's anchor, the full-data gradient at ``w*``.
 * :mod:`~online_llc.kernel.passes` - the forward and backward passes of a step, one program for
   whole and sharded parameters; :mod:`~online_llc.kernel.halves` splits a batch in two.
-* :mod:`~online_llc.kernel.updates` - the update maths of each sampler, fused over tensors.
+* :mod:`~online_llc.kernel.updates` - the update maths of each sampler, fused over tensors;
+  :mod:`~online_llc.kernel.noise` - the injected noise, one stream drawn in chunks.
 * :mod:`~online_llc.kernel.evaluator` - per-sample losses at substituted weights, the model left
   alone; :mod:`~online_llc.kernel.fsdp` - the same on FSDP2 shards;
   :mod:`~online_llc.kernel.sharding` refuses the sharded models it cannot substitute.

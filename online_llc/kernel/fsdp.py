@@ -36,7 +36,7 @@ the ranks' batches:
   ensures);
 * the draw, its variance and the norms are combined over ranks from per-rank counts, means and
   centred sums of squares (one ``all_gather`` of seven numbers per rank and chain);
-* the noise is the unsharded chain's stream (chunks of :data:`~online_llc.kernel.updates.NOISE_CHUNK`
+* the noise is the unsharded chain's stream (chunks of :func:`~online_llc.kernel.noise.noise_chunk`
   entries over the full parameters, from the chain's generator, the same seed on every rank) and
   each rank keeps its shard of each tensor: the chain is the unsharded chain with the same seed,
   to float tolerance (tested on two processes). The cost is one chunk and one tensor's

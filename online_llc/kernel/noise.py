@@ -1,0 +1,153 @@
+"""The injected noise of one update: one stream of standard normal draws, in chunks.
+
+Flow: training loop -> ShadowSampler -> **kernel (the update's noise)** -> WindowStats -> LLCFilter.
+:func:`online_llc.kernel.updates._update` takes each step's noise from a :class:`Noise`: a stream
+over the offsets' entries, tensor after tensor, drawn from the chain's generator in chunks
+(:func:`noise_chunk`). SGLD adds each chunk to every tensor it covers in one ``_foreach`` call, so
+the number of operations does not grow with the number of parameter tensors (on a GPU, two kernels
+per chunk instead of one per tensor); RMSProp, SGHMC and sharded chains take each tensor's part of
+the same stream, so a sharded chain receives exactly the unsharded chain's numbers.
+"""
+
+from __future__ import annotations
+
+import math
+
+from typing import Any, Callable, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from online_llc.config import SGLDConfig
+
+__all__ = ["MAX_NOISE_CHUNK", "MIN_NOISE_CHUNK", "Noise", "noise_chunk", "noise_std"]
+
+
+def noise_std(config: SGLDConfig) -> float:
+    """The injected noise's standard deviation, ``sqrt(epsilon) * noise_scale``."""
+    return math.sqrt(config.step_size) * config.noise_scale
+
+
+#: Bounds of the entries per draw of a step's noise stream (:func:`noise_chunk`).
+MIN_NOISE_CHUNK, MAX_NOISE_CHUNK = 1 << 16, 1 << 24
+
+
+def noise_chunk(total: int) -> int:
+    """Entries per draw of the noise stream of ``total`` entries: a sixteenth of them (so the
+    scratch is at most P / 16 and there are at most 16 draws), at least 2^16 (a small model's
+    noise in one draw) and at most 2^24 (64 MiB of float32)."""
+    return min(max(-(-total // 16), MIN_NOISE_CHUNK), MAX_NOISE_CHUNK)
+
+
+class Noise:
+    """The standard normal draws of one update: one stream over the offsets' entries, tensor after
+    tensor in the offset's order (the order is part of a seed's trajectory), drawn from
+    ``generator`` in chunks of :func:`noise_chunk` entries (the last one shorter), in the offsets'
+    widest dtype. ``None`` without injected noise.
+
+    The stream is served two ways with the same numbers: :meth:`add_to` and :meth:`copy_to` hand
+    each chunk to every tensor it covers in one ``_foreach`` call (one draw and one call per
+    chunk, however many tensors: on a GPU, two kernels instead of one per tensor), and
+    :meth:`__call__` returns one tensor's part, for the updates that work tensor by tensor
+    (RMSProp, SGHMC) and for shards. ``scratch`` (a consumed gradient buffer) receives it when
+    given and ``reuse`` is set.
+
+    ``layouts`` (sharded parameters, :mod:`online_llc.kernel.fsdp`): one per tensor in the offset's
+    order; the stream then covers each tensor's full parameter and the shard is kept, so a sharded
+    chain receives exactly the numbers of the unsharded chain with the same generator (one chunk
+    and one full tensor of scratch at a time)."""
+
+    def __init__(
+        self, config: SGLDConfig, generator: torch.Generator, reuse: bool, like: Sequence[Tensor],
+        layouts: Optional[Sequence[Any]] = None,
+    ) -> None:
+        self.on = noise_std(config) > 0
+        self.generator, self.reuse = generator, reuse
+        self.layouts, self.calls = layouts, 0
+        sizes = [int(torch.Size(l.shape).numel()) for l in layouts] if layouts is not None else [t.numel() for t in like]
+        self.total = sum(sizes)
+        self.chunk = noise_chunk(self.total)
+        self.dtype = torch.float32
+        for dtype in {t.dtype for t in like}:  # each dtype once (promote_types is an operation)
+            self.dtype = torch.promote_types(self.dtype, dtype)
+        self.device = like[0].device if like else torch.device("cpu")
+        self._buf: Optional[Tensor] = None
+        self._pos = 0
+        self._drawn = 0
+
+    def _chunk(self) -> Tensor:
+        """The current chunk with entries left, a new one drawn when the last is used up."""
+        if self._buf is None or self._pos == self._buf.numel():
+            size = min(self.chunk, self.total - self._drawn)
+            if size <= 0:
+                raise RuntimeError("The update asked for more noise than its tensors hold.")
+            self._buf = torch.empty(size, dtype=self.dtype, device=self.device).normal_(generator=self.generator)
+            self._drawn += size
+            self._pos = 0
+        return self._buf
+
+    def _take(self, n: int) -> Tensor:
+        """The stream's next ``n`` entries, flat (a view of the chunk when they lie in one)."""
+        pieces = []
+        while n > 0:
+            buf = self._chunk()
+            k = min(n, buf.numel() - self._pos)
+            pieces.append(buf[self._pos : self._pos + k])
+            self._pos += k
+            n -= k
+        if not pieces:
+            return torch.empty(0, dtype=self.dtype, device=self.device)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def __call__(self, like: Tensor, scratch: Optional[Tensor]) -> Optional[Tensor]:
+        layout = None
+        if self.layouts is not None:
+            layout = self.layouts[self.calls]
+            self.calls += 1
+        if not self.on:
+            return None
+        if layout is not None:
+            z = layout.take(self._take(int(torch.Size(layout.shape).numel())).view(layout.shape))
+        else:
+            z = self._take(like.numel()).view(like.shape)
+        if scratch is not None and self.reuse:
+            return scratch.copy_(z)
+        return z.to(device=like.device, dtype=like.dtype)
+
+    def fused(self, targets: Sequence[Tensor]) -> bool:
+        """Whether :meth:`add_to` and :meth:`copy_to` can serve ``targets`` (whole, contiguous
+        tensors of the stream's dtype and device)."""
+        return self.layouts is None and all(
+            t.is_contiguous() and t.dtype == self.dtype and t.device == self.device for t in targets
+        )
+
+    def _chunkwise(self, targets: Sequence[Tensor], apply: Callable[[List[Tensor], List[Tensor]], None]) -> None:
+        dst: List[Tensor] = []
+        src: List[Tensor] = []
+        for t in targets:
+            flat, start, n = t.view(-1), 0, t.numel()
+            while start < n:
+                if self._buf is None or self._pos == self._buf.numel():
+                    if dst:
+                        apply(dst, src)
+                        dst, src = [], []
+                buf = self._chunk()
+                k = min(n - start, buf.numel() - self._pos)
+                dst.append(flat if k == n else flat[start : start + k])
+                src.append(buf[self._pos : self._pos + k])
+                self._pos += k
+                start += k
+        if dst:
+            apply(dst, src)
+
+    def add_to(self, targets: Sequence[Tensor], alpha: float) -> None:
+        """``t += alpha z`` for every target, chunk by chunk (see :meth:`fused`)."""
+        if self.on:
+            self._chunkwise(targets, lambda d, s: torch._foreach_add_(d, s, alpha=alpha))
+
+    def copy_to(self, targets: Sequence[Tensor]) -> None:
+        """``t <- z`` for every target, chunk by chunk (see :meth:`fused`); zeros without noise."""
+        if self.on:
+            self._chunkwise(targets, lambda d, s: torch._foreach_copy_(d, s))
+        else:
+            torch._foreach_zero_(list(targets))
