@@ -24,6 +24,7 @@ Run:  python benchmarks/overhead.py            (about 5 minutes on 2 cores)
       python benchmarks/overhead.py --profile  (the per-section profile, half a minute)
       python benchmarks/overhead.py --blocks 20 --cadences 5 10 20 50
       python benchmarks/overhead.py --hidden 1024   (a wider MLP: the model's passes dominate)
+      python benchmarks/overhead.py --profile --hidden 32 --depth 17   (36 small tensors: per-tensor work)
       python benchmarks/overhead.py --probes 64 --cadences 35   (the default monitor with 64 probe samples)
       python benchmarks/overhead.py --compile --cadences 1 35   (the default monitor with compile=True)
 """
@@ -156,7 +157,15 @@ SECTIONS = [
 ]
 
 
-def profile_shadow_step(steps: int, batch_size: int, threads: int, hidden: int) -> None:
+def mlp(hidden: int, depth: int = 2) -> nn.Module:
+    """784-hidden-...-hidden-10 with ``depth`` hidden layers (2: the benchmark's MLP)."""
+    layers: List[nn.Module] = [nn.Linear(784, hidden), nn.ReLU()]
+    for _ in range(depth - 1):
+        layers += [nn.Linear(hidden, hidden), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(hidden, 10))
+
+
+def profile_shadow_step(steps: int, batch_size: int, threads: int, hidden: int, depth: int = 2) -> None:
     """Per-section milliseconds of a shadow step, plain and measuring (the monitor's schedule
     decides which, :func:`online_llc.monitor.policy.measuring`; here every window after the
     warm-up measures the heat, and every shadow step is profiled once as each), and its aten
@@ -171,7 +180,7 @@ def profile_shadow_step(steps: int, batch_size: int, threads: int, hidden: int) 
     batches = [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, n, batch_size)]
     batches = (batches * (steps // len(batches) + 2))[: steps + 20]
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+    model = mlp(hidden, depth)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     monitor = OnlineLLC(model, per_sample_ce, num_samples=n, every_n_steps=1)
     sampler = monitor.sampler
@@ -227,7 +236,8 @@ def profile_shadow_step(steps: int, batch_size: int, threads: int, hidden: int) 
             opt.step()
     train_ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) / 20
     per_train = train / steps
-    print(f"MLP 784-{hidden}-{hidden}-10, Adam, batch {batch_size}, {threads} thread(s), {steps} training steps, "
+    shape = "-".join(["784"] + [str(hidden)] * depth + ["10"])
+    print(f"MLP {shape} ({2 * depth + 2} tensors), Adam, batch {batch_size}, {threads} thread(s), {steps} training steps, "
           "each followed by one plain and one measuring shadow step; ms per step and in training steps")
     print(f"{'section':50s} {'plain ms':>9s} {'steps':>6s} {'measuring ms':>13s} {'steps':>6s}")
     print(f"{'a training step (forward, backward, Adam)':50s} {per_train * 1e3:9.2f} {1.0:6.2f}")
@@ -247,6 +257,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--hidden", type=int, default=256, help="hidden width of the MLP (default 256; 1024: 1.8M parameters)")
+    ap.add_argument("--depth", type=int, default=2,
+                    help="hidden layers of the MLP in --profile (default 2; 17 with --hidden 32: 36 small tensors, where "
+                         "per-tensor work shows)")
     ap.add_argument("--cadences", type=int, nargs="+", default=[1, 5, 25, DEFAULT_EVERY_N_STEPS])
     ap.add_argument("--profile", action="store_true", help="where a shadow step's time goes, section by section")
     ap.add_argument("--profile-steps", type=int, default=300, help="shadow steps the profile times (default 300)")
@@ -257,7 +270,7 @@ def main() -> None:
                     help="the third copy's monitor is the default one with compile=True (its columns read 'compiled')")
     args = ap.parse_args()
     if args.profile:
-        profile_shadow_step(args.profile_steps, args.batch_size, args.threads, args.hidden)
+        profile_shadow_step(args.profile_steps, args.batch_size, args.threads, args.hidden, args.depth)
         return
     span = (f"of {args.block_steps} steps" if args.block_steps else
             f"spanning one cycle of the measuring schedule ({MEASURE_EVERY} windows of {DEFAULT_WINDOW} shadow steps)")
