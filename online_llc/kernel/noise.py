@@ -78,6 +78,7 @@ class Noise:
     def _chunk(self) -> Tensor:
         """The current chunk with entries left, a new one drawn when the last is used up."""
         if self._buf is None or self._pos == self._buf.numel():
+            self._buf = None  # freed before the next one is allocated
             size = min(self.chunk, self.total - self._drawn)
             if size <= 0:
                 raise RuntimeError("The update asked for more noise than its tensors hold.")
@@ -86,18 +87,25 @@ class Noise:
             self._pos = 0
         return self._buf
 
-    def _take(self, n: int) -> Tensor:
-        """The stream's next ``n`` entries, flat (a view of the chunk when they lie in one)."""
-        pieces = []
-        while n > 0:
+    def _take(self, n: int, out: Optional[Tensor] = None) -> Tensor:
+        """The stream's next ``n`` entries, flat: a view of the chunk when they lie in one and no
+        ``out`` (a flat buffer of ``n`` entries) is given, else copied into ``out`` (new when
+        None) chunk by chunk, each chunk freed once used (one chunk alive at a time)."""
+        if out is None and self._buf is not None and self._buf.numel() - self._pos >= n:
+            view = self._buf[self._pos : self._pos + n]
+            self._pos += n
+            return view
+        if out is None:
+            out = torch.empty(n, dtype=self.dtype, device=self.device)
+        done = 0
+        while done < n:
             buf = self._chunk()
-            k = min(n, buf.numel() - self._pos)
-            pieces.append(buf[self._pos : self._pos + k])
+            k = min(n - done, buf.numel() - self._pos)
+            out[done : done + k].copy_(buf[self._pos : self._pos + k])
             self._pos += k
-            n -= k
-        if not pieces:
-            return torch.empty(0, dtype=self.dtype, device=self.device)
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+            done += k
+            del buf  # the next chunk is drawn with this one freed
+        return out
 
     def __call__(self, like: Tensor, scratch: Optional[Tensor]) -> Optional[Tensor]:
         layout = None
@@ -108,6 +116,8 @@ class Noise:
             return None
         if layout is not None:
             z = layout.take(self._take(int(torch.Size(layout.shape).numel())).view(layout.shape))
+        elif scratch is not None and self.reuse and scratch.is_contiguous() and scratch.dtype == self.dtype:
+            return self._take(like.numel(), scratch.view(-1)).view(like.shape)
         else:
             z = self._take(like.numel()).view(like.shape)
         if scratch is not None and self.reuse:
@@ -137,6 +147,7 @@ class Noise:
                 src.append(buf[self._pos : self._pos + k])
                 self._pos += k
                 start += k
+                del buf  # the next chunk is drawn with this one freed (``src`` is applied first)
         if dst:
             apply(dst, src)
 
