@@ -80,3 +80,21 @@ def test_the_compiled_monitor_is_the_eager_monitor_and_leaves_training_alone(cap
             assert v.heat_bias == pytest.approx(u.heat_bias, rel=1e-3, abs=1e-9, nan_ok=True)
         # Windows past the warm-up measured the heat: the half-batch passes ran compiled too.
         assert sum(math.isfinite(v.heat_bias) for v in b) >= 2
+
+
+def test_compile_is_refused_for_a_model_sharded_by_fsdp2():
+    """FSDP2's passes run its own hooks, which the compiled path does not cover: the monitor's
+    evaluator refuses ``compile`` for such a model at construction, naming it. FSDP2 is recognised
+    by its class name (``FSDPModule`` in the model's classes, without importing the distributed
+    package), so a module of that name stands in for a sharded one here; without ``compile`` the
+    check passes on to the sharded evaluator."""
+    from online_llc.kernel.fsdp import make_evaluator
+
+    class FSDPModule(nn.Module):
+        pass
+
+    class Sharded(nn.Linear, FSDPModule):
+        pass
+
+    with pytest.raises(ValueError, match=r"^Expected `compile` to be False for a model sharded by FSDP2, got 'default'\.$"):
+        make_evaluator(Sharded(3, 1), _loss, compile="default")

@@ -147,6 +147,8 @@ def test_probe_windows_follow_the_whole_model_and_a_checkpoint_continues_exactly
         _monitor(model, probes, **no_kernel).load_state_dict(state)
     with pytest.raises(ValueError, match=r"Expected `probes` with probe_kernel or probe_loss_fn"):
         _monitor(model, None, **kw)
+    with pytest.raises(ValueError, match=r"Expected `probe_loss_fn` to be callable as probe_loss_fn\(model, batch\), got 3\."):
+        _monitor(model, probes, **{**kw, "probe_loss_fn": 3})
     with pytest.raises(KeyError, match=r"No probe set 'other'"):
         mon.probes.history("other")
     # A state from before groups carried probe sets: the group's start afresh, with a warning.

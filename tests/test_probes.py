@@ -176,6 +176,8 @@ def test_probes_are_checked_when_the_estimate_starts():
         run({"none": []})
     with pytest.raises(ValueError, match=r"Expected the names of `probes` to be non-empty strings"):
         run({"": fresh})
+    with pytest.raises(ValueError, match=r"Expected `probe_loss_fn` to be callable as probe_loss_fn\(model, batch\), got "):
+        run({"fresh": fresh}, probe_loss_fn="per_token")
     with pytest.raises(ValueError, match=r"Expected at most 65536 probe samples over all sets, got 65537\."):
         run({"a": (torch.randn(65000, 4), torch.randn(65000, 1)), "b": (torch.randn(537, 4), torch.randn(537, 1))})
     # Several batches make one set; its results come in the order of the samples.
