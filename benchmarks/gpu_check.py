@@ -1,4 +1,4 @@
-"""The GPU check, prepared for a CUDA machine: CUDA test variants, device syncs, overhead, compile.
+"""The GPU check, prepared for a CUDA machine: CUDA test variants, device syncs, overhead, compile, kernels.
 
 1. ``tests``: runs the test suite's CUDA variants (``pytest -k cuda``; they are skipped on CPU).
 2. ``syncs``: counts the device syncs of one shadow step with ``torch.cuda.set_sync_debug_mode``
@@ -13,10 +13,15 @@
    ``"default"`` (fused kernels) and ``"reduce-overhead"`` (CUDA graphs): the compiler's first
    calls, the time per shadow step against eager, and how far the window means are from eager's
    (float rounding expected; a mode that fails is reported and the others still run).
+5. ``kernels``: the GPU kernels launched by one plain and one measuring shadow step of the same
+   transformer (its 12 layers hold about 150 parameter tensors), beside a training step (forward,
+   backward, AdamW), counted by the profiler; and the same for a copy with twice the layers, so
+   the kernels per extra tensor show: the monitor's own work (noise, update, weight sketch) should
+   add none, the model's passes about what a training step's forward and backward add.
 
-Run on a CUDA machine:  python benchmarks/gpu_check.py            (all four; about 8 minutes)
+Run on a CUDA machine:  python benchmarks/gpu_check.py            (all five; about 9 minutes)
 Dry run on CPU (a 2-layer model, small batches; checks that the script runs, measures nothing):
-                        python benchmarks/gpu_check.py --device cpu --tiny --parts syncs overhead compile
+                        python benchmarks/gpu_check.py --device cpu --tiny --parts syncs overhead compile kernels
 """
 
 from __future__ import annotations
@@ -192,11 +197,63 @@ def part_compile(args: argparse.Namespace) -> None:
             print(f"   compile={mode!r}: FAILED {type(err).__name__}: {str(err).splitlines()[0][:200]}", flush=True)
 
 
+def _kernels(device: str, fn) -> int:
+    """Kernels on the GPU (CUDA activity events) run by ``fn()``; on the CPU, the top-level aten
+    operations (the dry run)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        sync(device)
+    if device == "cuda":
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None)
+
+
+def part_kernels(args: argparse.Namespace) -> None:
+    print("5. Kernels per step: a plain and a measuring shadow step beside a training step, at 1x and 2x the layers",
+          flush=True)
+    rows = []
+    for scale in (1, 2):
+        torch.manual_seed(0)
+        tiny = args.tiny
+        vocab, d, layers, heads, seq, batch = (512, 64, 2, 4, 32, 4) if tiny else (32000, 768, 12, 12, 256, 8)
+        model = Decoder(vocab, d, layers * scale, heads, seq).to(args.device)
+        g = torch.Generator().manual_seed(1)
+        data = [torch.randint(0, vocab, (batch, seq), generator=g).to(args.device) for _ in range(4)]
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        mon = OnlineLLC(model, per_sequence_loss, num_samples=1_000_000, every_n_steps=1, window=40, seed=0)
+        sampler = mon.sampler
+
+        def train() -> None:
+            opt.zero_grad(set_to_none=True)
+            per_sequence_loss(model, data[0]).mean().backward()
+            opt.step()
+
+        with autocast(args.device):
+            mon.update(data[0], step=1)  # first call: loss check, sizing, lazy state
+            for measure in (False, True):
+                sampler.step(data[1], measure=measure)  # warm
+            counts = [_kernels(args.device, train)] + [
+                _kernels(args.device, lambda m=m: sampler.step(data[1], measure=m)) for m in (False, True)
+            ]
+        tensors = sum(1 for _ in model.parameters())
+        rows.append((tensors, counts))
+        print(f"   {layers * scale:3d} layers, {tensors:4d} tensors: training step {counts[0]:6d}, plain shadow step "
+              f"{counts[1]:6d}, measuring {counts[2]:6d}", flush=True)
+    (t1, c1), (t2, c2) = rows
+    per = [(b - a) / max(t2 - t1, 1) for a, b in zip(c1, c2)]
+    print(f"   per extra tensor: training step {per[0]:.2f}, plain shadow step {per[1]:.2f}, measuring {per[2]:.2f}",
+          flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model: check the script, measure nothing")
-    ap.add_argument("--parts", nargs="+", default=["tests", "syncs", "overhead", "compile"], choices=["tests", "syncs", "overhead", "compile"])
+    parts = ["tests", "syncs", "overhead", "compile", "kernels"]
+    ap.add_argument("--parts", nargs="+", default=parts, choices=parts)
     ap.add_argument("--blocks", type=int, default=8)
     ap.add_argument("--block-steps", type=int, default=50)
     args = ap.parse_args()
@@ -210,6 +267,8 @@ def main() -> None:
         part_overhead(args)
     if "compile" in args.parts:
         part_compile(args)
+    if "kernels" in args.parts:
+        part_kernels(args)
 
 
 if __name__ == "__main__":

@@ -402,9 +402,12 @@ def _stacked_loss(model: torch.nn.Module, batch) -> torch.Tensor:
     return 0.5 * (model(x) - y).square().sum(-1)
 
 
-def _kernel_ops(k: int, measure: bool) -> int:
+def _kernel_ops(k: int, measure: bool, gradient: str = "plain") -> int:
     """Top-level aten operations that do work (views left out; a ``to`` counted when it copies) in
-    one shadow step of the default monitor's sampler on a :class:`_Stacked` model of ``k`` tensors."""
+    one shadow step of the default monitor's sampler on a :class:`_Stacked` model of ``k`` tensors,
+    with the plain or the control-variate gradient (the default's choice below ``nbeta / 2``)."""
+    import dataclasses
+
     from torch.profiler import ProfilerActivity, profile
 
     from online_llc import OnlineLLC
@@ -415,6 +418,7 @@ def _kernel_ops(k: int, measure: bool) -> int:
     batch = (x, x @ torch.randn(6, k, generator=g))
     monitor = OnlineLLC(model, _stacked_loss, num_samples=4096, every_n_steps=1)
     sampler = monitor.sampler
+    sampler.config = dataclasses.replace(sampler.config, gradient=gradient)
     for _ in range(3):
         sampler.step(batch, measure=measure)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -429,14 +433,17 @@ def _kernel_ops(k: int, measure: bool) -> int:
     return count
 
 
-def test_a_plain_shadow_steps_operations_do_not_grow_with_the_number_of_tensors():
+@pytest.mark.parametrize("gradient", ["plain", "control_variate"])
+def test_a_plain_shadow_steps_operations_do_not_grow_with_the_number_of_tensors(gradient):
     """The plain shadow step (three windows in four) takes the same number of operations that do
     work for a model of 4 tensors and of 32 (each stacked into one matrix, so the model's own passes
     are the same): the weight sketch folds groups of tensors, the noise comes in chunks added by
     one ``_foreach`` call, ``w* + xi`` is one ``_foreach_add`` and the update's arithmetic is
-    ``_foreach`` calls. Counted with the profiler (top-level aten operations, views left out):
-    50 for both here; before, four per tensor (a fold, a noise draw, a sum and a transpose): 59
-    against 171. (A measuring step still takes three per tensor: ``w* + xi`` one tensor at a time,
+    ``_foreach`` calls; with the control-variate gradient the centre's gradient is taken at the
+    weights themselves and folded into the anchor in ``_foreach`` calls. Counted with the profiler
+    (top-level aten operations, views left out): plain 50 for both here, before four per tensor (a
+    fold, a noise draw, a sum and a transpose): 59 against 171; control variate 56 for both, before
+    76 against 272. (A measuring step still takes three per tensor: ``w* + xi`` one tensor at a time,
     as its two halves' gradients go back through the same sums, and the two update dots.)"""
-    small, large = _kernel_ops(4, measure=False), _kernel_ops(32, measure=False)
+    small, large = _kernel_ops(4, False, gradient), _kernel_ops(32, False, gradient)
     assert small == large, (small, large)

@@ -104,7 +104,7 @@ class RunningAnchor:
         all None for a batch taken whole), weighted by the halves' sizes ``halves``; a parameter
         the loss does not reach has gradient 0."""
         b1, b2 = halves
-        batch = [_weighted(g1, g2, b1, b2, t) for g1, g2, t in zip(*centre_grads, like)]
+        batch = _weighted_all(centre_grads[0], centre_grads[1], b1, b2, like)
         self.count += 1
         if self.mean is None:
             self.mean = [g.clone() for g in batch]
@@ -124,6 +124,22 @@ class RunningAnchor:
             return
         self.mean = [m.detach().to(device=t.device, dtype=t.dtype, copy=True) for m, t in zip(mean, like)]
         self.count = int(state["count"])
+
+
+def _weighted_all(
+    g1s: List[Optional[Tensor]], g2s: List[Optional[Tensor]], b1: int, b2: int, like: List[Tensor]
+) -> List[Tensor]:
+    """:func:`_weighted` of every tensor, in one or two ``_foreach`` calls where every gradient is
+    there in its offset's dtype (one kernel per call on a GPU, not one per tensor)."""
+    both = b2 > 0
+    if all(g is not None and g.dtype == t.dtype for g, t in zip(g1s, like)) and (
+        not both or all(g is not None and g.dtype == t.dtype for g, t in zip(g2s, like))
+    ):
+        out = torch._foreach_mul(list(g1s), b1 / (b1 + b2))  # type: ignore[arg-type]
+        if both:
+            torch._foreach_add_(out, list(g2s), alpha=b2 / (b1 + b2))  # type: ignore[arg-type]
+        return list(out)
+    return [_weighted(g1, g2, b1, b2, t) for g1, g2, t in zip(g1s, g2s, like)]
 
 
 def _weighted(g1: Optional[Tensor], g2: Optional[Tensor], b1: int, b2: int, like: Tensor) -> Tensor:

@@ -135,7 +135,13 @@ def paired_losses_and_grads(
 
 def _centre_with_grads(evaluator, center, xi, program):  # type: ignore[no-untyped-def]
     """``program(loss, zero_leaves)`` at ``w* + 0``: the gradients with respect to a zero offset are
-    the gradients at ``w*``."""
+    the gradients at ``w*``. Where the weights have the offsets' dtype (float32, float64) and are
+    whole, the weights themselves, detached (no copy), are the leaves: the same gradients without
+    a zero tensor and a sum per parameter (on a GPU, two kernels per tensor). A bfloat16 weight
+    keeps the float32 zero offset, so that its gradient comes back in float32."""
+    if not evaluator.sharded and all(center[n].dtype == t.dtype for n, t in xi.items()):
+        own = {n: center[n].detach().requires_grad_(True) for n in xi}
+        return evaluator.passes(own.items(), lambda loss: program(loss, list(own.values())))
     zero = {n: torch.zeros_like(t).requires_grad_(True) for n, t in xi.items()}
     return evaluator.passes(moved_items(center, zero), lambda loss: program(loss, list(zero.values())))
 
