@@ -12,7 +12,6 @@ the same stream, so a sharded chain receives exactly the unsharded chain's numbe
 from __future__ import annotations
 
 import math
-
 from typing import Any, Callable, List, Optional, Sequence
 
 import torch
@@ -97,14 +96,7 @@ class Noise:
             return view
         if out is None:
             out = torch.empty(n, dtype=self.dtype, device=self.device)
-        done = 0
-        while done < n:
-            buf = self._chunk()
-            k = min(n - done, buf.numel() - self._pos)
-            out[done : done + k].copy_(buf[self._pos : self._pos + k])
-            self._pos += k
-            done += k
-            del buf  # the next chunk is drawn with this one freed
+        self._chunkwise([out], lambda d, s: torch._foreach_copy_(d, s))
         return out
 
     def __call__(self, like: Tensor, scratch: Optional[Tensor]) -> Optional[Tensor]:

@@ -261,11 +261,8 @@ def _update(
         if not consume_grads and config.sampler != "sgld":
             grads = [None if g is None else g.clone() for g in grads]
         if release is not None:
-            # The update receives the only reference (the caller's list is emptied).
-            release.clear()
-            _sgld_update(xs, state, grads, config, _Noise(config, generator, consume_grads, xs, layouts))
-        else:
-            _UPDATES[config.sampler](xs, state, grads, config, _Noise(config, generator, consume_grads, xs, layouts))
+            release.clear()  # the update receives the only references
+        _UPDATES[config.sampler](xs, state, grads, config, _Noise(config, generator, consume_grads, xs, layouts))
     masked = [n for n in names if masks and masks.get(n) is not None]
     if masked:
         assert masks is not None

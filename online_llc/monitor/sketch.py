@@ -118,13 +118,13 @@ def _flat(tensors: Sequence[Tensor]) -> Tensor:
 
 def _fold(w: Tensor, index: int, generator: torch.Generator, signs: Optional[Tensor] = None) -> Tensor:
     n = w.numel()
-    m = max(min(BUCKETS, n), 1)
+    m = min(BUCKETS, n)  # n >= 1: :func:`sketch` folds no empty group
     q, rem = divmod(n, m)
     if signs is None:
         signs = _signs(n, index, generator, w.device)
     if signs.dtype != w.dtype:
         signs = signs.to(w.dtype)
-    f = torch.mv(w[: q * m].view(q, m).T, signs[:q]) if q else w.new_zeros(m)
+    f = torch.mv(w[: q * m].view(q, m).T, signs[:q])
     if rem:
         f[:rem].add_(w[q * m :] * signs[q])
     return f
