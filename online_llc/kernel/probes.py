@@ -21,7 +21,7 @@ from online_llc.kernel.randomness import cuda_devices
 from online_llc.records import ProbeResult
 from online_llc.stats.probes import ProbeMoments
 
-__all__ = ["MAX_KERNEL_BYTES", "MAX_PROBES", "ProbeBatches", "check_kernel_size", "kernel_blocks", "probe_results"]
+__all__ = ["MAX_KERNEL_BYTES", "MAX_PROBES", "ProbeBatches", "check_kernel_size", "check_probe_loss_fn", "kernel_blocks", "probe_results"]
 
 #: The most probe samples over all sets: each is one loss per draw and chain.
 MAX_PROBES = 1 << 16
@@ -54,9 +54,7 @@ class ProbeBatches:
     def __init__(self, probes: Mapping[str, Any], evaluator: LossEvaluator, loss_fn: Optional[Callable[..., Tensor]] = None) -> None:
         if not isinstance(probes, Mapping) or not probes:
             raise ValueError(f"Expected `probes` to be a non-empty mapping of names to batches, got {describe(probes)}.")
-        if loss_fn is not None and not callable(loss_fn):
-            raise ValueError(f"Expected `probe_loss_fn` to be callable as probe_loss_fn(model, batch), got {describe(loss_fn)}.")
-        self.evaluator, self.loss_fn = evaluator, loss_fn
+        self.evaluator, self.loss_fn = evaluator, check_probe_loss_fn(loss_fn)
         self._vectorize = True  # :meth:`losses_at` in one vmap pass until it fails once
         self.names: List[str] = []
         self.batches: List[List[Any]] = []
@@ -112,6 +110,16 @@ class ProbeBatches:
                 torch.cuda.default_generators[d].manual_seed(PROBE_SEED)
             out = self.evaluator.passes(params, lambda loss: [_probe_losses(loss(b, self.loss_fn)) for b in batches])
         return [t.reshape(-1) for t in out] if flat else out
+
+
+def check_probe_loss_fn(loss_fn: Any) -> Optional[Callable[..., Tensor]]:
+    """``loss_fn`` when it is None or callable (the probe sets' own loss).
+
+    Raises:
+        ValueError: naming ``probe_loss_fn``, for anything else."""
+    if loss_fn is not None and not callable(loss_fn):
+        raise ValueError(f"Expected `probe_loss_fn` to be callable as probe_loss_fn(model, batch), got {describe(loss_fn)}.")
+    return loss_fn
 
 
 def _probe_losses(out: Any) -> Tensor:

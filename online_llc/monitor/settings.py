@@ -32,6 +32,7 @@ from online_llc.errors import (
 )
 from online_llc.kernel.compiled import check_compile
 from online_llc.kernel.evaluator import MODES
+from online_llc.kernel.probes import check_probe_loss_fn
 from online_llc.monitor.cadence import AUTO, DEFAULT_WARMUP, Cadence, auto_cadence, check_cadence_option
 from online_llc.monitor.policy import GRADIENT_OPTIONS, MEASURE_EVERY
 
@@ -182,8 +183,7 @@ class MonitorSettings:
         check_choice("gradient", self.gradient, GRADIENT_OPTIONS)
         check_compile(self.compile)
         check_bool("probe_kernel", self.probe_kernel)
-        if self.probe_loss_fn is not None and not callable(self.probe_loss_fn):
-            raise ValueError(f"Expected `probe_loss_fn` to be callable as probe_loss_fn(model, batch), got {self.probe_loss_fn!r}.")
+        check_probe_loss_fn(self.probe_loss_fn)
         confidence = check_positive_float("confidence", self.confidence)
         if confidence >= 1:
             raise ValueError(f"Expected `confidence` to be a float in (0, 1), got {confidence!r}.")
