@@ -21,7 +21,8 @@ from online_llc.kernel.randomness import cuda_devices
 from online_llc.records import ProbeResult
 from online_llc.stats.probes import ProbeMoments
 
-__all__ = ["MAX_KERNEL_BYTES", "MAX_PROBES", "ProbeBatches", "check_kernel_size", "check_probe_loss_fn", "kernel_blocks", "probe_results"]
+__all__ = ["MAX_KERNEL_BYTES", "MAX_PROBES", "ProbeBatches", "check_kernel_size", "check_probe_loss_fn", "kernel_blocks", "probe_results",
+           "require_probes"]
 
 #: The most probe samples over all sets: each is one loss per draw and chain.
 MAX_PROBES = 1 << 16
@@ -110,6 +111,15 @@ class ProbeBatches:
                 torch.cuda.default_generators[d].manual_seed(PROBE_SEED)
             out = self.evaluator.passes(params, lambda loss: [_probe_losses(loss(b, self.loss_fn)) for b in batches])
         return [t.reshape(-1) for t in out] if flat else out
+
+
+def require_probes(probes: Any, probe_kernel: bool, probe_loss_fn: Any) -> None:
+    """Refuse the probe sets' own options without probe sets.
+
+    Raises:
+        ValueError: ``probe_kernel`` or ``probe_loss_fn`` given while ``probes`` is None."""
+    if (probe_kernel or probe_loss_fn is not None) and probes is None:
+        raise ValueError("Expected `probes` with probe_kernel or probe_loss_fn (they are the probe sets' own), got none.")
 
 
 def check_probe_loss_fn(loss_fn: Any) -> Optional[Callable[..., Tensor]]:

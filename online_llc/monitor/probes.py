@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from online_llc.calibration.step import relaxation_steps
-from online_llc.kernel.probes import ProbeBatches, check_kernel_size, kernel_blocks, probe_results
+from online_llc.kernel.probes import ProbeBatches, check_kernel_size, kernel_blocks, probe_results, require_probes
 from online_llc.monitor.window import WindowStats
 from online_llc.records import FILTERED_STATUSES, LLCEstimate, ProbeResult
 from online_llc.stats.filter import LLCFilter
@@ -70,9 +70,8 @@ def probe_sets(probes: Optional[Mapping[str, Any]], evaluator: Any, settings: An
             between the ranks of a model sharded by FSDP2, or what
             :class:`~online_llc.kernel.probes.ProbeBatches` refuses.
     """
+    require_probes(probes, settings.probe_kernel, settings.probe_loss_fn)
     if probes is None:
-        if settings.probe_kernel or settings.probe_loss_fn is not None:
-            raise ValueError("Expected `probes` with probe_kernel or probe_loss_fn (they are the probe sets' own), got none.")
         return None
     sets = ProbeBatches(probes, evaluator, settings.probe_loss_fn)
     if evaluator.sharded:

@@ -43,6 +43,7 @@ from online_llc.errors import (
 )
 from online_llc.kernel.anchor import full_gradient
 from online_llc.kernel.evaluator import MODES, LossEvaluator, LossFn
+from online_llc.kernel.probes import require_probes
 from online_llc.kernel.randomness import cuda_devices
 from online_llc.models.groups import resolve_groups
 from online_llc.offline.batches import batch_size_of, batches_forever, is_one_shot
@@ -247,8 +248,7 @@ def estimate_llc(
     names = None if params is None else resolve_groups(model, {"params": list(params)})["params"]
     evaluator = LossEvaluator(model, loss_fn, param_names=names, mode=mode)
     center = {n: t.clone() for n, t in evaluator.center().items()}
-    if (check_bool("probe_kernel", probe_kernel) or probe_loss_fn is not None) and probes is None:
-        raise ValueError("Expected `probes` with probe_kernel or probe_loss_fn (they are the probe sets' own), got none.")
+    require_probes(probes, check_bool("probe_kernel", probe_kernel), probe_loss_fn)
     probe_sets = None if probes is None else ProbeSets(probes, evaluator, center, probe_kernel, num_chains, probe_loss_fn)
     device = next(iter(center.values())).device
     devices = cuda_devices(center)
