@@ -118,10 +118,13 @@ def checkpoint_bytes(state) -> int:
     return buf.tell()
 
 
-def measure(sampler: str, chains: int, args, heat: bool = True) -> Tuple[float, float, float, int, Tuple[float, float]]:
+def measure(
+    sampler: str, chains: int, args, heat: bool = True, gradient: str = "plain"
+) -> Tuple[float, float, float, int, Tuple[float, float]]:
     """``(kept per chain, step peak, total)`` in units of P, the host syncs of one step, for
-    measuring shadow steps (``heat``) or plain ones, and under FSDP2 the size per chain of this
-    rank's checkpoint, in shards and gathered (P), else NaNs."""
+    measuring shadow steps (``heat``) or plain ones, with the plain or the control-variate
+    gradient (and draw), and under FSDP2 the size per chain of this rank's checkpoint, in shards
+    and gathered (P), else NaNs."""
     model = make_model(args.width, args.depth, getattr(torch, args.dtype), args.device)
     for p in model.parameters():
         p.requires_grad_(True)
@@ -141,7 +144,7 @@ def measure(sampler: str, chains: int, args, heat: bool = True) -> Tuple[float, 
         ev: LossEvaluator = ShardedLossEvaluator(model, per_sample_mse)
     else:
         ev = LossEvaluator(model, per_sample_mse)
-    cfg = SGLDConfig(nbeta=100.0, localization=100.0, step_size=1e-4, sampler=sampler)
+    cfg = SGLDConfig(nbeta=100.0, localization=100.0, step_size=1e-4, sampler=sampler, gradient=gradient)
     profile_fn = _cuda_profile if args.device == "cuda" else _cpu_profile
     if args.fsdp:
         # A training step first: FSDP's own lazy initialisation and buffers are not the chain's.
@@ -161,9 +164,11 @@ def measure(sampler: str, chains: int, args, heat: bool = True) -> Tuple[float, 
         # weights by resizing their storage: a plain training step reads as +0.5 P net, while
         # the process's memory stays flat over hundreds of steps), so the kept state is counted
         # from the chain's own tensors.
-        # (the last updates, kept for the discretization measurement, included).
+        # (the last updates, kept for the discretization measurement, included),
         updates = [u for u in holder[0]._updates if u is not None]
         kept = sum(t.numel() * t.element_size() for off in holder[0].offsets + holder[0].aux + updates for t in off.values())
+        # The control variate's running anchor (one copy per sampler, this rank's shards).
+        kept += sum(t.numel() * t.element_size() for t in holder[0].anchor.mean or [])
     gc.collect()
     _, transient = profile_fn(lambda: holder[0].step((x, y), measure=heat))
     with HostReads() as reads:
@@ -206,6 +211,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--samplers", nargs="+", default=["sgld", "rmsprop_sgld", "sghmc"])
     parser.add_argument("--chains", nargs="+", type=int, default=[1, 4])
+    parser.add_argument("--gradients", nargs="+", default=["plain", "control_variate"], choices=["plain", "control_variate"],
+                        help="the chains' gradient (the monitor's default below a batch of nbeta / 2 is control_variate, with the plain draw)")
     parser.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 over 2 CPU processes")
     args = parser.parse_args()
     if args.fsdp and "RANK" not in os.environ:
@@ -231,14 +238,16 @@ def main() -> None:
     if args.fsdp:
         print(f"a plain FSDP training step, measured the same way: peak {train_step_peak(args):.2f}P")
     ckpt_head = f"{'ckpt/chain shards':>19}{'gathered':>10}" if args.fsdp else ""
-    print(f"{'sampler':<14}{'step':>10}{'chains':>7}{'kept/chain':>12}{'step peak':>11}{'total':>8}{'syncs':>7}{ckpt_head}")
-    for sampler in args.samplers:
-        for heat in (False, True):
-            for chains in args.chains:
-                kept, transient, total, syncs, ckpt = measure(sampler, chains, args, heat)
-                kind = "measuring" if heat else "plain"
-                tail = f"{ckpt[0]:>18.2f}P{ckpt[1]:>9.2f}P" if args.fsdp else ""
-                print(f"{sampler:<14}{kind:>10}{chains:>7}{kept:>11.2f}P{transient:>10.2f}P{total:>7.2f}P{syncs:>7}{tail}")
+    print(f"{'sampler':<14}{'gradient':>10}{'step':>10}{'chains':>7}{'kept/chain':>12}{'step peak':>11}{'total':>8}{'syncs':>7}{ckpt_head}")
+    for gradient in args.gradients:
+        for sampler in args.samplers:
+            for heat in (False, True):
+                for chains in args.chains:
+                    kept, transient, total, syncs, ckpt = measure(sampler, chains, args, heat, gradient)
+                    kind = "measuring" if heat else "plain"
+                    grad = "cv" if gradient == "control_variate" else "plain"
+                    tail = f"{ckpt[0]:>18.2f}P{ckpt[1]:>9.2f}P" if args.fsdp else ""
+                    print(f"{sampler:<14}{grad:>10}{kind:>10}{chains:>7}{kept:>11.2f}P{transient:>10.2f}P{total:>7.2f}P{syncs:>7}{tail}")
     if args.fsdp:
         dist.destroy_process_group()
 

@@ -373,6 +373,37 @@ def test_plain_step_keeps_the_offset_alone_and_peaks_at_one_more_copy():
     assert peak / param_bytes < 1.0 + 1.25 * largest + 0.1
 
 
+@pytest.mark.parametrize("measure", [False, True])
+def test_control_variate_step_adds_the_centre_gradient_alone(measure):
+    """With the control-variate gradient a chain keeps its offsets, and the sampler the running
+    anchor (1 P each, one chain here); a step needs the centre's gradient beside the sample's: 2 P
+    at the peak of a plain step, 4 P in a measuring step (each half's two). The anchor takes the
+    batch's centre gradient in place: forming it first cost one more P at the step's peak (3.01 P
+    and 5.01 P on benchmarks/memory.py's model, 2.10 P and 4.06 P since). Slack as in the
+    plain-gradient tests above."""
+    torch.set_num_threads(1)
+    model = deep_mlp(depth=6, width=96)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    ev = LossEvaluator(model, mse_per_sample)
+    cfg = SGLDConfig(nbeta=50.0, localization=10.0, step_size=1e-4, gradient="control_variate")
+    batch = make_batch(0, n=8, d_in=96)
+    holder = []
+
+    def build():
+        holder.append(ShadowSampler(ev, cfg, num_chains=1, seed=0, measure_discretization=False))
+        holder[0].step(batch, measure=measure)
+
+    kept, _ = _profile_peak(build)
+    _, peak = _profile_peak(lambda: holder[0].step(batch, measure=measure))
+    largest = max(p.numel() * p.element_size() for p in model.parameters()) / param_bytes
+    signs = _sketch_sign_bytes(model) / param_bytes
+    # 0.05: the sampler's fixed allocations are about 0.03 P of this 0.2 MB model (the tests above
+    # divide them between two chains).
+    assert kept / param_bytes == pytest.approx(2.0 + signs, abs=0.05)
+    copies = 4.0 if measure else 2.0
+    assert peak / param_bytes < copies + 1.25 * largest + 0.1
+
+
 # ---- operations per shadow step -------------------------------------------------------------------
 
 #: Aten operations that only make views or read metadata (no kernel, no copy): left out of the count.

@@ -104,12 +104,23 @@ class RunningAnchor:
         all None for a batch taken whole), weighted by the halves' sizes ``halves``; a parameter
         the loss does not reach has gradient 0."""
         b1, b2 = halves
-        batch = _weighted_all(centre_grads[0], centre_grads[1], b1, b2, like)
         self.count += 1
         if self.mean is None:
-            self.mean = [g.clone() for g in batch]
-        else:
-            torch._foreach_lerp_(self.mean, batch, 1.0 / min(self.count, self.horizon))
+            self.mean = _weighted_all(centre_grads[0], centre_grads[1], b1, b2, like)
+            return self.mean
+        # A <- (1 - r) A + r (b1 c1 + b2 c2) / B in place, each half added to the anchor as it is:
+        # forming the batch gradient first would be one more copy of the parameters, alive beside
+        # the step's gradients at its peak.
+        rate = 1.0 / min(self.count, self.horizon)
+        torch._foreach_mul_(self.mean, 1.0 - rate)
+        for grads, size in zip(centre_grads, halves):
+            pairs = [(m, g) for m, g in zip(self.mean, grads) if g is not None] if size > 0 else []
+            same = [(m, g) for m, g in pairs if g.dtype == m.dtype]
+            if same:
+                torch._foreach_add_([m for m, _ in same], [g for _, g in same], alpha=rate * size / (b1 + b2))
+            for m, g in pairs:
+                if g.dtype != m.dtype:
+                    m.add_(g.to(m.dtype), alpha=rate * size / (b1 + b2))
         return self.mean
 
     def state_dict(self) -> Dict[str, Any]:
