@@ -12,7 +12,8 @@ from torch import nn
 
 from online_llc import OnlineLLC
 from online_llc.config import SGLDConfig
-from online_llc.kernel.anchor import RunningAnchor
+from online_llc.kernel import anchor as anchor_module
+from online_llc.kernel.anchor import RunningAnchor, StepAnchor
 from online_llc.kernel.evaluator import LossEvaluator
 from online_llc.kernel.step import _kernel_step
 from online_llc.monitor.policy import sized_config
@@ -67,13 +68,18 @@ def _loss(model: nn.Module, batch):
     return 0.5 * (model(x)[:, 0] - y) ** 2
 
 
+@pytest.mark.parametrize("streamed", [False, True])
 @pytest.mark.parametrize("measure", [True, False])
-def test_a_running_anchor_step_is_the_closed_form_control_variate_update(measure: bool):
+def test_a_running_anchor_step_is_the_closed_form_control_variate_update(measure: bool, streamed: bool, monkeypatch):
     """Without injected noise the update is ``xi <- xi - (eps / 2) (nbeta g + gamma xi)`` with
     ``g = grad L_B(w* + xi) - grad L_B(w*) + A`` and ``A`` the anchor after folding this batch's
     centre gradient ``X_B^T (X_B w* - y_B) / B`` into the earlier ones: for this loss
     ``g = X_B^T X_B xi / B + A`` (NumPy, float64), in the measuring step (halves) and the plain one.
-    An odd batch: the halves are unequal."""
+    An odd batch: the halves are unequal. ``streamed``: the monitor's anchor
+    (:class:`StepAnchor`), whose plain step takes the centre's gradient tensor by tensor (allowed
+    here at any size)."""
+    monkeypatch.setattr(anchor_module, "STREAM_MIN_ENTRIES", 1)
+    monkeypatch.setattr(anchor_module, "STREAM_MEAN_ENTRIES", 1)
     model, x, y = _regression(3, 200)
     ev = LossEvaluator(model, _loss)
     center = ev.center()
@@ -89,11 +95,63 @@ def test_a_running_anchor_step_is_the_closed_form_control_variate_update(measure
         v = xi["weight"].double().numpy()[0]
         g = xb.T @ (xb @ v) / len(yb) + mean
         want = v - 0.5 * cfg.step_size * (cfg.nbeta * g + cfg.localization * v)
+        step_anchor = StepAnchor(anchor) if streamed else (lambda grads, halves, like: anchor.fold(grads, halves, like))
         _kernel_step(ev, center, xi, {}, (x[lo:hi], y[lo:hi]), config=cfg, generator=torch.Generator().manual_seed(0),
-                     rng_seed=0, heat=measure, anchor=lambda grads, halves, like: anchor.fold(grads, halves, like))
+                     rng_seed=0, heat=measure, anchor=step_anchor)
         np.testing.assert_allclose(xi["weight"].double().numpy()[0], want, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(anchor.mean[0].double().numpy()[0], mean, rtol=1e-5, atol=1e-7)
     assert model.weight.grad is None
+
+
+class _Routed(nn.Module):
+    """Dropout, and a parameter the loss never reaches (its gradient is None)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.drop = nn.Dropout(0.3)
+        self.b = nn.Linear(8, 2)
+        self.unused = nn.Parameter(torch.ones(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.drop(self.a(x))))
+
+
+@pytest.mark.parametrize("chains", [1, 2])
+def test_a_streamed_control_variate_step_is_the_whole_gradients_step(chains: int, monkeypatch):
+    """A plain step that takes the centre's gradient tensor by tensor (folding each into the
+    anchor and subtracting it as it comes) moves the chains, folds the anchor and reports the
+    numbers exactly as the step that holds the centre's gradient whole: bit for bit, over plain and
+    measuring steps at moving weights, with dropout (two chains that do not share the centre's
+    passes: the second reuses the first's fold) and a parameter the loss does not reach."""
+    from online_llc.monitor.shadow import ShadowSampler
+
+    def run(stream: bool):
+        monkeypatch.setattr(anchor_module, "STREAM_MIN_ENTRIES", 1 if stream else 1 << 60)
+        monkeypatch.setattr(anchor_module, "STREAM_MEAN_ENTRIES", 1)
+        torch.manual_seed(0)
+        model = _Routed()
+        ev = LossEvaluator(model, lambda m, b: 0.5 * (m(b[0]) - b[1]).square().sum(-1), mode="train")
+        cfg = SGLDConfig(nbeta=100.0, localization=10.0, step_size=1e-3, gradient="control_variate")
+        sampler = ShadowSampler(ev, cfg, num_chains=chains, seed=3)
+        g = torch.Generator().manual_seed(1)
+        numbers = []
+        for k in range(12):
+            batch = (torch.randn(16, 6, generator=g), torch.randn(16, 2, generator=g))
+            step = sampler.step(batch, measure=k % 4 == 0)
+            numbers.append([(i.draw, i.noise_var, i.offset_norm) for i in step.infos])
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(1e-3 * torch.randn(p.shape, generator=g))
+        return numbers, sampler.offsets, sampler.anchor.mean, sampler.anchor.count
+
+    whole, streamed = run(False), run(True)
+    assert streamed[0] == whole[0]
+    for a, b in zip(streamed[1], whole[1]):
+        assert all(torch.equal(a[n], b[n]) for n in a)
+    assert all(torch.equal(a, b) for a, b in zip(streamed[2], whole[2])) and streamed[3] == whole[3] == 12
+    # The unreached parameter's anchor is 0 (folded as 0 each step).
+    assert torch.equal(streamed[2][list(streamed[1][0]).index("unused")], torch.zeros(3))
 
 
 def test_auto_takes_the_control_variate_below_half_nbeta_and_keeps_the_plain_step_otherwise():

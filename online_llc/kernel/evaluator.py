@@ -193,6 +193,8 @@ class LossEvaluator:
     one_gradient_per_pass = False
     #: Ranks whose batches together form the step's batch.
     world = 1
+    #: Whether :meth:`stream_grads` can hand gradients over one tensor at a time.
+    streams_grads = True
 
     def paired(
         self,
@@ -203,10 +205,11 @@ class LossEvaluator:
         center_losses: Optional[Centre] = None,
         center_grads: bool = False,
         split: bool = True,
+        centre_stream: Optional[Any] = None,
     ) -> Paired:
         """The kernel's passes: :func:`~online_llc.kernel.passes.paired_losses_and_grads` with this
         evaluator."""
-        return paired_losses_and_grads(self, center, offset, batch, rewind, center_losses, center_grads, split)
+        return paired_losses_and_grads(self, center, offset, batch, rewind, center_losses, center_grads, split, centre_stream)
 
     def step_stats(
         self, l_center: Tensor, l_sample: Tensor, offsets: Sequence[Tensor], noise_sq: Tensor
@@ -236,6 +239,31 @@ class LossEvaluator:
         offset the loss does not reach)."""
         check_differentiable(out)
         return list(torch.autograd.grad(out, leaves, allow_unused=True, retain_graph=retain_graph))
+
+    def stream_grads(self, out: Tensor, leaves: List[Tensor], take: Callable[[int, Tensor], None]) -> None:
+        """The gradient of the scalar ``out`` with respect to ``leaves``, handed to ``take(j, grad)``
+        one tensor at a time as the backward pass produces it and dropped after, so that the
+        gradients are never all held at once (a leaf the loss does not reach is not handed over).
+        Each arrives in its leaf's ``.grad`` (the leaves are the step's own tensors, never the
+        model's parameters) and is taken from there by a post-accumulate hook."""
+        check_differentiable(out)
+
+        def hand(j: int) -> Callable[[Tensor], None]:
+            def hook(leaf: Tensor) -> None:
+                grad, leaf.grad = leaf.grad, None
+                if grad is not None:
+                    take(j, grad)
+
+            return hook
+
+        handles = [leaf.register_post_accumulate_grad_hook(hand(j)) for j, leaf in enumerate(leaves)]
+        try:
+            torch.autograd.backward(out, inputs=leaves)
+        finally:
+            for h in handles:
+                h.remove()
+            for leaf in leaves:
+                leaf.grad = None
 
     def losses(self, params: Params, batch: Any) -> Tensor:
         """Per-sample losses with ``params`` (a mapping, or name, tensor pairs) substituted for the

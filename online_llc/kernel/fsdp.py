@@ -178,6 +178,7 @@ class ShardedLossEvaluator(LossEvaluator):
     # FSDP2's backward all-gathers the (moved) shards again, and reshards after it.
     grads_inside_passes = True
     one_gradient_per_pass = True
+    streams_grads = False
 
     def passes(self, params: Params, program: Callable[[Callable[[Any], Tensor]], Any]) -> Any:
         """``program(loss)`` with this rank's shards of the sampled parameters set to ``params``

@@ -88,6 +88,7 @@ def paired_losses_and_grads(
     center_losses: Optional[Centre] = None,
     center_grads: bool = False,
     split: bool = True,
+    centre_stream: Optional[Any] = None,
 ) -> Paired:
     """Per-sample losses at ``w*`` and ``w* + xi``, and the gradients of the two halves' mean losses.
 
@@ -113,6 +114,13 @@ def paired_losses_and_grads(
     by its graph, which frees them tensor by tensor as it produces the gradients: the passes hold
     about two copies of the parameters at their peak.
 
+    ``centre_stream``: for the plain step's control-variate gradient, an
+    :class:`~online_llc.kernel.anchor.AnchorStream` that, where the evaluator streams gradients
+    (``streams_grads``) and the centre's passes are not reused, receives the sample's gradient and
+    then the centre's tensor by tensor (the sample's passes run first): ``g1`` is then the
+    control-variate gradient, the centre's gradient is not returned (``centre.grads`` None), and
+    the passes hold one copy of the parameters fewer. Otherwise it is left unstarted.
+
     Returns:
         ``(l_center, l_sample, g1, g2, (B1, B2), centre)``; ``B1 + B2`` counts the samples of
         every rank's batch.
@@ -123,7 +131,9 @@ def paired_losses_and_grads(
     if center_losses is not None and center_grads and center_losses.grads is None:
         center_losses = None  # the reused passes took no gradients
     with evaluator.pass_session():
-        if not split:
+        if not split and centre_stream is not None and center_grads and center_losses is None and evaluator.streams_grads:
+            out = _plain_streamed(evaluator, center, xi, leaves, batch, rewind, centre_stream)
+        elif not split:
             out = _plain(evaluator, center, xi, leaves, batch, rewind, center_losses, center_grads)
         elif parts is not None:
             out = _halves(evaluator, center, xi, leaves, [parts[0], parts[1]], rewind, center_losses, center_grads)
@@ -208,6 +218,31 @@ def _plain(evaluator, center, xi, leaves, batch, rewind, center_losses, center_g
         g = evaluator.grads(l_sample.mean(), leaves)
         l_sample = l_sample.detach()
     return l_center, l_sample, g, [None] * len(leaves), (l_center.numel(), 0), center_losses
+
+
+def _plain_streamed(evaluator, center, xi, leaves, batch, rewind, stream):  # type: ignore[no-untyped-def]
+    """The plain step's passes with the control-variate gradient formed as the centre's gradient
+    arrives (``stream``, see :func:`paired_losses_and_grads`): the sample's forward and backward
+    first (its backward after the substitution, freeing ``w* + xi`` as it goes), then the centre's,
+    whose gradient tensors are handed to ``stream`` one at a time. Both passes see the same dropout
+    masks (``rewind`` before each)."""
+    rewind()
+    s = evaluator.passes(fused_moved_items(center, xi), lambda loss: loss(batch))
+    g = evaluator.grads(s.mean(), leaves)
+    l_sample = s.detach()
+    del s
+    stream.begin(g)
+
+    def centre_pass(loss: Callable[[Any], Tensor], own: List[Tensor]) -> Tensor:
+        c = loss(batch)
+        check_same(c, l_sample)
+        evaluator.stream_grads(c.mean(), own, stream.take)
+        return c.detach()
+
+    rewind()
+    l_center = _centre_with_grads(evaluator, center, xi, centre_pass)
+    stream.end()
+    return l_center, l_sample, g, [None] * len(leaves), (l_center.numel(), 0), Centre((l_center,))
 
 
 def _cuts(b: int) -> Tuple[slice, ...]:

@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 from online_llc.config import SGLDConfig
+from online_llc.kernel.anchor import StepAnchor
 from online_llc.kernel.evaluator import LossEvaluator
 from online_llc.kernel.passes import Centre
 from online_llc.kernel.randomness import private_rng
@@ -194,13 +195,16 @@ def _kernel_step(
     # enable_grad: the caller may be inside torch.no_grad() (e.g. a validation hook); the
     # gradient w.r.t. the offset is local and never reaches the model's .grad.
     # The evaluator's mode (eval by default) for the passes only; every flag is restored after.
+    # A plain step's control variate (online, with its running anchor) is formed as the centre's
+    # gradient arrives, which is then never held whole (kernel.anchor.AnchorStream).
+    stream = anchor.stream(list(offset.values())) if cv and not heat and isinstance(anchor, StepAnchor) else None
     with evaluator.mode_context(), private_rng(center, generator, rng_seed) as rewind, torch.enable_grad():
         l_center, l_sample, g1, g2, halves, center_losses = evaluator.paired(
-            center, offset, batch, rewind, center_losses, center_grads=cv, split=heat
+            center, offset, batch, rewind, center_losses, center_grads=cv, split=heat, centre_stream=stream
         )
     with torch.no_grad():
         kappa = None
-        if cv:
+        if cv and not (stream is not None and stream.started):
             assert anchor is not None and center_losses.grads is not None
             gbar = anchor(center_losses.grads, halves, list(offset.values())) if callable(anchor) else [anchor[n] for n in offset]
             if config.draw == "control_variate":

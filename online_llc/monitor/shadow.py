@@ -47,10 +47,10 @@ from online_llc.calibration.heat import discretization_term
 from online_llc.calibration.step import relaxation_steps
 from online_llc.config import SGLDConfig
 from online_llc.errors import check_bool, check_positive_float
-from online_llc.kernel.anchor import ANCHOR_RELAXATIONS, RunningAnchor
+from online_llc.kernel.anchor import ANCHOR_RELAXATIONS, RunningAnchor, StepAnchor
 from online_llc.kernel.evaluator import LossEvaluator
 from online_llc.kernel.randomness import chain_seed, derived_seed, deterministic
-from online_llc.kernel.step import Anchor, SGLDInfo, _info, _kernel_step
+from online_llc.kernel.step import SGLDInfo, _info, _kernel_step
 from online_llc.kernel.updates import init_aux
 from online_llc.monitor.shadow_state import chain_tensors, check_own_shards, load_generators, saved_update, to_state
 from online_llc.monitor.sketch import SKETCH_VERSION, Sketcher, sketch_shift, sketch_shift_sharded
@@ -200,18 +200,12 @@ class ShadowSampler:
         parts = [torch.dot(t.reshape(-1), g.reshape(-1).to(t.dtype)) for t, g in zip(tensors.values(), grads) if g is not None]
         return torch.stack(parts).double().sum() if parts else torch.zeros((), dtype=torch.float64, device=self.device)
 
-    def _anchor(self) -> Anchor:
-        """The kernel's anchor for one shadow step: the first chain to ask folds the step's centre
-        gradient in; the others (same batch) reuse the result. The horizon follows the step."""
+    def _anchor(self, share: bool) -> StepAnchor:
+        """The kernel's anchor for one shadow step (:class:`~online_llc.kernel.anchor.StepAnchor`:
+        the first chain folds the step's centre gradient in, the others reuse the result; it
+        streams unless the chains share the centre's passes). The horizon follows the step."""
         self.anchor.horizon = ANCHOR_RELAXATIONS * relaxation_steps(self.config)
-        done: List[List[Tensor]] = []
-
-        def anchor(grads: Any, halves: Any, like: List[Tensor]) -> List[Tensor]:
-            if not done:
-                done.append(self.anchor.fold(grads, halves, like))
-            return done[0]
-
-        return anchor
+        return StepAnchor(self.anchor, streams=not share)
 
     def _measures(self) -> bool:
         """Whether a measuring step measures the discretization bias: SGLD and RMSProp-SGLD with
@@ -239,7 +233,7 @@ class ShadowSampler:
         measure_disc = measure and self._measures()
         # Per measuring chain: [u_prev . g, u . g], the first NaN when the chain has no last update.
         dot_pairs: List[Tensor] = []
-        anchor = self._anchor() if self.config.gradient == "control_variate" else None
+        anchor = self._anchor(bool(share)) if self.config.gradient == "control_variate" else None
         for c in range(self.num_chains):
             dots: List[Tensor] = []
             pre_update = self._measuring_hook(c, dots) if measure_disc else None
