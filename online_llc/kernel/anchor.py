@@ -13,7 +13,7 @@ running mean of the centre's batch gradients the shadow steps take anyway (:clas
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -123,27 +123,40 @@ class RunningAnchor:
                     m.add_(g.to(m.dtype), alpha=rate * size / (b1 + b2))
         return self.mean
 
-    def _begin(self, like: List[Tensor]) -> None:
-        """Start folding one whole batch's centre gradient tensor by tensor (:class:`AnchorStream`):
-        the same arithmetic as :meth:`fold` with no second half."""
+    def _begin(self, like: List[Tensor], halves: Tuple[int, int]) -> None:
+        """Start folding one batch's centre gradient tensor by tensor, half by half
+        (:class:`AnchorStream`), with :meth:`fold`'s arithmetic."""
+        b1, b2 = halves
         self.count += 1
-        self._rate = 1.0 / min(self.count, self.horizon)
+        rate = 1.0 / min(self.count, self.horizon)
         self._like = like
         self._fresh = self.mean is None
         if self._fresh:
-            self.mean = [torch.zeros((), dtype=t.dtype, device=t.device) for t in like]  # each filled by _fold_one
-
-    def _fold_one(self, j: int, grad: Optional[Tensor]) -> Tensor:
-        """Fold tensor ``j`` of the batch's centre gradient in (None: the loss does not reach it, 0)."""
-        assert self.mean is not None
-        like = self._like[j]
-        if self._fresh:
-            self.mean[j] = torch.zeros_like(like) if grad is None else grad.to(like.dtype, copy=True)
+            # The first batch's gradient itself, each tensor formed when its first half arrives.
+            self._weights = (b1 / (b1 + b2), b2 / (b1 + b2))
+            self._parts: List[Optional[Tensor]] = [None] * len(like)
         else:
-            self.mean[j].mul_(1.0 - self._rate)
-            if grad is not None:
-                self.mean[j].add_(grad.to(like.dtype), alpha=self._rate)
-        return self.mean[j]
+            torch._foreach_mul_(self.mean, 1.0 - rate)
+            self._weights = (rate * b1 / (b1 + b2), rate * b2 / (b1 + b2))
+
+    def _fold_one(self, half: int, j: int, grad: Tensor) -> None:
+        """Fold in tensor ``j`` of half ``half``'s centre gradient."""
+        w = self._weights[half]
+        if self._fresh:
+            part = self._parts[j]
+            if part is None:
+                self._parts[j] = grad.to(self._like[j].dtype) * w
+            else:
+                part.add_(grad.to(part.dtype), alpha=w)
+        else:
+            assert self.mean is not None
+            self.mean[j].add_(grad.to(self.mean[j].dtype), alpha=w)
+
+    def _end(self) -> None:
+        """Finish the fold :meth:`_begin` started (a tensor no half's loss reached counts as 0)."""
+        if self._fresh:
+            self.mean = [torch.zeros_like(t) if p is None else p for p, t in zip(self._parts, self._like)]
+            del self._parts
 
     def state_dict(self) -> Dict[str, Any]:
         """The anchor (tensors, or None) and the count of batches folded."""
@@ -223,42 +236,51 @@ class StepAnchor:
 
 
 class AnchorStream:
-    """The control variate of a plain step taken one tensor at a time, as the backward pass
-    produces the centre's gradient ``c`` of the whole batch: each tensor is folded into the running
-    anchor (when the step's first chain) and turns the sample's gradient ``g`` into
-    ``g - c + gbar`` in place, then is freed, so the centre's gradient is never held whole (one
-    copy of the parameters less at the step's peak). The same arithmetic as
-    :meth:`RunningAnchor.fold` and the kernel's ``_control_variate`` on the whole gradient.
+    """The control variate taken one tensor at a time, as the backward passes produce the centre's
+    gradients ``c_k`` (one per half of the batch, or one of the whole batch in a plain step): each
+    tensor is folded into the running anchor (when this is the step's first chain) and subtracted
+    from the sample's gradient of the same half, in place, then freed, so the centre's gradients are
+    never held whole (one or two copies of the parameters fewer at the step's peak); :meth:`end`
+    adds the anchor ``gbar``, complete only then. The arithmetic of :meth:`RunningAnchor.fold` and
+    the kernel's ``_control_variate`` on whole gradients, operation for operation.
 
-    Use: :meth:`begin` with the sample's gradients, :meth:`take` per tensor of ``c``, :meth:`end`."""
+    Use: :meth:`begin` with the sample's gradients, :meth:`take` per tensor of each ``c_k``,
+    :meth:`end`."""
 
     def __init__(self, owner: StepAnchor, like: List[Tensor]) -> None:
         self.owner, self.like = owner, like
         self.started = False
 
-    def begin(self, grads: List[Optional[Tensor]]) -> None:
-        """Start with the sample's batch gradient (corrected in place)."""
+    def begin(self, grads: Sequence[List[Optional[Tensor]]], halves: Tuple[int, int]) -> None:
+        """Start with each half's sample gradients (one list for a batch taken whole), corrected
+        in place, and the halves' sizes (``(B, 0)`` for a whole batch)."""
         self.grads = grads
         self.fold = not self.owner.folded
         self.owner.folded = True
-        self.seen = [False] * len(self.like)
+        self.corrected = [[False] * len(self.like) for _ in grads]
         if self.fold:
-            self.owner.running._begin(self.like)
+            self.owner.running._begin(self.like, halves)
         self.started = True
 
-    def take(self, j: int, centre_grad: Tensor) -> None:
-        """Tensor ``j`` of the centre's gradient."""
-        self.seen[j] = True
-        running = self.owner.running
-        gbar = running._fold_one(j, centre_grad) if self.fold else running.mean[j]  # type: ignore[index]
-        g = self.grads[j]
+    def take(self, half: int, j: int, centre_grad: Tensor) -> None:
+        """Tensor ``j`` of half ``half``'s centre gradient."""
+        if self.fold:
+            self.owner.running._fold_one(half, j, centre_grad)
+        g = self.grads[half][j]
         if g is not None:
-            g.sub_(centre_grad).add_(gbar)
+            g.sub_(centre_grad)
+            self.corrected[half][j] = True
 
     def end(self) -> None:
-        """Fold the tensors the centre's loss does not reach as 0 (their sample gradient is left as
-        it is, as the whole-gradient path leaves it)."""
+        """Complete the anchor and add it to every corrected gradient (a parameter the centre's
+        loss does not reach keeps its sample gradient as it is, as on whole gradients)."""
         if self.fold:
-            for j, seen in enumerate(self.seen):
-                if not seen:
-                    self.owner.running._fold_one(j, None)
+            self.owner.running._end()
+        mean = self.owner.running.mean
+        assert mean is not None
+        for grads, flags in zip(self.grads, self.corrected):
+            idx = [j for j, done in enumerate(flags) if done]
+            if idx:
+                torch._foreach_add_([grads[j] for j in idx], [mean[j] for j in idx])  # type: ignore[misc]
+        # The kernel consumes the gradients (a buffer it frees must not stay referenced here).
+        del self.grads

@@ -23,6 +23,7 @@ its numbers (one rank: the batch's own), so that one formula serves both too.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, List, Mapping, NamedTuple, Optional, Tuple
 
 import torch
@@ -114,12 +115,13 @@ def paired_losses_and_grads(
     by its graph, which frees them tensor by tensor as it produces the gradients: the passes hold
     about two copies of the parameters at their peak.
 
-    ``centre_stream``: for the plain step's control-variate gradient, an
+    ``centre_stream``: for the control-variate gradient, an
     :class:`~online_llc.kernel.anchor.AnchorStream` that, where the evaluator streams gradients
-    (``streams_grads``) and the centre's passes are not reused, receives the sample's gradient and
-    then the centre's tensor by tensor (the sample's passes run first): ``g1`` is then the
-    control-variate gradient, the centre's gradient is not returned (``centre.grads`` None), and
-    the passes hold one copy of the parameters fewer. Otherwise it is left unstarted.
+    (``streams_grads``), the centre's passes are not reused and the batch is whole or splits,
+    receives the sample's gradients and then the centre's tensor by tensor (the sample's passes
+    run first): ``g1`` and ``g2`` are then the control-variate gradients, the centre's are not
+    returned (``centre.grads`` None), and the passes hold one copy of the parameters fewer per
+    centre gradient. Otherwise it is left unstarted.
 
     Returns:
         ``(l_center, l_sample, g1, g2, (B1, B2), centre)``; ``B1 + B2`` counts the samples of
@@ -131,8 +133,10 @@ def paired_losses_and_grads(
     if center_losses is not None and center_grads and center_losses.grads is None:
         center_losses = None  # the reused passes took no gradients
     with evaluator.pass_session():
-        if not split and centre_stream is not None and center_grads and center_losses is None and evaluator.streams_grads:
-            out = _plain_streamed(evaluator, center, xi, leaves, batch, rewind, centre_stream)
+        streamed = centre_stream is not None and center_grads and center_losses is None and evaluator.streams_grads
+        if streamed and (not split or parts is not None):
+            pieces = [batch] if not split else [parts[0], parts[1]]
+            out = _streamed(evaluator, center, xi, leaves, pieces, rewind, centre_stream)
         elif not split:
             out = _plain(evaluator, center, xi, leaves, batch, rewind, center_losses, center_grads)
         elif parts is not None:
@@ -220,29 +224,44 @@ def _plain(evaluator, center, xi, leaves, batch, rewind, center_losses, center_g
     return l_center, l_sample, g, [None] * len(leaves), (l_center.numel(), 0), center_losses
 
 
-def _plain_streamed(evaluator, center, xi, leaves, batch, rewind, stream):  # type: ignore[no-untyped-def]
-    """The plain step's passes with the control-variate gradient formed as the centre's gradient
-    arrives (``stream``, see :func:`paired_losses_and_grads`): the sample's forward and backward
-    first (its backward after the substitution, freeing ``w* + xi`` as it goes), then the centre's,
-    whose gradient tensors are handed to ``stream`` one at a time. Both passes see the same dropout
-    masks (``rewind`` before each)."""
+def _streamed(evaluator, center, xi, leaves, pieces, rewind, stream):  # type: ignore[no-untyped-def]
+    """The passes of a step whose control-variate gradient is formed as the centre's gradients
+    arrive (``stream``, see :func:`paired_losses_and_grads`), on ``pieces``: the batch whole (a
+    plain step) or its two halves. The sample's passes run first, as :func:`_plain` and
+    :func:`_halves` run them (the last backward after the substitution, freeing ``w* + xi`` as it
+    goes); then the centre's, whose gradient tensors are handed to ``stream`` one at a time. Both
+    see the same dropout masks (``rewind`` before each)."""
     rewind()
-    s = evaluator.passes(fused_moved_items(center, xi), lambda loss: loss(batch))
-    g = evaluator.grads(s.mean(), leaves)
-    l_sample = s.detach()
+    if len(pieces) == 1:
+        s = evaluator.passes(fused_moved_items(center, xi), lambda loss: loss(pieces[0]))
+        samples, grads = [s.detach()], [evaluator.grads(s.mean(), leaves)]
+    else:
+
+        def sample_passes(loss: Callable[[Any], Tensor]) -> Tuple[Tensor, Any, Tensor]:
+            s1 = loss(pieces[0])
+            return s1.detach(), evaluator.grads(s1.mean(), leaves), loss(pieces[1])
+
+        s1, g1, s = evaluator.passes(moved_items(center, xi), sample_passes)
+        samples, grads = [s1, s.detach()], [g1, evaluator.grads(s.mean(), leaves)]
     del s
-    stream.begin(g)
+    sizes = [t.numel() for t in samples]
+    stream.begin(grads, (sizes[0], sizes[1] if len(sizes) == 2 else 0))
 
-    def centre_pass(loss: Callable[[Any], Tensor], own: List[Tensor]) -> Tensor:
-        c = loss(batch)
-        check_same(c, l_sample)
-        evaluator.stream_grads(c.mean(), own, stream.take)
-        return c.detach()
+    def centre_passes(loss: Callable[[Any], Tensor], own: List[Tensor]) -> List[Tensor]:
+        out = []
+        for k, (piece, sample) in enumerate(zip(pieces, samples)):
+            c = loss(piece)
+            check_same(c, sample)
+            evaluator.stream_grads(c.mean(), own, partial(stream.take, k))
+            out.append(c.detach())
+        return out
 
     rewind()
-    l_center = _centre_with_grads(evaluator, center, xi, centre_pass)
+    centre = _centre_with_grads(evaluator, center, xi, centre_passes)
     stream.end()
-    return l_center, l_sample, g, [None] * len(leaves), (l_center.numel(), 0), Centre((l_center,))
+    if len(pieces) == 1:
+        return centre[0], samples[0], grads[0], [None] * len(leaves), (sizes[0], 0), Centre((centre[0],))
+    return torch.cat(centre), torch.cat(samples), grads[0], grads[1], (centre[0].numel(), centre[1].numel()), Centre(tuple(centre))
 
 
 def _cuts(b: int) -> Tuple[slice, ...]:

@@ -195,9 +195,11 @@ def _kernel_step(
     # enable_grad: the caller may be inside torch.no_grad() (e.g. a validation hook); the
     # gradient w.r.t. the offset is local and never reaches the model's .grad.
     # The evaluator's mode (eval by default) for the passes only; every flag is restored after.
-    # A plain step's control variate (online, with its running anchor) is formed as the centre's
-    # gradient arrives, which is then never held whole (kernel.anchor.AnchorStream).
-    stream = anchor.stream(list(offset.values())) if cv and not heat and isinstance(anchor, StepAnchor) else None
+    # The control variate with a running anchor (online) and the plain draw is formed as the
+    # centre's gradients arrive, which are then never held whole (kernel.anchor.AnchorStream; the
+    # control-variate draw's corrections need them whole).
+    streams = cv and config.draw == "plain" and isinstance(anchor, StepAnchor)
+    stream = anchor.stream(list(offset.values())) if streams else None  # type: ignore[union-attr]
     with evaluator.mode_context(), private_rng(center, generator, rng_seed) as rewind, torch.enable_grad():
         l_center, l_sample, g1, g2, halves, center_losses = evaluator.paired(
             center, offset, batch, rewind, center_losses, center_grads=cv, split=heat, centre_stream=stream
