@@ -376,6 +376,16 @@ def test_noise_stream_is_the_same_served_by_chunk_or_by_tensor_or_by_shard(monke
     oracle = torch.cat([torch.empty(min(7, total - k)).normal_(generator=g) for k in range(0, total, 7)])
     flat = torch.cat([t.reshape(-1) for t in fused])
     assert torch.equal(flat, oracle) and torch.equal(torch.cat([z.reshape(-1) for z in served]), oracle)
+    # copy_to: into separate tensors chunk by chunk, or drawn in place into views of one flat
+    # buffer (noise.flat_views), the same numbers.
+    from online_llc.kernel.noise import _whole_buffer, flat_views
+
+    for targets in ([torch.empty(s) for s in shapes], list(flat_views({str(i): torch.empty(s) for i, s in enumerate(shapes)}).values())):
+        n = Noise(cfg, torch.Generator().manual_seed(3), False, targets)
+        n.copy_to(targets)
+        assert torch.equal(torch.cat([t.reshape(-1) for t in targets]), oracle)
+    views = list(flat_views({str(i): torch.empty(s) for i, s in enumerate(shapes)}).values())
+    assert _whole_buffer(views) is not None and _whole_buffer(views[1:]) is None and _whole_buffer(views[::-1]) is None
     # The third tensor sharded in two along dim 1: each shard gets its columns of the full draw.
     for start in (0, 3):
         layouts = [ShardLayout(torch.Size(s), 0, 0, s[0]) for s in shapes]

@@ -12,14 +12,14 @@ the same stream, so a sharded chain receives exactly the unsharded chain's numbe
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from online_llc.config import SGLDConfig
 
-__all__ = ["MAX_NOISE_CHUNK", "MIN_NOISE_CHUNK", "Noise", "noise_chunk", "noise_std"]
+__all__ = ["MAX_NOISE_CHUNK", "MIN_NOISE_CHUNK", "Noise", "flat_views", "noise_chunk", "noise_std"]
 
 
 def noise_std(config: SGLDConfig) -> float:
@@ -149,8 +149,45 @@ class Noise:
             self._chunkwise(targets, lambda d, s: torch._foreach_add_(d, s, alpha=alpha))
 
     def copy_to(self, targets: Sequence[Tensor]) -> None:
-        """``t <- z`` for every target, chunk by chunk (see :meth:`fused`); zeros without noise."""
-        if self.on:
-            self._chunkwise(targets, lambda d, s: torch._foreach_copy_(d, s))
-        else:
+        """``t <- z`` for every target, chunk by chunk (see :meth:`fused`); zeros without noise.
+        Targets that are, in order, the whole of one flat buffer (:func:`flat_views`) receive the
+        stream's chunks drawn in place: the same numbers, without a chunk of scratch."""
+        if not self.on:
             torch._foreach_zero_(list(targets))
+            return
+        flat = _whole_buffer(targets)
+        if flat is not None and self._drawn == 0 and flat.numel() == self.total:
+            for start in range(0, self.total, self.chunk):
+                flat[start : start + min(self.chunk, self.total - start)].normal_(generator=self.generator)
+            self._drawn = self.total
+            return
+        self._chunkwise(targets, lambda d, s: torch._foreach_copy_(d, s))
+
+
+def flat_views(like: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+    """Buffers shaped like ``like``'s tensors, as consecutive views of one flat buffer where they
+    share a dtype and device (:meth:`Noise.copy_to` then draws the noise into it in place), else
+    one new tensor each."""
+    tensors = list(like.values())
+    if not tensors or any(t.dtype != tensors[0].dtype or t.device != tensors[0].device for t in tensors):
+        return {n: torch.empty_like(t) for n, t in like.items()}
+    flat = torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype, device=tensors[0].device)
+    out, start = {}, 0
+    for n, t in like.items():
+        out[n] = flat[start : start + t.numel()].view(t.shape)
+        start += t.numel()
+    return out
+
+
+def _whole_buffer(targets: Sequence[Tensor]) -> Optional[Tensor]:
+    """The flat buffer that ``targets`` tile in order from its start to its end (views of it, as
+    :func:`flat_views` makes them), or None."""
+    base = targets[0]._base if targets else None
+    if base is None or base.dim() != 1 or not base.is_contiguous():
+        return None
+    pos = 0
+    for t in targets:
+        if t._base is not base or not t.is_contiguous() or t.storage_offset() - base.storage_offset() != pos:
+            return None
+        pos += t.numel()
+    return base if pos == base.numel() else None

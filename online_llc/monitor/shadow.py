@@ -49,10 +49,11 @@ from online_llc.config import SGLDConfig
 from online_llc.errors import check_bool, check_positive_float
 from online_llc.kernel.anchor import ANCHOR_RELAXATIONS, RunningAnchor, StepAnchor
 from online_llc.kernel.evaluator import LossEvaluator
+from online_llc.kernel.noise import flat_views
 from online_llc.kernel.randomness import chain_seed, derived_seed, deterministic
 from online_llc.kernel.step import SGLDInfo, _info, _kernel_step
 from online_llc.kernel.updates import init_aux
-from online_llc.monitor.shadow_state import chain_tensors, check_own_shards, load_generators, saved_update, to_state
+from online_llc.monitor.shadow_state import chain_tensors, check_own_shards, keep_update, load_generators, saved_update, to_state
 from online_llc.monitor.sketch import SKETCH_VERSION, Sketcher, sketch_shift, sketch_shift_sharded
 
 __all__ = ["ShadowStep", "ShadowSampler"]
@@ -176,19 +177,25 @@ class ShadowSampler:
         self._last_dot[c] = math.nan
         self._last_heat_bias[c] = math.nan
 
-    def _measuring_hook(self, c: int, dots: List[Tensor]) -> Any:
+    def _measuring_hook(self, c: int, dots: List[Tensor], into: Dict[str, Tensor]) -> Any:
         """The kernel's ``pre_update`` for chain ``c``: with the batch gradient ``g`` at ``xi``, the
-        previous update's dot ``u_prev . g`` (appended to ``dots`` when the chain has one); it
-        returns the update buffer (one per chain, the offset's size, reused), which the kernel
-        fills with this step's update ``xi_new - xi``."""
+        kept previous update's dot ``u_prev . g`` (appended to ``dots`` when the chain has one); it
+        returns ``into`` filled with buffers for this step's update ``xi_new - xi``: fresh ones for
+        SGLD, which forms it there (then kept rounded, :func:`~online_llc.monitor.shadow_state.keep_update`),
+        the kept one in the chain's dtype for RMSProp-SGLD (it copies the offsets in, then subtracts)."""
 
         def hook(grads: List[Optional[Tensor]]) -> Dict[str, Tensor]:
             upd = self._updates[c]
             if upd is not None:
                 dots.append(self._dot(upd, grads))
+            offset = self.offsets[c]
+            if self.config.sampler == "sgld":
+                into.update(flat_views(offset))  # the noise is drawn into it in place
             else:
-                upd = self._updates[c] = {n: torch.zeros_like(t) for n, t in self.offsets[c].items()}
-            return upd
+                if upd is None or any(upd[n].dtype != t.dtype for n, t in offset.items()):
+                    upd = self._updates[c] = {n: torch.zeros_like(t) for n, t in offset.items()}
+                into.update(upd)
+            return into
 
         return hook
 
@@ -197,7 +204,8 @@ class ShadowSampler:
         (parameters without a gradient left out; 0 when none has one)."""
         # One BLAS dot per tensor (a product tensor and its float64 sum cost 3-5x as much); float32
         # accumulation is good to about 1e-6 relative, far inside the measurement's sampling noise.
-        parts = [torch.dot(t.reshape(-1), g.reshape(-1).to(t.dtype)) for t, g in zip(tensors.values(), grads) if g is not None]
+        # A kept update (bfloat16) is widened tensor by tensor to the gradient's dtype.
+        parts = [torch.dot(t.reshape(-1).to(g.dtype), g.reshape(-1)) for t, g in zip(tensors.values(), grads) if g is not None]
         return torch.stack(parts).double().sum() if parts else torch.zeros((), dtype=torch.float64, device=self.device)
 
     def _anchor(self, share: bool) -> StepAnchor:
@@ -236,7 +244,8 @@ class ShadowSampler:
         anchor = self._anchor(bool(share)) if self.config.gradient == "control_variate" else None
         for c in range(self.num_chains):
             dots: List[Tensor] = []
-            pre_update = self._measuring_hook(c, dots) if measure_disc else None
+            into: Dict[str, Tensor] = {}
+            pre_update = self._measuring_hook(c, dots, into) if measure_disc else None
             out = _kernel_step(
                 self.evaluator, center, self.offsets[c], self.aux[c], batch, config=self.config,
                 generator=self.generators[c], masks=self.masks, center_losses=shared, keep_grads=measure_disc,
@@ -247,7 +256,10 @@ class ShadowSampler:
                 shared = out.center_losses
             if measure_disc:
                 assert out.grads is not None
-                # The buffer holds this update, u = xi_new - xi.
+                # ``into`` holds this update, u = xi_new - xi (SGLD's kept rounded), dotted as kept.
+                if self.config.sampler == "sgld":
+                    self._updates[c] = keep_update(into, self._updates[c])
+                into.clear()
                 upd = self._updates[c]
                 assert upd is not None
                 prev = dots[0] if dots else torch.full((), math.nan, dtype=torch.float64, device=self.device)

@@ -14,7 +14,27 @@ from torch import Tensor
 
 from online_llc.kernel.updates import state_dtype
 
-__all__ = ["to_state", "saved_update", "load_generators", "check_own_shards", "chain_tensors"]
+__all__ = ["to_state", "saved_update", "load_generators", "check_own_shards", "chain_tensors", "update_dtype", "keep_update"]
+
+
+def update_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype in which a chain of state ``dtype`` keeps its last update between measuring steps:
+    bfloat16 for float32 chains, float32 for float64 ones, half the bytes (half a copy of the
+    parameters per chain in measuring windows). The update only enters the discretization
+    measurement, through the difference ``u_t . (g_{t+1} - g_t)`` of its dots with two consecutive
+    gradients (:func:`online_llc.calibration.heat.discretization_term`); both dots take the kept,
+    rounded ``u_t``, so the rounding moves that difference by about its own 2^-9 (relative), far
+    inside the measurement's sampling noise; the chain itself moves with the exact update."""
+    return torch.float32 if dtype == torch.float64 else torch.bfloat16
+
+
+def keep_update(update: Mapping[str, Tensor], kept: Optional[Dict[str, Tensor]]) -> Dict[str, Tensor]:
+    """``update`` (a step's update, in the chain's dtype) rounded into the kept buffers ``kept``,
+    allocated in :func:`update_dtype` on the first call; returns them."""
+    if kept is None:
+        kept = {n: torch.empty_like(t, dtype=update_dtype(t.dtype)) for n, t in update.items()}
+    torch._foreach_copy_(list(kept.values()), list(update.values()))
+    return kept
 
 
 def chain_tensors(part: List[Optional[Dict[str, Tensor]]], evaluator: Any, shards: bool) -> List[Optional[Dict[str, Tensor]]]:
@@ -52,7 +72,7 @@ def saved_update(
     dot = state.get("last_dot", [None] * num_chains)[c]
     hb = state.get("last_heat_bias", [None] * num_chains)[c]
     return (
-        {n: to_state(t, like[n]) for n, t in prev.items()},
+        {n: t.detach().to(device=like[n].device, dtype=update_dtype(state_dtype(like[n].dtype)), copy=True) for n, t in prev.items()},
         math.nan if dot is None else float(dot),
         math.nan if hb is None else float(hb),
     )
