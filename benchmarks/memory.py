@@ -237,9 +237,12 @@ def main() -> None:
     print("P = bytes of one copy of the sampled parameters")
     if args.fsdp:
         print(f"a plain FSDP training step, measured the same way: peak {train_step_peak(args):.2f}P")
+    gradients = [g for g in args.gradients if g == "plain"] if args.fsdp else args.gradients
+    if len(gradients) < len(args.gradients):
+        print("(a sharded chain keeps the plain gradient: the monitor takes the control variate on whole parameters only)")
     ckpt_head = f"{'ckpt/chain shards':>19}{'gathered':>10}" if args.fsdp else ""
     print(f"{'sampler':<14}{'gradient':>10}{'step':>10}{'chains':>7}{'kept/chain':>12}{'step peak':>11}{'total':>8}{'syncs':>7}{ckpt_head}")
-    for gradient in args.gradients:
+    for gradient in gradients:
         for sampler in args.samplers:
             for heat in (False, True):
                 for chains in args.chains:

@@ -82,8 +82,8 @@ def window_status(diverged: bool, warming: bool, jump: bool, after_jump: bool, u
 
 def measuring(history: Sequence[LLCEstimate], since: int, every: int) -> bool:
     """Whether the window about to open measures the heat (half-batch passes, the update dots
-    and each chain's last update: about a third more work per shadow step, and one more copy of
-    the parameters per chain) or runs plain steps.
+    and each chain's last update: about a third more work per shadow step, and half a copy of the
+    parameters more per SGLD chain, one per RMSProp-SGLD chain) or runs plain steps.
 
     The heat is read from equilibrated chains only (:func:`cooled_step`, the health alarms), so
     the first window and a window after a warm-up window (whose chains may still warm up) do not

@@ -95,8 +95,9 @@ class MonitorSettings:
             Each group step costs about a shadow step of the whole model.
         measure_discretization: measure how much the step's finite size raises the draws, from
             each chain's consecutive updates (:mod:`online_llc.calibration.heat`), and count it in the heat
-            the step is cooled on (True, the default). It costs one more float32 copy of the
-            sampled parameters per chain (its last update); False saves it and
+            the step is cooled on (True, the default). It costs half a copy of the sampled
+            parameters per chain in measuring windows (its last update, in bfloat16; a float32
+            copy for RMSProp-SGLD); False saves it and
             leaves a stiff model's discretization heat unseen. Not measured for SGHMC.
         measure_every: how often the heat (minibatch and discretization) is measured, an int
             >= 1: every window while a regime's heat is not yet known (after a warm-up, a
