@@ -52,7 +52,7 @@ from online_llc.kernel.evaluator import LossEvaluator
 from online_llc.kernel.noise import flat_views
 from online_llc.kernel.randomness import chain_seed, derived_seed, deterministic
 from online_llc.kernel.step import SGLDInfo, _info, _kernel_step
-from online_llc.kernel.updates import init_aux
+from online_llc.kernel.updates import dot_sum, init_aux
 from online_llc.monitor.shadow_state import chain_tensors, check_own_shards, keep_update, load_generators, saved_update, to_state
 from online_llc.monitor.sketch import SKETCH_VERSION, Sketcher, sketch_shift, sketch_shift_sharded
 
@@ -200,13 +200,8 @@ class ShadowSampler:
         return hook
 
     def _dot(self, tensors: Dict[str, Tensor], grads: List[Optional[Tensor]]) -> Tensor:
-        """``sum_n tensors[n] . grads[n]``, each tensor's dot summed in float64, on the device
-        (parameters without a gradient left out; 0 when none has one)."""
-        # One BLAS dot per tensor (a product tensor and its float64 sum cost 3-5x as much); float32
-        # accumulation is good to about 1e-6 relative, far inside the measurement's sampling noise.
-        # A kept update (bfloat16) is widened tensor by tensor to the gradient's dtype.
-        parts = [torch.dot(t.reshape(-1).to(g.dtype), g.reshape(-1)) for t, g in zip(tensors.values(), grads) if g is not None]
-        return torch.stack(parts).double().sum() if parts else torch.zeros((), dtype=torch.float64, device=self.device)
+        """``sum_n tensors[n] . grads[n]`` in float64 on the device (:func:`~online_llc.kernel.updates.dot_sum`)."""
+        return dot_sum(list(tensors.values()), grads, self.device)
 
     def _anchor(self, share: bool) -> StepAnchor:
         """The kernel's anchor for one shadow step (:class:`~online_llc.kernel.anchor.StepAnchor`:

@@ -1,6 +1,6 @@
 """The chains of one offline estimate and how they are stepped: together in one vectorized pass
 (:class:`online_llc.kernel.batched.BatchedChains`) where the model allows, one after another
-(:func:`online_llc.kernel.step.sampler_step`) otherwise.
+(the kernel's step in place, :func:`online_llc.kernel.step.sampler_step`'s maths) otherwise.
 
 :class:`Chains` records, per chain and step, the rows of :mod:`online_llc.offline.rows`; the
 estimator (:func:`online_llc.estimate_llc`) decides the plan (calibration, burn-in, draws) from
@@ -21,8 +21,8 @@ from online_llc.errors import NonFiniteDrawError
 from online_llc.kernel.batched import BatchedChains, batched_support, pays
 from online_llc.kernel.evaluator import LossEvaluator
 from online_llc.kernel.randomness import chain_seed, derived_seed
-from online_llc.kernel.step import SGLDInfo, sampler_step
-from online_llc.kernel.updates import init_aux
+from online_llc.kernel.step import SGLDInfo, _info, _kernel_step
+from online_llc.kernel.updates import dot_sum, init_aux
 from online_llc.offline.batches import batches_forever, is_one_shot
 from online_llc.offline.rows import ROWS
 
@@ -188,25 +188,53 @@ class Chains:
                         self.probes.add(c, deltas[c], info.draw)
                 self.on_step(len(chains))
             return out
+        cfg = self._config
+        measures = cfg.sampler != "sghmc" and cfg.noise_scale > 0
         for i, c in enumerate(chains):
             offset, aux = self.states[c]
-            previous = None
+            # This run's last update (None before its first step): the discretization measurement.
+            last: List[Optional[Mapping[str, Tensor]]] = [None]
             for s in range(steps):
-                before = offset
                 observe = self.probes is not None and self.probes.observing(c, self.steps_run[c])
                 delta = self.probes.differences(offset) if observe else None
                 # The model's randomness (dropout) is seeded from (seed, chain, step) on the host,
                 # so a step reads its numbers once (one device sync).
-                offset, aux, info = sampler_step(
-                    self.evaluator, self.center, offset, aux, self.next_batch(), config=self._config,
-                    generator=self.gens[c], previous_offset=previous,
-                    rng_seed=derived_seed(self.seed, c, self.steps_run[c]), anchor=self.anchor,
-                )
+                info = self._step_in_place(c, offset, aux, last if measures else None)
                 self.steps_run[c] += 1
-                previous = before
                 out[i, :, s] = self._record(info, c, s)
                 if delta is not None:
                     self.probes.add(c, delta, info.draw)
                 self.on_step(1)
-            self.states[c] = (offset, aux)
         return out
+
+    def _step_in_place(self, c: int, offset: Any, aux: Any, last: Optional[List[Any]]) -> SGLDInfo:
+        """One step of chain ``c``, updating its offset and sampler state in place, with the
+        discretization measurement's dots where ``last`` (a one-item list: the last update, or
+        None) is given: the previous update against this step's gradient, taken before the
+        update, then this update against it. The update is formed in the last one's buffer (one
+        copy of the parameters per chain, reused), not as the difference of two copies of the
+        offset (about a quarter of a mid-size model's step went into those copies and their
+        float64 products)."""
+        device = next(iter(offset.values())).device
+        dots: List[Tensor] = []
+
+        def pre_update(grads: List[Optional[Tensor]]) -> Mapping[str, Tensor]:
+            assert last is not None
+            if last[0] is None:
+                last[0] = {n: torch.zeros_like(t) for n, t in offset.items()}
+            else:
+                dots.append(dot_sum(list(last[0].values()), grads, device))
+            return last[0]
+
+        pending = _kernel_step(
+            self.evaluator, self.center, offset, aux, self.next_batch(), config=self._config, generator=self.gens[c],
+            rng_seed=derived_seed(self.seed, c, self.steps_run[c]), anchor=self.anchor, keep_grads=last is not None,
+            pre_update=pre_update if last is not None else None,
+        )
+        stats = pending.stats
+        if last is not None:
+            assert pending.grads is not None and last[0] is not None
+            prev = dots[0] if dots else torch.full((), float("nan"), dtype=torch.float64, device=device)
+            own = dot_sum(list(last[0].values()), pending.grads, device)
+            stats = torch.cat([stats, torch.stack([prev, own]).to(stats.device)])
+        return _info(stats.tolist(), pending, self._config)
