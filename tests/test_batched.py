@@ -232,3 +232,42 @@ def test_batched_and_sequential_chains_read_the_same_estimate():
     assert abs(a.mean - b.mean) < 3 * math.hypot(a.std, b.std), (a.mean, a.std, b.mean, b.std)
     for r in (a, b):
         assert abs(r.mean - p.lam) < 0.1 * p.lam + 3 * r.std, (r.mean, r.std)
+
+
+@pytest.mark.parametrize("sampler", ["sgld", "rmsprop_sgld"])
+def test_chains_one_at_a_time_step_in_place_as_sampler_step(sampler):
+    """``estimate_llc``'s chains run one at a time update their offsets in place, forming the
+    update in the chain's last-update buffer; they take the steps of ``sampler_step`` with the
+    same generators, dropout seeds and batches (float32 in another order: 1e-5 relative), and
+    report the same update dots, plus the first step's own dot, which ``sampler_step`` (without a
+    previous offset) leaves NaN. With injected noise: the same noise stream."""
+    from online_llc.kernel.randomness import chain_seed, derived_seed
+    from online_llc.kernel.updates import init_aux
+    from online_llc.offline.chains import Chains
+
+    model = _mlp(seed=2)
+    evaluator = LossEvaluator(model, _loss)
+    center = evaluator.center()
+    config = replace(CONFIG, noise_scale=1.0, sampler=sampler, step_size=1e-3 if sampler == "sgld" else 1e-4)
+    batches = [_batch(16, s) for s in range(6)]
+    stream = iter(batches)
+    chains = Chains(evaluator, center, config, num_chains=1, seed=7, next_batch=lambda: next(stream), first=batches[0],
+                    batches=batches, batched=False)
+    rows = chains.run([0], 6)[0]
+    offset = evaluator.zeros_like_center()
+    aux = init_aux(config, offset)
+    generator = torch.Generator().manual_seed(chain_seed(7, 0))
+    previous = None
+    for s, batch in enumerate(batches):
+        before = offset
+        offset, aux, info = sampler_step(evaluator, center, offset, aux, batch, config=config, generator=generator,
+                                         previous_offset=previous, rng_seed=derived_seed(7, 0, s))
+        previous = before
+        want = [info.draw, info.noise_var, info.heat_bias, info.prev_update_dot_grad, info.update_dot_grad, info.offset_norm**2]
+        got = rows[:, s]
+        if s == 0:
+            assert math.isnan(want[4]) and math.isfinite(got[4])
+            want[4] = got[4]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9, equal_nan=True)
+    for n, t in chains.states[0][0].items():
+        torch.testing.assert_close(t, offset[n], rtol=1e-5, atol=1e-8)
