@@ -23,7 +23,7 @@ from online_llc.kernel.passes import moved_items
 from online_llc.kernel.randomness import private_rng
 from online_llc.kernel.updates import state_dtype
 
-__all__ = ["full_gradient", "RunningAnchor", "StepAnchor", "AnchorStream", "ANCHOR_RELAXATIONS", "STREAM_MIN_ENTRIES", "STREAM_MEAN_ENTRIES"]
+__all__ = ["full_gradient", "RunningAnchor", "StepAnchor", "FixedAnchor", "AnchorStream", "ANCHOR_RELAXATIONS", "STREAM_MIN_ENTRIES", "STREAM_MEAN_ENTRIES"]
 
 #: The online anchor's horizon in relaxation times of the chain's slowest direction
 #: (:func:`online_llc.calibration.step.relaxation_steps`): long enough that its error acts as a
@@ -235,6 +235,20 @@ class StepAnchor:
         return AnchorStream(self, like) if self.streams and pays else None
 
 
+class FixedAnchor(StepAnchor):
+    """A fixed anchor (offline: the full-data gradient at the centre, :func:`full_gradient`) as a
+    :class:`StepAnchor`, so that a chain run one at a time takes the centre's gradients tensor by
+    tensor too; nothing is folded. With the control-variate draw its stream also forms the draw's
+    corrections ``(c_k - gbar) . xi`` tensor by tensor (:meth:`AnchorStream.kappa`), as
+    the kernel's ``_draw_corrections`` forms them from whole gradients."""
+
+    def __init__(self, anchor: Mapping[str, Tensor]) -> None:
+        running = RunningAnchor()
+        running.mean = list(anchor.values())
+        super().__init__(running)
+        self.folded = True
+
+
 class AnchorStream:
     """The control variate taken one tensor at a time, as the backward passes produce the centre's
     gradients ``c_k`` (one per half of the batch, or one of the whole batch in a plain step): each
@@ -258,6 +272,7 @@ class AnchorStream:
         self.fold = not self.owner.folded
         self.owner.folded = True
         self.corrected = [[False] * len(self.like) for _ in grads]
+        self._kappa: List[List[Tensor]] = [[], []]
         if self.fold:
             self.owner.running._begin(self.like, halves)
         self.started = True
@@ -266,6 +281,11 @@ class AnchorStream:
         """Tensor ``j`` of half ``half``'s centre gradient."""
         if self.fold:
             self.owner.running._fold_one(half, j, centre_grad)
+        elif isinstance(self.owner, FixedAnchor):
+            # The draw's correction against the offset before the update (kernel._draw_corrections).
+            gbar = self.owner.running.mean[j]  # type: ignore[index]
+            x = self.like[j]
+            self._kappa[half].append(torch.dot((centre_grad - gbar).reshape(-1).to(torch.float64), x.reshape(-1).to(torch.float64)))
         g = self.grads[half][j]
         if g is not None:
             g.sub_(centre_grad)
@@ -284,3 +304,8 @@ class AnchorStream:
                 torch._foreach_add_([grads[j] for j in idx], [mean[j] for j in idx])  # type: ignore[misc]
         # The kernel consumes the gradients (a buffer it frees must not stay referenced here).
         del self.grads
+
+    def kappa(self) -> Tensor:
+        """``[(c_1 - gbar) . xi, (c_2 - gbar) . xi]`` (float64) of a :class:`FixedAnchor`'s stream."""
+        zero = torch.zeros((), dtype=torch.float64, device=self.like[0].device)
+        return torch.stack([torch.stack(t).sum() if t else zero for t in self._kappa])

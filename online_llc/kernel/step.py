@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from online_llc.config import SGLDConfig
-from online_llc.kernel.anchor import StepAnchor
+from online_llc.kernel.anchor import FixedAnchor, StepAnchor
 from online_llc.kernel.evaluator import LossEvaluator
 from online_llc.kernel.passes import Centre
 from online_llc.kernel.randomness import private_rng
@@ -195,10 +195,10 @@ def _kernel_step(
     # enable_grad: the caller may be inside torch.no_grad() (e.g. a validation hook); the
     # gradient w.r.t. the offset is local and never reaches the model's .grad.
     # The evaluator's mode (eval by default) for the passes only; every flag is restored after.
-    # The control variate with a running anchor (online) and the plain draw is formed as the
-    # centre's gradients arrive, which are then never held whole (kernel.anchor.AnchorStream; the
-    # control-variate draw's corrections need them whole).
-    streams = cv and config.draw == "plain" and isinstance(anchor, StepAnchor)
+    # The control variate is formed as the centre's gradients arrive, which are then never held
+    # whole (kernel.anchor.AnchorStream): with the online running anchor and the plain draw, or
+    # with a fixed anchor (offline), whose stream also forms the control-variate draw's corrections.
+    streams = cv and isinstance(anchor, StepAnchor) and (config.draw == "plain" or isinstance(anchor, FixedAnchor))
     stream = anchor.stream(list(offset.values())) if streams else None  # type: ignore[union-attr]
     with evaluator.mode_context(), private_rng(center, generator, rng_seed) as rewind, torch.enable_grad():
         l_center, l_sample, g1, g2, halves, center_losses = evaluator.paired(
@@ -206,6 +206,8 @@ def _kernel_step(
         )
     with torch.no_grad():
         kappa = None
+        if stream is not None and stream.started and config.draw == "control_variate":
+            kappa = stream.kappa()
         if cv and not (stream is not None and stream.started):
             assert anchor is not None and center_losses.grads is not None
             gbar = anchor(center_losses.grads, halves, list(offset.values())) if callable(anchor) else [anchor[n] for n in offset]

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from online_llc.config import SGLDConfig
 from online_llc.errors import NonFiniteDrawError
+from online_llc.kernel.anchor import FixedAnchor
 from online_llc.kernel.batched import BatchedChains, batched_support, pays
 from online_llc.kernel.evaluator import LossEvaluator
 from online_llc.kernel.randomness import chain_seed, derived_seed
@@ -226,9 +227,11 @@ class Chains:
                 dots.append(dot_sum(list(last[0].values()), grads, device))
             return last[0]
 
+        # A fixed anchor streams the centre's gradients (kernel.anchor.FixedAnchor): never held whole.
+        anchor = None if self.anchor is None else FixedAnchor(self.anchor)
         pending = _kernel_step(
             self.evaluator, self.center, offset, aux, self.next_batch(), config=self._config, generator=self.gens[c],
-            rng_seed=derived_seed(self.seed, c, self.steps_run[c]), anchor=self.anchor, keep_grads=last is not None,
+            rng_seed=derived_seed(self.seed, c, self.steps_run[c]), anchor=anchor, keep_grads=last is not None,
             pre_update=pre_update if last is not None else None,
         )
         stats = pending.stats
