@@ -284,3 +284,31 @@ def test_the_online_control_variate_at_rest_reads_the_discrete_chains_exact_leve
     assert len(xs) >= 30
     assert abs(level - exact) < 3 * se + 0.03 * exact, (level, se, exact)
     assert mon.health().heat < 1.1
+
+
+def test_a_loss_that_fails_in_the_centres_passes_leaves_no_half_folded_anchor(monkeypatch):
+    """Where the centre's passes raise midway through a streamed step, the running anchor is
+    forgotten (it restarts from the next batch) rather than left scaled down with part of a batch
+    folded in; the error reaches the caller."""
+    from online_llc.monitor.shadow import ShadowSampler
+
+    monkeypatch.setattr(anchor_module, "STREAM_MIN_ENTRIES", 1)
+    monkeypatch.setattr(anchor_module, "STREAM_MEAN_ENTRIES", 1)
+    model, x, y = _regression(3, 200)
+    calls = []
+
+    def loss(m, b):
+        calls.append(1)
+        if len(calls) == 4:  # the second step's centre pass (each step: the sample's, then the centre's)
+            raise RuntimeError("boom")
+        return _loss(m, b)
+
+    cfg = SGLDConfig(nbeta=50.0, localization=2.0, step_size=1e-3, gradient="control_variate")
+    sampler = ShadowSampler(LossEvaluator(model, loss), cfg, num_chains=1, seed=0)
+    sampler.step((x[:16], y[:16]), measure=False)
+    assert sampler.anchor.count == 1
+    with pytest.raises(RuntimeError, match="boom"):
+        sampler.step((x[16:32], y[16:32]), measure=False)
+    assert sampler.anchor.mean is None and sampler.anchor.count == 0
+    sampler.step((x[32:48], y[32:48]), measure=False)
+    assert sampler.anchor.count == 1

@@ -305,6 +305,12 @@ class AnchorStream:
         # The kernel consumes the gradients (a buffer it frees must not stay referenced here).
         del self.grads
 
+    def abort(self) -> None:
+        """The centre's passes failed midway: forget the running anchor where this stream was
+        folding into it (it restarts from the next batch, as after a jump of the weights)."""
+        if self.fold:
+            self.owner.running.reset()
+
     def kappa(self) -> Tensor:
         """``[(c_1 - gbar) . xi, (c_2 - gbar) . xi]`` (float64) of a :class:`FixedAnchor`'s stream."""
         zero = torch.zeros((), dtype=torch.float64, device=self.like[0].device)

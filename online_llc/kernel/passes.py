@@ -257,7 +257,11 @@ def _streamed(evaluator, center, xi, leaves, pieces, rewind, stream):  # type: i
         return out
 
     rewind()
-    centre = _centre_with_grads(evaluator, center, xi, centre_passes)
+    try:
+        centre = _centre_with_grads(evaluator, center, xi, centre_passes)
+    except BaseException:
+        stream.abort()  # a fold left half done would tilt every later step
+        raise
     stream.end()
     if len(pieces) == 1:
         return centre[0], samples[0], grads[0], [None] * len(leaves), (sizes[0], 0), Centre((centre[0],))
