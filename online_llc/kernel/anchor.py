@@ -227,20 +227,23 @@ class StepAnchor:
         assert self.running.mean is not None
         return self.running.mean
 
-    def stream(self, like: List[Tensor]) -> Optional["AnchorStream"]:
+    def stream(self, like: List[Tensor], corrections: bool = False) -> Optional["AnchorStream"]:
         """An :class:`AnchorStream` for one chain's step (it folds when no chain has yet), or None
-        where the anchor does not stream or streaming does not pay (:data:`STREAM_MIN_ENTRIES`)."""
+        where the anchor does not stream or streaming does not pay (:data:`STREAM_MIN_ENTRIES`).
+        ``corrections``: the stream also forms the control-variate draw's corrections, which need
+        the finished anchor as each tensor arrives: None where this step still folds it in."""
         entries = sum(t.numel() for t in like)
         pays = entries >= STREAM_MIN_ENTRIES and entries >= STREAM_MEAN_ENTRIES * len(like)
-        return AnchorStream(self, like) if self.streams and pays else None
+        if not (self.streams and pays) or (corrections and not self.folded):
+            return None
+        return AnchorStream(self, like, corrections)
 
 
 class FixedAnchor(StepAnchor):
     """A fixed anchor (offline: the full-data gradient at the centre, :func:`full_gradient`) as a
     :class:`StepAnchor`, so that a chain run one at a time takes the centre's gradients tensor by
-    tensor too; nothing is folded. With the control-variate draw its stream also forms the draw's
-    corrections ``(c_k - gbar) . xi`` tensor by tensor (:meth:`AnchorStream.kappa`), as
-    the kernel's ``_draw_corrections`` forms them from whole gradients."""
+    tensor too; nothing is folded, so its streams can form the control-variate draw's
+    corrections (:meth:`AnchorStream.kappa`)."""
 
     def __init__(self, anchor: Mapping[str, Tensor]) -> None:
         running = RunningAnchor()
@@ -261,8 +264,8 @@ class AnchorStream:
     Use: :meth:`begin` with the sample's gradients, :meth:`take` per tensor of each ``c_k``,
     :meth:`end`."""
 
-    def __init__(self, owner: StepAnchor, like: List[Tensor]) -> None:
-        self.owner, self.like = owner, like
+    def __init__(self, owner: StepAnchor, like: List[Tensor], corrections: bool = False) -> None:
+        self.owner, self.like, self.corrections = owner, like, corrections
         self.started = False
 
     def begin(self, grads: Sequence[List[Optional[Tensor]]], halves: Tuple[int, int]) -> None:
@@ -281,8 +284,9 @@ class AnchorStream:
         """Tensor ``j`` of half ``half``'s centre gradient."""
         if self.fold:
             self.owner.running._fold_one(half, j, centre_grad)
-        elif isinstance(self.owner, FixedAnchor):
-            # The draw's correction against the offset before the update (kernel._draw_corrections).
+        if self.corrections:
+            # The draw's correction against the offset before the update, as the kernel's
+            # _draw_corrections forms it from whole gradients (the anchor is finished: no fold).
             gbar = self.owner.running.mean[j]  # type: ignore[index]
             x = self.like[j]
             self._kappa[half].append(torch.dot((centre_grad - gbar).reshape(-1).to(torch.float64), x.reshape(-1).to(torch.float64)))
@@ -312,6 +316,6 @@ class AnchorStream:
             self.owner.running.reset()
 
     def kappa(self) -> Tensor:
-        """``[(c_1 - gbar) . xi, (c_2 - gbar) . xi]`` (float64) of a :class:`FixedAnchor`'s stream."""
+        """``[(c_1 - gbar) . xi, (c_2 - gbar) . xi]`` (float64) of a stream with ``corrections``."""
         zero = torch.zeros((), dtype=torch.float64, device=self.like[0].device)
         return torch.stack([torch.stack(t).sum() if t else zero for t in self._kappa])

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from online_llc.config import SGLDConfig
-from online_llc.kernel.anchor import FixedAnchor, StepAnchor
+from online_llc.kernel.anchor import StepAnchor
 from online_llc.kernel.evaluator import LossEvaluator
 from online_llc.kernel.passes import Centre
 from online_llc.kernel.randomness import private_rng
@@ -196,22 +196,21 @@ def _kernel_step(
     # gradient w.r.t. the offset is local and never reaches the model's .grad.
     # The evaluator's mode (eval by default) for the passes only; every flag is restored after.
     # The control variate is formed as the centre's gradients arrive, which are then never held
-    # whole (kernel.anchor.AnchorStream): with the online running anchor and the plain draw, or
-    # with a fixed anchor (offline), whose stream also forms the control-variate draw's corrections.
-    streams = cv and isinstance(anchor, StepAnchor) and (config.draw == "plain" or isinstance(anchor, FixedAnchor))
-    stream = anchor.stream(list(offset.values())) if streams else None  # type: ignore[union-attr]
+    # whole, where the anchor can stream them (kernel.anchor.AnchorStream), with the
+    # control-variate draw's corrections where the draw needs them.
+    draw_cv = config.draw == "control_variate"
+    stream = anchor.stream(list(offset.values()), corrections=draw_cv) if cv and isinstance(anchor, StepAnchor) else None
     with evaluator.mode_context(), private_rng(center, generator, rng_seed) as rewind, torch.enable_grad():
         l_center, l_sample, g1, g2, halves, center_losses = evaluator.paired(
             center, offset, batch, rewind, center_losses, center_grads=cv, split=heat, centre_stream=stream
         )
     with torch.no_grad():
-        kappa = None
-        if stream is not None and stream.started and config.draw == "control_variate":
-            kappa = stream.kappa()
-        if cv and not (stream is not None and stream.started):
+        streamed = stream is not None and stream.started
+        kappa = stream.kappa() if streamed and draw_cv else None  # type: ignore[union-attr]
+        if cv and not streamed:
             assert anchor is not None and center_losses.grads is not None
             gbar = anchor(center_losses.grads, halves, list(offset.values())) if callable(anchor) else [anchor[n] for n in offset]
-            if config.draw == "control_variate":
+            if draw_cv:
                 kappa = _draw_corrections(center_losses.grads, gbar, list(offset.values()))
             _control_variate(g1, center_losses.grads[0], g2, center_losses.grads[1], gbar)
         device = l_center.device
